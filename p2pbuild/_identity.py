@@ -1,0 +1,234 @@
+"""Identities: ed25519 keys, their printable forms, key files and domain-separated signatures.
+
+A p2pbuild identity is an ed25519 key pair (PyNaCl). Its public half prints as
+``ed25519:<43 characters of unpadded URL-safe base64>``, and as a short fingerprint of four
+colon-separated hex groups taken from its SHA-256 for people comparing keys by eye.
+
+Every signature made by p2pbuild covers ``domain || message``, where ``domain`` names the
+object type (``Domain.RECORD_CAPABILITY``, ``Domain.TRUST_LIST``, ...). A signature made for
+one object type therefore never verifies as another, whatever the bytes of the message.
+
+Private key files are small TOML documents created with mode 0600; loading one that group or
+others can read is refused, like OpenSSH does.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import hashlib
+import os
+import stat
+import tomllib
+from pathlib import Path
+
+import attrs
+import nacl.exceptions
+import nacl.signing
+import tomli_w
+
+from ._errors import BadSignatureError, KeyFileError, MalformedError
+
+__all__ = ["Domain", "Identity", "PublicKey", "Role"]
+
+PUBLIC_KEY_SIZE = 32
+SIGNATURE_SIZE = 64
+_PREFIX = "ed25519:"
+# Refuse to read a "key file" larger than this: a real one is about 200 bytes.
+_MAX_KEY_FILE = 4096
+
+
+class Role(enum.StrEnum):
+    """What a key is trusted to do; named by the trust list."""
+
+    NODE = "node"
+    DISPATCHER = "dispatcher"
+    MAINTAINER = "maintainer"
+
+
+class Domain(enum.Enum):
+    """Domain-separation prefixes, one per signed object type. Never reuse or renumber."""
+
+    RECORD_CAPABILITY = b"p2pbuild-v1/record/capability\x00"
+    RECORD_STATUS = b"p2pbuild-v1/record/status\x00"
+    TRUST_LIST = b"p2pbuild-v1/trust-list\x00"
+    JOB = b"p2pbuild-v1/job\x00"
+    RESULT = b"p2pbuild-v1/result\x00"
+    PULL_AUTH = b"p2pbuild-v1/pull-auth\x00"
+
+
+def _check_key_bytes(instance: object, attribute: object, value: bytes) -> None:
+    if not isinstance(value, bytes) or len(value) != PUBLIC_KEY_SIZE:
+        raise MalformedError(f"a public key is {PUBLIC_KEY_SIZE} bytes")
+
+
+@attrs.frozen(order=True)
+class PublicKey:
+    """An ed25519 public key. Build from bytes or :meth:`from_text`; both validate length."""
+
+    raw: bytes = attrs.field(validator=_check_key_bytes)
+
+    @classmethod
+    def from_text(cls, text: str) -> PublicKey:
+        """Parse the printable form ``ed25519:<base64url>``.
+
+        Raises :class:`MalformedError` for anything else.
+        """
+        text = text.strip()
+        if not text.startswith(_PREFIX):
+            raise MalformedError(f"a public key starts with {_PREFIX!r}")
+        body = text[len(_PREFIX) :]
+        if len(body) != 43:
+            raise MalformedError("a public key has 43 base64 characters after the prefix")
+        try:
+            raw = base64.urlsafe_b64decode(body + "=")
+        except (binascii.Error, ValueError):
+            raise MalformedError("a public key is URL-safe base64") from None
+        if base64.urlsafe_b64encode(raw).rstrip(b"=").decode() != body:
+            raise MalformedError("a public key is canonical URL-safe base64")
+        return cls(raw)
+
+    def __str__(self) -> str:
+        return _PREFIX + base64.urlsafe_b64encode(self.raw).rstrip(b"=").decode()
+
+    @property
+    def fingerprint(self) -> str:
+        """A short form for people: ``a1b2:c3d4:e5f6:0718`` (64 bits of SHA-256)."""
+        digest = hashlib.sha256(self.raw).hexdigest()[:16]
+        return ":".join(digest[i : i + 4] for i in range(0, 16, 4))
+
+    def verify(self, domain: Domain, message: bytes, signature: bytes) -> None:
+        """Check that ``signature`` signs ``message`` under ``domain`` with this key.
+
+        Raises :class:`BadSignatureError` if it does not.
+        """
+        if len(signature) != SIGNATURE_SIZE:
+            raise BadSignatureError(f"a signature is {SIGNATURE_SIZE} bytes")
+        try:
+            nacl.signing.VerifyKey(self.raw).verify(domain.value + message, signature)
+        except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError):
+            raise BadSignatureError(
+                f"signature does not verify for {self.fingerprint} ({domain.name.lower()})"
+            ) from None
+
+
+@attrs.frozen(repr=False)
+class Identity:
+    """A private key with its role. ``repr`` never shows the secret."""
+
+    signing_key: nacl.signing.SigningKey
+    role: Role
+
+    @classmethod
+    def generate(cls, role: Role) -> Identity:
+        """A fresh random identity."""
+        return cls(nacl.signing.SigningKey.generate(), role)
+
+    @classmethod
+    def from_seed(cls, seed: bytes, role: Role) -> Identity:
+        """A deterministic identity from a 32-byte seed (tests and throwaway networks)."""
+        return cls(nacl.signing.SigningKey(seed), role)
+
+    @property
+    def public_key(self) -> PublicKey:
+        return PublicKey(bytes(self.signing_key.verify_key))
+
+    def sign(self, domain: Domain, message: bytes) -> bytes:
+        """Sign ``domain || message``; returns the 64-byte signature."""
+        signed = self.signing_key.sign(domain.value + message)
+        return bytes(signed.signature)
+
+    def __repr__(self) -> str:
+        return f"Identity(role={self.role.value!r}, public_key={self.public_key})"
+
+    # -- key files ----------------------------------------------------------------------------
+
+    def save(self, path: Path) -> Path:
+        """Write the private key to ``path`` (mode 0600, never overwriting) and the public key
+        to ``path`` + ``.pub``. Returns the public key file's path.
+
+        Raises :class:`KeyFileError` if either file already exists or cannot be written.
+        """
+        pub_path = path.with_name(path.name + ".pub")
+        if path.exists() or pub_path.exists():
+            raise KeyFileError(f"{path} or {pub_path} already exists; not overwriting a key")
+        document = {
+            "role": self.role.value,
+            "public": str(self.public_key),
+            "secret": base64.urlsafe_b64encode(bytes(self.signing_key)).decode(),
+        }
+        text = (
+            "# p2pbuild private key. Keep this file secret: anyone who reads it can act as\n"
+            "# this identity. Share only the .pub file next to it.\n" + tomli_w.dumps(document)
+        )
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            raise KeyFileError(f"cannot create {path}: {exc.strerror}") from None
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        try:
+            pub_path.write_text(f"{self.public_key} {self.role.value}\n", encoding="utf-8")
+        except OSError as exc:
+            raise KeyFileError(f"cannot write {pub_path}: {exc.strerror}") from None
+        return pub_path
+
+    @classmethod
+    def load(cls, path: Path) -> Identity:
+        """Load a private key file written by :meth:`save`.
+
+        Raises :class:`KeyFileError` if the file is missing, readable by group or others,
+        too large, or not a valid key file (including a secret that does not match the
+        recorded public key).
+        """
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise KeyFileError(f"cannot open key file {path}: {exc.strerror}") from None
+        with os.fdopen(fd, "rb") as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise KeyFileError(f"{path} is not a regular file")
+            if info.st_mode & 0o077:
+                raise KeyFileError(
+                    f"{path} is readable by others (mode {stat.S_IMODE(info.st_mode):04o}); "
+                    f"run: chmod 600 {path}"
+                )
+            data = f.read(_MAX_KEY_FILE + 1)
+        if len(data) > _MAX_KEY_FILE:
+            raise KeyFileError(f"{path} is too large to be a key file")
+        try:
+            document = tomllib.loads(data.decode("utf-8"))
+            role = Role(document["role"])
+            secret = base64.urlsafe_b64decode(document["secret"])
+            public = PublicKey.from_text(document["public"])
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError, ValueError,
+                binascii.Error, MalformedError) as exc:
+            raise KeyFileError(f"{path} is not a p2pbuild key file ({exc})") from None
+        if len(secret) != 32:
+            raise KeyFileError(f"{path}: the secret is not 32 bytes")
+        identity = cls.from_seed(secret, role)
+        if identity.public_key != public:
+            raise KeyFileError(f"{path}: the secret does not match the recorded public key")
+        return identity
+
+
+def load_public_key(text_or_path: str) -> PublicKey:
+    """Accept a public key given as ``ed25519:...`` text or as the path of a ``.pub`` or
+    private key file. Raises :class:`MalformedError` or :class:`KeyFileError`."""
+    if text_or_path.startswith(_PREFIX):
+        return PublicKey.from_text(text_or_path)
+    path = Path(text_or_path)
+    if not path.exists():
+        raise KeyFileError(f"{text_or_path} is neither an ed25519:... key nor an existing file")
+    if path.suffix == ".pub":
+        try:
+            text = path.read_text(encoding="utf-8")[:_MAX_KEY_FILE]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise KeyFileError(f"cannot read {path}: {exc}") from None
+        fields = text.split()
+        if not fields:
+            raise KeyFileError(f"{path} is empty")
+        return PublicKey.from_text(fields[0])
+    return Identity.load(path).public_key
