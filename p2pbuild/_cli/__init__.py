@@ -1,0 +1,54 @@
+"""The ``p2pbuild`` command line: a thin layer that parses arguments, builds frozen values
+and calls into the package (hypercorn ``__main__.py``).
+
+Every subcommand module exposes ``register(subparsers)``, which adds its parsers and sets
+``func`` to a callable ``(argparse.Namespace) -> int``. Errors from p2pbuild become one line
+on stderr and exit status 1; usage errors exit 2 (argparse's convention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .._errors import P2PBuildError
+from . import _demo, _keys, _trust
+
+__all__ = ["main"]
+
+_MODULES = (_keys, _trust, _demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="p2pbuild",
+        description=(
+            "A volunteer build farm without a central directory: nodes publish signed records "
+            "in a DHT, a dispatcher sends signed jobs to trusted nodes of different operators "
+            "and stores a build only when their outputs are bit-for-bit identical."
+        ),
+        epilog="Run 'p2pbuild COMMAND --help' for the options of a command.",
+    )
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"p2pbuild {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in _MODULES:
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the process exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        status: int = args.func(args)
+    except P2PBuildError as exc:
+        print(f"p2pbuild: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("p2pbuild: interrupted", file=sys.stderr)
+        return 130
+    return status

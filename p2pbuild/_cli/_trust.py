@@ -1,0 +1,318 @@
+"""``p2pbuild trust``: the maintainers' tools for the signed trust list.
+
+Editing rules, so that a published list is never changed under its signatures:
+
+* Editing a list that is *valid* (signed by its threshold, so it may have been published)
+  archives it next to the file as ``<name>.v<N><suffix>`` and starts the draft of version
+  ``N+1``. Signing that draft then needs the old maintainers too (rotation), and ``sign``
+  finds the archived version by itself.
+* Editing a draft that is not yet valid changes it in place and drops the signatures
+  collected so far, which no longer cover its content.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from .._errors import KeyFileError, LocalError, P2PBuildError
+from .._identity import Identity, Role, load_public_key
+from .._trust import MAX_TRUST_LIST_SIZE, TrustEntry, TrustList
+
+__all__ = ["register"]
+
+_DEFAULT_FILE = Path("trust-list.msgpack")
+_DAY = 86_400
+
+
+def register(sub: Any) -> None:
+    trust = sub.add_parser(
+        "trust",
+        help="create, edit, sign and verify the trust list",
+        description="Create, edit, sign and verify the trust list: the document, signed by a "
+        "threshold of maintainers, that names the keys a deployment trusts.",
+        epilog="See keys/README.md for the maintainers' workflow (create, sign, rotate).",
+    )
+    trust_sub = trust.add_subparsers(dest="trust_command", metavar="ACTION", required=True)
+
+    def add(name: str, help: str, description: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = trust_sub.add_parser(
+            name, help=help, description=description
+        )
+        parser.add_argument(
+            "--file", "-f", type=Path, default=_DEFAULT_FILE,
+            help=f"the trust list file (default: {_DEFAULT_FILE})",
+        )
+        return parser
+
+    init = add("init", "start version 1 with its maintainers",
+               "Write an unsigned version 1 naming the maintainers and the threshold of them "
+               "that must sign every version.")
+    init.add_argument("--threshold", type=int, required=True, metavar="K",
+                      help="signatures needed out of the maintainers")
+    init.add_argument("--maintainer", action="append", required=True, metavar="KEY",
+                      help="a maintainer's public key (ed25519:... or a .pub file); repeat")
+    init.add_argument("--operator", default="maintainers",
+                      help="operator name recorded for the maintainers (default: maintainers)")
+    init.add_argument("--days", type=int, default=365, help="days until expiry (default 365)")
+    init.set_defaults(func=_init)
+
+    add_cmd = add("add", "trust a key (or change its entry)",
+                  "Add an entry for KEY, or replace the existing one.")
+    add_cmd.add_argument("key", metavar="KEY", help="ed25519:... or a .pub or key file")
+    add_cmd.add_argument("--role", required=True, choices=[r.value for r in Role])
+    add_cmd.add_argument("--operator", required=True,
+                         help="who runs it; one operator's nodes never verify each other")
+    add_cmd.add_argument("--pool", action="append", default=[], metavar="P",
+                         help="restrict the node to this pool; repeat")
+    add_cmd.add_argument("--arch", action="append", default=[], metavar="A",
+                         help="restrict the node to this architecture; repeat")
+    add_cmd.set_defaults(func=_add)
+
+    remove = add("remove", "revoke a key", "Remove KEY's entry: from this version on it is "
+                 "not trusted for anything.")
+    remove.add_argument("key", metavar="KEY")
+    remove.set_defaults(func=_remove)
+
+    set_cmd = add("set", "change the threshold or the expiry",
+                  "Change the threshold and/or renew the expiry.")
+    set_cmd.add_argument("--threshold", type=int, metavar="K")
+    set_cmd.add_argument("--days", type=int, help="expire this many days from now")
+    set_cmd.set_defaults(func=_set)
+
+    sign = add("sign", "add your maintainer signature",
+               "Sign the list with a maintainer's private key. For version N+1 the previous "
+               "version's maintainers sign too; the archived previous version next to the file "
+               "is used unless --previous names another.")
+    sign.add_argument("--key", required=True, type=Path, metavar="MAINTAINER_KEY")
+    sign.add_argument("--previous", type=Path, metavar="OLD")
+    sign.set_defaults(func=_sign)
+
+    verify = add("verify", "check the list; exit 0 only when valid",
+                 "Check that the list is signed by its threshold and not expired and, with "
+                 "--previous, that it is a valid successor (next version, signed by the old "
+                 "threshold). Exit 0 when valid, 1 otherwise.")
+    verify.add_argument("--previous", type=Path, metavar="OLD")
+    verify.add_argument("--json", action="store_true", help="machine-readable output")
+    verify.set_defaults(func=_verify)
+
+    show = add("show", "print the list", "Print the version, expiry, signatures and entries.")
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+    show.set_defaults(func=_show)
+
+
+# -- file handling ----------------------------------------------------------------------------
+
+
+def load_trust_list(path: Path) -> TrustList:
+    """Read and parse a trust list file (size-bounded). Raises P2PBuildError subclasses."""
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_TRUST_LIST_SIZE + 1)
+    except OSError as exc:
+        raise LocalError(f"cannot read trust list {path}: {exc.strerror}") from None
+    try:
+        return TrustList.from_bytes(data)
+    except P2PBuildError as exc:
+        raise type(exc)(f"{path}: {exc}") from None
+
+
+def _write(path: Path, trust: TrustList) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_bytes(trust.to_bytes())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise LocalError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def _archive_path(path: Path, version: int) -> Path:
+    return path.with_name(f"{path.stem}.v{version}{path.suffix}")
+
+
+def _is_published(trust: TrustList) -> bool:
+    """Signed by its threshold, so it may have been published (expired or not)."""
+    return len(trust.valid_signers(trust.maintainers)) >= trust.threshold
+
+
+def _edit(path: Path, change: Any) -> TrustList:
+    """Apply ``change`` (TrustList -> TrustList) following the module's editing rules."""
+    current = load_trust_list(path)
+    if _is_published(current):
+        archive = _archive_path(path, current.version)
+        if not archive.exists():
+            _write(archive, current)
+            print(f"archived signed v{current.version} as {archive}")
+        draft = current.next_version()
+        print(f"editing draft v{draft.version}: it needs signatures from the v{current.version} "
+              f"maintainers ({current.threshold} of {len(current.maintainers)}) and its own")
+    else:
+        draft = current
+        if current.signatures:
+            print(f"dropping {len(current.signatures)} signature(s) on the unfinished "
+                  f"v{current.version}: they do not cover the change")
+    new: TrustList = change(draft)
+    _write(path, attrs.evolve(new, signatures=()))
+    return new
+
+
+def _expiry(days: int) -> int:
+    if not 1 <= days <= 3650:
+        raise LocalError("--days must be between 1 and 3650")
+    return int(time.time()) + days * _DAY
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def _init(args: argparse.Namespace) -> int:
+    path: Path = args.file
+    if path.exists():
+        raise LocalError(f"{path} already exists; edit it with add/remove/set instead")
+    keys = sorted({load_public_key(text) for text in args.maintainer})
+    entries = tuple(TrustEntry(key, Role.MAINTAINER, args.operator) for key in keys)
+    trust = TrustList(1, _expiry(args.days), args.threshold, entries)
+    _write(path, trust)
+    print(f"wrote unsigned v1 to {path}: {len(keys)} maintainers, threshold {args.threshold}")
+    print(f"next: add keys with 'p2pbuild trust add', then {args.threshold} maintainers run "
+          f"'p2pbuild trust sign --key MAINTAINER_KEY -f {path}'")
+    return 0
+
+
+def _add(args: argparse.Namespace) -> int:
+    key = load_public_key(args.key)
+    entry = TrustEntry(key, Role(args.role), args.operator, sorted(set(args.pool)),
+                       sorted(set(args.arch)))
+    new = _edit(args.file, lambda t: t.with_entry(entry))
+    print(f"v{new.version}: {key.fingerprint} trusted as {args.role} of {args.operator}; "
+          f"now unsigned")
+    return 0
+
+
+def _remove(args: argparse.Namespace) -> int:
+    key = load_public_key(args.key)
+    new = _edit(args.file, lambda t: t.without_entry(key))
+    print(f"v{new.version}: {key.fingerprint} removed (revoked); now unsigned")
+    return 0
+
+
+def _set(args: argparse.Namespace) -> int:
+    if args.threshold is None and args.days is None:
+        raise LocalError("nothing to change: give --threshold and/or --days")
+    changes: dict[str, int] = {}
+    if args.threshold is not None:
+        changes["threshold"] = args.threshold
+    if args.days is not None:
+        changes["expires_at"] = _expiry(args.days)
+    new = _edit(args.file, lambda t: attrs.evolve(t, **changes))
+    print(f"v{new.version}: threshold {new.threshold}, expires {_date(new.expires_at)}; "
+          f"now unsigned")
+    return 0
+
+
+def _sign(args: argparse.Namespace) -> int:
+    path: Path = args.file
+    trust = load_trust_list(path)
+    identity = Identity.load(args.key)
+    if identity.role is not Role.MAINTAINER:
+        raise KeyFileError(f"{args.key} is a {identity.role.value} key, not a maintainer key")
+    previous = _previous(path, trust, args.previous)
+    key = identity.public_key
+    allowed = set(trust.maintainers) | set(previous.maintainers if previous else ())
+    if key not in allowed:
+        raise LocalError(f"{key.fingerprint} is not a maintainer of this version or the previous")
+    signed = trust.sign(identity)
+    _write(path, signed)
+    mine = len(signed.valid_signers(signed.maintainers))
+    print(f"signed v{signed.version} as {key.fingerprint}: {mine} of {signed.threshold} "
+          f"needed v{signed.version} maintainer signatures")
+    if previous is not None:
+        old = len(signed.valid_signers(previous.maintainers))
+        print(f"  {old} of {previous.threshold} needed v{previous.version} maintainer signatures")
+    return 0
+
+
+def _previous(path: Path, trust: TrustList, given: Path | None) -> TrustList | None:
+    if given is not None:
+        return load_trust_list(given)
+    archive = _archive_path(path, trust.version - 1)
+    return load_trust_list(archive) if trust.version > 1 and archive.exists() else None
+
+
+def _verify(args: argparse.Namespace) -> int:
+    trust = load_trust_list(args.file)
+    now = time.time()
+    try:
+        if args.previous is not None:
+            load_trust_list(args.previous).verify_successor(trust, now)
+        else:
+            trust.verify(now)
+    except P2PBuildError as exc:
+        if args.json:
+            print(json.dumps({"valid": False, "version": trust.version, "code": exc.code,
+                              "reason": str(exc)}))
+        else:
+            print(f"p2pbuild: INVALID: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"valid": True, "version": trust.version}))
+    else:
+        what = "a valid successor" if args.previous else "valid"
+        print(f"trust list v{trust.version} is {what}; expires {_date(trust.expires_at)}")
+    return 0
+
+
+def _date(timestamp: int) -> str:
+    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _status(trust: TrustList) -> str:
+    try:
+        trust.verify(time.time())
+    except P2PBuildError as exc:
+        return f"{exc.code}: {exc}"
+    return "valid"
+
+
+def _show(args: argparse.Namespace) -> int:
+    trust = load_trust_list(args.file)
+    signers = trust.valid_signers(trust.maintainers)
+    if args.json:
+        print(json.dumps({
+            "version": trust.version,
+            "expires_at": trust.expires_at,
+            "threshold": trust.threshold,
+            "maintainers": len(trust.maintainers),
+            "status": _status(trust),
+            "signed_by": sorted(str(key) for key in signers),
+            "entries": [_entry_json(entry) for entry in trust.entries],
+        }, indent=2))
+        return 0
+    print(f"trust list v{trust.version}  expires {_date(trust.expires_at)}  "
+          f"threshold {trust.threshold} of {len(trust.maintainers)}  "
+          f"signed by {len(signers)}  status: {_status(trust)}")
+    rows = [("FINGERPRINT", "ROLE", "OPERATOR", "POOLS", "ARCHES", "SIGNED", "KEY")]
+    for entry in trust.entries:
+        signed = "yes" if entry.key in signers else ("no" if entry.role is Role.MAINTAINER else "")
+        rows.append((entry.key.fingerprint, entry.role.value, entry.operator,
+                     ",".join(entry.pools) or "-", ",".join(entry.arches) or "-", signed,
+                     str(entry.key)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        print("  ".join(cells).rstrip())
+    return 0
+
+
+def _entry_json(entry: TrustEntry) -> dict[str, object]:
+    return {"key": str(entry.key), "fingerprint": entry.key.fingerprint,
+            "role": entry.role.value, "operator": entry.operator,
+            "pools": list(entry.pools), "arches": list(entry.arches)}
