@@ -29,13 +29,16 @@ __all__ = [
     "P2PBuildError",
     "RecordError",
     "RemoteError",
+    "ReplayError",
     "RollbackError",
     "RotationError",
     "StaleSeqError",
     "ThresholdError",
     "TrustError",
+    "TrustSignatureError",
     "UnknownKindError",
     "UntrustedKeyError",
+    "WrongNodeError",
 ]
 
 
@@ -123,6 +126,18 @@ class LifetimeError(RecordError):
     code = "lifetime-out-of-bounds"
 
 
+class ReplayError(RecordError):
+    """A job or pull token already seen (same job id or nonce) while it could still be valid."""
+
+    code = "replayed"
+
+
+class WrongNodeError(RecordError):
+    """A job addressed to another node, or a pull token meant for another dispatcher."""
+
+    code = "wrong-node"
+
+
 # -- trust list -------------------------------------------------------------------------------
 
 
@@ -136,6 +151,17 @@ class ThresholdError(TrustError):
     """Fewer valid maintainer signatures than the threshold requires."""
 
     code = "under-signed"
+
+
+class TrustSignatureError(TrustError):
+    """A signature on a trust list that does not verify for the key it names.
+
+    Signatures by keys that are not maintainers are ignored when counting, but every
+    signature a list carries must be genuine: a list with a damaged one is rejected whole,
+    so that no byte of a trust list can change without the list becoming invalid.
+    """
+
+    code = "bad-trust-signature"
 
 
 class RollbackError(TrustError):

@@ -18,18 +18,45 @@ elements as an array)``. Times are integer Unix seconds. See ``docs/records.md``
 class is always well-formed and authentic. Whether it is *acceptable now* (not expired, not
 from the future, lifetime in bounds, ``seq`` newer than what is held) is :meth:`check`'s job,
 because it depends on ``now`` and on the caller's state.
+
+Why the parsing code looks the way it does
+------------------------------------------
+Every DHT node verifies every record it is offered, so :func:`decode_record` is a hot path
+whose cost should be the ed25519 check and little else (the goal, measured by
+``bench/records.py``, is decoding plus checks under 10% of the signature check). Nothing is
+skipped to get there; the work is arranged so that each check happens once:
+
+* The typed parser checks the exact type and bound of every field and that each map has
+  exactly the expected keys *in sorted order*. That subsumes the generic canonical walk of
+  :func:`._codec.decode` (no floats, no extension types, text keys, bounded nesting), so only
+  the byte-exact re-encoding remains (:func:`._codec.require_canonical_encoding`: shortest
+  forms, no duplicate keys).
+* Each body class has one reference validation, a table of per-field checks that also
+  names the failing field in the error; bodies built in code go through it (from
+  ``__attrs_post_init__``). The wire path first tries one boolean expression over all fields
+  that accepts a subset of what the reference accepts, and falls back to the reference
+  otherwise; a property test checks that the two agree. It then builds the frozen instance
+  in one step (filling its ``__dict__`` from the decoded map) instead of through
+  ``__init__``, which is why the value classes are ``slots=False``.
+* Token fields (arch, OS, pools, build types) are checked against a bounded cache of strings
+  and lists already known valid: the same few values arrive in every record, and a regular
+  expression match costs more than the rest of the field checks together.
+* The signature is checked last, so garbage is rejected before the expensive step.
 """
 
 from __future__ import annotations
 
 import enum
+import itertools
 import re
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, TypeAlias
 
 import attrs
 
-from ._codec import decode, encode
+from ._codec import encode, require_canonical_encoding, unpack_unchecked
 from ._errors import (
+    BadSignatureError,
     ExpiredError,
     LifetimeError,
     MalformedError,
@@ -37,7 +64,14 @@ from ._errors import (
     StaleSeqError,
     UnknownKindError,
 )
-from ._identity import SIGNATURE_SIZE, Domain, Identity, PublicKey
+from ._identity import (
+    PUBLIC_KEY_SIZE,
+    SIGNATURE_SIZE,
+    Domain,
+    Identity,
+    PublicKey,
+    verify_prefixed,
+)
 
 __all__ = [
     "MAX_RECORD_SIZE",
@@ -58,7 +92,13 @@ _U63 = 2**63
 # Facet values (arch, OS, pool, build type) become parts of DHT keys such as
 # "arch=s390x/os=fedora-41", so they may not contain "=" or "/".
 _TOKEN = re.compile(r"[a-z0-9][a-z0-9._+-]{0,63}")
+_TOKEN_RULE = "[a-z0-9][a-z0-9._+-]{0,63}"
 _MAX_LIST = 16
+_MAX_CPUS = 4096
+_MAX_SLOTS = 4096
+_MAX_CPU_MODEL = 96
+_MAX_ENDPOINT = 200
+_TLS_SHA256_SIZE = 32
 
 
 class Kind(enum.StrEnum):
@@ -71,81 +111,138 @@ class MachineType(enum.StrEnum):
     METAL = "metal"
 
 
-def _token(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if not isinstance(value, str) or not _TOKEN.fullmatch(value):
-        raise MalformedError(
-            f"{attribute.name} must match [a-z0-9][a-z0-9._+-]{{0,63}}, got {value!r:.80}"
-        )
+# -- field checks -----------------------------------------------------------------------------
+
+# Strings and token lists already seen to be valid. Bounded: when full it is simply emptied,
+# so a peer sending ever new values costs at most the regular expression it would cost
+# without the cache. Only exact ``str`` and ``tuple`` are cached (what the decoder produces).
+_CACHE_LIMIT = 4096
+_known_tokens: dict[str, None] = {}
+_known_token_lists: dict[tuple[str, ...], None] = {}
 
 
-def _tokens(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if not isinstance(value, tuple) or len(value) > _MAX_LIST:
-        raise MalformedError(f"{attribute.name} must be a list of at most {_MAX_LIST} items")
-    for item in value:
-        _token(instance, attribute, item)
-    if list(value) != sorted(set(value)):
-        raise MalformedError(f"{attribute.name} must be sorted and without duplicates")
+def _is_token(value: object) -> bool:
+    """A facet token: ``[a-z0-9][a-z0-9._+-]{0,63}``, exactly of type ``str``."""
+    if type(value) is not str:
+        return False
+    if value in _known_tokens:
+        return True
+    if _TOKEN.fullmatch(value) is None:
+        return False
+    if len(_known_tokens) >= _CACHE_LIMIT:
+        _known_tokens.clear()
+    _known_tokens[value] = None
+    return True
 
 
-def _count(limit: int) -> Any:
-    def check(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
-        if type(value) is not int or not 0 <= value < limit:
-            raise MalformedError(f"{attribute.name} must be an integer in [0, {limit})")
+def _is_token_list(value: object) -> bool:
+    """A tuple of at most 16 tokens, sorted and without duplicates."""
+    if type(value) is not tuple:
+        return False
+    try:
+        if value in _known_token_lists:
+            return True
+    except TypeError:  # an unhashable element (a map): certainly not a token
+        return False
+    if len(value) > _MAX_LIST or not all(_is_token(item) for item in value):
+        return False
+    if any(a >= b for a, b in itertools.pairwise(value)):
+        return False
+    if len(_known_token_lists) >= _CACHE_LIMIT:
+        _known_token_lists.clear()
+    _known_token_lists[value] = None
+    return True
 
-    return check
+
+def _is_count(value: object, limit: int) -> bool:
+    return type(value) is int and 0 <= value < limit
 
 
-def _text(max_len: int) -> Any:
-    def check(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
-        if not isinstance(value, str) or len(value) > max_len or not value.isprintable():
-            raise MalformedError(f"{attribute.name} must be printable text of <= {max_len} chars")
+def _is_text(value: object, max_len: int) -> bool:
+    return type(value) is str and len(value) <= max_len and value.isprintable()
 
-    return check
+
+def _is_endpoint(value: object) -> bool:
+    return _is_text(value, _MAX_ENDPOINT) and (
+        value == "" or str(value).startswith("https://")
+    )
 
 
 def _as_tuple(items: Any) -> Any:
-    # Lists from the wire become tuples; anything else is left for the validator to refuse.
-    return tuple(items) if isinstance(items, list) else items
+    # Lists from code or from the generic decoder become tuples; anything else is left for
+    # validation to refuse.
+    return tuple(items) if type(items) is list else items
+
+
+_MACHINES: dict[str, MachineType] = {member.value: member for member in MachineType}
+
+
+def _to_machine(value: Any) -> Any:
+    # A dict lookup rather than MachineType(value): the enum call costs ~10x more. Unknown
+    # values are left as they are for validation to refuse with a clear message.
+    if isinstance(value, str):
+        return _MACHINES.get(value, value)
+    return value
+
+
+# The reference validation of a body: (field, check of the field map, rule for the message),
+# in order; a check may rely on the ones before it having passed. Bodies built in code go
+# through it; the wire path tries a faster, stricter-or-equal test first (see _build).
+_FieldChecks: TypeAlias = tuple[tuple[str, Callable[[Mapping[str, Any]], bool], str], ...]
+
+
+def _check_fields(fields: Mapping[str, Any], checks: _FieldChecks, what: str) -> None:
+    """Raise :class:`MalformedError` naming the first field that fails its check."""
+    for name, check, rule in checks:
+        if not check(fields):
+            raise MalformedError(f"{what}: {name} {rule}, got {fields[name]!r:.80}")
+
+
+def _check_field_names(body: Mapping[str, Any], fields: tuple[str, ...], what: str) -> None:
+    """Raise the precise error for a body map whose keys are not exactly ``fields``."""
+    names = set(body)
+    missing = sorted(set(fields) - names)
+    if missing:
+        raise MalformedError(f"{what} lacks field {missing[0]!r}")
+    unknown = names - set(fields)
+    if unknown:
+        raise MalformedError(f"{what} has unknown fields: {sorted(map(repr, unknown))[:3]}")
 
 
 def _facet_key(name: str, value: str) -> str:
     return f"{name}={value}"
 
 
-@attrs.frozen
+# -- bodies -----------------------------------------------------------------------------------
+
+
+@attrs.frozen(slots=False)
 class Capability:
-    """What a node is. Every field is validated when built; see ``docs/records.md``."""
+    """What a node is. Every field is validated when built; see ``docs/records.md``.
+
+    Raises :class:`MalformedError` for any field out of bounds.
+    """
 
     kind: ClassVar[Kind] = Kind.CAPABILITY
+    #: The wire map's keys, in canonical (sorted) order.
+    _FIELDS: ClassVar[tuple[str, ...]]
 
-    arch: str = attrs.field(validator=_token)
-    os: str = attrs.field(validator=_token)
-    cpus: int = attrs.field(validator=_count(4096))
-    cpu_model: str = attrs.field(validator=_text(96))
-    memory_mb: int = attrs.field(validator=_count(_U32))
-    disk_mb: int = attrs.field(validator=_count(_U32))
-    machine: MachineType = attrs.field(converter=MachineType)
-    build_types: tuple[str, ...] = attrs.field(converter=_as_tuple, validator=_tokens)
-    pools: tuple[str, ...] = attrs.field(converter=_as_tuple, validator=_tokens)
+    arch: str
+    os: str
+    cpus: int
+    cpu_model: str
+    memory_mb: int
+    disk_mb: int
+    machine: MachineType = attrs.field(converter=_to_machine)
+    build_types: tuple[str, ...] = attrs.field(converter=_as_tuple)
+    pools: tuple[str, ...] = attrs.field(converter=_as_tuple)
     #: ``https://host:port`` for push jobs, or ``""`` for a pull-only node behind NAT.
-    endpoint: str = attrs.field(default="", validator=_text(200))
+    endpoint: str = ""
     #: SHA-256 of the node's TLS certificate (DER); empty exactly when ``endpoint`` is.
-    tls_sha256: bytes = attrs.field(default=b"")
+    tls_sha256: bytes = b""
 
-    @endpoint.validator
-    def _check_endpoint(self, attribute: attrs.Attribute[str], value: str) -> None:
-        if value and not value.startswith("https://"):
-            raise MalformedError("endpoint must be empty or an https:// URL")
-
-    @tls_sha256.validator
-    def _check_fingerprint(self, attribute: attrs.Attribute[bytes], value: bytes) -> None:
-        if not isinstance(value, bytes):
-            raise MalformedError("tls_sha256 must be bytes")
-        expected = 32 if self.endpoint else 0
-        if len(value) != expected:
-            raise MalformedError(
-                "tls_sha256 must be a 32-byte SHA-256 when an endpoint is set, else empty"
-            )
+    def __attrs_post_init__(self) -> None:
+        _check_fields(self.__dict__, _CAPABILITY_CHECKS, "capability")
 
     @property
     def pull_only(self) -> bool:
@@ -179,50 +276,124 @@ class Capability:
         }
 
     @classmethod
-    def from_wire(cls, body: dict[str, Any]) -> Capability:
+    def from_wire(cls, body: Mapping[str, Any]) -> Capability:
+        """Build from a decoded map with exactly the fields of :meth:`to_wire`, in any order.
+
+        Raises :class:`MalformedError`.
+        """
+        if not isinstance(body, Mapping):
+            raise MalformedError("a capability is a map")
+        _check_field_names(body, cls._FIELDS, "capability")
+        return cls._build({name: _as_tuple(body[name]) for name in cls._FIELDS})
+
+    @classmethod
+    def _build(cls, fields: dict[str, Any]) -> Capability:
+        """Validate and build from a map of exactly the fields, in sorted order, with wire
+        types (arrays as tuples, ``machine`` as text). ``fields`` is consumed.
+
+        Raises :class:`MalformedError`.
+        """
+        (arch, build_types, cpu_model, cpus, disk_mb, endpoint, machine, memory_mb, os, pools,
+         tls_sha256) = fields.values()  # fmt: skip
+        # The fast test accepts only what the reference checks accept, and tokens only when
+        # already known (cached by an earlier reference check): one boolean expression,
+        # no calls but a few C methods. Whatever it does not accept gets the reference.
         try:
-            value = cls(
-                arch=body["arch"],
-                os=body["os"],
-                cpus=body["cpus"],
-                cpu_model=body["cpu_model"],
-                memory_mb=body["memory_mb"],
-                disk_mb=body["disk_mb"],
-                machine=body["machine"],
-                build_types=body["build_types"],
-                pools=body["pools"],
-                endpoint=body["endpoint"],
-                tls_sha256=body["tls_sha256"],
+            fast = (
+                type(arch) is str
+                and arch in _known_tokens
+                and type(os) is str
+                and os in _known_tokens
+                and type(build_types) is tuple
+                and build_types in _known_token_lists
+                and type(pools) is tuple
+                and pools in _known_token_lists
+                and type(cpus) is int
+                and 0 <= cpus < _MAX_CPUS
+                and type(memory_mb) is int
+                and 0 <= memory_mb < _U32
+                and type(disk_mb) is int
+                and 0 <= disk_mb < _U32
+                and type(cpu_model) is str
+                and len(cpu_model) <= _MAX_CPU_MODEL
+                and cpu_model.isprintable()
+                and type(machine) is str
+                and machine in _MACHINES
+                and type(endpoint) is str
+                and type(tls_sha256) is bytes
+                and (
+                    (endpoint == "" and tls_sha256 == b"")
+                    or (
+                        len(endpoint) <= _MAX_ENDPOINT
+                        and endpoint.startswith("https://")
+                        and endpoint.isprintable()
+                        and len(tls_sha256) == _TLS_SHA256_SIZE
+                    )
+                )
             )
-        except KeyError as exc:
-            raise MalformedError(f"capability lacks field {exc}") from None
-        except ValueError as exc:  # MachineType(...) of an unknown value
-            raise MalformedError(f"capability: {exc}") from None
-        if len(body) != 11:
-            raise MalformedError("capability has unknown fields")
+        except TypeError:  # a token list holding a map (unhashable): not valid
+            fast = False
+        if not fast:
+            _check_fields(fields, _CAPABILITY_CHECKS, "capability")
+        fields["machine"] = _MACHINES[machine]
+        # Every field is checked: fill the frozen instance in one step (module docstring).
+        value = object.__new__(cls)
+        value.__dict__.update(fields)
         return value
 
 
-@attrs.frozen
+_TOKEN_LIST_RULE = f"must be a sorted list of at most {_MAX_LIST} distinct tokens ({_TOKEN_RULE})"
+_CAPABILITY_CHECKS: _FieldChecks = (
+    ("arch", lambda f: _is_token(f["arch"]), f"must match {_TOKEN_RULE}"),
+    ("os", lambda f: _is_token(f["os"]), f"must match {_TOKEN_RULE}"),
+    ("cpus", lambda f: _is_count(f["cpus"], _MAX_CPUS), f"must be an integer in [0, {_MAX_CPUS})"),
+    (
+        "cpu_model",
+        lambda f: _is_text(f["cpu_model"], _MAX_CPU_MODEL),
+        f"must be printable text of at most {_MAX_CPU_MODEL} characters",
+    ),
+    ("memory_mb", lambda f: _is_count(f["memory_mb"], _U32), "must be an integer in [0, 2**32)"),
+    ("disk_mb", lambda f: _is_count(f["disk_mb"], _U32), "must be an integer in [0, 2**32)"),
+    (
+        "machine",
+        lambda f: isinstance(f["machine"], str) and f["machine"] in _MACHINES,
+        "must be 'vm' or 'metal'",
+    ),
+    ("build_types", lambda f: _is_token_list(f["build_types"]), _TOKEN_LIST_RULE),
+    ("pools", lambda f: _is_token_list(f["pools"]), _TOKEN_LIST_RULE),
+    (
+        "endpoint",
+        lambda f: _is_endpoint(f["endpoint"]),
+        f"must be empty or a printable https:// URL of at most {_MAX_ENDPOINT} characters",
+    ),
+    (
+        "tls_sha256",
+        lambda f: type(f["tls_sha256"]) is bytes
+        and len(f["tls_sha256"]) == (_TLS_SHA256_SIZE if f["endpoint"] else 0),
+        "must be a 32-byte SHA-256 when an endpoint is set, else empty",
+    ),
+)
+Capability._FIELDS = tuple(sorted(field.name for field in attrs.fields(Capability)))
+
+
+@attrs.frozen(slots=False)
 class Status:
-    """How a node is doing right now."""
+    """How a node is doing right now. Raises :class:`MalformedError` for a field out of
+    bounds, including more free slots than slots."""
 
     kind: ClassVar[Kind] = Kind.STATUS
+    _FIELDS: ClassVar[tuple[str, ...]]
 
     #: One-minute load average times 1000 (integers only on the wire).
-    load_milli: int = attrs.field(validator=_count(_U32))
-    slots_total: int = attrs.field(validator=_count(4096))
-    slots_free: int = attrs.field(validator=_count(4096))
-    running: int = attrs.field(validator=_count(4096))
-    uptime_s: int = attrs.field(validator=_count(_U63))
-    draining: bool = attrs.field(default=False)
+    load_milli: int
+    slots_total: int
+    slots_free: int
+    running: int
+    uptime_s: int
+    draining: bool = False
 
-    @draining.validator
-    def _check_draining(self, attribute: attrs.Attribute[bool], value: bool) -> None:
-        if type(value) is not bool:
-            raise MalformedError("draining must be a boolean")
-        if self.slots_free > self.slots_total:
-            raise MalformedError("slots_free cannot exceed slots_total")
+    def __attrs_post_init__(self) -> None:
+        _check_fields(self.__dict__, _STATUS_CHECKS, "status")
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -235,21 +406,49 @@ class Status:
         }
 
     @classmethod
-    def from_wire(cls, body: dict[str, Any]) -> Status:
-        try:
-            value = cls(
-                load_milli=body["load_milli"],
-                slots_total=body["slots_total"],
-                slots_free=body["slots_free"],
-                running=body["running"],
-                uptime_s=body["uptime_s"],
-                draining=body["draining"],
-            )
-        except KeyError as exc:
-            raise MalformedError(f"status lacks field {exc}") from None
-        if len(body) != 6:
-            raise MalformedError("status has unknown fields")
+    def from_wire(cls, body: Mapping[str, Any]) -> Status:
+        """Build from a decoded map with exactly the fields of :meth:`to_wire`, in any order.
+
+        Raises :class:`MalformedError`.
+        """
+        if not isinstance(body, Mapping):
+            raise MalformedError("a status is a map")
+        _check_field_names(body, cls._FIELDS, "status")
+        return cls._build({name: body[name] for name in cls._FIELDS})
+
+    @classmethod
+    def _build(cls, fields: dict[str, Any]) -> Status:
+        """As :meth:`Capability._build`."""
+        draining, load_milli, running, slots_free, slots_total, uptime_s = fields.values()
+        if not (
+            type(draining) is bool
+            and type(load_milli) is int
+            and 0 <= load_milli < _U32
+            and type(running) is int
+            and 0 <= running < _MAX_SLOTS
+            and type(slots_free) is int
+            and type(slots_total) is int
+            and 0 <= slots_free <= slots_total < _MAX_SLOTS
+            and type(uptime_s) is int
+            and 0 <= uptime_s < _U63
+        ):
+            _check_fields(fields, _STATUS_CHECKS, "status")
+        value = object.__new__(cls)
+        value.__dict__.update(fields)
         return value
+
+
+_SLOTS_RULE = f"must be an integer in [0, {_MAX_SLOTS})"
+_STATUS_CHECKS: _FieldChecks = (
+    ("load_milli", lambda f: _is_count(f["load_milli"], _U32), "must be an integer in [0, 2**32)"),
+    ("slots_total", lambda f: _is_count(f["slots_total"], _MAX_SLOTS), _SLOTS_RULE),
+    ("slots_free", lambda f: _is_count(f["slots_free"], _MAX_SLOTS), _SLOTS_RULE),
+    ("running", lambda f: _is_count(f["running"], _MAX_SLOTS), _SLOTS_RULE),
+    ("uptime_s", lambda f: _is_count(f["uptime_s"], _U63), "must be an integer in [0, 2**63)"),
+    ("draining", lambda f: type(f["draining"]) is bool, "must be a boolean"),
+    ("slots_free", lambda f: f["slots_free"] <= f["slots_total"], "cannot exceed slots_total"),
+)
+Status._FIELDS = tuple(sorted(field.name for field in attrs.fields(Status)))
 
 
 Body: TypeAlias = Capability | Status
@@ -259,6 +458,15 @@ _BODY_TYPES: dict[str, type[Capability] | type[Status]] = {
     Kind.STATUS: Status,
 }
 _DOMAINS = {Kind.CAPABILITY: Domain.RECORD_CAPABILITY, Kind.STATUS: Domain.RECORD_STATUS}
+
+# Per kind, for the decoder: the body class and the bytes that precede the signed part of a
+# record when it is verified: the domain prefix and the header of a 7-element array.
+_WIRE_KINDS: dict[str, tuple[type[Capability] | type[Status], bytes]] = {
+    kind.value: (body_type, _DOMAINS[kind].value + b"\x97")
+    for kind, body_type in ((Kind.CAPABILITY, Capability), (Kind.STATUS, Status))
+}
+# A canonical record ends with its signature as msgpack bin 8: 0xc4, length 64, 64 bytes.
+_SIGNATURE_TAIL = 2 + SIGNATURE_SIZE
 
 
 @attrs.frozen
@@ -276,15 +484,40 @@ class RecordPolicy:
 DEFAULT_POLICY = RecordPolicy()
 
 
+def _is_time(value: object) -> bool:
+    return type(value) is int and 0 <= value < _U63
+
+
 def _check_time(value: object, name: str) -> int:
-    if type(value) is not int or not 0 <= value < _U63:
-        raise MalformedError(f"{name} must be a non-negative integer")
+    if not _is_time(value):
+        raise MalformedError(f"{name} must be an integer in [0, 2**63)")
+    assert isinstance(value, int)
     return value
 
 
-@attrs.frozen
+def _envelope_error(value: tuple[Any, ...]) -> MalformedError | UnknownKindError:
+    """The precise error for a decoded record array whose envelope fields are wrong."""
+    version, kind, publisher, seq, issued_at, expires_at, body, _ = value
+    if type(version) is not int or version != _FORMAT_VERSION:
+        return MalformedError(f"unsupported record format version {version!r:.20}")
+    if type(kind) is not str:
+        return MalformedError("record kind must be text")
+    if kind not in _WIRE_KINDS:
+        return UnknownKindError(f"unknown record kind {kind!r:.40}")
+    if type(publisher) is not bytes or len(publisher) != PUBLIC_KEY_SIZE:
+        return MalformedError(f"publisher must be {PUBLIC_KEY_SIZE} bytes")
+    for name, item in (("seq", seq), ("issued_at", issued_at), ("expires_at", expires_at)):
+        if not _is_time(item):
+            return MalformedError(f"{name} must be an integer in [0, 2**63)")
+    if type(body) is not dict:
+        return MalformedError("body must be a map")
+    return MalformedError(f"signature must be {SIGNATURE_SIZE} bytes")
+
+
+@attrs.frozen(slots=False)
 class SignedRecord:
-    """A record, authentic and well-formed. Build with :meth:`create` or :meth:`from_bytes`."""
+    """A record, authentic and well-formed. Build with :meth:`create` or :meth:`from_bytes`;
+    the plain constructor only checks field types (it cannot check the signature)."""
 
     publisher: PublicKey
     seq: int
@@ -294,6 +527,20 @@ class SignedRecord:
     signature: bytes = attrs.field(repr=False)
     #: The exact wire bytes; kept so re-sending never re-encodes.
     raw: bytes = attrs.field(repr=False, eq=False)
+
+    def __attrs_post_init__(self) -> None:
+        # Not on the decoding path (from_bytes builds the instance directly after checking
+        # all of this and more).
+        if not isinstance(self.publisher, PublicKey):
+            raise MalformedError("publisher must be a PublicKey")
+        for name in ("seq", "issued_at", "expires_at"):
+            _check_time(getattr(self, name), name)
+        if not isinstance(self.body, (Capability, Status)):
+            raise MalformedError("body must be a Capability or a Status")
+        if type(self.signature) is not bytes or len(self.signature) != SIGNATURE_SIZE:
+            raise MalformedError(f"signature must be {SIGNATURE_SIZE} bytes")
+        if type(self.raw) is not bytes:
+            raise MalformedError("raw must be bytes")
 
     @property
     def kind(self) -> Kind:
@@ -316,8 +563,8 @@ class SignedRecord:
         """
         _check_time(seq, "seq")
         _check_time(issued_at, "issued_at")
-        if lifetime <= 0:
-            raise MalformedError("lifetime must be positive")
+        if type(lifetime) is not int or lifetime <= 0:
+            raise MalformedError("lifetime must be a positive integer")
         expires_at = _check_time(issued_at + lifetime, "expires_at")
         unsigned = [
             _FORMAT_VERSION,
@@ -336,34 +583,64 @@ class SignedRecord:
     def from_bytes(cls, data: bytes, *, max_size: int = MAX_RECORD_SIZE) -> SignedRecord:
         """Parse and authenticate one record.
 
-        Raises :class:`OversizeError` (before decoding), :class:`MalformedError`,
-        :class:`UnknownKindError` or :class:`BadSignatureError`.
+        Raises :class:`OversizeError` (before decoding), :class:`MalformedError` (including
+        any non-canonical encoding), :class:`UnknownKindError` or :class:`BadSignatureError`.
         """
-        value = decode(data, max_size=max_size)
-        if type(value) is not list or len(value) != 8:
+        if type(data) is not bytes:
+            if not isinstance(data, (bytearray, memoryview)):
+                raise MalformedError(f"a record is bytes, not {type(data).__name__}")
+            if len(data) <= max_size:  # else unpack_unchecked reports it, without a copy
+                data = bytes(data)
+        value = unpack_unchecked(data, max_size=max_size)
+        if type(value) is not tuple or len(value) != 8:
             raise MalformedError("a record is an array of 8 elements")
         version, kind, publisher, seq, issued_at, expires_at, body, signature = value
-        if version != _FORMAT_VERSION or type(version) is not int:
-            raise MalformedError(f"unsupported record format version {version!r:.20}")
-        if kind not in _BODY_TYPES:
-            raise UnknownKindError(f"unknown record kind {kind!r:.40}")
-        if type(publisher) is not bytes:
-            raise MalformedError("publisher must be bytes")
-        key = PublicKey(publisher)
-        _check_time(seq, "seq")
-        _check_time(issued_at, "issued_at")
-        _check_time(expires_at, "expires_at")
-        if type(body) is not dict:
-            raise MalformedError("body must be a map")
-        if type(signature) is not bytes or len(signature) != SIGNATURE_SIZE:
-            raise MalformedError(f"signature must be {SIGNATURE_SIZE} bytes")
-        # The signed bytes are the canonical encoding of the first seven elements. In a
-        # canonical array that is the input with the header one shorter and the trailing
-        # bin8 signature (2 + 64 bytes) removed: no re-encoding needed.
-        signed = b"\x97" + data[1 : -(2 + SIGNATURE_SIZE)]
-        key.verify(_DOMAINS[Kind(kind)], signed, signature)
-        parsed = _BODY_TYPES[kind].from_wire(body)
-        return cls(key, seq, issued_at, expires_at, parsed, signature, data)
+        wire_kind = _WIRE_KINDS.get(kind) if type(kind) is str else None
+        if not (
+            type(version) is int
+            and version == _FORMAT_VERSION
+            and wire_kind is not None
+            and type(publisher) is bytes
+            and len(publisher) == PUBLIC_KEY_SIZE
+            and type(seq) is int
+            and 0 <= seq < _U63
+            and type(issued_at) is int
+            and 0 <= issued_at < _U63
+            and type(expires_at) is int
+            and 0 <= expires_at < _U63
+            and type(body) is dict
+            and type(signature) is bytes
+            and len(signature) == SIGNATURE_SIZE
+        ):
+            raise _envelope_error(value)
+        body_type, signed_prefix = wire_kind
+        # Exactly the expected keys, in sorted order: the one canonical rule that re-encoding
+        # cannot see (msgpack keeps a map's order when it re-encodes it).
+        if tuple(body) != body_type._FIELDS:
+            _check_field_names(body, body_type._FIELDS, kind)
+            raise MalformedError(f"not canonical: the {kind} fields are not in sorted order")
+        require_canonical_encoding(value, data)
+        parsed = body_type._build(body)
+        # The signed bytes are the canonical encoding of the first seven elements: in a
+        # canonical 8-array (header 0x98) that is the input with a 7-array header (0x97) and
+        # without the trailing bin 8 signature, so nothing is re-encoded.
+        if not verify_prefixed(publisher, signed_prefix + data[1:-_SIGNATURE_TAIL], signature):
+            raise BadSignatureError(
+                f"{kind} record signature does not verify for "
+                f"{PublicKey._from_checked(publisher).fingerprint}"
+            )
+        # Every field is checked above; build the frozen value in one step (module docstring).
+        record = object.__new__(cls)
+        record.__dict__.update(
+            publisher=PublicKey._from_checked(publisher),
+            seq=seq,
+            issued_at=issued_at,
+            expires_at=expires_at,
+            body=parsed,
+            signature=signature,
+            raw=data,
+        )
+        return record
 
     def to_bytes(self) -> bytes:
         return self.raw
@@ -378,20 +655,23 @@ class SignedRecord:
         """Check that this record is acceptable at time ``now`` (Unix seconds).
 
         ``held_seq`` is the ``seq`` already held for this publisher and key, if any.
-        Raises :class:`ExpiredError`, :class:`NotYetValidError`, :class:`LifetimeError`
-        or :class:`StaleSeqError`.
+        Raises :class:`LifetimeError`, :class:`ExpiredError`, :class:`NotYetValidError` or
+        :class:`StaleSeqError`, checked in that order.
         """
-        if self.expires_at <= self.issued_at:
+        issued_at = self.issued_at
+        expires_at = self.expires_at
+        lifetime = expires_at - issued_at
+        if lifetime <= 0:
             raise LifetimeError("expires_at is not after issued_at")
-        lifetime = self.expires_at - self.issued_at
-        limit = policy.max_lifetime[self.kind]
+        kind = self.body.kind
+        limit = policy.max_lifetime[kind]
         if lifetime > limit:
-            raise LifetimeError(f"lifetime {lifetime}s exceeds {limit}s for {self.kind.value}")
-        if now >= self.expires_at:
-            raise ExpiredError(f"{self.kind.value} record expired {now - self.expires_at:.0f}s ago")
-        if self.issued_at > now + policy.max_clock_skew:
+            raise LifetimeError(f"lifetime {lifetime}s exceeds {limit}s for {kind.value}")
+        if now >= expires_at:
+            raise ExpiredError(f"{kind.value} record expired {now - expires_at:.0f}s ago")
+        if issued_at > now + policy.max_clock_skew:
             raise NotYetValidError(
-                f"{self.kind.value} record issued {self.issued_at - now:.0f}s in the future"
+                f"{kind.value} record issued {issued_at - now:.0f}s in the future"
             )
         if held_seq is not None and self.seq <= held_seq:
             raise StaleSeqError(f"seq {self.seq} is not newer than held seq {held_seq}")

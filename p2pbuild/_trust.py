@@ -36,15 +36,18 @@ from ._errors import (
     RollbackError,
     RotationError,
     ThresholdError,
+    TrustSignatureError,
     UntrustedKeyError,
 )
 from ._identity import SIGNATURE_SIZE, Domain, Identity, PublicKey, Role
-from ._records import _TOKEN, _MAX_LIST
+from ._records import _MAX_LIST, _TOKEN
 
 __all__ = ["MAX_TRUST_LIST_SIZE", "TrustEntry", "TrustList", "accept_update"]
 
 MAX_TRUST_LIST_SIZE = 1024 * 1024
 _MAX_ENTRIES = 10_000
+# Signatures are by this version's and the previous version's maintainers; far fewer.
+_MAX_SIGNATURES = 256
 _FORMAT_VERSION = 1
 _OPERATOR = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
 
@@ -60,17 +63,40 @@ def _check_tokens(name: str, values: object) -> tuple[str, ...]:
     return tuple(values)
 
 
+def _to_role(value: Any) -> Role:
+    try:
+        return Role(value)
+    except ValueError:
+        roles = [role.value for role in Role]
+        raise MalformedError(f"role must be one of {roles}, got {value!r:.40}") from None
+
+
+def _to_pools(value: object) -> tuple[str, ...]:
+    return _check_tokens("pools", value)
+
+
+def _to_arches(value: object) -> tuple[str, ...]:
+    return _check_tokens("arches", value)
+
+
+def _check_key(instance: object, attribute: object, value: Any) -> None:
+    if not isinstance(value, PublicKey):
+        raise MalformedError("a trust entry's key is a PublicKey")
+
+
 @attrs.frozen
 class TrustEntry:
-    """One trusted key. ``pools`` and ``arches`` restrict a node; empty means unrestricted."""
+    """One trusted key. ``pools`` and ``arches`` restrict a node; empty means unrestricted.
 
-    key: PublicKey
-    role: Role = attrs.field(converter=Role)
+    Raises :class:`MalformedError` for an unknown role, a bad operator name, or pools and
+    arches that are not sorted lists of distinct tokens.
+    """
+
+    key: PublicKey = attrs.field(validator=_check_key)
+    role: Role = attrs.field(converter=_to_role)
     operator: str = attrs.field()
-    pools: tuple[str, ...] = attrs.field(default=(), converter=lambda v: _check_tokens("pools", v))
-    arches: tuple[str, ...] = attrs.field(
-        default=(), converter=lambda v: _check_tokens("arches", v)
-    )
+    pools: tuple[str, ...] = attrs.field(default=(), converter=_to_pools)
+    arches: tuple[str, ...] = attrs.field(default=(), converter=_to_arches)
 
     @operator.validator
     def _check_operator(self, attribute: attrs.Attribute[str], value: object) -> None:
@@ -101,8 +127,6 @@ class TrustEntry:
             )
         except KeyError as exc:
             raise MalformedError(f"trust entry lacks field {exc}") from None
-        except ValueError as exc:  # Role(...) of an unknown role
-            raise MalformedError(f"trust entry: {exc}") from None
 
 
 @attrs.frozen
@@ -126,6 +150,10 @@ class TrustList:
             raise MalformedError("version starts at 1")
         if len(self.entries) > _MAX_ENTRIES:
             raise MalformedError(f"at most {_MAX_ENTRIES} entries")
+        if type(self.entries) is not tuple or not all(
+            isinstance(entry, TrustEntry) for entry in self.entries
+        ):
+            raise MalformedError("entries must be a tuple of TrustEntry")
         keys = [entry.key for entry in self.entries]
         if keys != sorted(set(keys)):
             raise MalformedError("entries must be sorted by key, one per key")
@@ -134,6 +162,13 @@ class TrustList:
             raise MalformedError(
                 f"threshold {self.threshold} must be between 1 and the {maintainers} maintainers"
             )
+        if type(self.signatures) is not tuple or not all(
+            type(pair) is tuple and len(pair) == 2 and isinstance(pair[0], PublicKey)
+            for pair in self.signatures
+        ):
+            raise MalformedError("signatures must be a tuple of (PublicKey, bytes) pairs")
+        if len(self.signatures) > _MAX_SIGNATURES:
+            raise MalformedError(f"at most {_MAX_SIGNATURES} signatures")
         signers = [key for key, _ in self.signatures]
         if signers != sorted(set(signers)):
             raise MalformedError("signatures must be sorted by key, one per key")
@@ -198,12 +233,15 @@ class TrustList:
         if type(value) is not list or len(value) != 6:
             raise MalformedError("a trust list is an array of 6 elements")
         version_tag, version, expires_at, threshold, entries, signatures = value
-        if version_tag != _FORMAT_VERSION:
+        # type() too: True == 1, and a list must have one encoding.
+        if type(version_tag) is not int or version_tag != _FORMAT_VERSION:
             raise MalformedError(f"unsupported trust list format {version_tag!r:.20}")
         if type(entries) is not list or type(signatures) is not list:
             raise MalformedError("entries and signatures must be arrays")
-        if len(entries) > _MAX_ENTRIES or len(signatures) > _MAX_ENTRIES:
-            raise MalformedError(f"at most {_MAX_ENTRIES} entries and signatures")
+        if len(entries) > _MAX_ENTRIES or len(signatures) > _MAX_SIGNATURES:
+            raise MalformedError(
+                f"at most {_MAX_ENTRIES} entries and {_MAX_SIGNATURES} signatures"
+            )
         parsed_signatures = []
         for item in signatures:
             if type(item) is not list or len(item) != 2 or type(item[0]) is not bytes:
@@ -242,11 +280,28 @@ class TrustList:
             valid.add(key)
         return valid
 
+    def _require_genuine_signatures(self) -> None:
+        # Every signature carried must verify for the key it names, whoever that is; only
+        # then are they counted (and those by non-maintainers ignored). So damage anywhere in
+        # a list, signatures included, makes it invalid rather than silently shorter.
+        message = self.signed_bytes()
+        for key, signature in self.signatures:
+            try:
+                key.verify(Domain.TRUST_LIST, message, signature)
+            except BadSignatureError:
+                raise TrustSignatureError(
+                    f"trust list v{self.version} carries a signature by {key.fingerprint} "
+                    "that does not verify"
+                ) from None
+
     def verify(self, now: float) -> None:
         """Check that this list is signed by its own threshold and has not expired.
 
-        Raises :class:`ThresholdError` or :class:`ExpiredError`.
+        Every signature it carries must verify; signatures by keys that are not among its
+        maintainers are then ignored. Raises :class:`TrustSignatureError`,
+        :class:`ThresholdError` or :class:`ExpiredError`.
         """
+        self._require_genuine_signatures()
         signers = self.valid_signers(self.maintainers)
         if len(signers) < self.threshold:
             raise ThresholdError(
@@ -262,7 +317,7 @@ class TrustList:
         ``new`` must be exactly the next version, valid on its own, and signed by this list's
         threshold of this list's maintainers. This list itself may have expired: an expired
         list can still be rotated. Raises :class:`RollbackError`, :class:`RotationError`,
-        :class:`ThresholdError` or :class:`ExpiredError`.
+        :class:`TrustSignatureError`, :class:`ThresholdError` or :class:`ExpiredError`.
         """
         if new.version <= self.version:
             raise RollbackError(

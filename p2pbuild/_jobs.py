@@ -1,0 +1,790 @@
+"""Signed jobs, signed results and pull-mode tokens: what a dispatcher and a node exchange.
+
+Three signed objects, each a canonical msgpack array whose last element is an ed25519
+signature over ``domain || encode(the other elements as an array)`` (see ``docs/jobs.md``):
+
+* :class:`Job`, signed by a dispatcher (``Domain.JOB``, at most :data:`MAX_JOB_SIZE`)::
+
+      [1, job_id(bin16), nonce(bin16), dispatcher(bin32), node(bin32|nil),
+       issued_at, expires_at, spec(map), signature(bin64)]
+
+* :class:`Result`, signed by the node that ran the job (``Domain.RESULT``, at most
+  :data:`MAX_RESULT_SIZE`)::
+
+      [1, job_id(bin16), job_sha256(bin32), node(bin32), state, exit_code(int|nil),
+       started_ms, ended_ms, environment(map), artifacts, logs, signature(bin64)]
+
+* :class:`PullAuth`, a node's proof of identity when it long-polls a dispatcher
+  (``Domain.PULL_AUTH``, at most :data:`MAX_PULL_AUTH_SIZE`)::
+
+      [1, node(bin32), dispatcher(bin32), issued_at, nonce(bin16), signature(bin64)]
+
+As with records, ``from_bytes`` checks size (before decoding), canonical encoding, shape and
+signature: a value of these classes is always well-formed and authentic. Whether it is
+*acceptable now* (fresh, from a trusted key, for this node, not replayed) is ``check``'s job,
+because that depends on ``now``, the trust list and the caller's replay cache.
+
+This module is core: no I/O, no clock reads, no trio.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import os
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeAlias
+
+import attrs
+
+from ._codec import decode, encode
+from ._errors import (
+    ExpiredError,
+    LifetimeError,
+    MalformedError,
+    NotYetValidError,
+    WrongNodeError,
+)
+from ._identity import SIGNATURE_SIZE, Domain, Identity, PublicKey, Role
+from ._records import _TOKEN
+from ._replay import ReplayCache
+from ._trust import TrustList
+
+__all__ = [
+    "DEFAULT_JOB_POLICY",
+    "JOB_OPTION_KEYS",
+    "MAX_JOB_SIZE",
+    "MAX_PULL_AUTH_SIZE",
+    "MAX_RESULT_SIZE",
+    "BuildType",
+    "FileDigest",
+    "Job",
+    "JobPolicy",
+    "JobSpec",
+    "PullAuth",
+    "Result",
+    "ResultState",
+    "SourceArtifact",
+    "Target",
+    "check_relative_name",
+]
+
+MAX_JOB_SIZE = 16 * 1024
+MAX_RESULT_SIZE = 64 * 1024
+MAX_PULL_AUTH_SIZE = 256
+
+ID_SIZE = 16
+NONCE_SIZE = 16
+_FORMAT_VERSION = 1
+_U63 = 2**63
+#: Largest source or artifact size we can describe (1 TiB); real bounds are the node's.
+_MAX_FILE_SIZE = 2**40
+_MAX_ARTIFACTS = 512
+_MAX_LOGS = 32
+_MAX_NAME = 255
+_MAX_URL = 512
+_MAX_ENV = 32
+_MAX_OPTION_LIST = 16
+#: Build options a job may carry. Anything else is refused at parse time, so a node never
+#: sees an option it does not understand; the executor validates the values further.
+JOB_OPTION_KEYS = frozenset({"check", "jobs", "with", "without"})
+_OPTION_TYPES: dict[str, type] = {"check": bool, "jobs": int, "with": list, "without": list}
+_ENV_KEY = re.compile(r"[a-z][a-z0-9_.-]{0,31}")
+
+#: An option value: a flag, a small integer, or a list of tokens.
+OptionValue: TypeAlias = bool | int | tuple[str, ...]
+
+
+# -- field checks -----------------------------------------------------------------------------
+
+
+def _require_time(value: object, name: str) -> int:
+    if type(value) is not int or not 0 <= value < _U63:
+        raise MalformedError(f"{name} must be a non-negative integer")
+    return value
+
+
+def _require_bytes(value: object, size: int, name: str) -> bytes:
+    if type(value) is not bytes or len(value) != size:
+        raise MalformedError(f"{name} must be {size} bytes")
+    return value
+
+
+def _require_map(value: object, fields: Iterable[str], name: str) -> dict[str, Any]:
+    if type(value) is not dict or set(value) != set(fields):
+        raise MalformedError(f"{name} must be a map with exactly the fields {sorted(fields)}")
+    return value
+
+
+def _printable(value: object, max_len: int, name: str) -> str:
+    if type(value) is not str or len(value) > max_len or not value.isprintable():
+        raise MalformedError(f"{name} must be printable text of at most {max_len} characters")
+    return value
+
+
+def check_relative_name(name: object, what: str = "name") -> str:
+    """Return ``name`` if it is a safe relative path, else raise :class:`MalformedError`.
+
+    Safe: 1 to 255 printable characters (no NUL or other control characters), not
+    absolute, no backslash, and ``/``-separated components that are neither empty, ``.``
+    nor ``..``. Such a name joined to a directory stays inside it.
+    """
+    if type(name) is not str or not 0 < len(name) <= _MAX_NAME or not name.isprintable():
+        raise MalformedError(f"{what} must be 1 to {_MAX_NAME} printable characters")
+    if "\\" in name:
+        raise MalformedError(f"{what} {name!r:.80} contains a backslash")
+    if name.startswith("/"):
+        raise MalformedError(f"{what} {name!r:.80} is absolute")
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        raise MalformedError(f"{what} {name!r:.80} has an empty, '.' or '..' component")
+    return name
+
+
+def _check_token(value: object, name: str) -> str:
+    if type(value) is not str or not _TOKEN.fullmatch(value):
+        raise MalformedError(f"{name} must match [a-z0-9][a-z0-9._+-]{{0,63}}, got {value!r:.40}")
+    return value
+
+
+def _signed_part(data: bytes, elements: int) -> bytes:
+    """The canonical encoding of the first ``elements - 1`` items of the array ``data``.
+
+    Valid only for canonical ``data`` of a fixarray (fewer than 16 elements) whose last
+    element is a 64-byte ``bin8``: then dropping that element is shortening the array header
+    by one and removing the final 66 bytes, no re-encoding needed.
+    """
+    assert elements < 16
+    return bytes([0x90 | (elements - 1)]) + data[1 : -(2 + SIGNATURE_SIZE)]
+
+
+def _split_signed(data: bytes, max_size: int, elements: int, what: str) -> list[Any]:
+    value = decode(data, max_size=max_size)
+    if type(value) is not list or len(value) != elements:
+        raise MalformedError(f"a {what} is an array of {elements} elements")
+    version = value[0]
+    if type(version) is not int or version != _FORMAT_VERSION:
+        raise MalformedError(f"unsupported {what} format version {version!r:.20}")
+    _require_bytes(value[-1], SIGNATURE_SIZE, "signature")
+    return value
+
+
+# -- job --------------------------------------------------------------------------------------
+
+
+class BuildType(enum.StrEnum):
+    RPM = "rpm"
+    MAKE = "make"
+
+
+def _to_build_type(value: object) -> BuildType:
+    try:
+        return BuildType(value)  # type: ignore[arg-type]  # ValueError if not a member
+    except ValueError:
+        raise MalformedError(f"unknown build type {value!r:.40}") from None
+
+
+@attrs.frozen
+class SourceArtifact:
+    """The job's input file: a bare file name, its size and SHA-256, and where to get it.
+
+    ``url`` is an ``https://`` URL the node fetches from, or ``""`` when the dispatcher
+    uploads the file to the node itself (inline upload). Either way the node re-hashes what
+    arrives; the URL's TLS is not what makes the source authentic, the signed digest is.
+    """
+
+    name: str
+    size: int
+    sha256: bytes
+    url: str = ""
+
+    def __attrs_post_init__(self) -> None:
+        if "/" in check_relative_name(self.name, "source name"):
+            raise MalformedError("source name is a bare file name")
+        if type(self.size) is not int or not 0 <= self.size <= _MAX_FILE_SIZE:
+            raise MalformedError(f"source size must be an integer in [0, {_MAX_FILE_SIZE}]")
+        _require_bytes(self.sha256, 32, "source sha256")
+        url = _printable(self.url, _MAX_URL, "source url")
+        if url and (not url.startswith("https://") or " " in url):
+            raise MalformedError("source url must be empty (inline upload) or an https:// URL")
+
+    @property
+    def inline(self) -> bool:
+        """The dispatcher uploads the source; the node does not fetch it."""
+        return not self.url
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"name": self.name, "sha256": self.sha256, "size": self.size, "url": self.url}
+
+    @classmethod
+    def from_wire(cls, body: object) -> SourceArtifact:
+        body = _require_map(body, ("name", "sha256", "size", "url"), "source")
+        return cls(body["name"], body["size"], body["sha256"], body["url"])
+
+
+@attrs.frozen
+class Target:
+    """The platform a job must build on: ``arch`` and ``os`` as in a capability record."""
+
+    arch: str
+    os: str
+
+    def __attrs_post_init__(self) -> None:
+        _check_token(self.arch, "target arch")
+        _check_token(self.os, "target os")
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"arch": self.arch, "os": self.os}
+
+    @classmethod
+    def from_wire(cls, body: object) -> Target:
+        body = _require_map(body, ("arch", "os"), "target")
+        return cls(body["arch"], body["os"])
+
+
+def _to_option_value(key: str, value: object) -> OptionValue:
+    expected = _OPTION_TYPES[key]
+    if expected is bool:
+        if type(value) is not bool:
+            raise MalformedError(f"option {key!r} must be a boolean")
+        return value
+    if expected is int:
+        if type(value) is not int or not 1 <= value <= 1024:
+            raise MalformedError(f"option {key!r} must be an integer in [1, 1024]")
+        return value
+    if not isinstance(value, (list, tuple)) or len(value) > _MAX_OPTION_LIST:
+        raise MalformedError(f"option {key!r} must be a list of at most {_MAX_OPTION_LIST}")
+    items = tuple(_check_token(item, f"option {key!r} item") for item in value)
+    if list(items) != sorted(set(items)):
+        raise MalformedError(f"option {key!r} must be sorted and without duplicates")
+    return items
+
+
+def _convert_options(options: object) -> tuple[tuple[str, OptionValue], ...]:
+    if isinstance(options, tuple):
+        pairs: Iterable[tuple[object, object]] = options
+    elif isinstance(options, Mapping):
+        pairs = options.items()
+    else:
+        raise MalformedError("build options must be a map")
+    result = []
+    for key, value in pairs:
+        if key not in JOB_OPTION_KEYS:
+            raise MalformedError(f"build option {key!r:.40} is not allowed")
+        assert isinstance(key, str)
+        result.append((key, _to_option_value(key, value)))
+    result.sort()
+    if len({key for key, _ in result}) != len(result):
+        raise MalformedError("duplicate build option")
+    return tuple(result)
+
+
+@attrs.frozen
+class JobSpec:
+    """What to build: the source, the build type, the target platform, the allow-listed
+    build options (:data:`JOB_OPTION_KEYS`) and the requested time limit in seconds."""
+
+    source: SourceArtifact
+    build_type: BuildType = attrs.field(converter=_to_build_type)
+    target: Target
+    options: tuple[tuple[str, OptionValue], ...] = attrs.field(
+        default=(), converter=_convert_options
+    )
+    time_limit_s: int = 3600
+
+    def __attrs_post_init__(self) -> None:
+        if type(self.time_limit_s) is not int or not 1 <= self.time_limit_s <= 24 * 3600:
+            raise MalformedError("time limit must be 1 to 86400 seconds")
+
+    @property
+    def options_map(self) -> dict[str, OptionValue]:
+        return dict(self.options)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "build_type": self.build_type.value,
+            "limits": {"time_s": self.time_limit_s},
+            "options": {k: list(v) if isinstance(v, tuple) else v for k, v in self.options},
+            "source": self.source.to_wire(),
+            "target": self.target.to_wire(),
+        }
+
+    @classmethod
+    def from_wire(cls, body: object) -> JobSpec:
+        body = _require_map(body, ("build_type", "limits", "options", "source", "target"), "spec")
+        limits = _require_map(body["limits"], ("time_s",), "limits")
+        if type(body["options"]) is not dict:
+            raise MalformedError("build options must be a map")
+        return cls(
+            source=SourceArtifact.from_wire(body["source"]),
+            build_type=body["build_type"],
+            target=Target.from_wire(body["target"]),
+            options=body["options"],
+            time_limit_s=limits["time_s"],
+        )
+
+
+@attrs.frozen
+class JobPolicy:
+    """Acceptance bounds for jobs and pull tokens (seconds); every bound is a parameter."""
+
+    #: Longest allowed job lifetime (``expires_at - issued_at``).
+    max_job_lifetime: int = 24 * 3600
+    #: How far in the future ``issued_at`` may be, for clocks that disagree.
+    max_clock_skew: int = 300
+    #: A pull token is fresh for this long after (and before) its ``issued_at``.
+    pull_auth_window: int = 60
+
+
+DEFAULT_JOB_POLICY = JobPolicy()
+
+
+@attrs.frozen
+class Job:
+    """A build job signed by a dispatcher; authentic and well-formed.
+
+    Build with :meth:`create` (dispatcher side) or :meth:`from_bytes` (node side), then call
+    :meth:`check` before running it.
+    """
+
+    job_id: bytes
+    nonce: bytes
+    dispatcher: PublicKey
+    #: The one node this job is for, or None if any node may run it.
+    node: PublicKey | None
+    issued_at: int
+    expires_at: int
+    spec: JobSpec
+    signature: bytes = attrs.field(repr=False)
+    #: The exact wire bytes.
+    raw: bytes = attrs.field(repr=False, eq=False)
+
+    @property
+    def sha256(self) -> bytes:
+        """SHA-256 of the wire bytes; a :class:`Result` names its job by this."""
+        return hashlib.sha256(self.raw).digest()
+
+    @property
+    def id_hex(self) -> str:
+        return self.job_id.hex()
+
+    @classmethod
+    def create(
+        cls,
+        identity: Identity,
+        spec: JobSpec,
+        *,
+        issued_at: int,
+        lifetime: int,
+        node: PublicKey | None = None,
+        job_id: bytes | None = None,
+        nonce: bytes | None = None,
+    ) -> Job:
+        """Sign ``spec`` as dispatcher ``identity``. ``job_id`` and ``nonce`` default to
+        fresh random bytes (``os.urandom``).
+
+        Raises :class:`MalformedError` for a bad time, lifetime, id or nonce and
+        :class:`OversizeError` if the job would exceed :data:`MAX_JOB_SIZE`.
+        """
+        job_id = os.urandom(ID_SIZE) if job_id is None else job_id
+        nonce = os.urandom(NONCE_SIZE) if nonce is None else nonce
+        _require_bytes(job_id, ID_SIZE, "job id")
+        _require_bytes(nonce, NONCE_SIZE, "nonce")
+        _require_time(issued_at, "issued_at")
+        if lifetime <= 0:
+            raise MalformedError("lifetime must be positive")
+        expires_at = _require_time(issued_at + lifetime, "expires_at")
+        unsigned = [
+            _FORMAT_VERSION,
+            job_id,
+            nonce,
+            identity.public_key.raw,
+            None if node is None else node.raw,
+            issued_at,
+            expires_at,
+            spec.to_wire(),
+        ]
+        signature = identity.sign(Domain.JOB, encode(unsigned))
+        raw = encode([*unsigned, signature], max_size=MAX_JOB_SIZE)
+        return cls(
+            job_id, nonce, identity.public_key, node, issued_at, expires_at, spec, signature, raw
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, max_size: int = MAX_JOB_SIZE) -> Job:
+        """Parse and authenticate one job.
+
+        Raises :class:`OversizeError` (before decoding), :class:`MalformedError` or
+        :class:`BadSignatureError`. Does not consult the trust list: see :meth:`check`.
+        """
+        value = _split_signed(data, max_size, 9, "job")
+        _, job_id, nonce, dispatcher, node, issued_at, expires_at, spec, signature = value
+        _require_bytes(job_id, ID_SIZE, "job id")
+        _require_bytes(nonce, NONCE_SIZE, "nonce")
+        dispatcher_key = PublicKey(_require_bytes(dispatcher, 32, "dispatcher"))
+        node_key = None if node is None else PublicKey(_require_bytes(node, 32, "node"))
+        _require_time(issued_at, "issued_at")
+        _require_time(expires_at, "expires_at")
+        if type(spec) is not dict:
+            raise MalformedError("job spec must be a map")
+        dispatcher_key.verify(Domain.JOB, _signed_part(data, 9), signature)
+        parsed = JobSpec.from_wire(spec)
+        return cls(
+            job_id, nonce, dispatcher_key, node_key, issued_at, expires_at, parsed, signature, data
+        )
+
+    def to_bytes(self) -> bytes:
+        return self.raw
+
+    def check(
+        self,
+        now: float,
+        trust_list: TrustList,
+        node_key: PublicKey,
+        seen: ReplayCache,
+        *,
+        policy: JobPolicy = DEFAULT_JOB_POLICY,
+    ) -> None:
+        """Check that the node ``node_key`` may run this job at time ``now``.
+
+        Does not record the job in ``seen``: call ``seen.add(job.job_id, job.expires_at,
+        now)`` when the job is admitted, so a job refused for a transient reason (no free
+        slot) can be sent again. Raises, in this order of checks:
+        :class:`LifetimeError`, :class:`ExpiredError`, :class:`NotYetValidError`,
+        :class:`UntrustedKeyError` (the signer is not a dispatcher on ``trust_list``),
+        :class:`WrongNodeError` (addressed to another node) or :class:`ReplayError`.
+        """
+        if self.expires_at <= self.issued_at:
+            raise LifetimeError("job expires_at is not after issued_at")
+        lifetime = self.expires_at - self.issued_at
+        if lifetime > policy.max_job_lifetime:
+            raise LifetimeError(f"job lifetime {lifetime}s exceeds {policy.max_job_lifetime}s")
+        if now >= self.expires_at:
+            raise ExpiredError(f"job {self.id_hex} expired {now - self.expires_at:.0f}s ago")
+        if self.issued_at > now + policy.max_clock_skew:
+            raise NotYetValidError(f"job issued {self.issued_at - now:.0f}s in the future")
+        trust_list.require(self.dispatcher, Role.DISPATCHER)
+        if self.node is not None and self.node != node_key:
+            raise WrongNodeError(
+                f"job {self.id_hex} is for node {self.node.fingerprint}, "
+                f"not {node_key.fingerprint}"
+            )
+        seen.check(self.job_id, self.expires_at, now)
+
+
+# -- result -----------------------------------------------------------------------------------
+
+
+class ResultState(enum.StrEnum):
+    """How a build ended."""
+
+    SUCCEEDED = "succeeded"
+    #: The build ran and exited non-zero.
+    FAILED = "failed"
+    TIMED_OUT = "timed-out"
+    #: Killed for exceeding an output, log or disk bound.
+    LIMIT_EXCEEDED = "limit-exceeded"
+    CANCELLED = "cancelled"
+    #: The node could not run it (source did not match its digest, unsafe archive, ...).
+    REJECTED = "rejected"
+    #: The node shut down before the build ended and gave the job back unfinished; the
+    #: dispatcher should send it elsewhere.
+    HANDED_BACK = "handed-back"
+
+
+def _to_result_state(value: object) -> ResultState:
+    try:
+        return ResultState(value)  # type: ignore[arg-type]  # ValueError if not a member
+    except ValueError:
+        raise MalformedError(f"unknown result state {value!r:.40}") from None
+
+
+@attrs.frozen(order=True)
+class FileDigest:
+    """An output file: a safe relative name, its size and its SHA-256."""
+
+    name: str
+    size: int
+    sha256: bytes
+
+    def __attrs_post_init__(self) -> None:
+        check_relative_name(self.name)
+        if type(self.size) is not int or not 0 <= self.size <= _MAX_FILE_SIZE:
+            raise MalformedError(f"file size must be an integer in [0, {_MAX_FILE_SIZE}]")
+        _require_bytes(self.sha256, 32, "file sha256")
+
+    def to_wire(self) -> list[Any]:
+        return [self.name, self.size, self.sha256]
+
+    @classmethod
+    def from_wire(cls, item: object) -> FileDigest:
+        if type(item) is not list or len(item) != 3:
+            raise MalformedError("a file entry is [name, size, sha256]")
+        return cls(item[0], item[1], item[2])
+
+
+def _file_list(items: object, limit: int, what: str) -> tuple[FileDigest, ...]:
+    if not isinstance(items, (list, tuple)) or len(items) > limit:
+        raise MalformedError(f"{what} must be a list of at most {limit} entries")
+    files = tuple(
+        item if isinstance(item, FileDigest) else FileDigest.from_wire(item) for item in items
+    )
+    names = [f.name for f in files]
+    if names != sorted(set(names)):
+        raise MalformedError(f"{what} must be sorted by name, each name once")
+    return files
+
+
+def _convert_artifacts(items: object) -> tuple[FileDigest, ...]:
+    return _file_list(items, _MAX_ARTIFACTS, "artifacts")
+
+
+def _convert_logs(items: object) -> tuple[FileDigest, ...]:
+    return _file_list(items, _MAX_LOGS, "logs")
+
+
+def _convert_environment(env: object) -> tuple[tuple[str, str], ...]:
+    if isinstance(env, Mapping):
+        pairs: list[Any] = list(env.items())
+    elif isinstance(env, tuple) and all(type(p) is tuple and len(p) == 2 for p in env):
+        pairs = list(env)
+    else:
+        raise MalformedError("environment must be a map")
+    result = []
+    for key, value in pairs:
+        if type(key) is not str or not _ENV_KEY.fullmatch(key):
+            raise MalformedError(f"environment key {key!r:.40} must match [a-z][a-z0-9_.-]*")
+        result.append((key, _printable(value, 200, f"environment {key}")))
+    if len(result) > _MAX_ENV:
+        raise MalformedError(f"environment has at most {_MAX_ENV} entries")
+    result.sort()
+    if len({k for k, _ in result}) != len(result):
+        raise MalformedError("duplicate environment key")
+    return tuple(result)
+
+
+@attrs.frozen
+class Result:
+    """A build result signed by the node that ran the job; authentic and well-formed.
+
+    ``environment`` holds facts about the build root (``arch``, ``os``, ``rpm``,
+    ``kernel``, ...). ``artifacts`` and ``logs`` are sorted by name. Two results agree when
+    their ``artifacts`` are equal (design item 10).
+    """
+
+    job_id: bytes
+    #: SHA-256 of the signed job's wire bytes: ties the result to exactly that job.
+    job_sha256: bytes
+    node: PublicKey
+    state: ResultState = attrs.field(converter=_to_result_state)
+    exit_code: int | None
+    started_ms: int
+    ended_ms: int
+    environment: tuple[tuple[str, str], ...] = attrs.field(converter=_convert_environment)
+    artifacts: tuple[FileDigest, ...] = attrs.field(converter=_convert_artifacts)
+    logs: tuple[FileDigest, ...] = attrs.field(converter=_convert_logs)
+    signature: bytes = attrs.field(repr=False)
+    raw: bytes = attrs.field(repr=False, eq=False)
+
+    def __attrs_post_init__(self) -> None:
+        _require_bytes(self.job_id, ID_SIZE, "job id")
+        _require_bytes(self.job_sha256, 32, "job sha256")
+        if self.exit_code is not None and (
+            type(self.exit_code) is not int or not -(2**31) <= self.exit_code < 2**31
+        ):
+            raise MalformedError("exit code must be a 32-bit integer or nil")
+        _require_time(self.started_ms, "started_ms")
+        _require_time(self.ended_ms, "ended_ms")
+        if self.ended_ms < self.started_ms:
+            raise MalformedError("ended_ms is before started_ms")
+
+    @property
+    def environment_map(self) -> dict[str, str]:
+        return dict(self.environment)
+
+    @property
+    def duration_ms(self) -> int:
+        return self.ended_ms - self.started_ms
+
+    def artifact(self, name: str) -> FileDigest | None:
+        for item in self.artifacts:
+            if item.name == name:
+                return item
+        return None
+
+    def log(self, name: str) -> FileDigest | None:
+        for item in self.logs:
+            if item.name == name:
+                return item
+        return None
+
+    def _unsigned(self) -> list[Any]:
+        return [
+            _FORMAT_VERSION,
+            self.job_id,
+            self.job_sha256,
+            self.node.raw,
+            self.state.value,
+            self.exit_code,
+            self.started_ms,
+            self.ended_ms,
+            dict(self.environment),
+            [item.to_wire() for item in self.artifacts],
+            [item.to_wire() for item in self.logs],
+        ]
+
+    @classmethod
+    def create(
+        cls,
+        identity: Identity,
+        job: Job,
+        *,
+        state: ResultState | str,
+        exit_code: int | None,
+        started_ms: int,
+        ended_ms: int,
+        environment: Mapping[str, str],
+        artifacts: Iterable[FileDigest],
+        logs: Iterable[FileDigest],
+    ) -> Result:
+        """Sign the outcome of ``job`` as node ``identity``. Artifacts and logs are sorted.
+
+        Raises :class:`MalformedError` for a field out of bounds (unsafe name, duplicate
+        name, too many files) and :class:`OversizeError` past :data:`MAX_RESULT_SIZE`.
+        """
+        unsigned = cls(
+            job.job_id,
+            job.sha256,
+            identity.public_key,
+            state,
+            exit_code,
+            started_ms,
+            ended_ms,
+            environment,
+            tuple(sorted(artifacts, key=lambda f: f.name)),
+            tuple(sorted(logs, key=lambda f: f.name)),
+            b"",  # signed below; this value never leaves the method unsigned
+            b"",
+        )
+        message = encode(unsigned._unsigned())
+        signature = identity.sign(Domain.RESULT, message)
+        raw = encode([*unsigned._unsigned(), signature], max_size=MAX_RESULT_SIZE)
+        return attrs.evolve(unsigned, signature=signature, raw=raw)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, max_size: int = MAX_RESULT_SIZE) -> Result:
+        """Parse and authenticate one result.
+
+        Raises :class:`OversizeError` (before decoding), :class:`MalformedError` or
+        :class:`BadSignatureError`. Whether the node is trusted, and whether the result
+        answers the job you sent (:meth:`check_answers`), is for the caller to ask.
+        """
+        value = _split_signed(data, max_size, 12, "result")
+        (_, job_id, job_sha256, node, state, exit_code, started_ms, ended_ms,
+         environment, artifacts, logs, signature) = value
+        node_key = PublicKey(_require_bytes(node, 32, "node"))
+        if type(environment) is not dict:
+            raise MalformedError("environment must be a map")
+        if type(state) is not str:
+            raise MalformedError("state must be text")
+        node_key.verify(Domain.RESULT, _signed_part(data, 12), signature)
+        return cls(
+            job_id, job_sha256, node_key, state, exit_code, started_ms, ended_ms,
+            environment, artifacts, logs, signature, data,
+        )
+
+    def to_bytes(self) -> bytes:
+        return self.raw
+
+    def check_answers(self, job: Job, node_key: PublicKey) -> None:
+        """Check that this result is ``node_key``'s answer to exactly ``job``.
+
+        Raises :class:`WrongNodeError` if another node signed it, :class:`MalformedError`
+        if it names another job.
+        """
+        if self.node != node_key:
+            raise WrongNodeError(f"result signed by {self.node.fingerprint}, not the node asked")
+        if self.job_id != job.job_id or self.job_sha256 != job.sha256:
+            raise MalformedError("result is for another job")
+
+
+# -- pull-mode auth ---------------------------------------------------------------------------
+
+
+@attrs.frozen
+class PullAuth:
+    """A node's signed proof of identity for one long-poll request to one dispatcher.
+
+    Valid for :attr:`JobPolicy.pull_auth_window` seconds either side of ``issued_at``, and
+    once: the dispatcher remembers the nonce.
+    """
+
+    node: PublicKey
+    dispatcher: PublicKey
+    issued_at: int
+    nonce: bytes
+    signature: bytes = attrs.field(repr=False)
+    raw: bytes = attrs.field(repr=False, eq=False)
+
+    @classmethod
+    def create(
+        cls,
+        identity: Identity,
+        dispatcher: PublicKey,
+        *,
+        issued_at: int,
+        nonce: bytes | None = None,
+    ) -> PullAuth:
+        """Sign a token for ``dispatcher`` as node ``identity``; ``nonce`` defaults to random."""
+        nonce = os.urandom(NONCE_SIZE) if nonce is None else nonce
+        _require_bytes(nonce, NONCE_SIZE, "nonce")
+        _require_time(issued_at, "issued_at")
+        unsigned = [_FORMAT_VERSION, identity.public_key.raw, dispatcher.raw, issued_at, nonce]
+        signature = identity.sign(Domain.PULL_AUTH, encode(unsigned))
+        raw = encode([*unsigned, signature], max_size=MAX_PULL_AUTH_SIZE)
+        return cls(identity.public_key, dispatcher, issued_at, nonce, signature, raw)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> PullAuth:
+        """Parse and authenticate a token.
+
+        Raises :class:`OversizeError`, :class:`MalformedError` or :class:`BadSignatureError`.
+        """
+        value = _split_signed(data, MAX_PULL_AUTH_SIZE, 6, "pull token")
+        _, node, dispatcher, issued_at, nonce, signature = value
+        node_key = PublicKey(_require_bytes(node, 32, "node"))
+        dispatcher_key = PublicKey(_require_bytes(dispatcher, 32, "dispatcher"))
+        _require_time(issued_at, "issued_at")
+        _require_bytes(nonce, NONCE_SIZE, "nonce")
+        node_key.verify(Domain.PULL_AUTH, _signed_part(data, 6), signature)
+        return cls(node_key, dispatcher_key, issued_at, nonce, signature, data)
+
+    def to_bytes(self) -> bytes:
+        return self.raw
+
+    def check(
+        self,
+        now: float,
+        trust_list: TrustList,
+        dispatcher_key: PublicKey,
+        seen: ReplayCache,
+        *,
+        policy: JobPolicy = DEFAULT_JOB_POLICY,
+    ) -> None:
+        """Check the token at dispatcher ``dispatcher_key`` at time ``now``, and record its
+        nonce in ``seen`` (a token is single-use).
+
+        Raises :class:`ExpiredError` (older than the window), :class:`NotYetValidError`
+        (newer than the window), :class:`WrongNodeError` (meant for another dispatcher),
+        :class:`UntrustedKeyError` (the signer is not a node on ``trust_list``) or
+        :class:`ReplayError`.
+        """
+        window = policy.pull_auth_window
+        if now > self.issued_at + window:
+            raise ExpiredError(f"pull token is {now - self.issued_at:.0f}s old")
+        if self.issued_at > now + window:
+            raise NotYetValidError(f"pull token issued {self.issued_at - now:.0f}s ahead")
+        if self.dispatcher != dispatcher_key:
+            raise WrongNodeError("pull token is for another dispatcher")
+        trust_list.require(self.node, Role.NODE)
+        seen.add(self.node.raw + self.nonce, self.issued_at + window + 1, now)

@@ -1,0 +1,442 @@
+"""The directory: publishing and finding nodes' signed records over the DHT.
+
+:class:`Directory` is what the node daemon, the dispatcher and the CLI use. It wraps one DHT
+node (the sans-IO core driven by the trio adapter) and knows the record layout of design
+item 5:
+
+* a publisher's capability and status live under its *node key*
+  (``p2pbuild/node/<key>``) and under each *facet key* of its capability
+  (``p2pbuild/facet/arch=s390x``, ``.../os=fedora-41``, ``.../arch=s390x/os=fedora-41``,
+  ``.../machine=vm``, ``.../pool=<name>``);
+* a query is one lookup per facet it names and an intersection by publisher; each publisher
+  yields its latest capability and latest status (:class:`NodeEntry`).
+
+Open one with :func:`open_directory` (real UDP), :func:`open_directory_on` (any
+:class:`DatagramTransport`, e.g. ``p2pbuild.testing.MemoryNetwork``) or run one as a service
+with :func:`serve`. Many directories can share one trio run (and one
+:class:`~p2pbuild.dht.RecordCache`): that is how tests and benchmarks run a thousand nodes.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from typing import NoReturn
+
+import attrs
+import trio
+
+from .._errors import LocalError, MalformedError
+from .._identity import PublicKey, Role
+from .._records import _TOKEN, Capability, Kind, MachineType, SignedRecord, Status
+from .._trust import TrustEntry, TrustList
+from ._ids import (
+    Address,
+    Contact,
+    facet_key,
+    facet_text_key,
+    node_text_key,
+    random_node_id,
+    text_key,
+)
+from ._protocol import DhtConfig, DhtNode, DhtStatistics
+from ._store import SHARED_CACHE, RecordCache, slot_of
+from ._trio import DatagramTransport, Driver, UdpTransport, resolve
+
+__all__ = ["Directory", "NodeEntry", "Query", "open_directory", "open_directory_on", "serve"]
+
+
+def _optional_token(
+    instance: object, attribute: attrs.Attribute[str | None], value: object
+) -> None:
+    if value is not None and (not isinstance(value, str) or not _TOKEN.fullmatch(value)):
+        raise MalformedError(
+            f"{attribute.name} must match [a-z0-9][a-z0-9._+-]*, got {value!r:.40}"
+        )
+
+
+def _machine(value: object) -> MachineType | None:
+    if value is None:
+        return None
+    try:
+        return MachineType(str(value))
+    except ValueError:
+        raise MalformedError(f"machine must be one of {[m.value for m in MachineType]}") from None
+
+
+@attrs.frozen
+class Query:
+    """What a dispatcher looks for. At least one field must be set; every set field must
+    match. Raises :class:`MalformedError` for a value that can never be a facet."""
+
+    arch: str | None = attrs.field(default=None, validator=_optional_token)
+    os: str | None = attrs.field(default=None, validator=_optional_token)
+    machine: MachineType | None = attrs.field(default=None, converter=_machine)
+    pool: str | None = attrs.field(default=None, validator=_optional_token)
+
+    def facets(self) -> list[str]:
+        """The facet keys to look up: as few as the query allows (``arch`` and ``os``
+        together are one combined facet)."""
+        facets = []
+        if self.arch is not None and self.os is not None:
+            facets.append(f"arch={self.arch}/os={self.os}")
+        elif self.arch is not None:
+            facets.append(f"arch={self.arch}")
+        elif self.os is not None:
+            facets.append(f"os={self.os}")
+        if self.machine is not None:
+            facets.append(f"machine={self.machine.value}")
+        if self.pool is not None:
+            facets.append(f"pool={self.pool}")
+        return facets
+
+    def matches(self, capability: Capability) -> bool:
+        return (
+            (self.arch is None or capability.arch == self.arch)
+            and (self.os is None or capability.os == self.os)
+            and (self.machine is None or capability.machine is self.machine)
+            and (self.pool is None or self.pool in capability.pools)
+        )
+
+
+@attrs.frozen
+class NodeEntry:
+    """One publisher found by :meth:`Directory.find`: its verified latest capability record,
+    its latest status record if one was found, and its trust-list entry when the query was
+    filtered by a trust list."""
+
+    publisher: PublicKey
+    capability_record: SignedRecord
+    status_record: SignedRecord | None
+    trust: TrustEntry | None = None
+
+    @property
+    def capability(self) -> Capability:
+        body = self.capability_record.body
+        assert isinstance(body, Capability)
+        return body
+
+    @property
+    def status(self) -> Status | None:
+        if self.status_record is None:
+            return None
+        body = self.status_record.body
+        assert isinstance(body, Status)
+        return body
+
+
+def _trusted(entry: TrustEntry | None, capability: Capability) -> bool:
+    """A node key trusted as a node, within its entry's arch and pool restrictions."""
+    if entry is None or entry.role is not Role.NODE:
+        return False
+    if entry.arches and capability.arch not in entry.arches:
+        return False
+    return not entry.pools or set(capability.pools) <= set(entry.pools)
+
+
+class Directory:
+    """A running DHT node with the record layout of p2pbuild. Build with
+    :func:`open_directory`, :func:`open_directory_on` or :func:`serve`.
+
+    Every method may raise :class:`DirectoryClosedError` if the node stops meanwhile.
+    Nothing a peer sends raises here: bad datagrams and records are dropped and counted
+    (:meth:`statistics`).
+    """
+
+    def __init__(self, core: DhtNode, driver: Driver) -> None:
+        self._core = core
+        self._driver = driver
+        #: Our own published records, by slot, republished until they expire.
+        self._published: dict[bytes, SignedRecord] = {}
+        self._republish = trio.Event()
+
+    # -- identity ---------------------------------------------------------------------------------
+
+    @property
+    def node_id(self) -> bytes:
+        """This node's 20-byte DHT id."""
+        return self._core.node_id
+
+    @property
+    def address(self) -> Address:
+        """The bound ``(host, port)``."""
+        return self._driver.transport.local_address
+
+    @property
+    def config(self) -> DhtConfig:
+        return self._core.config
+
+    def now(self) -> float:
+        """The node's clock, in Unix seconds (trio's clock plus the configured offset)."""
+        return self._driver.now()
+
+    def contacts(self) -> list[Contact]:
+        """The routing table's contacts."""
+        return self._core.contacts()
+
+    def statistics(self) -> DhtStatistics:
+        """Counters since start (datagrams, drops by code, RPCs, lookups, records)."""
+        return self._core.statistics()
+
+    # -- DHT primitives ---------------------------------------------------------------------------
+
+    async def bootstrap(self, addresses: Iterable[tuple[str, int]]) -> int:
+        """Join through ``addresses`` (names are resolved); returns the number of contacts
+        known afterwards, zero if nobody answered.
+
+        Raises :class:`OSError` if a name does not resolve.
+        """
+        resolved = [await resolve(address) for address in addresses]
+        op = self._core.bootstrap(resolved, self.now())
+        await self._driver.wait(op)
+        return op.result
+
+    async def find_nodes(self, target: bytes) -> list[Contact]:
+        """The ``k`` closest live nodes to ``target`` (20 bytes), closest first."""
+        op = self._core.find_nodes(target, self.now())
+        await self._driver.wait(op)
+        return op.result
+
+    async def get(self, key: bytes) -> list[SignedRecord]:
+        """The verified, unexpired records under ``key`` (20 bytes; see
+        :func:`~p2pbuild.dht.node_key`, :func:`~p2pbuild.dht.facet_key`), latest per
+        publisher and kind. An empty list means none was found."""
+        op = self._core.get(key, self.now())
+        await self._driver.wait(op)
+        return op.result
+
+    async def put(self, key: bytes, records: Sequence[SignedRecord]) -> int:
+        """Store ``records`` under ``key`` once (no republishing); returns how many nodes
+        acknowledged them. Holders refuse records not bound to ``key``."""
+        op = self._core.put(key, records, self.now())
+        await self._driver.wait(op)
+        return op.result
+
+    # -- records ----------------------------------------------------------------------------------
+
+    async def publish(self, records: Sequence[SignedRecord]) -> dict[str, int]:
+        """Publish ``records`` under their publisher's node key and every facet key of the
+        publisher's capability, and keep republishing them (every ``republish_interval``)
+        until they expire or a newer record of the same publisher and kind replaces them.
+
+        A status needs its publisher's capability, in the same call or an earlier one.
+        Returns, per text key, how many nodes acknowledged. Raises the
+        :class:`RecordError` of the first record that is not acceptable now (expired,
+        lifetime out of bounds, older than one already published), and
+        :class:`LocalError` for a status without a capability.
+        """
+        now = self.now()
+        policy = self.config.record_policy
+        for record in records:
+            previous = self._published.get(slot_of(record))
+            if previous is not None and previous.raw == record.raw:
+                previous = None  # the same record again: fine
+            record.check(now, policy=policy, held_seq=None if previous is None else previous.seq)
+        publishers = set()
+        for record in records:
+            self._published[slot_of(record)] = record
+            publishers.add(record.publisher)
+        for publisher in publishers:
+            if self._capability_of(publisher) is None:
+                raise LocalError(f"publish a capability of {publisher.fingerprint} first")
+        self._republish.set()
+        return await self._put_all(publishers)
+
+    def published(self) -> list[SignedRecord]:
+        """The records this directory republishes, unexpired ones only."""
+        now = self.now()
+        return [r for r in self._published.values() if r.expires_at > now]
+
+    async def find(self, query: Query, trust_list: TrustList | None = None) -> list[NodeEntry]:
+        """Nodes matching ``query``: one lookup per facet, intersected by publisher, with
+        the latest verified capability and status of each, sorted by publisher key.
+
+        With ``trust_list``, only publishers it trusts as nodes (within their arch and pool
+        restrictions) are returned. Capabilities that do not match the query are dropped
+        even if a holder listed them. Raises :class:`LocalError` for an empty query.
+        """
+        facets = query.facets()
+        if not facets:
+            raise LocalError("a query needs at least one of arch, os, machine, pool")
+        now = self.now()
+        ops = [self._core.get(facet_key(facet), now) for facet in facets]
+        for op in ops:
+            await self._driver.wait(op)
+        capabilities: dict[bytes, SignedRecord] = {}
+        statuses: dict[bytes, SignedRecord] = {}
+        present: list[set[bytes]] = []
+        for op in ops:
+            seen = set()
+            for record in op.result:
+                publisher = record.publisher.raw
+                best = capabilities if record.kind is Kind.CAPABILITY else statuses
+                current = best.get(publisher)
+                if current is None or record.seq > current.seq:
+                    best[publisher] = record
+                if record.kind is Kind.CAPABILITY:
+                    seen.add(publisher)
+            present.append(seen)
+        entries = []
+        for publisher in sorted(set.intersection(*present)):
+            capability = capabilities[publisher]
+            body = capability.body
+            assert isinstance(body, Capability)
+            if not query.matches(body):
+                continue
+            trust = None
+            if trust_list is not None:
+                trust = trust_list.entry(capability.publisher)
+                if not _trusted(trust, body):
+                    continue
+            entries.append(
+                NodeEntry(capability.publisher, capability, statuses.get(publisher), trust)
+            )
+        return entries
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _capability_of(self, publisher: PublicKey) -> SignedRecord | None:
+        return self._published.get(publisher.raw + Kind.CAPABILITY.value.encode())
+
+    async def _put_all(self, publishers: Iterable[PublicKey]) -> dict[str, int]:
+        now = self.now()
+        ops = []
+        for publisher in publishers:
+            mine = [
+                r
+                for r in self._published.values()
+                if r.publisher == publisher and r.expires_at > now
+            ]
+            capability = self._capability_of(publisher)
+            if not mine or capability is None or capability.expires_at <= now:
+                continue
+            body = capability.body
+            assert isinstance(body, Capability)
+            texts = [node_text_key(publisher)] + [facet_text_key(f) for f in body.facets()]
+            for text in texts:
+                ops.append((text, self._core.put(text_key(text), mine, now)))
+        result = {}
+        for text, op in ops:
+            await self._driver.wait(op)
+            result[text] = op.result
+        return result
+
+    async def _republish_loop(self) -> NoReturn:
+        interval = self.config.republish_interval
+        while True:
+            with trio.move_on_after(interval):
+                await self._republish.wait()
+                self._republish = trio.Event()
+                continue
+            now = self.now()
+            expired = [slot for slot, r in self._published.items() if r.expires_at <= now]
+            for slot in expired:
+                del self._published[slot]
+            if self._published:
+                await self._put_all({r.publisher for r in self._published.values()})
+
+
+@asynccontextmanager
+async def open_directory_on(
+    transport: DatagramTransport,
+    *,
+    bootstrap: Iterable[tuple[str, int]] = (),
+    node_id: bytes | None = None,
+    config: DhtConfig | None = None,
+    rng: random.Random | None = None,
+    clock_offset: float | None = None,
+    cache: RecordCache = SHARED_CACHE,
+) -> AsyncIterator[Directory]:
+    """Run a directory over ``transport`` for the duration of the block.
+
+    ``node_id`` defaults to a random id (use :func:`~p2pbuild.dht.node_id_for` for a
+    publishing node); ``rng`` defaults to ``random.SystemRandom()`` (message ids should be
+    unpredictable); ``clock_offset`` is Unix time at trio time 0, by default the wall clock.
+    If ``bootstrap`` is given, the node joins through it before the block starts (check
+    ``statistics().contacts`` to see whether anyone answered). The transport is closed on
+    exit.
+    """
+    rng = rng if rng is not None else random.SystemRandom()
+    offset = clock_offset if clock_offset is not None else Driver.default_offset()
+    core = DhtNode(
+        node_id if node_id is not None else random_node_id(rng),
+        now=trio.current_time() + offset,
+        rng=rng,
+        config=config,
+        cache=cache,
+    )
+    driver = Driver(core, transport, clock_offset=offset)
+    directory = Directory(core, driver)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(driver.run)
+            nursery.start_soon(directory._republish_loop)
+            addresses = list(bootstrap)
+            if addresses:
+                await directory.bootstrap(addresses)
+            yield directory
+            nursery.cancel_scope.cancel()
+    finally:
+        transport.close()
+
+
+@asynccontextmanager
+async def open_directory(
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    bootstrap: Iterable[tuple[str, int]] = (),
+    node_id: bytes | None = None,
+    config: DhtConfig | None = None,
+    rng: random.Random | None = None,
+    clock_offset: float | None = None,
+    cache: RecordCache = SHARED_CACHE,
+) -> AsyncIterator[Directory]:
+    """Run a directory on a UDP socket bound to ``(host, port)`` (port 0: any free port;
+    ``Directory.address`` tells which). Other arguments as :func:`open_directory_on`.
+
+    Raises :class:`OSError` if the address cannot be bound or a bootstrap name does not
+    resolve.
+    """
+    config = config if config is not None else DhtConfig()
+    transport = await UdpTransport.bind(host, port, max_size=config.max_incoming_datagram)
+    async with open_directory_on(
+        transport,
+        bootstrap=bootstrap,
+        node_id=node_id,
+        config=config,
+        rng=rng,
+        clock_offset=clock_offset,
+        cache=cache,
+    ) as directory:
+        yield directory
+
+
+async def serve(
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    bootstrap: Iterable[tuple[str, int]] = (),
+    node_id: bytes | None = None,
+    config: DhtConfig | None = None,
+    rng: random.Random | None = None,
+    clock_offset: float | None = None,
+    cache: RecordCache = SHARED_CACHE,
+    task_status: trio.TaskStatus[Directory] = trio.TASK_STATUS_IGNORED,
+) -> NoReturn:
+    """Run a directory on UDP until cancelled; ``task_status.started(directory)`` once it
+    listens (and has bootstrapped). Use with ``await nursery.start(serve, ...)``."""
+    async with open_directory(
+        host,
+        port,
+        bootstrap=bootstrap,
+        node_id=node_id,
+        config=config,
+        rng=rng,
+        clock_offset=clock_offset,
+        cache=cache,
+    ) as directory:
+        task_status.started(directory)
+        await trio.sleep_forever()
+    raise AssertionError("unreachable")  # pragma: no cover

@@ -1,0 +1,108 @@
+"""Identifiers of the DHT: 160-bit node ids and keys, contacts, and key derivation.
+
+Node ids and keys share one 160-bit space (the ``kademlia`` package's, SHA-1 sized) and are
+20 bytes on the wire. Inside the core they are Python ``int`` values, because XOR distance on
+ints is one operation and an int is smaller than a bytes object of the same value.
+
+Every key p2pbuild uses is the SHA-1 of a text key (what a stock ``kademlia`` client's
+``Server.get(text)`` computes too)::
+
+    p2pbuild/node/<ed25519:... public key>      the records of one publisher
+    p2pbuild/facet/<facet>                      e.g. p2pbuild/facet/arch=s390x
+
+SHA-1 here is a placement function, not a security primitive: what a key holds is protected
+by the records' own signatures and by the store's key-binding check (see ``_store.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+import attrs
+
+from .._errors import MalformedError
+from .._identity import PublicKey
+
+__all__ = [
+    "ID_BITS",
+    "ID_SIZE",
+    "Address",
+    "Contact",
+    "facet_key",
+    "facet_text_key",
+    "id_from_bytes",
+    "id_to_bytes",
+    "node_id_for",
+    "node_key",
+    "node_text_key",
+    "random_node_id",
+    "text_key",
+]
+
+ID_BITS = 160
+ID_SIZE = 20
+
+#: A UDP address: ``(host, port)`` with ``host`` an IP literal.
+Address = tuple[str, int]
+
+
+def id_from_bytes(value: bytes) -> int:
+    """The int form of a 20-byte id. Raises :class:`MalformedError` for another length."""
+    if type(value) is not bytes or len(value) != ID_SIZE:
+        raise MalformedError(f"an id is {ID_SIZE} bytes")
+    return int.from_bytes(value, "big")
+
+
+def id_to_bytes(value: int) -> bytes:
+    """The 20-byte wire form of an int id."""
+    return value.to_bytes(ID_SIZE, "big")
+
+
+def text_key(text: str) -> bytes:
+    """The DHT key of a text key: ``SHA-1(UTF-8(text))``, as ``kademlia.utils.digest``."""
+    return hashlib.sha1(text.encode("utf-8")).digest()
+
+
+def node_text_key(publisher: PublicKey) -> str:
+    """``p2pbuild/node/ed25519:...``: where a publisher's own records live."""
+    return f"p2pbuild/node/{publisher}"
+
+
+def facet_text_key(facet: str) -> str:
+    """``p2pbuild/facet/<facet>`` for a facet such as ``arch=s390x`` or ``pool=kernel``."""
+    return f"p2pbuild/facet/{facet}"
+
+
+def node_key(publisher: PublicKey) -> bytes:
+    """The DHT key holding the records of ``publisher``."""
+    return text_key(node_text_key(publisher))
+
+
+def facet_key(facet: str) -> bytes:
+    """The DHT key of a capability facet (``Capability.facets()`` lists them)."""
+    return text_key(facet_text_key(facet))
+
+
+def node_id_for(publisher: PublicKey) -> bytes:
+    """The node id of a DHT node run by ``publisher``: equal to its :func:`node_key`, so the
+    node itself is always the closest holder of its own records."""
+    return node_key(publisher)
+
+
+def random_node_id(rng: random.Random) -> bytes:
+    """A node id for a node without an identity (a plain DHT server)."""
+    return rng.getrandbits(ID_BITS).to_bytes(ID_SIZE, "big")
+
+
+@attrs.frozen
+class Contact:
+    """A DHT node as others see it: its 20-byte id and its UDP address."""
+
+    node_id: bytes
+    host: str
+    port: int
+
+    @property
+    def address(self) -> Address:
+        return (self.host, self.port)

@@ -1,0 +1,1062 @@
+"""The sans-IO Kademlia node: datagrams and ``now`` in, datagrams and finished operations out.
+
+No trio, no socket, no clock: the caller (``_trio.py``, the in-memory network of
+``p2pbuild.testing``, or a test feeding bytes by hand) drives it through
+
+* :meth:`DhtNode.receive_datagram` -- one datagram from ``address`` at time ``now``;
+* :meth:`DhtNode.datagrams_to_send` -- what to send now, as ``(data, address)`` pairs;
+* :meth:`DhtNode.get_timer` / :meth:`DhtNode.handle_timer` -- the next deadline;
+* operations (:meth:`~DhtNode.bootstrap`, :meth:`~DhtNode.find_nodes`, :meth:`~DhtNode.get`,
+  :meth:`~DhtNode.put`) that return an :class:`Operation` handle, completed later and listed
+  by :meth:`DhtNode.finished_operations`.
+
+Times are Unix seconds as floats (records carry Unix times, so the core needs only one
+clock). The module is longer than most because the lookup state machines, the RPC table and
+the request handlers share the node's state; splitting them would only add indirection.
+
+Lookups ("walks") follow the paper with two changes for latency:
+
+* each RPC has a timeout from its contact's measured round trip (RFC 6298 style), and a
+  shorter *stall* time after which the walk stops waiting for it: a stalled query no longer
+  counts against ``alpha`` and no longer blocks termination, so a silently dead contact
+  costs one stall time, not a full timeout, once ``alpha`` others have answered;
+* a record lookup ends when the ``value_quorum`` closest live contacts have answered, then
+  pages through the ``page_sources`` closest holders that have more (a key holds many
+  records); a node lookup ends when the ``k`` closest have answered.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import attrs
+
+from .._errors import LocalError, MalformedError, RemoteError
+from .._records import DEFAULT_POLICY, Kind, RecordPolicy, SignedRecord
+from . import _wire as wire
+from ._ids import Address, Contact, id_from_bytes, id_to_bytes
+from ._routing import Peer, RoutingTable
+from ._store import SHARED_CACHE, RecordCache, RecordStore, latest, slot_of
+from ._wire import HEADER_SIZE, Request, Response
+
+__all__ = [
+    "BootstrapOperation",
+    "DhtConfig",
+    "DhtNode",
+    "DhtStatistics",
+    "FindNodesOperation",
+    "GetOperation",
+    "Operation",
+    "PutOperation",
+    "UnexpectedResponseError",
+    "UnknownMethodError",
+]
+
+
+class UnknownMethodError(MalformedError):
+    """A request for a method this node does not implement (dropped, as rpcudp does)."""
+
+    code = "unknown-method"
+
+
+class UnexpectedResponseError(RemoteError):
+    """A response to no pending request (late, duplicated, or from the wrong address)."""
+
+    code = "unexpected-response"
+
+
+def _positive(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, (int, float)) or value <= 0:
+        raise LocalError(f"{attribute.name} must be positive")
+
+
+@attrs.frozen
+class DhtConfig:
+    """Every bound and tunable of a DHT node. The defaults suit the internet and loopback."""
+
+    #: Bucket size and replication factor.
+    k: int = attrs.field(default=20, validator=_positive)
+    #: Parallel queries per lookup.
+    alpha: int = attrs.field(default=3, validator=_positive)
+    #: Closest live contacts a record lookup must hear from before it ends.
+    value_quorum: int = attrs.field(default=4, validator=_positive)
+    #: Largest datagram we send (payload of UDP), including the rpcudp header.
+    max_datagram: int = attrs.field(default=1200, validator=_positive)
+    #: Largest datagram we accept; bigger ones are dropped as ``oversize``. Larger than
+    #: ``max_datagram`` because stock peers do not bound theirs (20 IPv6 contacts ~ 1.4 KB).
+    max_incoming_datagram: int = attrs.field(default=2048, validator=_positive)
+    #: Largest record bundle in a stock ``find_value`` reply; small enough that a stock
+    #: client's re-``store`` of it still fits in ``max_datagram``.
+    max_bundle: int = attrs.field(default=1100, validator=_positive)
+    #: RPC timeout bounds (seconds); the timeout of a contact is srtt + 4 * rttvar.
+    min_rpc_timeout: float = attrs.field(default=0.02, validator=_positive)
+    max_rpc_timeout: float = attrs.field(default=2.0, validator=_positive)
+    #: Timeout for a contact when nothing at all has been measured yet.
+    initial_rpc_timeout: float = attrs.field(default=1.0, validator=_positive)
+    #: Outstanding RPCs; beyond this an RPC fails at once (counted as ``pending-full``).
+    max_pending_rpcs: int = attrs.field(default=2048, validator=_positive)
+    #: Consecutive timeouts before a contact is dropped without a replacement.
+    max_failures: int = attrs.field(default=3, validator=_positive)
+    #: Newcomers cached per full bucket.
+    replacement_cache: int = attrs.field(default=4, validator=_positive)
+    #: A bucket without a lookup for this long is refreshed (seconds).
+    refresh_interval: float = attrs.field(default=3600.0, validator=_positive)
+    #: Period of store expiry and refresh checks (seconds).
+    maintenance_interval: float = attrs.field(default=60.0, validator=_positive)
+    #: Store caps: records per key, per publisher (over all keys), in total.
+    max_records_per_key: int = attrs.field(default=1024, validator=_positive)
+    max_records_per_publisher: int = attrs.field(default=64, validator=_positive)
+    max_records_total: int = attrs.field(default=16384, validator=_positive)
+    #: Times a store RPC is resent after a timeout.
+    store_retries: int = attrs.field(default=1)
+    #: Holders a record lookup reads to the end (more: robust to a holder's gaps, slower).
+    page_sources: int = attrs.field(default=2, validator=_positive)
+    #: Pages a record lookup fetches at most.
+    max_pages: int = attrs.field(default=512, validator=_positive)
+    #: How often a Directory republishes its records (seconds); must be shorter than the
+    #: shortest record lifetime to matter.
+    republish_interval: float = attrs.field(default=300.0, validator=_positive)
+    #: Acceptance bounds for records.
+    record_policy: RecordPolicy = DEFAULT_POLICY
+
+
+@attrs.frozen
+class DhtStatistics:
+    """Counters of one node since it started. ``dropped`` counts datagrams by the error code
+    that caused the drop; ``rejected`` counts records refused (in stores or lookup replies)
+    by code."""
+
+    datagrams_in: int
+    datagrams_out: int
+    bytes_in: int
+    bytes_out: int
+    requests_in: int
+    responses_in: int
+    rpcs_sent: int
+    rpcs_timed_out: int
+    lookups: int
+    lookup_rounds: int
+    lookup_rpcs: int
+    records_accepted: int
+    records_held: int
+    contacts: int
+    pending_rpcs: int
+    dropped: Mapping[str, int]
+    rejected: Mapping[str, int]
+
+    @property
+    def dropped_total(self) -> int:
+        return sum(self.dropped.values())
+
+    @property
+    def rejected_total(self) -> int:
+        return sum(self.rejected.values())
+
+
+# -- operations -----------------------------------------------------------------------------------
+
+
+class Operation:
+    """A handle on a running operation. ``done`` becomes True once, and then ``result`` is
+    final. ``waiter`` is the driver's (the core never reads it)."""
+
+    __slots__ = ("_walk", "done", "rounds", "rpcs", "started_at", "waiter")
+
+    def __init__(self, now: float) -> None:
+        self.done = False
+        self.waiter: object = None
+        self.started_at = now
+        #: RPCs sent and lookup depth reached (hops), for statistics.
+        self.rpcs = 0
+        self.rounds = 0
+        self._walk: _Walk | None = None
+
+
+class FindNodesOperation(Operation):
+    """Result: the ``k`` closest live contacts to the target, closest first."""
+
+    __slots__ = ("result", "target")
+
+    def __init__(self, target: int, now: float) -> None:
+        super().__init__(now)
+        self.target = target
+        self.result: list[Contact] = []
+
+
+class BootstrapOperation(Operation):
+    """Result: how many contacts the routing table holds afterwards."""
+
+    __slots__ = ("_waiting", "result")
+
+    def __init__(self, now: float) -> None:
+        super().__init__(now)
+        self._waiting = 0
+        self.result = 0
+
+
+class GetOperation(Operation):
+    """Result: the verified, unexpired records under ``key``, latest per publisher and kind,
+    sorted by slot (publisher key, then kind)."""
+
+    __slots__ = ("_cursor", "_found", "_pages", "_sources", "key", "result")
+
+    def __init__(self, key: bytes, now: float) -> None:
+        super().__init__(now)
+        self.key = key
+        self.result: list[SignedRecord] = []
+        self._found: dict[bytes, SignedRecord] = {}
+        self._cursor = b""
+        self._pages = 0
+        self._sources = 0
+
+
+class PutOperation(Operation):
+    """Result: how many nodes (this one included) hold the records now (acknowledged each
+    record as ``"ok"`` or ``"held"``)."""
+
+    __slots__ = ("_batches", "_holders", "_outstanding", "_refused", "key", "result")
+
+    def __init__(self, key: bytes, batches: list[list[bytes]], now: float) -> None:
+        super().__init__(now)
+        self.key = key
+        self.result = 0
+        self._batches = batches
+        self._outstanding = 0
+        #: Per holder address: batches still unanswered; and holders that refused any.
+        self._holders: dict[Address, int] = {}
+        self._refused: set[Address] = set()
+
+
+# -- walks ----------------------------------------------------------------------------------------
+
+_NEW, _INFLIGHT, _STALLED, _OK, _FAILED = range(5)
+
+
+class _Candidate:
+    __slots__ = ("address", "cursor", "depth", "distance", "node_id", "state")
+
+    def __init__(self, node_id: int, address: Address, distance: int, depth: int) -> None:
+        self.node_id = node_id
+        self.address = address
+        self.distance = distance
+        self.depth = depth
+        self.state = _NEW
+        #: For record walks: the holder's next-page cursor after its first reply.
+        self.cursor = b""
+
+
+def _distance(candidate: _Candidate) -> int:
+    return candidate.distance
+
+
+class _Walk:
+    __slots__ = ("finished", "inflight", "known", "op", "quorum", "records", "shortlist", "target")
+
+    def __init__(self, op: Operation, target: int, quorum: int, records: bool) -> None:
+        self.op = op
+        self.target = target
+        self.quorum = quorum
+        self.records = records
+        self.shortlist: list[_Candidate] = []
+        #: Ids (wire form) already on the shortlist or dropped from it.
+        self.known: set[bytes] = set()
+        self.inflight = 0
+        #: Set once the walk's result is handed on; late replies then change nothing.
+        self.finished = False
+
+
+# -- RPC table ------------------------------------------------------------------------------------
+
+_STALL, _DEADLINE = 0, 1
+# What an RPC is for, beyond its method.
+_FOR_WALK, _FOR_PAGE, _FOR_STORE, _FOR_BOOTSTRAP, _FOR_EVICTION = range(5)
+
+
+class _Rpc:
+    __slots__ = (
+        "address",
+        "args",
+        "candidate",
+        "method",
+        "op",
+        "peer_id",
+        "purpose",
+        "retries",
+        "sent",
+        "sent_at",
+    )
+
+    def __init__(
+        self,
+        method: str,
+        address: Address,
+        peer_id: int | None,
+        purpose: int,
+        op: Operation | None,
+        candidate: _Candidate | None,
+        sent: int,
+        now: float,
+    ) -> None:
+        self.method = method
+        self.address = address
+        self.peer_id = peer_id
+        self.purpose = purpose
+        self.op = op
+        self.candidate = candidate
+        #: Records carried (stores), to check the reply's length.
+        self.sent = sent
+        self.sent_at = now
+        #: Arguments and resends left, for RPCs worth repeating once lost (stores).
+        self.args: list[Any] | None = None
+        self.retries = 0
+
+
+# Bytes around the records of a p2p_store request: fixarray(2), "p2p_store", fixarray(3),
+# two 20-byte ids, array16 header.
+_STORE_OVERHEAD = 1 + 1 + len(wire.P2P_STORE) + 1 + 2 * (2 + 20) + 3
+# Bytes around a p2p_find reply's parts: fixarray(3), two array16 headers, a cursor.
+_FIND_REPLY_OVERHEAD = 1 + 3 + 3 + 2 + wire.MAX_CURSOR
+
+
+class DhtNode:
+    """One Kademlia node's state. Not thread-safe; one driver calls it.
+
+    ``rng`` supplies message ids and refresh targets; ``cache`` is the verified-record cache
+    (share one between nodes of a process). Calls never raise for anything a peer sends:
+    malformed or hostile datagrams are dropped and counted in :meth:`statistics`.
+    """
+
+    __slots__ = (
+        "_counters",
+        "_dropped",
+        "_finished",
+        "_next_maintenance",
+        "_out",
+        "_pending",
+        "_rejected",
+        "_timers",
+        "config",
+        "node_id",
+        "own",
+        "rng",
+        "routing",
+        "store",
+    )
+
+    def __init__(
+        self,
+        node_id: bytes,
+        *,
+        now: float,
+        rng: random.Random,
+        config: DhtConfig | None = None,
+        cache: RecordCache = SHARED_CACHE,
+    ) -> None:
+        self.config = config = config if config is not None else DhtConfig()
+        self.node_id = node_id
+        self.own = id_from_bytes(node_id)
+        self.rng = rng
+        self.routing = RoutingTable(
+            self.own,
+            k=config.k,
+            replacements=config.replacement_cache,
+            max_failures=config.max_failures,
+            now=now,
+        )
+        self.store = RecordStore(
+            max_per_key=config.max_records_per_key,
+            max_per_publisher=config.max_records_per_publisher,
+            max_total=config.max_records_total,
+            policy=config.record_policy,
+            cache=cache,
+        )
+        self._out: list[tuple[bytes, Address]] = []
+        self._pending: dict[bytes, _Rpc] = {}
+        self._timers: list[tuple[float, bytes, int]] = []
+        self._finished: list[Operation] = []
+        self._next_maintenance = now + config.maintenance_interval
+        # datagrams_in, datagrams_out, bytes_in, bytes_out, requests_in, responses_in,
+        # rpcs_sent, rpcs_timed_out, lookups, lookup_rounds, lookup_rpcs, records_accepted
+        self._counters = [0] * 12
+        self._dropped: dict[str, int] = {}
+        self._rejected: dict[str, int] = {}
+
+    # -- the sans-IO interface --------------------------------------------------------------------
+
+    def receive_datagram(self, data: bytes, address: Address, now: float) -> None:
+        """Handle one datagram from ``address``. Never raises for its content: anything
+        malformed, oversize, unexpected or hostile is dropped and counted by error code."""
+        counters = self._counters
+        counters[0] += 1
+        counters[2] += len(data)
+        # The one boundary where a peer's garbage becomes a counter (h11's
+        # _reraise_as_remote_protocol_error, aioquic's except QuicConnectionError).
+        try:
+            frame = wire.decode_datagram(data, max_size=self.config.max_incoming_datagram)
+            if isinstance(frame, Request):
+                counters[4] += 1
+                self._handle_request(frame, address, now)
+            else:
+                counters[5] += 1
+                self._handle_response(frame, address, now)
+        except RemoteError as exc:
+            self._dropped[exc.code] = self._dropped.get(exc.code, 0) + 1
+
+    def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
+        """The datagrams to send now, oldest first; each is at most ``max_datagram`` bytes."""
+        out = self._out
+        self._out = []
+        return out
+
+    def get_timer(self) -> float:
+        """When :meth:`handle_timer` must next be called (always a time: maintenance is
+        periodic)."""
+        timers = self._timers
+        while timers and timers[0][1] not in self._pending:
+            heapq.heappop(timers)
+        if timers and timers[0][0] < self._next_maintenance:
+            return timers[0][0]
+        return self._next_maintenance
+
+    def handle_timer(self, now: float) -> None:
+        """Fire every deadline that is due at ``now``: RPC stalls and timeouts, store expiry
+        and bucket refresh. Calling it early or twice is harmless."""
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, msg_id, kind = heapq.heappop(timers)
+            rpc = self._pending.get(msg_id)
+            if rpc is None:
+                continue
+            if kind == _STALL:
+                self._on_stall(rpc, now)
+            else:
+                del self._pending[msg_id]
+                self._counters[7] += 1
+                if rpc.retries and rpc.args is not None and self._resend(rpc, now):
+                    continue
+                self._on_failure(rpc, now)
+        if now >= self._next_maintenance:
+            self._next_maintenance = now + self.config.maintenance_interval
+            self._maintain(now)
+
+    def finished_operations(self) -> list[Operation]:
+        """Operations completed since the last call, in completion order."""
+        finished = self._finished
+        self._finished = []
+        return finished
+
+    # -- operations -------------------------------------------------------------------------------
+
+    def bootstrap(self, addresses: Iterable[Address], now: float) -> BootstrapOperation:
+        """Ping ``addresses`` (IP literals), then look up our own id to fill the table.
+
+        Finishes with the number of known contacts; zero means no bootstrap node answered.
+        """
+        op = BootstrapOperation(now)
+        for address in addresses:
+            if self._call(
+                address, None, wire.PING, [self.node_id], now, op, _FOR_BOOTSTRAP, retries=2
+            ):
+                op._waiting += 1
+        if op._waiting == 0:
+            self._start_walk(op, self.own, self.config.k, records=False, now=now)
+        return op
+
+    def find_nodes(self, target: bytes, now: float) -> FindNodesOperation:
+        """Look up the ``k`` closest live nodes to ``target`` (20 bytes)."""
+        op = FindNodesOperation(id_from_bytes(target), now)
+        self._start_walk(op, op.target, self.config.k, records=False, now=now)
+        return op
+
+    def get(self, key: bytes, now: float) -> GetOperation:
+        """Look up the records under ``key`` (20 bytes), including any held here."""
+        op = GetOperation(key, now)
+        for record in self.store.records(key, now):
+            op._found[slot_of(record)] = record
+        self._start_walk(op, id_from_bytes(key), self.config.value_quorum, records=True, now=now)
+        return op
+
+    def put(self, key: bytes, records: Sequence[SignedRecord], now: float) -> PutOperation:
+        """Store ``records`` under ``key`` on the ``k`` closest nodes (and here, if this node
+        is among them). Records are checked by every holder, as any store is.
+
+        Raises :class:`LocalError` for an empty ``records``.
+        """
+        if not records:
+            raise LocalError("put needs at least one record")
+        budget = self.config.max_datagram - HEADER_SIZE - _STORE_OVERHEAD
+        batches: list[list[bytes]] = [[]]
+        used = 0
+        # Capabilities first, so a status never arrives before the capability it needs.
+        for record in sorted(records, key=lambda r: r.kind is Kind.STATUS):
+            cost = wire.record_cost(record.raw)
+            if batches[-1] and used + cost > budget:
+                batches.append([])
+                used = 0
+            batches[-1].append(record.raw)
+            used += cost
+        op = PutOperation(key, batches, now)
+        self._start_walk(op, id_from_bytes(key), self.config.k, records=False, now=now)
+        return op
+
+    def note_transport_error(self, code: str) -> None:
+        """Count a datagram the driver could not send or receive (``send-error``, ...)."""
+        self._dropped[code] = self._dropped.get(code, 0) + 1
+
+    def abandon(self) -> list[Operation]:
+        """Forget every pending RPC and return the operations left unfinished (the driver
+        is stopping). Their ``done`` stays False."""
+        ops = {id(rpc.op): rpc.op for rpc in self._pending.values() if rpc.op is not None}
+        self._pending.clear()
+        self._timers.clear()
+        return [op for op in ops.values() if not op.done]
+
+    def contacts(self) -> list[Contact]:
+        """Every contact in the routing table."""
+        return [
+            Contact(id_to_bytes(peer.node_id), peer.address[0], peer.address[1])
+            for peer in self.routing
+        ]
+
+    def statistics(self) -> DhtStatistics:
+        c = self._counters
+        return DhtStatistics(
+            datagrams_in=c[0],
+            datagrams_out=c[1],
+            bytes_in=c[2],
+            bytes_out=c[3],
+            requests_in=c[4],
+            responses_in=c[5],
+            rpcs_sent=c[6],
+            rpcs_timed_out=c[7],
+            lookups=c[8],
+            lookup_rounds=c[9],
+            lookup_rpcs=c[10],
+            records_accepted=c[11],
+            records_held=len(self.store),
+            contacts=len(self.routing),
+            pending_rpcs=len(self._pending),
+            dropped=dict(self._dropped),
+            rejected=dict(self._rejected),
+        )
+
+    # -- sending ----------------------------------------------------------------------------------
+
+    def _send(self, data: bytes, address: Address) -> None:
+        if len(data) > self.config.max_datagram:
+            raise LocalError(f"bug: a {len(data)}-byte datagram exceeds max_datagram")
+        self._out.append((data, address))
+        self._counters[1] += 1
+        self._counters[3] += len(data)
+
+    def _timeouts(self, peer: Peer | None) -> tuple[float, float]:
+        """``(timeout, stall)`` for an RPC to ``peer`` (None: an unmeasured contact)."""
+        config = self.config
+        estimate = peer if peer is not None and peer.srtt else self.routing.overall
+        if not estimate.srtt:
+            return config.initial_rpc_timeout, config.initial_rpc_timeout / 2
+        timeout = min(
+            max(estimate.srtt + 4 * estimate.rttvar, config.min_rpc_timeout),
+            config.max_rpc_timeout,
+        )
+        stall = min(max(2 * estimate.srtt, config.min_rpc_timeout / 2), timeout)
+        return timeout, stall
+
+    def _call(
+        self,
+        address: Address,
+        peer_id: int | None,
+        method: str,
+        args: list[Any],
+        now: float,
+        op: Operation | None,
+        purpose: int,
+        candidate: _Candidate | None = None,
+        sent: int = 0,
+        retries: int = 0,
+    ) -> bool:
+        """Send a request; returns False if it could not be (pending table full). An RPC
+        with ``retries`` is sent again that many times if it times out."""
+        if len(self._pending) >= self.config.max_pending_rpcs:
+            self._dropped["pending-full"] = self._dropped.get("pending-full", 0) + 1
+            return False
+        msg_id = self.rng.randbytes(wire.MSG_ID_SIZE)
+        self._send(wire.encode_request(msg_id, method, args), address)
+        self._counters[6] += 1
+        if op is not None:
+            op.rpcs += 1
+        rpc = self._pending[msg_id] = _Rpc(
+            method, address, peer_id, purpose, op, candidate, sent, now
+        )
+        if retries:
+            rpc.args = args
+            rpc.retries = retries
+        peer = self.routing.get(peer_id) if peer_id is not None else None
+        timeout, stall = self._timeouts(peer)
+        heapq.heappush(self._timers, (now + timeout, msg_id, _DEADLINE))
+        if purpose == _FOR_WALK and stall < timeout:
+            heapq.heappush(self._timers, (now + stall, msg_id, _STALL))
+        return True
+
+    def _resend(self, rpc: _Rpc, now: float) -> bool:
+        """Send a timed-out RPC again (a lost store leaves a hole in a holder's pages; a lost
+        bootstrap ping leaves a node alone). Returns False if it could not be sent."""
+        assert rpc.args is not None
+        return self._call(
+            rpc.address,
+            rpc.peer_id,
+            rpc.method,
+            rpc.args,
+            now,
+            rpc.op,
+            rpc.purpose,
+            rpc.candidate,
+            rpc.sent,
+            rpc.retries - 1,
+        )
+
+    def _reply(self, msg_id: bytes, value: Any, address: Address) -> None:
+        self._send(wire.encode_response(msg_id, value), address)
+
+    # -- serving requests -------------------------------------------------------------------------
+
+    def _handle_request(self, request: Request, address: Address, now: float) -> None:
+        method = request.method
+        value: Any
+        if method == wire.PING:
+            sender = wire.parse_ping_args(request)
+            value = self.node_id
+        elif method == wire.FIND_NODE:
+            sender, key = wire.parse_find_args(request)
+            value = self._contacts_for(key, sender, self.config.max_datagram - HEADER_SIZE)
+        elif method == wire.FIND_VALUE:
+            sender, key = wire.parse_find_args(request)
+            held = self.store.records(key, now)
+            if held:
+                bundle = wire.encode_bundle(
+                    [record.raw for record in held], len(held), max_size=self.config.max_bundle
+                )
+                value = {"value": bundle}
+            else:
+                value = self._contacts_for(key, sender, self.config.max_datagram - HEADER_SIZE)
+        elif method == wire.P2P_FIND:
+            sender, key, cursor = wire.parse_p2p_find_args(request)
+            budget = self.config.max_datagram - HEADER_SIZE - _FIND_REPLY_OVERHEAD
+            triples: list[wire.ContactTriple] = []
+            if not cursor:
+                triples = self._closest(key, sender, budget)
+                budget -= wire.contacts_size(triples)
+            records, next_cursor = self.store.page(key, cursor, now, budget)
+            value = wire.encode_p2p_find_reply(triples, records, next_cursor)
+        elif method == wire.P2P_STORE:
+            sender, key, raws = wire.parse_p2p_store_args(request)
+            value = self._accept(key, raws, now)
+        elif method == wire.STORE:
+            sender, key, offered = wire.parse_store_args(request)
+            value = self._accept_stock(key, offered, now)
+        else:
+            raise UnknownMethodError(f"no method {method[:40]!r}")
+        self._reply(request.msg_id, value, address)
+        self._welcome(id_from_bytes(sender), address, now, None)
+
+    def _closest(self, key: bytes, sender: bytes, budget: int) -> list[wire.ContactTriple]:
+        """The closest contacts to ``key`` but the asker, as many as fit in ``budget``."""
+        peers = self.routing.closest(
+            id_from_bytes(key), self.config.k, exclude=id_from_bytes(sender)
+        )
+        triples = [(p.raw_id, p.address[0], p.address[1]) for p in peers]
+        return wire.fit_contacts(triples, budget)
+
+    def _contacts_for(self, key: bytes, sender: bytes, budget: int) -> list[list[Any]]:
+        return wire.encode_contacts(self._closest(key, sender, budget))
+
+    def _accept(self, key: bytes, raws: Sequence[bytes], now: float) -> list[str]:
+        codes, errors = self.store.offer_many(key, raws, now)
+        for exc in errors:
+            self._rejected[exc.code] = self._rejected.get(exc.code, 0) + 1
+        self._counters[11] += codes.count("ok")
+        return codes
+
+    def _accept_stock(self, key: bytes, offered: object, now: float) -> bool:
+        """A stock ``store``: the value must be a record bundle or a single record."""
+        raws: list[bytes]
+        if type(offered) is not bytes or not offered:
+            self._rejected["malformed"] = self._rejected.get("malformed", 0) + 1
+            return False
+        if offered[0] == 0x93:  # fixarray(3): a bundle; a record is fixarray(8) (0x98)
+            _, raws = wire.decode_bundle(offered, max_size=self.config.max_incoming_datagram)
+        else:
+            raws = [offered]
+        codes = self._accept(key, raws, now)
+        return any(code in ("ok", "held") for code in codes)
+
+    def _welcome(self, node_id: int, address: Address, now: float, rtt: float | None) -> None:
+        to_ping = self.routing.seen(node_id, address, now, rtt)
+        if to_ping is not None:
+            sent = self._call(
+                to_ping.address,
+                to_ping.node_id,
+                wire.PING,
+                [self.node_id],
+                now,
+                None,
+                _FOR_EVICTION,
+            )
+            if not sent:
+                self.routing.ping_answered(to_ping.node_id)
+
+    # -- responses --------------------------------------------------------------------------------
+
+    def _handle_response(self, response: Response, address: Address, now: float) -> None:
+        rpc = self._pending.get(response.msg_id)
+        if rpc is None:
+            raise UnexpectedResponseError("response to no pending request")
+        if rpc.address != address:
+            raise UnexpectedResponseError("response from another address than asked")
+        del self._pending[response.msg_id]
+        try:
+            self._on_reply(rpc, response.value, address, now)
+        except RemoteError:
+            # The peer answered with garbage: as good as no answer for the operation. The
+            # error itself propagates to the boundary in receive_datagram, to be counted.
+            self._on_failure(rpc, now, count_peer=False)
+            raise
+
+    def _on_reply(self, rpc: _Rpc, value: object, address: Address, now: float) -> None:
+        rtt = max(now - rpc.sent_at, 0.0)
+        purpose = rpc.purpose
+        if purpose in (_FOR_BOOTSTRAP, _FOR_EVICTION):
+            node_id = id_from_bytes(wire.parse_ping_reply(value))
+            if rpc.peer_id is not None and node_id != rpc.peer_id:
+                raise MalformedError("ping answered with another node id")
+            self._welcome(node_id, address, now, rtt)
+            if purpose == _FOR_EVICTION:
+                self.routing.ping_answered(node_id)
+            else:
+                assert isinstance(rpc.op, BootstrapOperation)
+                self._bootstrap_answered(rpc.op, now)
+            return
+        assert rpc.op is not None and rpc.peer_id is not None
+        if purpose == _FOR_WALK:
+            self._walk_reply(rpc, value, now)
+        elif purpose == _FOR_PAGE:
+            assert isinstance(rpc.op, GetOperation)
+            _, raws, cursor = wire.parse_p2p_find_reply(value)
+            self._collect(rpc.op, raws, now)
+            if not rpc.op.done:
+                self._next_page(rpc.op, rpc.candidate, cursor, now)
+        else:
+            assert isinstance(rpc.op, PutOperation)
+            codes = wire.parse_p2p_store_reply(value, rpc.sent)
+            op = rpc.op
+            if any(code not in ("ok", "held") for code in codes):
+                op._refused.add(rpc.address)
+            self._store_answered(op, rpc.address, now)
+        self._welcome(rpc.peer_id, address, now, rtt)
+
+    def _on_stall(self, rpc: _Rpc, now: float) -> None:
+        candidate = rpc.candidate
+        if candidate is None or candidate.state != _INFLIGHT:
+            return
+        op = rpc.op
+        assert op is not None
+        walk = op._walk
+        candidate.state = _STALLED
+        if walk is not None and not op.done:
+            walk.inflight -= 1
+            self._advance(walk, now)
+
+    def _on_failure(self, rpc: _Rpc, now: float, count_peer: bool = True) -> None:
+        """An RPC timed out (or was answered with garbage)."""
+        if count_peer and rpc.peer_id is not None:
+            self.routing.failed(rpc.peer_id)
+        op = rpc.op
+        if op is None or op.done:
+            return
+        purpose = rpc.purpose
+        if purpose == _FOR_BOOTSTRAP:
+            assert isinstance(op, BootstrapOperation)
+            self._bootstrap_answered(op, now)
+        elif purpose == _FOR_WALK:
+            candidate = rpc.candidate
+            assert candidate is not None and op._walk is not None
+            if candidate.state == _INFLIGHT:
+                op._walk.inflight -= 1
+            candidate.state = _FAILED
+            self._advance(op._walk, now)
+        elif purpose == _FOR_PAGE:
+            assert isinstance(op, GetOperation)
+            # Continue from the same cursor on the next closest holder that has more.
+            self._next_page(op, None, b"", now)
+        elif purpose == _FOR_STORE:
+            assert isinstance(op, PutOperation)
+            op._refused.add(rpc.address)
+            self._store_answered(op, rpc.address, now)
+
+    # -- walks ------------------------------------------------------------------------------------
+
+    def _start_walk(
+        self, op: Operation, target: int, quorum: int, *, records: bool, now: float
+    ) -> None:
+        self._counters[8] += 1
+        walk = _Walk(op, target, quorum, records)
+        op._walk = walk
+        self.routing.touch(target, now)
+        for peer in self.routing.closest(target, self.config.k):
+            self._add_candidate(walk, peer.raw_id, peer.address, 1)
+        self._advance(walk, now)
+
+    def _add_candidate(self, walk: _Walk, raw_id: bytes, address: Address, depth: int) -> None:
+        if raw_id in walk.known:
+            return
+        walk.known.add(raw_id)
+        node_id = int.from_bytes(raw_id, "big")
+        if node_id == self.own:
+            return
+        shortlist = walk.shortlist
+        candidate = _Candidate(node_id, address, node_id ^ walk.target, depth)
+        bisect.insort(shortlist, candidate, key=_distance)
+        # Keep enough spares to replace dead contacts, drop the farthest unqueried beyond.
+        limit = 2 * self.config.k + walk.quorum
+        if len(shortlist) > limit and shortlist[-1].state == _NEW:
+            shortlist.pop()
+
+    def _advance(self, walk: _Walk, now: float) -> None:
+        """Send queries while fewer than ``alpha`` are in flight, or finish the walk once the
+        ``quorum`` closest non-failed, non-stalled candidates have all answered."""
+        op = walk.op
+        if op.done or walk.finished:
+            return
+        alpha = self.config.alpha
+        answered = 0
+        blocked = False
+        for candidate in walk.shortlist:
+            state = candidate.state
+            if state == _OK:
+                answered += 1
+                if answered >= walk.quorum:
+                    break
+            elif state == _NEW:
+                blocked = True
+                if walk.inflight < alpha:
+                    self._query(walk, candidate, now)
+            elif state == _INFLIGHT:
+                blocked = True
+        if not blocked:
+            self._walk_done(walk, now)
+
+    def _query(self, walk: _Walk, candidate: _Candidate, now: float) -> None:
+        target = id_to_bytes(walk.target)
+        if walk.records:
+            method, args = wire.P2P_FIND, wire.encode_p2p_find_args(self.node_id, target, b"")
+        else:
+            method, args = wire.FIND_NODE, wire.encode_find_args(self.node_id, target)
+        op = walk.op
+        # One resend: a query lost on the way would leave its node out of the result (and
+        # a put's records off that holder); stalls keep a dead node from delaying the walk.
+        if self._call(
+            candidate.address,
+            candidate.node_id,
+            method,
+            args,
+            now,
+            op,
+            _FOR_WALK,
+            candidate,
+            retries=1,
+        ):
+            candidate.state = _INFLIGHT
+            walk.inflight += 1
+            self._counters[10] += 1
+            if candidate.depth > op.rounds:
+                op.rounds = candidate.depth
+        else:
+            candidate.state = _FAILED
+
+    def _walk_reply(self, rpc: _Rpc, value: object, now: float) -> None:
+        op = rpc.op
+        candidate = rpc.candidate
+        assert op is not None and candidate is not None
+        contacts: list[wire.ContactTriple]
+        if rpc.method == wire.P2P_FIND:
+            contacts, raws, cursor = wire.parse_p2p_find_reply(value)
+            assert isinstance(op, GetOperation)
+            if not op.done:
+                self._collect(op, raws, now)
+            candidate.cursor = cursor
+        else:
+            contacts = wire.parse_contacts(value)
+        walk = op._walk
+        if op.done or walk is None or walk.finished:
+            return
+        if candidate.state == _INFLIGHT:
+            walk.inflight -= 1
+        candidate.state = _OK
+        depth = candidate.depth + 1
+        for raw_id, host, port in contacts:
+            self._add_candidate(walk, raw_id, (host, port), depth)
+        self._advance(walk, now)
+
+    def _walk_done(self, walk: _Walk, now: float) -> None:
+        walk.finished = True
+        op = walk.op
+        self._counters[9] += op.rounds
+        answered = [c for c in walk.shortlist if c.state == _OK]
+        if isinstance(op, FindNodesOperation):
+            op.result = [
+                Contact(id_to_bytes(c.node_id), c.address[0], c.address[1])
+                for c in answered[: self.config.k]
+            ]
+            self._finish(op)
+        elif isinstance(op, BootstrapOperation):
+            op.result = len(self.routing)
+            self._finish(op)
+        elif isinstance(op, GetOperation):
+            self._next_page(op, None, b"", now)
+        else:
+            assert isinstance(op, PutOperation)
+            self._store_phase(op, answered[: self.config.k], now)
+
+    def _finish(self, op: Operation) -> None:
+        if not op.done:
+            op.done = True
+            op._walk = None
+            self._finished.append(op)
+
+    def _bootstrap_answered(self, op: BootstrapOperation, now: float) -> None:
+        op._waiting -= 1
+        if op._waiting == 0:
+            self._start_walk(op, self.own, self.config.k, records=False, now=now)
+
+    # -- record lookups ---------------------------------------------------------------------------
+
+    def _collect(self, op: GetOperation, raws: Sequence[bytes], now: float) -> None:
+        """Verify the records a holder sent and keep the newest per slot. This is the
+        reader's record boundary: each bad record is counted and skipped, the rest kept."""
+        found = op._found
+        cache = self.store.cache
+        policy = self.config.record_policy
+        for raw in raws:
+            try:
+                record, keys = cache.parse(raw)
+                record.check(now, policy=policy)
+            except RemoteError as exc:
+                self._rejected[exc.code] = self._rejected.get(exc.code, 0) + 1
+                continue
+            # Binding: capabilities must belong here; a status is kept for now and must be
+            # matched by its publisher's capability (or be under its node key) at the end.
+            if op.key not in keys and record.kind is not Kind.STATUS:
+                self._rejected["wrong-key"] = self._rejected.get("wrong-key", 0) + 1
+                continue
+            slot = slot_of(record)
+            current = found.get(slot)
+            if current is None or record.seq > current.seq:
+                found[slot] = record
+
+    def _next_page(
+        self, op: GetOperation, holder: _Candidate | None, cursor: bytes, now: float
+    ) -> None:
+        """Page on. ``holder`` just answered a page with next ``cursor``; an empty cursor
+        means that holder has been read to the end (one *source* done). None means "start,
+        or the previous holder failed": continue with the closest holder that reported more.
+        Ends after ``page_sources`` holders were read to the end (so one holder that missed
+        a store does not hide a record), when no holder has more, or after ``max_pages``."""
+        if holder is not None and not cursor:
+            op._sources += 1
+            op._cursor = b""
+            holder = None
+            if op._sources >= self.config.page_sources:
+                self._finish_get(op, now)
+                return
+        elif cursor > op._cursor:
+            op._cursor = cursor
+        if holder is None:
+            walk = op._walk
+            if walk is not None:
+                for candidate in walk.shortlist:
+                    if candidate.state == _OK and candidate.cursor:
+                        holder = candidate
+                        break
+        if holder is None or op._pages >= self.config.max_pages:
+            self._finish_get(op, now)
+            return
+        # Continue from the furthest point known (cursors are the same on every holder).
+        start = max(holder.cursor, op._cursor)
+        holder.cursor = b""
+        op._pages += 1
+        args = wire.encode_p2p_find_args(self.node_id, op.key, start)
+        if not self._call(
+            holder.address, holder.node_id, wire.P2P_FIND, args, now, op, _FOR_PAGE, holder
+        ):
+            self._finish_get(op, now)
+
+    def _finish_get(self, op: GetOperation, now: float) -> None:
+        best = latest(op._found.values())
+        capabilities = {
+            record.publisher.raw for record in best.values() if record.kind is Kind.CAPABILITY
+        }
+        result = []
+        for slot in sorted(best):
+            record = best[slot]
+            if record.expires_at <= now:
+                continue
+            if record.kind is Kind.STATUS and record.publisher.raw not in capabilities:
+                _, keys = self.store.cache.parse(record.raw)
+                if op.key not in keys:
+                    self._rejected["wrong-key"] = self._rejected.get("wrong-key", 0) + 1
+                    continue
+            result.append(record)
+        op.result = result
+        self._finish(op)
+
+    # -- stores -----------------------------------------------------------------------------------
+
+    def _store_phase(self, op: PutOperation, holders: list[_Candidate], now: float) -> None:
+        key = op.key
+        farthest = holders[-1].distance if holders else 0
+        if len(holders) < self.config.k or (self.own ^ id_from_bytes(key)) < farthest:
+            codes = self._accept(key, [raw for batch in op._batches for raw in batch], now)
+            if all(code in ("ok", "held") for code in codes):
+                op.result += 1
+        for holder in holders:
+            for batch in op._batches:
+                args = wire.encode_p2p_store_args(self.node_id, key, batch)
+                if self._call(
+                    holder.address,
+                    holder.node_id,
+                    wire.P2P_STORE,
+                    args,
+                    now,
+                    op,
+                    _FOR_STORE,
+                    holder,
+                    sent=len(batch),
+                    retries=self.config.store_retries,
+                ):
+                    op._outstanding += 1
+                    op._holders[holder.address] = op._holders.get(holder.address, 0) + 1
+        if op._outstanding == 0:
+            self._finish(op)
+
+    def _store_answered(self, op: PutOperation, address: Address, now: float) -> None:
+        op._outstanding -= 1
+        left = op._holders[address] - 1
+        op._holders[address] = left
+        if left == 0 and address not in op._refused:
+            op.result += 1
+        if op._outstanding == 0:
+            self._finish(op)
+
+    # -- maintenance ------------------------------------------------------------------------------
+
+    def _maintain(self, now: float) -> None:
+        self.store.expire(now)
+        config = self.config
+        for index in self.routing.stale_buckets(now, config.refresh_interval)[:4]:
+            target = self.routing.random_id_in_bucket(index, self.rng.getrandbits(160))
+            op = FindNodesOperation(target, now)
+            self._start_walk(op, target, config.k, records=False, now=now)

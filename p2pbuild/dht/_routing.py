@@ -1,0 +1,256 @@
+"""The Kademlia routing table: k-buckets by XOR distance, with per-contact round-trip times.
+
+Bucket ``b`` holds contacts whose distance to us has its highest set bit at ``b`` (so bucket
+159 covers half the id space and bucket 0 a single id). Buckets are created lazily: a node in
+a network of N others has about ``log2(N / k)`` full buckets and a few sparse ones, so the
+table is a small dict, not 160 preallocated lists.
+
+Eviction follows the paper: a full bucket never drops its least-recently-seen contact just
+because a newcomer showed up. The newcomer waits in a small replacement cache and the core
+pings the oldest contact; only if that ping (or any other RPC to it) fails is it replaced.
+A contact that fails ``max_failures`` RPCs in a row is removed even without a replacement.
+
+Each contact keeps a smoothed round-trip time and its variance (RFC 6298), from which the
+core derives that contact's RPC timeout; the table also keeps the same estimate for all
+contacts together, used for contacts never measured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from ._ids import Address
+
+__all__ = ["Peer", "RoutingTable"]
+
+
+# Many nodes in one process (tests, benchmarks) know the same contacts: share one id int,
+# one id bytes and one address tuple per contact between all their tables. Bounded, and
+# simply cleared when full, so hostile ids cannot grow it without limit.
+_INTERNED: dict[int, tuple[int, bytes]] = {}
+_ADDRESSES: dict[Address, Address] = {}
+_MAX_INTERNED = 1 << 16
+
+
+def _intern(node_id: int, address: Address) -> tuple[int, bytes, Address]:
+    entry = _INTERNED.get(node_id)
+    if entry is None:
+        if len(_INTERNED) >= _MAX_INTERNED:
+            _INTERNED.clear()
+        entry = _INTERNED[node_id] = (node_id, node_id.to_bytes(20, "big"))
+    shared = _ADDRESSES.get(address)
+    if shared is None:
+        if len(_ADDRESSES) >= _MAX_INTERNED:
+            _ADDRESSES.clear()
+        shared = _ADDRESSES[address] = address
+    return entry[0], entry[1], shared
+
+
+class Peer:
+    """One contact in the table. Mutable, slotted: a table holds a few hundred of these."""
+
+    __slots__ = ("address", "failures", "node_id", "raw_id", "rttvar", "srtt")
+
+    def __init__(self, node_id: int, address: Address) -> None:
+        self.node_id, self.raw_id, self.address = _intern(node_id, address)
+        #: Smoothed RTT and its mean deviation in seconds; 0.0 until first measured.
+        self.srtt = 0.0
+        self.rttvar = 0.0
+        #: RPCs in a row that timed out.
+        self.failures = 0
+
+    def __repr__(self) -> str:
+        return f"Peer({self.node_id:040x}, {self.address})"
+
+
+class _Bucket:
+    __slots__ = ("last_lookup", "peers", "pinging", "replacements")
+
+    def __init__(self, now: float) -> None:
+        #: Least recently seen first.
+        self.peers: list[Peer] = []
+        #: Newcomers waiting for a place, newest last.
+        self.replacements: list[Peer] = []
+        #: Id of the contact being pinged to decide an eviction, if any.
+        self.pinging: int | None = None
+        self.last_lookup = now
+
+
+def update_rtt(peer: Peer, rtt: float) -> None:
+    """Fold one sample into ``peer``'s estimate (RFC 6298 with alpha 1/8, beta 1/4)."""
+    if peer.srtt == 0.0:
+        peer.srtt = rtt
+        peer.rttvar = rtt / 2
+    else:
+        peer.rttvar = 0.75 * peer.rttvar + 0.25 * abs(peer.srtt - rtt)
+        peer.srtt = 0.875 * peer.srtt + 0.125 * rtt
+
+
+class RoutingTable:
+    """The contacts a node knows, bucketed by distance from ``own_id``.
+
+    Every bound is a parameter: ``k`` contacts per bucket, ``replacements`` cached
+    newcomers per bucket, ``max_failures`` consecutive timeouts before removal.
+    """
+
+    __slots__ = ("_buckets", "k", "max_failures", "overall", "own_id", "replacements")
+
+    def __init__(
+        self, own_id: int, *, k: int, replacements: int, max_failures: int, now: float
+    ) -> None:
+        self.own_id = own_id
+        self.k = k
+        self.replacements = replacements
+        self.max_failures = max_failures
+        self._buckets: dict[int, _Bucket] = {}
+        #: The RTT estimate over all contacts, for contacts never measured.
+        self.overall = Peer(own_id, ("", 0))
+
+    def __len__(self) -> int:
+        return sum(len(bucket.peers) for bucket in self._buckets.values())
+
+    def __iter__(self) -> Iterator[Peer]:
+        for index in sorted(self._buckets):
+            yield from self._buckets[index].peers
+
+    def bucket_index(self, node_id: int) -> int:
+        return (node_id ^ self.own_id).bit_length() - 1
+
+    def get(self, node_id: int) -> Peer | None:
+        bucket = self._buckets.get(self.bucket_index(node_id))
+        if bucket is not None:
+            for peer in bucket.peers:
+                if peer.node_id == node_id:
+                    return peer
+        return None
+
+    def seen(
+        self, node_id: int, address: Address, now: float, rtt: float | None = None
+    ) -> Peer | None:
+        """Note that ``node_id`` at ``address`` was just heard from.
+
+        Returns a contact the caller must ping to decide an eviction (the bucket is full and
+        a newcomer is waiting), or None. A known contact keeps its first address: a datagram
+        claiming a known id from elsewhere does not move it (replies to pings do, through
+        :meth:`failed` and re-adding).
+        """
+        if node_id == self.own_id:
+            return None
+        index = self.bucket_index(node_id)
+        bucket = self._buckets.get(index)
+        if bucket is None:
+            bucket = self._buckets[index] = _Bucket(now)
+        peers = bucket.peers
+        for position, peer in enumerate(peers):
+            if peer.node_id == node_id:
+                if peer.address == address:
+                    peer.failures = 0
+                    if rtt is not None:
+                        update_rtt(peer, rtt)
+                        update_rtt(self.overall, rtt)
+                    if position != len(peers) - 1:
+                        del peers[position]
+                        peers.append(peer)
+                return None
+        if rtt is not None:
+            update_rtt(self.overall, rtt)
+        if len(peers) < self.k:
+            peer = Peer(node_id, address)
+            if rtt is not None:
+                update_rtt(peer, rtt)
+            peers.append(peer)
+            return None
+        # Full: cache the newcomer and have the oldest contact pinged (once at a time).
+        cache = bucket.replacements
+        for position, waiting in enumerate(cache):
+            if waiting.node_id == node_id:
+                del cache[position]
+                break
+        newcomer = Peer(node_id, address)
+        if rtt is not None:
+            update_rtt(newcomer, rtt)
+        cache.append(newcomer)
+        if len(cache) > self.replacements:
+            del cache[0]
+        if bucket.pinging is None:
+            bucket.pinging = peers[0].node_id
+            return peers[0]
+        return None
+
+    def ping_answered(self, node_id: int) -> None:
+        """The eviction ping to ``node_id`` was answered (it was also :meth:`seen`)."""
+        bucket = self._buckets.get(self.bucket_index(node_id))
+        if bucket is not None and bucket.pinging == node_id:
+            bucket.pinging = None
+
+    def failed(self, node_id: int) -> bool:
+        """An RPC to ``node_id`` timed out. Returns True if the contact was removed.
+
+        It is replaced by the newest cached newcomer if there is one (the paper's rule: the
+        old contact failed), or removed after ``max_failures`` consecutive failures.
+        """
+        bucket = self._buckets.get(self.bucket_index(node_id))
+        if bucket is None:
+            return False
+        if bucket.pinging == node_id:
+            bucket.pinging = None
+        for position, peer in enumerate(bucket.peers):
+            if peer.node_id == node_id:
+                peer.failures += 1
+                if bucket.replacements:
+                    del bucket.peers[position]
+                    bucket.peers.append(bucket.replacements.pop())
+                    return True
+                if peer.failures >= self.max_failures:
+                    del bucket.peers[position]
+                    return True
+                return False
+        for position, waiting in enumerate(bucket.replacements):
+            if waiting.node_id == node_id:
+                del bucket.replacements[position]
+                break
+        return False
+
+    def closest(self, target: int, count: int, exclude: int | None = None) -> list[Peer]:
+        """Up to ``count`` contacts closest to ``target`` by XOR, closest first.
+
+        Contacts with failures come after those without, so a lookup starts from contacts
+        that answered last time.
+        """
+        # Contacts in bucket i (i = top bit of own ^ target) are closer to target than any
+        # other; buckets below i come next (all at distance [2^i, 2^(i+1))), then buckets
+        # above i in increasing order. Collect just enough buckets, then sort.
+        index = (target ^ self.own_id).bit_length() - 1
+        buckets = self._buckets
+        chosen: list[Peer] = []
+        if index >= 0 and index in buckets:
+            chosen.extend(buckets[index].peers)
+        if len(chosen) < count:
+            for lower in sorted(b for b in buckets if b < index):
+                chosen.extend(buckets[lower].peers)
+        if len(chosen) < count:
+            for higher in sorted(b for b in buckets if b > index):
+                chosen.extend(buckets[higher].peers)
+                if len(chosen) >= count:
+                    break
+        if exclude is not None:
+            chosen = [peer for peer in chosen if peer.node_id != exclude]
+        chosen.sort(key=lambda peer: (peer.failures > 0, peer.node_id ^ target))
+        return chosen[:count]
+
+    def touch(self, target: int, now: float) -> None:
+        """A lookup for ``target`` ran: its bucket needs no refresh for a while."""
+        bucket = self._buckets.get(self.bucket_index(target))
+        if bucket is not None:
+            bucket.last_lookup = now
+
+    def stale_buckets(self, now: float, interval: float) -> list[int]:
+        """Indexes of buckets without a lookup in the last ``interval`` seconds."""
+        return [
+            index for index, bucket in self._buckets.items() if bucket.last_lookup + interval <= now
+        ]
+
+    def random_id_in_bucket(self, index: int, bits: int) -> int:
+        """An id in bucket ``index``, from ``bits`` random bits supplied by the caller."""
+        low = bits & ((1 << index) - 1) if index > 0 else 0
+        return self.own_id ^ ((1 << index) | low)

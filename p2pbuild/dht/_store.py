@@ -1,0 +1,297 @@
+"""The record store: many signed records per DHT key, one per publisher and kind.
+
+A key holds *slots*; a slot is ``publisher key (32 bytes) || kind`` (``b"capability"`` or
+``b"status"``) and holds that publisher's latest record of that kind. Slot names sort, and a
+page of a key's records is "the slots after this cursor", so a cursor stays valid while the
+key changes and is the same on every node (a reader can continue paging on another holder).
+
+A record is stored only if, in this order:
+
+1. it decodes and its signature verifies (``SignedRecord.from_bytes``);
+2. it is *bound* to the key: a capability under its publisher's node key or one of its own
+   facet keys; a status under its publisher's node key or a key that holds (or receives in
+   the same batch) a capability of the same publisher -- so nobody can fill an arbitrary key
+   with validly signed records (:class:`WrongKeyError`);
+3. it is acceptable now: not expired, not from the future, lifetime in bounds, and its
+   ``seq`` newer than the held one (``SignedRecord.check``); the very same bytes again are
+   reported as ``"held"``, not as an error;
+4. the per-key, per-publisher and total caps leave room (:class:`StoreFullError`).
+
+Checking a signature costs more than the rest of a datagram's handling, and in one process
+running many nodes (tests, benchmarks) the same record reaches many of them, so verified
+records are kept in a bounded :class:`RecordCache` that nodes may share: verification is a
+pure function of the bytes, so sharing it changes nothing but time.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+
+from .._errors import RecordError, RemoteError
+from .._records import DEFAULT_POLICY, Capability, Kind, RecordPolicy, SignedRecord
+from ._ids import facet_key, node_key
+
+__all__ = [
+    "RecordCache",
+    "RecordStore",
+    "StoreFullError",
+    "WrongKeyError",
+    "bound_keys",
+    "slot_of",
+]
+
+HELD = "held"
+OK = "ok"
+
+
+class WrongKeyError(RecordError):
+    """A valid record offered under a key it is not bound to (see the module docstring)."""
+
+    code = "wrong-key"
+
+
+class StoreFullError(RecordError):
+    """A per-key, per-publisher or total cap of the store is reached."""
+
+    code = "store-full"
+
+
+def slot_of(record: SignedRecord) -> bytes:
+    """The slot name of ``record``: publisher key bytes followed by the kind."""
+    return record.publisher.raw + record.kind.value.encode()
+
+
+def bound_keys(record: SignedRecord) -> frozenset[bytes]:
+    """The keys ``record`` is bound to by itself: its publisher's node key and, for a
+    capability, each of its facet keys."""
+    keys = [node_key(record.publisher)]
+    if isinstance(record.body, Capability):
+        keys += [facet_key(facet) for facet in record.body.facets()]
+    return frozenset(keys)
+
+
+class RecordCache:
+    """A bounded cache of verified records and their bound keys, by wire bytes.
+
+    Only successes are cached. Share one instance between nodes of one process to verify
+    each distinct record once.
+    """
+
+    __slots__ = ("_entries", "maxsize")
+
+    def __init__(self, maxsize: int = 8192) -> None:
+        self.maxsize = maxsize
+        self._entries: OrderedDict[bytes, tuple[SignedRecord, frozenset[bytes]]] = OrderedDict()
+
+    def parse(self, raw: bytes) -> tuple[SignedRecord, frozenset[bytes]]:
+        """The verified record of ``raw`` and its :func:`bound_keys`.
+
+        Raises what ``SignedRecord.from_bytes`` raises: :class:`OversizeError`,
+        :class:`MalformedError`, :class:`UnknownKindError` or :class:`BadSignatureError`.
+        """
+        entry = self._entries.get(raw)
+        if entry is not None:
+            self._entries.move_to_end(raw)
+            return entry
+        record = SignedRecord.from_bytes(raw)
+        entry = (record, bound_keys(record))
+        self._entries[raw] = entry
+        if len(self._entries) > self.maxsize:
+            self._entries.popitem(last=False)
+        return entry
+
+
+#: The cache nodes use unless given their own.
+SHARED_CACHE = RecordCache()
+
+
+class _Key:
+    __slots__ = ("order", "slots")
+
+    def __init__(self) -> None:
+        self.slots: dict[bytes, SignedRecord] = {}
+        #: Slot names, sorted: the paging order.
+        self.order: list[bytes] = []
+
+
+class RecordStore:
+    """Records held by one node. Every bound is a constructor parameter."""
+
+    __slots__ = (
+        "_keys",
+        "_per_publisher",
+        "_total",
+        "cache",
+        "max_per_key",
+        "max_per_publisher",
+        "max_total",
+        "policy",
+    )
+
+    def __init__(
+        self,
+        *,
+        max_per_key: int,
+        max_per_publisher: int,
+        max_total: int,
+        policy: RecordPolicy = DEFAULT_POLICY,
+        cache: RecordCache = SHARED_CACHE,
+    ) -> None:
+        self.max_per_key = max_per_key
+        self.max_per_publisher = max_per_publisher
+        self.max_total = max_total
+        self.policy = policy
+        self.cache = cache
+        self._keys: dict[bytes, _Key] = {}
+        self._per_publisher: dict[bytes, int] = {}
+        self._total = 0
+
+    def __len__(self) -> int:
+        return self._total
+
+    def keys(self) -> list[bytes]:
+        return list(self._keys)
+
+    # -- writing ----------------------------------------------------------------------------------
+
+    def offer(self, key: bytes, raw: bytes, now: float) -> str:
+        """Store ``raw`` under ``key`` if it is acceptable; returns ``"ok"`` or ``"held"``.
+
+        Raises the :class:`RemoteError` that explains a refusal (see the module docstring).
+        """
+        record, keys = self.cache.parse(raw)
+        slot = slot_of(record)
+        held = self._keys.get(key)
+        if key not in keys:
+            capability_slot = record.publisher.raw + Kind.CAPABILITY.value.encode()
+            if record.kind is not Kind.STATUS or held is None or capability_slot not in held.slots:
+                raise WrongKeyError("record is not bound to this key")
+        previous = held.slots.get(slot) if held is not None else None
+        if previous is not None and previous.raw == raw:
+            return HELD
+        record.check(
+            now, policy=self.policy, held_seq=previous.seq if previous is not None else None
+        )
+        if previous is None:
+            publisher = record.publisher.raw
+            if held is not None and len(held.slots) >= self.max_per_key:
+                raise StoreFullError("this key holds as many records as allowed")
+            if self._per_publisher.get(publisher, 0) >= self.max_per_publisher:
+                raise StoreFullError("this publisher holds as many records as allowed")
+            if self._total >= self.max_total:
+                raise StoreFullError("the store is full")
+            if held is None:
+                held = self._keys[key] = _Key()
+            bisect.insort(held.order, slot)
+            self._per_publisher[publisher] = self._per_publisher.get(publisher, 0) + 1
+            self._total += 1
+        assert held is not None
+        held.slots[slot] = record
+        return OK
+
+    def offer_many(
+        self, key: bytes, raws: Sequence[bytes], now: float
+    ) -> tuple[list[str], list[RemoteError]]:
+        """Offer each record; capabilities first, so a status may follow its capability in
+        one batch. Returns one code per record in the input order (``"ok"``, ``"held"`` or
+        the refusal's ``code``) and the refusals themselves, for the caller to count.
+
+        This is the record boundary of the receive path: each record's refusal is caught
+        here, by the :class:`RemoteError` family only, so one bad record does not spoil the
+        batch.
+        """
+        codes = [""] * len(raws)
+        errors: list[RemoteError] = []
+        # Status records (and anything that fails to parse) go second.
+        order = sorted(range(len(raws)), key=lambda i: self._is_status(raws[i]))
+        for index in order:
+            try:
+                codes[index] = self.offer(key, raws[index], now)
+            except RemoteError as exc:
+                codes[index] = exc.code
+                errors.append(exc)
+        return codes, errors
+
+    def _is_status(self, raw: bytes) -> bool:
+        # Cheap peek for ordering only; the real check happens in offer().
+        return b"\xa6status" in raw[:12]
+
+    def expire(self, now: float) -> int:
+        """Drop every expired record; returns how many."""
+        dropped = 0
+        for key in list(self._keys):
+            held = self._keys[key]
+            stale = [slot for slot, record in held.slots.items() if record.expires_at <= now]
+            for slot in stale:
+                self._remove(held, slot)
+                dropped += 1
+            if not held.slots:
+                del self._keys[key]
+        return dropped
+
+    def _remove(self, held: _Key, slot: bytes) -> None:
+        del held.slots[slot]
+        del held.order[bisect.bisect_left(held.order, slot)]
+        publisher = slot[:32]
+        left = self._per_publisher[publisher] - 1
+        if left:
+            self._per_publisher[publisher] = left
+        else:
+            del self._per_publisher[publisher]
+        self._total -= 1
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def records(self, key: bytes, now: float) -> list[SignedRecord]:
+        """The unexpired records under ``key``, in slot order."""
+        held = self._keys.get(key)
+        if held is None:
+            return []
+        return [
+            record
+            for record in (held.slots[slot] for slot in held.order)
+            if record.expires_at > now
+        ]
+
+    def count(self, key: bytes) -> int:
+        held = self._keys.get(key)
+        return 0 if held is None else len(held.slots)
+
+    def page(self, key: bytes, cursor: bytes, now: float, budget: int) -> tuple[list[bytes], bytes]:
+        """Records after slot ``cursor`` whose encodings fit in ``budget`` bytes (at least
+        one record is returned if any is left, so the caller must leave room for one
+        maximal record). Returns ``(records, next_cursor)``; ``next_cursor`` is empty when
+        nothing is left."""
+        held = self._keys.get(key)
+        if held is None:
+            return [], b""
+        order = held.order
+        start = bisect.bisect_right(order, cursor) if cursor else 0
+        chosen: list[bytes] = []
+        used = 0
+        for position in range(start, len(order)):
+            slot = order[position]
+            record = held.slots[slot]
+            if record.expires_at <= now:
+                continue
+            cost = len(record.raw) + (2 if len(record.raw) < 256 else 3)
+            if used + cost > budget:
+                # A non-empty cursor always: b"\x00" sorts before every slot and means
+                # "from the start" when not even the first record fitted.
+                return chosen, order[position - 1] if position > start else (cursor or b"\x00")
+            chosen.append(record.raw)
+            used += cost
+        return chosen, b""
+
+
+def latest(records: Iterable[SignedRecord]) -> dict[bytes, SignedRecord]:
+    """The highest-``seq`` record of each slot."""
+    best: dict[bytes, SignedRecord] = {}
+    for record in records:
+        slot = slot_of(record)
+        current = best.get(slot)
+        if current is None or record.seq > current.seq:
+            best[slot] = record
+    return best

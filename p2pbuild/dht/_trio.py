@@ -1,0 +1,238 @@
+"""The thin trio adapter: a datagram transport and the two tasks that drive a :class:`DhtNode`.
+
+One task feeds received datagrams to the core, one sleeps until the core's timer; after
+every core call the adapter flushes (sends what the core queued and wakes the callers whose
+operations finished), as aioquic's ``asyncio/protocol.py::transmit`` does.
+
+Sending is synchronous on purpose: a UDP send either goes out at once or is dropped by the
+kernel, exactly like a datagram lost on the path, so there is nothing to await. This keeps a
+flush free of checkpoints and lets one process drive a thousand nodes.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+import time
+from typing import NoReturn, Protocol
+
+import trio
+
+from .._errors import LocalError
+from ._ids import Address
+from ._protocol import DhtNode, Operation
+
+__all__ = ["DatagramTransport", "DirectoryClosedError", "Driver", "UdpTransport", "resolve"]
+
+# Datagrams drained from a socket per wake-up, before yielding to other tasks.
+_BATCH = 64
+
+
+class DirectoryClosedError(LocalError):
+    """The node was closed while an operation was waiting on it."""
+
+    code = "closed"
+
+
+class DatagramTransport(Protocol):
+    """What the adapter needs from a datagram socket (UDP, or ``p2pbuild.testing``'s
+    in-memory network)."""
+
+    @property
+    def local_address(self) -> Address:
+        """The bound ``(host, port)``."""
+        ...
+
+    def send(self, data: bytes, address: Address) -> None:
+        """Send one datagram without blocking; may silently drop it. May raise
+        :class:`OSError`, which the adapter counts as ``send-error``."""
+        ...
+
+    async def receive(self) -> list[tuple[bytes, Address]]:
+        """Wait for at least one datagram; return all that are ready. May raise
+        :class:`OSError`, which the adapter counts as ``receive-error``."""
+        ...
+
+    def close(self) -> None:
+        """Release the socket; further sends are dropped."""
+        ...
+
+
+class UdpTransport:
+    """A non-blocking UDP socket driven with trio's readiness waits."""
+
+    __slots__ = ("_address", "_max_size", "_sock")
+
+    def __init__(self, sock: socket.socket, *, max_size: int) -> None:
+        self._sock = sock
+        self._max_size = max_size
+        host, port = sock.getsockname()[:2]
+        self._address: Address = (host, port)
+
+    @classmethod
+    async def bind(cls, host: str, port: int, *, max_size: int = 2048) -> UdpTransport:
+        """Bind a UDP socket to ``(host, port)``; port 0 picks a free port.
+
+        Raises :class:`OSError` if the address cannot be bound or resolved.
+        """
+        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        family, _, _, _, sockaddr = infos[0]
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.bind(sockaddr)
+        except OSError:
+            sock.close()
+            raise
+        return cls(sock, max_size=max_size)
+
+    @property
+    def local_address(self) -> Address:
+        return self._address
+
+    def send(self, data: bytes, address: Address) -> None:
+        self._sock.sendto(data, address)
+
+    async def receive(self) -> list[tuple[bytes, Address]]:
+        sock = self._sock
+        # Read one byte more than the limit: a datagram that fills the buffer was larger
+        # than max_size, and the core drops it as oversize.
+        size = self._max_size + 1
+        while True:
+            batch: list[tuple[bytes, Address]] = []
+            for _ in range(_BATCH):
+                try:
+                    data, address = sock.recvfrom(size)
+                except BlockingIOError:
+                    break
+                batch.append((data, (address[0], address[1])))
+            if batch:
+                await trio.lowlevel.checkpoint()
+                return batch
+            await trio.lowlevel.wait_readable(sock)
+
+    def close(self) -> None:
+        if self._sock.fileno() >= 0:
+            trio.lowlevel.notify_closing(self._sock)
+            self._sock.close()
+
+
+async def resolve(address: tuple[str, int]) -> Address:
+    """Turn ``(name or IP, port)`` into an IP literal address (the core never resolves).
+
+    Raises :class:`OSError` (``socket.gaierror``) if the name does not resolve.
+    """
+    infos = await trio.socket.getaddrinfo(address[0], address[1], type=socket.SOCK_DGRAM)
+    sockaddr = infos[0][4]
+    return (str(sockaddr[0]), int(sockaddr[1]))
+
+
+class Driver:
+    """Runs one :class:`DhtNode` over one transport. ``now`` is trio's clock plus
+    ``clock_offset`` (Unix seconds at trio time 0), so a ``MockClock`` drives record expiry
+    too."""
+
+    __slots__ = ("_offset", "_sleeping_until", "_wakeup", "closed", "core", "transport")
+
+    def __init__(self, core: DhtNode, transport: DatagramTransport, *, clock_offset: float) -> None:
+        self.core = core
+        self.transport = transport
+        self._offset = clock_offset
+        self._wakeup = trio.Event()
+        self._sleeping_until = -math.inf
+        self.closed = False
+
+    @staticmethod
+    def default_offset() -> float:
+        """The offset that makes ``now`` the wall clock."""
+        return time.time() - trio.current_time()
+
+    def now(self) -> float:
+        return trio.current_time() + self._offset
+
+    def flush(self) -> None:
+        """Send what the core queued, wake finished operations' waiters, and re-arm the
+        timer task if the core's next deadline moved earlier. Call after every core call."""
+        core = self.core
+        send = self.transport.send
+        for data, address in core.datagrams_to_send():
+            try:
+                send(data, address)
+            except OSError:
+                # Unreachable network, a full buffer, a family mismatch: as good as lost.
+                core.note_transport_error("send-error")
+        for op in core.finished_operations():
+            waiter = op.waiter
+            if isinstance(waiter, trio.Event):
+                waiter.set()
+        if core.get_timer() < self._sleeping_until:
+            self._wakeup.set()
+
+    async def wait(self, op: Operation) -> None:
+        """Wait until ``op`` (just started on the core) finishes.
+
+        Raises :class:`DirectoryClosedError` if the node stops first.
+        """
+        if self.closed:
+            raise DirectoryClosedError("the DHT node is closed")
+        event = trio.Event()
+        op.waiter = event
+        self.flush()
+        if not op.done:
+            await event.wait()
+        if not op.done:
+            raise DirectoryClosedError("the DHT node closed during the operation")
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        """Drive the core until cancelled; ``started()`` once both tasks run."""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._receive_loop)
+                nursery.start_soon(self._timer_loop)
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self.closed = True
+            self.transport.close()
+            self._wake_all()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _wake_all(self) -> None:
+        # Operations still running can never finish now: wake their waiters, who raise.
+        for op in self.core.abandon():
+            waiter = op.waiter
+            if isinstance(waiter, trio.Event):
+                waiter.set()
+
+    async def _receive_loop(self) -> None:
+        core = self.core
+        receive = self.transport.receive
+        while True:
+            try:
+                batch = await receive()
+            except OSError:
+                core.note_transport_error("receive-error")
+                await trio.lowlevel.checkpoint()
+                continue
+            for data, address in batch:
+                core.receive_datagram(data, address, self.now())
+                self.flush()
+
+    async def _timer_loop(self) -> None:
+        core = self.core
+        while True:
+            self._wakeup = trio.Event()
+            timer = core.get_timer()
+            self._sleeping_until = timer
+            with trio.move_on_at(timer - self._offset) as scope:
+                await self._wakeup.wait()
+            self._sleeping_until = -math.inf
+            now = self.now()
+            if scope.cancelled_caught:
+                # Float rounding may put ``now`` a hair before the deadline we slept to.
+                now = max(now, timer)
+            if now >= core.get_timer():
+                core.handle_timer(now)
+                self.flush()

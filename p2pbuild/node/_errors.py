@@ -1,0 +1,81 @@
+"""The build subsystem's branch of the error tree.
+
+:class:`BuildError` is the base of everything the executors raise on purpose. Like the rest
+of p2pbuild the branch splits in two:
+
+* :class:`BuildInputError` (also a :class:`~p2pbuild.RemoteError`): the job's input is bad,
+  a source whose digest does not match, an archive that would escape its directory, an
+  option outside the allow-list. The job came from a peer, so the daemon rejects the job,
+  counts the ``code`` and carries on.
+* :class:`BuildEnvironmentError` (also a :class:`~p2pbuild.LocalError`): this machine
+  cannot build at all, e.g. ``bwrap`` is missing or may not create namespaces. That is an
+  operator's problem and should stop the node from advertising the build type.
+
+A build that runs and fails (non-zero exit, time limit, output or disk limit) is *not* an
+exception: it is a :class:`~p2pbuild.node.BuildOutcome` with the matching state, because
+the node still signs and reports it.
+"""
+
+from __future__ import annotations
+
+from .._errors import LocalError, MalformedError, OversizeError, P2PBuildError, RemoteError
+
+__all__ = [
+    "ArchiveLimitError",
+    "BadBuildSpecError",
+    "BadSourceError",
+    "BuildEnvironmentError",
+    "BuildError",
+    "BuildInputError",
+    "SourceDigestError",
+    "UnsafeArchiveError",
+]
+
+
+class BuildError(P2PBuildError):
+    """Base of every error raised by the build executors."""
+
+    code = "build"
+
+
+class BuildInputError(BuildError, RemoteError):
+    """The job's input (source, archive, options) failed a check; reject the job."""
+
+    code = "bad-build-input"
+
+
+class SourceDigestError(BuildInputError):
+    """The source file's SHA-256 is not the one the job names."""
+
+    code = "source-digest-mismatch"
+
+
+class BadSourceError(BuildInputError, MalformedError):
+    """A source of the wrong kind (e.g. not a source RPM) or larger than allowed."""
+
+    code = "bad-source"
+
+
+class BadBuildSpecError(BuildInputError, MalformedError):
+    """A build option outside the allow-list or of the wrong shape."""
+
+    code = "bad-build-spec"
+
+
+class UnsafeArchiveError(BuildInputError, MalformedError):
+    """A source archive that is not a tar.gz, or holds a member that would land outside the
+    work directory (absolute path, ``..``, escaping link) or is a device, FIFO or socket."""
+
+    code = "unsafe-archive"
+
+
+class ArchiveLimitError(UnsafeArchiveError, OversizeError):
+    """A source archive over the member-count or extracted-size bound (an archive bomb)."""
+
+    code = "archive-limit"
+
+
+class BuildEnvironmentError(BuildError, LocalError):
+    """This machine cannot run sandboxed builds (tool missing, namespaces not permitted)."""
+
+    code = "build-environment"

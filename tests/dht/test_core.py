@@ -1,0 +1,270 @@
+"""The sans-IO core back to back, with explicit time: lookups, stores, paging, timeouts,
+hostile input."""
+
+from __future__ import annotations
+
+import random
+
+import attrs
+from dht_harness import T0, Net, build
+from hypothesis import given
+from hypothesis import strategies as st
+
+from p2pbuild import SignedRecord
+from p2pbuild.dht import (
+    DhtConfig,
+    DhtNode,
+    facet_key,
+    node_key,
+)
+from p2pbuild.dht import _wire as wire
+from p2pbuild.testing import example_capability, example_status, make_identity
+
+
+def records(label: str, *, seq: int = 1, issued: float = T0, arch: str = "x86_64",
+            status_lifetime: int = 600) -> list[SignedRecord]:
+    identity = make_identity(label)
+    return [
+        SignedRecord.create(identity, example_capability(arch=arch), seq=seq,
+                            issued_at=int(issued), lifetime=3600),
+        SignedRecord.create(identity, example_status(), seq=seq, issued_at=int(issued),
+                            lifetime=status_lifetime),
+    ]
+
+
+def nodes(net: Net) -> list[DhtNode]:
+    return list(net.nodes.values())
+
+
+def test_bootstrap_fills_routing_tables() -> None:
+    net = build(40)
+    for node in nodes(net):
+        assert node.statistics().contacts >= 20
+    # Lookups of every node's id find that node first.
+    everyone = nodes(net)
+    asker = everyone[7]
+    for target in everyone[::5]:
+        if target is asker:
+            continue
+        op = asker.find_nodes(target.node_id, net.now)
+        net.run(lambda op=op: op.done)
+        assert op.result[0].node_id == target.node_id
+        assert len(op.result) == 20
+
+
+def test_bootstrap_with_nobody_answering_finishes_empty() -> None:
+    net = Net()
+    _, node = net.add(1)
+    op = node.bootstrap([("10.9.9.9", 7420)], net.now)
+    net.run(lambda: op.done)
+    assert op.done and op.result == 0
+    # The ping was sent three times (two resends), each with the initial timeout: no round
+    # trip was ever measured.
+    assert node.statistics().rpcs_timed_out == 3
+    assert net.now - T0 >= 3 * DhtConfig().initial_rpc_timeout
+
+
+def test_put_then_get_from_every_node() -> None:
+    net = build(30)
+    everyone = nodes(net)
+    mine = records("publisher")
+    key = facet_key("arch=x86_64")
+    op = everyone[3].put(key, mine, net.now)
+    net.run(lambda: op.done)
+    assert op.result == 20  # k holders acknowledged
+    for node in everyone:
+        got = node.get(key, net.now)
+        net.run(lambda got=got: got.done)
+        assert [r.raw for r in got.result] == sorted(
+            [r.raw for r in mine], key=lambda raw: next(r for r in mine if r.raw == raw).kind
+        )
+
+
+def test_latest_record_per_publisher_wins() -> None:
+    net = build(25)
+    everyone = nodes(net)
+    key = node_key(make_identity("p").public_key)
+    old, new = records("p", seq=1), records("p", seq=2)
+    for batch in (old, new):
+        op = everyone[1].put(key, batch, net.now)
+        net.run(lambda op=op: op.done)
+    # Replaying the old records is refused by every holder: stale seq.
+    op = everyone[2].put(key, old, net.now)
+    net.run(lambda: op.done)
+    assert op.result == 0
+    rejected = sum(n.statistics().rejected.get("stale-seq", 0) for n in everyone)
+    assert rejected >= 2 * 20
+    got = everyone[9].get(key, net.now)
+    net.run(lambda: got.done)
+    assert {r.seq for r in got.result} == {2}
+
+
+def test_many_publishers_are_paged_and_all_found() -> None:
+    net = build(30)
+    everyone = nodes(net)
+    key = facet_key("arch=s390x")
+    published = set()
+    for i in range(40):
+        batch = records(f"pub-{i}", arch="s390x")
+        published.update(r.raw for r in batch)
+        op = everyone[i % 30].put(key, batch, net.now)
+        net.run(lambda op=op: op.done)
+        assert op.result >= 20
+    sizes_before = len(net.sent)
+    got = everyone[11].get(key, net.now)
+    net.run(lambda: got.done)
+    assert {r.raw for r in got.result} == published
+    # The holder paged: 80 records of ~300 bytes cannot travel in one datagram.
+    pages = [d for d, _, _ in net.sent[sizes_before:] if b"p2p_find" in d]
+    assert len(pages) > 10
+    assert max(len(d) for d, _, _ in net.sent) <= 1200
+
+
+def test_forged_record_is_never_stored_nor_returned() -> None:
+    net = build(20)
+    everyone = nodes(net)
+    genuine = records("victim")[0]
+    key = node_key(genuine.publisher)
+    # Flip one byte of the body: the signature no longer verifies.
+    forged = bytearray(genuine.raw)
+    forged[-80] ^= 0x01
+    _target_address, target = next(iter(net.nodes.items()))
+    request = wire.encode_request(
+        b"m" * 20, wire.P2P_STORE, wire.encode_p2p_store_args(b"s" * 20, key, [bytes(forged)])
+    )
+    target.receive_datagram(request, ("10.6.6.6", 1), net.now)
+    assert target.store.count(key) == 0
+    assert target.statistics().rejected == {"bad-signature": 1}
+    reply = wire.decode_datagram(target.datagrams_to_send()[0][0], max_size=1200)
+    assert isinstance(reply, wire.Response) and reply.value == ["bad-signature"]
+    # A genuine record under a key it is not bound to is refused too.
+    request = wire.encode_request(
+        b"n" * 20, wire.P2P_STORE,
+        wire.encode_p2p_store_args(b"s" * 20, facet_key("arch=s390x"), [genuine.raw]),
+    )
+    target.receive_datagram(request, ("10.6.6.6", 1), net.now)
+    assert target.statistics().rejected["wrong-key"] == 1
+    # A lying holder that returns the forged record: the reader drops it.
+    op = everyone[5].get(key, net.now)
+    for data, destination in everyone[5].datagrams_to_send():
+        frame = wire.decode_datagram(data, max_size=1200)
+        everyone[5].receive_datagram(
+            wire.encode_response(frame.msg_id, [[], [bytes(forged)], b""]), destination, net.now
+        )
+    net.run(lambda: op.done)
+    assert op.result == []
+    assert everyone[5].statistics().rejected["bad-signature"] >= 1
+
+
+def test_expired_records_are_refused_and_dropped() -> None:
+    net = build(20)
+    everyone = nodes(net)
+    batch = records("short", status_lifetime=60)
+    key = node_key(batch[0].publisher)
+    op = everyone[0].put(key, batch, net.now)
+    net.run(lambda: op.done)
+    net.run(limit=61)  # past the status record's expiry, and a maintenance pass
+    got = everyone[4].get(key, net.now)
+    net.run(lambda: got.done)
+    assert [r.kind.value for r in got.result] == ["capability"]
+    # Storing the expired status again is refused.
+    op = everyone[1].put(key, [batch[1]], net.now)
+    net.run(lambda: op.done)
+    assert op.result == 0
+    assert sum(n.statistics().rejected.get("expired", 0) for n in everyone) >= 20
+
+
+def test_dead_contacts_cost_a_stall_not_a_timeout() -> None:
+    net = build(60)
+    everyone = list(net.nodes.items())
+    # Warm RTT estimates: every node has measured its contacts (1 hop = 1 ms each way).
+    key = facet_key("pool=x")
+    capability = SignedRecord.create(
+        make_identity("p"), example_capability(pools=["x"]), seq=1, issued_at=int(T0),
+        lifetime=3600,
+    )
+    op = everyone[0][1].put(key, [capability], net.now)
+    net.run(lambda: op.done)
+    for address, _ in everyone[1:60:5]:
+        net.dead.add(address)
+    reader = everyone[2][1]
+    start = net.now
+    got = reader.get(key, net.now)
+    net.run(lambda: got.done)
+    assert len(got.result) == 1
+    # Far less than a timeout per dead contact: stalls let the walk go on without them.
+    assert net.now - start < 0.2
+
+
+def test_full_bucket_evicts_only_after_failed_ping() -> None:
+    config = DhtConfig(k=2)
+    net = Net(config)
+    _, node = net.add(0)
+    own = node.own
+    # Three ids in the same (top) bucket.
+    ids = [own ^ (1 << 159) ^ n for n in (1, 2, 3)]
+    addresses = [("10.1.0.1", 1), ("10.1.0.2", 2), ("10.1.0.3", 3)]
+    for node_id, address in zip(ids, addresses, strict=True):
+        node.routing.seen(node_id, address, net.now)
+    to_ping = node.routing.seen(ids[2], addresses[2], net.now)
+    assert to_ping is None  # already asked to ping ids[0] on the first overflow
+    assert [p.node_id for p in node.routing] == ids[:2]
+    # The ping to the oldest fails: the newcomer takes its place.
+    assert node.routing.failed(ids[0])
+    assert [p.node_id for p in node.routing] == [ids[1], ids[2]]
+
+
+@given(st.binary(max_size=1500))
+def test_any_datagram_is_handled_or_dropped_and_counted(data: bytes) -> None:
+    node = DhtNode(b"\x01" * 20, now=T0, rng=random.Random(0))
+    node.receive_datagram(data, ("10.0.0.2", 5), T0)
+    stats = node.statistics()
+    answered = len(node.datagrams_to_send())
+    assert stats.datagrams_in == 1
+    assert answered + stats.dropped_total == 1
+    for datagram, _ in node.datagrams_to_send():
+        assert len(datagram) <= 1200
+
+
+@given(
+    method=st.sampled_from([*sorted(wire.METHODS), "stun", ""]),
+    args=st.lists(
+        st.one_of(
+            st.binary(min_size=0, max_size=40),
+            st.integers(-(2**63), 2**64 - 1),
+            st.text(max_size=10),
+            st.none(),
+            st.lists(st.binary(max_size=30), max_size=3),
+        ),
+        max_size=4,
+    ),
+)
+def test_any_request_shape_is_answered_or_counted(method: str, args: list[object]) -> None:
+    node = DhtNode(b"\x01" * 20, now=T0, rng=random.Random(0))
+    node.receive_datagram(wire.encode_request(b"i" * 20, method, args), ("10.0.0.2", 5), T0)
+    stats = node.statistics()
+    assert len(node.datagrams_to_send()) + stats.dropped_total == 1
+
+
+def test_unexpected_and_spoofed_responses_are_dropped() -> None:
+    net = build(3)
+    _address, node = next(iter(net.nodes.items()))
+    node.receive_datagram(wire.encode_response(b"x" * 20, True), ("10.0.0.9", 1), net.now)
+    op = node.find_nodes(b"\x00" * 20, net.now)
+    data, _destination = node.datagrams_to_send()[0]
+    msg_id = data[1:21]
+    # The right message id from the wrong address does not count as the answer.
+    node.receive_datagram(wire.encode_response(msg_id, []), ("10.0.0.99", 7), net.now)
+    assert node.statistics().dropped["unexpected-response"] == 2
+    assert not op.done
+    net.run(lambda: op.done)
+
+
+def test_config_rejects_nonsense() -> None:
+    import pytest
+
+    from p2pbuild import LocalError
+
+    with pytest.raises(LocalError):
+        DhtConfig(k=0)
+    assert attrs.evolve(DhtConfig(), alpha=5).alpha == 5

@@ -1,0 +1,107 @@
+"""The Directory API: queries, trust filtering, publishing rules, republishing."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from p2pbuild import LocalError, MachineType, MalformedError, SignedRecord
+from p2pbuild.dht import Query, node_key
+from p2pbuild.testing import (
+    example_capability,
+    example_status,
+    make_trust_list,
+    open_cluster,
+)
+
+
+def test_query_facets_and_matching() -> None:
+    assert Query(arch="s390x", os="fedora-41").facets() == ["arch=s390x/os=fedora-41"]
+    assert Query(os="fedora-41", machine="metal", pool="kernel").facets() == [
+        "os=fedora-41", "machine=metal", "pool=kernel"
+    ]
+    assert Query().facets() == []
+    capability = example_capability(arch="s390x", pools=["kernel"])
+    assert Query(arch="s390x", pool="kernel").matches(capability)
+    assert not Query(machine=MachineType.METAL).matches(capability)
+    with pytest.raises(MalformedError):
+        Query(arch="s390x/os=x")
+    with pytest.raises(MalformedError):
+        Query(machine="cloud")
+
+
+async def test_find_filters_by_trust_list_and_query(autojump_clock: trio.testing.MockClock) -> None:
+    trust = make_trust_list(nodes=[("node-0", "alice"), ("node-1", "bob")], label="")
+    async with open_cluster(12, seed=4) as cluster:
+        now = int(cluster.nodes[0].now())
+        for index in range(4):
+            identity = cluster.identities[index]
+            await cluster.nodes[index].publish([
+                SignedRecord.create(identity, example_capability(arch="s390x"), seq=1,
+                                    issued_at=now, lifetime=3600),
+            ])
+        everyone = await cluster.nodes[9].find(Query(arch="s390x"))
+        assert len(everyone) == 4
+        assert all(entry.status is None for entry in everyone)
+        trusted = await cluster.nodes[9].find(Query(arch="s390x"), trust_list=trust.trust_list)
+        assert {e.publisher for e in trusted} == {
+            cluster.identities[0].public_key, cluster.identities[1].public_key
+        }
+        assert {e.trust.operator for e in trusted if e.trust} == {"alice", "bob"}
+        assert await cluster.nodes[9].find(Query(arch="s390x", pool="nope")) == []
+        with pytest.raises(LocalError):
+            await cluster.nodes[9].find(Query())
+
+
+async def test_publish_rules(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_cluster(5, seed=1) as cluster:
+        directory, identity = cluster.nodes[0], cluster.identities[0]
+        now = int(directory.now())
+        status = SignedRecord.create(identity, example_status(), seq=1, issued_at=now,
+                                     lifetime=600)
+        with pytest.raises(LocalError):
+            await directory.publish([status])
+        expired = SignedRecord.create(identity, example_capability(), seq=1,
+                                      issued_at=now - 7200, lifetime=3600)
+        from p2pbuild import ExpiredError
+
+        with pytest.raises(ExpiredError):
+            await directory.publish([expired])
+        capability = SignedRecord.create(identity, example_capability(), seq=2,
+                                         issued_at=now, lifetime=3600)
+        acks = await directory.publish([capability, status])
+        assert set(acks) == {f"p2pbuild/node/{identity.public_key}"} | {
+            f"p2pbuild/facet/{facet}" for facet in capability.body.facets()  # type: ignore[union-attr]
+        }
+        assert all(count == 5 for count in acks.values())
+        from p2pbuild import StaleSeqError
+
+        older = SignedRecord.create(identity, example_capability(), seq=1, issued_at=now,
+                                    lifetime=3600)
+        with pytest.raises(StaleSeqError):
+            await directory.publish([older])
+        assert {r.seq for r in directory.published()} == {1, 2}
+
+
+async def test_republishing_reaches_nodes_that_join_later(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_cluster(25, seed=6) as cluster:
+        publisher = cluster.nodes[0]
+        identity = cluster.identities[0]
+        now = int(publisher.now())
+        await publisher.publish([
+            SignedRecord.create(identity, example_capability(), seq=1, issued_at=now,
+                                lifetime=3600),
+        ])
+        key = node_key(identity.public_key)
+        # Most of the original holders die; nobody else has the record for long.
+        for index in range(1, 20):
+            cluster.stop(index)
+        before = sum(cluster.nodes[i].statistics().records_held for i in cluster.alive())
+        await trio.sleep(publisher.config.republish_interval + 1)
+        after = sum(cluster.nodes[i].statistics().records_held for i in cluster.alive())
+        assert after > before  # republished onto the survivors
+        assert len(await cluster.nodes[22].get(key)) == 1
+        stats = publisher.statistics()
+        assert stats.lookups > 0 and stats.rpcs_sent > 0 and stats.datagrams_out > 0
