@@ -27,6 +27,7 @@ from ._executor import (
     run_build,
 )
 from ._sandbox import LogSink, Sandbox
+
 __all__ = [
     "BUILDHOST",
     "MAKE_ARTIFACT_DIR",
