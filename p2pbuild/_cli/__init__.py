@@ -13,11 +13,11 @@ import sys
 from collections.abc import Sequence
 
 from .._errors import P2PBuildError
-from . import _demo, _keys, _trust
+from . import _demo, _dht, _dispatcher, _keys, _node, _trust
 
 __all__ = ["main"]
 
-_MODULES = (_keys, _trust, _demo)
+_MODULES = (_keys, _trust, _dht, _node, _demo, _dispatcher)
 
 
 def build_parser() -> argparse.ArgumentParser:

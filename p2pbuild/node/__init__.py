@@ -1,6 +1,26 @@
-"""The node daemon: what a volunteer runs. So far, the sandboxed build executors."""
+"""The node daemon: what a volunteer runs. The sandboxed build executors, and the daemon
+around them: configuration, capability detection, persistent state, the HTTPS job API,
+pull mode and :func:`run_node`."""
 
+# The daemon: configuration, detection, state, job service and API, pull mode.
+from ._api import HTTP_STATUS, NodeApiConfig, make_app, serve_node_api
 from ._archive import ExtractedTree, extract_tar_gz
+from ._config import (
+    ApiConfig,
+    CapabilityOverrides,
+    ConfigBounds,
+    ConfigError,
+    DhtSettings,
+    NodeConfig,
+    NodeLimits,
+    PullDispatcher,
+    PullSettings,
+    load_config,
+    parse_config,
+    render_config,
+)
+from ._daemon import NodeDaemon, load_trust_file, run_node
+from ._detect import Detected, HostProbe, apply_overrides, detect
 from ._errors import (
     ArchiveLimitError,
     BadBuildSpecError,
@@ -26,7 +46,31 @@ from ._executor import (
     rpm_macros,
     run_build,
 )
+from ._pull import PullClient
+from ._runner import ExecutorRunner, fetch_source_https
 from ._sandbox import LogSink, Sandbox
+from ._service import (
+    DrainingError,
+    JobFilter,
+    JobRunner,
+    JobService,
+    JobServiceStatistics,
+    JobStatus,
+    JobStore,
+    NoFreeSlotError,
+    RunReport,
+    UnavailableError,
+    UnknownJobError,
+    UnservableJobError,
+)
+from ._state import NodeState, StateError, StoredJob
+from ._tls import (
+    CertificatePinError,
+    TlsMaterial,
+    generate_tls_material,
+    load_tls_material,
+    pinned_client,
+)
 
 __all__ = [
     "BUILDHOST",
@@ -54,4 +98,51 @@ __all__ = [
     "extract_tar_gz",
     "rpm_macros",
     "run_build",
+    # the daemon
+    "HTTP_STATUS",
+    "ApiConfig",
+    "CapabilityOverrides",
+    "CertificatePinError",
+    "ConfigBounds",
+    "ConfigError",
+    "Detected",
+    "DhtSettings",
+    "DrainingError",
+    "ExecutorRunner",
+    "HostProbe",
+    "JobFilter",
+    "JobRunner",
+    "JobService",
+    "JobServiceStatistics",
+    "JobStatus",
+    "JobStore",
+    "NoFreeSlotError",
+    "NodeApiConfig",
+    "NodeConfig",
+    "NodeDaemon",
+    "NodeLimits",
+    "NodeState",
+    "PullClient",
+    "PullDispatcher",
+    "PullSettings",
+    "RunReport",
+    "StateError",
+    "StoredJob",
+    "TlsMaterial",
+    "UnavailableError",
+    "UnknownJobError",
+    "UnservableJobError",
+    "apply_overrides",
+    "detect",
+    "fetch_source_https",
+    "generate_tls_material",
+    "load_config",
+    "load_tls_material",
+    "load_trust_file",
+    "make_app",
+    "parse_config",
+    "pinned_client",
+    "render_config",
+    "run_node",
+    "serve_node_api",
 ]

@@ -1,5 +1,5 @@
-"""Public test helpers: throwaway keys and trust lists, an in-memory network and a cluster
-builder, and generated build inputs. Our own tests use these; so can yours."""
+"""Public test helpers: throwaway keys and trust lists, generated build inputs (and, as they
+land, an in-memory network and a cluster builder). Our own tests use these; so can yours."""
 
 from ._cluster import CLUSTER_EPOCH, Cluster, open_cluster
 from ._keys import (
@@ -10,6 +10,7 @@ from ._keys import (
     make_trust_list,
 )
 from ._network import MemoryEndpoint, MemoryNetwork, open_memory_network
+from ._nodes import node_config, open_node_daemons, serve_files
 from ._packages import (
     FIXED_EPOCH,
     SourcePackage,
@@ -24,13 +25,16 @@ from ._packages import (
     write_srpm,
     write_tarball,
 )
+from ._runner import InstantRunner
 
 __all__ = [
     "CLUSTER_EPOCH",
-    "FIXED_EPOCH",
     "Cluster",
     "MemoryEndpoint",
     "MemoryNetwork",
+    "open_cluster",
+    "open_memory_network",
+    "FIXED_EPOCH",
     "SourcePackage",
     "TrustFixture",
     "disk_filler_tarball",
@@ -40,11 +44,13 @@ __all__ = [
     "hello_tarball",
     "make_identity",
     "make_trust_list",
+    "InstantRunner",
+    "node_config",
+    "open_node_daemons",
+    "serve_files",
     "network_probe_command",
     "network_probe_srpm",
     "network_probe_tarball",
-    "open_cluster",
-    "open_memory_network",
     "output_flood_tarball",
     "sleeper_tarball",
     "write_srpm",

@@ -1,0 +1,251 @@
+"""Node job API benchmark: dispatch latency and artifact download throughput over HTTPS.
+
+Runs a node's job service and HTTPS API (hypercorn's trio worker, TLS on loopback) in this
+process and measures, printing one JSON document:
+
+* **dispatch latency**: from just before a signed job is POSTed until the build process
+  would start, p50/p99/max, on a reused TLS connection (``warm``) and on a fresh TCP+TLS
+  connection per job (``cold``, handshake included). The end point is recorded by an
+  in-process runner the moment the job service calls ``runner.run()``: that is where the
+  real runner starts the executor (the source fetch and ``bwrap`` start come after it and
+  are the executor's cost, not dispatch). Jobs are signed before the clock starts; the
+  node's whole admission (parse, signature check, trust list, replay cache, the SQLite
+  state write, slot) is inside the measurement.
+* **artifact throughput**: a finished job's artifact downloaded through the pinned client
+  while hashing it with SHA-256 and comparing with the signed result, beside the raw
+  SHA-256 throughput of this machine measured in the same run on the same size.
+
+Goals (issue 4): dispatch p50 at most 3 ms warm and 10 ms cold; artifact transfer at least
+250 MB/s on loopback. Usage: ``python bench/node.py [--short] [--jobs N] [--mb M]``;
+``--short`` (CI) takes a few seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _stats import latency_summary
+
+from p2pbuild import BuildType, FileDigest, Job, JobSpec, Result, SourceArtifact, Target
+from p2pbuild.node import JobService, NodeApiConfig, NodeState, serve_node_api
+from p2pbuild.node._service import JobFilter, LocalFile, LogSink, RunReport
+from p2pbuild.node._tls import generate_tls_material, pinned_client
+from p2pbuild.testing import make_trust_list
+
+FIXTURE = make_trust_list()
+DISPATCHER = FIXTURE.dispatchers["dispatcher-1"]
+NODE = FIXTURE.nodes["node-1"]
+MB = 1_000_000
+END_EVENT = (
+    "runner.run() entered (in-process recording runner): where the real ExecutorRunner "
+    "starts fetching and building; no bwrap process is started"
+)
+
+
+@attrs.define(eq=False)
+class RecordingRunner:
+    """Records when each build would start; optionally writes one artifact of ``size``."""
+
+    artifact_path: Path | None = None
+    started: dict[bytes, float] = attrs.field(factory=dict)
+    event: trio.Event = attrs.field(factory=trio.Event)
+
+    async def run(self, job: Job, workdir: Path, log: LogSink) -> RunReport:
+        self.started[job.job_id] = time.perf_counter()
+        self.event.set()
+        artifacts: tuple[LocalFile, ...] = ()
+        if self.artifact_path is not None:
+            digest = await trio.to_thread.run_sync(_file_digest, self.artifact_path)
+            artifacts = (LocalFile(digest, self.artifact_path),)
+        return RunReport("succeeded", 0, {}, artifacts=artifacts)  # type: ignore[arg-type]
+
+
+def _file_digest(path: Path) -> FileDigest:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return FileDigest("big.bin", path.stat().st_size, h.digest())
+
+
+SPEC = JobSpec(
+    SourceArtifact("a.tar.gz", 3, hashlib.sha256(b"abc").digest(), "https://x.invalid/a"),
+    BuildType.MAKE,
+    Target("x86_64", "fedora-41"),
+)
+
+
+def _jobs(count: int) -> list[Job]:
+    now = int(time.time())
+    return [Job.create(DISPATCHER, SPEC, issued_at=now, lifetime=3600) for _ in range(count)]
+
+
+async def _dispatch_one(client: Any, runner: RecordingRunner, job: Job) -> float:
+    runner.event = trio.Event()
+    t0 = time.perf_counter()
+    response = await client.post(
+        "/v1/jobs", content=job.raw, headers={"content-type": "application/msgpack"}
+    )
+    if response.status_code != 202:
+        raise RuntimeError(f"job refused: {response.status_code} {response.text}")
+    while job.job_id not in runner.started:
+        await runner.event.wait()
+        runner.event = trio.Event()
+    return runner.started[job.job_id] - t0
+
+
+async def _bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    tls_dir = work / "tls"
+    tls_dir.mkdir()
+    tls = generate_tls_material(tls_dir, "localhost")
+    runner = RecordingRunner()
+    state = NodeState.open(work / "state.sqlite3")
+    service = JobService(
+        NODE, FIXTURE.trust_list, runner, work / "jobs", slots=64, max_finished=64,
+        store=state,
+        job_filter=JobFilter({"x86_64"}, {"fedora-41"}, {"make", "rpm"}, 1 << 30),
+    )  # fmt: skip
+    results: dict[str, Any] = {}
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve_node_api, NodeApiConfig(tls=tls), service)
+        url = f"https://127.0.0.1:{port}"
+
+        # Warm: one connection for every job (after a few warm-up requests).
+        jobs = _jobs(args.jobs + 20)
+        async with pinned_client(tls.sha256, base_url=url) as client:
+            for job in jobs[:20]:
+                await _dispatch_one(client, runner, job)
+            warm = [await _dispatch_one(client, runner, job) for job in jobs[20:]]
+        # Cold: a new TCP connection and TLS handshake per job.
+        cold = []
+        for job in _jobs(args.cold_jobs):
+            async with pinned_client(tls.sha256, base_url=url) as client:
+                cold.append(await _dispatch_one(client, runner, job))
+        results["dispatch"] = {
+            "end_event": END_EVENT,
+            "warm": {"jobs": len(warm), **latency_summary(warm)},
+            "cold": {"jobs": len(cold), **latency_summary(cold)},
+        }
+
+        # Artifact download with SHA-256 verification.
+        size = args.mb * MB
+        big = work / "big.bin"
+        with big.open("wb") as f:
+            block = os.urandom(MB)
+            for _ in range(args.mb):
+                f.write(block)
+        runner.artifact_path = big
+        (job,) = _jobs(1)
+        async with pinned_client(tls.sha256, base_url=url, timeout=120) as client:
+            await _dispatch_one(client, runner, job)
+            await service.wait_result(job.job_id)
+            result = Result.from_bytes((await client.get(f"/v1/jobs/{job.id_hex}/result")).content)
+        expected = result.artifacts[0]
+        # The downloader is another process, as a dispatcher is: client and server do not
+        # share this process's one trio thread.
+        done = await trio.run_process(
+            [sys.executable, __file__, "--download", f"{url}/v1/jobs/{job.id_hex}/artifacts/"
+             f"big.bin", "--pin", tls.sha256.hex(), "--expect", expected.sha256.hex(),
+             "--size", str(expected.size), "--downloads", str(args.downloads)],
+            capture_stdout=True,
+        )  # fmt: skip
+        rates = json.loads(done.stdout)["mb_s"]
+        data = big.read_bytes()[: min(size, 256 * MB)]
+        t0 = time.perf_counter()
+        hashlib.sha256(data).digest()
+        sha_rate = len(data) / (time.perf_counter() - t0) / MB
+        rates.sort()
+        results["artifact"] = {
+            "bytes": size,
+            "downloads": len(rates),
+            "verified": True,
+            "throughput_mb_s_median": round(rates[len(rates) // 2], 1),
+            "throughput_mb_s_best": round(rates[-1], 1),
+            "sha256_only_mb_s": round(sha_rate, 1),
+        }
+        nursery.cancel_scope.cancel()
+    state.close()
+    return results
+
+
+def _goals(results: Mapping[str, Any]) -> dict[str, Any]:
+    warm = results["dispatch"]["warm"]["p50_ms"]
+    cold = results["dispatch"]["cold"]["p50_ms"]
+    rate = results["artifact"]["throughput_mb_s_median"]
+    return {
+        "dispatch_warm_p50_ms": {"goal": 3.0, "measured": warm, "met": warm <= 3.0},
+        "dispatch_cold_p50_ms": {"goal": 10.0, "measured": cold, "met": cold <= 10.0},
+        "artifact_mb_s": {"goal": 250.0, "measured": rate, "met": rate >= 250.0},
+    }
+
+
+async def _download(args: argparse.Namespace) -> list[float]:
+    """The downloader child: fetch ``args.download`` ``args.downloads`` times, hashing and
+    verifying each; return MB/s per download."""
+    rates = []
+    async with pinned_client(bytes.fromhex(args.pin), timeout=120) as client:
+        for _ in range(args.downloads):
+            t0 = time.perf_counter()
+            h = hashlib.sha256()
+            received = 0
+            async with client.stream("GET", args.download) as response:
+                async for chunk in response.aiter_raw(1 << 20):
+                    h.update(chunk)
+                    received += len(chunk)
+            elapsed = time.perf_counter() - t0
+            if received != args.size or h.hexdigest() != args.expect:
+                raise RuntimeError("downloaded artifact does not match the signed result")
+            rates.append(received / elapsed / MB)
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--download", help=argparse.SUPPRESS)
+    parser.add_argument("--pin", help=argparse.SUPPRESS)
+    parser.add_argument("--expect", help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--short", action="store_true", help="CI mode: a few seconds")
+    parser.add_argument("--jobs", type=int, help="warm dispatches (default 1000; 200 short)")
+    parser.add_argument("--cold-jobs", type=int, help="cold dispatches (default 300; 50 short)")
+    parser.add_argument("--mb", type=int, help="artifact size in MB (default 512; 64 short)")
+    parser.add_argument("--downloads", type=int, help="downloads (default 5; 3 short)")
+    args = parser.parse_args()
+    args.jobs = args.jobs or (200 if args.short else 1000)
+    args.cold_jobs = args.cold_jobs or (50 if args.short else 300)
+    args.mb = args.mb or (64 if args.short else 512)
+    args.downloads = args.downloads or (3 if args.short else 5)
+    if args.download:
+        print(json.dumps({"mb_s": trio.run(_download, args)}))
+        return
+    with tempfile.TemporaryDirectory(prefix="p2pbuild-bench-node-") as tmp:
+        started = time.perf_counter()
+        results = trio.run(_bench, args, Path(tmp))
+    print(json.dumps({
+        "benchmark": "node",
+        "mode": "short" if args.short else "full",
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": len(os.sched_getaffinity(0)),
+        **results,
+        "goals": _goals(results),
+        "wall_s": round(time.perf_counter() - started, 1),
+    }, indent=2))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

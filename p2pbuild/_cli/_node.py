@@ -1,0 +1,281 @@
+"""``p2pbuild node init | run | status``: set up, run and inspect a volunteer node.
+
+``init`` writes a commented config, a node key (mode 0600) and a self-signed TLS
+certificate into one directory and prints what to send to the farm's maintainers.
+``run`` runs the daemon until SIGTERM or SIGINT (a second signal skips the grace period);
+it prints one JSON line once the node is up. ``status`` asks the running daemon over its
+local HTTPS API (pinned to the node's own certificate) and falls back to the state file
+when the daemon is not running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+from .._errors import LocalError, MalformedError, RemoteError
+from .._identity import Identity, Role
+from ..node._config import ConfigError, load_config, parse_host_port, render_config
+from ..node._daemon import NodeDaemon, load_trust_file, run_node
+from ..node._state import NodeState
+from ..node._tls import CertificatePinError, generate_tls_material, load_tls_material, pinned_client
+
+__all__ = ["register"]
+
+_DEFAULT_DIR = "/var/lib/p2pbuild-node"
+
+
+def register(sub: Any) -> None:
+    node = sub.add_parser(
+        "node",
+        help="set up and run a volunteer build node",
+        description="Set up, run and inspect a p2pbuild volunteer build node.",
+    )
+    node_sub = node.add_subparsers(dest="node_command", metavar="ACTION", required=True)
+
+    init = node_sub.add_parser(
+        "init",
+        help="write a config, a node key and a TLS certificate",
+        description="Create DIR with node.toml (commented), node.key (mode 0600) and its "
+        ".pub, and tls/ (a self-signed certificate). Never overwrites a key.",
+    )
+    init.add_argument("--dir", type=Path, default=Path(_DEFAULT_DIR), metavar="DIR",
+                      help=f"the node's directory (default {_DEFAULT_DIR})")
+    init.add_argument("--operator", default="", metavar="NAME",
+                      help="your operator name as the maintainers know you")
+    init.add_argument("--pool", action="append", default=[], metavar="POOL",
+                      help="a pool this node serves (repeatable)")
+    init.add_argument("--bootstrap", action="append", default=[], metavar="HOST:PORT",
+                      help="a DHT node to join through (repeatable)")
+    init.add_argument("--endpoint", default="", metavar="URL",
+                      help="the https://host:port dispatchers reach this node at")
+    init.add_argument("--hostname", default="localhost",
+                      help="host name for the TLS certificate (default localhost)")
+    init.add_argument("--trust-list", default="trust-list.bin", metavar="FILE",
+                      help="where the farm's signed trust list will be (default: in DIR)")
+    init.add_argument("--pull-only", action="store_true",
+                      help="no inbound HTTPS: take jobs by polling dispatchers ([pull])")
+    init.set_defaults(func=_init)
+
+    run = node_sub.add_parser(
+        "run",
+        help="run the node daemon",
+        description="Run the node daemon until SIGTERM or SIGINT. On the first signal it "
+        "publishes that it is draining, lets running builds finish for shutdown.grace_s, "
+        "hands the rest back and exits 0; a second signal hands back at once.",
+    )
+    run.add_argument("--config", type=Path, required=True, metavar="FILE")
+    run.add_argument("--check", action="store_true",
+                     help="only check the config, key, certificate and trust list, then exit")
+    run.add_argument("--log-level", default="info",
+                     choices=["debug", "info", "warning", "error"])
+    run.set_defaults(func=_run)
+
+    status = node_sub.add_parser(
+        "status",
+        help="report the node's state",
+        description="Ask the running daemon (local HTTPS, pinned to its certificate); if it "
+        "is not running, read its state file.",
+    )
+    status.add_argument("--config", type=Path,
+                        default=Path(_DEFAULT_DIR) / "node.toml", metavar="FILE")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=_status)
+
+
+# -- init ---------------------------------------------------------------------------------------
+
+
+def _init(args: argparse.Namespace) -> int:
+    directory: Path = args.dir.resolve()
+    config_path = directory / "node.toml"
+    key_path = directory / "node.key"
+    for item in args.bootstrap:
+        try:
+            parse_host_port(item)
+        except ValueError as exc:
+            raise MalformedError(f"--bootstrap: {exc}") from None
+    if config_path.exists() or key_path.exists():
+        raise LocalError(f"{directory} already holds a node (node.toml or node.key); not "
+                         "overwriting it")
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o700)
+    text = render_config(
+        data_dir=directory,
+        operator=args.operator,
+        pools=tuple(sorted(set(args.pool))),
+        trust_list=args.trust_list,
+        bootstrap=tuple(args.bootstrap),
+        endpoint=args.endpoint,
+        api_enabled=not args.pull_only,
+    )
+    identity = Identity.generate(Role.NODE)
+    pub_path = identity.save(key_path)
+    tls_dir = directory / "tls"
+    tls_dir.mkdir(exist_ok=True)
+    tls = generate_tls_material(tls_dir, args.hostname)
+    config_path.write_text(text, encoding="utf-8")
+    # The file must load; a failure here is a bug in render_config, better found now.
+    try:
+        load_config(config_path)
+    except ConfigError as exc:
+        if not args.pull_only:
+            raise
+        # A pull-only node needs a [pull] dispatcher before it can run: say so.
+        print(f"note: {exc}", file=sys.stderr)
+    print(f"node directory:   {directory}")
+    print(f"config:           {config_path}")
+    print(f"node key:         {key_path} (mode 0600; keep it secret)")
+    print(f"public key:       {identity.public_key}")
+    print(f"fingerprint:      {identity.public_key.fingerprint}")
+    print(f"TLS certificate:  {tls.cert_path} (SHA-256 {tls.sha256.hex()})")
+    print()
+    print("Next steps:")
+    print(f"  1. Send {pub_path.name} (the line above) and your operator name to the farm's")
+    print("     maintainers; they add this key to the signed trust list.")
+    print(f"  2. Put the farm's trust list at {directory / args.trust_list}"
+          if not Path(args.trust_list).is_absolute()
+          else f"  2. Put the farm's trust list at {args.trust_list}")
+    print("     and set [dht] bootstrap and [api] endpoint in the config.")
+    print(f"  3. Start it: p2pbuild node run --config {config_path}")
+    return 0
+
+
+# -- run ----------------------------------------------------------------------------------------
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    if args.check:
+        Identity.load(config.key_file)
+        load_trust_file(config.trust_list, time.time())
+        if config.api.enabled:
+            load_tls_material(config.tls_dir)
+        print(f"{args.config}: OK")
+        return 0
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+    return trio.run(_serve, config)
+
+
+async def _serve(config: Any) -> int:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            daemon: NodeDaemon = await nursery.start(run_node, config)
+            print(json.dumps({
+                "node": str(daemon.public_key),
+                "fingerprint": daemon.public_key.fingerprint,
+                "endpoint": daemon.endpoint or None,
+                "api_port": daemon.api_port,
+                "dht": list(daemon.directory.address),
+                "arch": daemon.detected.arch,
+                "os": daemon.detected.os,
+                "machine": daemon.detected.machine.value,
+                "build_types": list(daemon.detected.build_types),
+            }), flush=True)
+            nursery.start_soon(_forward_signals, signals, daemon)
+            await daemon.wait_stopped()
+            nursery.cancel_scope.cancel()
+    return 0
+
+
+async def _forward_signals(signals: Any, daemon: NodeDaemon) -> None:
+    async for signum in signals:
+        urgent = daemon.shutdown_requested
+        logging.getLogger("p2pbuild.node").info(
+            "%s: %s", signal.Signals(signum).name,
+            "handing back running jobs now" if urgent else "draining",
+        )  # fmt: skip
+        daemon.request_shutdown(urgent=urgent)
+
+
+# -- status -------------------------------------------------------------------------------------
+
+
+def _status(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    report: dict[str, Any] = {"config": str(args.config), "running": False}
+    try:
+        run_info = json.loads(config.run_file.read_text())
+    except (OSError, ValueError):
+        run_info = None
+    if run_info is not None and run_info.get("api_port") and run_info.get("tls_sha256"):
+        try:
+            live = trio.run(_ask, int(run_info["api_port"]), bytes.fromhex(run_info["tls_sha256"]))
+        except (httpx.HTTPError, CertificatePinError, ValueError) as exc:
+            report["error"] = f"daemon not answering: {exc.__class__.__name__}"
+        else:
+            report.update(running=True, source="api", pid=run_info.get("pid"))
+            report.update(node=live.get("node"), endpoint=run_info.get("endpoint"), daemon=live)
+    elif run_info is not None:
+        report.update(source="run-file", pid=run_info.get("pid"), node=run_info.get("node"))
+        report["running"] = _pid_alive(run_info.get("pid"))
+    if report.get("source") != "api" and config.state_file.exists():
+        try:
+            with NodeState.open(config.state_file) as state:
+                report["state"] = state.statistics()
+        except (LocalError, RemoteError) as exc:
+            report["error"] = str(exc)
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        _print_status(report)
+    return 0
+
+
+async def _ask(port: int, pin: bytes) -> dict[str, Any]:
+    async with pinned_client(pin, base_url=f"https://127.0.0.1:{port}", timeout=5) as client:
+        response = await client.get("/v1/status")
+        response.raise_for_status()
+        body: dict[str, Any] = response.json()
+        return body
+
+
+def _pid_alive(pid: object) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _print_status(report: dict[str, Any]) -> None:
+    print(f"config:   {report['config']}")
+    print(f"running:  {'yes' if report['running'] else 'no'}"
+          + (f" (pid {report['pid']})" if report.get("pid") else ""))
+    live = report.get("daemon")
+    if live:
+        print(f"node:     {report.get('node')}")
+        print(f"endpoint: {report.get('endpoint') or 'pull only'}")
+        print(f"slots:    {live.get('free_slots')} free of {live.get('slots')}, "
+              f"{live.get('running')} running"
+              + (", draining" if live.get("draining") else ""))
+        print(f"jobs:     {live.get('accepted')} accepted, {live.get('finished')} finished "
+              "results kept")
+        rejected = live.get("rejected") or {}
+        if rejected:
+            print("rejected: " + ", ".join(f"{k}={v}" for k, v in sorted(rejected.items())))
+    state = report.get("state")
+    if state:
+        print(f"state:    {state['finished']} finished result(s), {state['unfinished']} "
+              f"interrupted job(s), {state['replay_ids']} replay id(s), "
+              f"{state['starts']} start(s)")
+    if report.get("error"):
+        print(f"note:     {report['error']}")

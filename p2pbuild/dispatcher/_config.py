@@ -1,0 +1,185 @@
+"""The dispatcher's configuration file (TOML), validated into a frozen value.
+
+Relative paths are relative to the file's directory. Every error is one line naming the key
+(:class:`ConfigError`). See ``dispatcher/dispatcher.example.toml`` for every key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from .._errors import MalformedError
+from .._identity import PublicKey
+from ._errors import ConfigError
+
+__all__ = ["ClientEntry", "DispatcherConfig", "hash_token", "load_config"]
+
+_TOKEN = re.compile(r"[a-z0-9][a-z0-9._+-]{0,63}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def hash_token(token: str) -> str:
+    """The SHA-256 (hex) under which an API token is stored; tokens are never stored."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@attrs.frozen
+class ClientEntry:
+    """One API client: a user with a team, known by a token hash or a signing key."""
+
+    user: str
+    team: str | None = None
+    token_sha256: str | None = None
+    key: PublicKey | None = None
+
+
+@attrs.frozen
+class DispatcherConfig:
+    path: Path
+    key_file: Path
+    trust_list_file: Path
+    state_dir: Path
+    repository: Path
+    tls_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 7443
+    public_url: str = ""
+    default_arch: str = "x86_64"
+    default_os: str = "fedora-41"
+    max_upload_bytes: int = 1024**3
+    dht_host: str = "0.0.0.0"
+    dht_port: int = 7421
+    dht_bootstrap: tuple[tuple[str, int], ...] = ()
+    #: Arches ``nodes ls`` looks up in the DHT.
+    list_arches: tuple[str, ...] = ("x86_64",)
+    clients: tuple[ClientEntry, ...] = ()
+    dedicated_pools: Mapping[str, str] = attrs.field(factory=dict)
+    engine: Mapping[str, float] = attrs.field(factory=dict)
+    synchronous: str = "FULL"
+
+    @property
+    def database(self) -> Path:
+        return self.state_dir / "dispatcher.db"
+
+    @property
+    def source_base_url(self) -> str:
+        return self.public_url or f"https://{self.host}:{self.port}"
+
+
+def _get(table: Mapping[str, Any], key: str, kind: type, where: str, default: Any = None) -> Any:
+    if key not in table:
+        if default is None and kind is not type(None):
+            raise ConfigError(f"{where}: {key} is required")
+        return default
+    value = table[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: {key} must be a {kind.__name__}")
+    return value
+
+
+def _address(text: str, where: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ConfigError(f"{where}: {text!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+_ENGINE_KEYS = {
+    "follow_interval_s", "unreachable_after_s", "submit_tries", "backoff_base_s",
+    "backoff_max_s", "node_retry_base_s", "max_attempts", "max_tiebreaks", "no_node_wait_s",
+    "job_margin_s", "heartbeat_interval_s", "node_timeout_s",
+}
+
+
+def load_config(path: Path) -> DispatcherConfig:
+    """Read and validate the configuration at ``path``. Raises :class:`ConfigError`."""
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    base = path.parent
+
+    def rel(value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else base / p
+
+    known = {"dispatcher", "api", "dht", "clients", "pools", "engine"}
+    for key in document:
+        if key not in known:
+            raise ConfigError(f"{path}: unknown section [{key}]")
+    main = _get(document, "dispatcher", dict, str(path))
+    api = _get(document, "api", dict, str(path), {})
+    dht = _get(document, "dht", dict, str(path), {})
+    w = f"{path} [dispatcher]"
+    clients = []
+    for index, item in enumerate(_get(document, "clients", list, str(path), [])):
+        where = f"{path} [[clients]] #{index + 1}"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where}: must be a table")
+        token = _get(item, "token_sha256", str, where, "") or None
+        key_text = _get(item, "key", str, where, "") or None
+        if token is not None and not _HEX64.fullmatch(token):
+            raise ConfigError(f"{where}: token_sha256 must be 64 lowercase hex digits")
+        if (token is None) == (key_text is None):
+            raise ConfigError(f"{where}: give exactly one of token_sha256 and key")
+        try:
+            public = PublicKey.from_text(key_text) if key_text else None
+        except MalformedError as exc:
+            raise ConfigError(f"{where}: key: {exc}") from None
+        team = _get(item, "team", str, where, "") or None
+        clients.append(ClientEntry(_get(item, "user", str, where), team, token, public))
+    pools = _get(document, "pools", dict, str(path), {})
+    for pool, team in pools.items():
+        if not _TOKEN.fullmatch(pool) or not isinstance(team, str):
+            raise ConfigError(f"{path} [pools]: {pool} = team name (a string)")
+    engine = _get(document, "engine", dict, str(path), {})
+    for key, value in engine.items():
+        if key not in _ENGINE_KEYS:
+            raise ConfigError(f"{path} [engine]: unknown key {key}")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"{path} [engine]: {key} must be a non-negative number")
+    public_url = _get(api, "public_url", str, f"{path} [api]", "")
+    if public_url and not public_url.startswith("https://"):
+        raise ConfigError(f"{path} [api]: public_url must start with https://")
+    port = _get(api, "port", int, f"{path} [api]", 7443)
+    if not 0 <= port < 65536:
+        raise ConfigError(f"{path} [api]: port must be 0 to 65535")
+    synchronous = _get(main, "synchronous", str, w, "FULL")
+    if synchronous not in ("FULL", "NORMAL", "EXTRA"):
+        raise ConfigError(f"{w}: synchronous must be FULL, NORMAL or EXTRA")
+    return DispatcherConfig(
+        path=path,
+        key_file=rel(_get(main, "key", str, w)),
+        trust_list_file=rel(_get(main, "trust_list", str, w)),
+        state_dir=rel(_get(main, "state_dir", str, w, "state")),
+        repository=rel(_get(main, "repository", str, w, "repo")),
+        tls_dir=rel(_get(api, "tls_dir", str, f"{path} [api]", "tls")),
+        host=_get(api, "host", str, f"{path} [api]", "127.0.0.1"),
+        port=port,
+        public_url=public_url,
+        default_arch=_get(main, "default_arch", str, w, "x86_64"),
+        default_os=_get(main, "default_os", str, w, "fedora-41"),
+        max_upload_bytes=_get(api, "max_upload_bytes", int, f"{path} [api]", 1024**3),
+        dht_host=_get(dht, "host", str, f"{path} [dht]", "0.0.0.0"),
+        dht_port=_get(dht, "port", int, f"{path} [dht]", 7421),
+        dht_bootstrap=tuple(
+            _address(a, f"{path} [dht] bootstrap")
+            for a in _get(dht, "bootstrap", list, f"{path} [dht]", [])
+        ),
+        list_arches=tuple(_get(dht, "list_arches", list, f"{path} [dht]", ["x86_64"])),
+        clients=tuple(clients),
+        dedicated_pools=dict(pools),
+        engine=dict(engine),
+        synchronous=synchronous,
+    )

@@ -1,0 +1,933 @@
+"""The build engine: from an accepted build to a verified, stored one (or a reasoned failure).
+
+One trio task per build in flight (:meth:`Engine._drive`) and one per attempt (a signed job
+on one node, :meth:`Engine._attempt_task`), all in the engine's nursery. Every step is
+persisted before the next is taken, so a dispatcher killed at any point resumes from the
+database (:meth:`Engine.run` restarts a task for every build not yet finished):
+
+* an attempt ``pending`` (job signed, maybe sent) is sent again; a node that already has it
+  answers ``replayed`` and we follow it as running;
+* an attempt ``running`` is re-attached by job id: the engine follows the job on the node
+  and fetches the signed result it kept, instead of running the build again;
+* a build whose replicas agreed but which was not yet marked verified is stored again
+  (the sink is idempotent) and marked.
+
+The build task's loop (``_step``) is a decision over the persisted attempts: verified
+(``_verify.assess``) -> store and finish; replicas disagree -> one tie-break on a new
+operator; too few operators -> choose more nodes (``_select.select_nodes``); consistent
+failure on two operators, too many attempts, or no node satisfying the constraints -> fail
+with the reason. Nodes that time out, vanish from the DHT, are unreachable for too long,
+refuse the job or return a bad result are *lost*: rated down, excluded from this build for
+a backoff that doubles with each loss, and replaced.
+
+Module size: the engine is the one place these steps meet; splitting the build loop from
+the attempt loop would scatter the persistence protocol they share.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx
+import trio
+
+from .._errors import RemoteError
+from .._identity import Identity, PublicKey
+from .._jobs import BuildType, Job, JobSpec, Result, ResultState, SourceArtifact, Target
+from .._records import MachineType
+from .._trust import TrustList
+from ..dht import NodeEntry, Query
+from ._db import (
+    AttemptRow,
+    AttemptState,
+    BuildRow,
+    BuildState,
+    Database,
+)
+from ._errors import (
+    BadNodeResultError,
+    BadRequestError,
+    NoCapableNodeError,
+    NodeError,
+    NodeUnreachableError,
+    SourceUnavailableError,
+)
+from ._nodes import NodeClient, NodeConnector, NodeFinder
+from ._ratings import RatingBook, Signal
+from ._select import (
+    DEFAULT_SELECTION_POLICY,
+    Candidate,
+    Platform,
+    Requirements,
+    SelectionPolicy,
+    select_nodes,
+)
+from ._sink import ProofItem, RepositorySink
+from ._verify import (
+    NeedTieBreak,
+    Replica,
+    Verified,
+    assess,
+    difference_report,
+    diffoscope_report,
+)
+
+__all__ = [
+    "BuildRequest",
+    "Engine",
+    "EngineConfig",
+    "EngineStatistics",
+    "NodeTimeoutError",
+    "NodeVanishedError",
+    "SourceStore",
+]
+
+_log = logging.getLogger("p2pbuild.dispatcher.engine")
+
+Clock = Callable[[], float]
+
+#: Selection failures that may pass by themselves (a node stops draining, a backoff ends).
+_TRANSIENT = frozenset({"draining", "excluded", "operators-used"})
+
+
+class NodeTimeoutError(NodeError):
+    """The job did not finish within its time limit plus grace."""
+
+    code = "timed-out"
+
+
+class NodeVanishedError(NodeError):
+    """The node's records are gone from the directory while it had our job."""
+
+    code = "vanished"
+
+
+@attrs.frozen
+class EngineConfig:
+    """The engine's bounds and timings (seconds)."""
+
+    state_dir: Path
+    #: Base URL nodes fetch sources from (``<public_url>/v1/sources/<sha256>``); empty:
+    #: jobs carry no URL (the inline-upload form; for tests with in-process runners).
+    public_url: str = ""
+    default_arch: str = "x86_64"
+    default_os: str = "fedora-41"
+    #: A job's lifetime beyond its time limit (queueing, fetching, uploading).
+    job_margin_s: int = 600
+    #: How long one follow of a running job lasts before a liveness check in the DHT.
+    follow_interval_s: float = 30.0
+    #: Unreachable this long (consecutive) while running: the node is lost.
+    unreachable_after_s: float = 60.0
+    #: Submit retries when a node is busy or unreachable, with exponential backoff.
+    submit_tries: int = 4
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 60.0
+    #: A lost node is excluded from the same build for backoff_base_s * 2**losses.
+    node_retry_base_s: float = 5.0
+    max_attempts: int = 8
+    max_tiebreaks: int = 2
+    #: How long to wait for a node when only transient constraints fail.
+    no_node_wait_s: float = 300.0
+    #: Team of each pool dedicated to one team.
+    dedicated_pools: Mapping[str, str] = attrs.field(factory=dict)
+    selection: SelectionPolicy = DEFAULT_SELECTION_POLICY
+    max_source_bytes: int = 1024**3
+    #: Record a node's heartbeat at most this often.
+    heartbeat_interval_s: float = 60.0
+    node_timeout_s: float = 30.0
+
+
+@attrs.frozen
+class BuildRequest:
+    """A build as a client asks for it. ``arch``/``os`` None: the user's last platform,
+    else the configured default. ``source_url`` empty: the source is already stored."""
+
+    source_name: str
+    source_sha256: str
+    source_size: int
+    build_type: BuildType = attrs.field(default=BuildType.RPM, converter=BuildType)
+    arch: str | None = None
+    os: str | None = None
+    machine: MachineType | None = None
+    pool: str | None = None
+    replicas: int = 2
+    min_memory_mb: int = 0
+    min_disk_mb: int = 0
+    options: Mapping[str, Any] = attrs.field(factory=dict)
+    time_limit_s: int = 3600
+    source_url: str = ""
+
+    def validate(self) -> None:
+        """Raises :class:`BadRequestError` for a value no build can have."""
+        try:
+            SourceArtifact(self.source_name, self.source_size, bytes.fromhex(self.source_sha256))
+            Target(self.arch or "x86_64", self.os or "fedora-41")
+            JobSpec(
+                SourceArtifact(self.source_name, self.source_size,
+                               bytes.fromhex(self.source_sha256)),
+                self.build_type, Target(self.arch or "x86_64", self.os or "fedora-41"),
+                dict(self.options), self.time_limit_s,
+            )
+            if self.pool is not None:
+                Query(pool=self.pool)
+        except (RemoteError, ValueError) as exc:
+            raise BadRequestError(str(exc)) from None
+        if not 1 <= self.replicas <= 8:
+            raise BadRequestError("replicas must be 1 to 8")
+        if self.source_url and not self.source_url.startswith(("https://", "http://")):
+            raise BadRequestError("source url must be http:// or https://")
+
+
+@attrs.frozen
+class EngineStatistics:
+    builds_running: int
+    attempts_running: int
+    #: Node errors by code.
+    node_errors: tuple[tuple[str, int], ...]
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "builds_running": self.builds_running,
+            "attempts_running": self.attempts_running,
+            "node_errors": dict(self.node_errors),
+        }
+
+
+@attrs.frozen
+class SourceStore:
+    """Content-addressed source files: ``<root>/<sha256 hex>``."""
+
+    root: Path
+
+    def path(self, sha256_hex: str) -> Path:
+        if len(sha256_hex) != 64 or any(c not in "0123456789abcdef" for c in sha256_hex):
+            raise BadRequestError("a SHA-256 is 64 lowercase hex digits")
+        return self.root / sha256_hex
+
+    def has(self, sha256_hex: str) -> bool:
+        return self.path(sha256_hex).is_file()
+
+    async def fetch(self, url: str, sha256_hex: str, max_bytes: int) -> int:
+        """Download ``url`` into the store, checking size and SHA-256; returns the size.
+        Raises :class:`SourceUnavailableError`."""
+        import hashlib
+
+        target = self.path(sha256_hex)
+        await trio.Path(self.root).mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".part")
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            async with (
+                httpx.AsyncClient(timeout=60, trust_env=False, follow_redirects=True) as client,
+                client.stream("GET", url) as response,
+            ):
+                if response.status_code != 200:
+                    raise SourceUnavailableError(f"source URL answered HTTP {response.status_code}")
+                async with await trio.open_file(partial, "wb") as f:
+                    async for chunk in response.aiter_bytes():
+                        size += len(chunk)
+                        if size > max_bytes:
+                            raise SourceUnavailableError(f"source is over {max_bytes} bytes")
+                        digest.update(chunk)
+                        await f.write(chunk)
+        except httpx.HTTPError as exc:
+            raise SourceUnavailableError(f"cannot fetch the source: {exc}") from None
+        if digest.hexdigest() != sha256_hex:
+            await trio.Path(partial).unlink(missing_ok=True)
+            raise SourceUnavailableError("the fetched source does not match its SHA-256")
+        await trio.Path(partial).rename(target)
+        return size
+
+
+def _backoff(base: float, tries: int, limit: float) -> float:
+    return float(min(limit, base * 2**tries))
+
+
+@attrs.define(eq=False)
+class Engine:
+    """The dispatcher's build engine. Start with ``await nursery.start(engine.run)``; then
+    :meth:`accept` builds and :meth:`cancel` them.
+
+    ``clock`` gives Unix seconds; ``rng`` drives selection. Peer failures never end
+    :meth:`run`: they are counted (:meth:`statistics`) and the node replaced. It raises
+    only for local failures (the database or the repository directory).
+    """
+
+    db: Database
+    identity: Identity
+    trust_list: TrustList
+    finder: NodeFinder
+    sink: RepositorySink
+    config: EngineConfig
+    connector: NodeConnector = attrs.field(factory=NodeConnector)
+    clock: Clock = time.time
+    rng: random.Random = attrs.field(factory=random.SystemRandom)
+    ratings: RatingBook = attrs.field(default=None)
+    _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
+    _wake: dict[str, trio.Event] = attrs.field(factory=dict, init=False)
+    _running: set[str] = attrs.field(factory=set, init=False)
+    _attempt_tasks: int = attrs.field(default=0, init=False)
+    _changed: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _errors: Counter[str] = attrs.field(factory=Counter, init=False)
+    _beats: dict[str, float] = attrs.field(factory=dict, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        if self.ratings is None:
+            self.ratings = RatingBook(self.db)
+
+    @property
+    def sources(self) -> SourceStore:
+        return SourceStore(self.config.state_dir / "sources")
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Resume every unfinished build, then run until cancelled.
+
+        Cancelling leaves attempts on nodes running: a restart re-attaches to them.
+        """
+        for sub in ("sources", "work", "reports"):
+            (self.config.state_dir / sub).mkdir(parents=True, exist_ok=True)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                resumed = self.db.builds(
+                    states=[BuildState.QUEUED, BuildState.RUNNING], limit=1_000_000
+                )
+                for build in reversed(resumed):
+                    self.db.audit(self.clock(), "resumed", build.id, state=build.state.value)
+                    self._spawn(build.id)
+                task_status.started()
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+                with trio.CancelScope(shield=True):
+                    await self.connector.aclose()
+
+    def _spawn(self, build_id: str) -> None:
+        assert self._nursery is not None
+        if build_id not in self._running:
+            self._running.add(build_id)
+            self._nursery.start_soon(self._drive, build_id, name=f"build {build_id[:12]}")
+
+    def _poke(self, build_id: str) -> None:
+        event = self._wake.pop(build_id, None)
+        if event is not None:
+            event.set()
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_changed(self) -> None:
+        """Return at the next change of any build (for API followers)."""
+        await self._changed.wait()
+
+    def statistics(self) -> EngineStatistics:
+        return EngineStatistics(
+            len(self._running), self._attempt_tasks, tuple(sorted(self._errors.items()))
+        )
+
+    # -- the API's calls -----------------------------------------------------------------------
+
+    def accept(self, request: BuildRequest, user: str, team: str | None) -> BuildRow:
+        """Validate, persist (committed before returning) and start a build.
+
+        The source must already be in :attr:`sources` unless ``request.source_url`` is set.
+        A build accepted before :meth:`run` starts is started by it. Raises
+        :class:`BadRequestError`.
+        """
+        request.validate()
+        ready = self.sources.has(request.source_sha256)
+        if not ready and not request.source_url:
+            raise BadRequestError("the source is neither uploaded nor given by URL")
+        previous = self.db.platform(user)
+        arch = request.arch or (previous[0] if previous else self.config.default_arch)
+        os_name = request.os or (previous[1] if previous and previous[0] == arch else None)
+        os_name = os_name or self.config.default_os
+        now = self.clock()
+        build = BuildRow(
+            id=os.urandom(16).hex(),
+            created_at=now,
+            updated_at=now,
+            user=user,
+            team=team,
+            state=BuildState.QUEUED,
+            source_name=request.source_name,
+            source_sha256=request.source_sha256,
+            source_size=request.source_size,
+            source_url=request.source_url,
+            source_ready=ready,
+            build_type=request.build_type.value,
+            arch=arch,
+            os=os_name,
+            machine=request.machine.value if request.machine else None,
+            pool=request.pool,
+            replicas=request.replicas,
+            min_memory_mb=request.min_memory_mb,
+            min_disk_mb=request.min_disk_mb,
+            options=json.dumps(dict(request.options), sort_keys=True),
+            time_limit_s=request.time_limit_s,
+        )
+        self.db.insert_build(build)
+        if self._nursery is not None:
+            self._spawn(build.id)
+        self._changed.set()
+        self._changed = trio.Event()
+        return build
+
+    def cancel(self, build_id: str, by: str) -> BuildRow:
+        """Request cancellation; the build's task tells the nodes. Raises
+        :class:`UnknownBuildError`."""
+        build = self.db.request_cancel(build_id, self.clock(), by)
+        if not build.state.terminal:
+            if build_id not in self._running and self._nursery is not None:
+                self._spawn(build_id)
+            self._poke(build_id)
+        return build
+
+    # -- one build -----------------------------------------------------------------------------
+
+    async def _drive(self, build_id: str) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                tasks: dict[int, trio.CancelScope] = {}
+                waiting_since: float | None = None
+                while True:
+                    wake = self._wake.setdefault(build_id, trio.Event())
+                    build = self.db.build(build_id)
+                    if build.state.terminal:
+                        break
+                    attempts = self.db.attempts(build_id)
+                    if build.cancel_requested:
+                        await self._finish_attempts(build, attempts, tasks, "build cancelled")
+                        self.db.set_build_state(
+                            build_id, BuildState.CANCELLED, self.clock(), reason="cancelled"
+                        )
+                        break
+                    if not build.source_ready:
+                        await self._fetch_source(build)
+                        continue
+                    for attempt in attempts:
+                        if attempt.active and attempt.id not in tasks:
+                            tasks[attempt.id] = await nursery.start(self._attempt_task, attempt.id)
+                    step = await self._step(build, attempts, tasks, nursery)
+                    if step is _DONE:
+                        break
+                    if step is None:
+                        waiting_since = None
+                        await wake.wait()
+                        continue
+                    assert isinstance(step, _Wait)
+                    waiting_since = waiting_since or self.clock()
+                    if self.clock() - waiting_since > self.config.no_node_wait_s:
+                        await self._fail(build, attempts, tasks, step.reason)
+                        break
+                    with trio.move_on_after(max(step.until - self.clock(), 0.0)):
+                        await wake.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._running.discard(build_id)
+            self._wake.pop(build_id, None)
+            self._changed.set()
+            self._changed = trio.Event()
+        self._cleanup(build_id)
+
+    async def _fetch_source(self, build: BuildRow) -> None:
+        try:
+            size = await self.sources.fetch(
+                build.source_url, build.source_sha256, self.config.max_source_bytes
+            )
+        except SourceUnavailableError as exc:
+            self.db.set_build_state(
+                build.id, BuildState.FAILED, self.clock(), reason=f"source: {exc}"
+            )
+            return
+        self.db.set_source_ready(build.id, self.clock(), size)
+
+    def _replicas(self, attempts: list[AttemptRow]) -> list[Replica]:
+        replicas = []
+        for attempt in attempts:
+            if attempt.state is not AttemptState.SUCCEEDED:
+                continue
+            raw = self.db.result_bytes(attempt.id)
+            assert raw is not None, attempt.id
+            result = Result.from_bytes(raw)
+            replicas.append(Replica(result.node, attempt.operator, result, attempt.id))
+        return replicas
+
+    async def _step(
+        self,
+        build: BuildRow,
+        attempts: list[AttemptRow],
+        tasks: dict[int, trio.CancelScope],
+        nursery: trio.Nursery,
+    ) -> _Wait | object | None:
+        """Decide and act once. Returns ``_DONE``, None (wait for a change) or a
+        :class:`_Wait` (no node yet: look again at a time)."""
+        now = self.clock()
+        active = [a for a in attempts if a.active]
+        verdict = assess(self._replicas(attempts), build.replicas)
+        if isinstance(verdict, Verified):
+            agreeing_ops = {r.operator for r in verdict.agreeing}
+            if active and len(agreeing_ops) < build.replicas:
+                return None  # the other requested replicas are still building
+            await self._complete(build, attempts, tasks, verdict)
+            return _DONE
+        failed_ops = {a.operator for a in attempts if a.state is AttemptState.FAILED}
+        if len(failed_ops) >= 2:
+            states = sorted({self._result_state(a) for a in attempts
+                             if a.state is AttemptState.FAILED})
+            await self._fail(
+                build, attempts, tasks,
+                f"the build failed on {len(failed_ops)} operators "
+                f"({', '.join(sorted(failed_ops))}): {', '.join(states)}",
+            )
+            return _DONE
+        if not active and len(attempts) >= self.config.max_attempts:
+            reasons = "; ".join(f"{a.operator}: {a.reason or a.state.value}" for a in attempts[-3:])
+            await self._fail(
+                build, attempts, tasks, f"gave up after {len(attempts)} attempts ({reasons})"
+            )
+            return _DONE
+        if isinstance(verdict, NeedTieBreak):
+            report = difference_report(verdict.groups)
+            if build.report != report:
+                report = await self._with_diffoscope(report, verdict.groups, build)
+                self.db.set_build_state(
+                    build.id, BuildState.RUNNING, now,
+                    reason="replicas disagree; tie-break on another operator", report=report,
+                    groups=[[r.result.node.fingerprint for r in g] for g in verdict.groups],
+                )
+            if active:
+                return None
+            tiebreaks = sum(1 for a in attempts if a.role == "tiebreak")
+            if tiebreaks >= self.config.max_tiebreaks:
+                await self._fail(
+                    build, attempts, tasks,
+                    f"replicas disagree after {tiebreaks} tie-break(s); nothing stored",
+                )
+                return _DONE
+            exclude_ops = set(verdict.operators) | {a.operator for a in active}
+            return await self._choose(build, attempts, 1, exclude_ops, "tiebreak", nursery, tasks)
+        covered = set(verdict.operators) | {a.operator for a in active}
+        missing = max(build.replicas, 2) - len(covered)
+        if missing <= 0:
+            return None
+        role = "replica" if not attempts else "replacement"
+        if len(attempts) + missing > self.config.max_attempts and not active:
+            missing = max(self.config.max_attempts - len(attempts), 0)
+        if missing == 0:
+            return None
+        return await self._choose(build, attempts, missing, covered, role, nursery, tasks)
+
+    def _result_state(self, attempt: AttemptRow) -> str:
+        raw = self.db.result_bytes(attempt.id)
+        return Result.from_bytes(raw).state.value if raw else attempt.state.value
+
+    async def _choose(
+        self,
+        build: BuildRow,
+        attempts: list[AttemptRow],
+        count: int,
+        exclude_ops: set[str],
+        role: str,
+        nursery: trio.Nursery,
+        tasks: dict[int, trio.CancelScope],
+    ) -> _Wait | object | None:
+        now = self.clock()
+        losses = Counter(a.node for a in attempts
+                         if a.state in (AttemptState.LOST, AttemptState.FAILED))
+        excluded: dict[str, float] = {}
+        for attempt in attempts:
+            if attempt.state in (AttemptState.LOST, AttemptState.FAILED):
+                until = (attempt.ended_at or now) + _backoff(
+                    self.config.node_retry_base_s, losses[attempt.node] - 1,
+                    self.config.backoff_max_s,
+                )
+                if until > now:
+                    excluded[attempt.node] = max(until, excluded.get(attempt.node, 0.0))
+        machine = MachineType(build.machine) if build.machine else None
+        query = Query(arch=build.arch, os=build.os, machine=machine, pool=build.pool)
+        entries = await self.finder.find(query)
+        self._heartbeats(entries)
+        previous = self.db.platform(build.user)
+        affinity = (
+            Platform(previous[0], previous[1], MachineType(previous[2]) if previous[2] else None)
+            if previous else None
+        )
+        requirements = Requirements(
+            arch=build.arch,
+            os=build.os,
+            build_type=BuildType(build.build_type),
+            count=count,
+            machine=machine,
+            pool=build.pool,
+            min_memory_mb=build.min_memory_mb,
+            min_disk_mb=build.min_disk_mb,
+            team=build.team,
+            dedicated_pools=self.config.dedicated_pools,
+            exclude_nodes=frozenset(PublicKey.from_text(k) for k in excluded),
+            exclude_operators=frozenset(exclude_ops),
+            affinity=affinity,
+        )
+        candidates = self._candidates(entries)
+        try:
+            chosen = select_nodes(candidates, requirements, self.rng, self.config.selection)
+        except NoCapableNodeError as exc:
+            if exc.constraint not in _TRANSIENT:
+                await self._fail(build, attempts, tasks, str(exc))
+                return _DONE
+            self.db.audit(now, "no-node-yet", build.id, constraint=exc.constraint,
+                          reason=str(exc))
+            retry = min(excluded.values(), default=now + self.config.node_retry_base_s)
+            return _Wait(min(retry, now + self.config.backoff_max_s), str(exc))
+        for candidate in chosen:
+            if candidate.capability.pull_only and not self.connector.pull_available:
+                continue
+            self._create_attempt(build, candidate, role, len(candidates), requirements)
+        for attempt in self.db.attempts(build.id):
+            if attempt.active and attempt.id not in tasks:
+                tasks[attempt.id] = await nursery.start(self._attempt_task, attempt.id)
+        return None
+
+    def _candidates(self, entries: list[NodeEntry]) -> list[Candidate]:
+        active = self.db.active_attempts_by_node()
+        keys = [str(e.publisher) for e in entries]
+        ratings = self.ratings.ratings(self.clock(), keys)
+        return [
+            Candidate(
+                e.publisher, e.capability, e.status,
+                e.trust if e.trust is not None else self.trust_list.entry(e.publisher),
+                ratings[str(e.publisher)].score, active.get(str(e.publisher), 0),
+            )
+            for e in entries
+        ]
+
+    def _heartbeats(self, entries: list[NodeEntry]) -> None:
+        now = self.clock()
+        for entry in entries:
+            key = str(entry.publisher)
+            status = entry.status
+            if status is None or now - self._beats.get(key, -math.inf) < (
+                self.config.heartbeat_interval_s
+            ):
+                continue
+            self._beats[key] = now
+            operator = entry.trust.operator if entry.trust else "?"
+            self.ratings.heartbeat(key, operator, status.uptime_s, now)
+
+    def _create_attempt(
+        self, build: BuildRow, candidate: Candidate, role: str, considered: int,
+        requirements: Requirements,
+    ) -> AttemptRow:
+        now = self.clock()
+        source_url = (
+            f"{self.config.public_url.rstrip('/')}/v1/sources/{build.source_sha256}"
+            if self.config.public_url else ""
+        )
+        spec = JobSpec(
+            SourceArtifact(build.source_name, build.source_size,
+                           bytes.fromhex(build.source_sha256), source_url),
+            BuildType(build.build_type),
+            Target(build.arch, build.os),
+            build.options_map,
+            build.time_limit_s,
+        )
+        job = Job.create(
+            self.identity, spec, issued_at=int(now),
+            lifetime=build.time_limit_s + self.config.job_margin_s, node=candidate.key,
+        )
+        capability = candidate.capability
+        return self.db.insert_attempt(
+            build_id=build.id,
+            node=str(candidate.key),
+            operator=candidate.operator,
+            endpoint=capability.endpoint,
+            tls_sha256=capability.tls_sha256,
+            role=role,
+            job_id=job.id_hex,
+            job=job.to_bytes(),
+            now=now,
+            why={
+                "rating": round(candidate.rating, 4),
+                "load": round(candidate.load, 3),
+                "candidates": considered,
+                "machine": capability.machine.value,
+                "mode": "pull" if capability.pull_only else "push",
+                "excluded_operators": sorted(requirements.exclude_operators),
+                "reason": "power of two choices among the best-rated, least-loaded "
+                          "trusted nodes matching the constraints",
+            },
+        )
+
+    async def _complete(
+        self,
+        build: BuildRow,
+        attempts: list[AttemptRow],
+        tasks: dict[int, trio.CancelScope],
+        verdict: Verified,
+    ) -> None:
+        now = self.clock()
+        by_id = {a.id: a for a in attempts}
+        proof = [
+            ProofItem(
+                Job.from_bytes(by_id[r.attempt].job), r.result, r.operator,
+                self._work_dir(build.id, r.attempt),
+            )
+            for r in verdict.proof
+        ]
+        path = await trio.to_thread.run_sync(
+            lambda: self.sink.store(
+                build.id, build.source_name, build.source_sha256, proof,
+                trust_list=self.trust_list, now=now,
+                extra={"user": build.user, "arch": build.arch, "os": build.os,
+                       "build_type": build.build_type},
+            )
+        )
+        agreeing = {r.attempt for r in verdict.agreeing}
+        for replica in (*verdict.agreeing, *verdict.outliers):
+            node = str(replica.node)
+            ok = replica.attempt in agreeing
+            self.ratings.record(
+                node, Signal.AGREEMENT, 1.0 if ok else 0.0, now, build_id=build.id,
+                reason="" if ok else "outlier: artifacts differ from the verified build",
+            )
+        for attempt in attempts:
+            if attempt.state is AttemptState.FAILED:
+                self.ratings.record(
+                    attempt.node, Signal.SUCCESS, 0.0, now, build_id=build.id,
+                    reason="build failed where other operators succeeded",
+                )
+        self.ratings.record_durations(
+            {str(r.node): r.result.duration_ms for r in verdict.agreeing}, now,
+            build_id=build.id,
+        )
+        report = build.report
+        if verdict.outliers and not report:
+            groups = [list(verdict.agreeing)] + [[o] for o in verdict.outliers]
+            report = difference_report(groups)
+        machine = next(
+            (e.capability.machine.value for e in [await self.finder.lookup(verdict.proof[0].node)]
+             if e is not None), build.machine,
+        )
+        self.db.set_platform(build.user, build.arch, build.os, machine, now)
+        await self._finish_attempts(build, attempts, tasks, "build verified")
+        operators = " and ".join(r.operator for r in verdict.proof)
+        self.db.set_build_state(
+            build.id, BuildState.VERIFIED, self.clock(),
+            reason=f"verified by {operators}", sink_path=str(path), report=report,
+            proof=[str(r.node) for r in verdict.proof],
+            outliers=[str(r.node) for r in verdict.outliers],
+        )
+        if report:
+            await self._write_report(build.id, report)
+
+    async def _fail(
+        self, build: BuildRow, attempts: list[AttemptRow],
+        tasks: dict[int, trio.CancelScope], reason: str,
+    ) -> None:
+        await self._finish_attempts(build, attempts, tasks, "build failed")
+        self.db.set_build_state(build.id, BuildState.FAILED, self.clock(), reason=reason)
+        report = self.db.build(build.id).report
+        if report:
+            await self._write_report(build.id, report)
+
+    async def _write_report(self, build_id: str, report: str) -> None:
+        path = trio.Path(self.config.state_dir / "reports" / f"{build_id}.txt")
+        await path.write_text(report)
+
+    async def _with_diffoscope(
+        self, report: str, groups: tuple[tuple[Replica, ...], ...], build: BuildRow
+    ) -> str:
+        first, second = groups[0][0], groups[1][0]
+        for item in first.result.artifacts:
+            other = second.result.artifact(item.name)
+            if other is not None and other.sha256 != item.sha256:
+                left = self._work_dir(build.id, first.attempt) / item.name
+                right = self._work_dir(build.id, second.attempt) / item.name
+                text = await diffoscope_report(left, right)
+                if text:
+                    return f"{report}\ndiffoscope {item.name}:\n{text}"
+                break
+        return report
+
+    async def _finish_attempts(
+        self, build: BuildRow, attempts: list[AttemptRow], tasks: dict[int, trio.CancelScope],
+        why: str,
+    ) -> None:
+        """Stop our tasks for the build's active attempts and cancel the jobs on the nodes
+        (best effort: a node that does not answer within the timeout is left alone)."""
+        active = [a for a in attempts if a.active]
+        for attempt in active:
+            scope = tasks.get(attempt.id)
+            if scope is not None:
+                scope.cancel()
+        async with trio.open_nursery() as nursery:
+            for attempt in active:
+                if attempt.state is AttemptState.RUNNING:
+                    nursery.start_soon(self._cancel_on_node, attempt)
+        for attempt in active:
+            self.db.set_attempt_state(attempt, AttemptState.CANCELLED, self.clock(), reason=why)
+
+    async def _cancel_on_node(self, attempt: AttemptRow) -> None:
+        try:
+            client = self.connector.client(
+                PublicKey.from_text(attempt.node), attempt.endpoint, attempt.tls_sha256
+            )
+        except NodeError:
+            return
+        try:
+            with trio.move_on_after(self.config.node_timeout_s):
+                await client.cancel(bytes.fromhex(attempt.job_id))
+        except NodeError as exc:
+            self._errors[exc.code] += 1
+        finally:
+            await client.aclose()
+
+    def _work_dir(self, build_id: str, attempt_id: int) -> Path:
+        return self.config.state_dir / "work" / build_id / str(attempt_id)
+
+    def _cleanup(self, build_id: str) -> None:
+        shutil.rmtree(self.config.state_dir / "work" / build_id, ignore_errors=True)
+
+    # -- one attempt ---------------------------------------------------------------------------
+
+    async def _attempt_task(
+        self, attempt_id: int, *, task_status: trio.TaskStatus[trio.CancelScope]
+    ) -> None:
+        with trio.CancelScope() as scope:
+            task_status.started(scope)
+            attempt = self.db.attempt(attempt_id)
+            self._attempt_tasks += 1
+            try:
+                await self._run_attempt(attempt)
+            except NodeError as exc:
+                self._errors[exc.code] += 1
+                self._lose(attempt, exc)
+            finally:
+                self._attempt_tasks -= 1
+                self._poke(attempt.build_id)
+
+    def _lose(self, attempt: AttemptRow, exc: NodeError) -> None:
+        now = self.clock()
+        current = self.db.attempt(attempt.id)
+        if not current.active:
+            return
+        reason = f"{exc.code}: {exc}"
+        self.db.set_attempt_state(attempt, AttemptState.LOST, now, reason=reason)
+        self.ratings.record(attempt.node, Signal.SUCCESS, 0.0, now,
+                            build_id=attempt.build_id, reason=reason)
+        if isinstance(exc, NodeVanishedError):
+            self.ratings.node_failed(attempt.node, attempt.operator, now, reason)
+
+    async def _run_attempt(self, attempt: AttemptRow) -> None:
+        job = Job.from_bytes(attempt.job)
+        node = PublicKey.from_text(attempt.node)
+        client = self.connector.client(node, attempt.endpoint, attempt.tls_sha256)
+        try:
+            if attempt.state is AttemptState.PENDING:
+                await self._submit(client, job, node)
+                self.db.set_attempt_state(attempt, AttemptState.RUNNING, self.clock())
+                self._poke(attempt.build_id)
+            else:
+                await client.resume(job)
+            await self._wait_done(client, job, node)
+            result = await client.result(job.job_id)
+            if result is None:
+                raise BadNodeResultError("the node says the job is done but has no result")
+            try:
+                result.check_answers(job, node)
+            except RemoteError as exc:
+                raise BadNodeResultError(f"{exc.code}: {exc}") from None
+            final = AttemptState.FAILED
+            if result.state is ResultState.SUCCEEDED:
+                work = self._work_dir(attempt.build_id, attempt.id)
+                for item in result.artifacts:
+                    await client.download(job.job_id, item, work / item.name)
+                final = AttemptState.SUCCEEDED
+        finally:
+            with trio.CancelScope(shield=True):
+                await client.aclose()
+        now = self.clock()
+        self.db.store_result(
+            attempt, result.to_bytes(), result.state.value, final, now,
+            reason="" if final is AttemptState.SUCCEEDED else f"build {result.state.value}",
+            duration_ms=result.duration_ms, artifacts=len(result.artifacts),
+        )
+        if final is AttemptState.SUCCEEDED:
+            self.ratings.record(attempt.node, Signal.SUCCESS, 1.0, now, build_id=attempt.build_id)
+
+    async def _submit(self, client: NodeClient, job: Job, node: PublicKey) -> None:
+        tries = 0
+        while True:
+            try:
+                await client.submit(job)
+                return
+            except NodeError as exc:
+                # Busy or unreachable: back off and try again, a few times. Anything else
+                # (refused: bad signature, expired, wrong node) will not get better.
+                if exc.code not in ("node-busy", "node-unreachable"):
+                    raise
+                tries += 1
+                if tries >= self.config.submit_tries:
+                    raise
+                self._errors[exc.code] += 1
+                if await self.finder.lookup(node) is None:
+                    raise NodeVanishedError("the node left the directory") from None
+                await trio.sleep(_backoff(self.config.backoff_base_s, tries - 1,
+                                          self.config.backoff_max_s))
+
+    async def _wait_done(self, client: NodeClient, job: Job, node: PublicKey) -> None:
+        unreachable_since: float | None = None
+        tries = 0
+        while True:
+            remaining = job.expires_at - self.clock()
+            if remaining <= 0:
+                with trio.move_on_after(self.config.node_timeout_s):
+                    with contextlib.suppress(NodeError):
+                        await client.cancel(job.job_id)
+                raise NodeTimeoutError(f"no result within the job's lifetime ({job.id_hex})")
+            try:
+                follow = min(remaining, self.config.follow_interval_s)
+                if await client.wait_done(job.job_id, follow):
+                    return
+                unreachable_since, tries = None, 0
+            except NodeUnreachableError:
+                now = self.clock()
+                unreachable_since = unreachable_since or now
+                if now - unreachable_since > self.config.unreachable_after_s:
+                    raise
+                tries += 1
+                if await self.finder.lookup(node) is None:
+                    raise NodeVanishedError("unreachable and gone from the directory") from None
+                await trio.sleep(_backoff(self.config.backoff_base_s, tries - 1,
+                                          self.config.backoff_max_s))
+                continue
+            entry = await self.finder.lookup(node)
+            if entry is None:
+                raise NodeVanishedError("gone from the directory while building")
+            self._heartbeats([entry])
+
+
+_DONE = object()
+
+
+@attrs.frozen
+class _Wait:
+    """No node satisfies the build now, for a reason that may pass: look again at
+    ``until`` (Unix seconds); ``reason`` is the selection's message."""
+
+    until: float
+    reason: str

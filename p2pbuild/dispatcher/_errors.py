@@ -1,0 +1,145 @@
+"""The dispatcher's branch of the error tree.
+
+As everywhere in p2pbuild the branch splits into what a peer or client did wrong
+(:class:`~p2pbuild.RemoteError`: counted, the input dropped, never fatal) and what we got
+wrong (:class:`~p2pbuild.LocalError`: a bug or a misconfiguration, propagates).
+
+* :class:`NodeError` and its subclasses: a build node misbehaved or could not be reached.
+  The node client (``_nodes.py``) is the one boundary where network and codec errors
+  become these; the engine catches only this family, replaces the node and lowers its
+  rating.
+* :class:`NoCapableNodeError`: no node satisfies a build's constraints; its message names
+  the constraint that failed, and ``constraint`` names it for machines.
+* :class:`ClientError` and subclasses: a client's request to the dispatcher API is bad.
+"""
+
+from __future__ import annotations
+
+from .._errors import LocalError, P2PBuildError, RemoteError
+
+__all__ = [
+    "ArtifactDigestError",
+    "AuthenticationError",
+    "BadNodeResultError",
+    "BadRequestError",
+    "ClientError",
+    "ConfigError",
+    "DispatcherError",
+    "NoCapableNodeError",
+    "NodeBusyError",
+    "NodeError",
+    "NodeRefusedError",
+    "NodeUnreachableError",
+    "SinkError",
+    "SourceUnavailableError",
+    "UnknownBuildError",
+]
+
+
+class DispatcherError(P2PBuildError):
+    """Base of the errors the dispatcher raises on purpose."""
+
+    code = "dispatcher"
+
+
+class NoCapableNodeError(DispatcherError):
+    """No node satisfies the constraints. ``constraint`` is a short stable name of the one
+    that failed (``arch``, ``os``, ``build-type``, ``operators``, ``pool-dedicated``, ...);
+    the message says it for people, with counts."""
+
+    code = "no-capable-node"
+
+    def __init__(self, message: str, constraint: str) -> None:
+        super().__init__(message)
+        self.constraint = constraint
+
+
+# -- nodes (remote) ----------------------------------------------------------------------------
+
+
+class NodeError(DispatcherError, RemoteError):
+    """A build node failed us: unreachable, refused, or answered something wrong."""
+
+    code = "node-error"
+
+
+class NodeUnreachableError(NodeError):
+    """No HTTPS answer (connection refused, timeout, TLS pin mismatch, dropped stream)."""
+
+    code = "node-unreachable"
+
+
+class NodeBusyError(NodeError):
+    """The node has no free slot or is draining (HTTP 503); the job may be sent again."""
+
+    code = "node-busy"
+
+
+class NodeRefusedError(NodeError):
+    """The node refused the job or a request for good (any other 4xx/5xx answer).
+
+    ``status`` is the HTTP status and ``node_code`` the node's error code, e.g. ``replayed``.
+    """
+
+    code = "node-refused"
+
+    def __init__(self, message: str, status: int, node_code: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.node_code = node_code
+
+
+class BadNodeResultError(NodeError):
+    """A result that does not parse, is not signed by the node, or answers another job."""
+
+    code = "bad-result"
+
+
+class ArtifactDigestError(NodeError):
+    """A downloaded artifact whose size or SHA-256 is not what the signed result says."""
+
+    code = "artifact-digest-mismatch"
+
+
+# -- clients (remote) --------------------------------------------------------------------------
+
+
+class ClientError(DispatcherError, RemoteError):
+    """A request to the dispatcher API that must be refused."""
+
+    code = "bad-request"
+
+
+class BadRequestError(ClientError):
+    code = "bad-request"
+
+
+class AuthenticationError(ClientError):
+    """No valid token or signature, or a key not on the trust list."""
+
+    code = "unauthenticated"
+
+
+class UnknownBuildError(ClientError):
+    code = "unknown-build"
+
+
+class SourceUnavailableError(ClientError):
+    """A build's source URL could not be fetched, or did not match its SHA-256."""
+
+    code = "source-unavailable"
+
+
+# -- local ---------------------------------------------------------------------------------------
+
+
+class ConfigError(DispatcherError, LocalError):
+    """The dispatcher's configuration is invalid; the message is one line naming the key."""
+
+    code = "config"
+
+
+class SinkError(DispatcherError, LocalError):
+    """The repository directory cannot be written, or a stored file does not re-hash."""
+
+    code = "sink"

@@ -1,0 +1,428 @@
+"""How the engine finds nodes and talks to them.
+
+* :class:`NodeFinder`: ``find(query)`` and ``lookup(key)`` over the DHT
+  (:class:`DirectoryFinder`) or a fixed list (:class:`StaticFinder`, for tests, benchmarks
+  and a dispatcher configured with static nodes).
+* :class:`NodeClient`: one node's job API as the engine needs it. :class:`PushNodeClient`
+  speaks HTTPS to the node's endpoint with the certificate pinned to the ``tls_sha256`` of its
+  signed capability record (``docs/node-api.md``). Pull-mode nodes are reached through a
+  :class:`PullQueue` (``_pull.py``), adapted by :class:`PullNodeClient`.
+
+This module is the one boundary where the network's and the peer's failures become
+:class:`NodeError` subclasses: ``httpx`` errors, TLS pin mismatches, refusals, results that
+do not parse or are not signed by the node. The engine catches only :class:`NodeError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import attrs
+import httpx
+import trio
+
+from .._errors import RemoteError
+from .._identity import PublicKey
+from .._jobs import FileDigest, Job, Result
+from .._records import Capability, Kind, SignedRecord
+from .._trust import TrustList
+from ..dht import Directory, NodeEntry, Query, node_key
+from ..node._tls import pinned_client
+from ._errors import (
+    ArtifactDigestError,
+    BadNodeResultError,
+    NodeBusyError,
+    NodeError,
+    NodeRefusedError,
+    NodeUnreachableError,
+)
+
+__all__ = [
+    "DirectoryFinder",
+    "NodeClient",
+    "NodeConnector",
+    "NodeFinder",
+    "PullNodeClient",
+    "PullQueue",
+    "PushNodeClient",
+    "StaticFinder",
+    "entry_from_records",
+]
+
+MSGPACK = "application/msgpack"
+
+
+class NodeFinder(Protocol):
+    async def find(self, query: Query) -> list[NodeEntry]:
+        """Trusted nodes matching ``query`` with their latest capability and status."""
+        ...
+
+    async def lookup(self, key: PublicKey) -> NodeEntry | None:
+        """The node's current records, or None if it is gone from the directory."""
+        ...
+
+
+@attrs.define(eq=False)
+class DirectoryFinder:
+    """A :class:`NodeFinder` over a running DHT :class:`~p2pbuild.dht.Directory`."""
+
+    directory: Directory
+    trust_list: TrustList
+
+    async def find(self, query: Query) -> list[NodeEntry]:
+        return await self.directory.find(query, self.trust_list)
+
+    async def lookup(self, key: PublicKey) -> NodeEntry | None:
+        records = await self.directory.get(node_key(key))
+        return entry_from_records([r for r in records if r.publisher == key], self.trust_list)
+
+
+def entry_from_records(
+    records: Sequence[SignedRecord], trust_list: TrustList | None = None
+) -> NodeEntry | None:
+    """The :class:`NodeEntry` of one publisher's records (latest capability and status),
+    or None without a capability."""
+    capability = status = None
+    for record in records:
+        if record.kind is Kind.CAPABILITY and (capability is None or record.seq > capability.seq):
+            capability = record
+        if record.kind is Kind.STATUS and (status is None or record.seq > status.seq):
+            status = record
+    if capability is None:
+        return None
+    trust = trust_list.entry(capability.publisher) if trust_list is not None else None
+    return NodeEntry(capability.publisher, capability, status, trust)
+
+
+@attrs.define(eq=False)
+class StaticFinder:
+    """A fixed set of nodes; :meth:`remove` makes one vanish, :meth:`put` (re)adds one."""
+
+    trust_list: TrustList
+    entries: dict[PublicKey, NodeEntry] = attrs.field(factory=dict)
+
+    def put(self, entry: NodeEntry) -> None:
+        self.entries[entry.publisher] = attrs.evolve(
+            entry, trust=self.trust_list.entry(entry.publisher)
+        )
+
+    def remove(self, key: PublicKey) -> None:
+        self.entries.pop(key, None)
+
+    async def find(self, query: Query) -> list[NodeEntry]:
+        await trio.lowlevel.checkpoint()
+        return [
+            e for _, e in sorted(self.entries.items())
+            if query.matches(_capability(e))
+        ]
+
+    async def lookup(self, key: PublicKey) -> NodeEntry | None:
+        await trio.lowlevel.checkpoint()
+        return self.entries.get(key)
+
+
+def _capability(entry: NodeEntry) -> Capability:
+    return entry.capability
+
+
+class NodeClient(Protocol):
+    """One node's job API. Every method raises only :class:`NodeError` subclasses for
+    anything the node or the network does wrong (and ``trio.Cancelled``)."""
+
+    async def submit(self, job: Job) -> None:
+        """Hand ``job`` to the node. Returns if the node has it (accepted now, or already:
+        a ``replayed`` answer to a job we sent before a restart). Raises
+        :class:`NodeBusyError` (try later or elsewhere) or another :class:`NodeError`."""
+        ...
+
+    async def resume(self, job: Job) -> None:
+        """Re-attach after a dispatcher restart to a job the node already has."""
+        ...
+
+    async def wait_done(self, job_id: bytes, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the job to end; True when it has."""
+        ...
+
+    async def result(self, job_id: bytes) -> Result | None:
+        """The authenticated signed result, or None while running."""
+        ...
+
+    async def download(self, job_id: bytes, item: FileDigest, dest: Path) -> None:
+        """Fetch artifact ``item`` to ``dest``, re-hashing it on arrival. Raises
+        :class:`ArtifactDigestError` if size or SHA-256 differ from ``item``."""
+        ...
+
+    async def cancel(self, job_id: bytes) -> None:
+        ...
+
+    async def aclose(self) -> None:
+        ...
+
+
+def _refusal(response: httpx.Response, what: str) -> NodeError:
+    try:
+        body = response.json()
+        code = str(body.get("error", "?"))[:64]
+        reason = str(body.get("reason", ""))[:200]
+    except (ValueError, AttributeError):
+        code, reason = "?", ""
+    if response.status_code == 503:
+        return NodeBusyError(f"{what}: node busy ({code})")
+    return NodeRefusedError(
+        f"{what}: HTTP {response.status_code} {code} {reason}".strip(), response.status_code, code
+    )
+
+
+@attrs.define(eq=False)
+class PushNodeClient:
+    """:class:`NodeClient` over HTTPS with a pinned certificate.
+
+    ``max_artifact_bytes`` bounds any single download beyond what the signed result says
+    (the result's own size is the exact bound; this caps what a result may claim).
+    """
+
+    endpoint: str
+    tls_sha256: bytes
+    timeout: float = 30.0
+    max_artifact_bytes: int = 4 * 1024**3
+    #: Shared by many attempts (kept by :class:`NodeConnector`): :meth:`aclose` is a no-op
+    #: and :meth:`close_shared` closes it.
+    shared: bool = False
+    _client: httpx.AsyncClient = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._client = pinned_client(self.tls_sha256, base_url=self.endpoint, timeout=self.timeout)
+
+    async def aclose(self) -> None:
+        if not self.shared:
+            await self._client.aclose()
+        else:
+            await trio.lowlevel.checkpoint()
+
+    async def close_shared(self) -> None:
+        await self._client.aclose()
+
+    async def _request(self, method: str, path: str, **kwargs: object) -> httpx.Response:
+        try:
+            return await self._client.request(method, path, **kwargs)  # type: ignore[arg-type]
+        except httpx.HTTPError as exc:
+            raise NodeUnreachableError(f"{method} {path}: {exc.__class__.__name__}") from None
+        except RemoteError as exc:  # CertificatePinError
+            raise NodeUnreachableError(f"{method} {path}: {exc}") from None
+
+    async def submit(self, job: Job) -> None:
+        response = await self._request(
+            "POST", "/v1/jobs", content=job.to_bytes(), headers={"content-type": MSGPACK}
+        )
+        if response.status_code == 202:
+            return
+        error = _refusal(response, "submit")
+        if isinstance(error, NodeRefusedError) and error.node_code == "replayed":
+            return  # it already has this job: we sent it before a restart
+        raise error
+
+    async def resume(self, job: Job) -> None:
+        """Nothing to do: the node kept the job across our restart (or answers 404)."""
+        await trio.lowlevel.checkpoint()
+
+    async def status(self, job_id: bytes) -> dict[str, object]:
+        response = await self._request("GET", f"/v1/jobs/{job_id.hex()}")
+        if response.status_code != 200:
+            raise _refusal(response, "status")
+        try:
+            body = response.json()
+        except ValueError:
+            raise BadNodeResultError("status is not JSON") from None
+        if not isinstance(body, dict):
+            raise BadNodeResultError("status is not a JSON object")
+        return body
+
+    async def wait_done(self, job_id: bytes, timeout: float) -> bool:
+        # Follow the live log: the node keeps the stream open until the build ends, so the
+        # end arrives without polling delay. A quiet build trips the read timeout instead.
+        path = f"/v1/jobs/{job_id.hex()}/log?follow=1"
+        with trio.move_on_after(timeout):
+            try:
+                async with self._client.stream(
+                    "GET", path, timeout=httpx.Timeout(self.timeout, read=timeout)
+                ) as response:
+                    if response.status_code != 200:
+                        raise _refusal(response, "follow")
+                    async for _ in response.aiter_raw():
+                        pass
+            except httpx.ReadTimeout:
+                pass
+            except httpx.HTTPError as exc:
+                raise NodeUnreachableError(f"follow: {exc.__class__.__name__}") from None
+            except RemoteError as exc:
+                raise NodeUnreachableError(f"follow: {exc}") from None
+        status = await self.status(job_id)
+        return status.get("phase") == "done"
+
+    async def result(self, job_id: bytes) -> Result | None:
+        response = await self._request("GET", f"/v1/jobs/{job_id.hex()}/result")
+        if response.status_code == 404:
+            try:
+                if response.json().get("error") == "not-finished":
+                    return None
+            except (ValueError, AttributeError):
+                pass
+            raise _refusal(response, "result")
+        if response.status_code != 200:
+            raise _refusal(response, "result")
+        try:
+            return Result.from_bytes(response.content)
+        except RemoteError as exc:
+            raise BadNodeResultError(f"result: {exc.code}: {exc}") from None
+
+    async def download(self, job_id: bytes, item: FileDigest, dest: Path) -> None:
+        if item.size > self.max_artifact_bytes:
+            raise ArtifactDigestError(f"{item.name}: {item.size} bytes is over the bound")
+        path = f"/v1/jobs/{job_id.hex()}/artifacts/{item.name}"
+        digest = hashlib.sha256()
+        size = 0
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            async with self._client.stream("GET", path) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    raise _refusal(response, f"download {item.name}")
+                async with await trio.open_file(dest, "wb") as f:
+                    async for chunk in response.aiter_bytes():
+                        size += len(chunk)
+                        if size > item.size:
+                            raise ArtifactDigestError(
+                                f"{item.name}: more than the signed {item.size} bytes"
+                            )
+                        digest.update(chunk)
+                        await f.write(chunk)
+        except httpx.HTTPError as exc:
+            raise NodeUnreachableError(f"download {item.name}: {exc.__class__.__name__}") from None
+        except RemoteError as exc:
+            if isinstance(exc, NodeError):
+                raise
+            raise NodeUnreachableError(f"download {item.name}: {exc}") from None
+        if size != item.size or digest.digest() != item.sha256:
+            raise ArtifactDigestError(
+                f"{item.name}: arrived as {size} bytes, SHA-256 {digest.hexdigest()[:16]}, "
+                f"the signed result says {item.size} bytes, {item.sha256.hex()[:16]}"
+            )
+
+    async def cancel(self, job_id: bytes) -> None:
+        response = await self._request("DELETE", f"/v1/jobs/{job_id.hex()}")
+        if response.status_code not in (200, 404):
+            raise _refusal(response, "cancel")
+
+
+class PullQueue(Protocol):
+    """What the engine needs from the pull-mode queue (``_pull.PullQueue``): jobs offered to
+    one node, taken when it long-polls, answered by the signed result and artifacts it
+    uploads (re-hashed by the queue as they stream in)."""
+
+    def offer(self, node: PublicKey | None, job: Job) -> object: ...
+
+    def withdraw(self, job_id: bytes) -> None: ...
+
+    def delivery(self, job_id: bytes) -> object | None: ...
+
+    async def wait_result(self, job_id: bytes) -> Result: ...
+
+    def artifact(self, job_id: bytes, name: str) -> Path | None: ...
+
+
+@attrs.define(eq=False)
+class PullNodeClient:
+    """:class:`NodeClient` for a pull-mode node, over a :class:`PullQueue`.
+
+    The queue lives in memory: after a dispatcher restart :meth:`resume` offers the job
+    again (a node that had taken it before the restart cannot upload to the new offer, so
+    that attempt ends by timeout and is replaced).
+    """
+
+    queue: PullQueue
+    node: PublicKey
+    _results: dict[bytes, Result] = attrs.field(factory=dict, init=False)
+
+    async def submit(self, job: Job) -> None:
+        await trio.lowlevel.checkpoint()
+        try:
+            self.queue.offer(self.node, job)
+        except RemoteError as exc:  # NodeBusyError: the queue is full
+            if isinstance(exc, NodeError):
+                raise
+            raise NodeRefusedError(f"pull queue: {exc}", 400, exc.code) from None
+
+    async def resume(self, job: Job) -> None:
+        if self.queue.delivery(job.job_id) is None:
+            await self.submit(job)
+
+    async def wait_done(self, job_id: bytes, timeout: float) -> bool:
+        with trio.move_on_after(timeout):
+            try:
+                self._results[job_id] = await self.queue.wait_result(job_id)
+            except RemoteError as exc:
+                if isinstance(exc, NodeError):
+                    raise
+                raise NodeRefusedError(f"pull queue: {exc}", 404, exc.code) from None
+            return True
+        return False
+
+    async def result(self, job_id: bytes) -> Result | None:
+        await trio.lowlevel.checkpoint()
+        return self._results.get(job_id)
+
+    async def download(self, job_id: bytes, item: FileDigest, dest: Path) -> None:
+        path = self.queue.artifact(job_id, item.name)
+        if path is None:
+            raise ArtifactDigestError(f"{item.name}: not uploaded by the node")
+        data = await trio.Path(path).read_bytes()
+        # The queue checked the upload; check again what we are about to keep.
+        if len(data) != item.size or hashlib.sha256(data).digest() != item.sha256:
+            raise ArtifactDigestError(f"{item.name}: upload does not match the signed digest")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        await trio.Path(dest).write_bytes(data)
+
+    async def cancel(self, job_id: bytes) -> None:
+        await trio.lowlevel.checkpoint()
+        self.queue.withdraw(job_id)
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+@attrs.define(eq=False)
+class NodeConnector:
+    """Makes the right :class:`NodeClient` for a node: push when it has an endpoint, pull
+    through ``pull_queue`` otherwise."""
+
+    pull_queue: PullQueue | None = None
+    timeout: float = 30.0
+    #: One pinned HTTPS client (and connection pool) per node endpoint and certificate:
+    #: a TLS context and handshake per attempt costs more than the rest of a small build.
+    _push: dict[tuple[str, bytes], PushNodeClient] = attrs.field(factory=dict, init=False)
+
+    @property
+    def pull_available(self) -> bool:
+        return self.pull_queue is not None
+
+    def client(self, node: PublicKey, endpoint: str, tls_sha256: bytes) -> NodeClient:
+        """Raises :class:`NodeUnreachableError` for a pull-only node without a queue."""
+        if endpoint:
+            key = (endpoint, tls_sha256)
+            client = self._push.get(key)
+            if client is None:
+                client = PushNodeClient(endpoint, tls_sha256, timeout=self.timeout, shared=True)
+                self._push[key] = client
+            return client
+        if self.pull_queue is None:
+            raise NodeUnreachableError("pull-only node, and this dispatcher has no pull queue")
+        return PullNodeClient(self.pull_queue, node)
+
+    async def aclose(self) -> None:
+        """Close the shared push clients."""
+        clients, self._push = list(self._push.values()), {}
+        for client in clients:
+            await client.close_shared()

@@ -1,0 +1,531 @@
+"""Pull mode, dispatcher side: the queue pull-mode nodes long-poll, and its HTTPS routes.
+
+A node behind NAT cannot be reached, so the dispatcher keeps the jobs meant for such nodes
+in a :class:`PullQueue` until a node asks for one (design item 14). The node side is
+``p2pbuild.node._pull``. Endpoints (:func:`pull_routes`; mount them in the dispatcher's
+Starlette app, or run them alone with :func:`serve_pull`)::
+
+    POST /v1/pull?wait=S                        long-poll: 200 + signed job, or 204
+    PUT  /v1/pull/jobs/{id}/result              the node's signed result (msgpack)
+    PUT  /v1/pull/jobs/{id}/artifacts/{name}    an artifact, streamed; re-hashed here
+    PUT  /v1/pull/jobs/{id}/logs/{name}         a log, likewise
+    POST /v1/pull/jobs/{id}/refused             JSON {"error": code, "reason": text}
+
+Every request carries ``Authorization: P2PBuild-Pull <base64url PullAuth>``: a token signed
+by the node, for this dispatcher's key, fresh (60 s window), single-use (its nonce goes in
+the replay cache), by a key the trust list names as a node. A job is handed only to the
+node it was offered for (or to any trusted node if offered for none); uploads are accepted
+only from the node that took the job, a result only if it answers exactly that job, a file
+only if the result names it, no larger than the result says, with the SHA-256 it says.
+Refusals are the node API's one-line JSON (``{"error": code, "reason": ...}``).
+
+What the engine uses (``_nodes.PullQueue`` protocol): :meth:`PullQueue.offer`,
+:meth:`~PullQueue.withdraw`, :meth:`~PullQueue.wait_result`, :meth:`~PullQueue.artifact`.
+A job taken by a node that then vanishes stays taken: the engine's own timeout on
+:meth:`~PullQueue.wait_result` covers that, as for a push node that stops answering.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import collections
+import contextlib
+import hashlib
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import attrs
+import trio
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .._errors import MalformedError, OversizeError, P2PBuildError, RemoteError, ReplayError
+from .._identity import PublicKey
+from .._jobs import (
+    DEFAULT_JOB_POLICY,
+    MAX_PULL_AUTH_SIZE,
+    MAX_RESULT_SIZE,
+    FileDigest,
+    Job,
+    JobPolicy,
+    PullAuth,
+    Result,
+)
+from .._replay import ReplayCache
+from .._trust import TrustList
+from ..node._api import NodeApiConfig, read_body, refusal, serve_app, status_for
+from ..node._tls import TlsMaterial
+from ._errors import (
+    ArtifactDigestError,
+    AuthenticationError,
+    ClientError,
+    NodeBusyError,
+    NodeRefusedError,
+)
+
+__all__ = [
+    "AUTH_SCHEME",
+    "PullDelivery",
+    "PullQueue",
+    "PullQueueStatistics",
+    "ResultMissingError",
+    "UnknownPullJobError",
+    "make_pull_app",
+    "pull_routes",
+    "serve_pull",
+]
+
+AUTH_SCHEME = "P2PBuild-Pull"
+MSGPACK = "application/msgpack"
+_WRITE_CHUNK = 1024 * 1024
+#: Node refusal codes after which the job goes back in the queue for another node.
+_TRANSIENT = frozenset({"no-free-slot", "draining", "unavailable"})
+
+
+class UnknownPullJobError(ClientError):
+    """No job with that id was taken by the asking node (never offered, withdrawn, or
+    taken by another node)."""
+
+    code = "unknown-job"
+
+
+class ResultMissingError(ClientError):
+    """A file upload before the signed result that names it."""
+
+    code = "no-result-yet"
+
+
+_STATUS: tuple[tuple[type[P2PBuildError], int], ...] = (
+    (AuthenticationError, 401),
+    (UnknownPullJobError, 404),
+    (ResultMissingError, 409),
+    (ArtifactDigestError, 422),
+    (NodeBusyError, 503),
+)
+
+
+def _refuse(error: P2PBuildError) -> JSONResponse:
+    for cls, status in _STATUS:
+        if isinstance(error, cls):
+            return refusal(error, status)
+    return refusal(error, status_for(error))
+
+
+@attrs.define(eq=False)
+class PullDelivery:
+    """One offered job and what its node sent back so far."""
+
+    job: Job
+    #: The node it is offered to, or None for any trusted node.
+    for_node: PublicKey | None
+    taken_by: PublicKey | None = None
+    taken_at: float | None = None
+    result: Result | None = None
+    #: Verified uploads: (kind, name) to the file's path.
+    files: dict[tuple[str, str], Path] = attrs.field(factory=dict)
+    refusal: NodeRefusedError | None = None
+    done: trio.Event = attrs.field(factory=trio.Event)
+
+    @property
+    def complete(self) -> bool:
+        if self.result is None:
+            return False
+        wanted = {("artifacts", f.name) for f in self.result.artifacts}
+        wanted |= {("logs", f.name) for f in self.result.logs}
+        return wanted <= set(self.files)
+
+
+@attrs.frozen
+class PullQueueStatistics:
+    pending: int
+    taken: int
+    delivered: int
+    refused: int
+    waiting_nodes: int
+    #: Rejected requests by error code, sorted.
+    rejected: tuple[tuple[str, int], ...]
+
+
+@attrs.define(eq=False)
+class PullQueue:
+    """Jobs waiting for pull-mode nodes, and what those nodes upload.
+
+    ``dispatcher_key`` is this dispatcher's public key (pull tokens must name it);
+    ``files_dir`` receives uploads, one directory per job. Bounds: ``max_pending`` jobs
+    offered and not taken, ``max_wait`` seconds per long-poll, ``max_file_bytes`` per
+    uploaded file (the result's own size is the exact bound; this caps what a result may
+    claim), ``max_result_bytes`` per result, ``body_timeout`` to receive a result.
+    """
+
+    dispatcher_key: PublicKey
+    trust_list: TrustList
+    files_dir: Path
+    clock: Callable[[], float] = time.time
+    policy: JobPolicy = DEFAULT_JOB_POLICY
+    replay: ReplayCache = attrs.field(factory=ReplayCache)
+    max_pending: int = 10_000
+    max_wait: float = 60.0
+    max_file_bytes: int = 4 * 1024**3
+    max_result_bytes: int = MAX_RESULT_SIZE
+    body_timeout: float = 30.0
+    _jobs: dict[bytes, PullDelivery] = attrs.field(factory=dict, init=False)
+    _pending: collections.deque[bytes] = attrs.field(factory=collections.deque, init=False)
+    _changed: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _waiting_nodes: int = attrs.field(default=0, init=False)
+    _rejected: collections.Counter[str] = attrs.field(
+        factory=collections.Counter, init=False
+    )
+
+    # -- the engine's side -----------------------------------------------------------------------
+
+    def offer(self, node: PublicKey | None, job: Job | bytes) -> Job:
+        """Queue ``job`` (a :class:`Job` or its signed bytes) for ``node`` (None: any
+        trusted node; a job addressed to one node is only ever given to that node).
+
+        Raises :class:`NodeBusyError` when ``max_pending`` jobs are waiting, and for bytes
+        the job's parse errors (:class:`~p2pbuild.RemoteError`). Offering a job id again
+        replaces the earlier offer.
+        """
+        if isinstance(job, bytes):
+            job = Job.from_bytes(job)
+        if len(self._pending) >= self.max_pending:
+            raise NodeBusyError(f"{self.max_pending} pull jobs are already waiting")
+        self.withdraw(job.job_id)
+        self._jobs[job.job_id] = PullDelivery(job, node if node is not None else job.node)
+        self._pending.append(job.job_id)
+        self._wake()
+        return job
+
+    def offer_bytes(self, job_bytes: bytes, for_node: PublicKey | None = None) -> Job:
+        """:meth:`offer` with the arguments the other way round."""
+        return self.offer(for_node, job_bytes)
+
+    def withdraw(self, job_id: bytes) -> None:
+        """Forget the job (not taken yet: nobody gets it; taken: its uploads are refused).
+        Anyone in :meth:`wait_result` for it keeps waiting until their own timeout."""
+        if self._jobs.pop(job_id, None) is not None:
+            with contextlib.suppress(ValueError):  # already taken
+                self._pending.remove(job_id)
+
+    def delivery(self, job_id: bytes) -> PullDelivery | None:
+        return self._jobs.get(job_id)
+
+    async def wait_result(self, job_id: bytes) -> Result:
+        """Wait until the node uploaded the job's signed result and every file it names.
+
+        Raises :class:`NodeRefusedError` if the node refused the job for good, and
+        :class:`UnknownPullJobError` for a job not offered (or withdrawn).
+        """
+        delivery = self._jobs.get(job_id)
+        if delivery is None:
+            raise UnknownPullJobError(f"no pull job {job_id.hex()}")
+        await delivery.done.wait()
+        if delivery.refusal is not None:
+            raise delivery.refusal
+        assert delivery.result is not None
+        return delivery.result
+
+    def artifact(self, job_id: bytes, name: str) -> Path | None:
+        """Where the verified upload of artifact ``name`` is, or None."""
+        delivery = self._jobs.get(job_id)
+        return None if delivery is None else delivery.files.get(("artifacts", name))
+
+    def log(self, job_id: bytes, name: str) -> Path | None:
+        delivery = self._jobs.get(job_id)
+        return None if delivery is None else delivery.files.get(("logs", name))
+
+    def statistics(self) -> PullQueueStatistics:
+        deliveries = list(self._jobs.values())
+        return PullQueueStatistics(
+            pending=len(self._pending),
+            taken=sum(1 for d in deliveries if d.taken_by is not None and not d.done.is_set()),
+            delivered=sum(1 for d in deliveries if d.done.is_set() and d.refusal is None),
+            refused=sum(1 for d in deliveries if d.refusal is not None),
+            waiting_nodes=self._waiting_nodes,
+            rejected=tuple(sorted(self._rejected.items())),
+        )
+
+    # -- the node's side ---------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def count_rejection(self, error: P2PBuildError) -> None:
+        self._rejected[error.code] += 1
+
+    def authenticate(self, header: str | None) -> PublicKey:
+        """The node key proven by an ``Authorization`` header value.
+
+        Raises :class:`AuthenticationError` (missing or unreadable header) or the
+        :meth:`PullAuth.check` errors (``expired``, ``not-yet-valid``, ``wrong-node``,
+        ``untrusted-key``, ``replayed``, ``bad-signature``, ``malformed``).
+        """
+        scheme, _, value = (header or "").partition(" ")
+        if scheme != AUTH_SCHEME or not value:
+            raise AuthenticationError(f"an Authorization: {AUTH_SCHEME} <token> header is required")
+        if len(value) > 2 * MAX_PULL_AUTH_SIZE:
+            raise OversizeError("pull token too large")
+        try:
+            data = base64.urlsafe_b64decode(value.strip().encode("ascii"))
+        except (binascii.Error, ValueError, UnicodeEncodeError):
+            raise MalformedError("pull token is not base64url") from None
+        token = PullAuth.from_bytes(data)
+        token.check(
+            self.clock(), self.trust_list, self.dispatcher_key, self.replay, policy=self.policy
+        )
+        return token.node
+
+    def _take_nowait(self, node: PublicKey) -> Job | None:
+        for job_id in self._pending:
+            delivery = self._jobs[job_id]
+            if delivery.for_node is None or delivery.for_node == node:
+                self._pending.remove(job_id)
+                delivery.taken_by = node
+                delivery.taken_at = self.clock()
+                return delivery.job
+        return None
+
+    async def take(self, node: PublicKey, timeout: float) -> Job | None:
+        """The next job for ``node``, waiting up to ``timeout`` seconds; None if none came."""
+        self._waiting_nodes += 1
+        try:
+            with trio.move_on_after(timeout):
+                while True:
+                    job = self._take_nowait(node)
+                    if job is not None:
+                        return job
+                    await self._changed.wait()
+            return None
+        finally:
+            self._waiting_nodes -= 1
+
+    def _taken(self, node: PublicKey, job_id: bytes) -> PullDelivery:
+        delivery = self._jobs.get(job_id)
+        if delivery is None or delivery.taken_by != node:
+            raise UnknownPullJobError(f"no job {job_id.hex()} taken by this node")
+        return delivery
+
+    def receive_result(self, node: PublicKey, job_id: bytes, data: bytes) -> Result:
+        """Accept the signed result of a job ``node`` took.
+
+        Raises :class:`UnknownPullJobError`, the result's parse errors, ``wrong-node`` or
+        ``malformed`` if it does not answer that job, and :class:`ReplayError` for a second,
+        different result.
+        """
+        delivery = self._taken(node, job_id)
+        result = Result.from_bytes(data, max_size=self.max_result_bytes)
+        result.check_answers(delivery.job, node)
+        if delivery.result is not None:
+            if delivery.result.raw == result.raw:
+                return result  # a retried upload
+            raise ReplayError("this job already has a different signed result")
+        for item in (*result.artifacts, *result.logs):
+            if item.size > self.max_file_bytes:
+                raise OversizeError(f"{item.name}: {item.size} bytes is over the upload bound")
+        delivery.result = result
+        if delivery.complete:
+            delivery.done.set()
+        return result
+
+    async def receive_file(
+        self, node: PublicKey, job_id: bytes, kind: str, name: str, chunks: AsyncIterator[bytes]
+    ) -> FileDigest:
+        """Store an uploaded artifact (``kind="artifacts"``) or log (``"logs"``), checking
+        it against the signed result while it streams in.
+
+        Raises :class:`UnknownPullJobError`, :class:`ResultMissingError` (no result yet, or
+        the result does not name the file), :class:`OversizeError` (more bytes than the
+        result says) and :class:`ArtifactDigestError` (other size or SHA-256). A refused
+        upload leaves nothing behind.
+        """
+        delivery = self._taken(node, job_id)
+        if delivery.result is None:
+            raise ResultMissingError("upload the signed result before its files")
+        items = delivery.result.artifacts if kind == "artifacts" else delivery.result.logs
+        expected = next((item for item in items if item.name == name), None)
+        if expected is None:
+            raise ResultMissingError(f"the signed result names no {kind[:-1]} {name!r:.80}")
+        dest = self.files_dir / job_id.hex() / kind / expected.name
+        part = dest.with_name(dest.name + ".part")
+        await trio.to_thread.run_sync(lambda: part.parent.mkdir(parents=True, exist_ok=True))
+        digest = hashlib.sha256()
+        size = 0
+        f: BinaryIO = await trio.to_thread.run_sync(part.open, "wb")
+        try:
+            buffer = bytearray()
+            async for chunk in chunks:
+                size += len(chunk)
+                if size > expected.size:
+                    raise OversizeError(f"{name}: more than the signed {expected.size} bytes")
+                digest.update(chunk)
+                buffer += chunk
+                if len(buffer) >= _WRITE_CHUNK:
+                    await trio.to_thread.run_sync(f.write, bytes(buffer))
+                    buffer.clear()
+            if buffer:
+                await trio.to_thread.run_sync(f.write, bytes(buffer))
+        except BaseException:
+            f.close()
+            part.unlink(missing_ok=True)
+            raise
+        f.close()
+        if size != expected.size or digest.digest() != expected.sha256:
+            part.unlink(missing_ok=True)
+            raise ArtifactDigestError(
+                f"{name}: arrived as {size} bytes, SHA-256 {digest.hexdigest()[:16]}; the "
+                f"signed result says {expected.size} bytes, {expected.sha256.hex()[:16]}"
+            )
+        os.replace(part, dest)
+        delivery.files[(kind, expected.name)] = dest
+        if delivery.complete:
+            delivery.done.set()
+        return expected
+
+    def receive_refusal(self, node: PublicKey, job_id: bytes, code: str, reason: str) -> None:
+        """The node will not run a job it took. A transient reason (no free slot,
+        draining) puts the job back in the queue; any other ends it with
+        :class:`NodeRefusedError` for :meth:`wait_result`. Raises
+        :class:`UnknownPullJobError`."""
+        delivery = self._taken(node, job_id)
+        if code in _TRANSIENT:
+            delivery.taken_by = None
+            delivery.taken_at = None
+            self._pending.appendleft(job_id)
+            self._wake()
+            return
+        delivery.refusal = NodeRefusedError(
+            f"node {node.fingerprint} refused pulled job {job_id.hex()}: {code}: {reason}",
+            422,
+            code,
+        )
+        delivery.done.set()
+
+
+# -- HTTP ------------------------------------------------------------------------------------------
+
+
+def _job_id(request: Request) -> bytes:
+    text = request.path_params["job_id"]
+    try:
+        if len(text) == 32:
+            return bytes.fromhex(text)
+    except ValueError:
+        pass
+    raise UnknownPullJobError("a job id is 32 hex digits")
+
+
+def pull_routes(queue: PullQueue) -> list[Route]:
+    """The pull endpoints of the module doc, for the dispatcher's Starlette app."""
+
+    async def guarded(request: Request, handler: Callable[[PublicKey], Any]) -> Response:
+        try:
+            node = queue.authenticate(request.headers.get("authorization"))
+            response: Response = await handler(node)
+            return response
+        except RemoteError as exc:
+            queue.count_rejection(exc)
+            return _refuse(exc)
+        except ClientDisconnect:
+            return Response(status_code=400)
+
+    async def poll(request: Request) -> Response:
+        async def handler(node: PublicKey) -> Response:
+            try:
+                wait = float(request.query_params.get("wait", "30"))
+            except ValueError:
+                raise MalformedError("wait must be a number of seconds") from None
+            wait = min(max(wait, 0.0), queue.max_wait)
+            job = await queue.take(node, wait)
+            if job is None:
+                return Response(status_code=204)
+            return Response(job.to_bytes(), media_type=MSGPACK)
+
+        return await guarded(request, handler)
+
+    async def put_result(request: Request) -> Response:
+        async def handler(node: PublicKey) -> Response:
+            job_id = _job_id(request)
+            data = await read_body(request, queue.max_result_bytes, queue.body_timeout)
+            result = queue.receive_result(node, job_id, data)
+            return JSONResponse({"job_id": job_id.hex(), "state": result.state.value})
+
+        return await guarded(request, handler)
+
+    def put_file(kind: str) -> Callable[[Request], Any]:
+        async def endpoint(request: Request) -> Response:
+            async def handler(node: PublicKey) -> Response:
+                job_id = _job_id(request)
+                declared = request.headers.get("content-length")
+                if declared and declared.isdigit() and int(declared) > queue.max_file_bytes:
+                    raise OversizeError(f"upload of {declared} bytes is over the bound")
+                item = await queue.receive_file(
+                    node, job_id, kind, request.path_params["name"], request.stream()
+                )
+                return JSONResponse(
+                    {"name": item.name, "size": item.size, "sha256": item.sha256.hex()}
+                )
+
+            return await guarded(request, handler)
+
+        return endpoint
+
+    async def refused(request: Request) -> Response:
+        async def handler(node: PublicKey) -> Response:
+            job_id = _job_id(request)
+            body = await read_body(request, 4096, queue.body_timeout)
+            try:
+                value = json.loads(body)
+                code, reason = str(value["error"])[:64], str(value.get("reason", ""))[:300]
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise MalformedError('a refusal is JSON {"error": code, "reason": text}') from None
+            queue.receive_refusal(node, job_id, code, reason)
+            return JSONResponse({"job_id": job_id.hex(), "requeued": code in _TRANSIENT})
+
+        return await guarded(request, handler)
+
+    return [
+        Route("/v1/pull", poll, methods=["POST"]),
+        Route("/v1/pull/jobs/{job_id}/result", put_result, methods=["PUT"]),
+        Route("/v1/pull/jobs/{job_id}/artifacts/{name:path}", put_file("artifacts"),
+              methods=["PUT"]),
+        Route("/v1/pull/jobs/{job_id}/logs/{name:path}", put_file("logs"), methods=["PUT"]),
+        Route("/v1/pull/jobs/{job_id}/refused", refused, methods=["POST"]),
+    ]  # fmt: skip
+
+
+def make_pull_app(queue: PullQueue) -> Starlette:
+    """A Starlette app with only the pull endpoints."""
+    return Starlette(routes=pull_routes(queue))
+
+
+async def serve_pull(
+    queue: PullQueue,
+    tls: TlsMaterial,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve :func:`make_pull_app` over HTTPS until cancelled; ``started(port)``.
+
+    The long-poll holds a request open for up to ``queue.max_wait``, so the server's
+    keep-alive and read limits are set above it. Raises :class:`OSError` if the address
+    cannot be bound.
+    """
+    config = NodeApiConfig(
+        tls=tls,
+        host=host,
+        port=port,
+        max_job_bytes=MAX_RESULT_SIZE,
+        body_timeout=queue.body_timeout,
+        keep_alive_timeout=queue.max_wait + 30,
+    )
+    await serve_app(make_pull_app(queue), config, task_status=task_status)

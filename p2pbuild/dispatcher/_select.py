@@ -1,0 +1,281 @@
+"""Node selection: which nodes get a build's jobs (design item 13). Pure: no I/O, no clock.
+
+:func:`select_nodes` takes the candidates a directory lookup found (each with its trust-list
+entry, rating and current load) and a :class:`Requirements`, and either returns the chosen
+nodes, one per operator, or raises :class:`NoCapableNodeError` whose message names the
+constraint that left nothing, with counts::
+
+    no trusted node has arch=s390x
+    3 nodes match arch=x86_64, os=fedora-41 but none has build type rpm
+    2 nodes match arch=x86_64, os=fedora-41 but all are operator alice; 2 replicas need 2 operators
+    pool team-x is dedicated to team-x
+
+The filters run in a fixed order, so the message names the first constraint that failed:
+trust, arch, os, build type, machine type, pool (including dedicated pools), memory, disk,
+draining, nodes this build already tried, operators this build already uses, and finally the
+number of distinct operators.
+
+Ranking: each survivor gets ``score = rating - load_weight * load`` where ``rating`` is in
+[0, 1] (``_ratings.py``) and ``load`` is the fraction of its slots in use (from its status
+record plus the jobs this dispatcher has on it and the status does not show yet; a node
+without a status counts as fully loaded). The *best* are those within ``tolerance`` of the
+top score, and at least ``min_pool`` of them. From the best, each pick draws two at random
+and keeps the less loaded one (power of two choices: load spreads, the top node is not
+hammered, and every machine of similar quality works). Each pick removes the picked node's
+operator, so replicas land on different operators.
+
+Platform affinity: when the user's previous builds ran on a machine type (vm or metal) and
+the request leaves it open, nodes of that type are preferred as long as enough operators
+offer it; otherwise affinity is dropped silently (it is a preference, not a constraint).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Collection, Mapping, Sequence
+
+import attrs
+
+from .._identity import PublicKey, Role
+from .._jobs import BuildType
+from .._records import Capability, MachineType, Status
+from .._trust import TrustEntry
+from ._errors import NoCapableNodeError
+
+__all__ = [
+    "Candidate",
+    "Platform",
+    "Requirements",
+    "SelectionPolicy",
+    "select_nodes",
+]
+
+
+@attrs.frozen
+class Platform:
+    """A kind of platform, as remembered for a user's affinity."""
+
+    arch: str
+    os: str
+    machine: MachineType | None = None
+
+
+@attrs.frozen
+class Candidate:
+    """A node as selection sees it. ``trust`` is its trust-list entry (None: not listed);
+    ``rating`` in [0, 1]; ``active`` the jobs this dispatcher has running on it."""
+
+    key: PublicKey
+    capability: Capability
+    status: Status | None
+    trust: TrustEntry | None
+    rating: float = 0.5
+    active: int = 0
+
+    @property
+    def operator(self) -> str:
+        return self.trust.operator if self.trust is not None else "?"
+
+    @property
+    def load(self) -> float:
+        """Fraction of slots in use, in [0, 1+]; 1.0 when the node published no status."""
+        status = self.status
+        if status is None or status.slots_total == 0:
+            return 1.0 + self.active
+        used = max(status.slots_total - status.slots_free, 0)
+        # Our own jobs may not be in the node's status yet (it republishes every minute).
+        used = max(used, self.active)
+        return used / status.slots_total
+
+
+@attrs.frozen
+class Requirements:
+    """The hard constraints of one selection, and how many nodes it needs.
+
+    ``team`` is the requesting user's team (None: no team); ``dedicated_pools`` maps a pool
+    name to the one team allowed to use it. ``exclude_nodes`` are nodes this build already
+    tried and gave up on; ``exclude_operators`` operators it already has a replica on.
+    """
+
+    arch: str
+    os: str
+    build_type: BuildType
+    count: int = 2
+    machine: MachineType | None = None
+    pool: str | None = None
+    min_memory_mb: int = 0
+    min_disk_mb: int = 0
+    team: str | None = None
+    dedicated_pools: Mapping[str, str] = attrs.field(factory=dict)
+    exclude_nodes: frozenset[PublicKey] = frozenset()
+    exclude_operators: frozenset[str] = frozenset()
+    affinity: Platform | None = None
+
+
+@attrs.frozen
+class SelectionPolicy:
+    """Ranking knobs. ``load_weight`` trades rating for load; ``tolerance`` is how far
+    below the top score a node still counts among the best; ``min_pool`` the least number
+    of nodes the random choice draws from."""
+
+    load_weight: float = 0.5
+    tolerance: float = 0.15
+    min_pool: int = 4
+
+
+DEFAULT_SELECTION_POLICY = SelectionPolicy()
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _trusted(c: Candidate) -> bool:
+    entry = c.trust
+    if entry is None or entry.role is not Role.NODE:
+        return False
+    if entry.arches and c.capability.arch not in entry.arches:
+        return False
+    return not entry.pools or set(c.capability.pools) <= set(entry.pools)
+
+
+def _pool_allowed(c: Candidate, req: Requirements) -> bool:
+    """A node in a pool dedicated to another team serves only that team."""
+    for pool in c.capability.pools:
+        team = req.dedicated_pools.get(pool)
+        if team is not None and team != req.team and pool != req.pool:
+            return False
+    return req.pool is None or req.pool in c.capability.pools
+
+
+def _filter(candidates: Sequence[Candidate], req: Requirements) -> list[Candidate]:
+    if req.pool is not None:
+        owner = req.dedicated_pools.get(req.pool)
+        if owner is not None and owner != req.team:
+            raise NoCapableNodeError(
+                f"pool {req.pool} is dedicated to {owner}", "pool-dedicated"
+            )
+    remaining = [c for c in candidates if _trusted(c)]
+    if not remaining:
+        found = f" ({_plural(len(candidates), 'node')} found, none trusted)" if candidates else ""
+        raise NoCapableNodeError(f"no trusted node has arch={req.arch}{found}", "trust")
+    passed: list[str] = []
+    steps: list[tuple[str, str, Callable[[Candidate], bool]]] = [
+        ("arch", f"arch={req.arch}", lambda c: c.capability.arch == req.arch),
+        ("os", f"os={req.os}", lambda c: c.capability.os == req.os),
+        (
+            "build-type",
+            f"build type {req.build_type.value}",
+            lambda c: req.build_type.value in c.capability.build_types,
+        ),
+    ]
+    if req.machine is not None:
+        machine = req.machine
+        steps.append(
+            ("machine", f"machine={machine.value}", lambda c: c.capability.machine is machine)
+        )
+    pool_text = f"pool {req.pool}" if req.pool else "a pool open to your team"
+    steps.append(("pool", pool_text, lambda c: _pool_allowed(c, req)))
+    if req.min_memory_mb:
+        steps.append(
+            ("memory", f"memory >= {req.min_memory_mb} MB",
+             lambda c: c.capability.memory_mb >= req.min_memory_mb)
+        )
+    if req.min_disk_mb:
+        steps.append(
+            ("disk", f"disk >= {req.min_disk_mb} MB",
+             lambda c: c.capability.disk_mb >= req.min_disk_mb)
+        )
+    steps.append(
+        ("draining", "a node that is not draining",
+         lambda c: c.status is None or not c.status.draining)
+    )
+    if req.exclude_nodes:
+        steps.append(
+            ("excluded", "a node this build has not already given up on",
+             lambda c: c.key not in req.exclude_nodes)
+        )
+    if req.exclude_operators:
+        steps.append(
+            ("operators-used",
+             f"an operator other than {', '.join(sorted(req.exclude_operators))}",
+             lambda c: c.operator not in req.exclude_operators)
+        )
+    for name, text, test in steps:
+        kept = [c for c in remaining if test(c)]
+        if not kept:
+            if name == "arch" and not passed:
+                raise NoCapableNodeError(f"no trusted node has arch={req.arch}", name)
+            what = ", ".join(passed) if passed else "the query"
+            raise NoCapableNodeError(
+                f"{_plural(len(remaining), 'node')} match {what} but none has {text}", name
+            )
+        remaining = kept
+        if name in ("arch", "os"):
+            passed.append(text)
+    return remaining
+
+
+def _operators(candidates: Collection[Candidate]) -> set[str]:
+    return {c.operator for c in candidates}
+
+
+def select_nodes(
+    candidates: Sequence[Candidate],
+    req: Requirements,
+    rng: random.Random,
+    policy: SelectionPolicy = DEFAULT_SELECTION_POLICY,
+) -> list[Candidate]:
+    """Choose ``req.count`` nodes of distinct operators for ``req``, best first.
+
+    Deterministic for a given ``rng`` state. Raises :class:`NoCapableNodeError` naming the
+    first constraint that left no node, or the operator shortage when fewer than
+    ``req.count`` distinct operators remain.
+    """
+    if req.count < 1:
+        return []
+    remaining = _filter(candidates, req)
+    operators = _operators(remaining)
+    if len(operators) < req.count:
+        where = f"arch={req.arch}, os={req.os}"
+        raise NoCapableNodeError(
+            f"{_plural(len(remaining), 'node')} match {where} but "
+            + (
+                f"all are operator {next(iter(operators))}"
+                if len(operators) == 1
+                else f"they belong to only {len(operators)} operators "
+                f"({', '.join(sorted(operators))})"
+            )
+            + f"; {_plural(req.count, 'replica')} need {req.count} operators",
+            "operators",
+        )
+    if req.affinity is not None and req.machine is None and req.affinity.machine is not None:
+        preferred = [c for c in remaining if c.capability.machine is req.affinity.machine]
+        if len(_operators(preferred)) >= req.count:
+            remaining = preferred
+    chosen: list[Candidate] = []
+    while len(chosen) < req.count:
+        pick = _power_of_two(remaining, rng, policy)
+        chosen.append(pick)
+        remaining = [c for c in remaining if c.operator != pick.operator]
+    return chosen
+
+
+def _score(c: Candidate, policy: SelectionPolicy) -> float:
+    return c.rating - policy.load_weight * min(c.load, 2.0)
+
+
+def _power_of_two(
+    candidates: Sequence[Candidate], rng: random.Random, policy: SelectionPolicy
+) -> Candidate:
+    ranked = sorted(candidates, key=lambda c: (-_score(c, policy), c.key.raw))
+    top = _score(ranked[0], policy)
+    best = [c for c in ranked if _score(c, policy) >= top - policy.tolerance]
+    if len(best) < policy.min_pool:
+        best = ranked[: policy.min_pool]
+    if len(best) == 1:
+        return best[0]
+    first, second = rng.sample(best, 2)
+    if first.load != second.load:
+        return first if first.load < second.load else second
+    return first if first.rating >= second.rating else second

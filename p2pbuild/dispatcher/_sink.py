@@ -1,0 +1,194 @@
+"""The embedded default sink: verified builds in a local repository directory.
+
+Layout of one stored build (``<nvr>`` from the source file name, e.g. ``hello-1.0-1``)::
+
+    <repo>/<nvr>/
+        artifacts/<artifact name>        the verified files (names as in the results)
+        proof/<n>-<node fingerprint>.job     the signed job each verifying node ran
+        proof/<n>-<node fingerprint>.result  its signed result (the two that agreed)
+        manifest.json                    build id, source, artifacts with SHA-256, nodes
+
+Atomic: everything is written into ``<repo>/.incoming-<build id>/``, each file fsynced and
+re-hashed against the signed digest, then the directory is renamed into place and the
+repository directory fsynced. A crash leaves at most an ``.incoming-*`` directory, never a
+half build under a visible name; :meth:`RepositorySink.store` removes a stale one and, if
+the build was already stored (a crash between the rename and the database update), returns
+the existing path. Another build of the same NVR goes to ``<nvr>+<build id prefix>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from .._jobs import Job, Result
+from .._trust import TrustList
+from ._errors import SinkError
+
+__all__ = ["ProofItem", "RepositorySink", "nvr_of"]
+
+_SUFFIXES = (".src.rpm", ".tar.gz", ".tgz", ".tar.xz", ".tar.bz2", ".tar", ".rpm")
+_SAFE = re.compile(r"[^A-Za-z0-9._+~^-]")
+
+
+def nvr_of(source_name: str) -> str:
+    """The directory name for a source file: ``hello-1.0-1.src.rpm`` gives ``hello-1.0-1``."""
+    name = source_name
+    for suffix in _SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    name = _SAFE.sub("_", name).lstrip(".") or "build"
+    return name[:200]
+
+
+@attrs.frozen
+class ProofItem:
+    """One verifying node's signed job and result, and where its artifacts are locally."""
+
+    job: Job
+    result: Result
+    operator: str
+    artifact_dir: Path
+
+
+def _copy_verified(src: Path, dest: Path, size: int, sha256: bytes) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    total = 0
+    try:
+        with src.open("rb") as fin, dest.open("xb") as fout:
+            while chunk := fin.read(1024 * 1024):
+                digest.update(chunk)
+                total += len(chunk)
+                fout.write(chunk)
+            fout.flush()
+            os.fsync(fout.fileno())
+    except OSError as exc:
+        raise SinkError(f"cannot copy {src} to the repository: {exc}") from None
+    if total != size or digest.digest() != sha256:
+        raise SinkError(f"{src} no longer matches its signed digest; not storing it")
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@attrs.frozen
+class RepositorySink:
+    """Stores verified builds under ``root`` (created if missing)."""
+
+    root: Path
+
+    def _existing(self, build_id: str, nvr: str) -> Path | None:
+        for candidate in (self.root / nvr, self.root / f"{nvr}+{build_id[:12]}"):
+            manifest = candidate / "manifest.json"
+            if manifest.is_file():
+                try:
+                    if json.loads(manifest.read_text())["build_id"] == build_id:
+                        return candidate
+                except (OSError, ValueError, KeyError, TypeError):
+                    continue
+        return None
+
+    def store(
+        self,
+        build_id: str,
+        source_name: str,
+        source_sha256: str,
+        proof: Sequence[ProofItem],
+        *,
+        trust_list: TrustList,
+        now: float,
+        extra: dict[str, Any] | None = None,
+    ) -> Path:
+        """Store the artifacts of ``proof[0]`` (identical in every proof item, by
+        verification) with every item's signed job and result and a manifest; return the
+        build's directory. Idempotent for the same ``build_id``.
+
+        Blocking file I/O: call through ``trio.to_thread.run_sync``. Raises
+        :class:`SinkError` if a file cannot be written or no longer re-hashes.
+        """
+        if not proof:
+            raise SinkError("nothing to store without proof")
+        nvr = nvr_of(source_name)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SinkError(f"cannot create repository {self.root}: {exc}") from None
+        existing = self._existing(build_id, nvr)
+        if existing is not None:
+            return existing
+        incoming = self.root / f".incoming-{build_id}"
+        shutil.rmtree(incoming, ignore_errors=True)
+        try:
+            incoming.mkdir()
+        except OSError as exc:
+            raise SinkError(f"cannot write in repository {self.root}: {exc}") from None
+        first = proof[0]
+        for item in first.result.artifacts:
+            _copy_verified(
+                first.artifact_dir / item.name, incoming / "artifacts" / item.name,
+                item.size, item.sha256,
+            )
+        nodes = []
+        for index, p in enumerate(proof, start=1):
+            stem = f"{index}-{p.result.node.fingerprint.replace(':', '')}"
+            _write(incoming / "proof" / f"{stem}.job", p.job.to_bytes())
+            _write(incoming / "proof" / f"{stem}.result", p.result.to_bytes())
+            nodes.append({
+                "node": str(p.result.node),
+                "fingerprint": p.result.node.fingerprint,
+                "operator": p.operator,
+                "job": f"proof/{stem}.job",
+                "result": f"proof/{stem}.result",
+                "job_id": p.job.id_hex,
+                "environment": p.result.environment_map,
+                "duration_ms": p.result.duration_ms,
+            })
+        manifest = {
+            "format": 1,
+            "build_id": build_id,
+            "nvr": nvr,
+            "source": {"name": source_name, "sha256": source_sha256},
+            "stored_at": now,
+            "trust_list_version": trust_list.version,
+            "artifacts": [
+                {"name": a.name, "size": a.size, "sha256": a.sha256.hex()}
+                for a in first.result.artifacts
+            ],
+            "verified_by": nodes,
+            **(extra or {}),
+        }
+        _write(incoming / "manifest.json",
+               (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+        _fsync_dir(incoming)
+        target = self.root / nvr
+        if target.exists():
+            target = self.root / f"{nvr}+{build_id[:12]}"
+        try:
+            os.rename(incoming, target)
+            _fsync_dir(self.root)
+        except OSError as exc:
+            raise SinkError(f"cannot move the build into {target}: {exc}") from None
+        return target

@@ -1,0 +1,327 @@
+"""The node's HTTPS job API (push mode): a Starlette app served by hypercorn's trio worker.
+
+Endpoints (``docs/node-api.md`` has the details)::
+
+    POST   /v1/jobs                          signed job (application/msgpack) -> 202 + status
+    GET    /v1/jobs/{id}                     status (JSON)
+    GET    /v1/jobs/{id}/result              signed result (application/msgpack); 404 until done
+    GET    /v1/jobs/{id}/artifacts/{name}    file, with Content-Length and X-Content-SHA256
+    GET    /v1/jobs/{id}/logs/{name}         file, likewise
+    GET    /v1/jobs/{id}/log[?follow=1]      the live build log (text), following it to the end
+    DELETE /v1/jobs/{id}                     cancel a running job; forget a finished one
+    GET    /v1/status                        the node's key and the service's statistics
+
+Every refusal is a one-line JSON body ``{"error": code, "reason": "..."}`` whose ``code`` is
+the error's (the same as in the service's rejection counters), with the HTTP status from
+:data:`HTTP_STATUS`. The job body is read as a stream and refused with 413 as soon as it
+passes the bound, before it is buffered whole; a body that trickles in slower than
+``body_timeout`` is refused with 408. Garbage, plain HTTP on the TLS port, oversized headers
+and idle connections are hypercorn's to drop; its limits are set from :class:`NodeApiConfig`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import attrs
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from .._errors import (
+    BadSignatureError,
+    CodecError,
+    ExpiredError,
+    OversizeError,
+    P2PBuildError,
+    RemoteError,
+    ReplayError,
+    TrustError,
+    WrongNodeError,
+)
+from .._jobs import MAX_JOB_SIZE
+from ._service import (
+    JobRunningError,
+    JobService,
+    UnavailableError,
+    UnknownJobError,
+    UnservableJobError,
+)
+from ._tls import TlsMaterial
+
+__all__ = [
+    "HTTP_STATUS",
+    "NodeApiConfig",
+    "RequestTimeoutError",
+    "make_app",
+    "read_body",
+    "refusal",
+    "serve_app",
+    "serve_node_api",
+    "status_for",
+]
+
+_log = logging.getLogger("p2pbuild.node.api")
+MSGPACK = "application/msgpack"
+
+
+class RequestTimeoutError(RemoteError):
+    """A request body that did not arrive within the body timeout (a slow client)."""
+
+    code = "request-timeout"
+
+
+#: HTTP status for each refusal, most specific class first.
+HTTP_STATUS: tuple[tuple[type[P2PBuildError], int], ...] = (
+    (UnservableJobError, 422),
+    (OversizeError, 413),
+    (CodecError, 400),
+    (BadSignatureError, 401),
+    (TrustError, 401),
+    (ReplayError, 409),
+    (ExpiredError, 410),
+    (WrongNodeError, 421),
+    (RequestTimeoutError, 408),
+    (UnknownJobError, 404),
+    (JobRunningError, 409),
+    (UnavailableError, 503),
+    (RemoteError, 400),
+)
+
+
+def status_for(error: P2PBuildError) -> int:
+    """The HTTP status for refusing a request with ``error`` (:data:`HTTP_STATUS`)."""
+    for cls, status in HTTP_STATUS:
+        if isinstance(error, cls):
+            return status
+    return 500
+
+
+def refusal(error: P2PBuildError, status: int | None = None) -> JSONResponse:
+    """The one-line JSON refusal ``{"error": code, "reason": text}`` for ``error``, with
+    ``status`` or the one from :data:`HTTP_STATUS`."""
+    reason = str(error).replace("\n", " ")[:300]
+    headers = {"Retry-After": "30"} if isinstance(error, UnavailableError) else None
+    return JSONResponse(
+        {"error": error.code, "reason": reason},
+        status_code=status if status is not None else status_for(error),
+        headers=headers,
+    )
+
+
+_refusal = refusal
+
+
+@attrs.frozen
+class NodeApiConfig:
+    """Where and how the API listens. ``port`` 0 picks a free port."""
+
+    tls: TlsMaterial
+    host: str = "127.0.0.1"
+    port: int = 0
+    #: Largest job body accepted (a job is at most 16 KiB; see docs/jobs.md).
+    max_job_bytes: int = MAX_JOB_SIZE
+    #: Time allowed to receive a whole request body.
+    body_timeout: float = 10.0
+    #: hypercorn: bytes of an incomplete request head (request line and headers).
+    max_header_bytes: int = 16 * 1024
+    #: hypercorn: idle keep-alive connections, and partial request heads, are closed after this.
+    keep_alive_timeout: float = 5.0
+    #: hypercorn: the TLS handshake must finish within this.
+    tls_handshake_timeout: float = 10.0
+    backlog: int = 100
+    #: hypercorn: time running requests get to finish on shutdown.
+    graceful_timeout: float = 3.0
+
+
+def _job_id(request: Request) -> bytes:
+    text = request.path_params["job_id"]
+    if len(text) != 32:
+        raise UnknownJobError("a job id is 32 hex digits")
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise UnknownJobError("a job id is 32 hex digits") from None
+
+
+async def read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The request body, refused as soon as it passes ``limit`` bytes or ``timeout``.
+
+    Raises :class:`OversizeError`, :class:`RequestTimeoutError` and Starlette's
+    ``ClientDisconnect``.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise OversizeError(f"body of {declared} bytes exceeds {limit}")
+    body = bytearray()
+    with trio.move_on_after(timeout) as scope:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise OversizeError(f"body exceeds {limit} bytes")
+    if scope.cancelled_caught:
+        raise RequestTimeoutError(f"request body not received within {timeout:g}s")
+    return bytes(body)
+
+
+class _FileResponse(FileResponse):
+    # Starlette reads 64 KiB at a time; larger reads mean fewer thread hops per megabyte.
+    chunk_size = 1024 * 1024
+
+
+def make_app(service: JobService, config: NodeApiConfig) -> Starlette:
+    """The ASGI app over ``service``. Refusals are JSON; see the module doc."""
+
+    async def submit(request: Request) -> Response:
+        try:
+            data = await read_body(request, config.max_job_bytes, config.body_timeout)
+        except (OversizeError, RequestTimeoutError) as exc:
+            service.count_rejection(exc)
+            return _refusal(exc)
+        except ClientDisconnect:
+            return Response(status_code=400)  # nobody is listening
+        try:
+            status = service.submit(data)
+        except (RemoteError, UnavailableError) as exc:
+            return _refusal(exc)
+        return JSONResponse(status.to_json(), status_code=202)
+
+    async def job_status(request: Request) -> Response:
+        try:
+            return JSONResponse(service.status(_job_id(request)).to_json())
+        except UnknownJobError as exc:
+            return _refusal(exc)
+
+    async def job_result(request: Request) -> Response:
+        try:
+            result = service.result(_job_id(request))
+        except UnknownJobError as exc:
+            return _refusal(exc)
+        if result is None:
+            return JSONResponse(
+                {"error": "not-finished", "reason": "the job is still running"}, status_code=404
+            )
+        return Response(result.to_bytes(), media_type=MSGPACK)
+
+    def file_endpoint(kind: str) -> Any:
+        async def endpoint(request: Request) -> Response:
+            try:
+                found = service.file(_job_id(request), kind, request.path_params["name"])
+            except UnknownJobError as exc:
+                return _refusal(exc)
+            if found is None:
+                return JSONResponse(
+                    {"error": "no-such-file", "reason": f"no such {kind[:-1]} (yet)"},
+                    status_code=404,
+                )
+            digest, path = found
+            return _FileResponse(
+                path,
+                media_type="application/octet-stream",
+                headers={"X-Content-SHA256": digest.sha256.hex()},
+            )
+
+        return endpoint
+
+    async def live_log(request: Request) -> Response:
+        follow = request.query_params.get("follow") in ("1", "true", "yes")
+        try:
+            job_id = _job_id(request)
+            service.status(job_id)
+        except UnknownJobError as exc:
+            return _refusal(exc)
+        return StreamingResponse(
+            service.follow_log(job_id, follow=follow), media_type="text/plain; charset=utf-8"
+        )
+
+    async def cancel(request: Request) -> Response:
+        # A running job is cancelled (it ends with a signed "cancelled" result); a finished
+        # one is forgotten with its files: its dispatcher has collected what it needs.
+        try:
+            job_id = _job_id(request)
+            status = service.status(job_id)
+            if service.result(job_id) is None:
+                return JSONResponse(service.cancel(job_id).to_json())
+            service.collect(job_id)
+        except (UnknownJobError, JobRunningError) as exc:
+            return _refusal(exc)
+        body = status.to_json()
+        body["collected"] = True
+        return JSONResponse(body)
+
+    async def node_status(request: Request) -> Response:
+        body = service.statistics().to_json()
+        body["node"] = str(service.identity.public_key)
+        body["free_slots"] = service.free_slots
+        return JSONResponse(body)
+
+    routes = [
+        Route("/v1/jobs", submit, methods=["POST"]),
+        Route("/v1/jobs/{job_id}", job_status, methods=["GET"]),
+        Route("/v1/jobs/{job_id}", cancel, methods=["DELETE"]),
+        Route("/v1/jobs/{job_id}/result", job_result, methods=["GET"]),
+        Route("/v1/jobs/{job_id}/artifacts/{name:path}", file_endpoint("artifacts")),
+        Route("/v1/jobs/{job_id}/logs/{name:path}", file_endpoint("logs")),
+        Route("/v1/jobs/{job_id}/log", live_log, methods=["GET"]),
+        Route("/v1/status", node_status, methods=["GET"]),
+    ]
+    return Starlette(routes=routes)
+
+
+def _hypercorn_config(config: NodeApiConfig) -> HypercornConfig:
+    hc = HypercornConfig()
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    hc.bind = [f"{host}:{config.port}"]
+    hc.certfile = str(config.tls.cert_path)
+    hc.keyfile = str(config.tls.key_path)
+    hc.alpn_protocols = ["http/1.1"]
+    hc.h11_max_incomplete_size = config.max_header_bytes
+    hc.keep_alive_timeout = config.keep_alive_timeout
+    hc.ssl_handshake_timeout = config.tls_handshake_timeout
+    hc.graceful_timeout = config.graceful_timeout
+    hc.backlog = config.backlog
+    hc.accesslog = None
+    hc.errorlog = _log
+    hc.include_server_header = False
+    return hc
+
+
+async def serve_node_api(
+    config: NodeApiConfig,
+    service: JobService,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run ``service`` and serve its HTTPS API until cancelled.
+
+    Calls ``task_status.started(port)`` with the bound TCP port once listening. Raises
+    :class:`OSError` if the address cannot be bound; errors of single connections never
+    end it.
+    """
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        port = await nursery.start(serve_app, make_app(service, config), config)
+        task_status.started(port)
+
+
+async def serve_app(
+    app: Any,
+    config: NodeApiConfig,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the ASGI ``app`` over HTTPS with ``config``'s certificate and limits until
+    cancelled (the dispatcher's pull endpoints use it too).
+
+    Calls ``task_status.started(port)``. Raises :class:`OSError` if the address cannot be
+    bound.
+    """
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(hypercorn_serve, app, _hypercorn_config(config))
+        _log.info("HTTPS listening on %s", binds[0])
+        task_status.started(int(binds[0].rsplit(":", 1)[1]))

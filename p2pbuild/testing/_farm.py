@@ -1,0 +1,132 @@
+"""A small build farm in one trio run: push-mode nodes (the real job service and HTTPS API
+on loopback, with any runner) and the signed records a dispatcher would find for them.
+
+Used by the dispatcher's tests, its benchmark and the demo::
+
+    fixture = make_trust_list(nodes=[("n1", "alice"), ("n2", "bob")])
+    async with trio.open_nursery() as nursery:
+        node = await start_push_node(nursery, tmp / "n1", fixture.nodes["n1"],
+                                     fixture.trust_list, InstantRunner())
+        finder = StaticFinder(fixture.trust_list)
+        finder.put(node.entry())
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import attrs
+import trio
+
+from .._identity import Identity
+from .._records import Capability, MachineType, SignedRecord, Status
+from .._trust import TrustList
+from ..dht import NodeEntry
+from ..node._api import NodeApiConfig, serve_node_api
+from ..node._service import JobRunner, JobService
+from ..node._tls import TlsMaterial, generate_tls_material
+
+__all__ = ["FarmNode", "node_entry", "start_push_node"]
+
+
+def node_entry(
+    identity: Identity,
+    capability: Capability,
+    status: Status | None = None,
+    *,
+    now: float | None = None,
+    seq: int = 1,
+    trust_list: TrustList | None = None,
+) -> NodeEntry:
+    """Sign ``capability`` (and ``status``) as ``identity`` and wrap them as a directory
+    lookup would return them."""
+    issued = int(time.time() if now is None else now)
+    cap = SignedRecord.create(identity, capability, seq=seq, issued_at=issued, lifetime=3600)
+    st = (
+        SignedRecord.create(identity, status, seq=seq, issued_at=issued, lifetime=300)
+        if status is not None else None
+    )
+    trust = trust_list.entry(identity.public_key) if trust_list is not None else None
+    return NodeEntry(identity.public_key, cap, st, trust)
+
+
+@attrs.define(eq=False)
+class FarmNode:
+    """A running push node: its identity, job service, runner, certificate and port."""
+
+    identity: Identity
+    service: JobService
+    runner: JobRunner
+    tls: TlsMaterial
+    port: int
+    arch: str = "x86_64"
+    os: str = "fedora-41"
+    machine: MachineType = MachineType.VM
+    pools: tuple[str, ...] = ()
+    build_types: tuple[str, ...] = ("make", "rpm")
+    uptime_s: int = 3600
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def capability(self) -> Capability:
+        return Capability(
+            arch=self.arch, os=self.os, cpus=4, cpu_model="test cpu", memory_mb=8192,
+            disk_mb=50_000, machine=self.machine, build_types=self.build_types,
+            pools=tuple(sorted(self.pools)), endpoint=self.url, tls_sha256=self.tls.sha256,
+        )
+
+    def status(self) -> Status:
+        stats = self.service.statistics()
+        return Status(
+            load_milli=0, slots_total=stats.slots, slots_free=max(stats.slots - stats.running, 0),
+            running=stats.running, uptime_s=self.uptime_s, draining=stats.draining,
+        )
+
+    def entry(self, trust_list: TrustList | None = None, *, seq: int = 1) -> NodeEntry:
+        return node_entry(
+            self.identity, self.capability(), self.status(), seq=seq, trust_list=trust_list
+        )
+
+    def stop(self) -> None:
+        """Kill the node's API and service at once (a machine that disappears)."""
+        self.scope.cancel()
+
+
+async def _run(
+    config: NodeApiConfig,
+    service: JobService,
+    scope: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    with scope:
+        await serve_node_api(config, service, task_status=task_status)
+
+
+async def start_push_node(
+    nursery: trio.Nursery,
+    directory: Path,
+    identity: Identity,
+    trust_list: TrustList,
+    runner: JobRunner,
+    *,
+    slots: int = 4,
+    arch: str = "x86_64",
+    os: str = "fedora-41",
+    machine: MachineType = MachineType.VM,
+    pools: Sequence[str] = (),
+) -> FarmNode:
+    """Start a node's job service and HTTPS API on a free loopback port in ``nursery``."""
+    (directory / "tls").mkdir(parents=True)
+    tls = generate_tls_material(directory / "tls")
+    service = JobService(identity, trust_list, runner, directory / "work", slots=slots)
+    scope = trio.CancelScope()
+    port = await nursery.start(_run, NodeApiConfig(tls=tls), service, scope)
+    return FarmNode(
+        identity, service, runner, tls, port, arch, os, machine, tuple(pools), scope=scope
+    )

@@ -1,0 +1,154 @@
+"""The dispatcher database: WAL, migrations, append-only audit, atomic writes; and the sink."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from p2pbuild import BuildType, FileDigest, Job, JobSpec, Result, SourceArtifact, Target
+from p2pbuild.dispatcher._db import BuildRow, BuildState, Database
+from p2pbuild.dispatcher._errors import ConfigError, SinkError, UnknownBuildError
+from p2pbuild.dispatcher._sink import ProofItem, RepositorySink, nvr_of
+from p2pbuild.testing import make_trust_list
+
+FIXTURE = make_trust_list()
+
+
+def build_row(build_id: str = "b" * 32) -> BuildRow:
+    return BuildRow(
+        id=build_id, created_at=1.0, updated_at=1.0, user="u", team=None,
+        state=BuildState.QUEUED, source_name="hello-1.0-1.src.rpm", source_sha256="0" * 64,
+        source_size=1, build_type="rpm", arch="x86_64", os="fedora-41", replicas=2,
+    )
+
+
+def test_wal_migrations_and_reopen(tmp_path: Path) -> None:
+    db = Database.open(tmp_path / "d.db")
+    assert db.schema_version == 1
+    assert db._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    db.insert_build(build_row())
+    db.close()
+    again = Database.open(tmp_path / "d.db")
+    assert again.build("b" * 32).state is BuildState.QUEUED
+    assert [e.event for e in again.audit_entries("b" * 32)] == ["accepted"]
+    with pytest.raises(UnknownBuildError):
+        again.build("c" * 32)
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "d.db"
+    Database.open(path).close()
+    raw = sqlite3.connect(path)
+    raw.execute("PRAGMA user_version=99")
+    raw.close()
+    with pytest.raises(ConfigError, match="schema version 99"):
+        Database.open(path)
+
+
+def test_not_a_database(tmp_path: Path) -> None:
+    (tmp_path / "d.db").write_bytes(b"garbage" * 1000)
+    with pytest.raises(ConfigError):
+        Database.open(tmp_path / "d.db")
+
+
+def test_audit_is_append_only(tmp_path: Path) -> None:
+    db = Database.open(tmp_path / "d.db")
+    db.audit(1.0, "x", detail="y")
+    with pytest.raises(sqlite3.IntegrityError), db.transaction() as conn:
+        conn.execute("UPDATE audit SET event = 'z'")
+    with pytest.raises(sqlite3.IntegrityError), db.transaction() as conn:
+        conn.execute("DELETE FROM audit")
+    assert [e.event for e in db.audit_entries()] == ["x"]
+
+
+def test_failed_transaction_leaves_nothing(tmp_path: Path) -> None:
+    db = Database.open(tmp_path / "d.db")
+    db.insert_build(build_row())
+    with pytest.raises(sqlite3.IntegrityError):
+        db.insert_build(build_row())  # same id: the audit entry must not stay either
+    assert len(db.audit_entries()) == 1
+
+
+def _proof(tmp_path: Path, content: bytes) -> list[ProofItem]:
+    dispatcher = FIXTURE.dispatchers["dispatcher-1"]
+    job = Job.create(
+        dispatcher,
+        JobSpec(SourceArtifact("h.src.rpm", 1, bytes(32)), BuildType.RPM, Target("x", "y")),
+        issued_at=1, lifetime=60,
+    )
+    items = []
+    for name in ("node-1", "node-2"):
+        files = tmp_path / name
+        (files / "RPMS").mkdir(parents=True)
+        (files / "RPMS" / "h.rpm").write_bytes(content)
+        result = Result.create(
+            FIXTURE.nodes[name], job, state="succeeded", exit_code=0, started_ms=0,
+            ended_ms=5, environment={},
+            artifacts=[FileDigest("RPMS/h.rpm", 3, hashlib.sha256(b"rpm").digest())], logs=[],
+        )
+        items.append(ProofItem(job, result, name, files))
+    return items
+
+
+def test_sink_is_atomic_and_idempotent(tmp_path: Path) -> None:
+    sink = RepositorySink(tmp_path / "repo")
+    proof = _proof(tmp_path, b"rpm")
+    path = sink.store("a" * 32, "h-1-1.src.rpm", "0" * 64, proof,
+                      trust_list=FIXTURE.trust_list, now=5)
+    assert path.name == "h-1-1"
+    assert (path / "artifacts/RPMS/h.rpm").read_bytes() == b"rpm"
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert [a["name"] for a in manifest["artifacts"]] == ["RPMS/h.rpm"]
+    assert sorted(p.name for p in (path / "proof").iterdir())[0].endswith(".job")
+    assert sink.store("a" * 32, "h-1-1.src.rpm", "0" * 64, proof,
+                      trust_list=FIXTURE.trust_list, now=6) == path
+    other = sink.store("c" * 32, "h-1-1.src.rpm", "0" * 64, proof,
+                       trust_list=FIXTURE.trust_list, now=7)
+    assert other.name == "h-1-1+" + "c" * 12
+
+
+def test_sink_refuses_files_that_changed(tmp_path: Path) -> None:
+    sink = RepositorySink(tmp_path / "repo")
+    with pytest.raises(SinkError, match="no longer matches"):
+        sink.store("a" * 32, "h.src.rpm", "0" * 64, _proof(tmp_path, b"xyz"),
+                   trust_list=FIXTURE.trust_list, now=5)
+    assert [p.name for p in (tmp_path / "repo").iterdir()] == [".incoming-" + "a" * 32]
+
+
+def test_nvr() -> None:
+    assert nvr_of("hello-1.0-1.src.rpm") == "hello-1.0-1"
+    assert nvr_of("hello-1.0.tar.gz") == "hello-1.0"
+    assert nvr_of("../../etc") == "_.._etc"
+
+
+def test_example_config_loads() -> None:
+    from p2pbuild.dispatcher import load_config
+
+    config = load_config(Path(__file__).parents[2] / "dispatcher" / "dispatcher.example.toml")
+    assert config.port == 7443
+    assert config.dedicated_pools == {"team-x-metal": "team-x"}
+    assert config.clients[1].key is not None
+    assert config.dht_bootstrap[0] == ("seed1.example.org", 7420)
+
+
+def test_config_errors_are_one_line(tmp_path: Path) -> None:
+    from p2pbuild.dispatcher import load_config
+
+    path = tmp_path / "d.toml"
+    for text, fragment in [
+        ("[dispatcher]\n", "key is required"),
+        ('[dispatcher]\nkey="k"\ntrust_list="t"\n[nope]\n', "unknown section [nope]"),
+        ('[dispatcher]\nkey="k"\ntrust_list="t"\n[api]\nport="x"\n', "port must be a int"),
+        ('[dispatcher]\nkey="k"\ntrust_list="t"\n[[clients]]\nuser="u"\n', "exactly one"),
+        ("not toml [", "not valid TOML"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=re.escape(fragment)) as info:
+            load_config(path)
+        assert "\n" not in str(info.value)

@@ -1,0 +1,357 @@
+"""The build engine end to end over real loopback TLS, with in-process node services."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import attrs
+import pytest
+import trio
+
+from p2pbuild import BuildType, MachineType, ResultState
+from p2pbuild.dht import Query
+from p2pbuild.dispatcher._db import AttemptState, BuildRow, BuildState, Database
+from p2pbuild.dispatcher._engine import BuildRequest, Engine, EngineConfig
+from p2pbuild.dispatcher._nodes import StaticFinder
+from p2pbuild.dispatcher._select import Requirements
+from p2pbuild.dispatcher._sink import RepositorySink
+from p2pbuild.testing import make_trust_list
+from p2pbuild.testing._farm import FarmNode, start_push_node
+from p2pbuild.testing._runner import InstantRunner
+
+pytestmark = pytest.mark.slow
+
+NODES = [
+    ("alice-1", "alice"), ("alice-2", "alice"), ("bob-1", "bob"), ("carol-1", "carol"),
+    ("dave-1", "dave"), ("mallory-1", "mallory"),
+]
+FIXTURE = make_trust_list(nodes=NODES)
+DISPATCHER = FIXTURE.dispatchers["dispatcher-1"]
+SOURCE = b"not really an srpm, the instant runner never reads it\n"
+SOURCE_SHA = hashlib.sha256(SOURCE).hexdigest()
+
+
+@attrs.define(eq=False)
+class Harness:
+    nursery: trio.Nursery
+    tmp: Path
+    finder: StaticFinder
+    nodes: dict[str, FarmNode] = attrs.field(factory=dict)
+    engine: Engine | None = None
+    scope: trio.CancelScope | None = None
+    seed: int = 0
+
+    @property
+    def db_path(self) -> Path:
+        return self.tmp / "dispatcher.db"
+
+    async def add_node(
+        self, name: str, runner: InstantRunner | None = None, *, listed: bool = True,
+        **kwargs: object,
+    ) -> FarmNode:
+        node = await start_push_node(
+            self.nursery, self.tmp / name, FIXTURE.nodes[name], FIXTURE.trust_list,
+            runner or InstantRunner(), **kwargs,  # type: ignore[arg-type]
+        )
+        self.nodes[name] = node
+        if listed:
+            self.finder.put(node.entry())
+        return node
+
+    def list_node(self, name: str) -> None:
+        self.finder.put(self.nodes[name].entry())
+
+    async def start_engine(self, **config: object) -> Engine:
+        self.seed += 1
+        args: dict[str, object] = {
+            "state_dir": self.tmp / "state",
+            "follow_interval_s": 1.0,
+            "unreachable_after_s": 1.0,
+            "backoff_base_s": 0.05,
+            "backoff_max_s": 0.5,
+            "node_retry_base_s": 0.2,
+            "no_node_wait_s": 3.0,
+            "node_timeout_s": 5.0,
+        }
+        args.update(config)
+        engine = Engine(
+            db=Database.open(self.db_path),
+            identity=DISPATCHER,
+            trust_list=FIXTURE.trust_list,
+            finder=self.finder,
+            sink=RepositorySink(self.tmp / "repo"),
+            config=EngineConfig(**args),  # type: ignore[arg-type]
+            rng=random.Random(self.seed),
+        )
+        scope = trio.CancelScope()
+
+        async def run(task_status: trio.TaskStatus[None]) -> None:
+            with scope:
+                await engine.run(task_status=task_status)
+
+        await self.nursery.start(run)
+        self.engine, self.scope = engine, scope
+        return engine
+
+    def kill_engine(self) -> None:
+        assert self.scope is not None
+        self.scope.cancel()
+
+    def submit(self, **kwargs: object) -> BuildRow:
+        assert self.engine is not None
+        store = self.engine.sources
+        store.root.mkdir(parents=True, exist_ok=True)
+        store.path(SOURCE_SHA).write_bytes(SOURCE)
+        args: dict[str, object] = {
+            "source_name": "hello-1.0-1.src.rpm", "source_sha256": SOURCE_SHA,
+            "source_size": len(SOURCE),
+        }
+        args.update(kwargs)
+        return self.engine.accept(BuildRequest(**args), "user-1", None)  # type: ignore[arg-type]
+
+    async def wait_for(
+        self, build_id: str, test: Callable[[BuildRow], bool], timeout: float = 15
+    ) -> BuildRow:
+        assert self.engine is not None
+        with trio.fail_after(timeout):
+            while True:
+                build = self.engine.db.build(build_id)
+                if test(build):
+                    return build
+                await trio.sleep(0.02)
+
+    async def wait_done(self, build_id: str, timeout: float = 15) -> BuildRow:
+        return await self.wait_for(build_id, lambda b: b.state.terminal, timeout)
+
+    async def wait_attempts(
+        self, build_id: str, test: Callable[[list[object]], bool], timeout: float = 10
+    ) -> None:
+        assert self.engine is not None
+        with trio.fail_after(timeout):
+            while not test(self.engine.db.attempts(build_id)):  # type: ignore[arg-type]
+                await trio.sleep(0.02)
+
+
+@pytest.fixture
+async def farm(nursery: trio.Nursery, tmp_path: Path) -> Harness:
+    return Harness(nursery, tmp_path, StaticFinder(FIXTURE.trust_list))
+
+
+def running(n: int) -> Callable[[list[object]], bool]:
+    return lambda attempts: sum(
+        1 for a in attempts if a.state is AttemptState.RUNNING  # type: ignore[attr-defined]
+    ) >= n
+
+
+async def test_build_verified_by_two_operators_and_stored(farm: Harness) -> None:
+    for name in ("alice-1", "alice-2", "bob-1", "carol-1"):
+        await farm.add_node(name)
+    engine = await farm.start_engine()
+    build = farm.submit()
+    done = await farm.wait_done(build.id)
+    assert done.state is BuildState.VERIFIED, done.reason
+    attempts = engine.db.attempts(build.id)
+    assert len(attempts) == 2
+    assert len({a.operator for a in attempts}) == 2
+    assert all(a.state is AttemptState.SUCCEEDED for a in attempts)
+    stored = Path(done.sink_path)
+    assert stored == farm.tmp / "repo" / "hello-1.0-1"
+    assert (stored / "artifacts" / "out" / "hello.txt").read_bytes() == b"hello\n"
+    manifest = json.loads((stored / "manifest.json").read_text())
+    assert manifest["build_id"] == build.id
+    assert len(manifest["verified_by"]) == 2
+    assert len(list((stored / "proof").glob("*.result"))) == 2
+    assert not list((farm.tmp / "repo").glob(".incoming-*"))
+    events = [e.event for e in engine.db.audit_entries(build.id)]
+    assert events[0] == "accepted"
+    assert events.count("node-chosen") == 2
+    assert events[-1] == "build-verified"
+    chosen = [e for e in engine.db.audit_entries(build.id) if e.event == "node-chosen"]
+    assert all("reason" in e.detail and "rating" in e.detail for e in chosen)
+    ratings = engine.ratings.ratings(engine.clock())
+    assert all(ratings[a.node].observations >= 2 for a in attempts)
+    # Affinity remembered for the user.
+    assert engine.db.platform("user-1") == ("x86_64", "fedora-41", "vm")
+
+
+async def test_no_node_matches_fails_with_the_reason(farm: Harness) -> None:
+    await farm.add_node("alice-1")
+    await farm.add_node("alice-2")
+    await farm.start_engine()
+    build = farm.submit(arch="s390x")
+    done = await farm.wait_done(build.id)
+    assert done.state is BuildState.FAILED
+    assert done.reason == "no trusted node has arch=s390x"
+    build = farm.submit()
+    done = await farm.wait_done(build.id)
+    assert done.state is BuildState.FAILED
+    assert "all are operator alice; 2 replicas need 2 operators" in done.reason
+
+
+async def test_tampering_node_is_caught_and_tie_break_decides(farm: Harness) -> None:
+    await farm.add_node("alice-1")
+    await farm.add_node("mallory-1", InstantRunner(artifacts={"out/hello.txt": b"pwned\n"}))
+    await farm.add_node("carol-1", listed=False)
+    engine = await farm.start_engine()
+    build = farm.submit()
+    # alice and mallory disagree; with no third operator the tie-break waits for one.
+    await farm.wait_for(build.id, lambda b: bool(b.report))
+    mallory = str(FIXTURE.nodes["mallory-1"].public_key)
+    before = engine.ratings.ratings(engine.clock())[mallory].score
+    farm.list_node("carol-1")
+    done = await farm.wait_done(build.id)
+    assert done.state is BuildState.VERIFIED, done.reason
+    attempts = engine.db.attempts(build.id)
+    assert [a.role for a in attempts].count("tiebreak") == 1
+    manifest = json.loads((Path(done.sink_path) / "manifest.json").read_text())
+    assert {n["operator"] for n in manifest["verified_by"]} == {"alice", "carol"}
+    assert (Path(done.sink_path) / "artifacts/out/hello.txt").read_bytes() == b"hello\n"
+    assert hashlib.sha256(b"pwned\n").hexdigest() in done.report
+    assert "mallory" in done.report
+    after = engine.ratings.ratings(engine.clock())
+    assert after[mallory].agreement < 0.9
+    assert after[mallory].score < before
+    assert after[mallory].score < after[str(FIXTURE.nodes["alice-1"].public_key)].score
+    report_file = farm.tmp / "state" / "reports" / f"{build.id}.txt"
+    assert report_file.read_text() == done.report
+
+
+async def test_vanished_node_is_replaced(farm: Harness) -> None:
+    await farm.add_node("alice-1")
+    stuck = await farm.add_node("bob-1", InstantRunner(gate=trio.Event()))
+    await farm.add_node("carol-1", listed=False)
+    engine = await farm.start_engine()
+    build = farm.submit()
+    await farm.wait_attempts(build.id, lambda a: any(
+        x.operator == "bob" and x.state is AttemptState.RUNNING for x in a  # type: ignore[attr-defined]
+    ))
+    stuck.stop()
+    farm.finder.remove(stuck.identity.public_key)
+    farm.list_node("carol-1")
+    done = await farm.wait_done(build.id)
+    assert done.state is BuildState.VERIFIED, done.reason
+    attempts = engine.db.attempts(build.id)
+    lost = [a for a in attempts if a.state is AttemptState.LOST]
+    assert [a.operator for a in lost] == ["bob"]
+    assert lost[0].reason.startswith(("vanished", "node-unreachable"))
+    assert {a.operator for a in attempts if a.state is AttemptState.SUCCEEDED} == {
+        "alice", "carol"
+    }
+    assert engine.statistics().node_errors
+
+
+async def test_failed_build_on_one_node_is_replaced(farm: Harness) -> None:
+    await farm.add_node("alice-1")
+    await farm.add_node("bob-1", InstantRunner(state=ResultState.FAILED))
+    await farm.add_node("carol-1", listed=False)
+    engine = await farm.start_engine()
+    build = farm.submit()
+    await farm.wait_attempts(build.id, lambda a: any(
+        x.state is AttemptState.FAILED for x in a  # type: ignore[attr-defined]
+    ))
+    farm.list_node("carol-1")
+    done = await farm.wait_done(build.id)
+    assert done.state is BuildState.VERIFIED, done.reason
+    bob = str(FIXTURE.nodes["bob-1"].public_key)
+    assert engine.ratings.ratings(engine.clock())[bob].success < 0.9
+
+
+async def test_build_failing_on_two_operators_fails(farm: Harness) -> None:
+    await farm.add_node("alice-1", InstantRunner(state=ResultState.FAILED))
+    await farm.add_node("bob-1", InstantRunner(state=ResultState.FAILED))
+    await farm.start_engine()
+    build = farm.submit()
+    done = await farm.wait_done(build.id)
+    assert done.state is BuildState.FAILED
+    assert done.reason.startswith("the build failed on 2 operators (alice, bob): failed")
+
+
+async def test_killed_dispatcher_resumes_in_flight_build(farm: Harness) -> None:
+    gate = trio.Event()
+    runners = [InstantRunner(gate=gate), InstantRunner(gate=gate)]
+    await farm.add_node("alice-1", runners[0])
+    await farm.add_node("bob-1", runners[1])
+    engine = await farm.start_engine()
+    build = farm.submit()
+    queued = farm.submit()  # a second build, also in flight when the dispatcher dies
+    await farm.wait_attempts(build.id, running(2))
+    farm.kill_engine()
+    await trio.sleep(0.05)
+    assert engine.db.build(build.id).state is BuildState.RUNNING
+    gate.set()  # the nodes finish while no dispatcher is running
+    await trio.sleep(0.1)
+    engine = await farm.start_engine()
+    for build_id in (build.id, queued.id):
+        done = await farm.wait_done(build_id)
+        assert done.state is BuildState.VERIFIED, done.reason
+    # Re-attached, not re-run: each node ran each build's job once.
+    assert sorted(len(r.runs) for r in runners) == [2, 2]
+    assert len(engine.db.attempts(build.id)) == 2
+    assert "resumed" in [e.event for e in engine.db.audit_entries(build.id)]
+
+
+async def test_restart_with_pending_attempts_resends_or_reattaches(farm: Harness) -> None:
+    alice = await farm.add_node("alice-1")
+    bob = await farm.add_node("bob-1")
+    engine = await farm.start_engine()
+    build = farm.submit()
+    farm.kill_engine()  # at once: the build is accepted, no job sent yet
+    await trio.sleep(0.01)
+    # A crash in the middle of sending: both jobs signed and recorded as pending; one of
+    # them had reached its node before the crash.
+    for attempt in engine.db.attempts(build.id):
+        engine.db.set_attempt_state(attempt, AttemptState.CANCELLED, engine.clock())
+    candidates = engine._candidates(await farm.finder.find(Query(arch="x86_64")))
+    requirements = Requirements("x86_64", "fedora-41", BuildType.RPM)
+    row = engine.db.build(build.id)
+    for candidate in candidates:
+        engine._create_attempt(row, candidate, "replica", 2, requirements)
+    pending = [a for a in engine.db.attempts(build.id) if a.state is AttemptState.PENDING]
+    assert len(pending) == 2
+    alice.service.submit(next(a.job for a in pending if a.operator == "alice"))
+    engine = await farm.start_engine()
+    done = await farm.wait_done(build.id)
+    assert done.state is BuildState.VERIFIED, done.reason
+    assert len(alice.runner.runs) == 1 and len(bob.runner.runs) == 1  # type: ignore[attr-defined]
+
+
+async def test_cancel_reaches_the_nodes(farm: Harness) -> None:
+    gate = trio.Event()
+    nodes = [
+        await farm.add_node("alice-1", InstantRunner(gate=gate)),
+        await farm.add_node("bob-1", InstantRunner(gate=gate)),
+    ]
+    engine = await farm.start_engine()
+    build = farm.submit()
+    await farm.wait_attempts(build.id, running(2))
+    engine.cancel(build.id, "user-1")
+    done = await farm.wait_done(build.id)
+    assert done.state is BuildState.CANCELLED
+    for attempt in engine.db.attempts(build.id):
+        assert attempt.state is AttemptState.CANCELLED
+    for node in nodes:
+        job_ids = [bytes.fromhex(a.job_id) for a in engine.db.attempts(build.id)
+                   if a.node == str(node.identity.public_key)]
+        status = node.service.status(job_ids[0])
+        assert status.state is ResultState.CANCELLED
+    assert not (farm.tmp / "repo").exists() or not list((farm.tmp / "repo").iterdir())
+
+
+async def test_dedicated_pool_and_machine_constraint(farm: Harness) -> None:
+    await farm.add_node("alice-1", pools=["gpu"])
+    await farm.add_node("bob-1", pools=["gpu"])
+    await farm.add_node("carol-1", machine=MachineType.METAL)
+    await farm.add_node("dave-1", machine=MachineType.METAL)
+    engine = await farm.start_engine(dedicated_pools={"gpu": "team-gpu"})
+    build = farm.submit()
+    done = await farm.wait_done(build.id)
+    assert done.state is BuildState.VERIFIED, done.reason
+    assert {a.operator for a in engine.db.attempts(build.id)} == {"carol", "dave"}
+    assert engine.db.platform("user-1") == ("x86_64", "fedora-41", "metal")
+    refused = farm.submit(pool="gpu")
+    done = await farm.wait_done(refused.id)
+    assert done.reason == "pool gpu is dedicated to team-gpu"
