@@ -10,11 +10,12 @@ BIN    := $(VENV)/bin
 demo: setup
 	$(BIN)/p2pbuild demo
 
+# pytest runs last so that its summary line closes the output.
 test: setup
 	$(BIN)/ruff check p2pbuild tests bench
 	$(BIN)/mypy
+	$(MAKE) --no-print-directory bench BENCH_ARGS=--short
 	$(BIN)/pytest $(PYTEST_ARGS)
-	$(BIN)/python bench/records.py --short
 
 setup: system-packages $(VENV)/.installed
 
@@ -33,8 +34,13 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
+# Every benchmark prints one JSON object; BENCH_ARGS=--short is the CI mode.
+BENCHMARKS := records dht node dispatch
 bench: setup
-	$(BIN)/python bench/records.py
+	@for b in $(BENCHMARKS); do \
+		echo "== bench/$$b.py $(BENCH_ARGS)"; \
+		$(BIN)/python bench/$$b.py $(BENCH_ARGS) || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
