@@ -122,6 +122,7 @@ async def _lookups(
             if got == value:
                 successes += 1
 
+    cpu0 = time.process_time()
     t0 = time.perf_counter()
     tasks = []
     for requester, key, value in plan:
@@ -134,9 +135,11 @@ async def _lookups(
             await asyncio.sleep(0)
     await asyncio.gather(*tasks)
     elapsed = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
     done = len(latencies)
     return {
         "lookups": done,
+        "cpu_ms_per_lookup": round(cpu * 1000 / done, 3) if done else None,
         "planned": len(plan),
         "concurrency": concurrency,
         "success_rate": successes / done if done else 0.0,

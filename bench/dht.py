@@ -16,11 +16,19 @@ workload on real loopback UDP, all nodes of a half in one process:
    a random node other than its publisher (p2pbuild: ``Directory.get(node_key)``; stock:
    ``Server.get``). Latency p50/p99, mean rounds and RPCs per lookup, lookups per second,
    success rate (the exact records or value published came back).
-5. **lookups, 20% dead**: 20% of the nodes are silenced (their sockets stay open; every
+5. **facet queries** (p2pbuild only; a stock ``get`` reads one bundle, a first page):
+   ``Directory.find(Query(arch=..., os=...))`` from random nodes, which must return every
+   publisher of that arch and OS with its status.
+6. **lookups, 20% dead**: 20% of the nodes are silenced (their sockets stay open; every
    datagram to them is dropped, nothing is sent back, nobody is told), then lookups of keys
    whose publisher is alive, from live nodes. p2pbuild: once sequentially (the latency
    goal) and once ``--dead-concurrency`` at a time; stock: ``--dead-concurrency`` at a time
    only, because its 5 s RPC timeout makes sequential lookups take minutes.
+
+Each lookup phase also reports ``cpu_ms_per_lookup``, the process's CPU time over the phase
+divided by its lookups (every node's work, the answering nodes' too): on a machine shared
+with other work it moves far less than the wall-clock latencies do (``machine.loadavg_*``
+says how busy the machine was).
 
 Figures that are defined differently in the two implementations:
 
@@ -64,10 +72,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _stats import latency_summary, rss_bytes
 
 import p2pbuild
-from p2pbuild import SignedRecord
+from p2pbuild import Capability, SignedRecord
 from p2pbuild.dht import (
     DhtConfig,
     Directory,
+    Query,
     UdpTransport,
     node_id_for,
     node_key,
@@ -171,6 +180,7 @@ async def _timed_lookups(
         successes += got == expected
 
     before = _totals(nodes)
+    cpu0 = time.process_time()
     t0 = time.perf_counter()
     if concurrency == 1:
         for step in plan:
@@ -180,10 +190,12 @@ async def _timed_lookups(
             for step in plan:
                 nursery.start_soon(one, *step)
     elapsed = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
     lookups, rounds, rpcs, sent = (b - a for a, b in zip(before, _totals(nodes), strict=True))
     done = len(latencies)
     return {
         "lookups": done,
+        "cpu_ms_per_lookup": round(cpu * 1000 / done, 3) if done else None,
         "dht_lookups": lookups,
         "concurrency": concurrency,
         "success_rate": round(successes / done, 4) if done else 0.0,
@@ -192,6 +204,43 @@ async def _timed_lookups(
         "rpcs_per_lookup": _per(rpcs, done),
         "other_rpcs_per_lookup": _per(sent - rpcs, done),
         "lookups_per_s": round(done / elapsed, 1) if elapsed else None,
+        "elapsed_s": round(elapsed, 3),
+    }
+
+
+async def _timed_finds(
+    nodes: Sequence[Directory],
+    plan: Sequence[tuple[int, Query, frozenset[bytes]]],
+    *,
+    lookup_timeout: float,
+) -> dict[str, Any]:
+    """Run ``plan`` (requester index, query, expected publisher keys) sequentially: the
+    dispatcher's query, a lookup (with paging) per facet and an intersection."""
+    latencies: list[float] = []
+    successes = matches = 0
+    before = _totals(nodes)
+    t0 = time.perf_counter()
+    for requester, query, expected in plan:
+        t1 = time.perf_counter()
+        found: frozenset[bytes] = frozenset()
+        with trio.move_on_after(lookup_timeout):
+            entries = await nodes[requester].find(query)
+            found = frozenset(e.publisher.raw for e in entries if e.status_record is not None)
+        latencies.append(time.perf_counter() - t1)
+        successes += found == expected
+        matches += len(expected)
+    elapsed = time.perf_counter() - t0
+    lookups, rounds, _, sent = (b - a for a, b in zip(before, _totals(nodes), strict=True))
+    done = len(latencies)
+    return {
+        "finds": done,
+        "rounds_per_find": _per(rounds, done),
+        "mean_nodes_per_find": round(matches / done, 2) if done else None,
+        "dht_lookups_per_find": _per(lookups, done),
+        "success_rate": round(successes / done, 4) if done else 0.0,
+        **latency_summary(latencies),
+        "rpcs_per_find": _per(sent, done),
+        "finds_per_s": round(done / elapsed, 1) if elapsed else None,
         "elapsed_s": round(elapsed, 3),
     }
 
@@ -275,6 +324,25 @@ async def _bench_ours(args: argparse.Namespace) -> dict[str, Any]:
         phases["lookups_alive"] = round(time.perf_counter() - t0, 3)
         _progress(f"p2pbuild: alive lookups done in {phases['lookups_alive']} s")
 
+        # The dispatcher's query: nodes of one arch and OS (a facet holding every matching
+        # publisher's capability and status, read page by page).
+        combos: dict[tuple[str, str], set[bytes]] = {}
+        for mine in records.values():
+            body = mine[0].body
+            assert isinstance(body, Capability)
+            combos.setdefault((body.arch, body.os), set()).add(mine[0].publisher.raw)
+        choices = sorted(combos)
+        find_plan = []
+        for _ in range(args.finds):
+            arch, os_release = rng.choice(choices)
+            find_plan.append((rng.choice(everyone), Query(arch=arch, os=os_release),
+                              frozenset(combos[arch, os_release])))
+        t0 = time.perf_counter()
+        result["facet_find"] = await _timed_finds(nodes, find_plan,
+                                                  lookup_timeout=args.lookup_timeout)
+        phases["facet_finds"] = round(time.perf_counter() - t0, 3)
+        _progress(f"p2pbuild: facet finds done in {phases['facet_finds']} s")
+
         dead = set(rng.sample(everyone, int(args.n * args.dead_fraction)))
         for index in dead:
             transports[index].dead = True
@@ -350,6 +418,7 @@ _COMPARED = (
     (("alive", "rpcs_per_lookup"), True),
     (("alive", "other_rpcs_per_lookup"), True),
     (("alive", "lookups_per_s"), False),
+    (("alive", "cpu_ms_per_lookup"), True),
     (("alive", "success_rate"), False),
     (("rss_per_node_bytes_before_publish",), True),
     (("rss_per_node_bytes",), True),
@@ -360,6 +429,7 @@ _COMPARED = (
     (("dead_concurrent", "rpcs_per_lookup"), True),
     (("dead_concurrent", "other_rpcs_per_lookup"), True),
     (("dead_concurrent", "lookups_per_s"), False),
+    (("dead_concurrent", "cpu_ms_per_lookup"), True),
     (("elapsed_s", "build"), True),
     (("elapsed_s", "publish"), True),
 )
@@ -435,6 +505,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dead-lookups", type=int,
                         help="lookups of the concurrent dead-node phase (default 100; 50 "
                         "with --short)")
+    parser.add_argument("--finds", type=int,
+                        help="timed facet queries, p2pbuild only (default 200; 50 with "
+                        "--short)")
     parser.add_argument("--dead-concurrency", type=int, default=10)
     parser.add_argument("--dead-fraction", type=float, default=0.2)
     parser.add_argument("--lookup-timeout", type=float, default=60.0,
@@ -451,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     args.lookups = args.lookups or (200 if short else 1000)
     args.keys = args.keys or (50 if short else 300)
     args.dead_lookups = args.dead_lookups or (50 if short else 100)
+    args.finds = args.finds or (50 if short else 200)
     args.stock_n = args.stock_n or [args.n, 300, 100]
     args.stock_budget = args.stock_budget or (60.0 if short else 240.0)
 
@@ -464,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
                     "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]},
         "versions": {"p2pbuild": p2pbuild.__version__},
         "workload": {"n": args.n, "keys": args.keys, "lookups": args.lookups,
-                     "dead_lookups": args.dead_lookups,
+                     "dead_lookups": args.dead_lookups, "finds": args.finds,
                      "dead_concurrency": args.dead_concurrency,
                      "dead_fraction": args.dead_fraction, "seed": args.seed,
                      "lookup_timeout_s": args.lookup_timeout},

@@ -193,5 +193,9 @@ def require_canonical_encoding(value: Value, data: bytes) -> None:
     byte equality catches non-shortest integers and headers and duplicate map keys (which
     decode to a smaller map); sorted key order is the typed check's job.
     """
-    if _pack(value) != data:
+    try:  # _pack, inlined: this runs once per record on the DHT's hot path
+        pack = _packers.pack
+    except AttributeError:
+        pack = _packers.pack = msgpack.Packer(use_bin_type=True).pack
+    if pack(value) != data:
         raise MalformedError("not canonical: the value has a different canonical encoding")

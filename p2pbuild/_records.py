@@ -40,8 +40,18 @@ skipped to get there; the work is arranged so that each check happens once:
   ``__init__``, which is why the value classes are ``slots=False``.
 * Token fields (arch, OS, pools, build types) are checked against a bounded cache of strings
   and lists already known valid: the same few values arrive in every record, and a regular
-  expression match costs more than the rest of the field checks together.
-* The signature is checked last, so garbage is rejected before the expensive step.
+  expression match costs more than the rest of the field checks together. For decoded
+  values, membership in those caches also proves the exact type (a decoded value equal to a
+  ``str`` is a ``str``), so the fast test skips those type checks; values built in code
+  always get the reference checks (:meth:`Capability.from_wire`).
+* The decoded body map itself becomes the body's attribute map, and the record's is built
+  as one dict literal: no copies.
+* The signature is checked last, so garbage is rejected before the expensive step, with
+  libsodium's ``crypto_sign_open`` called without output buffers (see
+  :func:`._identity.verify_prefixed`) on ``signature || domain || header || bytes`` built in
+  one expression.
+* :func:`decode_record` runs the time checks of :meth:`SignedRecord.check` inline and calls
+  ``check`` only to raise the precise error.
 """
 
 from __future__ import annotations
@@ -70,7 +80,8 @@ from ._identity import (
     Domain,
     Identity,
     PublicKey,
-    verify_prefixed,
+    _known_keys,
+    verify_joined,
 )
 
 __all__ = [
@@ -284,12 +295,18 @@ class Capability:
         if not isinstance(body, Mapping):
             raise MalformedError("a capability is a map")
         _check_field_names(body, cls._FIELDS, "capability")
-        return cls._build({name: _as_tuple(body[name]) for name in cls._FIELDS})
+        fields = {name: _as_tuple(body[name]) for name in cls._FIELDS}
+        # Values from code may be of any type (str subclasses too): the reference checks
+        # them; _build's fast test is for decoded values only.
+        _check_fields(fields, _CAPABILITY_CHECKS, "capability")
+        return cls._build(fields)
 
     @classmethod
     def _build(cls, fields: dict[str, Any]) -> Capability:
-        """Validate and build from a map of exactly the fields, in sorted order, with wire
-        types (arrays as tuples, ``machine`` as text). ``fields`` is consumed.
+        """Validate and build from a map of exactly the fields, in sorted order, as the
+        decoder produces them: values of the exact built-in types msgpack decodes to (arrays
+        as tuples, ``machine`` as text). ``fields`` is consumed: it becomes the instance's
+        attribute map.
 
         Raises :class:`MalformedError`.
         """
@@ -298,16 +315,17 @@ class Capability:
         # The fast test accepts only what the reference checks accept, and tokens only when
         # already known (cached by an earlier reference check): one boolean expression,
         # no calls but a few C methods. Whatever it does not accept gets the reference.
+        # Membership in the caches of known tokens (exact str) and token lists (exact
+        # tuples of them) implies the exact type for decoded values: a decoded value equal
+        # to a str is a str, one equal to a tuple is a tuple, and a map is unhashable
+        # (TypeError). So is membership in _MACHINES.
         try:
             fast = (
-                type(arch) is str
-                and arch in _known_tokens
-                and type(os) is str
+                arch in _known_tokens
                 and os in _known_tokens
-                and type(build_types) is tuple
                 and build_types in _known_token_lists
-                and type(pools) is tuple
                 and pools in _known_token_lists
+                and (machine_value := _MACHINES.get(machine)) is not None
                 and type(cpus) is int
                 and 0 <= cpus < _MAX_CPUS
                 and type(memory_mb) is int
@@ -317,8 +335,6 @@ class Capability:
                 and type(cpu_model) is str
                 and len(cpu_model) <= _MAX_CPU_MODEL
                 and cpu_model.isprintable()
-                and type(machine) is str
-                and machine in _MACHINES
                 and type(endpoint) is str
                 and type(tls_sha256) is bytes
                 and (
@@ -331,14 +347,16 @@ class Capability:
                     )
                 )
             )
-        except TypeError:  # a token list holding a map (unhashable): not valid
+        except TypeError:  # a map where a token or token list belongs (unhashable)
             fast = False
         if not fast:
             _check_fields(fields, _CAPABILITY_CHECKS, "capability")
-        fields["machine"] = _MACHINES[machine]
-        # Every field is checked: fill the frozen instance in one step (module docstring).
-        value = object.__new__(cls)
-        value.__dict__.update(fields)
+            machine_value = _MACHINES[machine]
+        fields["machine"] = machine_value
+        # Every field is checked: the map becomes the frozen instance's attributes as it is
+        # (module docstring).
+        value = _new(cls)
+        _setattr(value, "__dict__", fields)
         return value
 
 
@@ -433,8 +451,8 @@ class Status:
             and 0 <= uptime_s < _U63
         ):
             _check_fields(fields, _STATUS_CHECKS, "status")
-        value = object.__new__(cls)
-        value.__dict__.update(fields)
+        value = _new(cls)
+        _setattr(value, "__dict__", fields)
         return value
 
 
@@ -459,14 +477,20 @@ _BODY_TYPES: dict[str, type[Capability] | type[Status]] = {
 }
 _DOMAINS = {Kind.CAPABILITY: Domain.RECORD_CAPABILITY, Kind.STATUS: Domain.RECORD_STATUS}
 
-# Per kind, for the decoder: the body class and the bytes that precede the signed part of a
-# record when it is verified: the domain prefix and the header of a 7-element array.
-_WIRE_KINDS: dict[str, tuple[type[Capability] | type[Status], bytes]] = {
-    kind.value: (body_type, _DOMAINS[kind].value + b"\x97")
+# Per kind, for the decoder: the body's builder, its field names in canonical order, and the
+# bytes that precede the signed part of a record when it is verified: the domain prefix and
+# the header of a 7-element array.
+_WIRE_KINDS: dict[str, tuple[Callable[[dict[str, Any]], Body], tuple[str, ...], bytes]] = {
+    kind.value: (body_type._build, body_type._FIELDS, _DOMAINS[kind].value + b"\x97")
     for kind, body_type in ((Kind.CAPABILITY, Capability), (Kind.STATUS, Status))
 }
 # A canonical record ends with its signature as msgpack bin 8: 0xc4, length 64, 64 bytes.
 _SIGNATURE_TAIL = 2 + SIGNATURE_SIZE
+
+# Building a frozen value whose fields are all checked: a bare instance, then its attribute
+# map set in one step (frozen attrs classes refuse ``value.__dict__ = ...``).
+_new = object.__new__
+_setattr = object.__setattr__
 
 
 @attrs.frozen
@@ -586,61 +610,7 @@ class SignedRecord:
         Raises :class:`OversizeError` (before decoding), :class:`MalformedError` (including
         any non-canonical encoding), :class:`UnknownKindError` or :class:`BadSignatureError`.
         """
-        if type(data) is not bytes:
-            if not isinstance(data, (bytearray, memoryview)):
-                raise MalformedError(f"a record is bytes, not {type(data).__name__}")
-            if len(data) <= max_size:  # else unpack_unchecked reports it, without a copy
-                data = bytes(data)
-        value = unpack_unchecked(data, max_size=max_size)
-        if type(value) is not tuple or len(value) != 8:
-            raise MalformedError("a record is an array of 8 elements")
-        version, kind, publisher, seq, issued_at, expires_at, body, signature = value
-        wire_kind = _WIRE_KINDS.get(kind) if type(kind) is str else None
-        if not (
-            type(version) is int
-            and version == _FORMAT_VERSION
-            and wire_kind is not None
-            and type(publisher) is bytes
-            and len(publisher) == PUBLIC_KEY_SIZE
-            and type(seq) is int
-            and 0 <= seq < _U63
-            and type(issued_at) is int
-            and 0 <= issued_at < _U63
-            and type(expires_at) is int
-            and 0 <= expires_at < _U63
-            and type(body) is dict
-            and type(signature) is bytes
-            and len(signature) == SIGNATURE_SIZE
-        ):
-            raise _envelope_error(value)
-        body_type, signed_prefix = wire_kind
-        # Exactly the expected keys, in sorted order: the one canonical rule that re-encoding
-        # cannot see (msgpack keeps a map's order when it re-encodes it).
-        if tuple(body) != body_type._FIELDS:
-            _check_field_names(body, body_type._FIELDS, kind)
-            raise MalformedError(f"not canonical: the {kind} fields are not in sorted order")
-        require_canonical_encoding(value, data)
-        parsed = body_type._build(body)
-        # The signed bytes are the canonical encoding of the first seven elements: in a
-        # canonical 8-array (header 0x98) that is the input with a 7-array header (0x97) and
-        # without the trailing bin 8 signature, so nothing is re-encoded.
-        if not verify_prefixed(publisher, signed_prefix + data[1:-_SIGNATURE_TAIL], signature):
-            raise BadSignatureError(
-                f"{kind} record signature does not verify for "
-                f"{PublicKey._from_checked(publisher).fingerprint}"
-            )
-        # Every field is checked above; build the frozen value in one step (module docstring).
-        record = object.__new__(cls)
-        record.__dict__.update(
-            publisher=PublicKey._from_checked(publisher),
-            seq=seq,
-            issued_at=issued_at,
-            expires_at=expires_at,
-            body=parsed,
-            signature=signature,
-            raw=data,
-        )
-        return record
+        return _parse(data, max_size)
 
     def to_bytes(self) -> bytes:
         return self.raw
@@ -677,6 +647,66 @@ class SignedRecord:
             raise StaleSeqError(f"seq {self.seq} is not newer than held seq {held_seq}")
 
 
+
+def _parse(data: bytes, max_size: int) -> SignedRecord:
+    """:meth:`SignedRecord.from_bytes`, as a plain function for :func:`decode_record`."""
+    if type(data) is not bytes:
+        if not isinstance(data, (bytearray, memoryview)):
+            raise MalformedError(f"a record is bytes, not {type(data).__name__}")
+        if len(data) <= max_size:  # else unpack_unchecked reports it, without a copy
+            data = bytes(data)
+    value = unpack_unchecked(data, max_size=max_size)
+    if type(value) is not tuple or len(value) != 8:
+        raise MalformedError("a record is an array of 8 elements")
+    version, kind, publisher, seq, issued_at, expires_at, body, signature = value
+    wire_kind = _WIRE_KINDS.get(kind) if type(kind) is str else None
+    if not (
+        type(version) is int
+        and version == _FORMAT_VERSION
+        and wire_kind is not None
+        and type(publisher) is bytes
+        and len(publisher) == PUBLIC_KEY_SIZE
+        and type(seq) is int
+        and 0 <= seq < _U63
+        and type(issued_at) is int
+        and 0 <= issued_at < _U63
+        and type(expires_at) is int
+        and 0 <= expires_at < _U63
+        and type(body) is dict
+        and type(signature) is bytes
+        and len(signature) == SIGNATURE_SIZE
+    ):
+        raise _envelope_error(value)
+    build, fields, signed_prefix = wire_kind
+    # Exactly the expected keys, in sorted order: the one canonical rule that re-encoding
+    # cannot see (msgpack keeps a map's order when it re-encodes it).
+    if tuple(body) != fields:
+        _check_field_names(body, fields, kind)
+        raise MalformedError(f"not canonical: the {kind} fields are not in sorted order")
+    require_canonical_encoding(value, data)
+    parsed = build(body)
+    # The signed bytes are the canonical encoding of the first seven elements: in a
+    # canonical 8-array (header 0x98) that is the input with a 7-array header (0x97) and
+    # without the trailing bin 8 signature, so nothing is re-encoded.
+    if not verify_joined(publisher, signature + signed_prefix + data[1:-_SIGNATURE_TAIL]):
+        raise BadSignatureError(
+            f"{kind} record signature does not verify for "
+            f"{PublicKey._from_checked(publisher).fingerprint}"
+        )
+    # Every field is checked above; build the frozen value in one step (module docstring).
+    record = _new(SignedRecord)
+    _setattr(record, "__dict__", {
+        "publisher": _known_keys.get(publisher) or PublicKey._from_checked(publisher),
+        "seq": seq,
+        "issued_at": issued_at,
+        "expires_at": expires_at,
+        "body": parsed,
+        "signature": signature,
+        "raw": data,
+    })  # fmt: skip
+    return record
+
+
 def decode_record(
     data: bytes,
     now: float,
@@ -688,6 +718,18 @@ def decode_record(
 
     Raises any :class:`RemoteError` subclass described there.
     """
-    record = SignedRecord.from_bytes(data)
-    record.check(now, policy=policy, held_seq=held_seq)
+    record = _parse(data, MAX_RECORD_SIZE)
+    # SignedRecord.check, inlined for the hot path (the same checks in the same order; the
+    # tests hold the two to the same answers).
+    issued_at = record.issued_at
+    expires_at = record.expires_at
+    lifetime = expires_at - issued_at
+    if (
+        lifetime <= 0
+        or lifetime > policy.max_lifetime[record.body.kind]
+        or now >= expires_at
+        or issued_at > now + policy.max_clock_skew
+        or (held_seq is not None and record.seq <= held_seq)
+    ):
+        record.check(now, policy=policy, held_seq=held_seq)  # raises the precise error
     return record

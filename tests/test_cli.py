@@ -1,5 +1,5 @@
-"""The keys, trust and demo commands, driven through ``main(argv)`` and once as a real
-child process."""
+"""The keys and trust commands, driven through ``main(argv)`` and once as a real child
+process. The demo, which runs a whole farm, is tested in ``tests/e2e``."""
 
 from __future__ import annotations
 
@@ -163,16 +163,6 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
         main(["keys", "generate", "--role", "wizard", "--out", "x"])
     assert exc.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
-
-
-def test_demo_runs_and_reports_json(capsys: pytest.CaptureFixture[str]) -> None:
-    status, out, _ = run(capsys, "demo", "--json")
-    assert status == 0
-    summary = json.loads(out.strip().splitlines()[-1])
-    assert summary["ok"] is True
-    titles = [step["step"] for step in summary["steps"]]
-    assert "a rollback to v1" in titles
-    assert all(step["ok"] for step in summary["steps"])
 
 
 @pytest.mark.slow

@@ -245,3 +245,38 @@ def test_load_missing_file_and_directory(tmp_path: Path) -> None:
         Identity.load(directory)
     with pytest.raises(KeyFileError):
         load_public_key(str(tmp_path / "absent"))
+
+
+# -- the verification call agrees with PyNaCl's own ----------------------------------------------
+
+_SMALL_ORDER_KEY = bytes(32)  # the identity point, refused by libsodium
+
+
+@given(st.binary(max_size=300), st.integers(0, 95), st.integers(1, 255), st.booleans())
+def test_verify_prefixed_agrees_with_pynacl(
+    message: bytes, position: int, flip: int, other_key: bool
+) -> None:
+    import nacl.bindings
+    import nacl.exceptions
+
+    from p2pbuild._identity import verify_prefixed
+
+    signer = make_identity("verify-agrees")
+    key = (make_identity("other") if other_key else signer).public_key.raw
+    signed = Domain.RECORD_STATUS.value + message
+    signature = signer.sign(Domain.RECORD_STATUS, message)
+    corrupted = bytearray(signature + signed)
+    if position < len(corrupted):
+        corrupted[position] ^= flip
+    for sig, msg in ((signature, signed), (bytes(corrupted[:64]), bytes(corrupted[64:]))):
+        for candidate in (key, _SMALL_ORDER_KEY):
+            try:
+                nacl.bindings.crypto_sign_open(sig + msg, candidate)
+            except nacl.exceptions.BadSignatureError:
+                expected = False
+            else:
+                expected = True
+            assert verify_prefixed(candidate, msg, sig) is expected
+    # Wrong lengths never verify (and never reach libsodium).
+    assert not verify_prefixed(key[:31], signed, signature)
+    assert not verify_prefixed(key, signed, signature[:63])

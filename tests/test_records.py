@@ -486,3 +486,51 @@ def test_mutated_records_give_a_record_or_our_error(
 def test_records_from_every_identity(identity: Any, body: Status) -> None:
     record = SignedRecord.create(identity, body, seq=1, issued_at=T0, lifetime=60)
     assert decode_record(record.raw, T0).publisher == identity.public_key
+
+
+def test_bodies_from_code_take_the_reference_checks() -> None:
+    # The wire fast path relies on exact decoded types; values built in code (a str
+    # subclass equal to a known token) go through the reference checks and are refused.
+    class Token(str):
+        pass
+
+    example_capability()  # "x86_64" is now a known token
+    fields = example_capability().to_wire()
+    fields["arch"] = Token("x86_64")
+    with pytest.raises(MalformedError, match="arch"):
+        Capability.from_wire(fields)
+    fields = example_capability().to_wire()
+    fields["machine"] = MachineType.VM  # a StrEnum member is not exactly text on the wire
+    assert Capability.from_wire(fields).machine is MachineType.VM
+
+
+def test_decoded_values_hold_their_fields() -> None:
+    record = _record()
+    parsed = decode_record(record.raw, T0)
+    assert parsed == record
+    assert vars(parsed.body) == vars(record.body)
+    assert attrs.asdict(parsed.body) == attrs.asdict(record.body)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        parsed.body.arch = "other"  # type: ignore[misc]
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        parsed.seq = 1  # type: ignore[misc]
+
+
+@given(records(), st.integers(-10**6, 10**6), st.one_of(st.none(), st.integers(0, 20)),
+       st.integers(1, 10**5), st.integers(0, 10**4))
+def test_decode_record_checks_exactly_as_check(
+    record: SignedRecord, offset: int, held_seq: int | None, lifetime: int, skew: int
+) -> None:
+    # decode_record runs the time checks inline; it must accept and refuse as check() does.
+    policy = RecordPolicy({Kind.CAPABILITY: lifetime, Kind.STATUS: lifetime}, skew)
+    now = T0 + offset
+    expected: type[Exception] | None = None
+    try:
+        SignedRecord.from_bytes(record.raw).check(now, policy=policy, held_seq=held_seq)
+    except P2PBuildError as exc:
+        expected = type(exc)
+    if expected is None:
+        assert decode_record(record.raw, now, policy=policy, held_seq=held_seq) == record
+    else:
+        with pytest.raises(expected):
+            decode_record(record.raw, now, policy=policy, held_seq=held_seq)

@@ -1,197 +1,289 @@
-"""``p2pbuild demo``: the README's main job, on an embedded throwaway deployment.
+"""``p2pbuild demo``: the README's main job, on a throwaway farm on this machine.
 
-It runs every part of p2pbuild that exists so far, end to end, on this machine only, and
-says plainly which parts of the full flow are not built yet.
+It writes a deployment (maintainer keys, a 2-of-3 signed trust list, a dispatcher, four
+nodes of three operators, one of them pull-mode) into a temporary directory (or ``--keep
+DIR``), starts a DHT bootstrap node, the dispatcher and the nodes as real child processes
+on loopback (``p2pbuild.testing.LocalFarm``), builds a generated C "hello" SRPM on nodes of
+two operators, checks the stored result and its proof, and stops everything, also on an
+error or Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import subprocess
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .._errors import P2PBuildError
-from .._identity import Identity, Role
-from .._records import SignedRecord, decode_record
-from .._trust import TrustEntry, TrustList, accept_update
-from ..testing import example_capability, example_status
+import httpx
+import trio
+
+from .._errors import LocalError, P2PBuildError
+from .._identity import Role
+from .._jobs import Job, Result
+from .._trust import accept_update
+from ..testing import LocalFarm, NodeSpec, hello_srpm, open_local_farm
+from ._dispatcher import _TERMINAL, _check, _Client, post_source
 
 __all__ = ["register"]
 
-# The operators of the throwaway deployment and their nodes: (node name, operator, arch).
+#: The throwaway farm: four nodes of three operators; carol's is behind NAT (pull mode).
 _NODES = (
-    ("node-a1", "alice", "x86_64"),
-    ("node-a2", "alice", "x86_64"),
-    ("node-b1", "bob", "x86_64"),
-    ("node-c1", "carol", "aarch64"),
-)
-
-_NOT_YET = (
-    "publishing records into the Kademlia DHT over UDP",
-    "the node daemon's HTTPS job API and sandboxed builds",
-    "the dispatcher: selection, replication on two operators, verification, storage",
+    NodeSpec("alice-1", "alice"),
+    NodeSpec("alice-2", "alice"),
+    NodeSpec("bob-1", "bob"),
+    NodeSpec("carol-pull", "carol", pull=True),
 )
 
 
 def register(sub: Any) -> None:
     demo = sub.add_parser(
         "demo",
-        help="run the main job on a throwaway local deployment",
-        description="Create a throwaway deployment (maintainer, dispatcher and node keys, a "
-        "2-of-3 signed trust list) in a temporary directory and run every part of p2pbuild "
-        "that exists on it, printing each step. Nothing leaves this machine.",
+        help="run a throwaway build farm on this machine and build a package on it",
+        description="Create a throwaway deployment (maintainer keys, a 2-of-3 signed trust "
+        "list, a dispatcher, four nodes of three operators, one behind NAT in pull mode), "
+        "start it as real processes on loopback, build a small C package on nodes of two "
+        "operators, verify and store it, print where the result and its proof are, and "
+        "stop everything. Nothing leaves this machine.",
     )
     demo.add_argument("--keep", type=Path, metavar="DIR",
-                      help="keep the deployment in DIR instead of a temporary directory")
-    demo.add_argument("--json", action="store_true", help="print a JSON summary at the end")
+                      help="write the deployment into DIR (a new or empty directory) and "
+                      "keep it, with the stored build and the logs, afterwards")
+    demo.add_argument("--json", action="store_true",
+                      help="print a JSON summary as the last line")
     demo.set_defaults(func=_demo)
 
 
-class _Steps:
-    def __init__(self) -> None:
-        self.results: list[dict[str, object]] = []
-        self.started = time.monotonic()
-
-    def run(self, title: str, step: Callable[[], str]) -> None:
-        print(f"[{len(self.results) + 1}] {title} ... ", end="", flush=True)
-        t0 = time.monotonic()
-        detail = step()
-        ms = (time.monotonic() - t0) * 1000
-        print(f"ok ({ms:.0f} ms)\n    {detail}")
-        self.results.append({"step": title, "ok": True, "detail": detail, "ms": round(ms, 1)})
-
-    def expect_rejected(self, title: str, attempt: Callable[[], object]) -> None:
-        def step() -> str:
-            try:
-                attempt()
-            except P2PBuildError as exc:
-                return f"rejected as {exc.code}: {exc}"
-            raise AssertionError(f"{title}: was accepted")
-
-        self.run(title, step)
-
-
 def _demo(args: argparse.Namespace) -> int:
+    started = time.monotonic()
     if args.keep is not None:
-        args.keep.mkdir(parents=True, exist_ok=True)
-        return _run(args.keep, args.json, keep=True)
-    with tempfile.TemporaryDirectory(prefix="p2pbuild-demo-") as tmp:
-        return _run(Path(tmp), args.json, keep=False)
-
-
-def _run(root: Path, as_json: bool, *, keep: bool) -> int:
-    steps = _Steps()
-    now = int(time.time())
-    keys = root / "keys"
-    keys.mkdir(exist_ok=True)
-    print(f"p2pbuild demo: a throwaway deployment in {root}\n")
-
-    maintainers = [Identity.generate(Role.MAINTAINER) for _ in range(3)]
-    dispatcher = Identity.generate(Role.DISPATCHER)
-    nodes = {name: Identity.generate(Role.NODE) for name, _, _ in _NODES}
-
-    def make_keys() -> str:
-        for i, identity in enumerate(maintainers):
-            identity.save(keys / f"maintainer-{i}.key")
-        dispatcher.save(keys / "dispatcher.key")
-        for name, identity in nodes.items():
-            identity.save(keys / f"{name}.key")
-        Identity.load(keys / "node-a1.key")  # the 0600 check passes on our own files
-        return f"{len(maintainers)} maintainers, 1 dispatcher, {len(nodes)} nodes in {keys}"
-
-    steps.run("generate keys (private files 0600)", make_keys)
-
-    entries = [TrustEntry(m.public_key, Role.MAINTAINER, "maintainers") for m in maintainers]
-    entries.append(TrustEntry(dispatcher.public_key, Role.DISPATCHER, "farm"))
-    entries += [TrustEntry(nodes[name].public_key, Role.NODE, operator, (), (arch,))
-                for name, operator, arch in _NODES]
-    draft = TrustList(1, now + 30 * 86_400, 2, tuple(sorted(entries, key=lambda e: e.key)))
-    trust = draft
-
-    def sign_trust() -> str:
-        nonlocal trust
-        trust = draft.sign(maintainers[0]).sign(maintainers[1])
-        (keys / "trust-list.msgpack").write_bytes(trust.to_bytes())
-        TrustList.from_bytes(trust.to_bytes()).verify(now)
-        operators = sorted({e.operator for e in trust.entries if e.role is Role.NODE})
-        return (f"v1 signed by 2 of 3 maintainers, {len(trust.entries)} entries, "
-                f"node operators: {', '.join(operators)}")
-
-    steps.run("sign the trust list (threshold 2 of 3)", sign_trust)
-    steps.expect_rejected("a list signed by 1 of 3 is refused",
-                          lambda: draft.sign(maintainers[2]).verify(now))
-
-    records: dict[str, SignedRecord] = {}
-
-    def publish_records() -> str:
-        for name, _, arch in _NODES:
-            identity = nodes[name]
-            records[name] = SignedRecord.create(
-                identity, example_capability(arch=arch), seq=1, issued_at=now, lifetime=3600)
-            records[name + "/status"] = SignedRecord.create(
-                identity, example_status(), seq=1, issued_at=now, lifetime=300)
-        sizes = sorted(len(r.raw) for r in records.values())
-        return f"{len(records)} records, {sizes[0]}-{sizes[-1]} bytes each (limit 1000)"
-
-    steps.run("nodes sign capability and status records", publish_records)
-
-    def verify_records() -> str:
-        found = []
-        for name, operator, _ in _NODES:
-            record = decode_record(records[name].raw, now)
-            entry = trust.require(record.publisher, Role.NODE)
-            assert entry.operator == operator
-            found.append(f"{record.publisher.fingerprint}={entry.operator}")
-        return "decoded, signature and times checked, trusted: " + ", ".join(found)
-
-    steps.run("verify every record against the trust list", verify_records)
-
-    def forged() -> object:
-        raw = bytearray(records["node-b1"].raw)
-        raw[-1] ^= 1
-        return decode_record(bytes(raw), now)
-
-    steps.expect_rejected("a record with one flipped bit", forged)
-    newer = SignedRecord.create(nodes["node-b1"], example_status(slots_free=1), seq=2,
-                                issued_at=now, lifetime=300)
-    steps.expect_rejected("a replayed older status record",
-                          lambda: decode_record(records["node-b1/status"].raw, now,
-                                                held_seq=newer.seq))
-    steps.expect_rejected("an expired status record",
-                          lambda: decode_record(records["node-b1/status"].raw, now + 301))
-    stranger = Identity.generate(Role.NODE)
-    steps.expect_rejected(
-        "a record from a key not on the trust list",
-        lambda: trust.require(decode_record(SignedRecord.create(
-            stranger, example_capability(), seq=1, issued_at=now, lifetime=60).raw, now
-        ).publisher, Role.NODE))
-
-    revoked = trust
-
-    def rotate() -> str:
-        nonlocal revoked
-        v2 = trust.next_version().without_entry(nodes["node-a2"].public_key)
-        v2 = v2.sign(maintainers[1]).sign(maintainers[2])
-        revoked = accept_update(trust, v2, now)
-        return "v2 accepted (signed by the v1 threshold); node-a2 revoked"
-
-    steps.run("rotate the trust list to v2, revoking node-a2", rotate)
-    steps.expect_rejected("node-a2's records after revocation",
-                          lambda: revoked.require(records["node-a2"].publisher, Role.NODE))
-    steps.expect_rejected("a rollback to v1", lambda: accept_update(revoked, trust, now))
-
-    elapsed = time.monotonic() - steps.started
-    print(f"\nall {len(steps.results)} steps passed in {elapsed:.2f} s")
-    if keep:
-        print(f"the deployment's keys and trust list are in {keys}")
-    print("not built yet (coming with the directory, node and dispatcher issues):")
-    for item in _NOT_YET:
-        print(f"  - {item}")
-    if as_json:
-        print(json.dumps({"ok": True, "steps": steps.results, "not_yet": list(_NOT_YET),
-                          "seconds": round(elapsed, 3)}))
+        keep: Path = args.keep
+        if keep.exists() and any(keep.iterdir()):
+            raise LocalError(f"{keep} is not empty; give a new or empty directory to --keep")
+        keep.mkdir(parents=True, exist_ok=True)
+        summary = trio.run(_run, keep.resolve(), started)
+    else:
+        with tempfile.TemporaryDirectory(prefix="p2pbuild-demo-") as tmp:
+            summary = trio.run(_run, Path(tmp), started)
+    seconds = time.monotonic() - started
+    print(f"\n== 5. Done in {seconds:.1f} s; every process stopped.")
+    if args.keep is None:
+        print("The temporary directory is removed; `p2pbuild demo --keep DIR` keeps the "
+              "deployment, the stored build and the logs.")
+    else:
+        root = summary["root"]
+        print(f"Everything is in {root} (logs in {root}/logs). To run the farm again by hand:")
+        for command in summary["commands"]:
+            print(f"  {command} &")
+        print(f"  p2pbuild builds show {summary['build']} --client-config "
+              f"{root}/dispatcher/client.toml")
+    if args.json:
+        summary["seconds"] = round(seconds, 2)
+        print(json.dumps(summary))
     return 0
+
+
+class _Clock:
+    def __init__(self, started: float) -> None:
+        self.started = started
+
+    def stamp(self) -> str:
+        return f"[{time.monotonic() - self.started:5.1f}s]"
+
+
+def _section(title: str) -> None:
+    print(f"\n== {title}")
+
+
+async def _run(root: Path, started: float) -> dict[str, Any]:
+    clock = _Clock(started)
+    print(f"p2pbuild demo: a throwaway build farm on this machine (loopback only) in {root}")
+    farm = LocalFarm.create(root, _NODES)
+    _trust_root(farm)
+    try:
+        source = hello_srpm(root / "sources")
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise LocalError(f"cannot generate the demo's SRPM with rpmbuild: {exc}") from None
+    try:
+        async with open_local_farm(farm):
+            _section("2. Start the farm: every part is a separate process, as in a deployment")
+
+            def show(name: str, line: dict[str, Any]) -> None:
+                process = farm.processes[name]
+                if name == "bootstrap":
+                    what = f"DHT bootstrap node   UDP {line['address']}"
+                elif name == "dispatcher":
+                    what = f"dispatcher           {line['url']}, DHT UDP port {line['dht_port']}"
+                else:
+                    spec = farm.spec(name)
+                    where = line["endpoint"] or "no open port: long-polls the dispatcher"
+                    what = f"node {name:<11} operator {spec.operator:<6} {where}"
+                print(f"  {clock.stamp()} {what} (pid {process.pid})")
+
+            await farm.start_all(progress=show)
+            print(f"  {clock.stamp()} the dispatcher finds all {len(_NODES)} nodes in the DHT "
+                  "(signed capability and status records, trust list checked)")
+            summary = await _build(farm, source.path, clock)
+    except httpx.HTTPError as exc:
+        raise LocalError(f"talking to the dispatcher failed: {exc!r:.200}") from None
+    commands = [" ".join(farm.command(name)[2:])
+                for name in ("bootstrap", "dispatcher", *(s.name for s in farm.specs))]
+    return summary | {"root": str(root), "commands": commands}
+
+
+def _trust_root(farm: LocalFarm) -> None:
+    _section("1. The trust root: maintainers sign who may take part")
+    trust = farm.trust_list
+    print(f"  3 maintainer keys; trust list v{trust.version} signed by 2 of 3 "
+          f"({farm.root / 'keys' / 'trust-list.bin'}); it names:")
+    print(f"    dispatcher            {farm.dispatcher_key.fingerprint}")
+    for spec in farm.specs:
+        mode = "pull mode (behind NAT)" if spec.pull else "push mode (HTTPS API)"
+        print(f"    node {spec.name:<11} {farm.node_keys[spec.name].fingerprint}  operator "
+              f"{spec.operator:<6} {mode}")
+    now = time.time()
+    short = trust.next_version()
+    try:
+        short.sign(farm.maintainers[2]).verify(now)
+    except P2PBuildError as exc:
+        print(f"  refused: a list signed by 1 of 3 maintainers ({exc.code})")
+    else:
+        raise LocalError("a trust list signed by 1 of 3 maintainers was accepted")
+    v2 = short.sign(farm.maintainers[1]).sign(farm.maintainers[2])
+    current = accept_update(trust, v2, now)
+    try:
+        accept_update(current, trust, now)
+    except P2PBuildError as exc:
+        print(f"  refused: rolling back from v2 to v1 ({exc.code}); the farm runs on v1")
+    else:
+        raise LocalError("a trust list rollback was accepted")
+
+
+def _event_line(farm: LocalFarm, event: dict[str, Any]) -> str | None:
+    name, detail = event["event"], event["detail"]
+    node = event.get("node")
+    who = ""
+    if node:
+        try:
+            who = farm.node_name(node)
+        except P2PBuildError:
+            who = node[:20]
+    if name == "accepted":
+        return None
+    if name == "node-chosen":
+        return (f"chose {who} ({detail.get('operator')}, {detail.get('mode')}) as "
+                f"{detail.get('role')}: rating {detail.get('rating', 0):.2f}, load "
+                f"{detail.get('load', 0):.2f}, {detail.get('candidates')} candidates"
+                + (f", operators already used: {', '.join(detail['excluded_operators'])}"
+                   if detail.get("excluded_operators") else ""))
+    if name.startswith("attempt-"):
+        state = name[len("attempt-"):]
+        extra = ""
+        if state == "running":
+            extra = "signed job delivered" if farm.spec(who).pull is False else (
+                "signed job queued; the node takes it on its next long-poll")
+        elif detail.get("duration_ms") is not None:
+            extra = f"signed result, {detail.get('artifacts')} artifact(s) re-hashed, " \
+                    f"build took {detail['duration_ms'] / 1000:.1f}s"
+        elif detail.get("reason"):
+            extra = str(detail["reason"])
+        return f"{who}: {state}" + (f" ({extra})" if extra else "")
+    if name == "rating":
+        return None
+    if name.startswith("build-"):
+        return f"build {name[len('build-'):]}: {detail.get('reason', '')}"
+    reason = detail.get("reason")
+    return f"{name}" + (f": {reason}" if reason else "")
+
+
+async def _build(farm: LocalFarm, source: Path, clock: _Clock) -> dict[str, Any]:
+    _section("3. Build a real package: submitted like `p2pbuild submit --wait`")
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    print(f"  source {source.name} (a C hello program, SHA-256 {digest[:16]}…), target "
+          f"{farm.arch}/{farm.os}, 2 replicas on nodes of different operators")
+    client = _Client(farm.url, farm.dispatcher_pin, farm.token)
+    params = {"name": source.name, "build_type": "rpm", "replicas": "2"}
+    async with client.http() as http:
+        build = await post_source(http, client, source, params)
+        build_id = build["id"]
+        print(f"  {clock.stamp()} accepted as build {build_id}")
+        after = 0
+        with trio.fail_after(90):
+            while True:
+                async with http.stream(
+                    "GET", f"/v1/builds/{build_id}/events",
+                    params={"after": after, "follow": "1"}, headers=client.headers,
+                    timeout=httpx.Timeout(60, read=30),
+                ) as response:
+                    if response.status_code >= 400:
+                        await response.aread()
+                        _check(response)
+                    async for line in response.aiter_lines():
+                        if not line.strip():
+                            continue
+                        event = json.loads(line)
+                        after = event["id"]
+                        text = _event_line(farm, event)
+                        if text:
+                            print(f"  {clock.stamp()} {text}")
+                build = _check(await http.get(f"/v1/builds/{build_id}", headers=client.headers))
+                if build["state"] in _TERMINAL:
+                    break
+    if build["state"] != "verified":
+        raise LocalError(f"the build {build['state']}: {build['reason']}")
+    print("  selection: power of two choices among the best-rated, least-loaded trusted "
+          "nodes that match; one node per operator")
+    return _result(farm, build)
+
+
+def _result(farm: LocalFarm, build: dict[str, Any]) -> dict[str, Any]:
+    _section("4. The result and its proof")
+    stored = Path(build["sink_path"])
+    manifest = json.loads((stored / "manifest.json").read_text())
+    verified_by = []
+    digests = {a["name"]: a["sha256"] for a in manifest["artifacts"]}
+    for entry in manifest["verified_by"]:
+        job = Job.from_bytes((stored / entry["job"]).read_bytes())
+        result = Result.from_bytes((stored / entry["result"]).read_bytes())
+        # from_bytes verified both signatures; now: the right signers, the right job.
+        farm.trust_list.require(job.dispatcher, Role.DISPATCHER)
+        result.check_answers(job, result.node)
+        named = {a.name: a.sha256.hex() for a in result.artifacts}
+        if named != digests:
+            raise LocalError(f"{entry['result']} does not name the stored artifacts")
+        operator = farm.trust_list.require(result.node, Role.NODE).operator
+        verified_by.append({"operator": operator, "node": farm.node_name(result.node),
+                            "fingerprint": result.node.fingerprint, "key": str(result.node),
+                            "job": str(stored / entry["job"]),
+                            "result": str(stored / entry["result"])})
+    if len({v["operator"] for v in verified_by}) < 2:
+        raise LocalError("the proof does not hold two operators")
+    print("  verified by two operators, bit for bit:")
+    for v in verified_by:
+        print(f"    {v['operator']:<6} node {v['node']:<11} {v['fingerprint']}")
+    print(f"  stored in    {stored}/")
+    artifacts = []
+    for name, sha in sorted(digests.items()):
+        path = stored / "artifacts" / name
+        actual = hashlib.sha256(path.read_bytes()).hexdigest()
+        if actual != sha:
+            raise LocalError(f"{path} does not match its manifest")
+        artifacts.append({"name": name, "sha256": sha, "path": str(path),
+                          "size": path.stat().st_size})
+        print(f"  artifact     artifacts/{name} ({path.stat().st_size} bytes)")
+        print(f"               SHA-256 {sha}")
+    print("  proof        the signed job and the signed result of each verifying node:")
+    for v in verified_by:
+        print(f"               {Path(v['job']).relative_to(stored)}  "
+              f"{Path(v['result']).relative_to(stored)}")
+    print("               checked here: both results are signed by trust-listed nodes of "
+          "different operators, answer the dispatcher's signed jobs and name the stored "
+          "file's SHA-256")
+    print(f"  manifest     {stored / 'manifest.json'}")
+    return {"ok": True, "build": build["id"], "state": build["state"],
+            "stored": str(stored), "verified_by": verified_by, "artifacts": artifacts,
+            "manifest": str(stored / "manifest.json")}

@@ -141,6 +141,8 @@ def register(sub: Any) -> None:
     ls.add_argument("--bind", default=None, metavar="HOST:PORT",
                     help="local UDP address (default: any port on all interfaces)")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.add_argument("--verbose", "-v", action="store_true",
+                    help="report the join and the lookups' DHT statistics on stderr")
     ls.set_defaults(func=_ls)
 
 
@@ -251,7 +253,7 @@ def _ls(args: argparse.Namespace) -> int:
             raise type(exc)(f"{args.trust}: {exc}") from None
     if not args.timeout > 0:
         raise MalformedError("--timeout must be positive")
-    entries, now = trio.run(_lookup, bind, bootstrap, query, trust, args.timeout)
+    entries, now = trio.run(_lookup, bind, bootstrap, query, trust, args.timeout, args.verbose)
     if args.json:
         print(json.dumps({
             "query": {"arch": args.arch, "os": args.os, "machine": args.machine,
@@ -269,6 +271,7 @@ async def _lookup(
     query: Query,
     trust: TrustList | None,
     timeout: float,
+    verbose: bool = False,
 ) -> tuple[list[NodeEntry], float]:
     # Every capability is indexed under its machine facet, so "no filter" is both of those.
     queries = [query] if query.facets() else [Query(machine=m) for m in MachineType]
@@ -280,12 +283,21 @@ async def _lookup(
         # Nothing raises inside the block on purpose: an error there would reach the
         # user wrapped in the directory nursery's exception group.
         async with _opened(bind) as directory:
-            joined = await directory.bootstrap(addresses) > 0
+            contacts = await directory.bootstrap(addresses)
+            joined = contacts > 0
+            if verbose:
+                _log(f"node {directory.node_id.hex()} on {_format_address(directory.address)} "
+                     f"joined with {contacts} contact(s)")
             if joined:
                 for each in queries:
-                    for entry in await directory.find(each, trust_list=trust):
+                    entries = await directory.find(each, trust_list=trust)
+                    if verbose:
+                        _log(f"{' '.join(each.facets())}: {len(entries)} node(s)")
+                    for entry in entries:
                         found.setdefault(entry.publisher.raw, entry)
             now = directory.now()
+            if verbose:
+                _log(f"statistics: {directory.statistics()}")
     if not joined and not scope.cancelled_caught:
         raise UnreachableError(
             "no --bootstrap node answered: " + ", ".join(str(b) for b in bootstrap)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import secrets
+import signal
 import sys
 import time
 import tomllib
@@ -27,7 +29,7 @@ from .._errors import LocalError
 from .._identity import Identity, Role
 from ..dispatcher._config import hash_token, load_config
 from ..dispatcher._errors import ConfigError
-from ..dispatcher._service import run_dispatcher
+from ..dispatcher._service import RunningDispatcher, run_dispatcher
 from ..node._tls import generate_tls_material, pinned_client
 
 __all__ = ["register"]
@@ -54,9 +56,15 @@ def register(sub: Any) -> None:
     init.add_argument("--user", default="admin", help="user name of the API token")
     init.add_argument("--json", action="store_true", help="machine-readable output")
     init.set_defaults(func=_init)
-    run = dsub.add_parser("run", help="run the dispatcher until interrupted",
-                          description="Run the dispatcher described by a configuration file.")
+    run = dsub.add_parser(
+        "run", help="run the dispatcher until interrupted",
+        description="Run the dispatcher described by a configuration file. Prints one JSON "
+        "line (url, port, dht_port, key, tls_sha256) once it listens; stops on SIGTERM or "
+        "Ctrl-C, leaving builds in flight to resume at the next start.",
+    )
     run.add_argument("--config", required=True, type=Path, metavar="FILE")
+    run.add_argument("--log-level", default="info",
+                     choices=["debug", "info", "warning", "error"])
     run.set_defaults(func=_run)
 
     submit = sub.add_parser(
@@ -216,9 +224,28 @@ def _init(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
 
     async def main() -> None:
-        await run_dispatcher(config)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                running: RunningDispatcher = await nursery.start(run_dispatcher, config)
+                print(json.dumps({
+                    "url": running.url, "port": running.port, "dht_port": running.dht_port,
+                    "key": str(running.engine.identity.public_key),
+                    "tls_sha256": running.tls.sha256.hex(),
+                }), flush=True)
+                async for signum in signals:
+                    logging.getLogger("p2pbuild.dispatcher").info(
+                        "%s: stopping; builds in flight resume at the next start",
+                        signal.Signals(signum).name,
+                    )
+                    nursery.cancel_scope.cancel()
+                    break
 
     trio.run(main)
     return 0
@@ -240,12 +267,7 @@ def _submit(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         async with client.http() as http:
-            with source.open("rb") as f:
-                response = await http.post(
-                    "/v1/builds", params=params, content=f.read(),
-                    headers={**client.headers, "content-type": "application/x-rpm"},
-                )
-            build = _check(response)
+            build = await post_source(http, client, source, params)
             if not args.wait:
                 print(json.dumps(build) if args.json else f"submitted build {build['id']}")
                 return 0
@@ -253,6 +275,19 @@ def _submit(args: argparse.Namespace) -> int:
 
     status: int = _network(main)
     return status
+
+
+async def post_source(
+    http: httpx.AsyncClient, client: _Client, source: Path, params: dict[str, str]
+) -> Any:
+    """Upload ``source`` as a new build (``POST /v1/builds``); the build's JSON. Raises
+    :class:`LocalError` for a refusal and ``httpx.HTTPError`` for a network failure."""
+    with source.open("rb") as f:
+        response = await http.post(
+            "/v1/builds", params=params, content=f.read(),
+            headers={**client.headers, "content-type": "application/x-rpm"},
+        )
+    return _check(response)
 
 
 async def _follow(http: httpx.AsyncClient, client: _Client, build_id: str, as_json: bool) -> int:

@@ -11,6 +11,7 @@ when the daemon is not running.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from .._errors import LocalError, MalformedError, RemoteError
 from .._identity import Identity, Role
 from ..node._config import ConfigError, load_config, parse_host_port, render_config
 from ..node._daemon import NodeDaemon, load_trust_file, run_node
+from ..node._service import JobRunner
 from ..node._state import NodeState
 from ..node._tls import CertificatePinError, generate_tls_material, load_tls_material, pinned_client
 
@@ -171,10 +173,14 @@ def _run(args: argparse.Namespace) -> int:
     return trio.run(_serve, config)
 
 
-async def _serve(config: Any) -> int:
+async def _serve(config: Any, runner: JobRunner | None = None) -> int:
+    """Run the daemon, print its start line, forward signals; ``runner`` replaces the
+    sandboxed executor (``p2pbuild.testing.tampering_node`` uses this)."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
-            daemon: NodeDaemon = await nursery.start(run_node, config)
+            daemon: NodeDaemon = await nursery.start(
+                functools.partial(run_node, config, runner=runner)
+            )
             print(json.dumps({
                 "node": str(daemon.public_key),
                 "fingerprint": daemon.public_key.fingerprint,

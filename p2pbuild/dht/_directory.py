@@ -288,6 +288,9 @@ class Directory:
             if trust_list is not None:
                 trust = trust_list.entry(capability.publisher)
                 if not _trusted(trust, body):
+                    # Revoked, never listed, or outside its arches or pools: counted so
+                    # a key that keeps publishing after revocation shows up.
+                    self._core.note_rejected("untrusted-key")
                     continue
             entries.append(
                 NodeEntry(capability.publisher, capability, statuses.get(publisher), trust)

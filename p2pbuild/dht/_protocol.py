@@ -23,6 +23,18 @@ Lookups ("walks") follow the paper with two changes for latency:
 * a record lookup ends when the ``value_quorum`` closest live contacts have answered, then
   pages through the ``page_sources`` closest holders that have more (a key holds many
   records); a node lookup ends when the ``k`` closest have answered.
+
+Defences against hostile peers (``docs/threat-model.md``), all bounded by ``DhtConfig``:
+
+* anti-amplification: a reply larger than ``amplification_factor`` times its request goes
+  to an address only once that address has answered one of our requests (a random 20-byte
+  message id it could only echo by receiving it). Until then the reply waits and the
+  address gets one ping; if the ping is not answered the reply is dropped
+  (``amplification-limit``). A spoofed request thus makes us send at most its own size
+  times the factor to the victim;
+* at most ``max_contacts_per_host`` contacts of one IP host per bucket and per lookup
+  (loopback exempt), and one id per address (``RoutingTable``): one machine cannot fill
+  our buckets nor be most of a lookup's closest contacts (eclipse by Sybil ids).
 """
 
 from __future__ import annotations
@@ -30,6 +42,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import random
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -39,7 +52,7 @@ from .._errors import LocalError, MalformedError, RemoteError
 from .._records import DEFAULT_POLICY, Kind, RecordPolicy, SignedRecord
 from . import _wire as wire
 from ._ids import Address, Contact, id_from_bytes, id_to_bytes
-from ._routing import Peer, RoutingTable
+from ._routing import Peer, RoutingTable, is_loopback
 from ._store import SHARED_CACHE, RecordCache, RecordStore, latest, slot_of
 from ._wire import HEADER_SIZE, Request, Response
 
@@ -72,6 +85,11 @@ class UnexpectedResponseError(RemoteError):
 def _positive(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if not isinstance(value, (int, float)) or value <= 0:
         raise LocalError(f"{attribute.name} must be positive")
+
+
+def _not_negative(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, int) or value < 0:
+        raise LocalError(f"{attribute.name} must be an integer >= 0")
 
 
 @attrs.frozen
@@ -122,6 +140,18 @@ class DhtConfig:
     republish_interval: float = attrs.field(default=300.0, validator=_positive)
     #: Acceptance bounds for records.
     record_policy: RecordPolicy = DEFAULT_POLICY
+    #: Anti-amplification: largest reply, as a multiple of its request's size, sent to an
+    #: address that has not yet answered any request of ours. Bigger replies wait for the
+    #: address to answer a ping (proof that it receives there).
+    amplification_factor: int = attrs.field(default=3, validator=_positive)
+    #: Replies waiting for their address to be verified: per address, and in total.
+    max_deferred_per_address: int = attrs.field(default=4, validator=_positive)
+    max_deferred_replies: int = attrs.field(default=256, validator=_positive)
+    #: Verified addresses remembered (least recently verified forgotten first).
+    max_verified_addresses: int = attrs.field(default=8192, validator=_positive)
+    #: Contacts of one IP host per bucket and per lookup (loopback hosts exempt); 0: no
+    #: limit. Bounds what one machine claiming many ids can take (Sybil, eclipse).
+    max_contacts_per_host: int = attrs.field(default=2, validator=_not_negative)
 
 
 @attrs.frozen
@@ -147,6 +177,10 @@ class DhtStatistics:
     pending_rpcs: int
     dropped: Mapping[str, int]
     rejected: Mapping[str, int]
+    #: Replies held back until their address proved it receives there (anti-amplification).
+    replies_deferred: int = 0
+    #: Would-be contacts refused by code: ``address-in-use``, ``host-limit``.
+    refused_contacts: Mapping[str, int] = attrs.field(factory=dict)
 
     @property
     def dropped_total(self) -> int:
@@ -254,7 +288,17 @@ def _distance(candidate: _Candidate) -> int:
 
 
 class _Walk:
-    __slots__ = ("finished", "inflight", "known", "op", "quorum", "records", "shortlist", "target")
+    __slots__ = (
+        "finished",
+        "hosts",
+        "inflight",
+        "known",
+        "op",
+        "quorum",
+        "records",
+        "shortlist",
+        "target",
+    )
 
     def __init__(self, op: Operation, target: int, quorum: int, records: bool) -> None:
         self.op = op
@@ -265,6 +309,8 @@ class _Walk:
         #: Ids (wire form) already on the shortlist or dropped from it.
         self.known: set[bytes] = set()
         self.inflight = 0
+        #: Candidates per IP host (for ``max_contacts_per_host``).
+        self.hosts: dict[str, int] = {}
         #: Set once the walk's result is handed on; late replies then change nothing.
         self.finished = False
 
@@ -273,7 +319,7 @@ class _Walk:
 
 _STALL, _DEADLINE = 0, 1
 # What an RPC is for, beyond its method.
-_FOR_WALK, _FOR_PAGE, _FOR_STORE, _FOR_BOOTSTRAP, _FOR_EVICTION = range(5)
+_FOR_WALK, _FOR_PAGE, _FOR_STORE, _FOR_BOOTSTRAP, _FOR_EVICTION, _FOR_VERIFY = range(6)
 
 
 class _Rpc:
@@ -332,6 +378,8 @@ class DhtNode:
 
     __slots__ = (
         "_counters",
+        "_deferred",
+        "_deferred_total",
         "_dropped",
         "_finished",
         "_next_maintenance",
@@ -339,6 +387,7 @@ class DhtNode:
         "_pending",
         "_rejected",
         "_timers",
+        "_verified",
         "config",
         "node_id",
         "own",
@@ -366,6 +415,7 @@ class DhtNode:
             replacements=config.replacement_cache,
             max_failures=config.max_failures,
             now=now,
+            max_per_host=config.max_contacts_per_host,
         )
         self.store = RecordStore(
             max_per_key=config.max_records_per_key,
@@ -381,8 +431,13 @@ class DhtNode:
         self._next_maintenance = now + config.maintenance_interval
         # datagrams_in, datagrams_out, bytes_in, bytes_out, requests_in, responses_in,
         # rpcs_sent, rpcs_timed_out, lookups, lookup_rounds, lookup_rpcs, records_accepted
-        self._counters = [0] * 12
+        self._counters = [0] * 13
         self._dropped: dict[str, int] = {}
+        #: Addresses that answered a request of ours (they receive there), LRU order.
+        self._verified: OrderedDict[Address, None] = OrderedDict()
+        #: Replies held for addresses not verified yet, and how many in total.
+        self._deferred: dict[Address, list[bytes]] = {}
+        self._deferred_total = 0
         self._rejected: dict[str, int] = {}
 
     # -- the sans-IO interface --------------------------------------------------------------------
@@ -399,7 +454,7 @@ class DhtNode:
             frame = wire.decode_datagram(data, max_size=self.config.max_incoming_datagram)
             if isinstance(frame, Request):
                 counters[4] += 1
-                self._handle_request(frame, address, now)
+                self._handle_request(frame, address, now, len(data))
             else:
                 counters[5] += 1
                 self._handle_response(frame, address, now)
@@ -513,7 +568,17 @@ class DhtNode:
         ops = {id(rpc.op): rpc.op for rpc in self._pending.values() if rpc.op is not None}
         self._pending.clear()
         self._timers.clear()
+        self._deferred.clear()
+        self._deferred_total = 0
         return [op for op in ops.values() if not op.done]
+
+    def note_rejected(self, code: str) -> None:
+        """Count a record refused above the core (``untrusted-key`` by a trust filter)."""
+        self._rejected[code] = self._rejected.get(code, 0) + 1
+
+    def verified(self, address: Address) -> bool:
+        """Whether ``address`` has answered a request of ours (it receives there)."""
+        return address in self._verified
 
     def contacts(self) -> list[Contact]:
         """Every contact in the routing table."""
@@ -542,6 +607,8 @@ class DhtNode:
             pending_rpcs=len(self._pending),
             dropped=dict(self._dropped),
             rejected=dict(self._rejected),
+            replies_deferred=c[12],
+            refused_contacts=dict(self.routing.refused),
         )
 
     # -- sending ----------------------------------------------------------------------------------
@@ -619,12 +686,56 @@ class DhtNode:
             rpc.retries - 1,
         )
 
-    def _reply(self, msg_id: bytes, value: Any, address: Address) -> None:
-        self._send(wire.encode_response(msg_id, value), address)
+    def _reply(
+        self, msg_id: bytes, value: Any, address: Address, request_size: int, now: float
+    ) -> None:
+        data = wire.encode_response(msg_id, value)
+        config = self.config
+        if len(data) <= config.amplification_factor * request_size or address in self._verified:
+            self._send(data, address)
+            return
+        # Anti-amplification: the request may carry a spoofed source address. Hold the
+        # reply until the address answers a ping (which costs less than the request).
+        self._counters[12] += 1
+        queue = self._deferred.get(address)
+        if queue is None:
+            if self._deferred_total >= config.max_deferred_replies or not self._call(
+                address, None, wire.PING, [self.node_id], now, None, _FOR_VERIFY, retries=1
+            ):
+                self._drop_reply()
+                return
+            queue = self._deferred[address] = []
+        elif len(queue) >= config.max_deferred_per_address or (
+            self._deferred_total >= config.max_deferred_replies
+        ):
+            self._drop_reply()
+            return
+        queue.append(data)
+        self._deferred_total += 1
+
+    def _drop_reply(self, count: int = 1) -> None:
+        self._dropped["amplification-limit"] = self._dropped.get("amplification-limit", 0) + count
+
+    def _address_verified(self, address: Address) -> None:
+        """``address`` answered one of our requests: it receives there. Send what waited."""
+        verified = self._verified
+        if address in verified:
+            verified.move_to_end(address)
+        else:
+            verified[address] = None
+            if len(verified) > self.config.max_verified_addresses:
+                verified.popitem(last=False)
+        queue = self._deferred.pop(address, None)
+        if queue:
+            self._deferred_total -= len(queue)
+            for data in queue:
+                self._send(data, address)
 
     # -- serving requests -------------------------------------------------------------------------
 
-    def _handle_request(self, request: Request, address: Address, now: float) -> None:
+    def _handle_request(
+        self, request: Request, address: Address, now: float, request_size: int
+    ) -> None:
         method = request.method
         value: Any
         if method == wire.PING:
@@ -660,7 +771,7 @@ class DhtNode:
             value = self._accept_stock(key, offered, now)
         else:
             raise UnknownMethodError(f"no method {method[:40]!r}")
-        self._reply(request.msg_id, value, address)
+        self._reply(request.msg_id, value, address, request_size, now)
         self._welcome(id_from_bytes(sender), address, now, None)
 
     def _closest(self, key: bytes, sender: bytes, budget: int) -> list[wire.ContactTriple]:
@@ -718,6 +829,8 @@ class DhtNode:
         if rpc.address != address:
             raise UnexpectedResponseError("response from another address than asked")
         del self._pending[response.msg_id]
+        # Only a host receiving at ``address`` could echo the random message id.
+        self._address_verified(address)
         try:
             self._on_reply(rpc, response.value, address, now)
         except RemoteError:
@@ -729,14 +842,14 @@ class DhtNode:
     def _on_reply(self, rpc: _Rpc, value: object, address: Address, now: float) -> None:
         rtt = max(now - rpc.sent_at, 0.0)
         purpose = rpc.purpose
-        if purpose in (_FOR_BOOTSTRAP, _FOR_EVICTION):
+        if purpose in (_FOR_BOOTSTRAP, _FOR_EVICTION, _FOR_VERIFY):
             node_id = id_from_bytes(wire.parse_ping_reply(value))
             if rpc.peer_id is not None and node_id != rpc.peer_id:
                 raise MalformedError("ping answered with another node id")
             self._welcome(node_id, address, now, rtt)
             if purpose == _FOR_EVICTION:
                 self.routing.ping_answered(node_id)
-            else:
+            elif purpose == _FOR_BOOTSTRAP:
                 assert isinstance(rpc.op, BootstrapOperation)
                 self._bootstrap_answered(rpc.op, now)
             return
@@ -772,6 +885,11 @@ class DhtNode:
 
     def _on_failure(self, rpc: _Rpc, now: float, count_peer: bool = True) -> None:
         """An RPC timed out (or was answered with garbage)."""
+        if rpc.purpose == _FOR_VERIFY:
+            queue = self._deferred.pop(rpc.address, None)
+            if queue:
+                self._deferred_total -= len(queue)
+                self._drop_reply(len(queue))
         if count_peer and rpc.peer_id is not None:
             self.routing.failed(rpc.peer_id)
         op = rpc.op
@@ -817,6 +935,15 @@ class DhtNode:
         node_id = int.from_bytes(raw_id, "big")
         if node_id == self.own:
             return
+        limit = self.config.max_contacts_per_host
+        host = address[0]
+        if limit and not is_loopback(host):
+            seen = walk.hosts.get(host, 0)
+            if seen >= limit:
+                refused = self.routing.refused
+                refused["host-limit"] = refused.get("host-limit", 0) + 1
+                return
+            walk.hosts[host] = seen + 1
         shortlist = walk.shortlist
         candidate = _Candidate(node_id, address, node_id ^ walk.target, depth)
         bisect.insort(shortlist, candidate, key=_distance)

@@ -10,6 +10,13 @@ because a newcomer showed up. The newcomer waits in a small replacement cache an
 pings the oldest contact; only if that ping (or any other RPC to it) fails is it replaced.
 A contact that fails ``max_failures`` RPCs in a row is removed even without a replacement.
 
+Against bucket poisoning (one machine claiming many ids to fill our buckets, see
+``docs/threat-model.md``): an address ``(host, port)`` holds at most one id in the table, and
+a newcomer cannot take an address another id holds unless it proved it is there by
+answering one of our requests; and with ``max_per_host``, a bucket (with its replacement
+cache) holds at most that many contacts of one IP host. Loopback hosts are exempt (a test
+network or a single machine runs all its nodes on 127.0.0.1).
+
 Each contact keeps a smoothed round-trip time and its variance (RFC 6298), from which the
 core derives that contact's RPC timeout; the table also keeps the same estimate for all
 contacts together, used for contacts never measured.
@@ -21,7 +28,12 @@ from collections.abc import Iterator
 
 from ._ids import Address
 
-__all__ = ["Peer", "RoutingTable"]
+__all__ = ["Peer", "RoutingTable", "is_loopback"]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a canonical IP literal) is a loopback address."""
+    return host.startswith("127.") or host == "::1"
 
 
 # Many nodes in one process (tests, benchmarks) know the same contacts: share one id int,
@@ -93,16 +105,39 @@ class RoutingTable:
     newcomers per bucket, ``max_failures`` consecutive timeouts before removal.
     """
 
-    __slots__ = ("_buckets", "k", "max_failures", "overall", "own_id", "replacements")
+    __slots__ = (
+        "_addresses",
+        "_buckets",
+        "k",
+        "max_failures",
+        "max_per_host",
+        "overall",
+        "own_id",
+        "refused",
+        "replacements",
+    )
 
     def __init__(
-        self, own_id: int, *, k: int, replacements: int, max_failures: int, now: float
+        self,
+        own_id: int,
+        *,
+        k: int,
+        replacements: int,
+        max_failures: int,
+        now: float,
+        max_per_host: int = 0,
     ) -> None:
         self.own_id = own_id
         self.k = k
         self.replacements = replacements
         self.max_failures = max_failures
+        #: Contacts of one IP host per bucket (peers and replacements); 0: no limit.
+        self.max_per_host = max_per_host
         self._buckets: dict[int, _Bucket] = {}
+        #: Which id holds each address (peers only).
+        self._addresses: dict[Address, int] = {}
+        #: Newcomers refused, by reason: ``address-in-use``, ``host-limit``.
+        self.refused: dict[str, int] = {}
         #: The RTT estimate over all contacts, for contacts never measured.
         self.overall = Peer(own_id, ("", 0))
 
@@ -152,6 +187,22 @@ class RoutingTable:
                         del peers[position]
                         peers.append(peer)
                 return None
+        owner = self._addresses.get(address)
+        if owner is not None:
+            if rtt is None:
+                # Anyone can claim any id in a request; only an answer to our request
+                # proves who is at the address.
+                self._refuse("address-in-use")
+                return None
+            self._remove(owner)
+        if self.max_per_host and not is_loopback(address[0]):
+            host = address[0]
+            same = sum(1 for p in peers if p.address[0] == host) + sum(
+                1 for p in bucket.replacements if p.address[0] == host and p.node_id != node_id
+            )
+            if same >= self.max_per_host:
+                self._refuse("host-limit")
+                return None
         if rtt is not None:
             update_rtt(self.overall, rtt)
         if len(peers) < self.k:
@@ -159,6 +210,7 @@ class RoutingTable:
             if rtt is not None:
                 update_rtt(peer, rtt)
             peers.append(peer)
+            self._addresses[peer.address] = node_id
             return None
         # Full: cache the newcomer and have the oldest contact pinged (once at a time).
         cache = bucket.replacements
@@ -176,6 +228,22 @@ class RoutingTable:
             bucket.pinging = peers[0].node_id
             return peers[0]
         return None
+
+    def _refuse(self, reason: str) -> None:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+
+    def _remove(self, node_id: int) -> None:
+        """Forget the contact ``node_id`` (its address now answers as another id)."""
+        bucket = self._buckets.get(self.bucket_index(node_id))
+        if bucket is None:
+            return
+        for position, peer in enumerate(bucket.peers):
+            if peer.node_id == node_id:
+                del bucket.peers[position]
+                self._addresses.pop(peer.address, None)
+                if bucket.pinging == node_id:
+                    bucket.pinging = None
+                return
 
     def ping_answered(self, node_id: int) -> None:
         """The eviction ping to ``node_id`` was answered (it was also :meth:`seen`)."""
@@ -199,10 +267,15 @@ class RoutingTable:
                 peer.failures += 1
                 if bucket.replacements:
                     del bucket.peers[position]
-                    bucket.peers.append(bucket.replacements.pop())
+                    self._addresses.pop(peer.address, None)
+                    newcomer = bucket.replacements.pop()
+                    if self._addresses.get(newcomer.address, newcomer.node_id) == newcomer.node_id:
+                        bucket.peers.append(newcomer)
+                        self._addresses[newcomer.address] = newcomer.node_id
                     return True
                 if peer.failures >= self.max_failures:
                     del bucket.peers[position]
+                    self._addresses.pop(peer.address, None)
                     return True
                 return False
         for position, waiting in enumerate(bucket.replacements):

@@ -13,6 +13,16 @@ Crash safety: every function that writes runs one ``BEGIN IMMEDIATE ... COMMIT``
 change and the audit entry that explains it are committed together or not at all. The audit
 table refuses ``UPDATE`` and ``DELETE`` (triggers).
 
+Fewer syncs: the engine groups writes that belong together into one transaction with
+:meth:`Database.batch` (each grouped write is a savepoint inside it, still all or nothing),
+and a few writes whose loss on power failure is harmless are committed without a WAL sync
+(``durable=False``: an attempt moving from pending to running, which a restart re-derives by
+sending the job again; an attempt's result, which a restart fetches again from the node
+that keeps it, as it does for a running attempt; rating observations and heartbeats; the
+user's last platform). They are still atomic and survive a killed process, and the next
+durable commit syncs them with it, at the latest the one that marks the build verified or
+failed. Accepted builds, attempts (signed jobs) and build states are always durable.
+
 Threads: a :class:`Database` is used from the one trio thread that opened it. Calls are
 short and synchronous; they block the event loop for the length of one transaction.
 
@@ -330,9 +340,17 @@ class Database:
     failure that should stop the dispatcher), :class:`UnknownBuildError` for an unknown id.
     """
 
-    def __init__(self, connection: sqlite3.Connection, path: Path) -> None:
+    def __init__(
+        self, connection: sqlite3.Connection, path: Path, *, synchronous: str = "FULL"
+    ) -> None:
         self._db = connection
         self.path = path
+        self._synchronous = synchronous
+        #: Nesting depth of transaction(): inner ones are savepoints of the outermost.
+        self._depth = 0
+        #: Counts rolled-back transactions and savepoints: a reader that caches rows it
+        #: wrote (RatingBook) reloads when this changes, as a write it saw may be undone.
+        self.rollbacks = 0
 
     @classmethod
     def open(cls, path: Path | str, *, synchronous: str = "FULL") -> Database:
@@ -357,7 +375,7 @@ class Database:
         connection.execute(f"PRAGMA synchronous={synchronous}")
         connection.execute("PRAGMA foreign_keys=ON")
         connection.execute("PRAGMA busy_timeout=5000")
-        db = cls(connection, path)
+        db = cls(connection, path, synchronous=synchronous)
         db._migrate()
         return db
 
@@ -384,15 +402,57 @@ class Database:
                 db.execute(f"PRAGMA user_version={number}")
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """``BEGIN IMMEDIATE`` ... ``COMMIT``, or ``ROLLBACK`` if the block raises."""
-        self._db.execute("BEGIN IMMEDIATE")
+    def transaction(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT``, or ``ROLLBACK`` if the block raises.
+
+        Inside another transaction (see :meth:`batch`) it is a savepoint of that one: rolled
+        back alone if the block raises, committed with the outer transaction otherwise.
+        ``durable=False`` commits without syncing the WAL (module doc) when the database is
+        opened with ``synchronous=FULL`` or ``EXTRA``; it has no effect on an inner one.
+        """
+        if self._depth:
+            self._depth += 1
+            self._db.execute("SAVEPOINT inner")
+            try:
+                yield self._db
+            except BaseException:
+                self.rollbacks += 1
+                self._db.execute("ROLLBACK TO inner")
+                self._db.execute("RELEASE inner")
+                raise
+            finally:
+                self._depth -= 1
+            self._db.execute("RELEASE inner")
+            return
+        relaxed = not durable and self._synchronous != "NORMAL"
+        if relaxed:
+            self._db.execute("PRAGMA synchronous=NORMAL")
         try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+            self._db.execute("BEGIN IMMEDIATE")
+            self._depth = 1
+            try:
+                yield self._db
+            except BaseException:
+                self.rollbacks += 1
+                self._db.execute("ROLLBACK")
+                raise
+            finally:
+                self._depth = 0
+            self._db.execute("COMMIT")
+        finally:
+            if relaxed:
+                self._db.execute(f"PRAGMA synchronous={self._synchronous}")
+
+    @contextmanager
+    def batch(self, *, durable: bool = True) -> Iterator[None]:
+        """Group every write of the block into one transaction (at most one sync; none
+        with ``durable=False``, see :meth:`transaction`).
+
+        The block must not wait on anything (no ``await``): another task's write would
+        join the transaction. Raises what the block raises, after rolling all of it back.
+        """
+        with self.transaction(durable=durable):
+            yield
 
     # -- audit ---------------------------------------------------------------------------------
 
@@ -578,7 +638,9 @@ class Database:
     ) -> None:
         """Move an attempt to ``state`` (``running`` sets ``sent_at``; the final states
         set ``ended_at``), audited."""
-        with self.transaction() as db:
+        # pending -> running need not survive a power cut: a restart sends the job again
+        # and the node answers "replayed" (module doc).
+        with self.transaction(durable=state is not AttemptState.RUNNING) as db:
             if state is AttemptState.RUNNING:
                 db.execute(
                     "UPDATE attempts SET state = ?, sent_at = COALESCE(sent_at, ?) WHERE id = ?",
@@ -626,8 +688,9 @@ class Database:
     def add_observation(
         self, obs: ObservationRow, rating: RatingRow, *, reason: str = ""
     ) -> None:
-        """Log an observation and store the node's updated aggregate, atomically."""
-        with self.transaction() as db:
+        """Log an observation and store the node's updated aggregate, atomically (not
+        synced on its own: module doc)."""
+        with self.transaction(durable=False) as db:
             db.execute(
                 "INSERT INTO observations (at, node, kind, value, build_id) VALUES (?,?,?,?,?)",
                 (obs.at, obs.node, obs.kind, obs.value, obs.build_id),
@@ -667,7 +730,7 @@ class Database:
         return [HeartbeatRow(**dict(r)) for r in self._db.execute("SELECT * FROM heartbeats")]
 
     def put_heartbeat(self, row: HeartbeatRow, *, failure_reason: str = "") -> None:
-        with self.transaction() as db:
+        with self.transaction(durable=False) as db:
             db.execute(
                 "INSERT OR REPLACE INTO heartbeats (node, operator, first_seen, last_seen, "
                 "last_uptime_s, up_s, failures, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -686,7 +749,7 @@ class Database:
         return None if row is None else (row[0], row[1], row[2])
 
     def set_platform(self, user: str, arch: str, os: str, machine: str | None, now: float) -> None:
-        with self.transaction() as db:
+        with self.transaction(durable=False) as db:
             db.execute(
                 "INSERT OR REPLACE INTO platforms (user, arch, os, machine, at) "
                 "VALUES (?, ?, ?, ?, ?)", (user, arch, os, machine, now),

@@ -442,7 +442,9 @@ class Engine:
             self._wake.pop(build_id, None)
             self._changed.set()
             self._changed = trio.Event()
-        self._cleanup(build_id)
+        # In a thread: removing the work files is several file system calls per artifact,
+        # each able to block the event loop for milliseconds on a busy disk.
+        await trio.to_thread.run_sync(self._cleanup, build_id)
 
     async def _fetch_source(self, build: BuildRow) -> None:
         try:
@@ -561,6 +563,10 @@ class Engine:
         machine = MachineType(build.machine) if build.machine else None
         query = Query(arch=build.arch, os=build.os, machine=machine, pool=build.pool)
         entries = await self.finder.find(query)
+        if not entries and query != Query(arch=build.arch):
+            # Nothing under the narrow facet: look at the arch's nodes, so the selection's
+            # reason names the constraint that left none (os, machine, pool), not the arch.
+            entries = await self.finder.find(Query(arch=build.arch))
         self._heartbeats(entries)
         previous = self.db.platform(build.user)
         affinity = (
@@ -593,10 +599,11 @@ class Engine:
                           reason=str(exc))
             retry = min(excluded.values(), default=now + self.config.node_retry_base_s)
             return _Wait(min(retry, now + self.config.backoff_max_s), str(exc))
-        for candidate in chosen:
-            if candidate.capability.pull_only and not self.connector.pull_available:
-                continue
-            self._create_attempt(build, candidate, role, len(candidates), requirements)
+        with self.db.batch():  # the chosen attempts in one commit
+            for candidate in chosen:
+                if candidate.capability.pull_only and not self.connector.pull_available:
+                    continue
+                self._create_attempt(build, candidate, role, len(candidates), requirements)
         for attempt in self.db.attempts(build.id):
             if attempt.active and attempt.id not in tasks:
                 tasks[attempt.id] = await nursery.start(self._attempt_task, attempt.id)
@@ -696,41 +703,42 @@ class Engine:
                        "build_type": build.build_type},
             )
         )
-        agreeing = {r.attempt for r in verdict.agreeing}
-        for replica in (*verdict.agreeing, *verdict.outliers):
-            node = str(replica.node)
-            ok = replica.attempt in agreeing
-            self.ratings.record(
-                node, Signal.AGREEMENT, 1.0 if ok else 0.0, now, build_id=build.id,
-                reason="" if ok else "outlier: artifacts differ from the verified build",
-            )
-        for attempt in attempts:
-            if attempt.state is AttemptState.FAILED:
-                self.ratings.record(
-                    attempt.node, Signal.SUCCESS, 0.0, now, build_id=build.id,
-                    reason="build failed where other operators succeeded",
-                )
-        self.ratings.record_durations(
-            {str(r.node): r.result.duration_ms for r in verdict.agreeing}, now,
-            build_id=build.id,
-        )
+        entry = await self.finder.lookup(verdict.proof[0].node)
+        machine = entry.capability.machine.value if entry is not None else build.machine
+        await self._finish_attempts(build, attempts, tasks, "build verified")
         report = build.report
         if verdict.outliers and not report:
             groups = [list(verdict.agreeing)] + [[o] for o in verdict.outliers]
             report = difference_report(groups)
-        machine = next(
-            (e.capability.machine.value for e in [await self.finder.lookup(verdict.proof[0].node)]
-             if e is not None), build.machine,
-        )
-        self.db.set_platform(build.user, build.arch, build.os, machine, now)
-        await self._finish_attempts(build, attempts, tasks, "build verified")
+        agreeing = {r.attempt for r in verdict.agreeing}
         operators = " and ".join(r.operator for r in verdict.proof)
-        self.db.set_build_state(
-            build.id, BuildState.VERIFIED, self.clock(),
-            reason=f"verified by {operators}", sink_path=str(path), report=report,
-            proof=[str(r.node) for r in verdict.proof],
-            outliers=[str(r.node) for r in verdict.outliers],
-        )
+        # The ratings, the user's platform and the verified state in one commit: a restart
+        # before it redoes all of them (the sink is idempotent), after it none.
+        with self.db.batch():
+            for replica in (*verdict.agreeing, *verdict.outliers):
+                node = str(replica.node)
+                ok = replica.attempt in agreeing
+                self.ratings.record(
+                    node, Signal.AGREEMENT, 1.0 if ok else 0.0, now, build_id=build.id,
+                    reason="" if ok else "outlier: artifacts differ from the verified build",
+                )
+            for attempt in attempts:
+                if attempt.state is AttemptState.FAILED:
+                    self.ratings.record(
+                        attempt.node, Signal.SUCCESS, 0.0, now, build_id=build.id,
+                        reason="build failed where other operators succeeded",
+                    )
+            self.ratings.record_durations(
+                {str(r.node): r.result.duration_ms for r in verdict.agreeing}, now,
+                build_id=build.id,
+            )
+            self.db.set_platform(build.user, build.arch, build.os, machine, now)
+            self.db.set_build_state(
+                build.id, BuildState.VERIFIED, self.clock(),
+                reason=f"verified by {operators}", sink_path=str(path), report=report,
+                proof=[str(r.node) for r in verdict.proof],
+                outliers=[str(r.node) for r in verdict.outliers],
+            )
         if report:
             await self._write_report(build.id, report)
 
@@ -861,13 +869,18 @@ class Engine:
             with trio.CancelScope(shield=True):
                 await client.aclose()
         now = self.clock()
-        self.db.store_result(
-            attempt, result.to_bytes(), result.state.value, final, now,
-            reason="" if final is AttemptState.SUCCEEDED else f"build {result.state.value}",
-            duration_ms=result.duration_ms, artifacts=len(result.artifacts),
-        )
-        if final is AttemptState.SUCCEEDED:
-            self.ratings.record(attempt.node, Signal.SUCCESS, 1.0, now, build_id=attempt.build_id)
+        # The result and its rating in one commit, not synced on its own: a restart before
+        # the next synced commit fetches the result again from the node (_db module doc).
+        with self.db.batch(durable=False):
+            self.db.store_result(
+                attempt, result.to_bytes(), result.state.value, final, now,
+                reason="" if final is AttemptState.SUCCEEDED else f"build {result.state.value}",
+                duration_ms=result.duration_ms, artifacts=len(result.artifacts),
+            )
+            if final is AttemptState.SUCCEEDED:
+                self.ratings.record(
+                    attempt.node, Signal.SUCCESS, 1.0, now, build_id=attempt.build_id
+                )
 
     async def _submit(self, client: NodeClient, job: Job, node: PublicKey) -> None:
         tries = 0

@@ -309,6 +309,13 @@ class PullQueue:
 
     def _taken(self, node: PublicKey, job_id: bytes) -> PullDelivery:
         delivery = self._jobs.get(job_id)
+        if delivery is not None and delivery.taken_by is None and delivery.for_node == node:
+            # Offered to this very node again after a dispatcher restart, and it already
+            # has the job from before: it is taken (the job is addressed to this node only).
+            with contextlib.suppress(ValueError):
+                self._pending.remove(job_id)
+            delivery.taken_by = node
+            delivery.taken_at = self.clock()
         if delivery is None or delivery.taken_by != node:
             raise UnknownPullJobError(f"no job {job_id.hex()} taken by this node")
         return delivery
@@ -395,6 +402,10 @@ class PullQueue:
         :class:`NodeRefusedError` for :meth:`wait_result`. Raises
         :class:`UnknownPullJobError`."""
         delivery = self._taken(node, job_id)
+        if code == "replayed" and delivery.job.node == node:
+            # The node already runs this job (taken before a dispatcher restart): its
+            # result will come, as a push node's "replayed" answer means "accepted".
+            return
         if code in _TRANSIENT:
             delivery.taken_by = None
             delivery.taken_at = None

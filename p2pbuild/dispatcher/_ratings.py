@@ -26,7 +26,10 @@ is squared because a node that returns different bytes is the one failure the fa
 to catch; speed and reliability only tune the order among good nodes.
 
 Aggregates are kept incrementally (decayed sums with their time), so an observation costs
-one row update; every observation is also logged (``observations`` table).
+one row update; every observation is also logged (``observations`` table). The book keeps
+the aggregate and heartbeat rows in memory, loaded once and updated by its own writes (it
+is their only writer), so that a selection does not read both tables whole; it reloads
+them after any rolled-back transaction of the database.
 """
 
 from __future__ import annotations
@@ -171,20 +174,35 @@ class RatingBook:
 
     db: Database
     model: RatingModel = DEFAULT_MODEL
+    #: (db.rollbacks when loaded, aggregates by (node, kind), heartbeats by node).
+    _cache: tuple[int, dict[tuple[str, str], RatingRow], dict[str, HeartbeatRow]] | None = (
+        attrs.field(default=None, init=False)
+    )
+
+    def _rows(self) -> tuple[dict[tuple[str, str], RatingRow], dict[str, HeartbeatRow]]:
+        cache = self._cache
+        if cache is None or cache[0] != self.db.rollbacks:
+            cache = self._cache = (
+                self.db.rollbacks,
+                {(row.node, row.kind): row for row in self.db.ratings()},
+                {row.node: row for row in self.db.heartbeats()},
+            )
+        return cache[1], cache[2]
 
     def record(
         self, node: str, signal: Signal, value: float, now: float, *,
         build_id: str | None = None, reason: str = "",
     ) -> None:
         """Log one observation and update the node's aggregate (one transaction)."""
-        row = self.db.rating(node, signal.value)
+        rows, _ = self._rows()
+        row = rows.get((node, signal.value))
         state = Decayed(at=now) if row is None else Decayed(row.value_sum, row.weight_sum, row.at)
         state = state.add(value, now, self.model.half_life_s)
+        updated = RatingRow(node, signal.value, state.value_sum, state.weight_sum, state.at)
         self.db.add_observation(
-            ObservationRow(now, node, signal.value, value, build_id),
-            RatingRow(node, signal.value, state.value_sum, state.weight_sum, state.at),
-            reason=reason,
+            ObservationRow(now, node, signal.value, value, build_id), updated, reason=reason
         )
+        rows[(node, signal.value)] = updated
 
     def record_durations(
         self, durations_ms: Mapping[str, int], now: float, *, build_id: str | None = None
@@ -201,15 +219,16 @@ class RatingBook:
 
     def heartbeat(self, node: str, operator: str, uptime_s: int, now: float) -> bool:
         """Fold a status heartbeat in; returns True if it revealed a restart (a failure)."""
-        row, failed = observe_uptime(
-            self.db.heartbeat(node), node, operator, uptime_s, now, self.model
-        )
+        _, beats = self._rows()
+        row, failed = observe_uptime(beats.get(node), node, operator, uptime_s, now, self.model)
         self.db.put_heartbeat(row, failure_reason="restarted (uptime went down)" if failed else "")
+        beats[node] = row
         return failed
 
     def node_failed(self, node: str, operator: str, now: float, reason: str) -> None:
         """Count a failure seen otherwise than by heartbeat (vanished from the DHT)."""
-        previous = self.db.heartbeat(node)
+        _, beats = self._rows()
+        previous = beats.get(node)
         if previous is None:
             previous = HeartbeatRow(node, operator, now, now, 0, 0.0, 0.0, now)
         factor = 2.0 ** (-max(now - previous.at, 0.0) / self.model.half_life_s)
@@ -218,17 +237,18 @@ class RatingBook:
             at=max(now, previous.at), last_seen=now,
         )
         self.db.put_heartbeat(row, failure_reason=reason)
+        beats[node] = row
 
     def ratings(self, now: float, nodes: Iterable[str] = ()) -> dict[str, NodeRating]:
         """Ratings of every node with observations, plus ``nodes`` (at the prior)."""
         model = self.model
         half = model.half_life_s
         states: dict[str, dict[str, Decayed]] = {}
-        for row in self.db.ratings():
+        rows, beats = self._rows()
+        for row in rows.values():
             states.setdefault(row.node, {})[row.kind] = Decayed(
                 row.value_sum, row.weight_sum, row.at
             )
-        beats = {row.node: row for row in self.db.heartbeats()}
         for node in [*beats, *nodes]:
             states.setdefault(node, {})
         priors = {}

@@ -43,6 +43,8 @@ class RunningDispatcher:
     tls: TlsMaterial
     engine: Engine
     dht_port: int | None
+    #: The Koji build host (``p2pbuild.koji.KojiHost``) when ``[koji]`` is configured.
+    koji: Any = None
 
 
 def load_identity_and_trust(config: DispatcherConfig, now: float) -> tuple[Identity, TrustList]:
@@ -126,9 +128,17 @@ async def run_dispatcher(
             # Nodes fetch sources from us: with port 0 only now do we know the URL.
             engine.config = attrs.evolve(engine.config, public_url=f"https://{host}:{port}")
         await nursery.start(engine.run)
+        koji_host = None
+        if config.koji is not None:
+            # Imported here: p2pbuild.koji builds on this package (and needs the koji client).
+            from ..koji import serve_koji_host
+
+            koji_host = await nursery.start(
+                serve_koji_host, config.koji, engine, config.state_dir / "koji"
+            )
         _log.info("dispatcher %s listening on %s:%d", identity.public_key.fingerprint, host, port)
         task_status.started(
-            RunningDispatcher(port, f"https://{host}:{port}", tls, engine, dht_port)
+            RunningDispatcher(port, f"https://{host}:{port}", tls, engine, dht_port, koji_host)
         )
 
 

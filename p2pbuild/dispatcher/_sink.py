@@ -8,12 +8,14 @@ Layout of one stored build (``<nvr>`` from the source file name, e.g. ``hello-1.
         proof/<n>-<node fingerprint>.result  its signed result (the two that agreed)
         manifest.json                    build id, source, artifacts with SHA-256, nodes
 
-Atomic: everything is written into ``<repo>/.incoming-<build id>/``, each file fsynced and
-re-hashed against the signed digest, then the directory is renamed into place and the
-repository directory fsynced. A crash leaves at most an ``.incoming-*`` directory, never a
-half build under a visible name; :meth:`RepositorySink.store` removes a stale one and, if
-the build was already stored (a crash between the rename and the database update), returns
-the existing path. Another build of the same NVR goes to ``<nvr>+<build id prefix>``.
+Atomic: everything is written into a private ``<repo>/.incoming-<build id>-<random>/``, each
+file fsynced and re-hashed against the signed digest, then the directory is renamed into place
+and the repository directory fsynced. A failed store removes its staging directory; a crash
+leaves at most an ``.incoming-*`` directory, never a half build under a visible name. If the
+build was already stored (a crash between the rename and the database update, or a store of
+the same build racing in a worker thread of a dispatcher that was stopped),
+:meth:`RepositorySink.store` returns the existing path. Another build of the same NVR goes
+to ``<nvr>+<build id prefix>``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -139,56 +142,72 @@ class RepositorySink:
         existing = self._existing(build_id, nvr)
         if existing is not None:
             return existing
-        incoming = self.root / f".incoming-{build_id}"
-        shutil.rmtree(incoming, ignore_errors=True)
+        # A private staging directory per call: a store still running in a worker thread of
+        # a dispatcher that was stopped may race with the restarted dispatcher's store of the
+        # same build, and neither may clobber the other's files.
         try:
-            incoming.mkdir()
+            incoming = Path(tempfile.mkdtemp(prefix=f".incoming-{build_id[:16]}-", dir=self.root))
         except OSError as exc:
             raise SinkError(f"cannot write in repository {self.root}: {exc}") from None
-        first = proof[0]
-        for item in first.result.artifacts:
-            _copy_verified(
-                first.artifact_dir / item.name, incoming / "artifacts" / item.name,
-                item.size, item.sha256,
-            )
-        nodes = []
-        for index, p in enumerate(proof, start=1):
-            stem = f"{index}-{p.result.node.fingerprint.replace(':', '')}"
-            _write(incoming / "proof" / f"{stem}.job", p.job.to_bytes())
-            _write(incoming / "proof" / f"{stem}.result", p.result.to_bytes())
-            nodes.append({
-                "node": str(p.result.node),
-                "fingerprint": p.result.node.fingerprint,
-                "operator": p.operator,
-                "job": f"proof/{stem}.job",
-                "result": f"proof/{stem}.result",
-                "job_id": p.job.id_hex,
-                "environment": p.result.environment_map,
-                "duration_ms": p.result.duration_ms,
-            })
-        manifest = {
-            "format": 1,
-            "build_id": build_id,
-            "nvr": nvr,
-            "source": {"name": source_name, "sha256": source_sha256},
-            "stored_at": now,
-            "trust_list_version": trust_list.version,
-            "artifacts": [
-                {"name": a.name, "size": a.size, "sha256": a.sha256.hex()}
-                for a in first.result.artifacts
-            ],
-            "verified_by": nodes,
-            **(extra or {}),
-        }
-        _write(incoming / "manifest.json",
-               (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
-        _fsync_dir(incoming)
+        try:
+            os.chmod(incoming, 0o755)  # mkdtemp makes it 0700; the repository is readable
+            first = proof[0]
+            for item in first.result.artifacts:
+                _copy_verified(
+                    first.artifact_dir / item.name, incoming / "artifacts" / item.name,
+                    item.size, item.sha256,
+                )
+            nodes = []
+            for index, p in enumerate(proof, start=1):
+                stem = f"{index}-{p.result.node.fingerprint.replace(':', '')}"
+                _write(incoming / "proof" / f"{stem}.job", p.job.to_bytes())
+                _write(incoming / "proof" / f"{stem}.result", p.result.to_bytes())
+                nodes.append({
+                    "node": str(p.result.node),
+                    "fingerprint": p.result.node.fingerprint,
+                    "operator": p.operator,
+                    "job": f"proof/{stem}.job",
+                    "result": f"proof/{stem}.result",
+                    "job_id": p.job.id_hex,
+                    "environment": p.result.environment_map,
+                    "duration_ms": p.result.duration_ms,
+                })
+            manifest = {
+                "format": 1,
+                "build_id": build_id,
+                "nvr": nvr,
+                "source": {"name": source_name, "sha256": source_sha256},
+                "stored_at": now,
+                "trust_list_version": trust_list.version,
+                "artifacts": [
+                    {"name": a.name, "size": a.size, "sha256": a.sha256.hex()}
+                    for a in first.result.artifacts
+                ],
+                "verified_by": nodes,
+                **(extra or {}),
+            }
+            _write(incoming / "manifest.json",
+                   (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+            _fsync_dir(incoming)
+        except BaseException:
+            shutil.rmtree(incoming, ignore_errors=True)
+            raise
         target = self.root / nvr
         if target.exists():
+            # Look again after the slow writes: the same build may have landed meanwhile.
+            stored = self._existing(build_id, nvr)
+            if stored is not None:
+                shutil.rmtree(incoming, ignore_errors=True)
+                return stored
             target = self.root / f"{nvr}+{build_id[:12]}"
         try:
             os.rename(incoming, target)
             _fsync_dir(self.root)
         except OSError as exc:
+            shutil.rmtree(incoming, ignore_errors=True)
+            # The same build stored concurrently (see above) won the rename: that is success.
+            stored = self._existing(build_id, nvr)
+            if stored is not None:
+                return stored
             raise SinkError(f"cannot move the build into {target}: {exc}") from None
         return target

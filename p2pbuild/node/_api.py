@@ -22,6 +22,7 @@ and idle connections are hypercorn's to drop; its limits are set from :class:`No
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -174,6 +175,22 @@ class _FileResponse(FileResponse):
     chunk_size = 1024 * 1024
 
 
+#: Files up to this size are read whole in one worker-thread call and sent as one body;
+#: Starlette's FileResponse takes a thread hop each to stat, open, read and close.
+SMALL_FILE = 1024 * 1024
+
+
+def _read_small(path: Path, size: int) -> bytes | None:
+    """The file's bytes if it is exactly ``size`` bytes long (its signed size), else None:
+    then it is served as before, whatever it holds, and the client's re-hash judges it."""
+    try:
+        with path.open("rb") as f:
+            data = f.read(size + 1)
+    except OSError:
+        return None
+    return data if len(data) == size else None
+
+
 def make_app(service: JobService, config: NodeApiConfig) -> Starlette:
     """The ASGI app over ``service``. Refusals are JSON; see the module doc."""
 
@@ -220,11 +237,13 @@ def make_app(service: JobService, config: NodeApiConfig) -> Starlette:
                     status_code=404,
                 )
             digest, path = found
-            return _FileResponse(
-                path,
-                media_type="application/octet-stream",
-                headers={"X-Content-SHA256": digest.sha256.hex()},
-            )
+            headers = {"X-Content-SHA256": digest.sha256.hex()}
+            if digest.size <= SMALL_FILE and request.method == "GET":
+                data = await trio.to_thread.run_sync(_read_small, path, digest.size)
+                if data is not None:
+                    return Response(data, media_type="application/octet-stream",
+                                    headers=headers)
+            return _FileResponse(path, media_type="application/octet-stream", headers=headers)
 
         return endpoint
 

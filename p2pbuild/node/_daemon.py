@@ -59,6 +59,8 @@ from ._tls import TlsMaterial, load_tls_material
 __all__ = ["NodeDaemon", "load_trust_file", "run_node"]
 
 _log = logging.getLogger("p2pbuild.node")
+# Seconds after start before the first republish (see ``_status_loop``).
+_FIRST_REPUBLISH_S = 5.0
 _WILDCARDS = ("0.0.0.0", "::", "")
 
 
@@ -397,14 +399,23 @@ class NodeDaemon:
     async def _status_loop(self) -> None:
         config = self.config
         next_capability = self.clock() + config.capability_lifetime_s / 2
+        # The first publish happens while the routing table holds little more than the
+        # seeds, so the facet keys' closest nodes may not have been known yet (nodes that
+        # start together all have this problem). Publish again soon, and again whenever the
+        # node has learned of more contacts than it knew at its last capability publish.
+        published_with = self.directory.statistics().contacts
+        delay = min(config.status_interval_s, _FIRST_REPUBLISH_S)
         while True:
-            await trio.sleep(config.status_interval_s)
+            await trio.sleep(delay)
+            delay = config.status_interval_s
             if config.dht.bootstrap and self.directory.statistics().contacts == 0:
                 # Nobody answered at start (or everybody left): try the seeds again.
                 await self.directory.bootstrap(config.dht.bootstrap)
-            refresh = self.clock() >= next_capability
+            contacts = self.directory.statistics().contacts
+            refresh = self.clock() >= next_capability or contacts > published_with
             if refresh:
                 next_capability = self.clock() + config.capability_lifetime_s / 2
+                published_with = contacts
             await self._publish(capability=refresh)
 
     async def _maintenance_loop(self) -> None:

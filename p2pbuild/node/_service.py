@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import collections
 import enum
+import errno
+import logging
 import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
@@ -60,6 +62,8 @@ __all__ = [
 
 _LOG_CHUNK = 64 * 1024
 
+
+_log = logging.getLogger("p2pbuild.node.service")
 
 class UnavailableError(P2PBuildError):
     """The node cannot take a job now; the same job may be sent again later."""
@@ -447,6 +451,14 @@ class JobService:
                         self.count_rejection(exc)
                         await log(f"\n[p2pbuild: job rejected: {exc.code}: {exc}]\n".encode())
                         state = ResultState.REJECTED
+                    except OSError as exc:
+                        # The work directory's file system is full: this build ends
+                        # (the dispatcher sends it elsewhere); the node goes on.
+                        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                            raise
+                        self._rejected["disk-full"] += 1
+                        _log.warning("job %s: work directory full: %s", job.id_hex, exc)
+                        state = ResultState.LIMIT_EXCEEDED
         finally:
             # Also on cancellation of the whole service: every admitted job gets a result.
             if report is None and entry.handed_back:

@@ -9,6 +9,7 @@ from ._keys import (
     make_identity,
     make_trust_list,
 )
+from ._localfarm import FarmError, LocalFarm, NodeSpec, open_local_farm
 from ._network import MemoryEndpoint, MemoryNetwork, open_memory_network
 from ._nodes import node_config, open_node_daemons, serve_files
 from ._packages import (
@@ -30,6 +31,10 @@ from ._runner import InstantRunner
 __all__ = [
     "CLUSTER_EPOCH",
     "Cluster",
+    "FarmError",
+    "LocalFarm",
+    "NodeSpec",
+    "open_local_farm",
     "MemoryEndpoint",
     "MemoryNetwork",
     "open_cluster",

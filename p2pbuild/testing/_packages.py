@@ -102,6 +102,7 @@ def write_srpm(
     ``%files`` list. The SRPM itself is reproducible (fixed build host and time). Raises
     ``subprocess.CalledProcessError`` if rpmbuild fails.
     """
+    dest_dir = dest_dir.resolve()  # rpmbuild runs in a temporary directory
     dest_dir.mkdir(parents=True, exist_ok=True)
     top = f"{name}-{version}"
     with tempfile.TemporaryDirectory(prefix="p2pbuild-srpm-") as tmp_name:
@@ -154,26 +155,35 @@ _HELLO_C = '#include <stdio.h>\nint main(void) { puts("hello from p2pbuild"); re
 _HELLO_SH = '#!/bin/sh\necho "hello from p2pbuild"\n'
 
 
-def hello_srpm(dest_dir: Path, *, noarch: bool = False) -> SourcePackage:
+def hello_srpm(
+    dest_dir: Path, *, noarch: bool = False, build_seconds: float = 0, release: str = "1"
+) -> SourcePackage:
     """A "hello" SRPM: a compiled C program (``hello``, built for the node's arch, needs a
-    C compiler), or with ``noarch`` a shell script (``hello-noarch``)."""
+    C compiler), or with ``noarch`` a shell script (``hello-noarch``).
+
+    ``build_seconds`` makes ``%build`` sleep that long first (a build slow enough to
+    interrupt in the middle); ``release`` tells such variants apart by file name.
+    """
+    pause = f"sleep {build_seconds:g}\n" if build_seconds > 0 else ""
     if noarch:
         return write_srpm(
             dest_dir,
             name="hello-noarch",
             noarch=True,
             sources={"hello.sh": _HELLO_SH},
-            build="sh ./hello.sh",
+            build=pause + "sh ./hello.sh",
             install="install -D -m 0755 hello.sh %{buildroot}/usr/bin/hello-noarch",
             files=["/usr/bin/hello-noarch"],
+            release=release,
         )
     return write_srpm(
         dest_dir,
         name="hello",
         sources={"hello.c": _HELLO_C},
-        build="%{__cc} %{optflags} -o hello hello.c\n./hello",
+        build=pause + "%{__cc} %{optflags} -o hello hello.c\n./hello",
         install="install -D -m 0755 hello %{buildroot}/usr/bin/hello",
         files=["/usr/bin/hello"],
+        release=release,
     )
 
 

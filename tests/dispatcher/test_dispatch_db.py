@@ -118,7 +118,30 @@ def test_sink_refuses_files_that_changed(tmp_path: Path) -> None:
     with pytest.raises(SinkError, match="no longer matches"):
         sink.store("a" * 32, "h.src.rpm", "0" * 64, _proof(tmp_path, b"xyz"),
                    trust_list=FIXTURE.trust_list, now=5)
-    assert [p.name for p in (tmp_path / "repo").iterdir()] == [".incoming-" + "a" * 32]
+    assert list((tmp_path / "repo").iterdir()) == []  # the staging directory is gone
+
+
+def test_concurrent_stores_of_one_build_agree(tmp_path: Path) -> None:
+    # A stopped dispatcher's worker thread may still be storing while the restarted one
+    # stores the same build: both calls succeed and return the one stored directory.
+    import threading
+
+    sink = RepositorySink(tmp_path / "repo")
+    proof = _proof(tmp_path, b"rpm")
+    paths: list[Path] = []
+    threads = [
+        threading.Thread(target=lambda: paths.append(sink.store(
+            "a" * 32, "h-1-1.src.rpm", "0" * 64, proof, trust_list=FIXTURE.trust_list, now=5)))
+        for _ in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(paths) == 4
+    assert {p.name for p in paths} == {"h-1-1"}
+    assert [p.name for p in (tmp_path / "repo").iterdir()] == ["h-1-1"]
+    assert (paths[0] / "artifacts/RPMS/h.rpm").read_bytes() == b"rpm"
 
 
 def test_nvr() -> None:

@@ -1,0 +1,163 @@
+"""Content-generator metadata for a verified build: one buildroot per verifying node.
+
+Koji's ``CGImport`` takes a JSON document (``metadata_version`` 0; see
+``../shared/koji/cg-metadata-example.json``) with the build, its buildroots and its outputs.
+Our mapping:
+
+* ``build``: NVR from the SRPM header, ``source`` as the Koji task named it, start and end
+  times, and ``extra.p2pbuild``: the dispatcher's build id and key, the verifying nodes and
+  operators, and the outliers (nodes whose output differed and lost the tie-break);
+* one buildroot per verifying node: ``host`` and ``container`` from the build environment
+  in its signed result (``container.type`` is ``none``: the node builds in a bubblewrap
+  sandbox, not a container Koji knows), ``extra.p2pbuild`` with the node key, operator, job
+  id and the SHA-256 of the signed job and result and of every artifact;
+* outputs: the SRPM and RPMs (the verified files, identical on every node, so they name the
+  first buildroot), and for each node its logs and its signed result under ``subdir`` =
+  the node's fingerprint. Every buildroot is thereby referenced by an output, as Koji
+  requires.
+
+Pure: file facts (size, SHA-256, RPM arch) come in, a dict goes out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+
+__all__ = ["CG_VERSION", "NodeProof", "OutputFile", "build_metadata", "node_subdir"]
+
+CG_VERSION = "0.1"
+
+
+def node_subdir(fingerprint: str) -> str:
+    """The log directory of one node: its fingerprint without colons (16 hex digits)."""
+    return fingerprint.replace(":", "")
+
+
+@attrs.frozen
+class OutputFile:
+    """One file to upload and list: ``relpath`` is its directory inside the upload dir
+    (and, for logs, its ``subdir`` under the build's logs)."""
+
+    filename: str
+    size: int
+    sha256: str
+    type: str  # "rpm" or "log"
+    arch: str = "noarch"
+    relpath: str = ""
+
+    def __attrs_post_init__(self) -> None:
+        if self.type not in ("rpm", "log"):
+            raise ValueError(f"output type must be rpm or log, not {self.type!r}")
+        if "/" in self.filename or self.filename in ("", ".", ".."):
+            raise ValueError(f"bad output file name {self.filename!r}")
+
+
+@attrs.frozen
+class NodeProof:
+    """One verifying node as the metadata shows it."""
+
+    node: str
+    fingerprint: str
+    operator: str
+    job_id: str
+    job_sha256: str
+    result_sha256: str
+    environment: Mapping[str, str]
+    started_ms: int
+    ended_ms: int
+    artifacts: Mapping[str, str]
+    #: Its logs and signed result (type "log", relpath = node_subdir(fingerprint)).
+    files: tuple[OutputFile, ...]
+
+
+def build_metadata(
+    *,
+    name: str,
+    version: str,
+    release: str,
+    epoch: int | None,
+    source: str,
+    start_time: int,
+    end_time: int,
+    content_generator: str,
+    packages: Sequence[OutputFile],
+    nodes: Sequence[NodeProof],
+    extra: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The ``CGImport`` metadata. ``packages`` are the SRPM and RPMs (type rpm), ``nodes``
+    the verifying nodes in proof order (at least one). Raises ValueError for an empty
+    ``nodes``, a package that is not type rpm or a node file that is not a log."""
+    if not nodes:
+        raise ValueError("a verified build has at least one verifying node")
+    buildroots = []
+    output: list[dict[str, Any]] = []
+    for index, proof in enumerate(nodes, start=1):
+        env = dict(proof.environment)
+        arch = env.get("arch", "noarch")
+        tools = [
+            {"name": tool, "version": env[tool]}
+            for tool in ("rpm", "rpmbuild", "bwrap", "make") if env.get(tool)
+        ]
+        buildroots.append({
+            "id": index,
+            "host": {"os": env.get("os", "unknown"), "arch": arch},
+            "content_generator": {"name": content_generator, "version": CG_VERSION},
+            "container": {"type": "none", "arch": arch},
+            "tools": tools,
+            "components": [],
+            "extra": {"p2pbuild": {
+                "node": proof.node,
+                "fingerprint": proof.fingerprint,
+                "operator": proof.operator,
+                "job_id": proof.job_id,
+                "job_sha256": proof.job_sha256,
+                "result_sha256": proof.result_sha256,
+                "started_ms": proof.started_ms,
+                "ended_ms": proof.ended_ms,
+                "artifacts": dict(sorted(proof.artifacts.items())),
+                "environment": env,
+            }},
+        })
+        for item in proof.files:
+            if item.type != "log":
+                raise ValueError(f"{item.filename}: a node's own files are logs")
+            output.append(_output(item, index, subdir=True))
+    for item in packages:
+        if item.type != "rpm":
+            raise ValueError(f"{item.filename}: packages are rpms")
+        output.append(_output(item, 1, subdir=False))
+    return {
+        "metadata_version": 0,
+        "build": {
+            "name": name,
+            "version": version,
+            "release": release,
+            "epoch": epoch,
+            "source": source,
+            "start_time": int(start_time),
+            "end_time": int(end_time),
+            "extra": {"typeinfo": {"rpm": None}, **extra},
+        },
+        "buildroots": buildroots,
+        "output": output,
+    }
+
+
+def _output(item: OutputFile, buildroot: int, *, subdir: bool) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "buildroot_id": buildroot,
+        "filename": item.filename,
+        "filesize": item.size,
+        "arch": item.arch,
+        "checksum_type": "sha256",
+        "checksum": item.sha256,
+        "type": item.type,
+    }
+    if item.relpath:
+        entry["relpath"] = item.relpath
+        if subdir:
+            entry["subdir"] = item.relpath
+    return entry
