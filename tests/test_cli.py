@@ -180,3 +180,28 @@ def test_real_child_process_gives_one_line_error(tmp_path: Path) -> None:
     ).stdout
     for command in ("keys", "trust", "demo"):
         assert command in help_text
+
+
+def test_node_and_dispatcher_init_take_their_addresses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import tomllib
+
+    status, _, _ = run(capsys, "node", "init", "--dir", str(tmp_path / "n"), "--operator", "a",
+                       "--dht-bind", "127.0.0.1:0", "--listen", "127.0.0.1:8450",
+                       "--bootstrap", "127.0.0.1:7420")
+    assert status == 0
+    node = tomllib.loads((tmp_path / "n" / "node.toml").read_text())
+    assert node["dht"]["bind"] == "127.0.0.1:0"
+    assert node["dht"]["bootstrap"] == ["127.0.0.1:7420"]
+    assert node["api"]["bind"] == "127.0.0.1:8450"
+    status, _, _ = run(capsys, "dispatcher", "init", "--dir", str(tmp_path / "d"),
+                       "--dht-bind", "127.0.0.1:0", "--bootstrap", "127.0.0.1:7420")
+    assert status == 0
+    dispatcher = tomllib.loads((tmp_path / "d" / "dispatcher.toml").read_text())
+    assert dispatcher["dht"] == {"host": "127.0.0.1", "port": 0, "bootstrap": ["127.0.0.1:7420"]}
+    status, _, err = run(capsys, "node", "init", "--dir", str(tmp_path / "x"),
+                         "--listen", "nowhere")
+    assert status == 1
+    assert "--listen" in err
+    assert not (tmp_path / "x").exists()

@@ -30,6 +30,7 @@ from .._identity import Identity, Role
 from ..dispatcher._config import hash_token, load_config
 from ..dispatcher._errors import ConfigError
 from ..dispatcher._service import RunningDispatcher, run_dispatcher
+from ..node._config import parse_host_port
 from ..node._tls import generate_tls_material, pinned_client
 
 __all__ = ["register"]
@@ -54,6 +55,11 @@ def register(sub: Any) -> None:
     init.add_argument("--host", default="127.0.0.1", help="address to listen on")
     init.add_argument("--port", type=int, default=7443)
     init.add_argument("--user", default="admin", help="user name of the API token")
+    init.add_argument("--dht-bind", default="0.0.0.0:7421", metavar="HOST:PORT",
+                      help="UDP address of the dispatcher's DHT node (default 0.0.0.0:7421; "
+                      "port 0 picks a free one)")
+    init.add_argument("--bootstrap", action="append", default=[], metavar="HOST:PORT",
+                      help="a DHT node to join through (repeatable)")
     init.add_argument("--json", action="store_true", help="machine-readable output")
     init.set_defaults(func=_init)
     run = dsub.add_parser(
@@ -179,6 +185,12 @@ def _network(call: Any) -> Any:
 
 def _init(args: argparse.Namespace) -> int:
     directory: Path = args.dir
+    try:
+        dht_host, dht_port = parse_host_port(args.dht_bind, allow_zero=True)
+        for item in args.bootstrap:
+            parse_host_port(item)
+    except ValueError as exc:
+        raise ConfigError(f"--dht-bind/--bootstrap: {exc}") from None
     directory.mkdir(parents=True, exist_ok=True)
     config_path = directory / "dispatcher.toml"
     if config_path.exists():
@@ -194,7 +206,7 @@ def _init(args: argparse.Namespace) -> int:
             "repository": "repo",
         },
         "api": {"host": args.host, "port": args.port, "tls_dir": "tls"},
-        "dht": {"port": 7421, "bootstrap": []},
+        "dht": {"host": dht_host, "port": dht_port, "bootstrap": list(args.bootstrap)},
         "clients": [{"user": args.user, "token_sha256": hash_token(token)}],
     }
     config_path.write_text(

@@ -59,6 +59,11 @@ def register(sub: Any) -> None:
                       help="a pool this node serves (repeatable)")
     init.add_argument("--bootstrap", action="append", default=[], metavar="HOST:PORT",
                       help="a DHT node to join through (repeatable)")
+    init.add_argument("--dht-bind", default="0.0.0.0:7420", metavar="HOST:PORT",
+                      help="UDP address of the node's DHT port (default 0.0.0.0:7420; port 0 "
+                      "picks a free one)")
+    init.add_argument("--listen", default="0.0.0.0:8443", metavar="HOST:PORT",
+                      help="address of the HTTPS job API (default 0.0.0.0:8443)")
     init.add_argument("--endpoint", default="", metavar="URL",
                       help="the https://host:port dispatchers reach this node at")
     init.add_argument("--hostname", default="localhost",
@@ -102,11 +107,13 @@ def _init(args: argparse.Namespace) -> int:
     directory: Path = args.dir.resolve()
     config_path = directory / "node.toml"
     key_path = directory / "node.key"
-    for item in args.bootstrap:
-        try:
-            parse_host_port(item)
-        except ValueError as exc:
-            raise MalformedError(f"--bootstrap: {exc}") from None
+    for option, items in (("--bootstrap", args.bootstrap), ("--dht-bind", [args.dht_bind]),
+                          ("--listen", [args.listen])):
+        for item in items:
+            try:
+                parse_host_port(item, allow_zero=option != "--bootstrap")
+            except ValueError as exc:
+                raise MalformedError(f"{option}: {exc}") from None
     if config_path.exists() or key_path.exists():
         raise LocalError(f"{directory} already holds a node (node.toml or node.key); not "
                          "overwriting it")
@@ -118,6 +125,8 @@ def _init(args: argparse.Namespace) -> int:
         pools=tuple(sorted(set(args.pool))),
         trust_list=args.trust_list,
         bootstrap=tuple(args.bootstrap),
+        dht_bind=args.dht_bind,
+        api_bind=args.listen,
         endpoint=args.endpoint,
         api_enabled=not args.pull_only,
     )
