@@ -301,21 +301,25 @@ class Engine:
         """
         for sub in ("sources", "work", "reports"):
             (self.config.state_dir / sub).mkdir(parents=True, exist_ok=True)
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            try:
-                resumed = self.db.builds(
-                    states=[BuildState.QUEUED, BuildState.RUNNING], limit=1_000_000
-                )
-                for build in reversed(resumed):
-                    self.db.audit(self.clock(), "resumed", build.id, state=build.state.value)
-                    self._spawn(build.id)
-                task_status.started()
-                await trio.sleep_forever()
-            finally:
-                self._nursery = None
-                with trio.CancelScope(shield=True):
-                    await self.connector.aclose()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                try:
+                    resumed = self.db.builds(
+                        states=[BuildState.QUEUED, BuildState.RUNNING], limit=1_000_000
+                    )
+                    for build in reversed(resumed):
+                        self.db.audit(self.clock(), "resumed", build.id, state=build.state.value)
+                        self._spawn(build.id)
+                    task_status.started()
+                    await trio.sleep_forever()
+                finally:
+                    self._nursery = None
+        finally:
+            # Only once every build task has finished: a task still unwinding may yet use
+            # a shared node client, and a closed client raises instead of cancelling.
+            with trio.CancelScope(shield=True):
+                await self.connector.aclose()
 
     def _spawn(self, build_id: str) -> None:
         assert self._nursery is not None
@@ -712,6 +716,9 @@ class Engine:
             report = difference_report(groups)
         agreeing = {r.attempt for r in verdict.agreeing}
         operators = " and ".join(r.operator for r in verdict.proof)
+        # The report file first: whoever sees the final state may read it at once.
+        if report:
+            await self._write_report(build.id, report)
         # The ratings, the user's platform and the verified state in one commit: a restart
         # before it redoes all of them (the sink is idempotent), after it none.
         with self.db.batch():
@@ -739,18 +746,16 @@ class Engine:
                 proof=[str(r.node) for r in verdict.proof],
                 outliers=[str(r.node) for r in verdict.outliers],
             )
-        if report:
-            await self._write_report(build.id, report)
 
     async def _fail(
         self, build: BuildRow, attempts: list[AttemptRow],
         tasks: dict[int, trio.CancelScope], reason: str,
     ) -> None:
         await self._finish_attempts(build, attempts, tasks, "build failed")
-        self.db.set_build_state(build.id, BuildState.FAILED, self.clock(), reason=reason)
         report = self.db.build(build.id).report
         if report:
             await self._write_report(build.id, report)
+        self.db.set_build_state(build.id, BuildState.FAILED, self.clock(), reason=reason)
 
     async def _write_report(self, build_id: str, report: str) -> None:
         path = trio.Path(self.config.state_dir / "reports" / f"{build_id}.txt")
