@@ -68,6 +68,8 @@ __all__ = [
 ]
 
 _log = logging.getLogger("p2pbuild.node.api")
+# How long DELETE on a running job waits for it to stop before answering anyway.
+_CANCEL_WAIT_S = 10.0
 MSGPACK = "application/msgpack"
 
 
@@ -265,7 +267,13 @@ def make_app(service: JobService, config: NodeApiConfig) -> Starlette:
             job_id = _job_id(request)
             status = service.status(job_id)
             if service.result(job_id) is None:
-                return JSONResponse(service.cancel(job_id).to_json())
+                service.cancel(job_id)
+                # Answer once the job has really stopped (its signed "cancelled" result
+                # exists), so a dispatcher that saw 200 knows the slot is free; bounded,
+                # because a build process may take a moment to die.
+                with trio.move_on_after(_CANCEL_WAIT_S):
+                    await service.wait_result(job_id)
+                return JSONResponse(service.status(job_id).to_json())
             service.collect(job_id)
         except (UnknownJobError, JobRunningError) as exc:
             return _refusal(exc)
