@@ -180,7 +180,7 @@ def _is_ip(host: str) -> bool:
     for family in (socket.AF_INET, socket.AF_INET6):
         try:
             socket.inet_pton(family, host)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: an embedded NUL (found by fuzzing)
             continue
         # Only the canonical text form, so one address has one spelling.
         if socket.inet_ntop(family, socket.inet_pton(family, host)) != host:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import msgpack
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from p2pbuild import (
@@ -199,6 +199,9 @@ _PARSERS: list[Callable[[Any], object]] = [
     [[[KEY, "10.0.0.1", 7420]], [STATUS.raw], b"x" * 40],
     KEY, True, ["ok", "stale-seq"],
 )]), st.integers(0, len(_PARSERS) - 1))
+# Found by the 100,000-input run: a contact host with a NUL made inet_pton raise ValueError.
+@example(b"\x92\x93\xc4\x14" + b"\t" * 20 + b"\xa8\x000.0.0.1\xcd\x1c\xfc\x93\xc4\x14"
+         + b"\t" * 20 + b"\xa3::1\x01", 0)
 def test_fuzz_dht_reply_values(data: bytes, which: int) -> None:
     try:
         value = msgpack.unpackb(data, raw=False, strict_map_key=False)
