@@ -192,22 +192,29 @@ class RepositorySink:
         except BaseException:
             shutil.rmtree(incoming, ignore_errors=True)
             raise
-        target = self.root / nvr
-        if target.exists():
-            # Look again after the slow writes: the same build may have landed meanwhile.
-            stored = self._existing(build_id, nvr)
-            if stored is not None:
-                shutil.rmtree(incoming, ignore_errors=True)
-                return stored
-            target = self.root / f"{nvr}+{build_id[:12]}"
-        try:
-            os.rename(incoming, target)
-            _fsync_dir(self.root)
-        except OSError as exc:
-            shutil.rmtree(incoming, ignore_errors=True)
-            # The same build stored concurrently (see above) won the rename: that is success.
-            stored = self._existing(build_id, nvr)
-            if stored is not None:
-                return stored
-            raise SinkError(f"cannot move the build into {target}: {exc}") from None
-        return target
+        alternate = self.root / f"{nvr}+{build_id[:12]}"
+        problem = "it is taken by another build"
+        for target in (self.root / nvr, alternate):
+            if target.exists():
+                # Look again after the slow writes: the same build may have landed meanwhile.
+                stored = self._existing(build_id, nvr)
+                if stored is not None:
+                    shutil.rmtree(incoming, ignore_errors=True)
+                    return stored
+                if target == alternate:
+                    break
+                continue  # another build of this NVR holds the name: take the alternate
+            try:
+                os.rename(incoming, target)
+                _fsync_dir(self.root)
+                return target
+            except OSError as exc:
+                # The same build stored concurrently (see above) won the rename: success;
+                # another build of the same NVR won it: try the alternate name.
+                stored = self._existing(build_id, nvr)
+                if stored is not None:
+                    shutil.rmtree(incoming, ignore_errors=True)
+                    return stored
+                problem = str(exc)
+        shutil.rmtree(incoming, ignore_errors=True)
+        raise SinkError(f"cannot move the build into {alternate}: {problem}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -175,3 +176,28 @@ def test_config_errors_are_one_line(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match=re.escape(fragment)) as info:
             load_config(path)
         assert "\n" not in str(info.value)
+
+
+def test_concurrent_stores_of_two_builds_of_one_nvr_both_land(tmp_path: Path) -> None:
+    import threading
+
+    sink = RepositorySink(tmp_path / "repo")
+    proof = _proof(tmp_path, b"rpm")
+    paths: dict[str, Path] = {}
+
+    def store(build_id: str) -> None:
+        paths[build_id] = sink.store(build_id, "h-1-1.src.rpm", "0" * 64, proof,
+                                     trust_list=FIXTURE.trust_list, now=5)
+
+    for _ in range(10):
+        for path in (tmp_path / "repo").glob("h-1-1*"):
+            shutil.rmtree(path)
+        paths.clear()
+        threads = [threading.Thread(target=store, args=(c * 32,)) for c in "ab"]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(paths) == 2
+        assert len({p.name for p in paths.values()}) == 2
+        assert sorted(p.name for p in (tmp_path / "repo").iterdir())[0] == "h-1-1"
