@@ -39,7 +39,9 @@ Figures that are defined differently in the two implementations:
   store a ``get`` sends to the nearest node without the value before it returns. Both
   report separately, as ``other_rpcs_per_lookup``, every other RPC any node of the
   network sent meanwhile (stock: stores to newly seen nodes, pings of full buckets' oldest
-  contacts; p2pbuild: the same pings, and resends of timed-out queries).
+  contacts; p2pbuild: the same pings, resends of timed-out queries, record pages fetched
+  after the walk (a key whose records do not fit in the walk's replies), and hand-off
+  stores to newly seen nodes with the pings that precede them).
 * A p2pbuild lookup of a key asks until ``value_quorum`` (4) holders answered, because a
   key holds many publishers' records; a stock ``get`` stops at the first value.
 

@@ -46,6 +46,10 @@ from ._trio import DatagramTransport, Driver, UdpTransport, resolve
 
 __all__ = ["Directory", "NodeEntry", "Query", "open_directory", "open_directory_on", "serve"]
 
+#: The default random source of every node in the process: an OS-backed generator has no
+#: state to keep per node, and one instance spares each node its own (about 2.5 KB).
+_SHARED_RNG = random.SystemRandom()
+
 
 def _optional_token(
     instance: object, attribute: attrs.Attribute[str | None], value: object
@@ -149,7 +153,12 @@ class Directory:
         self._driver = driver
         #: Our own published records, by slot, republished until they expire.
         self._published: dict[bytes, SignedRecord] = {}
-        self._republish = trio.Event()
+        #: Set to restart the republish period (created with the republish task).
+        self._republish: trio.Event | None = None
+        #: Where the republish task starts, on the first publish (most nodes of a farm
+        #: never publish: no task for them).
+        self._nursery: trio.Nursery | None = None
+        self._republishing = False
 
     # -- identity ---------------------------------------------------------------------------------
 
@@ -240,7 +249,12 @@ class Directory:
         for publisher in publishers:
             if self._capability_of(publisher) is None:
                 raise LocalError(f"publish a capability of {publisher.fingerprint} first")
-        self._republish.set()
+        if not self._republishing and self._nursery is not None:
+            self._republishing = True
+            self._republish = trio.Event()
+            self._nursery.start_soon(self._republish_loop)
+        elif self._republish is not None:
+            self._republish.set()
         return await self._put_all(publishers)
 
     def published(self) -> list[SignedRecord]:
@@ -329,6 +343,7 @@ class Directory:
         interval = self.config.republish_interval
         while True:
             with trio.move_on_after(interval):
+                assert self._republish is not None
                 await self._republish.wait()
                 self._republish = trio.Event()
                 continue
@@ -354,13 +369,14 @@ async def open_directory_on(
     """Run a directory over ``transport`` for the duration of the block.
 
     ``node_id`` defaults to a random id (use :func:`~p2pbuild.dht.node_id_for` for a
-    publishing node); ``rng`` defaults to ``random.SystemRandom()`` (message ids should be
-    unpredictable); ``clock_offset`` is Unix time at trio time 0, by default the wall clock.
+    publishing node); ``rng`` defaults to one ``random.SystemRandom()`` shared by the
+    process's nodes (message ids should be unpredictable; it keeps no state worth a copy
+    per node); ``clock_offset`` is Unix time at trio time 0, by default the wall clock.
     If ``bootstrap`` is given, the node joins through it before the block starts (check
     ``statistics().contacts`` to see whether anyone answered). The transport is closed on
     exit.
     """
-    rng = rng if rng is not None else random.SystemRandom()
+    rng = rng if rng is not None else _SHARED_RNG
     offset = clock_offset if clock_offset is not None else Driver.default_offset()
     core = DhtNode(
         node_id if node_id is not None else random_node_id(rng),
@@ -373,8 +389,8 @@ async def open_directory_on(
     directory = Directory(core, driver)
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(driver.run)
-            nursery.start_soon(directory._republish_loop)
+            await nursery.start(driver.run, nursery)
+            directory._nursery = nursery
             addresses = list(bootstrap)
             if addresses:
                 await directory.bootstrap(addresses)

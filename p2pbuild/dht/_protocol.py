@@ -20,18 +20,27 @@ Lookups ("walks") follow the paper with two changes for latency:
   shorter *stall* time after which the walk stops waiting for it: a stalled query no longer
   counts against ``alpha`` and no longer blocks termination, so a silently dead contact
   costs one stall time, not a full timeout, once ``alpha`` others have answered;
-* a record lookup ends when the ``value_quorum`` closest live contacts have answered, then
-  pages through the ``page_sources`` closest holders that have more (a key holds many
-  records); a node lookup ends when the ``k`` closest have answered.
+* a record lookup ends when the ``value_quorum`` closest live contacts have answered (or,
+  if all of them answered with nothing, the ``k`` closest: they may have joined after the
+  records were stored), then pages through the ``page_sources`` closest holders that have
+  more (a key holds many records); a node lookup ends when the ``k`` closest have answered.
 
 Defences against hostile peers (``docs/threat-model.md``), all bounded by ``DhtConfig``:
 
-* anti-amplification: a reply larger than ``amplification_factor`` times its request goes
-  to an address only once that address has answered one of our requests (a random 20-byte
-  message id it could only echo by receiving it). Until then the reply waits and the
-  address gets one ping; if the ping is not answered the reply is dropped
-  (``amplification-limit``). A spoofed request thus makes us send at most its own size
-  times the factor to the victim;
+* anti-amplification: a reply to an address that has not answered one of our requests (a
+  random 20-byte message id it could only echo by receiving it) is at most
+  ``amplification_factor`` times its request. Requests that may get a big reply
+  (``find_node``, ``find_value``, ``p2p_find``) are padded with zero bytes to
+  ``max_datagram / amplification_factor`` (QUIC pads its client Initial the same way), so a
+  p2pbuild requester gets a full reply at once; an unpadded request (a stock client) gets a
+  reply built within the bound: fewer contacts, or a shorter page with a cursor to the rest.
+  Only a reply that cannot be cut (a stock ``find_value`` bundle) waits for its address to
+  answer one ping, and is dropped if it does not (``amplification-limit``). A spoofed
+  request thus makes us send at most its own size times the factor to the victim;
+* records move to nodes that join closer to a key than its holders (paper, section 2.5):
+  when a node adds a new contact that is among the ``k`` closest it knows to a key it holds,
+  and no contact it knows is closer to that key than itself, it stores that key's records
+  to the newcomer (at most ``handoff_datagrams`` ``p2p_store`` datagrams per newcomer);
 * at most ``max_contacts_per_host`` contacts of one IP host per bucket and per lookup
   (loopback exempt), and one id per address (``RoutingTable``): one machine cannot fill
   our buckets nor be most of a lookup's closest contacts (eclipse by Sybil ids).
@@ -39,6 +48,7 @@ Defences against hostile peers (``docs/threat-model.md``), all bounded by ``DhtC
 
 from __future__ import annotations
 
+import array
 import bisect
 import heapq
 import random
@@ -141,14 +151,24 @@ class DhtConfig:
     #: Acceptance bounds for records.
     record_policy: RecordPolicy = DEFAULT_POLICY
     #: Anti-amplification: largest reply, as a multiple of its request's size, sent to an
-    #: address that has not yet answered any request of ours. Bigger replies wait for the
+    #: address that has not yet answered any request of ours. Our own requests that may get
+    #: big replies are padded to ``max_datagram / amplification_factor`` bytes; replies to
+    #: unpadded ones are cut to the bound, and the few that cannot be cut wait for the
     #: address to answer a ping (proof that it receives there).
     amplification_factor: int = attrs.field(default=3, validator=_positive)
     #: Replies waiting for their address to be verified: per address, and in total.
     max_deferred_per_address: int = attrs.field(default=4, validator=_positive)
     max_deferred_replies: int = attrs.field(default=256, validator=_positive)
-    #: Verified addresses remembered (least recently verified forgotten first).
-    max_verified_addresses: int = attrs.field(default=8192, validator=_positive)
+    #: Addresses verified by a ping that are not contacts, remembered (least recently
+    #: verified forgotten first). A contact that answered a request of ours is verified
+    #: by its measured round trip in the routing table.
+    max_verified_addresses: int = attrs.field(default=64, validator=_positive)
+    #: A full bucket's oldest contact is pinged for a newcomer only if it has not been
+    #: heard from for this long (seconds); otherwise the newcomer waits in the cache.
+    eviction_ping_after: float = attrs.field(default=60.0, validator=_positive)
+    #: ``p2p_store`` datagrams sent at most to one new contact to hand it the records it
+    #: should hold (0: no hand-off).
+    handoff_datagrams: int = attrs.field(default=4, validator=_not_negative)
     #: Contacts of one IP host per bucket and per lookup (loopback hosts exempt); 0: no
     #: limit. Bounds what one machine claiming many ids can take (Sybil, eclipse).
     max_contacts_per_host: int = attrs.field(default=2, validator=_not_negative)
@@ -179,6 +199,10 @@ class DhtStatistics:
     rejected: Mapping[str, int]
     #: Replies held back until their address proved it receives there (anti-amplification).
     replies_deferred: int = 0
+    #: Replies built within the amplification bound (cut short) for an unverified address.
+    replies_bounded: int = 0
+    #: ``p2p_store`` datagrams sent to new contacts to hand them records.
+    handoff_stores: int = 0
     #: Would-be contacts refused by code: ``address-in-use``, ``host-limit``.
     refused_contacts: Mapping[str, int] = attrs.field(factory=dict)
 
@@ -319,7 +343,22 @@ class _Walk:
 
 _STALL, _DEADLINE = 0, 1
 # What an RPC is for, beyond its method.
-_FOR_WALK, _FOR_PAGE, _FOR_STORE, _FOR_BOOTSTRAP, _FOR_EVICTION, _FOR_VERIFY = range(6)
+(
+    _FOR_WALK,
+    _FOR_PAGE,
+    _FOR_STORE,
+    _FOR_BOOTSTRAP,
+    _FOR_EVICTION,
+    _FOR_VERIFY,
+    _FOR_HANDOFF,
+    _FOR_HANDOFF_PING,
+) = range(8)
+# A holder hands a key's records to a newcomer only if fewer contacts than this are closer.
+_HANDOFF_SENDERS = 3
+# Contacts a first p2p_find page keeps room for, however many records the key holds.
+_MIN_CONTACTS = 4
+# Methods whose requests we pad, so that any reply stays within the amplification bound.
+_PADDED = frozenset((wire.FIND_NODE, wire.FIND_VALUE, wire.P2P_FIND))
 
 
 class _Rpc:
@@ -384,6 +423,7 @@ class DhtNode:
         "_finished",
         "_next_maintenance",
         "_out",
+        "_pad_to",
         "_pending",
         "_rejected",
         "_timers",
@@ -416,6 +456,7 @@ class DhtNode:
             max_failures=config.max_failures,
             now=now,
             max_per_host=config.max_contacts_per_host,
+            fresh_for=config.eviction_ping_after,
         )
         self.store = RecordStore(
             max_per_key=config.max_records_per_key,
@@ -431,10 +472,14 @@ class DhtNode:
         self._next_maintenance = now + config.maintenance_interval
         # datagrams_in, datagrams_out, bytes_in, bytes_out, requests_in, responses_in,
         # rpcs_sent, rpcs_timed_out, lookups, lookup_rounds, lookup_rpcs, records_accepted
-        self._counters = [0] * 13
+        # (An array: no int object per counter.)
+        self._counters = array.array("q", bytes(8 * 15))
         self._dropped: dict[str, int] = {}
-        #: Addresses that answered a request of ours (they receive there), LRU order.
-        self._verified: OrderedDict[Address, None] = OrderedDict()
+        #: Addresses that answered a verification ping but are not contacts, LRU order
+        #: (created on first use: p2pbuild requesters pad, so only stock ones need it).
+        self._verified: OrderedDict[Address, None] | None = None
+        #: Size requests are padded to (see ``amplification_factor``).
+        self._pad_to = -(-config.max_datagram // config.amplification_factor)
         #: Replies held for addresses not verified yet, and how many in total.
         self._deferred: dict[Address, list[bytes]] = {}
         self._deferred_total = 0
@@ -490,6 +535,8 @@ class DhtNode:
                 self._on_stall(rpc, now)
             else:
                 del self._pending[msg_id]
+                if not self._pending:
+                    self._pending = {}
                 self._counters[7] += 1
                 if rpc.retries and rpc.args is not None and self._resend(rpc, now):
                     continue
@@ -578,7 +625,18 @@ class DhtNode:
 
     def verified(self, address: Address) -> bool:
         """Whether ``address`` has answered a request of ours (it receives there)."""
-        return address in self._verified
+        peer = self.routing.holds_address(address)
+        if peer is not None and peer.srtt:
+            return True
+        return self._verified is not None and address in self._verified
+
+    def _is_verified(self, address: Address, sender: bytes) -> bool:
+        """:meth:`verified`, fast: the claimed sender is a contact at ``address`` that
+        answered us (a spoofer naming it only gets replies sent to where it receives)."""
+        peer = self.routing.peer_at(int.from_bytes(sender, "big"), address)
+        if peer is not None and peer.srtt:
+            return True
+        return self._verified is not None and address in self._verified
 
     def contacts(self) -> list[Contact]:
         """Every contact in the routing table."""
@@ -608,6 +666,8 @@ class DhtNode:
             dropped=dict(self._dropped),
             rejected=dict(self._rejected),
             replies_deferred=c[12],
+            replies_bounded=c[13],
+            handoff_stores=c[14],
             refused_contacts=dict(self.routing.refused),
         )
 
@@ -652,7 +712,8 @@ class DhtNode:
             self._dropped["pending-full"] = self._dropped.get("pending-full", 0) + 1
             return False
         msg_id = self.rng.randbytes(wire.MSG_ID_SIZE)
-        self._send(wire.encode_request(msg_id, method, args), address)
+        pad = self._pad_to if method in _PADDED else 0
+        self._send(wire.encode_request(msg_id, method, args, pad_to=pad), address)
         self._counters[6] += 1
         if op is not None:
             op.rpcs += 1
@@ -687,15 +748,22 @@ class DhtNode:
         )
 
     def _reply(
-        self, msg_id: bytes, value: Any, address: Address, request_size: int, now: float
+        self,
+        msg_id: bytes,
+        value: Any,
+        address: Address,
+        request_size: int,
+        verified: bool,
+        now: float,
     ) -> None:
         data = wire.encode_response(msg_id, value)
         config = self.config
-        if len(data) <= config.amplification_factor * request_size or address in self._verified:
+        if verified or len(data) <= config.amplification_factor * request_size:
             self._send(data, address)
             return
-        # Anti-amplification: the request may carry a spoofed source address. Hold the
-        # reply until the address answers a ping (which costs less than the request).
+        # Anti-amplification: the request may carry a spoofed source address. A reply that
+        # could not be cut to the bound waits until the address answers a ping (which
+        # costs less than the request).
         self._counters[12] += 1
         queue = self._deferred.get(address)
         if queue is None:
@@ -717,8 +785,10 @@ class DhtNode:
         self._dropped["amplification-limit"] = self._dropped.get("amplification-limit", 0) + count
 
     def _address_verified(self, address: Address) -> None:
-        """``address`` answered one of our requests: it receives there. Send what waited."""
+        """``address`` answered a verification ping: it receives there. Send what waited."""
         verified = self._verified
+        if verified is None:
+            verified = self._verified = OrderedDict()
         if address in verified:
             verified.move_to_end(address)
         else:
@@ -738,30 +808,43 @@ class DhtNode:
     ) -> None:
         method = request.method
         value: Any
+        config = self.config
+        verified = False
         if method == wire.PING:
             sender = wire.parse_ping_args(request)
             value = self.node_id
         elif method == wire.FIND_NODE:
             sender, key = wire.parse_find_args(request)
-            value = self._contacts_for(key, sender, self.config.max_datagram - HEADER_SIZE)
+            limit, verified = self._reply_limit(address, sender, request_size)
+            value = self._contacts_for(key, sender, limit - HEADER_SIZE)
         elif method == wire.FIND_VALUE:
             sender, key = wire.parse_find_args(request)
+            limit, verified = self._reply_limit(address, sender, request_size)
             held = self.store.records(key, now)
             if held:
+                # A bundle is not cut: a stock reader would take a first page for the whole.
                 bundle = wire.encode_bundle(
-                    [record.raw for record in held], len(held), max_size=self.config.max_bundle
+                    [record.raw for record in held], len(held), max_size=config.max_bundle
                 )
                 value = {"value": bundle}
             else:
-                value = self._contacts_for(key, sender, self.config.max_datagram - HEADER_SIZE)
+                value = self._contacts_for(key, sender, limit - HEADER_SIZE)
         elif method == wire.P2P_FIND:
             sender, key, cursor = wire.parse_p2p_find_args(request)
-            budget = self.config.max_datagram - HEADER_SIZE - _FIND_REPLY_OVERHEAD
+            limit, verified = self._reply_limit(address, sender, request_size)
+            budget = max(limit - HEADER_SIZE - _FIND_REPLY_OVERHEAD, 0)
             triples: list[wire.ContactTriple] = []
-            if not cursor:
-                triples = self._closest(key, sender, budget)
-                budget -= wire.contacts_size(triples)
-            records, next_cursor = self.store.page(key, cursor, now, budget)
+            if cursor:
+                records, next_cursor = self.store.page(key, cursor, now, budget)
+            else:
+                # Records first, then as many of the closest contacts as fit (at least a
+                # few, for the walk): a key with a few records is read in the walk's own
+                # round trips, with no page to fetch after it.
+                closest = self._closest(key, sender, budget)
+                reserve = wire.contacts_size(closest[:_MIN_CONTACTS])
+                records, next_cursor = self.store.page(key, b"", now, budget - reserve)
+                used = sum(wire.record_cost(raw) for raw in records)
+                triples = wire.fit_contacts(closest, budget - used)
             value = wire.encode_p2p_find_reply(triples, records, next_cursor)
         elif method == wire.P2P_STORE:
             sender, key, raws = wire.parse_p2p_store_args(request)
@@ -771,8 +854,19 @@ class DhtNode:
             value = self._accept_stock(key, offered, now)
         else:
             raise UnknownMethodError(f"no method {method[:40]!r}")
-        self._reply(request.msg_id, value, address, request_size, now)
+        self._reply(request.msg_id, value, address, request_size, verified, now)
         self._welcome(id_from_bytes(sender), address, now, None)
+
+    def _reply_limit(self, address: Address, sender: bytes, request_size: int) -> tuple[int, bool]:
+        """``(largest reply, verified)`` for a request of ``request_size`` bytes."""
+        config = self.config
+        if self._is_verified(address, sender):
+            return config.max_datagram, True
+        bound = config.amplification_factor * request_size
+        if bound >= config.max_datagram:
+            return config.max_datagram, False
+        self._counters[13] += 1
+        return bound, False
 
     def _closest(self, key: bytes, sender: bytes, budget: int) -> list[wire.ContactTriple]:
         """The closest contacts to ``key`` but the asker, as many as fit in ``budget``."""
@@ -806,7 +900,20 @@ class DhtNode:
         return any(code in ("ok", "held") for code in codes)
 
     def _welcome(self, node_id: int, address: Address, now: float, rtt: float | None) -> None:
-        to_ping = self.routing.seen(node_id, address, now, rtt)
+        routing = self.routing
+        to_ping = routing.seen(node_id, address, now, rtt)
+        if routing.added and self.config.handoff_datagrams and len(self.store):
+            keys = self._handoff_keys(node_id)
+            if keys:
+                if rtt is not None:
+                    self._handoff(node_id, address, keys, now)
+                else:
+                    # It only sent us a request, from a source address that may be spoofed:
+                    # records go to it once it answers a ping (no amplification).
+                    self._call(
+                        address, node_id, wire.PING, [self.node_id], now, None,
+                        _FOR_HANDOFF_PING,
+                    )
         if to_ping is not None:
             sent = self._call(
                 to_ping.address,
@@ -820,6 +927,62 @@ class DhtNode:
             if not sent:
                 self.routing.ping_answered(to_ping.node_id)
 
+    def _handoff_keys(self, node_id: int) -> list[bytes]:
+        """The keys whose records a new contact should get from this node (paper, section
+        2.5): those it is closer to than this node and among the ``k`` closest this node
+        knows, if at most ``_HANDOFF_SENDERS - 1`` other contacts are closer to the key than
+        this node. The paper (and the stock package) lets only the holder closest to the key
+        send; a few closest send here, so that a first newcomer closer than the old holders
+        that never hears of the next one does not break the chain, while the many other
+        holders stay quiet."""
+        config = self.config
+        routing = self.routing
+        own = self.own
+        keys = []
+        held = self.store.keys()
+        for key in held:
+            target = int.from_bytes(key, "big")
+            distance = node_id ^ target
+            mine = own ^ target
+            if distance >= mine:
+                continue
+            closest = routing.closest(target, config.k, exclude=node_id)
+            if len(closest) >= config.k and closest[-1].node_id ^ target < distance:
+                continue  # the newcomer is not among the k closest
+            closer = 0
+            for peer in closest[:_HANDOFF_SENDERS]:
+                closer += peer.node_id ^ target < mine
+            if closer < _HANDOFF_SENDERS:
+                keys.append(key)
+        return keys
+
+    def _handoff(self, node_id: int, address: Address, keys: list[bytes], now: float) -> None:
+        """Store the records of ``keys`` to a new contact that answered us, paged as a put
+        is, at most ``handoff_datagrams`` datagrams; the rest waits for the owners'
+        republish."""
+        config = self.config
+        left = config.handoff_datagrams
+        if len(self._pending) * 2 > config.max_pending_rpcs:
+            return
+        budget = config.max_datagram - HEADER_SIZE - _STORE_OVERHEAD
+        for key in keys:
+            cursor = b""
+            while left:
+                raws, cursor = self.store.page(key, cursor, now, budget)
+                if raws:
+                    args = wire.encode_p2p_store_args(self.node_id, key, raws)
+                    if not self._call(
+                        address, node_id, wire.P2P_STORE, args, now, None, _FOR_HANDOFF,
+                        sent=len(raws),
+                    ):
+                        return
+                    left -= 1
+                    self._counters[14] += 1
+                if not cursor:
+                    break
+            if not left:
+                return
+
     # -- responses --------------------------------------------------------------------------------
 
     def _handle_response(self, response: Response, address: Address, now: float) -> None:
@@ -828,9 +991,16 @@ class DhtNode:
             raise UnexpectedResponseError("response to no pending request")
         if rpc.address != address:
             raise UnexpectedResponseError("response from another address than asked")
-        del self._pending[response.msg_id]
-        # Only a host receiving at ``address`` could echo the random message id.
-        self._address_verified(address)
+        pending = self._pending
+        del pending[response.msg_id]
+        if not pending:
+            # A dict never shrinks: drop the table a burst of RPCs grew.
+            self._pending = {}
+        # Only a host receiving at ``address`` could echo the random message id. A contact
+        # is verified by its measured round trip (``_welcome``); other addresses that
+        # answered a verification ping are remembered apart.
+        if rpc.purpose == _FOR_VERIFY or address in self._deferred:
+            self._address_verified(address)
         try:
             self._on_reply(rpc, response.value, address, now)
         except RemoteError:
@@ -842,12 +1012,22 @@ class DhtNode:
     def _on_reply(self, rpc: _Rpc, value: object, address: Address, now: float) -> None:
         rtt = max(now - rpc.sent_at, 0.0)
         purpose = rpc.purpose
-        if purpose in (_FOR_BOOTSTRAP, _FOR_EVICTION, _FOR_VERIFY):
+        if purpose == _FOR_HANDOFF:
+            assert rpc.peer_id is not None
+            wire.parse_p2p_store_reply(value, rpc.sent)
+            self._welcome(rpc.peer_id, address, now, rtt)
+            return
+        if purpose in (_FOR_BOOTSTRAP, _FOR_EVICTION, _FOR_VERIFY, _FOR_HANDOFF_PING):
             node_id = id_from_bytes(wire.parse_ping_reply(value))
             if rpc.peer_id is not None and node_id != rpc.peer_id:
                 raise MalformedError("ping answered with another node id")
             self._welcome(node_id, address, now, rtt)
-            if purpose == _FOR_EVICTION:
+            if purpose == _FOR_HANDOFF_PING:
+                if self.routing.peer_at(node_id, address) is not None:
+                    keys = self._handoff_keys(node_id)
+                    if keys:
+                        self._handoff(node_id, address, keys, now)
+            elif purpose == _FOR_EVICTION:
                 self.routing.ping_answered(node_id)
             elif purpose == _FOR_BOOTSTRAP:
                 assert isinstance(rpc.op, BootstrapOperation)
@@ -890,7 +1070,8 @@ class DhtNode:
             if queue:
                 self._deferred_total -= len(queue)
                 self._drop_reply(len(queue))
-        if count_peer and rpc.peer_id is not None:
+        # A stock peer never answers p2pbuild's own methods: a hand-off does not count.
+        if count_peer and rpc.peer_id is not None and rpc.purpose != _FOR_HANDOFF:
             self.routing.failed(rpc.peer_id)
         op = rpc.op
         if op is None or op.done:
@@ -974,7 +1155,20 @@ class DhtNode:
             elif state == _INFLIGHT:
                 blocked = True
         if not blocked:
+            if walk.records and walk.quorum < self.config.k and self._found_nothing(walk):
+                # The closest answered empty-handed (nodes that joined after the records
+                # were stored and got no hand-off yet): ask on, up to the k closest.
+                walk.quorum = self.config.k
+                self._advance(walk, now)
+                return
             self._walk_done(walk, now)
+
+    def _found_nothing(self, walk: _Walk) -> bool:
+        op = walk.op
+        assert isinstance(op, GetOperation)
+        if op._found:
+            return False
+        return not any(c.cursor for c in walk.shortlist if c.state == _OK)
 
     def _query(self, walk: _Walk, candidate: _Candidate, now: float) -> None:
         target = id_to_bytes(walk.target)

@@ -6,14 +6,19 @@ a network of N others has about ``log2(N / k)`` full buckets and a few sparse on
 table is a small dict, not 160 preallocated lists.
 
 Eviction follows the paper: a full bucket never drops its least-recently-seen contact just
-because a newcomer showed up. The newcomer waits in a small replacement cache and the core
-pings the oldest contact; only if that ping (or any other RPC to it) fails is it replaced.
-A contact that fails ``max_failures`` RPCs in a row is removed even without a replacement.
+because a newcomer showed up. The newcomer waits in a small replacement cache; if the oldest
+contact has not been heard from for ``fresh_for`` seconds the core pings it, and only if that
+ping (or any other RPC to it) fails is it replaced. An oldest contact heard from recently is
+kept without a ping (section 4.1 of the paper: probing waits until there is reason to), so a
+busy network whose buckets are full sends no eviction pings at all. A contact that fails
+``max_failures`` RPCs in a row is removed even without a replacement.
 
 Against bucket poisoning (one machine claiming many ids to fill our buckets, see
 ``docs/threat-model.md``): an address ``(host, port)`` holds at most one id in the table, and
 a newcomer cannot take an address another id holds unless it proved it is there by
-answering one of our requests; and with ``max_per_host``, a bucket (with its replacement
+answering one of our requests (the table finds an address's owner by scanning its few
+hundred contacts when a newcomer arrives, rather than keeping a dict of every address); and
+with ``max_per_host``, a bucket (with its replacement
 cache) holds at most that many contacts of one IP host. Loopback hosts are exempt (a test
 network or a single machine runs all its nodes on 127.0.0.1).
 
@@ -58,18 +63,50 @@ def _intern(node_id: int, address: Address) -> tuple[int, bytes, Address]:
     return entry[0], entry[1], shared
 
 
+# The whole second of the last "heard from" time: the contacts heard from within one second
+# share one int object instead of a float each.
+_SECOND: list[int] = [0]
+
+
+def _second(now: float) -> int:
+    whole = int(now)
+    shared = _SECOND[0]
+    if whole != shared:
+        _SECOND[0] = shared = whole
+    return shared
+
+
+def intern_address(address: Address) -> Address:
+    """The process-wide shared copy of ``address`` (bounded; cleared when full)."""
+    shared = _ADDRESSES.get(address)
+    if shared is None:
+        if len(_ADDRESSES) >= _MAX_INTERNED:
+            _ADDRESSES.clear()
+        shared = _ADDRESSES[address] = address
+    return shared
+
+
 class Peer:
     """One contact in the table. Mutable, slotted: a table holds a few hundred of these."""
 
-    __slots__ = ("address", "failures", "node_id", "raw_id", "rttvar", "srtt")
+    __slots__ = ("address", "failures", "node_id", "rttvar", "seen_at", "srtt")
 
-    def __init__(self, node_id: int, address: Address) -> None:
-        self.node_id, self.raw_id, self.address = _intern(node_id, address)
-        #: Smoothed RTT and its mean deviation in seconds; 0.0 until first measured.
+    def __init__(self, node_id: int, address: Address, now: float = 0.0) -> None:
+        self.node_id, _, self.address = _intern(node_id, address)
+        #: Smoothed RTT and its mean deviation in seconds; 0.0 until first measured (a
+        #: measured contact answered one of our requests at its address).
         self.srtt = 0.0
         self.rttvar = 0.0
         #: RPCs in a row that timed out.
         self.failures = 0
+        #: When it was last heard from (whole seconds).
+        self.seen_at = _second(now)
+
+    @property
+    def raw_id(self) -> bytes:
+        """The 20-byte wire form of the id (shared for the process, not kept per contact)."""
+        entry = _INTERNED.get(self.node_id)
+        return entry[1] if entry is not None else self.node_id.to_bytes(20, "big")
 
     def __repr__(self) -> str:
         return f"Peer({self.node_id:040x}, {self.address})"
@@ -81,21 +118,45 @@ class _Bucket:
     def __init__(self, now: float) -> None:
         #: Least recently seen first.
         self.peers: list[Peer] = []
-        #: Newcomers waiting for a place, newest last.
-        self.replacements: list[Peer] = []
+        #: Newcomers waiting for a place, newest last (created when the bucket fills).
+        self.replacements: list[Peer] = _NO_PEERS
         #: Id of the contact being pinged to decide an eviction, if any.
         self.pinging: int | None = None
-        self.last_lookup = now
+        self.last_lookup = _second(now)
+
+
+#: The shared empty replacement cache of buckets that never filled (never mutated).
+_NO_PEERS: list[Peer] = []
+
+
+# Round-trip estimates are kept to 10 microseconds and interned for the process: contacts
+# with the same estimate share one float object instead of two each (a node holds a few
+# hundred contacts, a test or benchmark process a thousand nodes). Bounded.
+_TIMES: dict[float, float] = {}
+
+
+_MAX_TIMES = 4096
+
+
+def _shared_time(value: float) -> float:
+    value = round(value, 5)
+    shared = _TIMES.get(value)
+    if shared is None:
+        if len(_TIMES) >= _MAX_TIMES:
+            return value  # full: not shared (a cleared table would let every value in)
+        shared = _TIMES[value] = value
+    return shared
 
 
 def update_rtt(peer: Peer, rtt: float) -> None:
     """Fold one sample into ``peer``'s estimate (RFC 6298 with alpha 1/8, beta 1/4)."""
+    rtt = max(rtt, 1e-5)  # a zero estimate means "never measured"
     if peer.srtt == 0.0:
-        peer.srtt = rtt
-        peer.rttvar = rtt / 2
+        peer.srtt = _shared_time(rtt)
+        peer.rttvar = _shared_time(rtt / 2)
     else:
-        peer.rttvar = 0.75 * peer.rttvar + 0.25 * abs(peer.srtt - rtt)
-        peer.srtt = 0.875 * peer.srtt + 0.125 * rtt
+        peer.rttvar = _shared_time(0.75 * peer.rttvar + 0.25 * abs(peer.srtt - rtt))
+        peer.srtt = _shared_time(0.875 * peer.srtt + 0.125 * rtt)
 
 
 class RoutingTable:
@@ -106,8 +167,9 @@ class RoutingTable:
     """
 
     __slots__ = (
-        "_addresses",
         "_buckets",
+        "added",
+        "fresh_for",
         "k",
         "max_failures",
         "max_per_host",
@@ -126,6 +188,7 @@ class RoutingTable:
         max_failures: int,
         now: float,
         max_per_host: int = 0,
+        fresh_for: float = 60.0,
     ) -> None:
         self.own_id = own_id
         self.k = k
@@ -133,9 +196,12 @@ class RoutingTable:
         self.max_failures = max_failures
         #: Contacts of one IP host per bucket (peers and replacements); 0: no limit.
         self.max_per_host = max_per_host
+        #: An oldest contact heard from within this many seconds is not pinged to make
+        #: room for a newcomer.
+        self.fresh_for = fresh_for
         self._buckets: dict[int, _Bucket] = {}
-        #: Which id holds each address (peers only).
-        self._addresses: dict[Address, int] = {}
+        #: Set by :meth:`seen`: whether its call added a new contact to the table.
+        self.added = False
         #: Newcomers refused, by reason: ``address-in-use``, ``host-limit``.
         self.refused: dict[str, int] = {}
         #: The RTT estimate over all contacts, for contacts never measured.
@@ -169,6 +235,7 @@ class RoutingTable:
         claiming a known id from elsewhere does not move it (replies to pings do, through
         :meth:`failed` and re-adding).
         """
+        self.added = False
         if node_id == self.own_id:
             return None
         index = self.bucket_index(node_id)
@@ -180,6 +247,7 @@ class RoutingTable:
             if peer.node_id == node_id:
                 if peer.address == address:
                     peer.failures = 0
+                    peer.seen_at = _second(now)
                     if rtt is not None:
                         update_rtt(peer, rtt)
                         update_rtt(self.overall, rtt)
@@ -187,7 +255,10 @@ class RoutingTable:
                         del peers[position]
                         peers.append(peer)
                 return None
-        owner = self._addresses.get(address)
+        full = len(peers) >= self.k
+        # A newcomer for a full bucket only waits in its cache; its address is checked when
+        # it is promoted (:meth:`failed`).
+        owner = None if full else self._owner(address)
         if owner is not None:
             if rtt is None:
                 # Anyone can claim any id in a request; only an answer to our request
@@ -205,28 +276,53 @@ class RoutingTable:
                 return None
         if rtt is not None:
             update_rtt(self.overall, rtt)
-        if len(peers) < self.k:
-            peer = Peer(node_id, address)
+        if not full:
+            peer = Peer(node_id, address, now)
             if rtt is not None:
                 update_rtt(peer, rtt)
             peers.append(peer)
-            self._addresses[peer.address] = node_id
+            self.added = True
             return None
-        # Full: cache the newcomer and have the oldest contact pinged (once at a time).
+        # Full: cache the newcomer; have the oldest contact pinged (once at a time) only if
+        # it has not been heard from lately.
         cache = bucket.replacements
+        if cache is _NO_PEERS:
+            cache = bucket.replacements = []
         for position, waiting in enumerate(cache):
             if waiting.node_id == node_id:
                 del cache[position]
                 break
-        newcomer = Peer(node_id, address)
+        newcomer = Peer(node_id, address, now)
         if rtt is not None:
             update_rtt(newcomer, rtt)
         cache.append(newcomer)
         if len(cache) > self.replacements:
             del cache[0]
-        if bucket.pinging is None:
-            bucket.pinging = peers[0].node_id
-            return peers[0]
+        oldest = peers[0]
+        if bucket.pinging is None and now - oldest.seen_at >= self.fresh_for:
+            bucket.pinging = oldest.node_id
+            return oldest
+        return None
+
+    def _owner(self, address: Address) -> int | None:
+        """The id of the contact at ``address``, if any (a scan: rare, and no dict kept)."""
+        for bucket in self._buckets.values():
+            for peer in bucket.peers:
+                if peer.address == address:
+                    return peer.node_id
+        return None
+
+    def peer_at(self, node_id: int, address: Address) -> Peer | None:
+        """The contact ``node_id`` if the table holds it at ``address``."""
+        peer = self.get(node_id)
+        return peer if peer is not None and peer.address == address else None
+
+    def holds_address(self, address: Address) -> Peer | None:
+        """The contact at ``address``, if any (a scan)."""
+        for bucket in self._buckets.values():
+            for peer in bucket.peers:
+                if peer.address == address:
+                    return peer
         return None
 
     def _refuse(self, reason: str) -> None:
@@ -240,7 +336,6 @@ class RoutingTable:
         for position, peer in enumerate(bucket.peers):
             if peer.node_id == node_id:
                 del bucket.peers[position]
-                self._addresses.pop(peer.address, None)
                 if bucket.pinging == node_id:
                     bucket.pinging = None
                 return
@@ -267,15 +362,12 @@ class RoutingTable:
                 peer.failures += 1
                 if bucket.replacements:
                     del bucket.peers[position]
-                    self._addresses.pop(peer.address, None)
                     newcomer = bucket.replacements.pop()
-                    if self._addresses.get(newcomer.address, newcomer.node_id) == newcomer.node_id:
+                    if self._owner(newcomer.address) is None:
                         bucket.peers.append(newcomer)
-                        self._addresses[newcomer.address] = newcomer.node_id
                     return True
                 if peer.failures >= self.max_failures:
                     del bucket.peers[position]
-                    self._addresses.pop(peer.address, None)
                     return True
                 return False
         for position, waiting in enumerate(bucket.replacements):
@@ -315,7 +407,7 @@ class RoutingTable:
         """A lookup for ``target`` ran: its bucket needs no refresh for a while."""
         bucket = self._buckets.get(self.bucket_index(target))
         if bucket is not None:
-            bucket.last_lookup = now
+            bucket.last_lookup = _second(now)
 
     def stale_buckets(self, now: float, interval: float) -> list[int]:
         """Indexes of buckets without a lookup in the last ``interval`` seconds."""

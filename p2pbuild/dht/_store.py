@@ -58,9 +58,22 @@ class StoreFullError(RecordError):
     code = "store-full"
 
 
+# Slot names interned for the process: every holder of a record names its slot alike, and a
+# thousand nodes in one process (tests, benchmarks) would otherwise keep a copy each.
+# Bounded, and simply cleared when full.
+_SLOTS: dict[bytes, bytes] = {}
+_MAX_SLOTS = 1 << 16
+
+
 def slot_of(record: SignedRecord) -> bytes:
     """The slot name of ``record``: publisher key bytes followed by the kind."""
-    return record.publisher.raw + record.kind.value.encode()
+    slot = record.publisher.raw + record.kind.value.encode()
+    shared = _SLOTS.get(slot)
+    if shared is None:
+        if len(_SLOTS) >= _MAX_SLOTS:
+            _SLOTS.clear()
+        shared = _SLOTS[slot] = slot
+    return shared
 
 
 def bound_keys(record: SignedRecord) -> frozenset[bytes]:
@@ -108,12 +121,37 @@ SHARED_CACHE = RecordCache()
 
 
 class _Key:
-    __slots__ = ("order", "slots")
+    """The slots of one key: two parallel lists sorted by slot name (the paging order),
+    lighter than a dict per key (a node holds a few keys, a process a thousand nodes)."""
+
+    __slots__ = ("order", "records")
 
     def __init__(self) -> None:
-        self.slots: dict[bytes, SignedRecord] = {}
-        #: Slot names, sorted: the paging order.
+        #: Slot names, sorted.
         self.order: list[bytes] = []
+        #: ``records[i]`` holds slot ``order[i]``.
+        self.records: list[SignedRecord] = []
+
+    def get(self, slot: bytes) -> SignedRecord | None:
+        order = self.order
+        position = bisect.bisect_left(order, slot)
+        if position < len(order) and order[position] == slot:
+            return self.records[position]
+        return None
+
+    def put(self, slot: bytes, record: SignedRecord) -> None:
+        order = self.order
+        position = bisect.bisect_left(order, slot)
+        if position < len(order) and order[position] == slot:
+            self.records[position] = record
+        else:
+            order.insert(position, slot)
+            self.records.insert(position, record)
+
+    def remove(self, slot: bytes) -> None:
+        position = bisect.bisect_left(self.order, slot)
+        del self.order[position]
+        del self.records[position]
 
 
 class RecordStore:
@@ -166,9 +204,9 @@ class RecordStore:
         held = self._keys.get(key)
         if key not in keys:
             capability_slot = record.publisher.raw + Kind.CAPABILITY.value.encode()
-            if record.kind is not Kind.STATUS or held is None or capability_slot not in held.slots:
+            if record.kind is not Kind.STATUS or held is None or held.get(capability_slot) is None:
                 raise WrongKeyError("record is not bound to this key")
-        previous = held.slots.get(slot) if held is not None else None
+        previous = held.get(slot) if held is not None else None
         if previous is not None and previous.raw == raw:
             return HELD
         record.check(
@@ -176,7 +214,7 @@ class RecordStore:
         )
         if previous is None:
             publisher = record.publisher.raw
-            if held is not None and len(held.slots) >= self.max_per_key:
+            if held is not None and len(held.order) >= self.max_per_key:
                 raise StoreFullError("this key holds as many records as allowed")
             if self._per_publisher.get(publisher, 0) >= self.max_per_publisher:
                 raise StoreFullError("this publisher holds as many records as allowed")
@@ -184,11 +222,10 @@ class RecordStore:
                 raise StoreFullError("the store is full")
             if held is None:
                 held = self._keys[key] = _Key()
-            bisect.insort(held.order, slot)
             self._per_publisher[publisher] = self._per_publisher.get(publisher, 0) + 1
             self._total += 1
         assert held is not None
-        held.slots[slot] = record
+        held.put(slot, record)
         return OK
 
     def offer_many(
@@ -223,17 +260,20 @@ class RecordStore:
         dropped = 0
         for key in list(self._keys):
             held = self._keys[key]
-            stale = [slot for slot, record in held.slots.items() if record.expires_at <= now]
+            stale = [
+                slot
+                for slot, record in zip(held.order, held.records, strict=True)
+                if record.expires_at <= now
+            ]
             for slot in stale:
                 self._remove(held, slot)
                 dropped += 1
-            if not held.slots:
+            if not held.order:
                 del self._keys[key]
         return dropped
 
     def _remove(self, held: _Key, slot: bytes) -> None:
-        del held.slots[slot]
-        del held.order[bisect.bisect_left(held.order, slot)]
+        held.remove(slot)
         publisher = slot[:32]
         left = self._per_publisher[publisher] - 1
         if left:
@@ -251,13 +291,13 @@ class RecordStore:
             return []
         return [
             record
-            for record in (held.slots[slot] for slot in held.order)
+            for record in held.records
             if record.expires_at > now
         ]
 
     def count(self, key: bytes) -> int:
         held = self._keys.get(key)
-        return 0 if held is None else len(held.slots)
+        return 0 if held is None else len(held.order)
 
     def page(self, key: bytes, cursor: bytes, now: float, budget: int) -> tuple[list[bytes], bytes]:
         """Records after slot ``cursor`` whose encodings fit in ``budget`` bytes (at least
@@ -268,12 +308,12 @@ class RecordStore:
         if held is None:
             return [], b""
         order = held.order
+        held_records = held.records
         start = bisect.bisect_right(order, cursor) if cursor else 0
         chosen: list[bytes] = []
         used = 0
         for position in range(start, len(order)):
-            slot = order[position]
-            record = held.slots[slot]
+            record = held_records[position]
             if record.expires_at <= now:
                 continue
             cost = len(record.raw) + (2 if len(record.raw) < 256 else 3)

@@ -1,8 +1,9 @@
 """The thin trio adapter: a datagram transport and the two tasks that drive a :class:`DhtNode`.
 
-One task feeds received datagrams to the core, one sleeps until the core's timer; after
-every core call the adapter flushes (sends what the core queued and wakes the callers whose
-operations finished), as aioquic's ``asyncio/protocol.py::transmit`` does.
+One task feeds received datagrams to the core, one (the caller of :meth:`Driver.run`) sleeps
+until the core's timer; after every core call the adapter flushes (sends what the core
+queued and wakes the callers whose operations finished), as aioquic's
+``asyncio/protocol.py::transmit`` does.
 
 Sending is synchronous on purpose: a UDP send either goes out at once or is dropped by the
 kernel, exactly like a datagram lost on the path, so there is nothing to await. This keeps a
@@ -21,6 +22,7 @@ import trio
 from .._errors import LocalError
 from ._ids import Address
 from ._protocol import DhtNode, Operation
+from ._routing import intern_address
 
 __all__ = ["DatagramTransport", "DirectoryClosedError", "Driver", "UdpTransport", "resolve"]
 
@@ -95,6 +97,8 @@ class UdpTransport:
 
     async def receive(self) -> list[tuple[bytes, Address]]:
         sock = self._sock
+        # Addresses are interned (one tuple and host string per peer for the process, not
+        # one per datagram: what the core keeps of them would otherwise be copies).
         # Read one byte more than the limit: a datagram that fills the buffer was larger
         # than max_size, and the core drops it as oversize.
         size = self._max_size + 1
@@ -105,7 +109,7 @@ class UdpTransport:
                     data, address = sock.recvfrom(size)
                 except BlockingIOError:
                     break
-                batch.append((data, (address[0], address[1])))
+                batch.append((data, intern_address((address[0], address[1]))))
             if batch:
                 await trio.lowlevel.checkpoint()
                 return batch
@@ -184,15 +188,24 @@ class Driver:
             raise DirectoryClosedError("the DHT node closed during the operation")
 
     async def run(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        nursery: trio.Nursery | None = None,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> NoReturn:
-        """Drive the core until cancelled; ``started()`` once both tasks run."""
+        """Drive the core until cancelled; ``started()`` once both loops run. The receive
+        loop runs in ``nursery`` if given (the caller's: one nursery fewer per node, as a
+        thousand nodes share a process in tests and benchmarks), else in a nursery of its
+        own; the timer loop runs in this task."""
         try:
-            async with trio.open_nursery() as nursery:
+            if nursery is not None:
                 nursery.start_soon(self._receive_loop)
-                nursery.start_soon(self._timer_loop)
                 task_status.started()
-                await trio.sleep_forever()
+                await self._timer_loop()
+            async with trio.open_nursery() as own:
+                own.start_soon(self._receive_loop)
+                task_status.started()
+                await self._timer_loop()
         finally:
             self.closed = True
             self.transport.close()
@@ -220,7 +233,7 @@ class Driver:
                 core.receive_datagram(data, address, self.now())
                 self.flush()
 
-    async def _timer_loop(self) -> None:
+    async def _timer_loop(self) -> NoReturn:
         core = self.core
         while True:
             self._wakeup = trio.Event()

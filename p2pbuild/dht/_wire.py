@@ -93,6 +93,23 @@ def _unpack(payload: bytes) -> Any:
         raise MalformedError(f"not valid msgpack: {exc.__class__.__name__}") from None
 
 
+def _unpack_padded(payload: bytes) -> Any:
+    """:func:`_unpack` for a request, which may be followed by zero bytes of padding (see
+    :func:`encode_request`); other trailing bytes are refused."""
+    try:
+        return msgpack.unpackb(
+            payload, raw=False, strict_map_key=True, use_list=True, ext_hook=_refuse_ext
+        )
+    except msgpack.ExtraData as extra:
+        if extra.extra.count(0) != len(extra.extra):
+            raise MalformedError("not valid msgpack: ExtraData") from None
+        return extra.unpacked
+    except MalformedError:
+        raise
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise MalformedError(f"not valid msgpack: {exc.__class__.__name__}") from None
+
+
 def _pack(value: Any) -> bytes:
     data: bytes = msgpack.packb(value, use_bin_type=True)
     return data
@@ -135,7 +152,7 @@ def decode_datagram(data: bytes, *, max_size: int) -> Request | Response:
         return Response(msg_id, _unpack(data[HEADER_SIZE:]))
     if marker != REQUEST:
         raise MalformedError(f"unknown rpcudp marker {marker:#04x}")
-    value = _unpack(data[HEADER_SIZE:])
+    value = _unpack_padded(data[HEADER_SIZE:])
     if type(value) is not list or len(value) != 2:
         raise MalformedError("a request is [method, args]")
     method, args = value
@@ -144,9 +161,15 @@ def decode_datagram(data: bytes, *, max_size: int) -> Request | Response:
     return Request(msg_id, method, args)
 
 
-def encode_request(msg_id: bytes, method: str, args: Sequence[Any]) -> bytes:
-    """Frame a request (``args`` already in wire form)."""
-    return bytes([REQUEST]) + msg_id + _pack([method, list(args)])
+def encode_request(msg_id: bytes, method: str, args: Sequence[Any], *, pad_to: int = 0) -> bytes:
+    """Frame a request (``args`` already in wire form), followed by zero bytes up to
+    ``pad_to`` bytes in all. Padding lets a server answer a first request from an address
+    in full within its anti-amplification bound; a stock server ignores it (``umsgpack``
+    reads one object and stops), and so does :func:`decode_datagram`."""
+    data = bytes([REQUEST]) + msg_id + _pack([method, list(args)])
+    if len(data) < pad_to:
+        data += bytes(pad_to - len(data))
+    return data
 
 
 def encode_response(msg_id: bytes, value: Any) -> bytes:

@@ -26,10 +26,12 @@ def _store_request(key: bytes, raws: list[bytes], msg_id: bytes = b"m" * 20) -> 
     )
 
 
-def _reply_to(net: Net, node_address: Address, destination: Address) -> list[bytes]:
+def _reply_to(net: Net, node_address: Address, destination: Address,
+              *, responses_only: bool = False) -> list[bytes]:
     node = net.nodes[node_address]
     out = node.datagrams_to_send()
-    mine = [data for data, to in out if to == destination]
+    mine = [data for data, to in out if to == destination
+            and (not responses_only or data[0] == wire.RESPONSE)]
     # Put the rest back in flight (nothing else should be pending, but be exact).
     for data, to in out:
         if to != destination:
@@ -63,7 +65,8 @@ def test_forged_replayed_expired_oversize_records_are_refused() -> None:
         codes = []
         for batch in (hostile[:3], hostile[3:]):  # two datagrams: each under 2,048 bytes
             net.inject(_store_request(key, batch), ATTACKER, address)
-            (reply,) = _reply_to(net, address, ATTACKER)
+            # (The holder may also ping the new contact, to hand it records if it answers.)
+            (reply,) = _reply_to(net, address, ATTACKER, responses_only=True)
             frame = wire.decode_datagram(reply, max_size=2048)
             assert isinstance(frame, wire.Response)
             codes += frame.value
@@ -118,10 +121,17 @@ def test_store_flood_for_one_key_from_many_keys_is_bounded() -> None:
     assert op.result >= 10
 
 
-def _requests(key: bytes, cursor: bytes) -> dict[str, bytes]:
+def _requests(key: bytes, cursor: bytes, pad_to: int) -> dict[str, bytes]:
     sender = b"\x42" * 20
     record = signed_pair("amp")[0].raw
     return {
+        # Padded as p2pbuild pads its own: a full reply at once, still within the bound.
+        "find_node_padded": wire.encode_request(b"h" * 20, wire.FIND_NODE,
+                                                wire.encode_find_args(sender, key),
+                                                pad_to=pad_to),
+        "p2p_find_padded": wire.encode_request(b"i" * 20, wire.P2P_FIND,
+                                               wire.encode_p2p_find_args(sender, key, b""),
+                                               pad_to=pad_to),
         "ping": wire.encode_request(b"a" * 20, wire.PING, [sender]),
         "find_node": wire.encode_request(b"b" * 20, wire.FIND_NODE,
                                          wire.encode_find_args(sender, key)),
@@ -150,9 +160,10 @@ def _amplification(factor: int) -> tuple[float, dict[str, float], Net, Address]:
     cursor = make_identity("amp-pub-0").public_key.raw + b"capability"
     target.datagrams_to_send()
     net.deferred_before = target.statistics().replies_deferred  # type: ignore[attr-defined]
+    net.bounded_before = target.statistics().replies_bounded  # type: ignore[attr-defined]
     ratios = {}
     victim_base = 1
-    for name, request in _requests(key, cursor).items():
+    for name, request in _requests(key, cursor, pad_to=400).items():
         victim: Address = (f"10.99.0.{victim_base}", 53)
         victim_base += 1
         net.inject(request, victim, target_address)
@@ -166,7 +177,13 @@ def test_amplification_to_an_unverified_address_is_bounded() -> None:
     assert worst <= 3.0, ratios
     target = net.nodes[target_address]
     deferred = target.statistics().replies_deferred - net.deferred_before  # type: ignore[attr-defined]
-    assert deferred >= 3  # find_node, find_value, p2p_find at least
+    bounded = target.statistics().replies_bounded - net.bounded_before  # type: ignore[attr-defined]
+    # Unpadded find_node, p2p_find and p2p_find page: cut to the bound and sent at once;
+    # the stock find_value bundle cannot be cut: it waits for a ping the victim never
+    # answers. The padded requests got full replies: 3 x 400 bytes covers any datagram.
+    assert bounded >= 3, ratios
+    assert deferred == 1, ratios
+    assert ratios["find_node_padded"] > 1.5 and ratios["p2p_find_padded"] > 2, ratios
     # The victims never answer the ping: the replies are dropped, and counted.
     net.run(limit=5)
     assert target.statistics().dropped["amplification-limit"] == deferred
@@ -178,13 +195,45 @@ def test_amplification_to_an_unverified_address_is_bounded() -> None:
     assert unbounded > 10, unbounded
 
 
-def test_verified_address_gets_the_full_reply_after_one_ping() -> None:
+def test_unverified_asker_gets_a_cut_reply_or_a_padded_full_one_without_a_ping() -> None:
     net = build(30)
     target_address, target = next(iter(net.nodes.items()))
     asker: Address = ("10.77.0.1", 7420)
     key = b"\x01" * 20
-    request = wire.encode_request(b"q" * 20, wire.FIND_NODE, wire.encode_find_args(b"\x05" * 20,
-                                                                                      key))
+    args = wire.encode_find_args(b"\x05" * 20, key)
+    # A stock-sized request: the closest contacts that fit in 3x its size, at once.
+    request = wire.encode_request(b"q" * 20, wire.FIND_NODE, args)
+    net.inject(request, asker, target_address)
+    (reply,) = _reply_to(net, target_address, asker)
+    frame = wire.decode_datagram(reply, max_size=2048)
+    assert isinstance(frame, wire.Response) and frame.msg_id == b"q" * 20
+    assert len(reply) <= 3 * len(request)
+    cut = wire.parse_contacts(frame.value)
+    assert 1 <= len(cut) < 20
+    # Padded as p2pbuild pads (max_datagram / 3): every contact, no ping, no wait.
+    padded = wire.encode_request(b"r" * 20, wire.FIND_NODE, args, pad_to=400)
+    net.inject(padded, asker, target_address)
+    (reply,) = _reply_to(net, target_address, asker)
+    frame = wire.decode_datagram(reply, max_size=2048)
+    assert isinstance(frame, wire.Response) and frame.msg_id == b"r" * 20
+    full = wire.parse_contacts(frame.value)
+    assert len(full) == 20 and full[: len(cut)] == cut
+    assert len(reply) <= 3 * len(padded)
+    assert not target.verified(asker)
+
+
+def test_stock_find_value_bundle_waits_for_one_ping() -> None:
+    net = build(30)
+    key = facet_key("arch=x86_64")
+    everyone = list(net.nodes.values())
+    for i in range(3):
+        op = everyone[i].put(key, signed_pair(f"fv-pub-{i}"), net.now)
+        net.run(lambda op=op: op.done)
+    target_address, target = max(net.nodes.items(), key=lambda item: item[1].store.count(key))
+    target.datagrams_to_send()
+    asker: Address = ("10.77.0.2", 7420)
+    request = wire.encode_request(b"q" * 20, wire.FIND_VALUE,
+                                  wire.encode_find_args(b"\x05" * 20, key))
     net.inject(request, asker, target_address)
     (ping,) = _reply_to(net, target_address, asker)
     frame = wire.decode_datagram(ping, max_size=2048)
@@ -194,7 +243,10 @@ def test_verified_address_gets_the_full_reply_after_one_ping() -> None:
     (reply,) = _reply_to(net, target_address, asker)
     frame = wire.decode_datagram(reply, max_size=2048)
     assert isinstance(frame, wire.Response) and frame.msg_id == b"q" * 20
-    assert len(wire.parse_contacts(frame.value)) == 20
+    bundle = wire.parse_find_value_reply(frame.value)
+    assert isinstance(bundle, bytes)
+    total, raws = wire.decode_bundle(bundle, max_size=2048)
+    assert total == 6 and len(raws) >= 4  # a stock bundle: as many as fit, a first page
     assert target.verified(asker)
 
 
@@ -406,7 +458,10 @@ async def test_hostile_stores_and_amplification_over_real_udp() -> None:
                 codes = []
                 for reply in replies:
                     frame = wire.decode_datagram(reply, max_size=2048)
-                    assert isinstance(frame, wire.Response)
+                    if isinstance(frame, wire.Request):
+                        # A ping to a new contact, before handing it records it should hold.
+                        assert frame.method == wire.PING
+                        continue
                     codes += frame.value
                 assert codes == ["bad-signature", "stale-seq", "expired", "oversize"]
                 stats = target.statistics()

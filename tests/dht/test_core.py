@@ -268,3 +268,149 @@ def test_config_rejects_nonsense() -> None:
     with pytest.raises(LocalError):
         DhtConfig(k=0)
     assert attrs.evolve(DhtConfig(), alpha=5).alpha == 5
+
+
+def _late_joiners(
+    config: DhtConfig | None = None,
+) -> tuple[Net, list[bytes], list[list[SignedRecord]]]:
+    """A seed, 3 publishers that publish, then 40 empty nodes join (through the seed)."""
+    net = build(4, config)
+    first = next(iter(net.nodes))
+    everyone = nodes(net)
+    keys, published = [], []
+    for index in (1, 2, 3):
+        mine = records(f"late-pub-{index}")
+        key = node_key(mine[0].publisher)
+        op = everyone[index].put(key, mine, net.now)
+        net.run(lambda op=op: op.done)
+        keys.append(key)
+        published.append(mine)
+    for index in range(4, 44):
+        _, node = net.add(index)
+        op = node.bootstrap([first], net.now)
+        net.run(lambda op=op: op.done)
+    net.run(limit=1.0)  # let hand-offs land
+    return net, keys, published
+
+
+def _late_misses(net: Net, keys: list[bytes], published: list[list[SignedRecord]]) -> int:
+    everyone = nodes(net)
+    misses = 0
+    rng = random.Random(3)
+    for _ in range(20):
+        reader = everyone[rng.randrange(4, 44)]
+        which = rng.randrange(3)
+        op = reader.get(keys[which], net.now)
+        net.run(lambda op=op: op.done)
+        misses += {r.raw for r in op.result} != {r.raw for r in published[which]}
+    return misses
+
+
+def test_records_are_handed_to_nodes_that_join_later() -> None:
+    net, keys, published = _late_joiners()
+    assert _late_misses(net, keys, published) == 0
+    everyone = nodes(net)
+    handed = sum(node.statistics().handoff_stores for node in everyone)
+    # Bounded: a few holders each send a few datagrams per new contact and key.
+    assert 0 < handed <= 40 * 3 * 3
+    # The closest nodes of each key got its records, though they joined after the put.
+    for key in keys:
+        target = int.from_bytes(key, "big")
+        closest = sorted(everyone, key=lambda n: n.own ^ target)[:4]
+        assert sum(n.store.count(key) == 2 for n in closest) >= 3
+
+
+def test_late_joiners_hand_off_alone_is_enough() -> None:
+    # Lookups that end at the 4 closest even when all answered empty, as before: the
+    # hand-off alone must put the records where lookups end.
+    original = DhtNode._found_nothing
+    DhtNode._found_nothing = lambda self, walk: False  # type: ignore[method-assign]
+    try:
+        net, keys, published = _late_joiners()
+        assert _late_misses(net, keys, published) == 0
+    finally:
+        DhtNode._found_nothing = original  # type: ignore[method-assign]
+
+
+def test_without_hand_off_late_joiners_hide_records() -> None:
+    # The control (the bug): no hand-off, lookups ending at the 4 closest empty answers.
+    original = DhtNode._found_nothing
+    DhtNode._found_nothing = lambda self, walk: False  # type: ignore[method-assign]
+    try:
+        net, keys, published = _late_joiners(DhtConfig(handoff_datagrams=0))
+        assert _late_misses(net, keys, published) > 0
+        # Widening lookups over empty answers alone finds them again.
+        DhtNode._found_nothing = original  # type: ignore[method-assign]
+        assert _late_misses(net, keys, published) == 0
+    finally:
+        DhtNode._found_nothing = original  # type: ignore[method-assign]
+
+
+def test_hand_off_pages_a_big_key_within_its_datagram_budget() -> None:
+    config = DhtConfig(handoff_datagrams=2)
+    net = build(3, config)
+    first = next(iter(net.nodes))
+    key = facet_key("arch=x86_64")
+    for holder in nodes(net):
+        for i in range(12):  # 24 records of ~260 bytes: about 6 datagrams of p2p_store
+            holder.store.offer_many(key, [r.raw for r in records(f"big-{i}")], net.now)
+    before = len(net.sent)
+    # A newcomer right next to the key: every holder should hand it the key.
+    address = ("10.0.9.9", 7420)
+    joiner = net.nodes[address] = DhtNode(
+        (int.from_bytes(key, "big") ^ 1).to_bytes(20, "big"), now=net.now,
+        rng=random.Random(99), config=config, cache=net.cache,
+    )
+    op = joiner.bootstrap([first], net.now)
+    net.run(lambda: op.done)
+    net.run(limit=1.0)
+    stores = [d for d, _, to in net.sent[before:] if to == address and d[0] == wire.REQUEST
+              and wire.decode_datagram(d, max_size=2048).method == wire.P2P_STORE]  # type: ignore[union-attr]
+    assert all(len(d) <= 1200 for d in stores)
+    # Each of the 3 holders sends at most 2 datagrams to the newcomer.
+    assert 0 < len(stores) <= 2 * 3
+    assert 0 < joiner.store.count(key) < 24
+
+
+def test_full_bucket_pings_its_oldest_only_if_not_heard_from_lately() -> None:
+    config = DhtConfig(k=2)
+    net = Net(config)
+    _, node = net.add(0)
+    own = node.own
+    ids = [own ^ (1 << 159) ^ n for n in (1, 2, 3, 4)]
+    addresses = [("10.1.0.1", 1), ("10.1.0.2", 2), ("10.1.0.3", 3), ("10.1.0.4", 4)]
+    for node_id, address in zip(ids[:2], addresses[:2], strict=True):
+        node.routing.seen(node_id, address, net.now)
+    # A newcomer while the oldest was heard from within eviction_ping_after: no ping, the
+    # newcomer waits in the replacement cache.
+    assert node.routing.seen(ids[2], addresses[2], net.now + 30) is None
+    assert [p.node_id for p in node.routing] == ids[:2]
+    # Through the core: a request from a newcomer sends no ping either.
+    node.receive_datagram(
+        wire.encode_request(b"p" * 20, wire.PING, [ids[3].to_bytes(20, "big")]),
+        addresses[3], net.now + 30,
+    )
+    out = node.datagrams_to_send()
+    assert [wire.decode_datagram(d, max_size=2048).__class__ for d, _ in out] == [wire.Response]
+    # Once the oldest has been silent for longer, the next newcomer gets it pinged...
+    to_ping = node.routing.seen(ids[3], addresses[3], net.now + 61)
+    assert to_ping is not None and to_ping.node_id == ids[0]
+    # ...and it is replaced only if that ping fails (least-recently-seen eviction).
+    assert node.routing.failed(ids[0])
+    assert ids[0] not in [p.node_id for p in node.routing]
+    assert len(list(node.routing)) == 2
+
+
+def test_eviction_ping_answered_keeps_the_old_contact() -> None:
+    config = DhtConfig(k=2, eviction_ping_after=1.0)
+    net = Net(config)
+    _, node = net.add(0)
+    own = node.own
+    ids = [own ^ (1 << 159) ^ n for n in (1, 2, 3)]
+    for n, node_id in enumerate(ids[:2]):
+        node.routing.seen(node_id, (f"10.1.0.{n}", 1), net.now)
+    to_ping = node.routing.seen(ids[2], ("10.1.0.9", 1), net.now + 5)
+    assert to_ping is not None and to_ping.node_id == ids[0]
+    node.routing.seen(ids[0], ("10.1.0.0", 1), net.now + 5.01, rtt=0.01)  # it answered
+    node.routing.ping_answered(ids[0])
+    assert sorted(p.node_id for p in node.routing) == sorted(ids[:2])

@@ -45,7 +45,20 @@ def test_request_round_trip_whole_truncated_and_with_trailing_bytes(method, args
         with pytest.raises(MalformedError):
             parse(wire.decode_datagram(data[:cut], max_size=1200))
     with pytest.raises(MalformedError):
-        wire.decode_datagram(data + b"\x00", max_size=1200)
+        wire.decode_datagram(data + b"\x01", max_size=1200)
+    with pytest.raises(MalformedError):
+        wire.decode_datagram(data + b"\x00\x00\x07", max_size=1200)
+    # Zero padding (anti-amplification, see encode_request) is read past.
+    padded = wire.encode_request(b"m" * 20, method, args, pad_to=400)
+    assert len(padded) == max(400, len(data)) and padded.startswith(data)
+    frame = wire.decode_datagram(padded, max_size=1200)
+    assert isinstance(frame, wire.Request)
+    parsed = parse(frame)
+    assert (list(parsed) if isinstance(parsed, tuple) else [parsed]) == args
+    # A response is never padded.
+    response = wire.encode_response(b"m" * 20, [1])
+    with pytest.raises(MalformedError):
+        wire.decode_datagram(response + b"\x00", max_size=1200)
 
 
 def test_stock_encoding_is_understood() -> None:
