@@ -27,7 +27,7 @@ from .._identity import Role
 from .._jobs import Job, Result
 from .._trust import accept_update
 from ..testing import LocalFarm, NodeSpec, hello_srpm, open_local_farm
-from ._dispatcher import _TERMINAL, _check, _Client, post_source
+from ._dispatcher import _Client, follow_build, post_source
 
 __all__ = ["register"]
 
@@ -211,28 +211,14 @@ async def _build(farm: LocalFarm, source: Path, clock: _Clock) -> dict[str, Any]
         build = await post_source(http, client, source, params)
         build_id = build["id"]
         print(f"  {clock.stamp()} accepted as build {build_id}")
-        after = 0
         with trio.fail_after(90):
-            while True:
-                async with http.stream(
-                    "GET", f"/v1/builds/{build_id}/events",
-                    params={"after": after, "follow": "1"}, headers=client.headers,
-                    timeout=httpx.Timeout(60, read=30),
-                ) as response:
-                    if response.status_code >= 400:
-                        await response.aread()
-                        _check(response)
-                    async for line in response.aiter_lines():
-                        if not line.strip():
-                            continue
-                        event = json.loads(line)
-                        after = event["id"]
-                        text = _event_line(farm, event)
-                        if text:
-                            print(f"  {clock.stamp()} {text}")
-                build = _check(await http.get(f"/v1/builds/{build_id}", headers=client.headers))
-                if build["state"] in _TERMINAL:
-                    break
+            async for kind, value in follow_build(http, client, build_id):
+                if kind == "build":
+                    build = value
+                    continue
+                text = _event_line(farm, value)
+                if text:
+                    print(f"  {clock.stamp()} {text}")
     if build["state"] != "verified":
         raise LocalError(f"the build {build['state']}: {build['reason']}")
     print("  selection: power of two choices among the best-rated, least-loaded trusted "

@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 import tomllib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -302,12 +303,14 @@ async def post_source(
     return _check(response)
 
 
-async def _follow(http: httpx.AsyncClient, client: _Client, build_id: str, as_json: bool) -> int:
-    """Print a live progress line (or NDJSON events with ``--json``) until the build ends."""
-    tty = sys.stdout.isatty() and not as_json
-    started = time.monotonic()
+async def follow_build(
+    http: httpx.AsyncClient, client: _Client, build_id: str
+) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """Yield ``("event", event)`` for each of the build's events as it happens, then
+    ``("build", build)`` once with the build's final JSON. Reconnects when the event stream
+    ends while the build is still open. Raises :class:`LocalError` for a refusal and
+    ``httpx.HTTPError`` for a network failure."""
     after = 0
-    attempts: dict[str, str] = {}
     while True:
         async with http.stream(
             "GET", f"/v1/builds/{build_id}/events", params={"after": after, "follow": "1"},
@@ -321,21 +324,35 @@ async def _follow(http: httpx.AsyncClient, client: _Client, build_id: str, as_js
                     continue
                 event = json.loads(line)
                 after = event["id"]
-                if as_json:
-                    print(line, flush=True)
-                else:
-                    _progress(event, attempts, started, tty)
+                yield "event", event
         build = _check(await http.get(f"/v1/builds/{build_id}", headers=client.headers))
         if build["state"] in _TERMINAL:
-            if tty:
-                print()
-            if not as_json:
-                print(f"build {build_id}: {build['state']}: {build['reason']}")
-                if build["sink_path"]:
-                    print(f"  stored in {build['sink_path']}")
-                if build["report"]:
-                    print(build["report"])
-            return 0 if build["state"] == "verified" else 1
+            yield "build", build
+            return
+
+
+async def _follow(http: httpx.AsyncClient, client: _Client, build_id: str, as_json: bool) -> int:
+    """Print a live progress line (or NDJSON events with ``--json``) until the build ends."""
+    tty = sys.stdout.isatty() and not as_json
+    started = time.monotonic()
+    attempts: dict[str, str] = {}
+    build: dict[str, Any] = {}
+    async for kind, value in follow_build(http, client, build_id):
+        if kind == "build":
+            build = value
+        elif as_json:
+            print(json.dumps(value), flush=True)
+        else:
+            _progress(value, attempts, started, tty)
+    if tty:
+        print()
+    if not as_json:
+        print(f"build {build_id}: {build['state']}: {build['reason']}")
+        if build["sink_path"]:
+            print(f"  stored in {build['sink_path']}")
+        if build["report"]:
+            print(build["report"])
+    return 0 if build["state"] == "verified" else 1
 
 
 def _progress(event: dict[str, Any], attempts: dict[str, str], started: float, tty: bool) -> None:
