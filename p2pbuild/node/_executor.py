@@ -40,6 +40,7 @@ import attrs
 import trio
 
 from .._errors import LocalError
+from .._jobs import BuildType  # rpm: rpmbuild --rebuild; make: configure, make, check
 from ._archive import extract_tar_gz
 from ._errors import BadBuildSpecError, BadSourceError, BuildEnvironmentError, SourceDigestError
 from ._sandbox import BUILD_DIR, INPUT_DIR, LogSink, LogWriter, Sandbox, Stop, run_supervised
@@ -81,13 +82,6 @@ _MAKE_SCRIPT = (
 )
 #: Where a make build puts its artifacts, relative to the directory it builds in.
 MAKE_ARTIFACT_DIR = "out"
-
-
-class BuildType(enum.StrEnum):
-    """The kinds of build a node can run."""
-
-    RPM = "rpm"  #: ``rpmbuild --rebuild`` of a source RPM
-    MAKE = "make"  #: ``./configure; make; make check`` of a ``.tar.gz`` source tree
 
 
 class BuildState(enum.StrEnum):

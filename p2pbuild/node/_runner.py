@@ -25,7 +25,7 @@ import trio
 
 from .._jobs import FileDigest, Job, ResultState, SourceArtifact
 from ._errors import BadSourceError, SourceDigestError
-from ._executor import BuildOutcome, BuildSpec, BuildType, Limits, OutputFile, run_build
+from ._executor import BuildOutcome, BuildSpec, Limits, OutputFile, run_build
 from ._sandbox import Sandbox
 from ._service import LocalFile, LogSink, RunReport
 
@@ -113,7 +113,7 @@ class ExecutorRunner:
         await self.fetch(spec.source, source)
         options = spec.options_map
         build_spec = BuildSpec(
-            build_type=BuildType(spec.build_type.value),
+            build_type=spec.build_type,
             source=source,
             source_sha256=spec.source.sha256.hex(),
             with_features=options.get("with", ()),  # type: ignore[arg-type]
