@@ -9,7 +9,12 @@ A record is published by one key and carries a body of one *kind*:
 
 Wire form (canonical msgpack, at most :data:`MAX_RECORD_SIZE` bytes), an 8-element array::
 
-    [1, kind, publisher(32 bytes), seq, issued_at, expires_at, body(map), signature(64 bytes)]
+    [1, kind, publisher(32 bytes), seq, issued_at, expires_at, body(array), signature(64 bytes)]
+
+A body is the array of its class's fields in declared order (``Capability._FIELDS``), not a
+map: a record is a fixed schema with no optional or unknown fields, so names on the wire
+would only add bytes (a quarter of a capability record) and decoding work. A new field is a
+new format version.
 
 The signature is ed25519 by ``publisher`` over ``Domain.RECORD_<KIND> || encode(first seven
 elements as an array)``. Times are integer Unix seconds. See ``docs/records.md``.
@@ -26,26 +31,24 @@ whose cost should be the ed25519 check and little else (the goal, measured by
 ``bench/records.py``, is decoding plus checks under 10% of the signature check). Nothing is
 skipped to get there; the work is arranged so that each check happens once:
 
-* The typed parser checks the exact type and bound of every field and that each map has
-  exactly the expected keys *in sorted order*. That subsumes the generic canonical walk of
-  :func:`._codec.decode` (no floats, no extension types, text keys, bounded nesting), so only
-  the byte-exact re-encoding remains (:func:`._codec.require_canonical_encoding`: shortest
-  forms, no duplicate keys).
+* The typed parser checks the exact type and bound of every field and the length of every
+  array. That subsumes the generic canonical walk of :func:`._codec.decode` (no floats, no
+  extension types, bounded nesting), so only the byte-exact re-encoding remains
+  (:func:`._codec.require_canonical_encoding`: shortest forms).
 * Each body class has one reference validation, a table of per-field checks that also
   names the failing field in the error; bodies built in code go through it (from
   ``__attrs_post_init__``). The wire path first tries one boolean expression over all fields
   that accepts a subset of what the reference accepts, and falls back to the reference
   otherwise; a property test checks that the two agree. It then builds the frozen instance
-  in one step (filling its ``__dict__`` from the decoded map) instead of through
-  ``__init__``, which is why the value classes are ``slots=False``.
+  in one step (setting its ``__dict__`` to one dict literal of the decoded values) instead
+  of through ``__init__``, which is why the value classes are ``slots=False``. The record's
+  own attribute map is built the same way.
 * Token fields (arch, OS, pools, build types) are checked against a bounded cache of strings
   and lists already known valid: the same few values arrive in every record, and a regular
   expression match costs more than the rest of the field checks together. For decoded
   values, membership in those caches also proves the exact type (a decoded value equal to a
   ``str`` is a ``str``), so the fast test skips those type checks; values built in code
   always get the reference checks (:meth:`Capability.from_wire`).
-* The decoded body map itself becomes the body's attribute map, and the record's is built
-  as one dict literal: no copies.
 * The signature is checked last, so garbage is rejected before the expensive step, with
   libsodium's ``crypto_sign_open`` called without output buffers (see
   :func:`._identity.verify_prefixed`) on ``signature || domain || header || bytes`` built in
@@ -211,15 +214,19 @@ def _check_fields(fields: Mapping[str, Any], checks: _FieldChecks, what: str) ->
             raise MalformedError(f"{what}: {name} {rule}, got {fields[name]!r:.80}")
 
 
-def _check_field_names(body: Mapping[str, Any], fields: tuple[str, ...], what: str) -> None:
-    """Raise the precise error for a body map whose keys are not exactly ``fields``."""
-    names = set(body)
-    missing = sorted(set(fields) - names)
-    if missing:
-        raise MalformedError(f"{what} lacks field {missing[0]!r}")
-    unknown = names - set(fields)
-    if unknown:
-        raise MalformedError(f"{what} has unknown fields: {sorted(map(repr, unknown))[:3]}")
+def _body_fields(body: object, names: tuple[str, ...], what: str) -> dict[str, Any]:
+    """The field map of a body array: exactly one value per name in ``names``, in order.
+
+    Raises :class:`MalformedError` for anything else.
+    """
+    if type(body) not in (tuple, list):
+        raise MalformedError(f"a {what} is an array of {len(names)} fields")
+    assert isinstance(body, (tuple, list))
+    if len(body) != len(names):
+        raise MalformedError(
+            f"a {what} has {len(names)} fields ({', '.join(names)}), got {len(body)}"
+        )
+    return dict(zip(names, body, strict=True))
 
 
 def _facet_key(name: str, value: str) -> str:
@@ -237,7 +244,7 @@ class Capability:
     """
 
     kind: ClassVar[Kind] = Kind.CAPABILITY
-    #: The wire map's keys, in canonical (sorted) order.
+    #: The field names, in the order of the wire array (the order declared below).
     _FIELDS: ClassVar[tuple[str, ...]]
 
     arch: str
@@ -273,47 +280,49 @@ class Capability:
         keys += [_facet_key("pool", pool) for pool in self.pools]
         return keys
 
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "arch": self.arch,
-            "os": self.os,
-            "cpus": self.cpus,
-            "cpu_model": self.cpu_model,
-            "memory_mb": self.memory_mb,
-            "disk_mb": self.disk_mb,
-            "machine": self.machine.value,
-            "build_types": list(self.build_types),
-            "pools": list(self.pools),
-            "endpoint": self.endpoint,
-            "tls_sha256": self.tls_sha256,
-        }
+    def to_wire(self) -> list[Any]:
+        """The wire array: the fields in declared order (``docs/records.md``)."""
+        return [
+            self.arch,
+            self.os,
+            self.cpus,
+            self.cpu_model,
+            self.memory_mb,
+            self.disk_mb,
+            self.machine.value,
+            list(self.build_types),
+            list(self.pools),
+            self.endpoint,
+            self.tls_sha256,
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields by name, as on the wire (plain values)."""
+        return dict(zip(self._FIELDS, self.to_wire(), strict=True))
 
     @classmethod
-    def from_wire(cls, body: Mapping[str, Any]) -> Capability:
-        """Build from a decoded map with exactly the fields of :meth:`to_wire`, in any order.
+    def from_wire(cls, body: object) -> Capability:
+        """Build from a decoded array of exactly the fields of :meth:`to_wire`, in order.
 
         Raises :class:`MalformedError`.
         """
-        if not isinstance(body, Mapping):
-            raise MalformedError("a capability is a map")
-        _check_field_names(body, cls._FIELDS, "capability")
-        fields = {name: _as_tuple(body[name]) for name in cls._FIELDS}
+        fields = _body_fields(body, cls._FIELDS, "capability")
+        fields = {name: _as_tuple(value) for name, value in fields.items()}
         # Values from code may be of any type (str subclasses too): the reference checks
         # them; _build's fast test is for decoded values only.
         _check_fields(fields, _CAPABILITY_CHECKS, "capability")
-        return cls._build(fields)
+        return cls._build(tuple(fields.values()))
 
     @classmethod
-    def _build(cls, fields: dict[str, Any]) -> Capability:
-        """Validate and build from a map of exactly the fields, in sorted order, as the
-        decoder produces them: values of the exact built-in types msgpack decodes to (arrays
-        as tuples, ``machine`` as text). ``fields`` is consumed: it becomes the instance's
-        attribute map.
+    def _build(cls, values: tuple[Any, ...]) -> Capability:
+        """Validate and build from the wire array's values as the decoder produces them:
+        exactly the fields, in order, of the exact built-in types msgpack decodes to
+        (arrays as tuples, ``machine`` as text).
 
         Raises :class:`MalformedError`.
         """
-        (arch, build_types, cpu_model, cpus, disk_mb, endpoint, machine, memory_mb, os, pools,
-         tls_sha256) = fields.values()  # fmt: skip
+        (arch, os, cpus, cpu_model, memory_mb, disk_mb, machine, build_types, pools, endpoint,
+         tls_sha256) = values  # fmt: skip
         # The fast test accepts only what the reference checks accept, and tokens only when
         # already known (cached by an earlier reference check): one boolean expression,
         # no calls but a few C methods. Whatever it does not accept gets the reference.
@@ -352,13 +361,25 @@ class Capability:
         except TypeError:  # a map where a token or token list belongs (unhashable)
             fast = False
         if not fast:
+            fields = dict(zip(cls._FIELDS, values, strict=True))
             _check_fields(fields, _CAPABILITY_CHECKS, "capability")
             machine_value = _MACHINES[machine]
-        fields["machine"] = machine_value
-        # Every field is checked: the map becomes the frozen instance's attributes as it is
+        # Every field is checked: the frozen instance gets its attribute map in one step
         # (module docstring).
         value = _new(cls)
-        _setattr(value, "__dict__", fields)
+        _setattr(value, "__dict__", {
+            "arch": arch,
+            "os": os,
+            "cpus": cpus,
+            "cpu_model": cpu_model,
+            "memory_mb": memory_mb,
+            "disk_mb": disk_mb,
+            "machine": machine_value,
+            "build_types": build_types,
+            "pools": pools,
+            "endpoint": endpoint,
+            "tls_sha256": tls_sha256,
+        })  # fmt: skip
         return value
 
 
@@ -393,7 +414,7 @@ _CAPABILITY_CHECKS: _FieldChecks = (
         "must be a 32-byte SHA-256 when an endpoint is set, else empty",
     ),
 )
-Capability._FIELDS = tuple(sorted(field.name for field in attrs.fields(Capability)))
+Capability._FIELDS = tuple(field.name for field in attrs.fields(Capability))
 
 
 @attrs.frozen(slots=False)
@@ -415,31 +436,33 @@ class Status:
     def __attrs_post_init__(self) -> None:
         _check_fields(self.__dict__, _STATUS_CHECKS, "status")
 
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "load_milli": self.load_milli,
-            "slots_total": self.slots_total,
-            "slots_free": self.slots_free,
-            "running": self.running,
-            "uptime_s": self.uptime_s,
-            "draining": self.draining,
-        }
+    def to_wire(self) -> list[Any]:
+        """The wire array: the fields in declared order (``docs/records.md``)."""
+        return [
+            self.load_milli,
+            self.slots_total,
+            self.slots_free,
+            self.running,
+            self.uptime_s,
+            self.draining,
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields by name, as on the wire (plain values)."""
+        return dict(zip(self._FIELDS, self.to_wire(), strict=True))
 
     @classmethod
-    def from_wire(cls, body: Mapping[str, Any]) -> Status:
-        """Build from a decoded map with exactly the fields of :meth:`to_wire`, in any order.
+    def from_wire(cls, body: object) -> Status:
+        """Build from a decoded array of exactly the fields of :meth:`to_wire`, in order.
 
         Raises :class:`MalformedError`.
         """
-        if not isinstance(body, Mapping):
-            raise MalformedError("a status is a map")
-        _check_field_names(body, cls._FIELDS, "status")
-        return cls._build({name: body[name] for name in cls._FIELDS})
+        return cls._build(tuple(_body_fields(body, cls._FIELDS, "status").values()))
 
     @classmethod
-    def _build(cls, fields: dict[str, Any]) -> Status:
+    def _build(cls, values: tuple[Any, ...]) -> Status:
         """As :meth:`Capability._build`."""
-        draining, load_milli, running, slots_free, slots_total, uptime_s = fields.values()
+        load_milli, slots_total, slots_free, running, uptime_s, draining = values
         if not (
             type(draining) is bool
             and type(load_milli) is int
@@ -452,9 +475,16 @@ class Status:
             and type(uptime_s) is int
             and 0 <= uptime_s < _U63
         ):
-            _check_fields(fields, _STATUS_CHECKS, "status")
+            _check_fields(dict(zip(cls._FIELDS, values, strict=True)), _STATUS_CHECKS, "status")
         value = _new(cls)
-        _setattr(value, "__dict__", fields)
+        _setattr(value, "__dict__", {
+            "load_milli": load_milli,
+            "slots_total": slots_total,
+            "slots_free": slots_free,
+            "running": running,
+            "uptime_s": uptime_s,
+            "draining": draining,
+        })  # fmt: skip
         return value
 
 
@@ -468,7 +498,7 @@ _STATUS_CHECKS: _FieldChecks = (
     ("draining", lambda f: type(f["draining"]) is bool, "must be a boolean"),
     ("slots_free", lambda f: f["slots_free"] <= f["slots_total"], "cannot exceed slots_total"),
 )
-Status._FIELDS = tuple(sorted(field.name for field in attrs.fields(Status)))
+Status._FIELDS = tuple(field.name for field in attrs.fields(Status))
 
 
 Body: TypeAlias = Capability | Status
@@ -479,11 +509,11 @@ _BODY_TYPES: dict[str, type[Capability] | type[Status]] = {
 }
 _DOMAINS = {Kind.CAPABILITY: Domain.RECORD_CAPABILITY, Kind.STATUS: Domain.RECORD_STATUS}
 
-# Per kind, for the decoder: the body's builder, its field names in canonical order, and the
-# bytes that precede the signed part of a record when it is verified: the domain prefix and
-# the header of a 7-element array.
-_WIRE_KINDS: dict[str, tuple[Callable[[dict[str, Any]], Body], tuple[str, ...], bytes]] = {
-    kind.value: (body_type._build, body_type._FIELDS, _DOMAINS[kind].value + b"\x97")
+# Per kind, for the decoder: the body's builder, its number of fields, and the bytes that
+# precede the signed part of a record when it is verified: the domain prefix and the header
+# of a 7-element array.
+_WIRE_KINDS: dict[str, tuple[Callable[[tuple[Any, ...]], Body], int, bytes]] = {
+    kind.value: (body_type._build, len(body_type._FIELDS), _DOMAINS[kind].value + b"\x97")
     for kind, body_type in ((Kind.CAPABILITY, Capability), (Kind.STATUS, Status))
 }
 # A canonical record ends with its signature as msgpack bin 8: 0xc4, length 64, 64 bytes.
@@ -523,7 +553,7 @@ def _check_time(value: object, name: str) -> int:
 
 def _envelope_error(value: tuple[Any, ...]) -> MalformedError | UnknownKindError:
     """The precise error for a decoded record array whose envelope fields are wrong."""
-    version, kind, publisher, seq, issued_at, expires_at, body, _ = value
+    version, kind, publisher, seq, issued_at, expires_at, body, signature = value
     if type(version) is not int or version != _FORMAT_VERSION:
         return MalformedError(f"unsupported record format version {version!r:.20}")
     if type(kind) is not str:
@@ -535,9 +565,14 @@ def _envelope_error(value: tuple[Any, ...]) -> MalformedError | UnknownKindError
     for name, item in (("seq", seq), ("issued_at", issued_at), ("expires_at", expires_at)):
         if not _is_time(item):
             return MalformedError(f"{name} must be an integer in [0, 2**63)")
-    if type(body) is not dict:
-        return MalformedError("body must be a map")
-    return MalformedError(f"signature must be {SIGNATURE_SIZE} bytes")
+    if type(signature) is not bytes or len(signature) != SIGNATURE_SIZE:
+        return MalformedError(f"signature must be {SIGNATURE_SIZE} bytes")
+    names = _BODY_TYPES[kind]._FIELDS
+    try:
+        _body_fields(body, names, kind)
+    except MalformedError as exc:
+        return exc
+    raise AssertionError("a well-formed envelope has no envelope error")
 
 
 @attrs.frozen(slots=False)
@@ -681,17 +716,13 @@ def _parse(
         and 0 <= issued_at < _U63
         and type(expires_at) is int
         and 0 <= expires_at < _U63
-        and type(body) is dict
         and type(signature) is bytes
         and len(signature) == SIGNATURE_SIZE
+        and type(body) is tuple
+        and len(body) == wire_kind[1]
     ):
         raise _envelope_error(value)
-    build, fields, signed_prefix = wire_kind
-    # Exactly the expected keys, in sorted order: the one canonical rule that re-encoding
-    # cannot see (msgpack keeps a map's order when it re-encodes it).
-    if tuple(body) != fields:
-        _check_field_names(body, fields, kind)
-        raise MalformedError(f"not canonical: the {kind} fields are not in sorted order")
+    build, _, signed_prefix = wire_kind
     require_canonical_encoding(value, data)
     parsed = build(body)
     # Every field is checked above; build the frozen value in one step (module docstring).
