@@ -94,6 +94,9 @@ class DispatcherConfig:
     engine: Mapping[str, float] = attrs.field(factory=dict)
     synchronous: str = "FULL"
     koji: KojiConfig | None = None
+    #: ``[pull]``: a pull node's lease on a taken job, and how often it is told to renew it.
+    pull_lease_s: float = 60.0
+    pull_heartbeat_s: float = 15.0
 
     @property
     def database(self) -> Path:
@@ -145,7 +148,7 @@ def load_config(path: Path) -> DispatcherConfig:
         p = Path(value).expanduser()
         return p if p.is_absolute() else base / p
 
-    known = {"dispatcher", "api", "dht", "clients", "pools", "engine", "koji"}
+    known = {"dispatcher", "api", "dht", "clients", "pools", "engine", "koji", "pull"}
     for key in document:
         if key not in known:
             raise ConfigError(f"{path}: unknown section [{key}]")
@@ -189,6 +192,7 @@ def load_config(path: Path) -> DispatcherConfig:
     synchronous = _get(main, "synchronous", str, w, "FULL")
     if synchronous not in ("FULL", "NORMAL", "EXTRA"):
         raise ConfigError(f"{w}: synchronous must be FULL, NORMAL or EXTRA")
+    lease_s, heartbeat_s = _pull_section(document, path)
     return DispatcherConfig(
         path=path,
         key_file=rel(_get(main, "key", str, w)),
@@ -214,7 +218,29 @@ def load_config(path: Path) -> DispatcherConfig:
         engine=dict(engine),
         synchronous=synchronous,
         koji=_koji_section(document, path, rel),
+        pull_lease_s=lease_s,
+        pull_heartbeat_s=heartbeat_s,
     )
+
+
+def _pull_section(document: Mapping[str, Any], path: Path) -> tuple[float, float]:
+    """``[pull] lease_s, heartbeat_s``: a heartbeat of 1 to 600 s and a lease of at least two
+    heartbeats (one lost renewal is not fatal), at most an hour."""
+    table = _get(document, "pull", dict, str(path), {})
+    w = f"{path} [pull]"
+    for key in table:
+        if key not in ("lease_s", "heartbeat_s"):
+            raise ConfigError(f"{w}: unknown key {key}")
+    heartbeat_s = _get(table, "heartbeat_s", float, w, 15.0)
+    lease_s = _get(table, "lease_s", float, w, 60.0)
+    if not 1.0 <= heartbeat_s <= 600.0:
+        raise ConfigError(f"{w}: heartbeat_s must be 1 to 600 seconds")
+    if not 2 * heartbeat_s <= lease_s <= 3600.0:
+        raise ConfigError(
+            f"{w}: lease_s must be at least twice heartbeat_s ({2 * heartbeat_s:g}) and at "
+            "most 3600 seconds"
+        )
+    return lease_s, heartbeat_s
 
 
 def _koji_section(document: Mapping[str, Any], path: Path, rel: Any) -> KojiConfig | None:

@@ -9,6 +9,10 @@ database (:meth:`Engine.run` restarts a task for every build not yet finished):
   answers ``replayed`` and we follow it as running;
 * an attempt ``running`` is re-attached by job id: the engine follows the job on the node
   and fetches the signed result it kept, instead of running the build again;
+* a pull-mode attempt is ``pending`` while its job waits in the pull queue and ``running``
+  once its node took it (and holds a lease on it, ``_pull.py``): a restart offers a
+  ``pending`` one again, and puts a ``running`` one back as taken by its node with a fresh
+  lease (``PullNodeClient.resume``);
 * a build whose replicas agreed but which was not yet marked verified is stored again
   (the sink is idempotent) and marked.
 
@@ -17,8 +21,9 @@ The build task's loop (``_step``) is a decision over the persisted attempts: ver
 operator; too few operators -> choose more nodes (``_select.select_nodes``); consistent
 failure on two operators, too many attempts, or no node satisfying the constraints -> fail
 with the reason. Nodes that time out, vanish from the DHT, are unreachable for too long,
-refuse the job or return a bad result are *lost*: rated down, excluded from this build for
-a backoff that doubles with each loss, and replaced.
+let a pull job's lease expire (``lease-expired``), refuse the job or return a bad result
+are *lost*: rated down, excluded from this build for a backoff that doubles with each loss,
+and replaced. A lost pull job is withdrawn from the queue, so a late result is refused.
 
 Module size: the engine is the one place these steps meet; splitting the build loop from
 the attempt loop would scatter the persistence protocol they share.
@@ -35,7 +40,7 @@ import random
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +69,7 @@ from ._errors import (
     NodeUnreachableError,
     SourceUnavailableError,
 )
-from ._nodes import NodeClient, NodeConnector, NodeFinder
+from ._nodes import NodeClient, NodeConnector, NodeFinder, PullNodeClient
 from ._ratings import RatingBook, Signal
 from ._select import (
     DEFAULT_SELECTION_POLICY,
@@ -789,7 +794,8 @@ class Engine:
                 scope.cancel()
         async with trio.open_nursery() as nursery:
             for attempt in active:
-                if attempt.state is AttemptState.RUNNING:
+                # A pending pull attempt's job is still in the queue: withdraw it too.
+                if attempt.state is AttemptState.RUNNING or not attempt.endpoint:
                     nursery.start_soon(self._cancel_on_node, attempt)
         for attempt in active:
             self.db.set_attempt_state(attempt, AttemptState.CANCELLED, self.clock(), reason=why)
@@ -829,6 +835,10 @@ class Engine:
             except NodeError as exc:
                 self._errors[exc.code] += 1
                 self._lose(attempt, exc)
+                if not attempt.endpoint:
+                    # Out of the pull queue: the node hears "withdrawn" if it is still
+                    # there, and a late result is refused rather than stored.
+                    await self._cancel_on_node(attempt)
             finally:
                 self._attempt_tasks -= 1
                 self._poke(attempt.build_id)
@@ -852,6 +862,9 @@ class Engine:
         try:
             if attempt.state is AttemptState.PENDING:
                 await self._submit(client, job, node)
+                if isinstance(client, PullNodeClient):
+                    # Offered; it runs (and its lease starts) once the node takes it.
+                    await self._wait_done(client, job, node, client.wait_taken)
                 self.db.set_attempt_state(attempt, AttemptState.RUNNING, self.clock())
                 self._poke(attempt.build_id)
             else:
@@ -907,7 +920,13 @@ class Engine:
                 await trio.sleep(_backoff(self.config.backoff_base_s, tries - 1,
                                           self.config.backoff_max_s))
 
-    async def _wait_done(self, client: NodeClient, job: Job, node: PublicKey) -> None:
+    async def _wait_done(
+        self, client: NodeClient, job: Job, node: PublicKey,
+        waiter: Callable[[bytes, float], Awaitable[bool]] | None = None,
+    ) -> None:
+        """Follow the job until ``waiter`` (default ``client.wait_done``) says it is there,
+        checking the node's liveness in between. Raises :class:`NodeError`."""
+        waiter = waiter or client.wait_done
         unreachable_since: float | None = None
         tries = 0
         while True:
@@ -919,7 +938,7 @@ class Engine:
                 raise NodeTimeoutError(f"no result within the job's lifetime ({job.id_hex})")
             try:
                 follow = min(remaining, self.config.follow_interval_s)
-                if await client.wait_done(job.job_id, follow):
+                if await waiter(job.job_id, follow):
                     return
                 unreachable_since, tries = None, 0
             except NodeUnreachableError:

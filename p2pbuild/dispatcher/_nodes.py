@@ -398,14 +398,18 @@ def _write_file(path: Path, data: bytes | bytearray) -> None:
 
 class PullQueue(Protocol):
     """What the engine needs from the pull-mode queue (``_pull.PullQueue``): jobs offered to
-    one node, taken when it long-polls, answered by the signed result and artifacts it
-    uploads (re-hashed by the queue as they stream in)."""
+    one node, taken when it long-polls, kept alive by the node's lease renewals, answered by
+    the signed result and artifacts it uploads (re-hashed by the queue as they stream in)."""
 
     def offer(self, node: PublicKey | None, job: Job) -> object: ...
+
+    def resume(self, node: PublicKey, job: Job) -> object: ...
 
     def withdraw(self, job_id: bytes) -> None: ...
 
     def delivery(self, job_id: bytes) -> object | None: ...
+
+    async def wait_taken(self, job_id: bytes) -> None: ...
 
     async def wait_result(self, job_id: bytes) -> Result: ...
 
@@ -416,10 +420,13 @@ class PullQueue(Protocol):
 class PullNodeClient:
     """:class:`NodeClient` for a pull-mode node, over a :class:`PullQueue`.
 
-    The queue lives in memory: after a dispatcher restart :meth:`resume` offers the job
-    again, to the node it is addressed to; a node that took it before the restart uploads
-    its result to the new offer (or answers ``replayed`` if it polls it again), so the
-    build goes on.
+    :meth:`submit` offers the job; it runs once the node took it (:meth:`wait_taken`; the
+    engine records the attempt ``running`` only then). A node that took a job and stops
+    renewing its lease ends :meth:`wait_done` with ``lease-expired``
+    (``_pull.LeaseExpiredError``). The queue lives in memory: after a dispatcher restart
+    :meth:`resume` puts a running job back as taken by its node with a fresh lease, so a
+    node still building it renews and uploads as before, and one that died is lost a lease
+    period later.
     """
 
     queue: PullQueue
@@ -431,22 +438,30 @@ class PullNodeClient:
         try:
             self.queue.offer(self.node, job)
         except RemoteError as exc:  # NodeBusyError: the queue is full
-            if isinstance(exc, NodeError):
-                raise
-            raise NodeRefusedError(f"pull queue: {exc}", 400, exc.code) from None
+            raise _as_node_error(exc, 400) from None
 
     async def resume(self, job: Job) -> None:
+        await trio.lowlevel.checkpoint()
         if self.queue.delivery(job.job_id) is None:
-            await self.submit(job)
+            self.queue.resume(self.node, job)
+
+    async def wait_taken(self, job_id: bytes, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the node to take the offered job; True once
+        it has (or the job ended: :meth:`wait_done` then says how)."""
+        with trio.move_on_after(timeout):
+            try:
+                await self.queue.wait_taken(job_id)
+            except RemoteError as exc:
+                raise _as_node_error(exc) from None
+            return True
+        return False
 
     async def wait_done(self, job_id: bytes, timeout: float) -> bool:
         with trio.move_on_after(timeout):
             try:
                 self._results[job_id] = await self.queue.wait_result(job_id)
             except RemoteError as exc:
-                if isinstance(exc, NodeError):
-                    raise
-                raise NodeRefusedError(f"pull queue: {exc}", 404, exc.code) from None
+                raise _as_node_error(exc) from None
             return True
         return False
 
@@ -471,6 +486,13 @@ class PullNodeClient:
 
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()
+
+
+def _as_node_error(exc: RemoteError, status: int = 404) -> NodeError:
+    """A pull queue's error as the engine's :class:`NodeError` (a lost lease is one)."""
+    if isinstance(exc, NodeError):
+        return exc
+    return NodeRefusedError(f"pull queue: {exc}", status, exc.code)
 
 
 @attrs.define(eq=False)

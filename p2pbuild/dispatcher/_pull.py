@@ -6,6 +6,7 @@ in a :class:`PullQueue` until a node asks for one (design item 14). The node sid
 Starlette app, or run them alone with :func:`serve_pull`)::
 
     POST /v1/pull?wait=S                        long-poll: 200 + signed job, or 204
+    POST /v1/pull/jobs/{id}/lease               renew the lease: JSON progress in, 200 or 410
     PUT  /v1/pull/jobs/{id}/result              the node's signed result (msgpack)
     PUT  /v1/pull/jobs/{id}/artifacts/{name}    an artifact, streamed; re-hashed here
     PUT  /v1/pull/jobs/{id}/logs/{name}         a log, likewise
@@ -19,10 +20,30 @@ only from the node that took the job, a result only if it answers exactly that j
 only if the result names it, no larger than the result says, with the SHA-256 it says.
 Refusals are the node API's one-line JSON (``{"error": code, "reason": ...}``).
 
+Leases. Taking a job starts a lease of ``lease_s`` seconds (the ``200`` of the long-poll
+says it, with the ``heartbeat_s`` the node should renew at, in ``X-P2PBuild-Lease-S`` and
+``X-P2PBuild-Heartbeat-S``). Every authenticated request of the taking node about the job
+renews it: the lease route while it builds, and its uploads. A lease that runs out before
+the job's result and files are all here ends the job with :class:`LeaseExpiredError`
+(``lease-expired``) for :meth:`PullQueue.wait_result`: the node is lost, as a push node that
+stops answering. A job that ended so, or that the engine withdrew (build cancelled,
+verified without it, given up), leaves a tombstone (at most ``max_gone`` of them): the
+taking node's next request about it is answered ``410`` with ``lease-expired`` or
+``withdrawn``, and the node stops the build and uploads nothing; in particular a late
+result is refused, never stored. Expiry is judged against ``clock`` whenever the job is
+looked at (a waiter in :meth:`~PullQueue.wait_result` sleeps until the deadline), so it does
+not depend on a timer task.
+
 What the engine uses (``_nodes.PullQueue`` protocol): :meth:`PullQueue.offer`,
-:meth:`~PullQueue.withdraw`, :meth:`~PullQueue.wait_result`, :meth:`~PullQueue.artifact`.
-A job taken by a node that then vanishes stays taken: the engine's own timeout on
-:meth:`~PullQueue.wait_result` covers that, as for a push node that stops answering.
+:meth:`~PullQueue.wait_taken`, :meth:`~PullQueue.resume`, :meth:`~PullQueue.withdraw`,
+:meth:`~PullQueue.wait_result`, :meth:`~PullQueue.artifact`. The queue lives in memory; the
+engine's database is what survives a restart. After one, :meth:`~PullQueue.resume` puts a
+job its node had taken back as taken by that node with a *fresh* lease, so a node that is
+still building has a whole lease period to renew (and upload) before it counts as lost.
+
+Module size: the queue's state machine (offer, take, lease, tombstones, uploads) and the
+routes that drive it share one delivery record; the routes are thin, and apart they would
+only export that record's internals to each other.
 """
 
 from __future__ import annotations
@@ -67,11 +88,18 @@ from ._errors import (
     AuthenticationError,
     ClientError,
     NodeBusyError,
+    NodeError,
     NodeRefusedError,
 )
 
 __all__ = [
     "AUTH_SCHEME",
+    "HEARTBEAT_HEADER",
+    "LEASE_HEADER",
+    "LEASE_PHASES",
+    "JobWithdrawnError",
+    "LeaseExpiredError",
+    "LeaseProgress",
     "PullDelivery",
     "PullQueue",
     "PullQueueStatistics",
@@ -90,8 +118,8 @@ _TRANSIENT = frozenset({"no-free-slot", "draining", "unavailable"})
 
 
 class UnknownPullJobError(ClientError):
-    """No job with that id was taken by the asking node (never offered, withdrawn, or
-    taken by another node)."""
+    """No job with that id was taken by the asking node (never offered, or taken by another
+    node)."""
 
     code = "unknown-job"
 
@@ -102,13 +130,37 @@ class ResultMissingError(ClientError):
     code = "no-result-yet"
 
 
+class JobWithdrawnError(ClientError):
+    """The dispatcher withdrew the job (its build was cancelled, verified without it, or
+    gave up on it): the node should stop building it and upload nothing."""
+
+    code = "withdrawn"
+
+
+class LeaseExpiredError(NodeError):
+    """A pull node took the job and then did not renew its lease in time: the node is lost
+    (killed, powered off, cut off). For the engine this is a node that stopped answering;
+    for the node, a late request about the job is refused with this code."""
+
+    code = "lease-expired"
+
+
 _STATUS: tuple[tuple[type[P2PBuildError], int], ...] = (
     (AuthenticationError, 401),
     (UnknownPullJobError, 404),
     (ResultMissingError, 409),
+    (JobWithdrawnError, 410),
+    (LeaseExpiredError, 410),
     (ArtifactDigestError, 422),
     (NodeBusyError, 503),
 )
+
+#: What a node may report as its phase in a lease renewal.
+LEASE_PHASES = frozenset({"building", "uploading"})
+#: Response headers of a long-poll that hands out a job.
+LEASE_HEADER = "X-P2PBuild-Lease-S"
+HEARTBEAT_HEADER = "X-P2PBuild-Heartbeat-S"
+_MAX_PROGRESS_BYTES = 4096
 
 
 def _refuse(error: P2PBuildError) -> JSONResponse:
@@ -116,6 +168,49 @@ def _refuse(error: P2PBuildError) -> JSONResponse:
         if isinstance(error, cls):
             return refusal(error, status)
     return refusal(error, status_for(error))
+
+
+@attrs.frozen
+class LeaseProgress:
+    """What a node reported with its last lease renewal. ``phase`` is one of
+    :data:`LEASE_PHASES` (or "" if not said); the numbers are the node's own claims, for
+    people and the audit trail, never for decisions."""
+
+    phase: str = ""
+    elapsed_s: int | None = None
+    log_bytes: int | None = None
+
+    @classmethod
+    def from_json(cls, body: bytes) -> LeaseProgress:
+        """Parse a renewal body: empty, or a JSON object with optional ``phase``,
+        ``elapsed_s`` and ``log_bytes`` (other keys are ignored, for newer nodes).
+        Raises :class:`MalformedError`."""
+        if not body.strip():
+            return cls()
+        try:
+            value = json.loads(body)
+        except ValueError:
+            raise MalformedError("a lease renewal is a JSON object") from None
+        if not isinstance(value, dict):
+            raise MalformedError("a lease renewal is a JSON object")
+        phase = value.get("phase", "")
+        if not isinstance(phase, str) or (phase and phase not in LEASE_PHASES):
+            raise MalformedError(f"phase must be one of {', '.join(sorted(LEASE_PHASES))}")
+        numbers: list[int | None] = []
+        for key in ("elapsed_s", "log_bytes"):
+            number = value.get(key)
+            if number is not None and (
+                type(number) is not int or not 0 <= number < 2**53
+            ):
+                raise MalformedError(f"{key} must be a non-negative integer")
+            numbers.append(number)
+        return cls(phase, numbers[0], numbers[1])
+
+    def describe(self) -> str:
+        parts = [self.phase or "no phase reported"]
+        if self.elapsed_s is not None:
+            parts.append(f"{self.elapsed_s} s in")
+        return ", ".join(parts)
 
 
 @attrs.define(eq=False)
@@ -127,11 +222,20 @@ class PullDelivery:
     for_node: PublicKey | None
     taken_by: PublicKey | None = None
     taken_at: float | None = None
+    #: While taken and not done: the node must renew by then (Unix seconds).
+    lease_until: float | None = None
+    renewed_at: float | None = None
+    renewals: int = 0
+    progress: LeaseProgress = LeaseProgress()
     result: Result | None = None
     #: Verified uploads: (kind, name) to the file's path.
     files: dict[tuple[str, str], Path] = attrs.field(factory=dict)
     refusal: NodeRefusedError | None = None
+    #: Set when the job ended without a result: withdrawn or lease expired.
+    gone: JobWithdrawnError | LeaseExpiredError | None = None
     done: trio.Event = attrs.field(factory=trio.Event)
+    #: Set (and replaced) whenever the job is taken, put back or ends.
+    changed: trio.Event = attrs.field(factory=trio.Event)
 
     @property
     def complete(self) -> bool:
@@ -140,6 +244,15 @@ class PullDelivery:
         wanted = {("artifacts", f.name) for f in self.result.artifacts}
         wanted |= {("logs", f.name) for f in self.result.logs}
         return wanted <= set(self.files)
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def finish(self) -> None:
+        self.lease_until = None
+        self.done.set()
+        self.notify()
 
 
 @attrs.frozen
@@ -151,6 +264,16 @@ class PullQueueStatistics:
     waiting_nodes: int
     #: Rejected requests by error code, sorted.
     rejected: tuple[tuple[str, int], ...]
+    #: Taken jobs whose lease ran out (node lost), and lease renewals accepted.
+    leases_expired: int = 0
+    renewals: int = 0
+    #: Jobs withdrawn by the engine while a node had them.
+    withdrawn_taken: int = 0
+
+
+def _positive(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{attribute.name} must be positive, got {value}")
 
 
 @attrs.define(eq=False)
@@ -161,7 +284,10 @@ class PullQueue:
     ``files_dir`` receives uploads, one directory per job. Bounds: ``max_pending`` jobs
     offered and not taken, ``max_wait`` seconds per long-poll, ``max_file_bytes`` per
     uploaded file (the result's own size is the exact bound; this caps what a result may
-    claim), ``max_result_bytes`` per result, ``body_timeout`` to receive a result.
+    claim), ``max_result_bytes`` per result, ``body_timeout`` to receive a result,
+    ``max_gone`` tombstones of withdrawn or lost jobs. Leases: a taken job must be renewed
+    within ``lease_s`` seconds; nodes are told to renew every ``heartbeat_s`` (at most half
+    the lease, so one lost renewal is not fatal; :class:`ValueError` otherwise).
     """
 
     dispatcher_key: PublicKey
@@ -175,13 +301,27 @@ class PullQueue:
     max_file_bytes: int = 4 * 1024**3
     max_result_bytes: int = MAX_RESULT_SIZE
     body_timeout: float = 30.0
+    lease_s: float = attrs.field(default=60.0, validator=_positive)
+    heartbeat_s: float = attrs.field(default=15.0, validator=_positive)
+    max_gone: int = 10_000
     _jobs: dict[bytes, PullDelivery] = attrs.field(factory=dict, init=False)
     _pending: collections.deque[bytes] = attrs.field(factory=collections.deque, init=False)
+    _gone: collections.OrderedDict[bytes, PullDelivery] = attrs.field(
+        factory=collections.OrderedDict, init=False
+    )
     _changed: trio.Event = attrs.field(factory=trio.Event, init=False)
     _waiting_nodes: int = attrs.field(default=0, init=False)
     _rejected: collections.Counter[str] = attrs.field(
         factory=collections.Counter, init=False
     )
+    _counts: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        if self.lease_s < 2 * self.heartbeat_s:
+            raise ValueError(
+                f"lease_s ({self.lease_s:g}) must be at least twice heartbeat_s "
+                f"({self.heartbeat_s:g})"
+            )
 
     # -- the engine's side -----------------------------------------------------------------------
 
@@ -191,13 +331,13 @@ class PullQueue:
 
         Raises :class:`NodeBusyError` when ``max_pending`` jobs are waiting, and for bytes
         the job's parse errors (:class:`~p2pbuild.RemoteError`). Offering a job id again
-        replaces the earlier offer.
+        replaces the earlier offer (whoever waited on it gets :class:`JobWithdrawnError`).
         """
         if isinstance(job, bytes):
             job = Job.from_bytes(job)
         if len(self._pending) >= self.max_pending:
             raise NodeBusyError(f"{self.max_pending} pull jobs are already waiting")
-        self.withdraw(job.job_id)
+        self._replace(job.job_id)
         self._jobs[job.job_id] = PullDelivery(job, node if node is not None else job.node)
         self._pending.append(job.job_id)
         self._wake()
@@ -207,26 +347,66 @@ class PullQueue:
         """:meth:`offer` with the arguments the other way round."""
         return self.offer(for_node, job_bytes)
 
+    def resume(self, node: PublicKey, job: Job) -> Job:
+        """Put back, after a dispatcher restart, a job ``node`` took before it: taken by
+        ``node``, with a fresh lease of ``lease_s`` from now. A node that still builds it
+        renews and uploads as before; a node that died meanwhile is lost one lease period
+        after the restart. Nobody else can take it. Replaces an earlier offer of the id."""
+        self._replace(job.job_id)
+        delivery = PullDelivery(job, node)
+        self._jobs[job.job_id] = delivery
+        self._mark_taken(delivery, node)
+        return job
+
     def withdraw(self, job_id: bytes) -> None:
-        """Forget the job (not taken yet: nobody gets it; taken: its uploads are refused).
-        Anyone in :meth:`wait_result` for it keeps waiting until their own timeout."""
-        if self._jobs.pop(job_id, None) is not None:
-            with contextlib.suppress(ValueError):  # already taken
-                self._pending.remove(job_id)
+        """End the job: not taken yet, nobody gets it; taken, the node's next request about
+        it (lease renewal, upload) is answered ``410 withdrawn``, so it stops the build.
+        Anyone in :meth:`wait_result` or :meth:`wait_taken` gets
+        :class:`JobWithdrawnError`. Unknown or already ended: nothing happens."""
+        delivery = self._jobs.get(job_id)
+        if delivery is None or delivery.done.is_set():
+            if delivery is not None:
+                self._drop(job_id)
+            return
+        if delivery.taken_by is not None:
+            self._counts["withdrawn_taken"] += 1
+        self._end(delivery, JobWithdrawnError(f"job {job_id.hex()} was withdrawn"))
 
     def delivery(self, job_id: bytes) -> PullDelivery | None:
+        """The live delivery of ``job_id`` (offered, taken or delivered), else None."""
         return self._jobs.get(job_id)
+
+    async def wait_taken(self, job_id: bytes) -> None:
+        """Wait until a node took the job (or it ended otherwise: the outcome is then
+        :meth:`wait_result`'s). Raises :class:`UnknownPullJobError` for a job not offered
+        and :class:`JobWithdrawnError` for one withdrawn."""
+        delivery = self._known(job_id)
+        while delivery.taken_by is None and not delivery.done.is_set():
+            await delivery.changed.wait()
+        if isinstance(delivery.gone, JobWithdrawnError):
+            raise delivery.gone
 
     async def wait_result(self, job_id: bytes) -> Result:
         """Wait until the node uploaded the job's signed result and every file it names.
 
-        Raises :class:`NodeRefusedError` if the node refused the job for good, and
-        :class:`UnknownPullJobError` for a job not offered (or withdrawn).
+        Raises :class:`NodeRefusedError` if the node refused the job for good,
+        :class:`LeaseExpiredError` when the taking node stopped renewing its lease (this
+        returns about ``lease_s`` after its last renewal), :class:`JobWithdrawnError` for a
+        job withdrawn and :class:`UnknownPullJobError` for one never offered.
         """
-        delivery = self._jobs.get(job_id)
-        if delivery is None:
-            raise UnknownPullJobError(f"no pull job {job_id.hex()}")
-        await delivery.done.wait()
+        delivery = self._known(job_id)
+        while not delivery.done.is_set():
+            if delivery.lease_until is None:  # offered, not taken: no deadline here
+                await delivery.changed.wait()
+                continue
+            remaining = delivery.lease_until - self.clock()
+            if remaining <= 0:
+                self._expire(delivery)
+                break
+            with trio.move_on_after(remaining):
+                await delivery.changed.wait()
+        if delivery.gone is not None:
+            raise delivery.gone
         if delivery.refusal is not None:
             raise delivery.refusal
         assert delivery.result is not None
@@ -242,6 +422,7 @@ class PullQueue:
         return None if delivery is None else delivery.files.get(("logs", name))
 
     def statistics(self) -> PullQueueStatistics:
+        self.expire_due()
         deliveries = list(self._jobs.values())
         return PullQueueStatistics(
             pending=len(self._pending),
@@ -250,7 +431,82 @@ class PullQueue:
             refused=sum(1 for d in deliveries if d.refusal is not None),
             waiting_nodes=self._waiting_nodes,
             rejected=tuple(sorted(self._rejected.items())),
+            leases_expired=self._counts["leases_expired"],
+            renewals=self._counts["renewals"],
+            withdrawn_taken=self._counts["withdrawn_taken"],
         )
+
+    def expire_due(self) -> int:
+        """End every taken job whose lease has run out; returns how many. (Each job is also
+        judged whenever it is looked at; this is for counters and tests.)"""
+        due = [
+            d for d in self._jobs.values()
+            if d.lease_until is not None and not d.done.is_set()
+            and d.lease_until <= self.clock()
+        ]
+        for delivery in due:
+            self._expire(delivery)
+        return len(due)
+
+    # -- state changes -----------------------------------------------------------------------------
+
+    def _known(self, job_id: bytes) -> PullDelivery:
+        delivery = self._jobs.get(job_id) or self._gone.get(job_id)
+        if delivery is None:
+            raise UnknownPullJobError(f"no pull job {job_id.hex()}")
+        return delivery
+
+    def _drop(self, job_id: bytes) -> PullDelivery | None:
+        delivery = self._jobs.pop(job_id, None)
+        if delivery is not None:
+            with contextlib.suppress(ValueError):  # already taken
+                self._pending.remove(job_id)
+        self._gone.pop(job_id, None)
+        return delivery
+
+    def _replace(self, job_id: bytes) -> None:
+        old = self._drop(job_id)
+        if old is not None and not old.done.is_set():
+            old.gone = JobWithdrawnError(f"job {job_id.hex()} was offered again")
+            old.finish()
+
+    def _end(self, delivery: PullDelivery, error: JobWithdrawnError | LeaseExpiredError) -> None:
+        """The job ends without a result: keep a tombstone so the node hears why."""
+        job_id = delivery.job.job_id
+        self._drop(job_id)
+        delivery.gone = error
+        delivery.finish()
+        self._gone[job_id] = delivery
+        while len(self._gone) > self.max_gone:
+            self._gone.popitem(last=False)
+
+    def _mark_taken(self, delivery: PullDelivery, node: PublicKey) -> None:
+        now = self.clock()
+        delivery.taken_by = node
+        delivery.taken_at = now
+        delivery.renewed_at = now
+        delivery.lease_until = now + self.lease_s
+        delivery.notify()
+
+    def _expire(self, delivery: PullDelivery) -> None:
+        assert delivery.taken_by is not None and delivery.renewed_at is not None
+        silent = self.clock() - delivery.renewed_at
+        self._counts["leases_expired"] += 1
+        self._end(delivery, LeaseExpiredError(
+            f"pull node {delivery.taken_by.fingerprint} did not renew the lease of job "
+            f"{delivery.job.id_hex} for {silent:.0f} s (lease {self.lease_s:g} s; last heard: "
+            f"{delivery.progress.describe()}, {delivery.renewals} renewal(s))"
+        ))  # fmt: skip
+
+    def _lease_due(self, delivery: PullDelivery) -> bool:
+        if (
+            delivery.lease_until is not None
+            and not delivery.done.is_set()
+            and delivery.lease_until <= self.clock()
+        ):
+            self._expire(delivery)
+            return True
+        return False
 
     # -- the node's side ---------------------------------------------------------------------------
 
@@ -288,13 +544,13 @@ class PullQueue:
             delivery = self._jobs[job_id]
             if delivery.for_node is None or delivery.for_node == node:
                 self._pending.remove(job_id)
-                delivery.taken_by = node
-                delivery.taken_at = self.clock()
+                self._mark_taken(delivery, node)
                 return delivery.job
         return None
 
     async def take(self, node: PublicKey, timeout: float) -> Job | None:
-        """The next job for ``node``, waiting up to ``timeout`` seconds; None if none came."""
+        """The next job for ``node``, waiting up to ``timeout`` seconds; None if none came.
+        Its lease starts now."""
         self._waiting_nodes += 1
         try:
             with trio.move_on_after(timeout):
@@ -308,24 +564,53 @@ class PullQueue:
             self._waiting_nodes -= 1
 
     def _taken(self, node: PublicKey, job_id: bytes) -> PullDelivery:
+        """The job ``node`` took, its lease renewed by this very request.
+
+        Raises :class:`UnknownPullJobError`, and for a job that ended without a result
+        while this node had it, :class:`LeaseExpiredError` or :class:`JobWithdrawnError`.
+        """
         delivery = self._jobs.get(job_id)
         if delivery is not None and delivery.taken_by is None and delivery.for_node == node:
             # Offered to this very node again after a dispatcher restart, and it already
             # has the job from before: it is taken (the job is addressed to this node only).
             with contextlib.suppress(ValueError):
                 self._pending.remove(job_id)
-            delivery.taken_by = node
-            delivery.taken_at = self.clock()
-        if delivery is None or delivery.taken_by != node:
+            self._mark_taken(delivery, node)
+        if delivery is not None and delivery.taken_by == node and self._lease_due(delivery):
+            delivery = None  # it is a tombstone now: answered below
+        if delivery is None:
+            ended = self._gone.get(job_id)
+            if ended is not None and ended.gone is not None and node in (
+                ended.taken_by, ended.for_node
+            ):
+                raise ended.gone
             raise UnknownPullJobError(f"no job {job_id.hex()} taken by this node")
+        if delivery.taken_by != node:
+            raise UnknownPullJobError(f"no job {job_id.hex()} taken by this node")
+        if not delivery.done.is_set():
+            now = self.clock()
+            delivery.renewed_at = now
+            delivery.lease_until = now + self.lease_s
+        return delivery
+
+    def renew(self, node: PublicKey, job_id: bytes, progress: LeaseProgress) -> PullDelivery:
+        """Renew the lease ``node`` holds on ``job_id`` for another ``lease_s`` and keep its
+        ``progress``. Raises what :meth:`_taken` raises: :class:`UnknownPullJobError`,
+        :class:`LeaseExpiredError` (too late: the job is lost and may run elsewhere) and
+        :class:`JobWithdrawnError` (stop the build)."""
+        delivery = self._taken(node, job_id)
+        delivery.progress = progress
+        delivery.renewals += 1
+        self._counts["renewals"] += 1
         return delivery
 
     def receive_result(self, node: PublicKey, job_id: bytes, data: bytes) -> Result:
         """Accept the signed result of a job ``node`` took.
 
-        Raises :class:`UnknownPullJobError`, the result's parse errors, ``wrong-node`` or
-        ``malformed`` if it does not answer that job, and :class:`ReplayError` for a second,
-        different result.
+        Raises :class:`UnknownPullJobError`, :class:`LeaseExpiredError` or
+        :class:`JobWithdrawnError` (a late result: refused, not stored), the result's parse
+        errors, ``wrong-node`` or ``malformed`` if it does not answer that job, and
+        :class:`ReplayError` for a second, different result.
         """
         delivery = self._taken(node, job_id)
         result = Result.from_bytes(data, max_size=self.max_result_bytes)
@@ -339,7 +624,7 @@ class PullQueue:
                 raise OversizeError(f"{item.name}: {item.size} bytes is over the upload bound")
         delivery.result = result
         if delivery.complete:
-            delivery.done.set()
+            delivery.finish()
         return result
 
     async def receive_file(
@@ -348,10 +633,11 @@ class PullQueue:
         """Store an uploaded artifact (``kind="artifacts"``) or log (``"logs"``), checking
         it against the signed result while it streams in.
 
-        Raises :class:`UnknownPullJobError`, :class:`ResultMissingError` (no result yet, or
-        the result does not name the file), :class:`OversizeError` (more bytes than the
-        result says) and :class:`ArtifactDigestError` (other size or SHA-256). A refused
-        upload leaves nothing behind.
+        Raises :class:`UnknownPullJobError`, :class:`LeaseExpiredError`,
+        :class:`JobWithdrawnError`, :class:`ResultMissingError` (no result yet, or the
+        result does not name the file), :class:`OversizeError` (more bytes than the result
+        says) and :class:`ArtifactDigestError` (other size or SHA-256). A refused upload
+        leaves nothing behind; a file that finishes after the job ended is not kept.
         """
         delivery = self._taken(node, job_id)
         if delivery.result is None:
@@ -390,26 +676,33 @@ class PullQueue:
                 f"{name}: arrived as {size} bytes, SHA-256 {digest.hexdigest()[:16]}; the "
                 f"signed result says {expected.size} bytes, {expected.sha256.hex()[:16]}"
             )
+        if delivery.gone is not None:  # withdrawn or expired while it streamed in
+            part.unlink(missing_ok=True)
+            raise delivery.gone
         os.replace(part, dest)
         delivery.files[(kind, expected.name)] = dest
-        if delivery.complete:
-            delivery.done.set()
+        if delivery.complete and not delivery.done.is_set():
+            delivery.finish()
         return expected
 
     def receive_refusal(self, node: PublicKey, job_id: bytes, code: str, reason: str) -> None:
         """The node will not run a job it took. A transient reason (no free slot,
         draining) puts the job back in the queue; any other ends it with
         :class:`NodeRefusedError` for :meth:`wait_result`. Raises
-        :class:`UnknownPullJobError`."""
+        :class:`UnknownPullJobError` (and the ended-job errors of :meth:`_taken`)."""
         delivery = self._taken(node, job_id)
         if code == "replayed" and delivery.job.node == node:
             # The node already runs this job (taken before a dispatcher restart): its
             # result will come, as a push node's "replayed" answer means "accepted".
             return
+        if delivery.done.is_set():
+            return  # its result is already here
         if code in _TRANSIENT:
             delivery.taken_by = None
             delivery.taken_at = None
+            delivery.lease_until = None
             self._pending.appendleft(job_id)
+            delivery.notify()
             self._wake()
             return
         delivery.refusal = NodeRefusedError(
@@ -417,7 +710,7 @@ class PullQueue:
             422,
             code,
         )
-        delivery.done.set()
+        delivery.finish()
 
 
 # -- HTTP ------------------------------------------------------------------------------------------
@@ -435,6 +728,7 @@ def _job_id(request: Request) -> bytes:
 
 def pull_routes(queue: PullQueue) -> list[Route]:
     """The pull endpoints of the module doc, for the dispatcher's Starlette app."""
+    lease_headers = {LEASE_HEADER: f"{queue.lease_s:g}", HEARTBEAT_HEADER: f"{queue.heartbeat_s:g}"}
 
     async def guarded(request: Request, handler: Callable[[PublicKey], Any]) -> Response:
         try:
@@ -457,7 +751,21 @@ def pull_routes(queue: PullQueue) -> list[Route]:
             job = await queue.take(node, wait)
             if job is None:
                 return Response(status_code=204)
-            return Response(job.to_bytes(), media_type=MSGPACK)
+            return Response(job.to_bytes(), media_type=MSGPACK, headers=lease_headers)
+
+        return await guarded(request, handler)
+
+    async def lease(request: Request) -> Response:
+        async def handler(node: PublicKey) -> Response:
+            job_id = _job_id(request)
+            body = await read_body(request, _MAX_PROGRESS_BYTES, queue.body_timeout)
+            delivery = queue.renew(node, job_id, LeaseProgress.from_json(body))
+            return JSONResponse({
+                "job_id": job_id.hex(),
+                "state": "delivered" if delivery.done.is_set() else "taken",
+                "lease_s": queue.lease_s,
+                "heartbeat_s": queue.heartbeat_s,
+            })  # fmt: skip
 
         return await guarded(request, handler)
 
@@ -504,6 +812,7 @@ def pull_routes(queue: PullQueue) -> list[Route]:
 
     return [
         Route("/v1/pull", poll, methods=["POST"]),
+        Route("/v1/pull/jobs/{job_id}/lease", lease, methods=["POST"]),
         Route("/v1/pull/jobs/{job_id}/result", put_result, methods=["PUT"]),
         Route("/v1/pull/jobs/{job_id}/artifacts/{name:path}", put_file("artifacts"),
               methods=["PUT"]),

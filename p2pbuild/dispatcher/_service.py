@@ -85,7 +85,10 @@ async def run_dispatcher(
         "config",
         [(c.token_sha256, c.user, c.team) for c in config.clients if c.token_sha256],
     )
-    queue = PullQueue(identity.public_key, trust_list, config.state_dir / "pull", clock=clock)
+    queue = PullQueue(
+        identity.public_key, trust_list, config.state_dir / "pull", clock=clock,
+        lease_s=config.pull_lease_s, heartbeat_s=config.pull_heartbeat_s,
+    )
     async with trio.open_nursery() as nursery:
         dht_port = None
         if finder is None:

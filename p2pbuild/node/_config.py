@@ -12,7 +12,8 @@ The file format, with every key, is ``node/node.example.toml`` and
     [node]        data_dir, key_file, trust_list, operator, pools, work_dir
     [dht]         bind, bootstrap
     [api]         enabled, bind, endpoint           (push mode: inbound HTTPS)
-    [pull]        dispatchers = [{url, key, tls_sha256}], poll_timeout_s   (NAT mode)
+    [pull]        dispatchers = [{url, key, tls_sha256}], poll_timeout_s, heartbeat_s
+                  (NAT mode)
     [limits]      slots, time_limit_s, max_output_mb, max_disk_mb, max_source_mb
     [capability]  overrides of detected values: arch, os, cpus, cpu_model, memory_mb,
                   disk_mb, machine, build_types
@@ -84,6 +85,7 @@ class ConfigBounds:
     max_bootstrap: int = 64
     max_dispatchers: int = 16
     max_poll_timeout_s: float = 600.0
+    max_heartbeat_s: float = 600.0
 
 
 @attrs.frozen
@@ -121,6 +123,9 @@ class PullSettings:
     dispatchers: tuple[PullDispatcher, ...] = ()
     #: How long one long-poll request may wait for a job.
     poll_timeout_s: float = 30.0
+    #: Renew the lease on a taken job at least this often (more often if the dispatcher
+    #: asks for it when it hands out the job).
+    heartbeat_s: float = 15.0
 
 
 @attrs.frozen
@@ -419,6 +424,7 @@ def parse_config(
     pull = PullSettings(
         tuple(dispatchers),
         pull_table.number("poll_timeout_s", 30.0, 1.0, bounds.max_poll_timeout_s),
+        pull_table.number("heartbeat_s", 15.0, 1.0, bounds.max_heartbeat_s),
     )
     pull_table.done()
     if not api.enabled and not pull.dispatchers:
@@ -609,6 +615,10 @@ endpoint = {_toml_string(endpoint)}
 # ]
 dispatchers = []
 poll_timeout_s = 30
+# While building a pulled job, renew its lease this often (or as often as the dispatcher
+# asks, if more often); a dispatcher that hears nothing for its lease period gives the job
+# to another node.
+heartbeat_s = 15
 
 [limits]
 # Builds at once.

@@ -336,6 +336,7 @@ class NodeDaemon:
                 self.identity,
                 self.service,
                 poll_timeout=config.pull.poll_timeout_s,
+                heartbeat_s=config.pull.heartbeat_s,
                 clock=self.clock,
             )
             for dispatcher in config.pull.dispatchers

@@ -1,0 +1,346 @@
+"""The engine with pull-mode nodes that die, get cancelled, or outlive a dispatcher restart.
+
+The nodes are in-process stand-ins speaking to the :class:`PullQueue` directly (take, renew
+every heartbeat, upload), so the whole run is on trio's autojump clock and every time below
+is exact virtual seconds: a node lost by its lease is noticed ``lease_s`` after its last
+renewal, not after the job's hour-long time limit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import attrs
+import pytest
+import trio
+
+from p2pbuild import Capability, FileDigest, Identity, Job, Result, Status
+from p2pbuild.dispatcher._db import AttemptRow, AttemptState, BuildRow, BuildState, Database
+from p2pbuild.dispatcher._engine import BuildRequest, Engine, EngineConfig
+from p2pbuild.dispatcher._nodes import NodeConnector, StaticFinder
+from p2pbuild.dispatcher._pull import (
+    JobWithdrawnError,
+    LeaseExpiredError,
+    LeaseProgress,
+    PullQueue,
+    UnknownPullJobError,
+)
+from p2pbuild.dispatcher._sink import RepositorySink
+from p2pbuild.testing import make_trust_list
+from p2pbuild.testing._farm import node_entry
+
+NODES = [("pull-a", "alice"), ("pull-b", "bob"), ("pull-c", "carol")]
+FIXTURE = make_trust_list(nodes=NODES)
+DISPATCHER = FIXTURE.dispatchers["dispatcher-1"]
+SOURCE = b"not really an srpm: the stand-in nodes never read it\n"
+SOURCE_SHA = hashlib.sha256(SOURCE).hexdigest()
+ARTIFACT = b"reproducible bytes\n"
+T0 = float(int(time.time()))
+LEASE_S, HEARTBEAT_S = 60.0, 15.0
+
+
+def clock() -> float:
+    return T0 + trio.current_time()
+
+
+@attrs.define(eq=False)
+class StandIn:
+    """A pull node: polls while it has its one slot free, renews the lease of the job it
+    builds every heartbeat *concurrently* with building and uploading (as the real client
+    does). The first node to take a job while ``farm.doomed`` is set dies (stops doing
+    anything, as on SIGKILL) ``farm.doomed`` seconds later."""
+
+    name: str
+    identity: Identity
+    farm: Farm
+    build_s: float = 20.0
+    polling: bool = True
+    taken: list[Job] = attrs.field(factory=list)
+    heard: list[str] = attrs.field(factory=list)
+    uploaded: list[bytes] = attrs.field(factory=list)
+    dead: bool = False
+
+    @property
+    def key(self) -> object:
+        return self.identity.public_key
+
+    async def run(self) -> None:
+        while True:
+            if not self.polling:
+                await trio.sleep(1)
+                continue
+            job = await self.farm.queue.take(self.identity.public_key, 30)
+            if job is not None:
+                self.taken.append(job)
+                await self.build(job)
+                if self.dead:
+                    await trio.sleep_forever()
+
+    async def build(self, job: Job) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.renew_until_cancelled, job, nursery.cancel_scope)
+            die_after_s, self.farm.doomed = self.farm.doomed, None
+            if die_after_s is not None:
+                self.farm.victim = self
+                await trio.sleep(die_after_s)
+                self.dead = True  # SIGKILL: no renewal, no upload, ever again
+                nursery.cancel_scope.cancel()
+                return
+            await trio.sleep(self.build_s)
+            await self.upload(job)
+            nursery.cancel_scope.cancel()
+
+    async def renew_until_cancelled(self, job: Job, build: trio.CancelScope) -> None:
+        elapsed = 0
+        while True:
+            await trio.sleep(HEARTBEAT_S)
+            elapsed += int(HEARTBEAT_S)
+            try:
+                self.farm.queue.renew(
+                    self.identity.public_key, job.job_id, LeaseProgress("building", elapsed)
+                )
+            except UnknownPullJobError:
+                continue  # a restarted dispatcher that has not re-offered it yet
+            except (JobWithdrawnError, LeaseExpiredError) as exc:
+                self.heard.append(exc.code)  # stop the build, upload nothing
+                build.cancel()
+                return
+
+    async def upload(self, job: Job) -> None:
+        digest = FileDigest("out/hello.txt", len(ARTIFACT), hashlib.sha256(ARTIFACT).digest())
+        result = Result.create(
+            self.identity, job, state="succeeded", exit_code=0, started_ms=1, ended_ms=2,
+            environment={}, artifacts=[digest], logs=[],
+        )  # fmt: skip
+
+        async def body() -> AsyncIterator[bytes]:
+            yield ARTIFACT
+
+        queue = self.farm.queue
+        queue.receive_result(self.identity.public_key, job.job_id, result.to_bytes())
+        await queue.receive_file(
+            self.identity.public_key, job.job_id, "artifacts", "out/hello.txt", body()
+        )
+        self.uploaded.append(job.job_id)
+
+
+@attrs.define(eq=False)
+class Farm:
+    nursery: trio.Nursery
+    tmp: Path
+    queue: PullQueue = attrs.field(init=False)
+    finder: StaticFinder = attrs.field(init=False)
+    nodes: dict[str, StandIn] = attrs.field(factory=dict)
+    engine: Engine | None = None
+    scope: trio.CancelScope | None = None
+    #: The next node to take a job dies this many seconds later; then that node.
+    doomed: float | None = None
+    victim: StandIn | None = None
+
+    def __attrs_post_init__(self) -> None:
+        self.queue = self.new_queue()
+        self.finder = StaticFinder(FIXTURE.trust_list)
+
+    def new_queue(self) -> PullQueue:
+        return PullQueue(
+            DISPATCHER.public_key, FIXTURE.trust_list, self.tmp / "pull", clock=clock,
+            lease_s=LEASE_S, heartbeat_s=HEARTBEAT_S,
+        )  # fmt: skip
+
+    def add(self, name: str, **kwargs: object) -> StandIn:
+        identity = FIXTURE.nodes[name]
+        capability = Capability(
+            arch="x86_64", os="fedora-41", cpus=4, cpu_model="test cpu", memory_mb=8192,
+            disk_mb=50_000, machine="vm", build_types=("make", "rpm"), pools=(),
+        )  # fmt: skip
+        status = Status(load_milli=0, slots_total=1, slots_free=1, running=0, uptime_s=3600)
+        self.finder.put(node_entry(identity, capability, status, now=T0))
+        node = StandIn(name, identity, self, **kwargs)  # type: ignore[arg-type]
+        self.nodes[name] = node
+        self.nursery.start_soon(node.run)
+        return node
+
+    async def start_engine(self) -> Engine:
+        engine = Engine(
+            db=Database.open(self.tmp / "dispatcher.db"),
+            identity=DISPATCHER,
+            trust_list=FIXTURE.trust_list,
+            finder=self.finder,
+            sink=RepositorySink(self.tmp / "repo"),
+            # A lost node stays excluded from the build for the whole test, so the
+            # replacement is a live node.
+            config=EngineConfig(state_dir=self.tmp / "state", node_retry_base_s=3600.0),
+            connector=NodeConnector(self.queue),
+            clock=clock,
+            rng=random.Random(7),
+        )
+        scope = trio.CancelScope()
+
+        async def run(task_status: trio.TaskStatus[None]) -> None:
+            with scope:
+                await engine.run(task_status=task_status)
+
+        await self.nursery.start(run)
+        self.engine, self.scope = engine, scope
+        return engine
+
+    def kill_dispatcher(self) -> None:
+        """The dispatcher process dies: its engine stops, its in-memory queue is gone."""
+        assert self.scope is not None
+        self.scope.cancel()
+        self.queue = self.new_queue()
+
+    def submit(self) -> BuildRow:
+        assert self.engine is not None
+        store = self.engine.sources
+        store.root.mkdir(parents=True, exist_ok=True)
+        store.path(SOURCE_SHA).write_bytes(SOURCE)
+        request = BuildRequest("hello-1.0-1.src.rpm", SOURCE_SHA, len(SOURCE))
+        return self.engine.accept(request, "user-1", None)
+
+    async def wait_for(self, build_id: str, test: Callable[[BuildRow], bool]) -> BuildRow:
+        assert self.engine is not None
+        while True:
+            build = self.engine.db.build(build_id)
+            if test(build):
+                return build
+            await trio.sleep(1)
+
+    async def wait_attempts(
+        self, build_id: str, test: Callable[[list[AttemptRow]], bool]
+    ) -> list[AttemptRow]:
+        assert self.engine is not None
+        while True:
+            attempts = self.engine.db.attempts(build_id)
+            if test(attempts):
+                return attempts
+            await trio.sleep(1)
+
+    def by_node(self, attempts: list[AttemptRow]) -> dict[str, AttemptRow]:
+        names = {str(n.identity.public_key): name for name, n in self.nodes.items()}
+        return {names[a.node]: a for a in attempts}
+
+
+@pytest.fixture
+def farm(nursery: trio.Nursery, tmp_path: Path) -> Farm:
+    return Farm(nursery, tmp_path)
+
+
+def two_running(attempts: list[AttemptRow]) -> bool:
+    return sum(a.state is AttemptState.RUNNING for a in attempts) == 2
+
+
+async def test_pull_node_that_dies_mid_build_is_replaced_after_its_lease(
+    autojump_clock: trio.abc.Clock, farm: Farm
+) -> None:
+    for name in ("pull-a", "pull-b", "pull-c"):
+        farm.add(name, build_s=20.0)
+    engine = await farm.start_engine()
+    farm.doomed = 10.0  # the first node to take a job dies 10 s into it, unrenewed
+    build = farm.submit()
+    start = trio.current_time()
+    done = await farm.wait_for(build.id, lambda b: b.state.terminal)
+    victim = farm.victim
+    assert victim is not None
+    victim_name, victim_job = victim.name, victim.taken[0]
+    assert done.state is BuildState.VERIFIED, done.reason
+    attempts = farm.by_node(engine.db.attempts(build.id))
+    lost = attempts[victim_name]
+    assert lost.state is AttemptState.LOST
+    assert lost.reason.startswith("lease-expired: ")
+    # Lost exactly lease_s after it took the job, and replaced at that moment: not after
+    # the job's lifetime (time limit 3600 s + 600 s margin).
+    assert lost.sent_at == T0 + start
+    assert lost.ended_at == lost.sent_at + LEASE_S
+    chosen = [e.at for e in engine.db.audit_entries(build.id) if e.event == "node-chosen"]
+    assert chosen[-1] == lost.ended_at
+    # (When the build then ends is not asserted in virtual time: downloads and the
+    # repository sink run in worker threads, and while one runs the autojump clock skips
+    # ahead from timer to timer. tests/e2e checks the whole recovery in real time.)
+    (spare,) = {"pull-a", "pull-b", "pull-c"} - {victim_name, *(
+        n for n, a in attempts.items() if a.role == "replica" and n != victim_name
+    )}
+    assert attempts[spare].role == "replacement"
+    assert attempts[spare].state is AttemptState.SUCCEEDED
+    # Counted and audited like any lost node.
+    assert dict(engine.statistics().node_errors) == {"lease-expired": 1}
+    assert farm.queue.statistics().leases_expired == 1
+    audit = [e for e in engine.db.audit_entries(build.id) if e.event == "attempt-lost"]
+    assert [(e.node, e.detail["reason"][:14]) for e in audit] == [
+        (str(victim.identity.public_key), "lease-expired:")
+    ]
+    # The victim comes back from the dead with a result: refused, not stored.
+    with pytest.raises(LeaseExpiredError):
+        await victim.upload(victim_job)
+    assert farm.queue.artifact(victim_job.job_id, "out/hello.txt") is None
+
+
+async def test_a_cancelled_build_stops_the_pull_nodes_that_took_it(
+    autojump_clock: trio.abc.Clock, farm: Farm
+) -> None:
+    # pull-a takes its job; pull-b is busy (not polling), so its job stays offered.
+    a = farm.add("pull-a", build_s=600.0)
+    b = farm.add("pull-b", build_s=600.0, polling=False)
+    engine = await farm.start_engine()
+    build = farm.submit()
+    attempts = await farm.wait_attempts(build.id, lambda atts: len(atts) == 2 and any(
+        x.state is AttemptState.RUNNING for x in atts))
+    states = {name: x.state for name, x in farm.by_node(attempts).items()}
+    # A pull attempt runs once its node took the job, not when it is offered.
+    assert states == {"pull-a": AttemptState.RUNNING, "pull-b": AttemptState.PENDING}
+    await trio.sleep(40)
+    cancelled_at = trio.current_time()
+    engine.cancel(build.id, "user-1")
+    done = await farm.wait_for(build.id, lambda b: b.state.terminal)
+    assert done.state is BuildState.CANCELLED
+    while not a.heard:
+        await trio.sleep(1)
+    # pull-a heard "withdrawn" at its next renewal and stopped: no upload.
+    assert a.heard == ["withdrawn"]
+    assert trio.current_time() - cancelled_at <= HEARTBEAT_S
+    assert a.uploaded == []
+    # pull-b's offer is gone too: when it polls again it gets nothing.
+    b.polling = True
+    await trio.sleep(60)
+    assert b.taken == []
+    stats = farm.queue.statistics()
+    assert (stats.pending, stats.taken, stats.withdrawn_taken) == (0, 0, 1)
+
+
+async def test_after_a_dispatcher_restart_leases_start_afresh(
+    autojump_clock: trio.abc.Clock, farm: Farm
+) -> None:
+    for name in ("pull-a", "pull-b", "pull-c"):
+        farm.add(name, build_s=200.0)
+    engine = await farm.start_engine()
+    build = farm.submit()
+    farm.doomed = 10.0  # the first node to take a job dies while the dispatcher is down
+    running = await farm.wait_attempts(build.id, two_running)
+    names = farm.by_node(running)
+    assert farm.victim is not None
+    dead_name = farm.victim.name
+    (alive_name,) = set(names) - {dead_name}
+    await trio.sleep(5)
+    farm.kill_dispatcher()
+    await trio.sleep(95)  # down longer than a lease: the old leases are long past
+    restart = trio.current_time()
+    engine = await farm.start_engine()
+    done = await farm.wait_for(build.id, lambda b: b.state.terminal)
+    assert done.state is BuildState.VERIFIED, done.reason
+    attempts = farm.by_node(engine.db.attempts(build.id))
+    lost = attempts[dead_name]
+    assert lost.state is AttemptState.LOST and lost.reason.startswith("lease-expired")
+    # Lost one whole lease after the restart, not at once for the time it was down.
+    assert lost.ended_at is not None
+    assert lost.ended_at == T0 + restart + LEASE_S
+    # The node that kept building through the restart was not lost and not re-run: the
+    # same job, taken once, delivered to the restarted dispatcher.
+    alive = farm.nodes[alive_name]
+    assert attempts[alive_name].state is AttemptState.SUCCEEDED
+    assert attempts[alive_name].job_id == names[alive_name].job_id
+    assert len(alive.taken) == 1 and alive.heard == []
+    assert "resumed" in [e.event for e in engine.db.audit_entries(build.id)]
