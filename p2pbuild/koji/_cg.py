@@ -5,8 +5,10 @@ Koji's ``CGImport`` takes a JSON document (``metadata_version`` 0; see
 Our mapping:
 
 * ``build``: NVR from the SRPM header, ``source`` as the Koji task named it, start and end
-  times, and ``extra.p2pbuild``: the dispatcher's build id and key, the verifying nodes and
-  operators, and the outliers (nodes whose output differed and lost the tie-break);
+  times, the reservation's ``build_id``, the ``task_id`` and the task's ``owner`` (the hub
+  takes the build's task and owner from them), and ``extra.p2pbuild``: the dispatcher's
+  build id and key, the verifying nodes and operators, and the outliers (nodes whose
+  output differed and lost the tie-break);
 * one buildroot per verifying node: ``host`` and ``container`` from the build environment
   in its signed result (``container.type`` is ``none``: the node builds in a bubblewrap
   sandbox, not a container Koji knows), ``extra.p2pbuild`` with the node key, operator, job
@@ -86,10 +88,17 @@ def build_metadata(
     packages: Sequence[OutputFile],
     nodes: Sequence[NodeProof],
     extra: Mapping[str, Any],
+    build_id: int | None = None,
+    task_id: int | None = None,
+    owner: str | None = None,
 ) -> dict[str, Any]:
     """The ``CGImport`` metadata. ``packages`` are the SRPM and RPMs (type rpm), ``nodes``
     the verifying nodes in proof order (at least one). Raises ValueError for an empty
-    ``nodes``, a package that is not type rpm or a node file that is not a log."""
+    ``nodes``, a package that is not type rpm or a node file that is not a log.
+
+    ``build_id`` is the reservation's build (the hub refuses a token without it),
+    ``task_id`` the Koji task the build belongs to (the hub sets the build's task from it)
+    and ``owner`` the Koji user the build is for (else the importing host owns it)."""
     if not nodes:
         raise ValueError("a verified build has at least one verifying node")
     buildroots = []
@@ -129,18 +138,22 @@ def build_metadata(
         if item.type != "rpm":
             raise ValueError(f"{item.filename}: packages are rpms")
         output.append(_output(item, 1, subdir=False))
+    build: dict[str, Any] = {
+        "name": name,
+        "version": version,
+        "release": release,
+        "epoch": epoch,
+        "source": source,
+        "start_time": int(start_time),
+        "end_time": int(end_time),
+        "extra": {"typeinfo": {"rpm": None}, **extra},
+    }
+    for key, value in (("build_id", build_id), ("task_id", task_id), ("owner", owner)):
+        if value is not None:
+            build[key] = value
     return {
         "metadata_version": 0,
-        "build": {
-            "name": name,
-            "version": version,
-            "release": release,
-            "epoch": epoch,
-            "source": source,
-            "start_time": int(start_time),
-            "end_time": int(end_time),
-            "extra": {"typeinfo": {"rpm": None}, **extra},
-        },
+        "build": build,
         "buildroots": buildroots,
         "output": output,
     }

@@ -12,12 +12,13 @@ Where ``kojid`` forks a process per task, :meth:`P2PTaskManager.forkTask` starts
 task in our nursery instead, with its own hub *subsession* (a ``ClientSession`` is not
 shared between threads). That task runs ``TaskManager.runTask`` with a
 :class:`P2PBuildTask` (a ``koji.tasks.BaseTaskHandler``) in a worker thread, so closing,
-failing and refusing the task are Koji's code. The handler:
+failing and refusing the task are Koji's code. The handler (``_task``):
 
 1. downloads the SRPM the task names (``cli-build/...`` under the hub's ``topurl``, with
    ``koji.openRemoteFile``) and reads its NVR;
 2. reserves the build: ``CGInitBuild`` -> build id and token;
-3. runs the replicated, verified build through the engine (``trio.from_thread``);
+3. runs the replicated, verified build through the engine (``trio.from_thread``; the
+   ``_bridge`` module);
 4. verified: uploads the SRPM and RPMs, each verifying node's logs and signed result under
    its own directory, and ``metadata.json`` (``_cg.build_metadata``), then ``CGImport``,
    ``host.tagBuild`` and returns ``{"koji_builds": [id]}`` (``closeTask``);
@@ -27,44 +28,66 @@ failing and refusing the task are Koji's code. The handler:
    by ``TaskManager.updateTasks``, which calls :meth:`P2PTaskManager.cleanupTask`): the P2P
    build is cancelled on the nodes and the reservation refunded as cancelled.
 
+Restarts. ``kojid`` frees the tasks a restarted daemon finds open on its host; for us that
+would strand the reservation (the next attempt finds the NVR reserved) and throw away the
+P2P build. Instead every step is recorded in a :class:`~._store.TaskStore` (SQLite next to
+the dispatcher's state) before it is taken, and each round first *reconciles* the rows no
+running handler owns (:meth:`P2PTaskManager.updateTasks`):
+
+* the task is still open on this host: a handler is started for it again (no
+  ``openTask``), and picks up where the row says: reserve (cancelling a reservation whose
+  token was lost), follow the same P2P build (which the engine resumed), import unless
+  the hub already has the build ``COMPLETE`` (then only tag and close), or report the
+  recorded failure;
+* the task is cancelled, finished, or on another host: the reservation is refunded and
+  the P2P build cancelled;
+* the task was freed (the host was away longer than the hub waits): the reservation is
+  refunded, so that whichever host gets the task can reserve the NVR; the P2P build is
+  kept, and if the task comes back here its next attempt follows it.
+
+Only rows whose task's outcome the hub has (closed, failed, refused) are finished, so a
+crash between the import and ``closeTask`` closes the task after the restart, with the
+build imported once: a build the hub has ``COMPLETE`` is never imported again, and a
+second ``CGImport`` with the same token is refused by the hub anyway.
+
 Hub restarts and ``ServerOffline`` are retried inside the koji client (a task's calls
 ``max_retries`` times every ``retry_interval_s``; ``offline_retry``); an expired session
 (``AuthExpired``) is renewed by the client itself. The manager's own calls give up after
 two tries: the round is logged and repeated after ``retry_interval_s`` with the same
 session (the hub keeps it across a restart); only an authentication error makes the host
 log in again, keeping the tasks it runs.
+
+The row's phases are in ``_store``; refunding, recovering a lost reservation and the
+recorded outcomes in ``_resume``.
 """
 
 from __future__ import annotations
 
-import copy
-import hashlib
-import json
 import logging
-import secrets
-import shutil
 import time
 import types
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import attrs
-import httpx
 import koji
 import koji.daemon
-import koji.tasks
-import requests
 import trio
 
-from .._errors import RemoteError
-from .._jobs import Result
 from ..dispatcher._config import KojiConfig
-from ..dispatcher._db import BuildRow, BuildState
-from ..dispatcher._engine import BuildRequest, Engine
-from ..dispatcher._errors import DispatcherError
-from ..node._tls import pinned_client
-from ._cg import NodeProof, OutputFile, build_metadata, node_subdir
-from ._rpm import RpmHeader, RpmHeaderError, read_rpm_header
+from ..dispatcher._engine import Engine
+from ._bridge import LIVE, Bridge, P2POutcome
+from ._resume import (
+    CANCELED,
+    COMPLETE,
+    FAILED,
+    HUB_ERRORS,
+    hub_build_state,
+    recover_lost_reservation,
+    refund,
+)
+from ._store import TaskPhase, TaskRow, TaskStore
+from ._task import P2PBuildTask
 
 __all__ = [
     "KojiHost",
@@ -77,25 +100,9 @@ __all__ = [
 
 _log = logging.getLogger("p2pbuild.koji")
 
-#: What a failed hub round may raise: Koji faults (also AuthError, ServerOffline), raw
-#: XML-RPC faults and the network errors the client gives up on.
-HUB_ERRORS = (koji.GenericError, koji.xmlrpcplus.Fault, requests.exceptions.RequestException,
-              OSError)
-
-
-class TaskCancelled(koji.GenericError):  # type: ignore[misc]
-    """The task was cancelled in Koji while its P2P build ran."""
-
-
-@attrs.frozen
-class P2POutcome:
-    """How the engine ended a Koji task's build."""
-
-    build: BuildRow
-    #: The build never got a node: the task should go back to Koji (soft refusal).
-    no_node: bool
-    #: Each verifying node's logs and signed result, downloaded for the import.
-    node_files: dict[str, list[Path]] = attrs.field(factory=dict)
+TASK_FREE = koji.TASK_STATES["FREE"]
+TASK_ASSIGNED = koji.TASK_STATES["ASSIGNED"]
+TASK_CANCELED = koji.TASK_STATES["CANCELED"]
 
 
 @attrs.frozen
@@ -105,158 +112,17 @@ class KojiHostStatistics:
     tasks_taken: int
     tasks_running: int
     last_error: str
-
-
-@attrs.define(eq=False)
-class _Bridge:
-    """What the blocking Koji side needs from trio: run a P2P build, cancel it."""
-
-    engine: Engine
-    config: KojiConfig
-    workdir: Path
-    nursery: trio.Nursery
-    token: trio.lowlevel.TrioToken
-    builds: dict[int, str] = attrs.field(factory=dict)
-    running: set[int] = attrs.field(factory=set)
-    done: set[int] = attrs.field(factory=set)
-    taken: int = 0
-
-    # -- trio side ------------------------------------------------------------------------------
-
-    async def p2p_build(self, task_id: int, srpm: Path, user: str) -> P2POutcome:
-        """Submit the SRPM to the engine and wait for the build to end (any way)."""
-        data = await trio.Path(srpm).read_bytes()
-        sha = hashlib.sha256(data).hexdigest()
-        store = self.engine.sources
-        await trio.Path(store.root).mkdir(parents=True, exist_ok=True)
-        if not store.has(sha):
-            partial = store.path(sha).with_suffix(".part")
-            await trio.Path(partial).write_bytes(data)
-            await trio.Path(partial).rename(store.path(sha))
-        request = BuildRequest(
-            source_name=srpm.name, source_sha256=sha, source_size=len(data),
-            arch=self.config.arch, os=self.config.os, replicas=self.config.replicas,
-            time_limit_s=self.config.time_limit_s,
-        )
-        build = self.engine.accept(request, user, None)
-        self.builds[task_id] = build.id
-        _log.info("koji task %d: p2p build %s", task_id, build.id)
-        while True:
-            build = self.engine.db.build(build.id)
-            if build.state.terminal:
-                break
-            await self.engine.wait_changed()
-        attempts = self.engine.db.attempts(build.id)
-        files: dict[str, list[Path]] = {}
-        if build.state is BuildState.VERIFIED:
-            files = await self._node_files(build)
-        return P2POutcome(build, no_node=build.state is BuildState.FAILED and not attempts,
-                          node_files=files)
-
-    async def _node_files(self, build: BuildRow) -> dict[str, list[Path]]:
-        """Each verifying node's signed result and its logs (fetched from push nodes; a
-        pull-only node's logs stay on the node)."""
-        manifest = json.loads(
-            await trio.Path(Path(build.sink_path) / "manifest.json").read_text()
-        )
-        by_job = {a.job_id: a for a in self.engine.db.attempts(build.id)}
-        out: dict[str, list[Path]] = {}
-        for entry in manifest["verified_by"]:
-            subdir = node_subdir(entry["fingerprint"])
-            target = self.workdir / "nodes" / build.id / subdir
-            await trio.Path(target).mkdir(parents=True, exist_ok=True)
-            result_file = target / "p2pbuild-result.msgpack"
-            raw = await trio.Path(Path(build.sink_path) / entry["result"]).read_bytes()
-            await trio.Path(result_file).write_bytes(raw)
-            job_file = target / "p2pbuild-job.msgpack"
-            await trio.Path(job_file).write_bytes(
-                await trio.Path(Path(build.sink_path) / entry["job"]).read_bytes()
-            )
-            paths = [job_file, result_file]
-            attempt = by_job.get(entry["job_id"])
-            if attempt is not None and attempt.endpoint:
-                paths += await self._fetch_logs(attempt.endpoint, attempt.tls_sha256,
-                                                attempt.job_id, raw, target)
-            out[subdir] = paths
-        return out
-
-    async def _fetch_logs(self, endpoint: str, pin: bytes, job_id: str, raw_result: bytes,
-                          target: Path) -> list[Path]:
-        result = Result.from_bytes(raw_result)
-        paths = []
-        try:
-            async with pinned_client(pin, base_url=endpoint) as client:
-                for item in result.logs:
-                    response = await client.get(f"/v1/jobs/{job_id}/logs/{item.name}")
-                    data = response.content
-                    if (response.status_code != 200 or len(data) != item.size
-                            or hashlib.sha256(data).digest() != item.sha256):
-                        _log.warning("log %s of job %s: not as signed; left out",
-                                     item.name, job_id)
-                        continue
-                    path = target / item.name.replace("/", "_")
-                    await trio.Path(path).write_bytes(data)
-                    paths.append(path)
-        except (httpx.HTTPError, RemoteError) as exc:
-            _log.warning("logs of job %s: %s; left out", job_id, exc)
-        return paths
-
-    def cancel_nowait(self, task_id: int) -> None:
-        build_id = self.builds.get(task_id)
-        if build_id is None:
-            return
-        try:
-            self.engine.cancel(build_id, "koji")
-        except DispatcherError as exc:
-            _log.warning("cancel of koji task %d: %s", task_id, exc)
-
-    # -- called from worker threads -------------------------------------------------------------
-
-    def run_p2p_build(self, task_id: int, srpm: Path, user: str) -> P2POutcome:
-        return trio.from_thread.run(self.p2p_build, task_id, srpm, user, trio_token=self.token)
-
-    def cancel(self, task_id: int) -> None:
-        trio.from_thread.run_sync(self.cancel_nowait, task_id, trio_token=self.token)
-
-    def start_task(self, manager: P2PTaskManager, handler: P2PBuildTask) -> None:
-        self.running.add(handler.id)
-        self.taken += 1
-        trio.from_thread.run_sync(
-            self.nursery.start_soon, self._run_task, manager, handler, trio_token=self.token
-        )
-
-    async def _run_task(self, manager: P2PTaskManager, handler: P2PBuildTask) -> None:
-        try:
-            await trio.to_thread.run_sync(_run_task_blocking, manager, handler)
-        finally:
-            self.running.discard(handler.id)
-            self.done.add(handler.id)
-            self.builds.pop(handler.id, None)
-
-
-def _run_task_blocking(manager: P2PTaskManager, handler: P2PBuildTask) -> None:
-    # What kojid's forked child does: the same manager, talking through the task's own
-    # subsession (the main session belongs to the manager's thread).
-    child = copy.copy(manager)
-    child.session = handler.session
-    try:
-        child.runTask(handler)
-    except koji.ActionNotAllowed as exc:
-        # closeTask/failTask refused: cancelled in Koji or given to another host.
-        _log.info("koji task %d is no longer ours: %s", handler.id, exc)
-    except HUB_ERRORS as exc:
-        _log.error("koji task %d: could not report the outcome: %s", handler.id, exc)
-    finally:
-        try:
-            handler.session.logout()
-        except HUB_ERRORS as exc:
-            _log.debug("subsession logout: %s", exc)
+    #: Tasks found open on this host without a running handler and taken up again.
+    tasks_resumed: int = 0
+    #: Tasks that left this host while it was away, whose reservation it refunded.
+    tasks_released: int = 0
 
 
 class P2PTaskManager(koji.daemon.TaskManager):  # type: ignore[misc]
-    """``koji.daemon.TaskManager`` with trio tasks in place of forked processes."""
+    """``koji.daemon.TaskManager`` with trio tasks in place of forked processes, and a
+    task store in place of freeing the tasks a restart finds open (module doc)."""
 
-    def __init__(self, options: Any, session: koji.ClientSession, bridge: _Bridge) -> None:
+    def __init__(self, options: Any, session: koji.ClientSession, bridge: Bridge) -> None:
         self.bridge = bridge
         super().__init__(options, session)
         self.registerHandler(P2PBuildTask)
@@ -281,178 +147,98 @@ class P2PTaskManager(koji.daemon.TaskManager):  # type: ignore[misc]
         self.bridge.done.discard(task_id)
         return True
 
+    def updateTasks(self) -> None:
+        """Reconcile the store with the hub, then kojid's own bookkeeping (which frees the
+        open tasks we know nothing about: nothing of theirs is ours to keep)."""
+        self.reconcile()
+        super().updateTasks()
+
     def round(self) -> None:
         """One pass of kojid's main loop: tasks we hold, then maybe a new one."""
         self.updateTasks()
         self.getNextTask()
 
+    # -- restarts -------------------------------------------------------------------------------
 
-class P2PBuildTask(koji.tasks.BaseTaskHandler):  # type: ignore[misc]
-    """The ``build`` method: an SRPM built on P2P nodes, imported as a content generator."""
-
-    Methods: ClassVar[list[str]] = ["build"]
-    #: The host only waits on the nodes.
-    _taskWeight = 0.2
-
-    def handler(self, src: str, target: str, opts: dict[str, Any] | None = None) -> Any:
-        opts = opts or {}
-        bridge: _Bridge = self.options.bridge
-        config: KojiConfig = bridge.config
-        session = self.session
-        started = int(time.time())
-        if opts.get("scratch"):
-            raise koji.BuildError("scratch builds are not supported by the p2p build host")
-        if "://" in src:
-            raise koji.BuildError(
-                f"the p2p build host builds uploaded SRPMs, not SCM sources: {src}"
-            )
-        target_info = session.getBuildTarget(target, strict=True)
-        srpm = self._fetch_srpm(src)
-        try:
-            header = read_rpm_header(srpm)
-        except RpmHeaderError as exc:
-            raise koji.BuildError(str(exc)) from None
-        if not header.is_source:
-            raise koji.BuildError(f"{srpm.name} is not a source RPM")
-        task = session.getTaskInfo(self.id)
-        owner = session.getUser(task["owner"]) if task else None
-        user = f"koji:{owner['name'] if owner else 'unknown'}"
-        data: dict[str, Any] = {"name": header.name, "version": header.version,
-                                "release": header.release, "task_id": self.id}
-        if header.epoch is not None:
-            data["epoch"] = header.epoch
-        reserved = session.CGInitBuild(config.content_generator, data)
-        build_id, token = int(reserved["build_id"]), str(reserved["token"])
-        try:
-            outcome = bridge.run_p2p_build(self.id, srpm, user)
-            build = outcome.build
-            if build.state is BuildState.CANCELLED:
-                raise TaskCancelled(f"task {self.id} was cancelled; p2p build {build.id} "
-                                    "cancelled on the nodes")
-            if outcome.no_node:
-                raise koji.tasks.RefuseTask(f"no capable p2p node: {build.reason}")
-            if build.state is not BuildState.VERIFIED:
-                raise koji.BuildError(self._failure_message(build))
-            self._import(config, src, header, srpm, build, outcome, token, started)
-        except BaseException as exc:
-            state = koji.BUILD_STATES[
-                "CANCELED" if isinstance(exc, (TaskCancelled, koji.tasks.RefuseTask))
-                else "FAILED"
-            ]
-            self._refund(config, build_id, token, state)
-            raise
-        if not opts.get("skip_tag"):
-            dest = target_info["dest_tag_name"] if config.dest_tag == "target" else config.dest_tag
-            if dest:
-                session.host.tagBuild(self.id, dest, build_id)
-        return {"koji_builds": [build_id]}
-
-    def _refund(self, config: KojiConfig, build_id: int, token: str, state: int) -> None:
-        try:
-            self.session.CGRefundBuild(config.content_generator, build_id, token, state)
-        except HUB_ERRORS as exc:
-            _log.error("koji task %d: refund of build %d failed: %s", self.id, build_id, exc)
-
-    def _fetch_srpm(self, src: str) -> Path:
-        bridge: _Bridge = self.options.bridge
-        name = src.rsplit("/", 1)[-1]
-        if not name.endswith(".src.rpm"):
-            raise koji.BuildError(f"not an SRPM: {src}")
-        dest = Path(self.workdir) / name
-        remote = koji.openRemoteFile(f"work/{src}", topurl=bridge.config.topurl,
-                                     tempdir=self.workdir)
-        try:
-            with dest.open("wb") as out:
-                shutil.copyfileobj(remote, out)
-        finally:
-            remote.close()
-        return dest
-
-    def _failure_message(self, build: BuildRow) -> str:
-        lines = [f"p2p build {build.id} failed: {build.reason}"]
-        if build.report:
-            lines += ["", build.report.rstrip()]
-        self._upload_report(build)
-        return "\n".join(lines)
-
-    def _upload_report(self, build: BuildRow) -> None:
-        if not build.report:
+    def reconcile(self) -> None:
+        """Every unfinished row without a running handler: take its task up again if it is
+        open here, else settle what the row holds. Raises HUB_ERRORS (the round is
+        repeated)."""
+        bridge = self.bridge
+        rows = [r for r in bridge.call(bridge.store.unfinished)
+                if r.task_id not in self.pids and r.task_id not in bridge.running]
+        if not rows:
             return
-        path = Path(self.workdir) / "p2pbuild-mismatch.txt"
-        path.write_text(build.report)
-        try:
-            self.session.uploadWrapper(str(path), koji.pathinfo.taskrelpath(self.id))
-        except HUB_ERRORS as exc:
-            _log.warning("koji task %d: report upload failed: %s", self.id, exc)
+        open_here = {t["id"] for t in self.session.host.getHostTasks()}
+        for row in rows:
+            if row.task_id in open_here:
+                self.resumeTask(row)
+            else:
+                self.settle(row, self.session.getTaskInfo(row.task_id))
 
-    def _import(self, config: KojiConfig, src: str, header: RpmHeader, srpm: Path,
-                build: BuildRow, outcome: P2POutcome, token: str, started: int) -> None:
-        stored = Path(build.sink_path)
-        manifest = json.loads((stored / "manifest.json").read_text())
-        upload_dir = f"p2p-cg/{time.time():.6f}.{secrets.token_hex(4)}"
-        packages: list[OutputFile] = []
-        names = set()
-        for item in manifest["artifacts"]:
-            path = stored / "artifacts" / item["name"]
-            filename = item["name"].rsplit("/", 1)[-1]
-            if not filename.endswith(".rpm"):
-                _log.info("koji task %d: %s is not an RPM; not imported", self.id, item["name"])
-                continue
-            if filename in names:
-                raise koji.BuildError(f"two artifacts are named {filename}")
-            names.add(filename)
-            try:
-                rpm_header = read_rpm_header(path)
-            except RpmHeaderError as exc:
-                raise koji.BuildError(str(exc)) from None
-            packages.append(OutputFile(filename, item["size"], item["sha256"], "rpm",
-                                       rpm_header.arch))
-            self.session.uploadWrapper(str(path), upload_dir, name=filename)
-        if not any(p.arch != "src" for p in packages):
-            raise koji.BuildError("the verified build has no binary RPM to import")
-        if srpm.name not in names:
-            data = srpm.read_bytes()
-            packages.insert(0, OutputFile(srpm.name, len(data), hashlib.sha256(data).hexdigest(),
-                                          "rpm", "src"))
-            self.session.uploadWrapper(str(srpm), upload_dir, name=srpm.name)
-        proofs = []
-        for entry in manifest["verified_by"]:
-            subdir = node_subdir(entry["fingerprint"])
-            files = []
-            for path in outcome.node_files.get(subdir, []):
-                data = path.read_bytes()
-                files.append(OutputFile(path.name, len(data), hashlib.sha256(data).hexdigest(),
-                                        "log", "noarch", subdir))
-                self.session.uploadWrapper(str(path), f"{upload_dir}/{subdir}", name=path.name)
-            job_raw = (stored / entry["job"]).read_bytes()
-            result_raw = (stored / entry["result"]).read_bytes()
-            result = Result.from_bytes(result_raw)
-            proofs.append(NodeProof(
-                node=entry["node"], fingerprint=entry["fingerprint"],
-                operator=entry["operator"], job_id=entry["job_id"],
-                job_sha256=hashlib.sha256(job_raw).hexdigest(),
-                result_sha256=hashlib.sha256(result_raw).hexdigest(),
-                environment=result.environment_map, started_ms=result.started_ms,
-                ended_ms=result.ended_ms,
-                artifacts={a.name: a.sha256.hex() for a in result.artifacts}, files=tuple(files),
-            ))
-        metadata = build_metadata(
-            name=header.name, version=header.version, release=header.release,
-            epoch=header.epoch, source=src, start_time=started, end_time=int(time.time()),
-            content_generator=config.content_generator, packages=packages, nodes=proofs,
-            extra={"p2pbuild": {
-                "build_id": build.id,
-                "dispatcher": str(self.options.bridge.engine.identity.public_key),
-                "verified_by": [{"node": p.node, "operator": p.operator} for p in proofs],
-                "reproducible": True,
-                "mismatch_report": build.report or None,
-                "trust_list_version": manifest.get("trust_list_version"),
-            }},
-        )
-        meta_path = Path(self.workdir) / "metadata.json"
-        meta_path.write_text(json.dumps(metadata, indent=2, sort_keys=True))
-        self.session.uploadWrapper(str(meta_path), upload_dir, name="metadata.json")
-        self.session.CGImport("metadata.json", upload_dir, token=token)
+    def resumeTask(self, row: TaskRow) -> None:
+        """Start a handler for a task that is open here already (what ``takeTask`` does
+        after ``openTask``)."""
+        info = self.session.getTaskInfo(row.task_id, request=True)
+        if info is None or info.get("request") is None or info["method"] not in self.handlers:
+            _log.error("koji task %d: cannot take it up again: %r", row.task_id, info)
+            return
+        _log.info("koji task %d: taking it up again (%s)", row.task_id, row.phase.value)
+        handler = self.handlers[info["method"]](row.task_id, info["method"], info["request"],
+                                                self.session, self.options)
+        self.tasks[row.task_id] = info
+        pid, session_id = self.forkTask(handler)
+        self.pids[row.task_id] = pid
+        self.subsessions[row.task_id] = session_id
+        self.bridge.resumed += 1
+
+    def settle(self, row: TaskRow, info: dict[str, Any] | None) -> None:
+        """The task of ``row`` is not open here (``info``: the hub's task). Refund what the
+        row holds unless the hub has the build; cancel the P2P build unless the task may
+        come back here. A row whose hub side is not known yet is kept for the next round."""
+        bridge, config = self.bridge, self.bridge.config
+        state = None if info is None else info["state"]
+        ours_next = state in (TASK_FREE, TASK_ASSIGNED) and info is not None and (
+            info["host_id"] in (None, self.host_id))
+        if ours_next and state == TASK_ASSIGNED:
+            return  # getNextTask opens it in this round and its handler goes on
+        why = "task " + ("gone" if info is None else koji.TASK_STATES[state].lower())
+        now = time.time()
+        phase = row.phase
+        if phase is TaskPhase.RESERVING:
+            cancelled = recover_lost_reservation(
+                self.session, config.content_generator, config.host, row,
+                lambda build_id: bridge.call(bridge.store.holder_of, build_id))
+            if cancelled is not None:
+                bridge.call(bridge.store.note, row.task_id, now, "lost-reservation-cancelled",
+                            build_id=cancelled)
+        elif phase is TaskPhase.RESERVED:
+            assert row.build_id is not None
+            if hub_build_state(self.session, row.build_id) == COMPLETE:
+                # Imported before we could record it: the next attempt here closes the
+                # task with it; elsewhere there is nothing left to undo.
+                if ours_next:
+                    bridge.call(bridge.store.imported, row.task_id, now)
+                else:
+                    bridge.call(bridge.store.done, row.task_id, now, why)
+                return
+            cancel = ours_next or state == TASK_CANCELED
+            if not refund(self.session, config.content_generator, row,
+                          CANCELED if cancel else FAILED):
+                return
+        elif phase in (TaskPhase.IMPORTED, TaskPhase.RELEASED) and ours_next:
+            return
+        if phase is TaskPhase.REFUNDED or not ours_next:
+            if phase is not TaskPhase.IMPORTED:
+                bridge.call(bridge.cancel_p2p, row.p2p_build_id)
+            bridge.call(bridge.store.done, row.task_id, now, why)
+            return
+        keep = row.p2p_build_id is not None and bridge.call(
+            bridge.p2p_state, row.p2p_build_id) in LIVE
+        _log.info("koji task %d was freed while we were away: reservation refunded%s",
+                  row.task_id, ", p2p build kept" if keep else "")
+        bridge.call(bridge.store.released, row.task_id, now, keep_p2p=keep)
+        bridge.released += 1
 
 
 def _client_options(config: KojiConfig) -> dict[str, Any]:
@@ -475,7 +261,7 @@ def _client_options(config: KojiConfig) -> dict[str, Any]:
     return opts
 
 
-def _connect(config: KojiConfig, bridge: _Bridge,
+def _connect(config: KojiConfig, bridge: Bridge,
              previous: P2PTaskManager | None) -> P2PTaskManager:
     """Log in as the host, take the exclusive session, build the task manager (keeping the
     tasks a previous manager runs, so they are not freed as stale). Blocking."""
@@ -521,9 +307,23 @@ async def serve_koji_host(
     task_status: trio.TaskStatus[KojiHost] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the build host until cancelled. Starts at once (a hub that is away is retried
-    every ``retry_interval_s``); hub and network failures are logged, never raised."""
+    every ``retry_interval_s``); hub and network failures are logged, never raised.
+
+    ``workdir`` holds the task store (``tasks.db``) and the tasks' files; keep it across
+    restarts (the dispatcher's ``state_dir/koji``). Raises :class:`ConfigError` if the
+    store cannot be opened, :class:`sqlite3.Error` if it breaks."""
+    await trio.Path(workdir).mkdir(parents=True, exist_ok=True)
+    store = TaskStore.open(workdir / "tasks.db")
+    try:
+        await _serve(config, engine, workdir, store, task_status)
+    finally:
+        store.close()
+
+
+async def _serve(config: KojiConfig, engine: Engine, workdir: Path, store: TaskStore,
+                 task_status: trio.TaskStatus[KojiHost]) -> None:
     async with trio.open_nursery() as nursery:
-        bridge = _Bridge(engine, config, workdir, nursery, trio.lowlevel.current_trio_token())
+        bridge = Bridge(engine, config, workdir, nursery, store)
         host = KojiHost(bridge)
         task_status.started(host)
         manager: P2PTaskManager | None = None
@@ -558,7 +358,7 @@ async def serve_koji_host(
 class KojiHost:
     """The running host, as :func:`serve_koji_host` reports it."""
 
-    bridge: _Bridge
+    bridge: Bridge
     rounds: int = 0
     failed_rounds: int = 0
     last_error: str = ""
@@ -566,4 +366,5 @@ class KojiHost:
 
     def statistics(self) -> KojiHostStatistics:
         return KojiHostStatistics(self.rounds, self.failed_rounds, self.bridge.taken,
-                                  len(self.bridge.running), self.last_error)
+                                  len(self.bridge.running), self.last_error,
+                                  self.bridge.resumed, self.bridge.released)

@@ -16,12 +16,17 @@ calls a build host, the ``koji build`` command and a content generator make:
   exclusivity); ``host.*`` needs an exclusive session (a subsession of one counts).
 * Faults: ``koji.GenericError`` subclasses travel with their ``faultCode`` (1000-1024);
   anything else, e.g. a missing metadata key, is fault 1 with the exception's text.
-* ``CGImport`` validates like the hub: every required key, sizes and checksums recomputed,
-  each RPM's header (``SOURCERPM`` of binaries, NVR of the source package) against the
-  build, every buildroot referenced by an output; nothing is recorded unless all pass.
+* ``CGImport`` validates like the hub: every required key, a reserved build named by
+  ``build_id`` with its token (CG, owning task, ``BUILDING``, NVR checked), sizes and
+  checksums recomputed, each RPM's header (``SOURCERPM`` of binaries, NVR of the source
+  package) against the build, every buildroot referenced by an output; nothing is recorded
+  unless all pass. The build's task and owner come from the metadata, as on the hub.
+  ``cancelBuild`` (the owner or an admin) cancels a ``BUILDING`` build, its task and its
+  reservation.
 * Tasks: ``build`` puts a task in the channel the target policy picks (``*-p2p`` -> ``p2p``
   by default), ``host.getTasks`` assigns free tasks of the host's channels to it (a host
-  that refused a task does not get it again), ``cancelTask`` cancels.
+  that refused a task does not get it again), ``cancelTask`` cancels, ``freeTask`` (admin)
+  frees.
 
 State (users, hosts, channels, tags, targets, builds, tasks, sessions) is one JSON file in
 the data directory, written atomically after every call that changes it, so a hub stopped
@@ -821,6 +826,16 @@ class KojiTestHub:
         call.dirty = True
         return True
 
+    def m_freeTask(self, call: _Call, task_id: int) -> None:
+        """Admin: free a task (``koji free-task``), whatever host holds it."""
+        self._require_admin(call)
+        task = self._task(task_id)
+        if task["state"] in (TASK["CLOSED"], TASK["CANCELED"], TASK["FAILED"]):
+            name = koji.TASK_STATES[task["state"]]
+            raise koji.GenericError(f"Cannot free task {task_id}, state is {name}")
+        task.update(state=TASK["FREE"], host_id=None)
+        call.dirty = True
+
     # -- host.* -----------------------------------------------------------------------------
 
     def _free_stale_hosts(self) -> None:
@@ -1098,6 +1113,28 @@ class KojiTestHub:
         del self._state["reservations"][str(build["id"])]
         call.dirty = True
 
+    def m_cancelBuild(self, call: _Call, buildID: Any, strict: bool = False) -> bool:
+        """The build's owner or an admin cancels a ``BUILDING`` build (``koji cancel
+        <nvr>``): its task is cancelled with it, its CG reservation dropped."""
+        self._require_user(call)
+        user = call.user
+        assert user is not None
+        build = self._build(buildID, strict)
+        if not build:
+            return False
+        if build["owner_id"] != user["id"] and "admin" not in user["perms"]:
+            raise koji.ActionNotAllowed("Cannot cancel build, not owner")
+        if build["state"] != BUILD["BUILDING"]:
+            return False
+        build.update(state=BUILD["CANCELED"], completion_ts=time.time())
+        task = self._state["tasks"].get(str(build["task_id"]))
+        if task is not None and task["state"] not in (TASK["CLOSED"], TASK["CANCELED"],
+                                                      TASK["FAILED"]):
+            task.update(state=TASK["CANCELED"], completion_ts=time.time())
+        self._state["reservations"].pop(str(build["id"]), None)
+        call.dirty = True
+        return True
+
     def m_CGImport(self, call: _Call, metadata: Any, directory: str, token: str | None = None
                    ) -> dict[str, Any]:
         self._require_user(call)
@@ -1127,17 +1164,34 @@ class KojiTestHub:
         if not isinstance(binfo["extra"], dict):
             raise koji.GenericError("build extra must be a dict")
         nvr = f"{binfo['name']}-{binfo['version']}-{binfo['release']}"
-        build = self._build(binfo.get("build_id") or nvr, strict=False)
-        if token is not None:
-            reservation = self._state["reservations"].get(str(build.get("id")))
-            if not build or reservation is None or not secrets.compare_digest(
+        # The hub's CG_Importer.prep_build: a reserved build is named by build_id (and the
+        # token must come with it); without one, the NVR must be free.
+        if binfo.get("build_id"):
+            build = self._build(binfo["build_id"])
+            reservation = self._state["reservations"].get(str(build["id"]))
+            if reservation is None or token is None or not secrets.compare_digest(
                 reservation["token"], token
             ):
-                raise koji.GenericError(f"Token doesn't match build ID {build.get('id')}")
+                raise koji.GenericError(f"Token doesn't match build ID {build['id']}")
+            cg_names = {br["content_generator"]["name"] for br in md["buildroots"]}
+            if {self._cg(name)["id"] for name in cg_names} != {reservation["cg_id"]}:
+                raise koji.GenericError(f"Build ID {build['id']} is not reserved by this CG")
+            if build["task_id"] and build["task_id"] != binfo.get("task_id"):
+                raise koji.GenericError(f"Build is owned by task {build['task_id']}")
             if build["state"] != BUILD["BUILDING"]:
                 raise koji.GenericError(f"Build ID {build['id']} is not in BUILDING state")
-        elif build:
-            raise koji.GenericError(f"Build already exists: {nvr}")
+            if (build["name"], build["version"], build["release"]) != (
+                    binfo["name"], binfo["version"], binfo["release"]):
+                raise koji.GenericError(f"Build ({build['id']}) NVR is different")
+        elif token is not None:
+            raise koji.GenericError("Reservation token given, but no build_id in metadata")
+        else:
+            build = self._build(nvr, strict=False)
+            if build and build["state"] not in (BUILD["FAILED"], BUILD["CANCELED"]):
+                raise koji.GenericError(f"Build already exists: {nvr}")
+            build = {}
+        if binfo.get("owner") is not None:
+            self._user(binfo["owner"])  # the hub's get_user(owner, strict=True)
         buildroots = {}
         for br in md["buildroots"]:
             for key in ("id", "host", "content_generator", "container", "tools",
@@ -1242,12 +1296,15 @@ class KojiTestHub:
         metadata_file = self.path(f"{base}/data/metadata.json")
         metadata_file.parent.mkdir(parents=True, exist_ok=True)
         metadata_file.write_text(json.dumps(md, indent=2))
+        # The hub's CG_Importer.update_build: owner and task come from the metadata.
+        owner = self._user(binfo["owner"]) if binfo.get("owner") is not None else user
+        assert owner is not None
         build.update(
             state=BUILD["COMPLETE"], source=binfo["source"], extra=binfo["extra"],
             start_ts=float(binfo["start_time"]), completion_ts=float(binfo["end_time"]),
             rpms=rpms, logs=logs, epoch=binfo.get("epoch"),
             buildroots=[{**br, "id": br_ids[br["id"]]} for br in plan["buildroots"].values()],
-            owner_id=build["owner_id"] or user["id"],
+            owner_id=owner["id"], task_id=binfo.get("task_id"),
         )
         self._state["reservations"].pop(str(build["id"]), None)
         call.dirty = True

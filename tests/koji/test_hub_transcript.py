@@ -47,8 +47,11 @@ def make_files(tmp: Path) -> dict[str, bytes]:
     files = {"hello-p2p-1.0-5.src.rpm": srpm.path.read_bytes(),
              "hello-p2p-1.0-5.x86_64.rpm": binary, "build.log": b"ok\n"}
     metadata = json.loads((SHARED / "cg-metadata-example.json").read_text())
+    # The reserved build (CGInitBuild answered 7 for task 10), which the hub wants named
+    # with the token; the recorded import shows the task and owner the metadata gave.
     metadata["build"].update(release="5", source="git+https://src.example.org/rpms/"
-                             "hello-p2p.git#r5", extra={"typeinfo": {"rpm": None}})
+                             "hello-p2p.git#r5", extra={"typeinfo": {"rpm": None}},
+                             build_id=7, task_id=10, owner="plainuser")
     for out in metadata["output"]:
         out["filename"] = out["filename"].replace("1.0-6", "1.0-5")
         data = files[out["filename"]]
@@ -147,6 +150,9 @@ def test_replay_recorded_traffic(tmp_path: Path) -> None:
     assert not errors, "\n".join(errors)
     assert len(records) == 47
     assert state["builds"]["7"]["state"] == koji.BUILD_STATES["COMPLETE"]
+    imported = next(r["result"] for r in records if r["method"] == "CGImport" and "result" in r)
+    assert state["builds"]["7"]["task_id"] == imported["task_id"] == 10
+    assert state["builds"]["7"]["owner_id"] == imported["owner_id"]
     assert state["tasks"]["10"]["state"] == koji.TASK_STATES["CLOSED"]
     assert state["tagged"]["1"] == [7]
 

@@ -1,0 +1,321 @@
+"""The ``build`` task handler: an uploaded SRPM built on P2P nodes, verified, imported
+into Koji as a content generator (``CGInitBuild``, uploads, ``CGImport``, ``tagBuild``).
+
+One handler runs a fresh task and one taken up again after a restart: it first reads the
+task's row (:class:`~._store.TaskStore`) and goes on from the phase an earlier attempt
+recorded (``_host`` module doc).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+import shutil
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+import koji
+import koji.tasks
+
+from .._jobs import Result
+from ..dispatcher._config import KojiConfig
+from ..dispatcher._db import BuildRow, BuildState
+from ._bridge import LIVE, Bridge, P2POutcome
+from ._cg import NodeProof, OutputFile, build_metadata, node_subdir
+from ._resume import (
+    BUILDING,
+    CANCELED,
+    COMPLETE,
+    FAILED,
+    HUB_ERRORS,
+    TaskCancelled,
+    hub_build_state,
+    outcome_error,
+    outcome_of,
+    recover_lost_reservation,
+    refund,
+)
+from ._rpm import RpmHeader, RpmHeaderError, read_rpm_header
+from ._store import TaskPhase, TaskRow
+
+__all__ = ["P2PBuildTask"]
+
+_log = logging.getLogger("p2pbuild.koji")
+
+
+class P2PBuildTask(koji.tasks.BaseTaskHandler):  # type: ignore[misc]
+    """The ``build`` method: an SRPM built on P2P nodes, imported as a content generator.
+
+    The same handler runs a fresh task and one taken up again after a restart: the task's
+    row (:class:`~._store.TaskStore`) says how far an earlier attempt got."""
+
+    Methods: ClassVar[list[str]] = ["build"]
+    #: The host only waits on the nodes.
+    _taskWeight = 0.2
+
+    def handler(self, src: str, target: str, opts: dict[str, Any] | None = None) -> Any:
+        opts = opts or {}
+        bridge: Bridge = self.options.bridge
+        session = self.session
+        if opts.get("scratch"):
+            raise koji.BuildError("scratch builds are not supported by the p2p build host")
+        if "://" in src:
+            raise koji.BuildError(
+                f"the p2p build host builds uploaded SRPMs, not SCM sources: {src}"
+            )
+        target_info = session.getBuildTarget(target, strict=True)
+        row = bridge.call(bridge.store.get, self.id)
+        if row is not None and row.phase is TaskPhase.DONE:
+            row = None  # an earlier attempt ended; this one starts afresh
+        if row is not None:
+            _log.info("koji task %d: resuming (%s)", self.id, row.phase.value)
+            bridge.call(bridge.store.note, self.id, time.time(), "resumed",
+                        phase=row.phase.value)
+            if row.phase is TaskPhase.IMPORTED:
+                return self._finish(row, target_info, opts, resumed=True)
+            if row.phase is TaskPhase.REFUNDED:
+                raise outcome_error(row.outcome_map)
+        srpm = self._source(src, row)
+        try:
+            header = read_rpm_header(srpm)
+        except RpmHeaderError as exc:
+            raise koji.BuildError(str(exc)) from None
+        if not header.is_source:
+            raise koji.BuildError(f"{srpm.name} is not a source RPM")
+        resumed = row is not None
+        if row is None:
+            row = self._begin(srpm, header)
+        elif row.nvr != header.nvr:
+            raise koji.BuildError(f"task {self.id} builds {header.nvr}, not {row.nvr}")
+        if row.phase in (TaskPhase.RESERVING, TaskPhase.RELEASED):
+            row = self._reserve(row, recover=row.phase is TaskPhase.RESERVING and resumed)
+        elif resumed:
+            assert row.build_id is not None
+            state = hub_build_state(session, row.build_id)
+            if state == COMPLETE:
+                row = bridge.call(bridge.store.imported, self.id, time.time())
+                return self._finish(row, target_info, opts, resumed=True)
+            if state != BUILDING:
+                # Cancelled in Koji (``koji cancel <nvr>``) while we were away.
+                bridge.call(bridge.cancel_p2p, row.p2p_build_id)
+                name = "unknown" if state is None else koji.BUILD_STATES[state]
+                error = koji.BuildError(f"build {row.nvr} (id {row.build_id}) is no longer "
+                                        f"reserved in Koji (state {name})")
+                bridge.call(bridge.store.refunded, self.id, outcome_of(error), time.time())
+                raise error
+        try:
+            outcome = bridge.run_p2p_build(self.id, srpm, adopt=resumed)
+            build = outcome.build
+            if build.state is BuildState.CANCELLED:
+                raise TaskCancelled(f"task {self.id} was cancelled; p2p build {build.id} "
+                                    "cancelled on the nodes")
+            if outcome.no_node:
+                raise koji.tasks.RefuseTask(f"no capable p2p node: {build.reason}")
+            if build.state is not BuildState.VERIFIED:
+                raise koji.BuildError(self._failure_message(build))
+        except Exception as exc:
+            # Any failure (also a bug) gives the reservation back before it propagates;
+            # trio.Cancelled (the host stops) does not: the next start goes on from here.
+            self._give_up(row, exc)
+            raise
+        try:
+            self._import(src, header, srpm, build, outcome, row)
+        except Exception as exc:
+            # The hub may have imported it all the same (an answer lost on the way, an
+            # earlier attempt's import): then it is done, and must not be refunded.
+            assert row.build_id is not None
+            try:
+                imported = hub_build_state(session, row.build_id) == COMPLETE
+            except HUB_ERRORS:
+                imported = False
+            if not imported:
+                self._give_up(row, exc)
+                raise
+            _log.warning("koji task %d: import reported %s, but build %d is imported",
+                         self.id, exc, row.build_id)
+        row = bridge.call(bridge.store.imported, self.id, time.time())
+        return self._finish(row, target_info, opts, resumed=resumed)
+
+    def _begin(self, srpm: Path, header: RpmHeader) -> TaskRow:
+        bridge: Bridge = self.options.bridge
+        task = self.session.getTaskInfo(self.id)
+        owner = self.session.getUser(task["owner"]) if task else None
+        name = owner["name"] if owner else ""
+        now = time.time()
+        return bridge.call(
+            bridge.store.begin, self.id, now=now, started=int(now), name=header.name,
+            version=header.version, release=header.release, epoch=header.epoch,
+            source_name=srpm.name, source_sha256=_sha256(srpm), owner=name,
+            user=f"koji:{name or 'unknown'}",
+        )
+
+    def _reserve(self, row: TaskRow, *, recover: bool) -> TaskRow:
+        """Reserve the NVR (``CGInitBuild``), first dropping what an earlier attempt left:
+        a dead P2P build, a reservation whose token was lost (``recover``)."""
+        bridge: Bridge = self.options.bridge
+        config = bridge.config
+        if row.phase is TaskPhase.RELEASED:
+            if row.p2p_build_id is not None and (
+                    bridge.call(bridge.p2p_state, row.p2p_build_id) not in LIVE):
+                bridge.call(bridge.store.linked, self.id, None, time.time(), how="dropped")
+            row = bridge.call(bridge.store.reserving, self.id, time.time())
+        if recover:
+            cancelled = recover_lost_reservation(
+                self.session, config.content_generator, config.host, row,
+                lambda build_id: bridge.call(bridge.store.holder_of, build_id))
+            if cancelled is not None:
+                bridge.call(bridge.store.note, self.id, time.time(),
+                            "lost-reservation-cancelled", build_id=cancelled)
+        # Without task_id: a reservation tied to the task can only be cancelled with the
+        # task (cancelBuild cancels both), which would make a lost token fatal to the task.
+        # The import sets the build's task (metadata build.task_id).
+        data: dict[str, Any] = {"name": row.name, "version": row.version,
+                                "release": row.release}
+        if row.epoch is not None:
+            data["epoch"] = row.epoch
+        reserved = self.session.CGInitBuild(config.content_generator, data)
+        return bridge.call(bridge.store.reserved, self.id, int(reserved["build_id"]),
+                           str(reserved["token"]), time.time())
+
+    def _give_up(self, row: TaskRow, exc: Exception) -> None:
+        """Refund the reservation for ``exc``; record the outcome once the hub confirms."""
+        bridge: Bridge = self.options.bridge
+        cancel = isinstance(exc, TaskCancelled | koji.tasks.RefuseTask)
+        if refund(self.session, bridge.config.content_generator, row,
+                  CANCELED if cancel else FAILED):
+            bridge.call(bridge.store.refunded, self.id, outcome_of(exc), time.time())
+
+    def _finish(self, row: TaskRow, target_info: dict[str, Any], opts: dict[str, Any], *,
+                resumed: bool) -> dict[str, Any]:
+        """Tag the imported build (unless ``--skip-tag``, or it is tagged already) and give
+        the task's result."""
+        config: KojiConfig = self.options.bridge.config
+        assert row.build_id is not None
+        if not opts.get("skip_tag"):
+            dest = target_info["dest_tag_name"] if config.dest_tag == "target" else config.dest_tag
+            if dest and not (resumed and any(
+                    b.get("build_id") == row.build_id
+                    for b in self.session.listTagged(dest, package=row.name))):
+                self.session.host.tagBuild(self.id, dest, row.build_id)
+        return {"koji_builds": [row.build_id]}
+
+    def _source(self, src: str, row: TaskRow | None) -> Path:
+        """The task's SRPM in the work directory: from the engine's source store when an
+        earlier attempt put it there, else downloaded from the hub."""
+        bridge: Bridge = self.options.bridge
+        name = src.rsplit("/", 1)[-1]
+        if not name.endswith(".src.rpm"):
+            raise koji.BuildError(f"not an SRPM: {src}")
+        dest = Path(self.workdir) / name
+        store = bridge.engine.sources
+        if row is not None and store.has(row.source_sha256):
+            shutil.copyfile(store.path(row.source_sha256), dest)
+            return dest
+        remote = koji.openRemoteFile(f"work/{src}", topurl=bridge.config.topurl,
+                                     tempdir=self.workdir)
+        try:
+            with dest.open("wb") as out:
+                shutil.copyfileobj(remote, out)
+        finally:
+            remote.close()
+        return dest
+
+    def _failure_message(self, build: BuildRow) -> str:
+        lines = [f"p2p build {build.id} failed: {build.reason}"]
+        if build.report:
+            lines += ["", build.report.rstrip()]
+        self._upload_report(build)
+        return "\n".join(lines)
+
+    def _upload_report(self, build: BuildRow) -> None:
+        if not build.report:
+            return
+        path = Path(self.workdir) / "p2pbuild-mismatch.txt"
+        path.write_text(build.report)
+        try:
+            self.session.uploadWrapper(str(path), koji.pathinfo.taskrelpath(self.id))
+        except HUB_ERRORS as exc:
+            _log.warning("koji task %d: report upload failed: %s", self.id, exc)
+
+    def _import(self, src: str, header: RpmHeader, srpm: Path, build: BuildRow,
+                outcome: P2POutcome, row: TaskRow) -> None:
+        config: KojiConfig = self.options.bridge.config
+        stored = Path(build.sink_path)
+        manifest = json.loads((stored / "manifest.json").read_text())
+        # A fresh directory per attempt: what an interrupted attempt uploaded is not reused.
+        upload_dir = f"p2p-cg/{time.time():.6f}.{secrets.token_hex(4)}"
+        packages: list[OutputFile] = []
+        names = set()
+        for item in manifest["artifacts"]:
+            path = stored / "artifacts" / item["name"]
+            filename = item["name"].rsplit("/", 1)[-1]
+            if not filename.endswith(".rpm"):
+                _log.info("koji task %d: %s is not an RPM; not imported", self.id, item["name"])
+                continue
+            if filename in names:
+                raise koji.BuildError(f"two artifacts are named {filename}")
+            names.add(filename)
+            try:
+                rpm_header = read_rpm_header(path)
+            except RpmHeaderError as exc:
+                raise koji.BuildError(str(exc)) from None
+            packages.append(OutputFile(filename, item["size"], item["sha256"], "rpm",
+                                       rpm_header.arch))
+            self.session.uploadWrapper(str(path), upload_dir, name=filename)
+        if not any(p.arch != "src" for p in packages):
+            raise koji.BuildError("the verified build has no binary RPM to import")
+        if srpm.name not in names:
+            data = srpm.read_bytes()
+            packages.insert(0, OutputFile(srpm.name, len(data), hashlib.sha256(data).hexdigest(),
+                                          "rpm", "src"))
+            self.session.uploadWrapper(str(srpm), upload_dir, name=srpm.name)
+        proofs = []
+        for entry in manifest["verified_by"]:
+            subdir = node_subdir(entry["fingerprint"])
+            files = []
+            for path in outcome.node_files.get(subdir, []):
+                data = path.read_bytes()
+                files.append(OutputFile(path.name, len(data), hashlib.sha256(data).hexdigest(),
+                                        "log", "noarch", subdir))
+                self.session.uploadWrapper(str(path), f"{upload_dir}/{subdir}", name=path.name)
+            job_raw = (stored / entry["job"]).read_bytes()
+            result_raw = (stored / entry["result"]).read_bytes()
+            result = Result.from_bytes(result_raw)
+            proofs.append(NodeProof(
+                node=entry["node"], fingerprint=entry["fingerprint"],
+                operator=entry["operator"], job_id=entry["job_id"],
+                job_sha256=hashlib.sha256(job_raw).hexdigest(),
+                result_sha256=hashlib.sha256(result_raw).hexdigest(),
+                environment=result.environment_map, started_ms=result.started_ms,
+                ended_ms=result.ended_ms,
+                artifacts={a.name: a.sha256.hex() for a in result.artifacts}, files=tuple(files),
+            ))
+        metadata = build_metadata(
+            name=header.name, version=header.version, release=header.release,
+            epoch=header.epoch, source=src, start_time=row.started, end_time=int(time.time()),
+            content_generator=config.content_generator, packages=packages, nodes=proofs,
+            extra={"p2pbuild": {
+                "build_id": build.id,
+                "dispatcher": str(self.options.bridge.engine.identity.public_key),
+                "verified_by": [{"node": p.node, "operator": p.operator} for p in proofs],
+                "reproducible": True,
+                "mismatch_report": build.report or None,
+                "trust_list_version": manifest.get("trust_list_version"),
+            }},
+            build_id=row.build_id, task_id=self.id, owner=row.owner or None,
+        )
+        meta_path = Path(self.workdir) / "metadata.json"
+        meta_path.write_text(json.dumps(metadata, indent=2, sort_keys=True))
+        self.session.uploadWrapper(str(meta_path), upload_dir, name="metadata.json")
+        self.session.CGImport("metadata.json", upload_dir, token=row.token)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
