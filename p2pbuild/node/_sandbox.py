@@ -23,10 +23,18 @@ group with SIGKILL when the time limit passes, the log outgrows its cap, the scr
 directory outgrows the disk limit, or the caller is cancelled. ``--die-with-parent`` and
 the PID namespace take everything inside down with it: when the namespace's init dies the
 kernel kills every process in it, daemonized or not.
+
+Every sandbox is started from one thread that lives as long as the process
+(:data:`_SPAWNER`). ``--die-with-parent`` is ``PR_SET_PDEATHSIG``, and the kernel sends
+that signal when the *thread* that forked bwrap exits, not the process. trio's
+``open_process`` forks from a worker of trio's thread cache, which exits after 10 s idle,
+and so killed every build that ran longer than that. From the spawner thread the signal
+means what it says: the node daemon is gone.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import enum
 import json
@@ -37,6 +45,7 @@ import subprocess
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import attrs
 import trio
@@ -264,6 +273,56 @@ def _disk_usage(root: Path) -> int:
     return total
 
 
+# One thread, never idle-timed-out (ThreadPoolExecutor workers wait for work for as long as
+# the executor lives), starts every sandbox: see the module docstring.
+_SPAWNER = concurrent.futures.ThreadPoolExecutor(
+    max_workers=1, thread_name_prefix="p2pbuild-sandbox-spawner"
+)
+
+
+@attrs.define(eq=False)
+class _Child:
+    """A started bwrap: its Popen, awaited through a pidfd (trio's own way on Linux)."""
+
+    popen: subprocess.Popen[bytes]
+    pidfd: int
+
+    @classmethod
+    async def start(cls, argv: Sequence[str], **options: Any) -> _Child:
+        """Start ``argv`` from the spawner thread. Not cancellable (it takes milliseconds),
+        so a started child is never lost."""
+
+        def start() -> _Child:
+            popen = subprocess.Popen(argv, **options)
+            try:
+                return cls(popen, os.pidfd_open(popen.pid))
+            except BaseException:
+                popen.kill()
+                popen.wait()
+                raise
+
+        future = _SPAWNER.submit(start)
+        return await trio.to_thread.run_sync(future.result)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.returncode
+
+    async def wait(self) -> int:
+        """Wait for the exit and reap; the exit status (negative: killed by that signal)."""
+        if self.popen.returncode is None:
+            await trio.lowlevel.wait_readable(self.pidfd)
+            self.popen.wait()  # exited: reaps at once
+        return self.popen.returncode
+
+    def close(self) -> None:
+        os.close(self.pidfd)
+
+
 async def run_supervised(
     command: Sequence[str],
     *,
@@ -282,7 +341,7 @@ async def run_supervised(
     """
     info_read, info_write = os.pipe()
     try:
-        proc = await trio.lowlevel.open_process(
+        proc = await _Child.start(
             # --info-fd: bwrap reports the host pid of the sandbox's init (its PID 1).
             [command[0], "--info-fd", str(info_write), *command[1:]],
             stdin=subprocess.DEVNULL,
@@ -299,8 +358,9 @@ async def run_supervised(
         os.close(info_write)
     stop: Stop | None = None
     init = _SandboxInit()
-    assert proc.stdout is not None
-    stdout = proc.stdout
+    assert proc.popen.stdout is not None
+    stdout = trio.lowlevel.FdStream(os.dup(proc.popen.stdout.fileno()))
+    proc.popen.stdout.close()
     try:
         async with trio.open_nursery() as nursery:
             limits = trio.CancelScope(deadline=deadline)
@@ -334,6 +394,7 @@ async def run_supervised(
             await _stop_sandbox(proc, init)
             await stdout.aclose()
             init.close()
+            proc.close()
     assert proc.returncode is not None
     return proc.returncode, stop
 
@@ -367,7 +428,7 @@ class _SandboxInit:
             self.pidfd = None
 
 
-async def _stop_sandbox(proc: trio.Process, init: _SandboxInit) -> None:
+async def _stop_sandbox(proc: _Child, init: _SandboxInit) -> None:
     """Kill what is left of the sandbox and return once all of it is gone."""
     if proc.returncode is not None:
         return

@@ -355,3 +355,19 @@ async def test_slots_bound_concurrent_builds(tmp_path: Path) -> None:
     assert busiest == 1
     assert executor.statistics().slots == 1
     assert list((tmp_path / "work").iterdir()) == []
+
+
+async def test_builds_outlive_the_thread_that_would_have_started_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # bwrap runs with --die-with-parent (PR_SET_PDEATHSIG), which fires when the *thread*
+    # that forked it exits. trio's cached worker threads exit after IDLE_TIMEOUT (10 s) of
+    # idleness; shortened here, a sandbox started from one was killed within a second. Only
+    # the time limit may end this build.
+    monkeypatch.setattr(trio._core._thread_cache, "IDLE_TIMEOUT", 0.2)
+    source = sleeper_tarball(tmp_path / "sleeper.tar.gz", str(secrets.randbelow(10**12)).zfill(12))
+    limits = Limits(time_limit=2.5, max_disk_bytes=64 << 20)
+    outcome = await run_build(_spec(BuildType.MAKE, source), tmp_path / "w", limits)
+    assert outcome.state is BuildState.TIMED_OUT, _log(outcome)[-400:]
+    assert outcome.reason == "time"
+    assert outcome.timings.duration_ms >= 2500
