@@ -22,8 +22,7 @@ pytestmark = pytest.mark.slow
 
 LEASE_S = 3.0
 HEARTBEAT_S = 1.0
-#: %build sleeps this long. (Kept under 10 s: a bubblewrap build that outlives the trio
-#: worker thread which spawned it, idle for 10 s, is SIGKILLed by --die-with-parent.)
+#: %build sleeps this long: long enough to kill the node mid-build, more than a lease.
 BUILD_SECONDS = 7
 
 
