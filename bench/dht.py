@@ -32,8 +32,9 @@ says how busy the machine was).
 
 Figures that are defined differently in the two implementations:
 
-* *rounds*: p2pbuild counts the lookup's depth (``DhtStatistics.lookup_rounds``); stock
-  counts calls of its crawler's ``_find`` (one batch of alpha queries each).
+* *rounds*: p2pbuild counts the lookup's depth, the hops to the deepest node it asked (1:
+  a contact of its own table; ``DhtStatistics.lookup_rounds``); stock counts calls of its
+  crawler's ``_find`` (one batch of alpha queries each).
 * *RPCs*: p2pbuild counts the RPCs the looking-up node sent for the lookup
   (``lookup_rpcs``); stock counts its crawler's ``find_node``/``find_value`` RPCs and the
   store a ``get`` sends to the nearest node without the value before it returns. Both
@@ -42,8 +43,12 @@ Figures that are defined differently in the two implementations:
   contacts; p2pbuild: the same pings, resends of timed-out queries, record pages fetched
   after the walk (a key whose records do not fit in the walk's replies), and hand-off
   stores to newly seen nodes with the pings that precede them).
-* A p2pbuild lookup of a key asks until ``value_quorum`` (4) holders answered, because a
-  key holds many publishers' records; a stock ``get`` stops at the first value.
+* A p2pbuild lookup of a node key (this workload) ends once one holder answered with the
+  publisher's capability (``node_key_quorum``, 1), but still takes the answers of the
+  queries then in flight, and asks one node at a time past its first round; a lookup of a
+  facet key (phase 5) asks until the ``value_quorum`` (4) closest nodes answered, because
+  it holds many publishers' records. A stock ``get`` stops at the first round with a value
+  (and then stores it to the closest node without it).
 
 The stock package runs in a child process (it is asyncio) at the largest N from
 ``--stock-n`` (default: N, 300, 100) that completes within ``--stock-budget`` seconds.

@@ -210,7 +210,13 @@ class Directory:
     async def get(self, key: bytes) -> list[SignedRecord]:
         """The verified, unexpired records under ``key`` (20 bytes; see
         :func:`~p2pbuild.dht.node_key`, :func:`~p2pbuild.dht.facet_key`), latest per
-        publisher and kind. An empty list means none was found."""
+        publisher and kind. An empty list means none was found.
+
+        A lookup of a node key ends at the first holder whose answer has the publisher's
+        capability (``DhtConfig.node_key_quorum``), merged with the answers then in flight;
+        a lookup of any other key reads the ``value_quorum`` closest holders
+        (``docs/protocol.md``).
+        """
         op = self._core.get(key, self.now())
         await self._driver.wait(op)
         return op.result

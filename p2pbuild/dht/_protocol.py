@@ -14,7 +14,7 @@ Times are Unix seconds as floats (records carry Unix times, so the core needs on
 clock). The module is longer than most because the lookup state machines, the RPC table and
 the request handlers share the node's state; splitting them would only add indirection.
 
-Lookups ("walks") follow the paper with two changes for latency:
+Lookups ("walks") follow the paper with these changes:
 
 * each RPC has a timeout from its contact's measured round trip (RFC 6298 style), and a
   shorter *stall* time after which the walk stops waiting for it: a stalled query no longer
@@ -23,7 +23,38 @@ Lookups ("walks") follow the paper with two changes for latency:
 * a record lookup ends when the ``value_quorum`` closest live contacts have answered (or,
   if all of them answered with nothing, the ``k`` closest: they may have joined after the
   records were stored), then pages through the ``page_sources`` closest holders that have
-  more (a key holds many records); a node lookup ends when the ``k`` closest have answered.
+  more (a key holds many records); a node lookup ends when the ``k`` closest have answered;
+* a lookup of a *node key* ends sooner. A node key holds one publisher's records only (the
+  store binds a capability to its publisher's node key and facet keys, a status to keys
+  holding its publisher's capability: ``_store.py``), so one holder's answer with the
+  publisher's capability is a complete one. Once ``node_key_quorum`` (1) answers held it,
+  the walk asks nobody new, takes the answers of the queries still in flight (until each
+  answers or stalls) and keeps the highest ``seq`` per slot. The walk tells the kind of key
+  from the first capability bound to it (a facet key is nobody's node key: the SHA-1 inputs
+  differ), so callers need not say it. Freshness, the choice made: the answers merged are
+  the first holder's and those of its round still in flight. A holder that missed the
+  latest publish (its store and the resend both lost) can serve an older, unexpired record
+  until the owner's next publish reaches it (the node daemon's status every
+  ``status_interval_s``, a directory's records every ``republish_interval``), as a stock
+  first-value ``get`` can; and a Sybil holder next to the key that answers first can
+  replay an older record of the publisher unless an answer in flight has a newer one. An
+  answer without the capability never ends a lookup early, so "gone from the directory"
+  still takes the quorum's empty answers. With ``node_key_quorum`` = 3, one machine's
+  Sybils (at most ``max_contacts_per_host`` = 2 per lookup) cannot be every answer taken;
+  it costs RPCs;
+* until a record walk learns that its key holds several publishers' records, it walks for
+  a single answer: its first round asks our ``alpha`` closest contacts at once; the next
+  round starts once every query of the round has answered or stalled, so it asks the
+  closest candidate any of them named, not the closest the fastest one named; and past
+  the first round it asks one candidate at a time, the next when that one answers or
+  stalls (records live on the ``k`` closest nodes, so a farther candidate holds them only
+  if the closer one in flight does). The cost is latency only when a round's queries are
+  slow or dead: at most a stall time per round. Facet walks and widened walks (``k``) ask
+  ``alpha`` at a time;
+* a lost walk query or page request is resent once while its lookup still needs it (a lost
+  page would otherwise end the read early if no other holder has more). Not resent, their
+  timeouts only counting against their contacts: the queries of a walk that has ended, and
+  a single-answer walk's stalled queries (it asked the next candidate instead).
 
 Defences against hostile peers (``docs/threat-model.md``), all bounded by ``DhtConfig``:
 
@@ -61,7 +92,7 @@ import attrs
 from .._errors import LocalError, MalformedError, RemoteError
 from .._records import DEFAULT_POLICY, Kind, RecordPolicy, SignedRecord
 from . import _wire as wire
-from ._ids import Address, Contact, id_from_bytes, id_to_bytes
+from ._ids import Address, Contact, id_from_bytes, id_to_bytes, node_key
 from ._routing import Peer, RoutingTable, is_loopback
 from ._store import SHARED_CACHE, RecordCache, RecordStore, latest, slot_of
 from ._wire import HEADER_SIZE, Request, Response
@@ -112,6 +143,10 @@ class DhtConfig:
     alpha: int = attrs.field(default=3, validator=_positive)
     #: Closest live contacts a record lookup must hear from before it ends.
     value_quorum: int = attrs.field(default=4, validator=_positive)
+    #: Answers holding the publisher's capability that end a lookup of a *node key* (a key
+    #: that holds one publisher's records only) before ``value_quorum``; the queries then
+    #: in flight are still awaited, no new ones are sent.
+    node_key_quorum: int = attrs.field(default=1, validator=_positive)
     #: Largest datagram we send (payload of UDP), including the rpcudp header.
     max_datagram: int = attrs.field(default=1200, validator=_positive)
     #: Largest datagram we accept; bigger ones are dropped as ``oversize``. Larger than
@@ -260,13 +295,16 @@ class GetOperation(Operation):
     """Result: the verified, unexpired records under ``key``, latest per publisher and kind,
     sorted by slot (publisher key, then kind)."""
 
-    __slots__ = ("_cursor", "_found", "_pages", "_sources", "key", "result")
+    __slots__ = ("_cursor", "_found", "_node_key", "_pages", "_sources", "key", "result")
 
     def __init__(self, key: bytes, now: float) -> None:
         super().__init__(now)
         self.key = key
         self.result: list[SignedRecord] = []
         self._found: dict[bytes, SignedRecord] = {}
+        #: Whether ``key`` is the node key of its records' publisher: unknown (None) until
+        #: the first capability bound to ``key`` arrives (see ``DhtNode._collect``).
+        self._node_key: bool | None = None
         self._cursor = b""
         self._pages = 0
         self._sources = 0
@@ -292,6 +330,8 @@ class PutOperation(Operation):
 # -- walks ----------------------------------------------------------------------------------------
 
 _NEW, _INFLIGHT, _STALLED, _OK, _FAILED = range(5)
+# Deeper than any walk goes.
+_NO_DEPTH = 1 << 30
 
 
 class _Candidate:
@@ -313,6 +353,7 @@ def _distance(candidate: _Candidate) -> int:
 
 class _Walk:
     __slots__ = (
+        "confirmed",
         "finished",
         "hosts",
         "inflight",
@@ -337,6 +378,8 @@ class _Walk:
         self.hosts: dict[str, int] = {}
         #: Set once the walk's result is handed on; late replies then change nothing.
         self.finished = False
+        #: Record walks of a node key: answers that held the publisher's capability.
+        self.confirmed = 0
 
 
 # -- RPC table ------------------------------------------------------------------------------------
@@ -538,7 +581,12 @@ class DhtNode:
                 if not self._pending:
                     self._pending = {}
                 self._counters[7] += 1
-                if rpc.retries and rpc.args is not None and self._resend(rpc, now):
+                if (
+                    rpc.retries
+                    and rpc.args is not None
+                    and self._still_wanted(rpc)
+                    and self._resend(rpc, now)
+                ):
                     continue
                 self._on_failure(rpc, now)
         if now >= self._next_maintenance:
@@ -728,6 +776,25 @@ class DhtNode:
         heapq.heappush(self._timers, (now + timeout, msg_id, _DEADLINE))
         if purpose == _FOR_WALK and stall < timeout:
             heapq.heappush(self._timers, (now + stall, msg_id, _STALL))
+        return True
+
+    def _still_wanted(self, rpc: _Rpc) -> bool:
+        """Whether the answer to a timed-out RPC would still serve its operation. Not resent,
+        only counted as a failure of its contact: a walk query of a walk that has ended (it
+        had enough answers without this one), and a stalled query of a single-answer walk
+        (the walk asked the next closest candidate instead: any holder will do)."""
+        op = rpc.op
+        if op is None:
+            return True
+        if op.done:
+            return False
+        if rpc.purpose == _FOR_WALK:
+            walk = op._walk
+            if walk is None or walk.finished:
+                return False
+            candidate = rpc.candidate
+            stalled = candidate is not None and candidate.state == _STALLED
+            return not (stalled and self._single_answer(walk))
         return True
 
     def _resend(self, rpc: _Rpc, now: float) -> bool:
@@ -1135,11 +1202,37 @@ class DhtNode:
 
     def _advance(self, walk: _Walk, now: float) -> None:
         """Send queries while fewer than ``alpha`` are in flight, or finish the walk once the
-        ``quorum`` closest non-failed, non-stalled candidates have all answered."""
+        ``quorum`` closest non-failed, non-stalled candidates have all answered.
+
+        A record walk that may end at its first holder (its key is not known to hold several
+        publishers' records) asks as the module docstring says: the next round only once
+        the round in flight has answered or stalled, and past the first round one candidate
+        at a time. Once ``node_key_quorum`` answers held the key's publisher's capability,
+        it asks nobody new and finishes when the queries in flight have answered or stalled.
+        """
         op = walk.op
         if op.done or walk.finished:
             return
-        alpha = self.config.alpha
+        config = self.config
+        if walk.confirmed >= config.node_key_quorum:
+            if walk.inflight == 0:
+                self._walk_done(walk, now)
+            return
+        alpha = config.alpha
+        single = self._single_answer(walk)
+        # ``deepest``: no query to a candidate learned deeper than a query in flight (a
+        # round's answers are all in before the next round picks the closest they named).
+        deepest = _NO_DEPTH
+        if single:
+            for candidate in walk.shortlist:
+                if candidate.state == _INFLIGHT and candidate.depth < deepest:
+                    deepest = candidate.depth
+        # ``held``: no query to a candidate farther than one in flight; a single-answer
+        # walk's records live on the k closest nodes, so a farther candidate holds them
+        # only if the closer one does.
+        held = False
+        # Only the first round (our own closest contacts) is asked alpha at a time.
+        one_at_a_time = single and op.rpcs > 0
         answered = 0
         blocked = False
         for candidate in walk.shortlist:
@@ -1150,10 +1243,13 @@ class DhtNode:
                     break
             elif state == _NEW:
                 blocked = True
-                if walk.inflight < alpha:
+                if walk.inflight < alpha and not held and candidate.depth <= deepest:
                     self._query(walk, candidate, now)
+                    # (Not if it could not be sent: then the next candidate is tried.)
+                    held = one_at_a_time and candidate.state == _INFLIGHT
             elif state == _INFLIGHT:
                 blocked = True
+                held = held or single
         if not blocked:
             if walk.records and walk.quorum < self.config.k and self._found_nothing(walk):
                 # The closest answered empty-handed (nodes that joined after the records
@@ -1162,6 +1258,17 @@ class DhtNode:
                 self._advance(walk, now)
                 return
             self._walk_done(walk, now)
+
+    def _single_answer(self, walk: _Walk) -> bool:
+        """Whether ``walk`` may end at its first holder's answer: a record walk not widened
+        to ``k`` whose key is not known to hold several publishers' records."""
+        op = walk.op
+        return (
+            walk.records
+            and walk.quorum < self.config.k
+            and isinstance(op, GetOperation)
+            and op._node_key is not False
+        )
 
     def _found_nothing(self, walk: _Walk) -> bool:
         op = walk.op
@@ -1203,11 +1310,12 @@ class DhtNode:
         candidate = rpc.candidate
         assert op is not None and candidate is not None
         contacts: list[wire.ContactTriple]
+        confirms = False
         if rpc.method == wire.P2P_FIND:
             contacts, raws, cursor = wire.parse_p2p_find_reply(value)
             assert isinstance(op, GetOperation)
             if not op.done:
-                self._collect(op, raws, now)
+                confirms = self._collect(op, raws, now)
             candidate.cursor = cursor
         else:
             contacts = wire.parse_contacts(value)
@@ -1217,6 +1325,7 @@ class DhtNode:
         if candidate.state == _INFLIGHT:
             walk.inflight -= 1
         candidate.state = _OK
+        walk.confirmed += confirms
         depth = candidate.depth + 1
         for raw_id, host, port in contacts:
             self._add_candidate(walk, raw_id, (host, port), depth)
@@ -1255,9 +1364,15 @@ class DhtNode:
 
     # -- record lookups ---------------------------------------------------------------------------
 
-    def _collect(self, op: GetOperation, raws: Sequence[bytes], now: float) -> None:
+    def _collect(self, op: GetOperation, raws: Sequence[bytes], now: float) -> bool:
         """Verify the records a holder sent and keep the newest per slot. This is the
-        reader's record boundary: each bad record is counted and skipped, the rest kept."""
+        reader's record boundary: each bad record is counted and skipped, the rest kept.
+
+        Returns True if ``op.key`` is a node key and the records held its publisher's
+        capability: a node key holds one publisher's records only (a capability is bound to
+        its publisher's node key and facet keys, a status to keys holding its publisher's
+        capability; ``_store.py``), so that holder's answer is a complete one."""
+        confirms = False
         found = op._found
         cache = self.store.cache
         policy = self.config.record_policy
@@ -1273,10 +1388,18 @@ class DhtNode:
             if op.key not in keys and record.kind is not Kind.STATUS:
                 self._rejected["wrong-key"] = self._rejected.get("wrong-key", 0) + 1
                 continue
+            if record.kind is Kind.CAPABILITY:
+                if op._node_key is None:
+                    # The first bound capability tells node key from facet key for good: a
+                    # facet key is no publisher's node key (different SHA-1 inputs).
+                    op._node_key = node_key(record.publisher) == op.key
+                if op._node_key:
+                    confirms = True
             slot = slot_of(record)
             current = found.get(slot)
             if current is None or record.seq > current.seq:
                 found[slot] = record
+        return confirms
 
     def _next_page(
         self, op: GetOperation, holder: _Candidate | None, cursor: bytes, now: float
@@ -1310,8 +1433,18 @@ class DhtNode:
         holder.cursor = b""
         op._pages += 1
         args = wire.encode_p2p_find_args(self.node_id, op.key, start)
+        # Resent once, as walk queries are: under loss a page dropped on the way would
+        # otherwise move the read to another holder, or end it if no other has more.
         if not self._call(
-            holder.address, holder.node_id, wire.P2P_FIND, args, now, op, _FOR_PAGE, holder
+            holder.address,
+            holder.node_id,
+            wire.P2P_FIND,
+            args,
+            now,
+            op,
+            _FOR_PAGE,
+            holder,
+            retries=1,
         ):
             self._finish_get(op, now)
 
