@@ -23,7 +23,8 @@ failure on two operators, too many attempts, or no node satisfying the constrain
 with the reason. Nodes that time out, vanish from the DHT, are unreachable for too long,
 let a pull job's lease expire (``lease-expired``), refuse the job or return a bad result
 are *lost*: rated down, excluded from this build for a backoff that doubles with each loss,
-and replaced. A lost pull job is withdrawn from the queue, so a late result is refused.
+and replaced. A lost pull job is withdrawn from the queue, so a late result is refused; a
+delivered one is released from it (uploads deleted) once its result is stored, synced.
 
 Module size: the engine is the one place these steps meet; splitting the build loop from
 the attempt loop would scatter the persistence protocol they share.
@@ -887,9 +888,12 @@ class Engine:
             with trio.CancelScope(shield=True):
                 await client.aclose()
         now = self.clock()
+        pulled = isinstance(client, PullNodeClient)
         # The result and its rating in one commit, not synced on its own: a restart before
         # the next synced commit fetches the result again from the node (_db module doc).
-        with self.db.batch(durable=False):
+        # Not so a pull node's: it deletes its copy once uploaded, and the queue deletes
+        # its own on release below, so this commit is the one copy left and is synced first.
+        with self.db.batch(durable=pulled):
             self.db.store_result(
                 attempt, result.to_bytes(), result.state.value, final, now,
                 reason="" if final is AttemptState.SUCCEEDED else f"build {result.state.value}",
@@ -899,6 +903,10 @@ class Engine:
                 self.ratings.record(
                     attempt.node, Signal.SUCCESS, 1.0, now, build_id=attempt.build_id
                 )
+        if isinstance(client, PullNodeClient):
+            # Stored and the artifacts copied into the work directory: the queue may forget
+            # the job and delete its uploads (the node's late requests get 410).
+            client.queue.release(job.job_id)
 
     async def _submit(self, client: NodeClient, job: Job, node: PublicKey) -> None:
         tries = 0

@@ -415,6 +415,8 @@ class PullQueue(Protocol):
 
     def artifact(self, job_id: bytes, name: str) -> Path | None: ...
 
+    def release(self, job_id: bytes) -> None: ...
+
 
 @attrs.define(eq=False)
 class PullNodeClient:

@@ -34,12 +34,24 @@ result is refused, never stored. Expiry is judged against ``clock`` whenever the
 looked at (a waiter in :meth:`~PullQueue.wait_result` sleeps until the deadline), so it does
 not depend on a timer task.
 
+Forgetting. A delivered job stays in the queue, with its uploads, until the engine has kept
+what it needs (the signed result committed durably, the artifacts copied into its work
+directory) and calls :meth:`PullQueue.release`; a job the engine withdraws or whose lease
+runs out is forgotten at once. Either way the job's upload directory is deleted and all that
+is left is a tombstone of a few dozen bytes (the node keys and the reason; at most
+``max_gone``, oldest first out), so the node's late requests about it (a retried upload, a
+last renewal) are answered ``410`` (``withdrawn`` or ``lease-expired``) rather than stored.
+Memory and disk thus hold only the jobs in flight. Uploads are not kept across a restart
+(the queue does not read them back), so a fresh offer or :meth:`~PullQueue.resume` of a job
+deletes whatever an earlier process left in its directory.
+
 What the engine uses (``_nodes.PullQueue`` protocol): :meth:`PullQueue.offer`,
 :meth:`~PullQueue.wait_taken`, :meth:`~PullQueue.resume`, :meth:`~PullQueue.withdraw`,
-:meth:`~PullQueue.wait_result`, :meth:`~PullQueue.artifact`. The queue lives in memory; the
-engine's database is what survives a restart. After one, :meth:`~PullQueue.resume` puts a
-job its node had taken back as taken by that node with a *fresh* lease, so a node that is
-still building has a whole lease period to renew (and upload) before it counts as lost.
+:meth:`~PullQueue.wait_result`, :meth:`~PullQueue.artifact`, :meth:`~PullQueue.release`.
+The queue lives in memory; the engine's database is what survives a restart. After one,
+:meth:`~PullQueue.resume` puts a job its node had taken back as taken by that node with a
+*fresh* lease, so a node that is still building has a whole lease period to renew (and
+upload) before it counts as lost.
 
 Module size: the queue's state machine (offer, take, lease, tombstones, uploads) and the
 routes that drive it share one delivery record; the routes are thin, and apart they would
@@ -55,6 +67,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -256,6 +269,15 @@ class PullDelivery:
 
 
 @attrs.frozen
+class _Tombstone:
+    """What is left of a job that ended: who may ask about it, and the answer (``410``)."""
+
+    taken_by: PublicKey | None
+    for_node: PublicKey | None
+    error: JobWithdrawnError | LeaseExpiredError
+
+
+@attrs.frozen
 class PullQueueStatistics:
     pending: int
     taken: int
@@ -269,6 +291,10 @@ class PullQueueStatistics:
     renewals: int = 0
     #: Jobs withdrawn by the engine while a node had them.
     withdrawn_taken: int = 0
+    #: Delivered jobs the engine released (kept what it needed; forgotten here).
+    released: int = 0
+    #: Ended jobs remembered only to answer their node ``410`` (at most ``max_gone``).
+    tombstones: int = 0
 
 
 def _positive(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
@@ -285,9 +311,9 @@ class PullQueue:
     offered and not taken, ``max_wait`` seconds per long-poll, ``max_file_bytes`` per
     uploaded file (the result's own size is the exact bound; this caps what a result may
     claim), ``max_result_bytes`` per result, ``body_timeout`` to receive a result,
-    ``max_gone`` tombstones of withdrawn or lost jobs. Leases: a taken job must be renewed
-    within ``lease_s`` seconds; nodes are told to renew every ``heartbeat_s`` (at most half
-    the lease, so one lost renewal is not fatal; :class:`ValueError` otherwise).
+    ``max_gone`` tombstones of withdrawn, lost or released jobs. Leases: a taken job must be
+    renewed within ``lease_s`` seconds; nodes are told to renew every ``heartbeat_s`` (at
+    most half the lease, so one lost renewal is not fatal; :class:`ValueError` otherwise).
     """
 
     dispatcher_key: PublicKey
@@ -306,7 +332,7 @@ class PullQueue:
     max_gone: int = 10_000
     _jobs: dict[bytes, PullDelivery] = attrs.field(factory=dict, init=False)
     _pending: collections.deque[bytes] = attrs.field(factory=collections.deque, init=False)
-    _gone: collections.OrderedDict[bytes, PullDelivery] = attrs.field(
+    _gone: collections.OrderedDict[bytes, _Tombstone] = attrs.field(
         factory=collections.OrderedDict, init=False
     )
     _changed: trio.Event = attrs.field(factory=trio.Event, init=False)
@@ -362,15 +388,35 @@ class PullQueue:
         """End the job: not taken yet, nobody gets it; taken, the node's next request about
         it (lease renewal, upload) is answered ``410 withdrawn``, so it stops the build.
         Anyone in :meth:`wait_result` or :meth:`wait_taken` gets
-        :class:`JobWithdrawnError`. Unknown or already ended: nothing happens."""
+        :class:`JobWithdrawnError`. A job whose result (or refusal) is already here is
+        forgotten as by :meth:`release`. Either way its uploads are deleted and a tombstone
+        answers the node. Unknown or already ended: nothing happens, but for deleting
+        what a dispatcher before a restart left in the job's upload directory."""
         delivery = self._jobs.get(job_id)
-        if delivery is None or delivery.done.is_set():
-            if delivery is not None:
-                self._drop(job_id)
+        if delivery is None:
+            self._remove_files(job_id)
             return
-        if delivery.taken_by is not None:
+        if delivery.taken_by is not None and not delivery.done.is_set():
             self._counts["withdrawn_taken"] += 1
         self._end(delivery, JobWithdrawnError(f"job {job_id.hex()} was withdrawn"))
+
+    def release(self, job_id: bytes) -> None:
+        """The engine has kept what it needs of the job (its result stored durably, its
+        artifacts copied): forget the job and delete its uploads. What :meth:`artifact`
+        returned before is gone after this. The node's late requests about the job are
+        answered ``410 withdrawn`` (the dispatcher will never want them); ``wait_result``
+        raises :class:`JobWithdrawnError`. A job not delivered yet is withdrawn. Unknown or
+        already ended: nothing happens."""
+        delivery = self._jobs.get(job_id)
+        if delivery is None:
+            return
+        if not delivery.done.is_set():
+            self.withdraw(job_id)
+            return
+        self._counts["released"] += 1
+        self._end(delivery, JobWithdrawnError(
+            f"job {job_id.hex()} was delivered; the dispatcher has its result"
+        ))  # fmt: skip
 
     def delivery(self, job_id: bytes) -> PullDelivery | None:
         """The live delivery of ``job_id`` (offered, taken or delivered), else None."""
@@ -380,7 +426,12 @@ class PullQueue:
         """Wait until a node took the job (or it ended otherwise: the outcome is then
         :meth:`wait_result`'s). Raises :class:`UnknownPullJobError` for a job not offered
         and :class:`JobWithdrawnError` for one withdrawn."""
-        delivery = self._known(job_id)
+        delivery = self._jobs.get(job_id)
+        if delivery is None:
+            ended = self._ended(job_id)
+            if isinstance(ended.error, JobWithdrawnError):
+                raise ended.error
+            return
         while delivery.taken_by is None and not delivery.done.is_set():
             await delivery.changed.wait()
         if isinstance(delivery.gone, JobWithdrawnError):
@@ -394,7 +445,9 @@ class PullQueue:
         returns about ``lease_s`` after its last renewal), :class:`JobWithdrawnError` for a
         job withdrawn and :class:`UnknownPullJobError` for one never offered.
         """
-        delivery = self._known(job_id)
+        delivery = self._jobs.get(job_id)
+        if delivery is None:
+            raise self._ended(job_id).error
         while not delivery.done.is_set():
             if delivery.lease_until is None:  # offered, not taken: no deadline here
                 await delivery.changed.wait()
@@ -434,6 +487,8 @@ class PullQueue:
             leases_expired=self._counts["leases_expired"],
             renewals=self._counts["renewals"],
             withdrawn_taken=self._counts["withdrawn_taken"],
+            released=self._counts["released"],
+            tombstones=len(self._gone),
         )
 
     def expire_due(self) -> int:
@@ -450,11 +505,12 @@ class PullQueue:
 
     # -- state changes -----------------------------------------------------------------------------
 
-    def _known(self, job_id: bytes) -> PullDelivery:
-        delivery = self._jobs.get(job_id) or self._gone.get(job_id)
-        if delivery is None:
+    def _ended(self, job_id: bytes) -> _Tombstone:
+        """The tombstone of a job no longer live; raises :class:`UnknownPullJobError`."""
+        ended = self._gone.get(job_id)
+        if ended is None:
             raise UnknownPullJobError(f"no pull job {job_id.hex()}")
-        return delivery
+        return ended
 
     def _drop(self, job_id: bytes) -> PullDelivery | None:
         delivery = self._jobs.pop(job_id, None)
@@ -469,16 +525,29 @@ class PullQueue:
         if old is not None and not old.done.is_set():
             old.gone = JobWithdrawnError(f"job {job_id.hex()} was offered again")
             old.finish()
+        # Uploads of an earlier offer, or left by a dispatcher before a restart: nothing
+        # refers to them any more (the new delivery starts empty).
+        self._remove_files(job_id)
 
     def _end(self, delivery: PullDelivery, error: JobWithdrawnError | LeaseExpiredError) -> None:
-        """The job ends without a result: keep a tombstone so the node hears why."""
+        """Forget the job and delete its uploads; keep a small tombstone so the node hears
+        ``error``. A job still in flight ends with ``error`` for its waiters."""
         job_id = delivery.job.job_id
         self._drop(job_id)
-        delivery.gone = error
-        delivery.finish()
-        self._gone[job_id] = delivery
+        if not delivery.done.is_set():
+            delivery.gone = error
+            delivery.finish()
+        self._gone[job_id] = _Tombstone(delivery.taken_by, delivery.for_node, error)
         while len(self._gone) > self.max_gone:
             self._gone.popitem(last=False)
+        self._remove_files(job_id)
+
+    def _remove_files(self, job_id: bytes) -> None:
+        # Synchronous, so that nothing can see the job gone and its files still there: a
+        # job's directory holds only the files its one result names. Errors are ignored
+        # (as for the engine's work files): a missing directory is the common case, and an
+        # upload still streaming into a removed directory deletes its own part file.
+        shutil.rmtree(self.files_dir / job_id.hex(), ignore_errors=True)
 
     def _mark_taken(self, delivery: PullDelivery, node: PublicKey) -> None:
         now = self.clock()
@@ -580,10 +649,8 @@ class PullQueue:
             delivery = None  # it is a tombstone now: answered below
         if delivery is None:
             ended = self._gone.get(job_id)
-            if ended is not None and ended.gone is not None and node in (
-                ended.taken_by, ended.for_node
-            ):
-                raise ended.gone
+            if ended is not None and node in (ended.taken_by, ended.for_node):
+                raise ended.error
             raise UnknownPullJobError(f"no job {job_id.hex()} taken by this node")
         if delivery.taken_by != node:
             raise UnknownPullJobError(f"no job {job_id.hex()} taken by this node")
@@ -651,7 +718,12 @@ class PullQueue:
         await trio.to_thread.run_sync(lambda: part.parent.mkdir(parents=True, exist_ok=True))
         digest = hashlib.sha256()
         size = 0
-        f: BinaryIO = await trio.to_thread.run_sync(part.open, "wb")
+        try:
+            f: BinaryIO = await trio.to_thread.run_sync(part.open, "wb")
+        except FileNotFoundError:
+            # The job ended and its directory went between the mkdir and the open.
+            self._check_live(delivery)
+            raise
         try:
             buffer = bytearray()
             async for chunk in chunks:
@@ -676,14 +748,30 @@ class PullQueue:
                 f"{name}: arrived as {size} bytes, SHA-256 {digest.hexdigest()[:16]}; the "
                 f"signed result says {expected.size} bytes, {expected.sha256.hex()[:16]}"
             )
-        if delivery.gone is not None:  # withdrawn or expired while it streamed in
+        if self._jobs.get(job_id) is not delivery:
             part.unlink(missing_ok=True)
-            raise delivery.gone
+            self._check_live(delivery)
         os.replace(part, dest)
         delivery.files[(kind, expected.name)] = dest
         if delivery.complete and not delivery.done.is_set():
             delivery.finish()
         return expected
+
+    def _check_live(self, delivery: PullDelivery) -> None:
+        """Raise what the node must hear if ``delivery`` ended (withdrawn, expired,
+        released, offered again) while its upload streamed in."""
+        job_id = delivery.job.job_id
+        if self._jobs.get(job_id) is delivery:
+            return
+        if job_id not in self._jobs:
+            # The upload may have made the directory again after the job's end removed it.
+            self._remove_files(job_id)
+        ended = self._gone.get(job_id)
+        if delivery.gone is not None:
+            raise delivery.gone
+        if ended is not None:
+            raise ended.error
+        raise JobWithdrawnError(f"job {job_id.hex()} was withdrawn")
 
     def receive_refusal(self, node: PublicKey, job_id: bytes, code: str, reason: str) -> None:
         """The node will not run a job it took. A transient reason (no free slot,

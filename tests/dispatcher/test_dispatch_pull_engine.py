@@ -8,11 +8,14 @@ renewal, not after the job's hour-long time limit.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -39,6 +42,7 @@ DISPATCHER = FIXTURE.dispatchers["dispatcher-1"]
 SOURCE = b"not really an srpm: the stand-in nodes never read it\n"
 SOURCE_SHA = hashlib.sha256(SOURCE).hexdigest()
 ARTIFACT = b"reproducible bytes\n"
+LOG = b"build log\n"
 T0 = float(int(time.time()))
 LEASE_S, HEARTBEAT_S = 60.0, 15.0
 
@@ -59,6 +63,9 @@ class StandIn:
     farm: Farm
     build_s: float = 20.0
     polling: bool = True
+    #: The signed result's state; with ``partial`` the log upload never finishes.
+    outcome: str = "succeeded"
+    partial: bool = False
     taken: list[Job] = attrs.field(factory=list)
     heard: list[str] = attrs.field(factory=list)
     uploaded: list[bytes] = attrs.field(factory=list)
@@ -92,6 +99,8 @@ class StandIn:
                 return
             await trio.sleep(self.build_s)
             await self.upload(job)
+            if self.partial:
+                await trio.sleep_forever()  # renewing, until the dispatcher says gone
             nursery.cancel_scope.cancel()
 
     async def renew_until_cancelled(self, job: Job, build: trio.CancelScope) -> None:
@@ -112,19 +121,24 @@ class StandIn:
 
     async def upload(self, job: Job) -> None:
         digest = FileDigest("out/hello.txt", len(ARTIFACT), hashlib.sha256(ARTIFACT).digest())
+        log = FileDigest("build.log", len(LOG), hashlib.sha256(LOG).digest())
         result = Result.create(
-            self.identity, job, state="succeeded", exit_code=0, started_ms=1, ended_ms=2,
-            environment={}, artifacts=[digest], logs=[],
+            self.identity, job, state=self.outcome, exit_code=0 if self.outcome == "succeeded"
+            else 2, started_ms=1, ended_ms=2, environment={}, artifacts=[digest], logs=[log],
         )  # fmt: skip
 
-        async def body() -> AsyncIterator[bytes]:
-            yield ARTIFACT
+        async def body(data: bytes) -> AsyncIterator[bytes]:
+            yield data
 
         queue = self.farm.queue
         queue.receive_result(self.identity.public_key, job.job_id, result.to_bytes())
         await queue.receive_file(
-            self.identity.public_key, job.job_id, "artifacts", "out/hello.txt", body()
+            self.identity.public_key, job.job_id, "artifacts", "out/hello.txt", body(ARTIFACT)
         )
+        if not self.partial:
+            await queue.receive_file(
+                self.identity.public_key, job.job_id, "logs", "build.log", body(LOG)
+            )
         self.uploaded.append(job.job_id)
 
 
@@ -344,3 +358,134 @@ async def test_after_a_dispatcher_restart_leases_start_afresh(
     assert attempts[alive_name].job_id == names[alive_name].job_id
     assert len(alive.taken) == 1 and alive.heard == []
     assert "resumed" in [e.event for e in engine.db.audit_entries(build.id)]
+
+
+# -- the engine releases what it is done with ----------------------------------------------------
+
+
+def queue_is_empty(farm: Farm, jobs: list[str], *, others: bool = False) -> None:
+    """No delivery and no uploaded file is left in the queue for ``jobs`` (hex ids), nor
+    any other job (unless ``others``)."""
+    for job_id in jobs:
+        assert farm.queue.delivery(bytes.fromhex(job_id)) is None
+        assert not (farm.tmp / "pull" / job_id).exists()
+    if others:
+        return
+    stats = farm.queue.statistics()
+    assert (stats.pending, stats.taken, stats.delivered, stats.refused) == (0, 0, 0, 0)
+
+
+async def test_a_verified_pull_build_leaves_nothing_in_the_queue(
+    autojump_clock: trio.abc.Clock, farm: Farm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    released: dict[str, tuple[str, bytes, bytes]] = {}
+    release = PullQueue.release
+
+    def spy(queue: PullQueue, job_id: bytes) -> None:
+        # What the engine kept, seen by another connection at the moment of the release:
+        # the signed result committed, the artifact copied out of the queue's directory.
+        with contextlib.closing(sqlite3.connect(farm.tmp / "dispatcher.db")) as other:
+            attempt_id, build_id, state, raw = other.execute(
+                "SELECT a.id, a.build_id, a.state, r.raw FROM attempts a JOIN results r "
+                "ON r.attempt_id = a.id WHERE a.job_id = ?", (job_id.hex(),)
+            ).fetchone()
+        work = farm.tmp / "state" / "work" / build_id / str(attempt_id) / "out" / "hello.txt"
+        released[job_id.hex()] = (state, raw, work.read_bytes())
+        assert queue.artifact(job_id, "out/hello.txt") is not None  # not deleted before
+        release(queue, job_id)
+
+    monkeypatch.setattr(PullQueue, "release", spy)
+    synced: dict[str, int] = {}
+    store_result = Database.store_result
+
+    def spy_store(db: Database, attempt: AttemptRow, *args: Any, **kwargs: Any) -> None:
+        # The transaction the result is stored in syncs the WAL on commit (FULL = 2): the
+        # node has deleted its copy, and the queue is about to delete its own.
+        (synced[attempt.job_id],) = db._db.execute("PRAGMA synchronous").fetchone()
+        store_result(db, attempt, *args, **kwargs)
+
+    monkeypatch.setattr(Database, "store_result", spy_store)
+    a, b = farm.add("pull-a"), farm.add("pull-b")
+    engine = await farm.start_engine()
+    build = farm.submit()
+    done = await farm.wait_for(build.id, lambda b: b.state.terminal)
+    assert done.state is BuildState.VERIFIED, done.reason
+    attempts = engine.db.attempts(build.id)
+    assert released == {
+        x.job_id: ("succeeded", engine.db.result_bytes(x.id), ARTIFACT) for x in attempts
+    }
+    assert synced == {x.job_id: 2 for x in attempts}
+    # The sink has the artifacts; the queue has nothing left but two tombstones.
+    assert (Path(done.sink_path) / "artifacts" / "out" / "hello.txt").read_bytes() == ARTIFACT
+    queue_is_empty(farm, [x.job_id for x in attempts])
+    assert list((farm.tmp / "pull").iterdir()) == []
+    stats = farm.queue.statistics()
+    assert (stats.released, stats.tombstones) == (2, 2)
+    # A node retrying its upload afterwards hears 410 withdrawn; nothing is stored again.
+    with pytest.raises(JobWithdrawnError):
+        await a.upload(a.taken[0])
+    assert (a.taken, b.uploaded) == ([a.taken[0]], [b.taken[0].job_id])
+    queue_is_empty(farm, [x.job_id for x in attempts])
+
+
+async def test_a_failed_pull_build_leaves_nothing_in_the_queue(
+    autojump_clock: trio.abc.Clock, farm: Farm
+) -> None:
+    for name in ("pull-a", "pull-b"):
+        farm.add(name, outcome="failed")
+    engine = await farm.start_engine()
+    build = farm.submit()
+    done = await farm.wait_for(build.id, lambda b: b.state.terminal)
+    assert done.state is BuildState.FAILED and "failed on 2 operators" in done.reason
+    attempts = engine.db.attempts(build.id)
+    assert [x.state for x in attempts] == [AttemptState.FAILED] * 2
+    assert all(engine.db.result_bytes(x.id) is not None for x in attempts)
+    queue_is_empty(farm, [x.job_id for x in attempts])
+    assert farm.queue.statistics().tombstones == 2
+
+
+async def test_a_build_cancelled_mid_upload_leaves_nothing_in_the_queue(
+    autojump_clock: trio.abc.Clock, farm: Farm
+) -> None:
+    # Both nodes upload their result and artifact; the log never finishes.
+    a, b = farm.add("pull-a", partial=True), farm.add("pull-b", partial=True)
+    engine = await farm.start_engine()
+    build = farm.submit()
+    while len(a.uploaded) + len(b.uploaded) < 2:
+        await trio.sleep(1)
+    attempts = engine.db.attempts(build.id)
+    assert all((farm.tmp / "pull" / x.job_id / "artifacts").is_dir() for x in attempts)
+    engine.cancel(build.id, "user-1")
+    done = await farm.wait_for(build.id, lambda b: b.state.terminal)
+    assert done.state is BuildState.CANCELLED
+    queue_is_empty(farm, [x.job_id for x in attempts])
+    while not (a.heard and b.heard):
+        await trio.sleep(1)
+    assert a.heard == b.heard == ["withdrawn"]
+    assert farm.queue.statistics().tombstones == 2
+
+
+async def test_a_result_released_before_a_restart_is_not_lost(
+    autojump_clock: trio.abc.Clock, farm: Farm
+) -> None:
+    quick, slow = farm.add("pull-a", build_s=20.0), farm.add("pull-b", build_s=200.0)
+    engine = await farm.start_engine()
+    build = farm.submit()
+    attempts = await farm.wait_attempts(
+        build.id, lambda atts: any(x.state is AttemptState.SUCCEEDED for x in atts)
+    )
+    (kept,) = [x for x in attempts if x.state is AttemptState.SUCCEEDED]
+    # The queue has forgotten it: the database and the work directory are its only copy.
+    queue_is_empty(farm, [kept.job_id], others=True)
+    farm.kill_dispatcher()
+    await trio.sleep(30)
+    engine = await farm.start_engine()
+    done = await farm.wait_for(build.id, lambda b: b.state.terminal)
+    assert done.state is BuildState.VERIFIED, done.reason
+    # Verified with the result stored before the restart: pull-a built once, not again.
+    assert len(quick.taken) == 1 and len(slow.taken) == 1
+    by_node = farm.by_node(engine.db.attempts(build.id))
+    assert by_node["pull-a"].id == kept.id and by_node["pull-a"].state is AttemptState.SUCCEEDED
+    proof = sorted(p.read_bytes() for p in (Path(done.sink_path) / "proof").glob("*.result"))
+    assert engine.db.result_bytes(kept.id) in proof and len(proof) == 2
+    queue_is_empty(farm, [x.job_id for x in by_node.values()])
