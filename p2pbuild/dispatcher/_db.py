@@ -19,8 +19,9 @@ and a few writes whose loss on power failure is harmless are committed without a
 (``durable=False``: an attempt moving from pending to running, which a restart re-derives by
 sending the job again; a push attempt's result, which a restart fetches again from the
 node that keeps it, as it does for a running attempt (a pull attempt's result is durable:
-its node deletes its copy once uploaded, and the queue its files once stored); rating observations and heartbeats; the
-user's last platform). They are still atomic and survive a killed process, and the next
+its node deletes its copy once uploaded, and the queue its files once stored); rating
+observations and heartbeats; the user's last platform). They are still atomic and survive a
+killed process, and the next
 durable commit syncs them with it, at the latest the one that marks the build verified or
 failed. Accepted builds, attempts (signed jobs) and build states are always durable.
 
