@@ -335,6 +335,28 @@ class HeartbeatRow:
     at: float
 
 
+def connect_wal(path: Path, what: str, *, synchronous: str = "FULL") -> sqlite3.Connection:
+    """A connection to the SQLite file at ``path`` in WAL mode, rows as :class:`sqlite3.Row`,
+    autocommit (transactions are explicit), for the calling thread only.
+
+    Raises :class:`ConfigError` naming ``what`` the file should be if it is not a database,
+    or if WAL cannot be enabled.
+    """
+    connection = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
+    connection.row_factory = sqlite3.Row
+    try:
+        mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        connection.close()
+        raise ConfigError(f"{path} is not {what}: {exc}") from None
+    if mode != "wal":
+        connection.close()
+        raise ConfigError(f"{path}: cannot enable WAL mode (got {mode})")
+    connection.execute(f"PRAGMA synchronous={synchronous}")
+    connection.execute("PRAGMA busy_timeout=5000")
+    return connection
+
+
 class Database:
     """One SQLite file. Open with :meth:`open`; close with :meth:`close`.
 
@@ -362,21 +384,10 @@ class Database:
         version) or is not a database.
         """
         path = Path(path)
-        connection = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
-        connection.row_factory = sqlite3.Row
-        try:
-            mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        except sqlite3.DatabaseError as exc:
-            connection.close()
-            raise ConfigError(f"{path} is not a dispatcher database: {exc}") from None
-        if mode != "wal":
-            connection.close()
-            raise ConfigError(f"{path}: cannot enable WAL mode (got {mode})")
         if synchronous not in ("FULL", "NORMAL", "EXTRA"):
             raise ConfigError("synchronous must be FULL, NORMAL or EXTRA")
-        connection.execute(f"PRAGMA synchronous={synchronous}")
+        connection = connect_wal(path, "a dispatcher database", synchronous=synchronous)
         connection.execute("PRAGMA foreign_keys=ON")
-        connection.execute("PRAGMA busy_timeout=5000")
         db = cls(connection, path, synchronous=synchronous)
         db._migrate()
         return db

@@ -43,6 +43,7 @@ from typing import Any
 
 import attrs
 
+from ..dispatcher._db import connect_wal
 from ..dispatcher._errors import ConfigError
 
 __all__ = ["TaskEvent", "TaskPhase", "TaskRow", "TaskStore"]
@@ -158,19 +159,7 @@ class TaskStore:
         """Open (creating and migrating as needed) the store at ``path``. Raises
         :class:`ConfigError` for a file that is not a store or is from a newer p2pbuild."""
         path = Path(path)
-        connection = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
-        connection.row_factory = sqlite3.Row
-        try:
-            mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        except sqlite3.DatabaseError as exc:
-            connection.close()
-            raise ConfigError(f"{path} is not a koji task store: {exc}") from None
-        if mode != "wal":
-            connection.close()
-            raise ConfigError(f"{path}: cannot enable WAL mode (got {mode})")
-        connection.execute("PRAGMA synchronous=FULL")
-        connection.execute("PRAGMA busy_timeout=5000")
-        store = cls(connection, path)
+        store = cls(connect_wal(path, "a koji task store"), path)
         store._migrate()
         return store
 
