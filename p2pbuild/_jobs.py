@@ -58,11 +58,15 @@ __all__ = [
     "MAX_PULL_AUTH_SIZE",
     "MAX_RESULT_SIZE",
     "BuildType",
+    "BuildrootPackage",
+    "BuildrootRecord",
+    "BuildrootSpec",
     "FileDigest",
     "Job",
     "JobPolicy",
     "JobSpec",
     "PullAuth",
+    "Repository",
     "Result",
     "ResultState",
     "SourceArtifact",
@@ -91,6 +95,16 @@ _MAX_OPTION_LIST = 16
 JOB_OPTION_KEYS = frozenset({"check", "jobs", "with", "without"})
 _OPTION_TYPES: dict[str, type] = {"check": bool, "jobs": int, "with": list, "without": list}
 _ENV_KEY = re.compile(r"[a-z][a-z0-9_.-]{0,31}")
+#: Buildroot bounds: repositories per job, base-set entries, packages a result may list.
+_MAX_REPOS = 8
+_MAX_BASE_PACKAGES = 64
+_MAX_BUILDROOT_PACKAGES = 512
+#: An rpm dependency name as a base set may name it: ``gcc``, ``pkgconfig(zlib)``,
+#: ``/usr/bin/make``, ``perl(Carp)``. No spaces, so no version ranges.
+_DEP_NAME = re.compile(r"[A-Za-z0-9_/][A-Za-z0-9_.+:/()-]{0,127}")
+#: ``name-[epoch:]version-release.arch`` as rpm prints it.
+_NEVRA = re.compile(r"[A-Za-z0-9_+][A-Za-z0-9_.+~^-]{0,199}-(\d+:)?[A-Za-z0-9_.+~^]+"
+                    r"-[A-Za-z0-9_.+~^]+\.[A-Za-z0-9_]+")
 
 #: An option value: a flag, a small integer, or a list of tokens.
 OptionValue: TypeAlias = bool | int | tuple[str, ...]
@@ -280,9 +294,91 @@ def _convert_options(options: object) -> tuple[tuple[str, OptionValue], ...]:
 
 
 @attrs.frozen
+class Repository:
+    """An RPM repository pinned to one snapshot: a name (token), its base URL (``https://``;
+    ``repodata/repomd.xml`` is below it) and the SHA-256 of that ``repomd.xml``.
+
+    The digest pins everything else: ``repomd.xml`` carries the checksum of the package
+    metadata, which carries the checksum of every package. A node refuses a repository
+    whose ``repomd.xml`` no longer has this digest (``repo-changed``).
+    """
+
+    name: str
+    url: str
+    repomd_sha256: bytes
+
+    def __attrs_post_init__(self) -> None:
+        _check_token(self.name, "repository name")
+        url = _printable(self.url, _MAX_URL, "repository url")
+        if not url.startswith("https://") or " " in url or "?" in url or "#" in url:
+            raise MalformedError("repository url must be an https:// URL without query")
+        _require_bytes(self.repomd_sha256, 32, "repository repomd sha256")
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"name": self.name, "repomd_sha256": self.repomd_sha256, "url": self.url}
+
+    @classmethod
+    def from_wire(cls, body: object) -> Repository:
+        body = _require_map(body, ("name", "repomd_sha256", "url"), "repository")
+        return cls(body["name"], body["url"], body["repomd_sha256"])
+
+
+def _to_repos(items: object) -> tuple[Repository, ...]:
+    if not isinstance(items, (list, tuple)) or not 1 <= len(items) <= _MAX_REPOS:
+        raise MalformedError(f"a buildroot names 1 to {_MAX_REPOS} repositories")
+    repos = tuple(r if isinstance(r, Repository) else Repository.from_wire(r) for r in items)
+    if len({r.name for r in repos}) != len(repos):
+        raise MalformedError("repository names must be unique")
+    return repos
+
+
+def _to_dep_names(items: object) -> tuple[str, ...]:
+    if not isinstance(items, (list, tuple)) or len(items) > _MAX_BASE_PACKAGES:
+        raise MalformedError(f"a base package set has at most {_MAX_BASE_PACKAGES} entries")
+    for item in items:
+        if type(item) is not str or not _DEP_NAME.fullmatch(item):
+            raise MalformedError(f"bad base package name {item!r:.60}")
+    names = tuple(items)
+    if list(names) != sorted(set(names)):
+        raise MalformedError("base packages must be sorted and without duplicates")
+    return names
+
+
+@attrs.frozen
+class BuildrootSpec:
+    """The clean buildroot an ``rpm`` job builds in: pinned repositories (in priority
+    order) and the base package set, a comps ``group`` (``""`` for none, e.g.
+    ``buildsys-build``) and/or explicit ``packages``. The node adds the SRPM's
+    BuildRequires, resolved against the same repositories."""
+
+    repos: tuple[Repository, ...] = attrs.field(converter=_to_repos)
+    group: str = ""
+    packages: tuple[str, ...] = attrs.field(default=(), converter=_to_dep_names)
+
+    def __attrs_post_init__(self) -> None:
+        if self.group:
+            _check_token(self.group, "comps group")
+        elif type(self.group) is not str:
+            raise MalformedError("comps group must be text")
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "group": self.group,
+            "packages": list(self.packages),
+            "repos": [r.to_wire() for r in self.repos],
+        }
+
+    @classmethod
+    def from_wire(cls, body: object) -> BuildrootSpec:
+        body = _require_map(body, ("group", "packages", "repos"), "buildroot")
+        return cls(body["repos"], body["group"], body["packages"])
+
+
+@attrs.frozen
 class JobSpec:
     """What to build: the source, the build type, the target platform, the allow-listed
-    build options (:data:`JOB_OPTION_KEYS`) and the requested time limit in seconds."""
+    build options (:data:`JOB_OPTION_KEYS`), the requested time limit in seconds and, for
+    ``rpm`` jobs, the buildroot (None: build with what the node's host has)."""
 
     source: SourceArtifact
     build_type: BuildType = attrs.field(converter=_to_build_type)
@@ -291,27 +387,36 @@ class JobSpec:
         default=(), converter=_convert_options
     )
     time_limit_s: int = 3600
+    buildroot: BuildrootSpec | None = None
 
     def __attrs_post_init__(self) -> None:
         if type(self.time_limit_s) is not int or not 1 <= self.time_limit_s <= 24 * 3600:
             raise MalformedError("time limit must be 1 to 86400 seconds")
+        if self.buildroot is not None and self.build_type is not BuildType.RPM:
+            raise MalformedError("only rpm jobs name a buildroot")
 
     @property
     def options_map(self) -> dict[str, OptionValue]:
         return dict(self.options)
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        wire = {
             "build_type": self.build_type.value,
             "limits": {"time_s": self.time_limit_s},
             "options": {k: list(v) if isinstance(v, tuple) else v for k, v in self.options},
             "source": self.source.to_wire(),
             "target": self.target.to_wire(),
         }
+        if self.buildroot is not None:
+            wire["buildroot"] = self.buildroot.to_wire()
+        return wire
 
     @classmethod
     def from_wire(cls, body: object) -> JobSpec:
-        body = _require_map(body, ("build_type", "limits", "options", "source", "target"), "spec")
+        fields: tuple[str, ...] = ("build_type", "limits", "options", "source", "target")
+        if type(body) is dict and "buildroot" in body:
+            fields = (*fields, "buildroot")
+        body = _require_map(body, fields, "spec")
         limits = _require_map(body["limits"], ("time_s",), "limits")
         if type(body["options"]) is not dict:
             raise MalformedError("build options must be a map")
@@ -321,6 +426,9 @@ class JobSpec:
             target=Target.from_wire(body["target"]),
             options=body["options"],
             time_limit_s=limits["time_s"],
+            buildroot=(
+                BuildrootSpec.from_wire(body["buildroot"]) if "buildroot" in body else None
+            ),
         )
 
 
@@ -563,6 +671,79 @@ def _convert_environment(env: object) -> tuple[tuple[str, str], ...]:
     return tuple(result)
 
 
+@attrs.frozen(order=True)
+class BuildrootPackage:
+    """One package installed in a buildroot: ``name-[epoch:]version-release.arch`` and the
+    SHA-256 of the package file (as the repository metadata names it)."""
+
+    nevra: str
+    sha256: bytes
+
+    def __attrs_post_init__(self) -> None:
+        if type(self.nevra) is not str or not _NEVRA.fullmatch(self.nevra):
+            raise MalformedError(f"bad package NEVRA {self.nevra!r:.80}")
+        _require_bytes(self.sha256, 32, "package sha256")
+
+    def to_wire(self) -> list[Any]:
+        return [self.nevra, self.sha256]
+
+
+def _to_pinned_repos(items: object) -> tuple[tuple[str, bytes], ...]:
+    if not isinstance(items, (list, tuple)) or not 1 <= len(items) <= _MAX_REPOS:
+        raise MalformedError(f"a buildroot lists 1 to {_MAX_REPOS} repositories")
+    repos = []
+    for item in items:
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise MalformedError("a buildroot repository is [name, repomd_sha256]")
+        repos.append((_check_token(item[0], "repository name"),
+                      _require_bytes(item[1], 32, "repomd sha256")))
+    if len({name for name, _ in repos}) != len(repos):
+        raise MalformedError("repository names must be unique")
+    return tuple(repos)
+
+
+def _to_buildroot_packages(items: object) -> tuple[BuildrootPackage, ...]:
+    if not isinstance(items, (list, tuple)) or len(items) > _MAX_BUILDROOT_PACKAGES:
+        raise MalformedError(f"a buildroot lists at most {_MAX_BUILDROOT_PACKAGES} packages")
+    packages = []
+    for item in items:
+        if isinstance(item, BuildrootPackage):
+            packages.append(item)
+        elif isinstance(item, (list, tuple)) and len(item) == 2:
+            packages.append(BuildrootPackage(item[0], item[1]))
+        else:
+            raise MalformedError("a buildroot package is [nevra, sha256]")
+    if [p.nevra for p in packages] != sorted({p.nevra for p in packages}):
+        raise MalformedError("buildroot packages must be sorted by NEVRA, each once")
+    return tuple(packages)
+
+
+@attrs.frozen
+class BuildrootRecord:
+    """What a build ran against: the pinned repositories (name, ``repomd.xml`` SHA-256,
+    in the job's order) and every installed package, sorted by NEVRA. Two results verify
+    each other only when their buildroot records are equal (:attr:`key`)."""
+
+    repos: tuple[tuple[str, bytes], ...] = attrs.field(converter=_to_pinned_repos)
+    packages: tuple[BuildrootPackage, ...] = attrs.field(converter=_to_buildroot_packages)
+
+    @property
+    def key(self) -> str:
+        """A hex digest of the whole record: equal iff the records are equal."""
+        return hashlib.sha256(encode(self.to_wire())).hexdigest()
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "packages": [p.to_wire() for p in self.packages],
+            "repos": [[name, digest] for name, digest in self.repos],
+        }
+
+    @classmethod
+    def from_wire(cls, body: object) -> BuildrootRecord:
+        body = _require_map(body, ("packages", "repos"), "buildroot")
+        return cls(body["repos"], body["packages"])
+
+
 @attrs.frozen
 class Result:
     """A build result signed by the node that ran the job; authentic and well-formed.
@@ -585,6 +766,8 @@ class Result:
     logs: tuple[FileDigest, ...] = attrs.field(converter=_convert_logs)
     signature: bytes = attrs.field(repr=False)
     raw: bytes = attrs.field(repr=False, eq=False)
+    #: The buildroot the build ran in; None for a job that named none.
+    buildroot: BuildrootRecord | None = None
 
     def __attrs_post_init__(self) -> None:
         _require_bytes(self.job_id, ID_SIZE, "job id")
@@ -631,6 +814,7 @@ class Result:
             dict(self.environment),
             [item.to_wire() for item in self.artifacts],
             [item.to_wire() for item in self.logs],
+            *([] if self.buildroot is None else [self.buildroot.to_wire()]),
         ]
 
     @classmethod
@@ -646,8 +830,10 @@ class Result:
         environment: Mapping[str, str],
         artifacts: Iterable[FileDigest],
         logs: Iterable[FileDigest],
+        buildroot: BuildrootRecord | None = None,
     ) -> Result:
-        """Sign the outcome of ``job`` as node ``identity``. Artifacts and logs are sorted.
+        """Sign the outcome of ``job`` as node ``identity``. Artifacts and logs are sorted;
+        ``buildroot`` is what the build ran in (for a job that named a buildroot).
 
         Raises :class:`MalformedError` for a field out of bounds (unsafe name, duplicate
         name, too many files) and :class:`OversizeError` past :data:`MAX_RESULT_SIZE`.
@@ -665,6 +851,7 @@ class Result:
             tuple(sorted(logs, key=lambda f: f.name)),
             b"",  # signed below; this value never leaves the method unsigned
             b"",
+            buildroot,
         )
         message = encode(unsigned._unsigned())
         signature = identity.sign(Domain.RESULT, message)
@@ -679,18 +866,22 @@ class Result:
         :class:`BadSignatureError`. Whether the node is trusted, and whether the result
         answers the job you sent (:meth:`check_answers`), is for the caller to ask.
         """
-        value = _split_signed(data, max_size, 12, "result")
+        # 12 elements, or 13 when the job named a buildroot (the 12th is its record).
+        elements = 13 if data[:1] == bytes([0x90 | 13]) else 12
+        value = _split_signed(data, max_size, elements, "result")
         (_, job_id, job_sha256, node, state, exit_code, started_ms, ended_ms,
-         environment, artifacts, logs, signature) = value
+         environment, artifacts, logs) = value[:11]
+        signature = value[-1]
         node_key = PublicKey(_require_bytes(node, 32, "node"))
         if type(environment) is not dict:
             raise MalformedError("environment must be a map")
         if type(state) is not str:
             raise MalformedError("state must be text")
-        node_key.verify(Domain.RESULT, _signed_part(data, 12), signature)
+        node_key.verify(Domain.RESULT, _signed_part(data, elements), signature)
+        buildroot = BuildrootRecord.from_wire(value[11]) if elements == 13 else None
         return cls(
             job_id, job_sha256, node_key, state, exit_code, started_ms, ended_ms,
-            environment, artifacts, logs, signature, data,
+            environment, artifacts, logs, signature, data, buildroot,
         )
 
     def to_bytes(self) -> bytes:
