@@ -20,6 +20,7 @@ __all__ = [
     "BadSignatureError",
     "CodecError",
     "ExpiredError",
+    "ForbiddenError",
     "KeyFileError",
     "LifetimeError",
     "LocalError",
@@ -136,6 +137,13 @@ class WrongNodeError(RecordError):
     """A job addressed to another node, or a pull token meant for another dispatcher."""
 
     code = "wrong-node"
+
+
+class ForbiddenError(RemoteError):
+    """An authentic request from a key or user that may not do this (another dispatcher's
+    job, another user's build)."""
+
+    code = "forbidden"
 
 
 # -- trust list -------------------------------------------------------------------------------

@@ -293,6 +293,8 @@ class Engine:
     def __attrs_post_init__(self) -> None:
         if self.ratings is None:
             self.ratings = RatingBook(self.db)
+        if self.connector.identity is None:
+            self.connector.identity = self.identity  # it signs job control orders
 
     @property
     def sources(self) -> SourceStore:

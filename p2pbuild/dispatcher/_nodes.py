@@ -19,8 +19,9 @@ do not parse or are not signed by the node. The engine catches only :class:`Node
 from __future__ import annotations
 
 import hashlib
+import time
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -29,11 +30,12 @@ import httpx
 import trio
 
 from .._errors import RemoteError
-from .._identity import PublicKey
+from .._identity import Identity, PublicKey
 from .._jobs import FileDigest, Job, Result
 from .._records import Capability, Kind, SignedRecord
 from .._trust import TrustList
 from ..dht import Directory, NodeEntry, Query, node_key
+from ..node._api import control_header
 from ..node._tls import BodyTooLongError, fetch_pinned_file, pinned_client
 from ._errors import (
     ArtifactDigestError,
@@ -192,6 +194,10 @@ class PushNodeClient:
 
     endpoint: str
     tls_sha256: bytes
+    #: The dispatcher's key, which signs job control orders (:meth:`cancel`); without it
+    #: the node refuses them.
+    identity: Identity | None = None
+    clock: Callable[[], float] = time.time
     timeout: float = 30.0
     max_artifact_bytes: int = 4 * 1024**3
     #: Largest reply body other than an artifact (a result is at most 64 KiB).
@@ -386,7 +392,10 @@ class PushNodeClient:
             )
 
     async def cancel(self, job_id: bytes) -> None:
-        response = await self._request("DELETE", f"/v1/jobs/{job_id.hex()}")
+        headers = {}
+        if self.identity is not None:
+            headers["authorization"] = control_header(self.identity, job_id, int(self.clock()))
+        response = await self._request("DELETE", f"/v1/jobs/{job_id.hex()}", headers=headers)
         if response.status_code not in (200, 404):
             raise _refusal(response, "cancel")
 
@@ -504,6 +513,8 @@ class NodeConnector:
 
     pull_queue: PullQueue | None = None
     timeout: float = 30.0
+    #: Signs job control orders to push nodes (the engine sets its own when None).
+    identity: Identity | None = None
     #: One pinned HTTPS client (and connection pool) per node endpoint and certificate:
     #: a TLS context and handshake per attempt costs more than the rest of a small build.
     _push: dict[tuple[str, bytes], PushNodeClient] = attrs.field(factory=dict, init=False)
@@ -518,7 +529,9 @@ class NodeConnector:
             key = (endpoint, tls_sha256)
             client = self._push.get(key)
             if client is None:
-                client = PushNodeClient(endpoint, tls_sha256, timeout=self.timeout, shared=True)
+                client = PushNodeClient(
+                    endpoint, tls_sha256, self.identity, timeout=self.timeout, shared=True
+                )
                 self._push[key] = client
             return client
         if self.pull_queue is None:

@@ -9,7 +9,15 @@ Endpoints (``docs/node-api.md`` has the details)::
     GET    /v1/jobs/{id}/logs/{name}         file, likewise
     GET    /v1/jobs/{id}/log[?follow=1]      the live build log (text), following it to the end
     DELETE /v1/jobs/{id}                     cancel a running job; forget a finished one
+                                             (only on an order signed by the job's dispatcher)
     GET    /v1/status                        the node's key and the service's statistics
+
+``DELETE`` needs ``Authorization: P2PBuild-Control <base64url JobControl>``: an order signed by
+the dispatcher that issued the job (:class:`~p2pbuild.JobControl`, fresh, single-use, naming
+the job). Without one it is refused with 401 (``unauthenticated``, ``bad-signature``), with
+another key's with 403 (``forbidden``), and nothing changes. The other job routes only read,
+by a job id of 128 random bits that only the job's dispatcher and its admins see; see
+``docs/node-api.md`` for why they stay open.
 
 Every refusal is a one-line JSON body ``{"error": code, "reason": "..."}`` whose ``code`` is
 the error's (the same as in the service's rejection counters), with the HTTP status from
@@ -21,6 +29,8 @@ and idle connections are hypercorn's to drop; its limits are set from :class:`No
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 from pathlib import Path
 from typing import Any
@@ -38,6 +48,7 @@ from .._errors import (
     BadSignatureError,
     CodecError,
     ExpiredError,
+    ForbiddenError,
     OversizeError,
     P2PBuildError,
     RemoteError,
@@ -45,7 +56,8 @@ from .._errors import (
     TrustError,
     WrongNodeError,
 )
-from .._jobs import MAX_JOB_SIZE
+from .._identity import Identity
+from .._jobs import MAX_JOB_CONTROL_SIZE, MAX_JOB_SIZE, JobControl, JobControlAction
 from ._service import (
     JobRunningError,
     JobService,
@@ -56,9 +68,12 @@ from ._service import (
 from ._tls import TlsMaterial
 
 __all__ = [
+    "CONTROL_SCHEME",
     "HTTP_STATUS",
+    "ControlAuthError",
     "NodeApiConfig",
     "RequestTimeoutError",
+    "control_header",
     "make_app",
     "read_body",
     "refusal",
@@ -79,8 +94,42 @@ class RequestTimeoutError(RemoteError):
     code = "request-timeout"
 
 
+#: ``Authorization`` scheme of a job control order.
+CONTROL_SCHEME = "P2PBuild-Control"
+
+
+class ControlAuthError(RemoteError):
+    """A job control request without a readable signed order."""
+
+    code = "unauthenticated"
+
+
+def control_header(identity: Identity, job_id: bytes, now: int) -> str:
+    """The ``Authorization`` value of ``DELETE /v1/jobs/<job_id>``, signed by the job's
+    dispatcher ``identity`` at Unix time ``now``."""
+    order = JobControl.create(identity, job_id, JobControlAction.DELETE, issued_at=now)
+    return f"{CONTROL_SCHEME} {base64.urlsafe_b64encode(order.to_bytes()).decode()}"
+
+
+def _control_order(header: str | None) -> bytes:
+    scheme, _, value = (header or "").partition(" ")
+    if scheme != CONTROL_SCHEME or not value:
+        raise ControlAuthError(
+            f"an Authorization: {CONTROL_SCHEME} <order> header signed by the job's "
+            "dispatcher is required"
+        )
+    if len(value) > 2 * MAX_JOB_CONTROL_SIZE:
+        raise OversizeError("job control order too large")
+    try:
+        return base64.urlsafe_b64decode(value.strip().encode("ascii"))
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        raise ControlAuthError("the job control order is not base64url") from None
+
+
 #: HTTP status for each refusal, most specific class first.
 HTTP_STATUS: tuple[tuple[type[P2PBuildError], int], ...] = (
+    (ControlAuthError, 401),
+    (ForbiddenError, 403),
     (UnservableJobError, 422),
     (OversizeError, 413),
     (CodecError, 400),
@@ -265,6 +314,12 @@ def make_app(service: JobService, config: NodeApiConfig) -> Starlette:
         # one is forgotten with its files: its dispatcher has collected what it needs.
         try:
             job_id = _job_id(request)
+            try:
+                order = _control_order(request.headers.get("authorization"))
+            except RemoteError as exc:
+                service.count_rejection(exc)
+                raise
+            service.authorize(job_id, order, JobControlAction.DELETE)
             status = service.status(job_id)
             if service.result(job_id) is None:
                 service.cancel(job_id)
@@ -275,7 +330,7 @@ def make_app(service: JobService, config: NodeApiConfig) -> Starlette:
                     await service.wait_result(job_id)
                 return JSONResponse(service.status(job_id).to_json())
             service.collect(job_id)
-        except (UnknownJobError, JobRunningError) as exc:
+        except (UnknownJobError, JobRunningError, RemoteError) as exc:
             return _refusal(exc)
         body = status.to_json()
         body["collected"] = True

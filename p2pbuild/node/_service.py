@@ -38,7 +38,16 @@ import trio
 
 from .._errors import OversizeError, P2PBuildError, RemoteError
 from .._identity import Identity
-from .._jobs import DEFAULT_JOB_POLICY, FileDigest, Job, JobPolicy, Result, ResultState
+from .._jobs import (
+    DEFAULT_JOB_POLICY,
+    FileDigest,
+    Job,
+    JobControl,
+    JobControlAction,
+    JobPolicy,
+    Result,
+    ResultState,
+)
 from .._replay import ReplayCache
 from .._trust import TrustList
 from ._errors import BuildEnvironmentError
@@ -300,6 +309,10 @@ class JobService:
     slots: int = 1
     policy: JobPolicy = DEFAULT_JOB_POLICY
     replay: ReplayCache = attrs.field(factory=ReplayCache)
+    #: Nonces of job control orders (:meth:`authorize`), in memory: an order lives
+    #: ``policy.pull_auth_window`` seconds and names one job, so after a restart a replayed
+    #: one could only repeat what that job's own dispatcher already ordered.
+    control_replay: ReplayCache = attrs.field(factory=lambda: ReplayCache(max_entries=10_000))
     clock: Callable[[], float] = time.time
     max_log_bytes: int = 16 * 1024 * 1024
     max_finished: int = 256
@@ -599,6 +612,23 @@ class JobService:
         await entry.done.wait()
         assert entry.result is not None
         return entry.result
+
+    def authorize(self, job_id: bytes, order: bytes, action: JobControlAction) -> None:
+        """Check that ``order`` (a :class:`~p2pbuild.JobControl`'s bytes) is a fresh order
+        for ``action`` on ``job_id``, signed by the dispatcher that issued that job.
+
+        Raises (and counts) :class:`UnknownJobError`, the parse errors
+        (``oversize``, ``malformed``, ``bad-signature``), :class:`~p2pbuild.ForbiddenError`
+        (another key, job or action), ``expired``, ``not-yet-valid`` and ``replayed``.
+        """
+        entry = self._entry(job_id)
+        try:
+            control = JobControl.from_bytes(order)
+            control.check(self.clock(), entry.job, action, self.control_replay,
+                          policy=self.policy)
+        except RemoteError as exc:
+            self.count_rejection(exc)
+            raise
 
     def cancel(self, job_id: bytes) -> JobStatus:
         """Cancel a running job (it ends ``cancelled``); a no-op for a finished one.

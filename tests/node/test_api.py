@@ -22,7 +22,7 @@ from p2pbuild import (
     SourceArtifact,
     Target,
 )
-from p2pbuild.node._api import NodeApiConfig, serve_node_api
+from p2pbuild.node._api import NodeApiConfig, control_header, serve_node_api
 from p2pbuild.node._service import JobService
 from p2pbuild.node._tls import (
     CertificatePinError,
@@ -237,7 +237,10 @@ async def test_busy_follow_and_cancel(nursery: trio.Nursery, tmp_path: Path) -> 
         node.runner.gate = trio.Event()
         third = make_job()
         assert (await post(client, third.to_bytes())).status_code == 202
-        cancelled = await client.delete(f"/v1/jobs/{third.id_hex}")
+        cancelled = await client.delete(
+            f"/v1/jobs/{third.id_hex}",
+            headers={"authorization": control_header(DISPATCHER, third.job_id, int(time.time()))},
+        )
         assert cancelled.status_code == 200
         status = await wait_done(client, third)
         assert status["state"] == "cancelled"

@@ -27,6 +27,7 @@ from p2pbuild import (
     Target,
 )
 from p2pbuild.dht import Directory, Query, node_key, open_directory
+from p2pbuild.node._api import control_header
 from p2pbuild.node._daemon import NodeDaemon
 from p2pbuild.node._tls import pinned_client
 from p2pbuild.testing import (
@@ -289,7 +290,10 @@ async def test_restart_keeps_finished_results_and_still_refuses_replays(
         assert handed_back.state is ResultState.HANDED_BACK
         assert (await post(c, running.to_bytes())).status_code == 409
         # Collected: DELETE of a finished job forgets it and its files.
-        assert (await c.delete(f"/v1/jobs/{finished.id_hex}")).json()["collected"] is True
+        order = control_header(DISPATCHER, finished.job_id, int(time.time()))
+        collected = await c.delete(f"/v1/jobs/{finished.id_hex}",
+                                   headers={"authorization": order})
+        assert collected.json()["collected"] is True
         assert (await c.get(f"/v1/jobs/{finished.id_hex}/result")).status_code == 404
     scope.cancel()
 
