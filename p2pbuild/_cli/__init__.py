@@ -13,11 +13,11 @@ import sys
 from collections.abc import Sequence
 
 from .._errors import P2PBuildError
-from . import _demo, _dht, _dispatcher, _keys, _node, _trust
+from . import _demo, _dht, _dispatcher, _keys, _lease, _node, _trust
 
 __all__ = ["main"]
 
-_MODULES = (_keys, _trust, _dht, _node, _demo, _dispatcher)
+_MODULES = (_keys, _trust, _dht, _node, _demo, _dispatcher, _lease)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -87,6 +87,8 @@ def register(sub: Any) -> None:
     submit.add_argument("--build-type", choices=["rpm", "make"], default=None)
     submit.add_argument("--machine", choices=["vm", "metal"])
     submit.add_argument("--pool")
+    submit.add_argument("--lease", metavar="ID", help="run only on this lease's nodes "
+                        "(p2pbuild lease request)")
     submit.add_argument("--wait", action="store_true", help="follow the build to its end")
     _client_args(submit)
     submit.set_defaults(func=_submit)
@@ -274,7 +276,7 @@ def _submit(args: argparse.Namespace) -> int:
         raise ConfigError(f"{source} is not a file")
     build_type = args.build_type or ("rpm" if source.name.endswith(".rpm") else "make")
     params = {"name": source.name, "build_type": build_type, "replicas": str(args.replicas)}
-    for key in ("arch", "os", "machine", "pool"):
+    for key in ("arch", "os", "machine", "pool", "lease"):
         if getattr(args, key):
             params[key] = getattr(args, key)
 
@@ -436,6 +438,11 @@ def _builds_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def _node_state(node: dict[str, Any]) -> str:
+    leases = node.get("leases") or []
+    return f"leased ({len(leases)})" if leases else "-"
+
+
 def _nodes_ls(args: argparse.Namespace) -> int:
     client = _client(args)
 
@@ -448,10 +455,10 @@ def _nodes_ls(args: argparse.Namespace) -> int:
         print(json.dumps(body))
         return 0
     print(f"{'NODE':<19}  {'OPERATOR':<10}  {'ARCH':<8}  {'SCORE':>5}  {'SUCC':>5}  "
-          f"{'AGREE':>5}  {'SPEED':>5}  {'MTBF(h)':>8}  {'JOBS':>4}  {'OBS':>5}")
+          f"{'AGREE':>5}  {'SPEED':>5}  {'MTBF(h)':>8}  {'JOBS':>4}  {'OBS':>5}  STATE")
     for n in body["nodes"]:
         print(f"{n['fingerprint']:<19}  {str(n.get('operator') or '?')[:10]:<10}  "
               f"{n.get('arch') or '?'!s:<8}  {n['score']:>5.2f}  {n['success']:>5.2f}  "
               f"{n['agreement']:>5.2f}  {n['speed']:>5.2f}  {n['mtbf_s'] / 3600:>8.1f}  "
-              f"{n['active_jobs']:>4}  {n['observations']:>5.1f}")
+              f"{n['active_jobs']:>4}  {n['observations']:>5.1f}  {_node_state(n)}")
     return 0

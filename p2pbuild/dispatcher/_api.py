@@ -2,8 +2,8 @@
 
 Endpoints (``docs/dispatcher.md`` has the details)::
 
-    POST   /v1/builds                 submit: SRPM body (query: name, arch, ...), or JSON
-                                      {url, sha256, name, arch, ...}
+    POST   /v1/builds                 submit: SRPM body (query: name, arch, ..., lease), or
+                                      JSON {url, sha256, name, arch, ...}
     GET    /v1/builds[?state=&limit=] list builds, newest first
     GET    /v1/builds/{id}            one build with its attempts and audit events
     GET    /v1/builds/{id}/events[?after=N&follow=1]   audit events as NDJSON, following
@@ -12,6 +12,7 @@ Endpoints (``docs/dispatcher.md`` has the details)::
     GET    /v1/status                 counters
     GET    /v1/sources/{sha256}       a build's source, for the nodes (no auth: by digest)
     /v1/pull...                       pull-mode nodes (``_pull.py``), when mounted
+    /v1/leases...                     leases (``_leasing.py``), when mounted
 
 Authentication (all but sources and pull): ``Authorization: Bearer <token>`` whose SHA-256
 a ``[[clients]]`` entry names, or ``Authorization: P2PBuild-Sig <ed25519:key> <unix time>
@@ -50,6 +51,7 @@ from ._config import ClientEntry, hash_token
 from ._db import BuildState
 from ._engine import BuildRequest, Engine
 from ._errors import AuthenticationError, BadRequestError, ClientError, UnknownBuildError
+from ._leases import LeaseRefusedError, UnknownLeaseError
 
 __all__ = ["REQUEST_SIGNATURE_PREFIX", "ApiAuth", "make_dispatcher_app", "sign_request"]
 
@@ -61,6 +63,8 @@ _WINDOW = 60
 _STATUS: tuple[tuple[type[P2PBuildError], int], ...] = (
     (AuthenticationError, 401),
     (UnknownBuildError, 404),
+    (UnknownLeaseError, 404),
+    (LeaseRefusedError, 409),
     (OversizeError, 413),
     (ClientError, 400),
     (RemoteError, 400),
@@ -180,7 +184,7 @@ def _request_from(fields: Mapping[str, Any], name: str, sha: str, size: int, url
     return BuildRequest(
         source_name=name, source_sha256=sha, source_size=size, build_type=build_type,
         arch=text("arch"), os=text("os"), machine=machine, pool=text("pool"),
-        options=options, source_url=url, **numbers,
+        options=options, source_url=url, lease=text("lease"), **numbers,
     )
 
 
@@ -339,6 +343,7 @@ async def node_table(engine: Engine, arches: Sequence[str]) -> list[dict[str, An
                 "in_directory": True,
             }
     active = engine.db.active_attempts_by_node()
+    leased = {str(k): v for k, v in engine.leases.held_by(now).items()}
     ratings = engine.ratings.ratings(now, found)
     rows = []
     for node, rating in sorted(ratings.items(), key=lambda kv: -kv[1].score):
@@ -346,6 +351,7 @@ async def node_table(engine: Engine, arches: Sequence[str]) -> list[dict[str, An
                "in_directory": False, **found.get(node, {})}
         row.update(rating.to_json())
         row["active_jobs"] = active.get(node, 0)
+        row["leases"] = leased.get(node, [])
         rows.append(row)
     return rows
 

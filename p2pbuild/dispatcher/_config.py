@@ -18,6 +18,7 @@ import attrs
 from .._errors import MalformedError
 from .._identity import PublicKey
 from ._errors import ConfigError
+from ._leases import Quotas
 
 __all__ = ["ClientEntry", "DispatcherConfig", "KojiConfig", "hash_token", "load_config"]
 
@@ -97,6 +98,9 @@ class DispatcherConfig:
     #: ``[pull]``: a pull node's lease on a taken job, and how often it is told to renew it.
     pull_lease_s: float = 60.0
     pull_heartbeat_s: float = 15.0
+    #: ``[leases]``: quotas on slots users hold, and who sees and returns every lease.
+    lease_quotas: Quotas = attrs.field(factory=Quotas)
+    lease_admins: tuple[str, ...] = ()
 
     @property
     def database(self) -> Path:
@@ -148,7 +152,7 @@ def load_config(path: Path) -> DispatcherConfig:
         p = Path(value).expanduser()
         return p if p.is_absolute() else base / p
 
-    known = {"dispatcher", "api", "dht", "clients", "pools", "engine", "koji", "pull"}
+    known = {"dispatcher", "api", "dht", "clients", "pools", "engine", "koji", "pull", "leases"}
     for key in document:
         if key not in known:
             raise ConfigError(f"{path}: unknown section [{key}]")
@@ -220,7 +224,28 @@ def load_config(path: Path) -> DispatcherConfig:
         koji=_koji_section(document, path, rel),
         pull_lease_s=lease_s,
         pull_heartbeat_s=heartbeat_s,
+        **_leases_section(document, path),
     )
+
+
+def _leases_section(document: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    """``[leases] max_slots_per_user, max_slots_per_team, max_duration_s, admins``."""
+    table = _get(document, "leases", dict, str(path), {})
+    w = f"{path} [leases]"
+    known = {"max_slots_per_user", "max_slots_per_team", "max_duration_s", "admins"}
+    for key in table:
+        if key not in known:
+            raise ConfigError(f"{w}: unknown key {key}")
+    numbers: dict[str, int] = {}
+    for key in ("max_slots_per_user", "max_slots_per_team", "max_duration_s"):
+        if key in table:
+            numbers[key] = _get(table, key, int, w)
+            if numbers[key] < 1:
+                raise ConfigError(f"{w}: {key} must be a positive integer")
+    admins = _get(table, "admins", list, w, [])
+    if not all(isinstance(a, str) and a for a in admins):
+        raise ConfigError(f"{w}: admins must be a list of user names")
+    return {"lease_quotas": Quotas(**numbers), "lease_admins": tuple(admins)}
 
 
 def _pull_section(document: Mapping[str, Any], path: Path) -> tuple[float, float]:

@@ -1,5 +1,6 @@
 """The dispatcher's state in SQLite (design item 15): builds, attempts, signed results,
-rating observations, node heartbeats, user platforms, API tokens and an append-only audit.
+rating observations, node heartbeats, user platforms, API tokens, leases (``_leasing.py``
+reads and writes that table) and an append-only audit.
 
 Durability: WAL journal with ``synchronous=FULL``. In WAL mode ``NORMAL`` already survives a
 killed *process* (a commit is in the WAL before ``COMMIT`` returns), but may lose the last
@@ -199,6 +200,22 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
         BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
     """,
+    # version 2: leases (``_leases.py``, ``_leasing.py``) and the lease a build runs under
+    """
+    CREATE TABLE leases (
+        id TEXT PRIMARY KEY,
+        user TEXT NOT NULL,
+        team TEXT,
+        state TEXT NOT NULL,
+        request TEXT NOT NULL,
+        nodes TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        ended_at REAL
+    );
+    CREATE INDEX leases_state ON leases(state);
+    ALTER TABLE builds ADD COLUMN lease_id TEXT;
+    """,
 )
 
 
@@ -233,6 +250,8 @@ class BuildRow:
     cancel_requested: bool = attrs.field(default=False, converter=bool)
     sink_path: str = ""
     report: str = ""
+    #: The lease whose nodes the build runs on (``_leases.py``), if any.
+    lease_id: str | None = None
 
     @property
     def options_map(self) -> dict[str, Any]:
@@ -527,6 +546,7 @@ class Database:
                 source=build.source_name, sha256=build.source_sha256, arch=build.arch,
                 os=build.os, build_type=build.build_type, replicas=build.replicas,
                 machine=build.machine, pool=build.pool,
+                **({"lease": build.lease_id} if build.lease_id else {}),
             )
 
     def build(self, build_id: str) -> BuildRow:

@@ -70,6 +70,7 @@ from ._errors import (
     NodeUnreachableError,
     SourceUnavailableError,
 )
+from ._leases import LeaseBook, LeaseRefusedError, UnknownLeaseError
 from ._nodes import NodeClient, NodeConnector, NodeFinder, PullNodeClient
 from ._ratings import RatingBook, Signal
 from ._select import (
@@ -105,7 +106,7 @@ _log = logging.getLogger("p2pbuild.dispatcher.engine")
 Clock = Callable[[], float]
 
 #: Selection failures that may pass by themselves (a node stops draining, a backoff ends).
-_TRANSIENT = frozenset({"draining", "excluded", "operators-used"})
+_TRANSIENT = frozenset({"draining", "excluded", "operators-used", "lease", "leased"})
 
 
 class NodeTimeoutError(NodeError):
@@ -174,6 +175,8 @@ class BuildRequest:
     options: Mapping[str, Any] = attrs.field(factory=dict)
     time_limit_s: int = 3600
     source_url: str = ""
+    #: Run only on this lease's nodes (``_leases.py``); the lease gives arch/os by default.
+    lease: str | None = None
 
     def validate(self) -> None:
         """Raises :class:`BadRequestError` for a value no build can have."""
@@ -282,6 +285,9 @@ class Engine:
     clock: Clock = time.time
     rng: random.Random = attrs.field(factory=random.SystemRandom)
     ratings: RatingBook = attrs.field(default=None)
+    #: Leases (loaded from the database when not given): builds under a lease run on its
+    #: nodes only, and slots other users' leases hold are not offered (``_leases.py``).
+    leases: LeaseBook = attrs.field(default=None)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
     _wake: dict[str, trio.Event] = attrs.field(factory=dict, init=False)
     _running: set[str] = attrs.field(factory=set, init=False)
@@ -295,6 +301,11 @@ class Engine:
             self.ratings = RatingBook(self.db)
         if self.connector.identity is None:
             self.connector.identity = self.identity  # it signs job control orders
+        if self.leases is None:
+            from ._leasing import load_leases
+
+            self.leases = LeaseBook()
+            self.leases.load(load_leases(self.db))
 
     @property
     def sources(self) -> SourceStore:
@@ -365,6 +376,10 @@ class Engine:
         if not ready and not request.source_url:
             raise BadRequestError("the source is neither uploaded nor given by URL")
         previous = self.db.platform(user)
+        if request.lease is not None:
+            lease = self.leases.check_use(request.lease, user, request.replicas, self.clock())
+            # A granted lease names its nodes' one OS (``LeaseBook.request``).
+            previous = (lease.request.arch, lease.request.os or "", None)
         arch = request.arch or (previous[0] if previous else self.config.default_arch)
         os_name = request.os or (previous[1] if previous and previous[0] == arch else None)
         os_name = os_name or self.config.default_os
@@ -391,6 +406,7 @@ class Engine:
             min_disk_mb=request.min_disk_mb,
             options=json.dumps(dict(request.options), sort_keys=True),
             time_limit_s=request.time_limit_s,
+            lease_id=request.lease,
         )
         self.db.insert_build(build)
         if self._nursery is not None:
@@ -572,6 +588,14 @@ class Engine:
                 )
                 if until > now:
                     excluded[attempt.node] = max(until, excluded.get(attempt.node, 0.0))
+        lease_nodes = None
+        if build.lease_id is not None:
+            try:
+                lease = self.leases.restriction(build.lease_id, build.user, now)
+            except (LeaseRefusedError, UnknownLeaseError) as exc:
+                await self._fail(build, attempts, tasks, str(exc))
+                return _DONE
+            lease_nodes = frozenset(n.key for n in lease.nodes)
         machine = MachineType(build.machine) if build.machine else None
         query = Query(arch=build.arch, os=build.os, machine=machine, pool=build.pool)
         entries = await self.finder.find(query)
@@ -599,6 +623,9 @@ class Engine:
             exclude_nodes=frozenset(PublicKey.from_text(k) for k in excluded),
             exclude_operators=frozenset(exclude_ops),
             affinity=affinity,
+            lease_nodes=lease_nodes,
+            lease_id=build.lease_id or "",
+            held_slots=self.leases.held_slots(now, except_lease=build.lease_id),
         )
         candidates = self._candidates(entries)
         try:
@@ -620,6 +647,15 @@ class Engine:
             if attempt.active and attempt.id not in tasks:
                 tasks[attempt.id] = await nursery.start(self._attempt_task, attempt.id)
         return None
+
+    def candidates(self, entries: list[NodeEntry]) -> list[Candidate]:
+        """Selection's view of directory entries: trust entry, rating, our jobs on each."""
+        return self._candidates(entries)
+
+    def leases_changed(self) -> None:
+        """Slots were freed (a lease ended): builds waiting for a node look again now."""
+        for build_id in list(self._wake):
+            self._poke(build_id)
 
     def _candidates(self, entries: list[NodeEntry]) -> list[Candidate]:
         active = self.db.active_attempts_by_node()

@@ -15,6 +15,11 @@ trust, arch, os, build type, machine type, pool (including dedicated pools), mem
 draining, nodes this build already tried, operators this build already uses, and finally the
 number of distinct operators.
 
+Leases (``_leases.py``) enter as two more inputs of :class:`Requirements`: a build under a
+lease may use only the lease's nodes (``lease_nodes``), and slots that leases of *other*
+users hold (``held_slots``) are not offered: a node whose every slot is held is filtered out
+("a slot not held by a lease"), and held slots count as used in its load.
+
 Ranking: each survivor gets ``score = rating - load_weight * load`` where ``rating`` is in
 [0, 1] (``_ratings.py``) and ``load`` is the fraction of its slots in use (from its status
 record plus the jobs this dispatcher has on it and the status does not show yet; a node
@@ -47,6 +52,7 @@ __all__ = [
     "Platform",
     "Requirements",
     "SelectionPolicy",
+    "eligible",
     "select_nodes",
 ]
 
@@ -71,6 +77,8 @@ class Candidate:
     trust: TrustEntry | None
     rating: float = 0.5
     active: int = 0
+    #: Slots that leases of other users hold on this node (not offered to this selection).
+    held: int = 0
 
     @property
     def operator(self) -> str:
@@ -81,11 +89,17 @@ class Candidate:
         """Fraction of slots in use, in [0, 1+]; 1.0 when the node published no status."""
         status = self.status
         if status is None or status.slots_total == 0:
-            return 1.0 + self.active
+            return 1.0 + self.active + self.held
         used = max(status.slots_total - status.slots_free, 0)
         # Our own jobs may not be in the node's status yet (it republishes every minute).
-        used = max(used, self.active)
+        used = max(used, self.active) + self.held
         return used / status.slots_total
+
+    @property
+    def unheld_slots(self) -> int:
+        """Slots not held by leases (a node without a status counts as one slot)."""
+        total = self.status.slots_total if self.status is not None else 1
+        return total - self.held
 
 
 @attrs.frozen
@@ -95,6 +109,8 @@ class Requirements:
     ``team`` is the requesting user's team (None: no team); ``dedicated_pools`` maps a pool
     name to the one team allowed to use it. ``exclude_nodes`` are nodes this build already
     tried and gave up on; ``exclude_operators`` operators it already has a replica on.
+    ``lease_nodes`` (not None): only these nodes may be chosen (the build's lease,
+    ``lease_id``); ``held_slots`` the slots other users' leases hold, per node.
     """
 
     arch: str
@@ -110,6 +126,9 @@ class Requirements:
     exclude_nodes: frozenset[PublicKey] = frozenset()
     exclude_operators: frozenset[str] = frozenset()
     affinity: Platform | None = None
+    lease_nodes: frozenset[PublicKey] | None = None
+    lease_id: str = ""
+    held_slots: Mapping[PublicKey, int] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -149,6 +168,11 @@ def _pool_allowed(c: Candidate, req: Requirements) -> bool:
 
 
 def _filter(candidates: Sequence[Candidate], req: Requirements) -> list[Candidate]:
+    if req.held_slots:
+        candidates = [
+            attrs.evolve(c, held=req.held_slots[c.key]) if c.key in req.held_slots else c
+            for c in candidates
+        ]
     if req.pool is not None:
         owner = req.dedicated_pools.get(req.pool)
         if owner is not None and owner != req.team:
@@ -190,6 +214,16 @@ def _filter(candidates: Sequence[Candidate], req: Requirements) -> list[Candidat
         ("draining", "a node that is not draining",
          lambda c: c.status is None or not c.status.draining)
     )
+    if req.lease_nodes is not None:
+        lease_nodes = req.lease_nodes
+        steps.append(
+            ("lease", f"a node of lease {req.lease_id}", lambda c: c.key in lease_nodes)
+        )
+    if req.held_slots:
+        steps.append(
+            ("leased", "a slot not held by another user's lease",
+             lambda c: c.unheld_slots > 0)
+        )
     if req.exclude_nodes:
         steps.append(
             ("excluded", "a node this build has not already given up on",
@@ -214,6 +248,15 @@ def _filter(candidates: Sequence[Candidate], req: Requirements) -> list[Candidat
         if name in ("arch", "os"):
             passed.append(text)
     return remaining
+
+
+def eligible(candidates: Sequence[Candidate], req: Requirements) -> list[Candidate]:
+    """The candidates that pass every hard constraint of ``req`` (the filters above, with
+    ``held`` set from ``req.held_slots``), in the given order; ``req.count`` is not checked.
+
+    Raises :class:`NoCapableNodeError` naming the first constraint that left no node.
+    """
+    return _filter(candidates, req)
 
 
 def _operators(candidates: Collection[Candidate]) -> set[str]:

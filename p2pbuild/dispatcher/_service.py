@@ -25,6 +25,8 @@ from ._config import DispatcherConfig
 from ._db import Database
 from ._engine import Engine, EngineConfig
 from ._errors import ConfigError
+from ._leases import LeaseBook
+from ._leasing import LeaseService, lease_routes, load_leases
 from ._nodes import DirectoryFinder, NodeConnector, NodeFinder
 from ._pull import PullQueue, pull_routes
 from ._sink import RepositorySink
@@ -45,6 +47,7 @@ class RunningDispatcher:
     dht_port: int | None
     #: The Koji build host (``p2pbuild.koji.KojiHost``) when ``[koji]`` is configured.
     koji: Any = None
+    leases: LeaseService | None = None
 
 
 def load_identity_and_trust(config: DispatcherConfig, now: float) -> tuple[Identity, TrustList]:
@@ -116,11 +119,14 @@ async def run_dispatcher(
             connector=NodeConnector(queue),
             clock=clock,
             rng=random.SystemRandom(),
+            leases=_lease_book(db, config),
         )
         auth = ApiAuth(config.clients, trust_list, clock)
+        leases = LeaseService(engine, frozenset(config.lease_admins))
         app = make_dispatcher_app(
             engine, auth, max_upload_bytes=config.max_upload_bytes,
-            list_arches=config.list_arches, extra_routes=pull_routes(queue),
+            list_arches=config.list_arches,
+            extra_routes=[*pull_routes(queue), *lease_routes(leases, auth)],
         )
         api_config = NodeApiConfig(
             tls=tls, host=config.host, port=config.port, keep_alive_timeout=90.0,
@@ -131,6 +137,7 @@ async def run_dispatcher(
             # Nodes fetch sources from us: with port 0 only now do we know the URL.
             engine.config = attrs.evolve(engine.config, public_url=f"https://{host}:{port}")
         await nursery.start(engine.run)
+        await nursery.start(leases.run)
         koji_host = None
         if config.koji is not None:
             # Imported here: p2pbuild.koji builds on this package (and needs the koji client).
@@ -141,8 +148,16 @@ async def run_dispatcher(
             )
         _log.info("dispatcher %s listening on %s:%d", identity.public_key.fingerprint, host, port)
         task_status.started(
-            RunningDispatcher(port, f"https://{host}:{port}", tls, engine, dht_port, koji_host)
+            RunningDispatcher(
+                port, f"https://{host}:{port}", tls, engine, dht_port, koji_host, leases
+            )
         )
+
+
+def _lease_book(db: Database, config: DispatcherConfig) -> LeaseBook:
+    book = LeaseBook(config.lease_quotas)
+    book.load(load_leases(db))
+    return book
 
 
 async def _directory(

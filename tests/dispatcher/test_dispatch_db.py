@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from p2pbuild import BuildType, FileDigest, Job, JobSpec, Result, SourceArtifact, Target
-from p2pbuild.dispatcher._db import BuildRow, BuildState, Database
+from p2pbuild.dispatcher._db import MIGRATIONS, BuildRow, BuildState, Database
 from p2pbuild.dispatcher._errors import ConfigError, SinkError, UnknownBuildError
 from p2pbuild.dispatcher._sink import ProofItem, RepositorySink, nvr_of
 from p2pbuild.testing import make_trust_list
@@ -30,7 +30,7 @@ def build_row(build_id: str = "b" * 32) -> BuildRow:
 
 def test_wal_migrations_and_reopen(tmp_path: Path) -> None:
     db = Database.open(tmp_path / "d.db")
-    assert db.schema_version == 1
+    assert db.schema_version == len(MIGRATIONS)
     assert db._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     db.insert_build(build_row())

@@ -1,0 +1,272 @@
+"""Leases in a running dispatcher: HTTPS API, the ``lease`` CLI, builds under a lease, expiry,
+restart and quotas, with real push nodes on loopback TLS and a real SQLite file."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import tomli_w
+import trio
+
+from p2pbuild._cli import main as cli_main
+from p2pbuild.dispatcher import StaticFinder, hash_token, load_config, run_dispatcher
+from p2pbuild.dispatcher._db import BuildState
+from p2pbuild.dispatcher._service import RunningDispatcher
+from p2pbuild.node._tls import generate_tls_material, pinned_client
+from p2pbuild.testing import make_trust_list
+from p2pbuild.testing._farm import FarmNode, start_push_node
+from p2pbuild.testing._runner import InstantRunner
+
+pytestmark = pytest.mark.slow
+
+FIXTURE = make_trust_list(
+    nodes=[("n1", "alice"), ("n2", "bob"), ("n3", "carol"), ("n4", "dave")]
+)
+USERS = {"u1": "token-u1-not-secret", "u2": "token-u2-not-secret",
+         "root": "token-root-not-secret"}
+
+
+def write_config(tmp: Path, leases: dict[str, Any] | None = None) -> Path:
+    FIXTURE.dispatchers["dispatcher-1"].save(tmp / "dispatcher.key")
+    (tmp / "trust-list.bin").write_bytes(FIXTURE.trust_list.to_bytes())
+    (tmp / "tls").mkdir()
+    generate_tls_material(tmp / "tls")
+    config: dict[str, Any] = {
+        "dispatcher": {"key": "dispatcher.key", "trust_list": "trust-list.bin"},
+        "api": {"port": 0},
+        "clients": [
+            {"user": user, "team": "team-a", "token_sha256": hash_token(token)}
+            for user, token in USERS.items()
+        ],
+        "engine": {"follow_interval_s": 2, "backoff_base_s": 0.05, "node_retry_base_s": 0.2},
+        "leases": {"admins": ["root"], **(leases or {})},
+    }
+    path = tmp / "dispatcher.toml"
+    path.write_text(tomli_w.dumps(config))
+    return path
+
+
+class Farm:
+    def __init__(self, nursery: trio.Nursery, tmp: Path) -> None:
+        self.nursery, self.tmp = nursery, tmp
+        self.finder = StaticFinder(FIXTURE.trust_list)
+        self.nodes: dict[str, FarmNode] = {}
+        self.config_path: Path | None = None
+        self.scope = trio.CancelScope()
+
+    async def add_nodes(self, *names: str) -> None:
+        for name in names:
+            node = await start_push_node(
+                self.nursery, self.tmp / name, FIXTURE.nodes[name], FIXTURE.trust_list,
+                InstantRunner(), slots=1,
+            )
+            self.nodes[name] = node
+            self.finder.put(node.entry())
+
+    def key(self, name: str) -> str:
+        return str(FIXTURE.nodes[name].public_key)
+
+    async def start(self, leases: dict[str, Any] | None = None) -> RunningDispatcher:
+        if self.config_path is None:
+            self.config_path = write_config(self.tmp, leases)
+        config = load_config(self.config_path)
+        self.scope = trio.CancelScope()
+        scope = self.scope
+
+        async def run(task_status: trio.TaskStatus[RunningDispatcher]) -> None:
+            with scope:
+                await run_dispatcher(config, finder=self.finder, task_status=task_status)
+
+        running: RunningDispatcher = await self.nursery.start(run)
+        for user, token in USERS.items():
+            (self.tmp / f"{user}.toml").write_text(tomli_w.dumps(
+                {"url": running.url, "tls_sha256": running.tls.sha256.hex(), "token": token}
+            ))
+        self.running = running
+        return running
+
+    async def stop(self) -> None:
+        self.scope.cancel()
+        await trio.sleep(0.2)
+
+    async def cli(self, user: str, *argv: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+
+        def run() -> int:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                return cli_main([*argv, "--client-config", str(self.tmp / f"{user}.toml")])
+
+        status = await trio.to_thread.run_sync(run)
+        return status, out.getvalue(), err.getvalue()
+
+    async def lease(self, user: str, *argv: str) -> dict[str, Any]:
+        status, out, err = await self.cli(user, "lease", "request", "--json", *argv)
+        assert status == 0, err
+        lease: dict[str, Any] = json.loads(out)
+        return lease
+
+    async def submit(self, user: str, **params: str) -> str:
+        async with pinned_client(self.running.tls.sha256, base_url=self.running.url) as http:
+            response = await http.post(
+                "/v1/builds", params={"name": "hello-1.0-1.src.rpm", **params},
+                content=b"srpm bytes " + user.encode(),
+                headers={"authorization": f"Bearer {USERS[user]}"},
+            )
+        assert response.status_code == 202, response.text
+        build_id: str = response.json()["id"]
+        return build_id
+
+    async def wait_done(self, build_id: str, timeout: float = 20) -> Any:
+        db = self.running.engine.db
+        with trio.fail_after(timeout):
+            while not (build := db.build(build_id)).state.terminal:
+                await trio.sleep(0.05)
+        return build
+
+    def nodes_of(self, build_id: str) -> set[str]:
+        return {a.node for a in self.running.engine.db.attempts(build_id)}
+
+
+@pytest.fixture
+async def farm(nursery: trio.Nursery, tmp_path: Path) -> Farm:
+    return Farm(nursery, tmp_path)
+
+
+async def test_lease_builds_run_on_its_nodes_and_others_go_elsewhere(farm: Farm) -> None:
+    await farm.add_nodes("n1", "n2", "n3", "n4")
+    await farm.start()
+    lease = await farm.lease("u1", "--arch", "x86_64", "--count", "2", "--for", "2h")
+    leased = {n["node"] for n in lease["nodes"]}
+    assert len(leased) == 2 and len({n["operator"] for n in lease["nodes"]}) == 2
+    assert lease["state"] == "active" and 7199 <= lease["remaining_s"] <= 7200
+    # Several builds of each user, at the same time.
+    mine = [await farm.submit("u1", lease=lease["id"]) for _ in range(3)]
+    theirs = [await farm.submit("u2") for _ in range(3)]
+    for build_id in mine + theirs:
+        assert (await farm.wait_done(build_id)).state is BuildState.VERIFIED
+    for build_id in mine:
+        assert farm.nodes_of(build_id) == leased
+    for build_id in theirs:
+        assert farm.nodes_of(build_id) and not farm.nodes_of(build_id) & leased
+    # Where users look: nodes ls, lease ls (own; an admin sees all), readable and JSON.
+    status, out, _ = await farm.cli("u1", "nodes", "ls", "--json")
+    rows = {n["node"]: n for n in json.loads(out)["nodes"]}
+    assert {k for k, n in rows.items() if n["leases"] == [lease["id"]]} == leased
+    status, out, _ = await farm.cli("u1", "nodes", "ls")
+    assert out.count("leased (1)") == 2
+    status, out, _ = await farm.cli("u1", "lease", "ls")
+    assert lease["id"] in out and "active" in out and "x86_64/fedora-41" in out
+    status, out, _ = await farm.cli("u2", "lease", "ls", "--json")
+    assert json.loads(out)["leases"] == []
+    status, out, _ = await farm.cli("root", "lease", "ls", "--json")
+    assert [x["id"] for x in json.loads(out)["leases"]] == [lease["id"]]
+    # Another user may not build on it, nor return it.
+    status, _, err = await farm.cli("u2", "submit", str(_source(farm)), "--lease", lease["id"])
+    assert status == 1 and "belongs to another user" in err and err.count("\n") == 1
+    status, _, err = await farm.cli("u2", "lease", "done", lease["id"])
+    assert status == 1 and "HTTP 409" in err
+    # Extended, then returned: its nodes serve everyone again.
+    status, out, _ = await farm.cli("u1", "lease", "extend", lease["id"], "--by", "30m",
+                                    "--json")
+    assert json.loads(out)["expires_at"] == lease["expires_at"] + 1800
+    status, out, _ = await farm.cli("u1", "lease", "done", lease["id"])
+    assert status == 0 and f"lease {lease['id']} returned" in out
+    events = [e["event"] for e in _lease_events(farm, lease["id"])]
+    assert [e for e in events if e.startswith("lease-")] == [
+        "lease-granted", "lease-extended", "lease-done"
+    ]
+    assert events.count("accepted") == 3  # the builds submitted under it
+    audit = farm.running.engine.db.audit_entries()
+    assert [e.event for e in audit if e.event == "lease-requested"] == ["lease-requested"]
+    status, _, err = await farm.cli("u1", "submit", str(_source(farm)), "--lease", lease["id"])
+    assert status == 1 and f"lease {lease['id']} was returned" in err
+
+
+async def test_expired_lease_frees_its_slots_and_is_audited(farm: Farm) -> None:
+    await farm.add_nodes("n1", "n2")
+    await farm.start()
+    lease = await farm.lease("u1", "--arch", "x86_64", "--os", "fedora-41", "--count", "2",
+                             "--for", "2s")
+    # Every slot is held: another user's build waits, naming the constraint.
+    waiting = await farm.submit("u2")
+    db = farm.running.engine.db
+    with trio.fail_after(10):
+        while not any(e.event == "no-node-yet" for e in db.audit_entries(waiting)):
+            await trio.sleep(0.05)
+    (wait_event,) = [e for e in db.audit_entries(waiting) if e.event == "no-node-yet"][:1]
+    assert wait_event.detail["constraint"] == "leased"
+    assert "a slot not held by another user's lease" in wait_event.detail["reason"]
+    # The lease runs out by itself; the waiting build then gets its nodes.
+    build = await farm.wait_done(waiting)
+    assert build.state is BuildState.VERIFIED
+    expired = [e for e in db.audit_entries() if e.event == "lease-expired"]
+    assert [e.detail["lease"] for e in expired] == [lease["id"]]
+    chosen = [e for e in db.audit_entries(waiting) if e.event == "node-chosen"]
+    assert chosen and all(e.id > expired[0].id for e in chosen)
+    assert farm.nodes_of(waiting) == {n["node"] for n in lease["nodes"]}
+    status, out, _ = await farm.cli("u1", "lease", "ls", "--json")
+    assert json.loads(out)["leases"][0]["state"] == "expired"
+    status, _, err = await farm.cli("u1", "submit", str(_source(farm)), "--lease", lease["id"])
+    assert status == 1 and f"lease {lease['id']} expired" in err
+
+
+async def test_a_restart_keeps_a_lease(farm: Farm) -> None:
+    await farm.add_nodes("n1", "n2", "n3", "n4")
+    await farm.start()
+    lease = await farm.lease("u1", "--arch", "x86_64", "--count", "2", "--for", "1h")
+    await farm.stop()
+    await farm.start()
+    _, out, _ = await farm.cli("u1", "lease", "ls", "--json", "--active")
+    (kept,) = json.loads(out)["leases"]
+    assert kept["id"] == lease["id"] and kept["expires_at"] == lease["expires_at"]
+    assert kept["nodes"] == lease["nodes"]
+    leased = {n["node"] for n in lease["nodes"]}
+    mine = await farm.submit("u1", lease=lease["id"])
+    theirs = await farm.submit("u2")
+    assert (await farm.wait_done(mine)).state is BuildState.VERIFIED
+    assert (await farm.wait_done(theirs)).state is BuildState.VERIFIED
+    assert farm.nodes_of(mine) == leased
+    assert not farm.nodes_of(theirs) & leased
+
+
+async def test_quota_refuses_the_extra_request_with_one_line(farm: Farm) -> None:
+    await farm.add_nodes("n1", "n2", "n3", "n4")
+    await farm.start({"max_slots_per_user": 2})
+    await farm.lease("u1", "--arch", "x86_64", "--count", "2", "--for", "1h")
+    status, out, err = await farm.cli("u1", "lease", "request", "--arch", "x86_64",
+                                      "--count", "1", "--for", "1h")
+    assert status == 1 and out == ""
+    assert err == ("p2pbuild: error: dispatcher answered HTTP 409: lease-refused: quota "
+                   "reached: user u1 holds 2 slots of 2; 1 more requested\n")
+    # No node of that kind, said as such.
+    status, _, err = await farm.cli("u2", "lease", "request", "--arch", "s390x",
+                                    "--count", "1", "--for", "1h")
+    assert status == 1 and "no trusted node has arch=s390x" in err
+    refused = [e for e in farm.running.engine.db.audit_entries() if e.event == "lease-refused"]
+    assert [e.detail["constraint"] for e in refused] == ["quota-user", "arch"]
+    async with pinned_client(farm.running.tls.sha256, base_url=farm.running.url) as http:
+        response = await http.post("/v1/leases", json={"arch": "x86_64", "count": 1},
+                                   headers={"authorization": f"Bearer {USERS['u2']}"})
+        assert response.status_code == 400
+        assert response.json()["reason"] == "duration_s must be an integer"
+        response = await http.get("/v1/leases")
+        assert response.status_code == 401
+        assert isinstance(response, httpx.Response)
+
+
+def _source(farm: Farm) -> Path:
+    path = farm.tmp / "hello-1.0-1.src.rpm"
+    path.write_bytes(b"srpm bytes")
+    return path
+
+
+def _lease_events(farm: Farm, lease_id: str) -> list[dict[str, Any]]:
+    from p2pbuild.dispatcher._leasing import lease_events
+
+    return [e for e in lease_events(farm.running.engine.db, lease_id)]
