@@ -1,0 +1,187 @@
+"""Serving requests, within the anti-amplification bound.
+
+Every request method of ``docs/protocol.md`` is answered here. A reply to an address that
+has never answered one of our requests is at most ``amplification_factor`` times its
+request: replies that can be cut (contact lists, ``p2p_find`` pages) are built within the
+bound; the one that cannot (a stock ``find_value`` bundle) waits for the address to answer a
+ping, and is dropped (``amplification-limit``) if it does not.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+from . import _wire as wire
+from ._config import UnknownMethodError
+from ._handoff import HandoffNode
+from ._ids import Address, id_from_bytes
+from ._rpc import Count, Purpose
+from ._wire import HEADER_SIZE, Request
+
+__all__ = ["HandlerNode"]
+
+# Contacts a first p2p_find page keeps room for, however many records the key holds.
+_MIN_CONTACTS = 4
+# Bytes around a p2p_find reply's parts: fixarray(3), two array16 headers, a cursor.
+_FIND_REPLY_OVERHEAD = 1 + 3 + 3 + 2 + wire.MAX_CURSOR
+
+
+class HandlerNode(HandoffNode):
+    """:class:`HandoffNode` that answers requests."""
+
+    __slots__ = ()
+
+    def _reply(
+        self,
+        msg_id: bytes,
+        value: Any,
+        address: Address,
+        request_size: int,
+        verified: bool,
+        now: float,
+    ) -> None:
+        data = wire.encode_response(msg_id, value)
+        config = self.config
+        if verified or len(data) <= config.amplification_factor * request_size:
+            self._send(data, address)
+            return
+        # Anti-amplification: the request may carry a spoofed source address. A reply that
+        # could not be cut to the bound waits until the address answers a ping (which
+        # costs less than the request).
+        self._counters[Count.REPLIES_DEFERRED] += 1
+        queue = self._deferred.get(address)
+        if queue is None:
+            if self._deferred_total >= config.max_deferred_replies or not self._call(
+                address, None, wire.PING, [self.node_id], now, None, Purpose.VERIFY, retries=1
+            ):
+                self._drop_reply()
+                return
+            queue = self._deferred[address] = []
+        elif len(queue) >= config.max_deferred_per_address or (
+            self._deferred_total >= config.max_deferred_replies
+        ):
+            self._drop_reply()
+            return
+        queue.append(data)
+        self._deferred_total += 1
+
+    def _drop_reply(self, count: int = 1) -> None:
+        self._dropped["amplification-limit"] = self._dropped.get("amplification-limit", 0) + count
+
+    def _address_verified(self, address: Address) -> None:
+        """``address`` answered a verification ping: it receives there. Send what waited."""
+        verified = self._verified
+        if verified is None:
+            verified = self._verified = OrderedDict()
+        if address in verified:
+            verified.move_to_end(address)
+        else:
+            verified[address] = None
+            if len(verified) > self.config.max_verified_addresses:
+                verified.popitem(last=False)
+        queue = self._deferred.pop(address, None)
+        if queue:
+            self._deferred_total -= len(queue)
+            for data in queue:
+                self._send(data, address)
+
+    # -- serving requests -------------------------------------------------------------------------
+
+    def _handle_request(
+        self, request: Request, address: Address, now: float, request_size: int
+    ) -> None:
+        method = request.method
+        value: Any
+        config = self.config
+        verified = False
+        if method == wire.PING:
+            sender = wire.parse_ping_args(request)
+            value = self.node_id
+        elif method == wire.FIND_NODE:
+            sender, key = wire.parse_find_args(request)
+            limit, verified = self._reply_limit(address, sender, request_size)
+            value = self._contacts_for(key, sender, limit - HEADER_SIZE)
+        elif method == wire.FIND_VALUE:
+            sender, key = wire.parse_find_args(request)
+            limit, verified = self._reply_limit(address, sender, request_size)
+            held = self.store.records(key, now)
+            if held:
+                # A bundle is not cut: a stock reader would take a first page for the whole.
+                bundle = wire.encode_bundle(
+                    [record.raw for record in held], len(held), max_size=config.max_bundle
+                )
+                value = {"value": bundle}
+            else:
+                value = self._contacts_for(key, sender, limit - HEADER_SIZE)
+        elif method == wire.P2P_FIND:
+            sender, key, cursor = wire.parse_p2p_find_args(request)
+            limit, verified = self._reply_limit(address, sender, request_size)
+            budget = max(limit - HEADER_SIZE - _FIND_REPLY_OVERHEAD, 0)
+            triples: list[wire.ContactTriple] = []
+            if cursor:
+                records, next_cursor = self.store.page(key, cursor, now, budget)
+            else:
+                # Records first, then as many of the closest contacts as fit (at least a
+                # few, for the walk): a key with a few records is read in the walk's own
+                # round trips, with no page to fetch after it.
+                closest = self._closest(key, sender, budget)
+                reserve = wire.contacts_size(closest[:_MIN_CONTACTS])
+                records, next_cursor = self.store.page(key, b"", now, budget - reserve)
+                used = sum(wire.record_cost(raw) for raw in records)
+                triples = wire.fit_contacts(closest, budget - used)
+            value = wire.encode_p2p_find_reply(triples, records, next_cursor)
+        elif method == wire.P2P_STORE:
+            sender, key, raws = wire.parse_p2p_store_args(request)
+            value = self._accept(key, raws, now)
+        elif method == wire.STORE:
+            sender, key, offered = wire.parse_store_args(request)
+            value = self._accept_stock(key, offered, now)
+        else:
+            raise UnknownMethodError(f"no method {method[:40]!r}")
+        self._reply(request.msg_id, value, address, request_size, verified, now)
+        self._welcome(id_from_bytes(sender), address, now, None)
+
+    def _reply_limit(self, address: Address, sender: bytes, request_size: int) -> tuple[int, bool]:
+        """``(largest reply, verified)`` for a request of ``request_size`` bytes."""
+        config = self.config
+        if self._is_verified(address, sender):
+            return config.max_datagram, True
+        bound = config.amplification_factor * request_size
+        if bound >= config.max_datagram:
+            return config.max_datagram, False
+        self._counters[Count.REPLIES_BOUNDED] += 1
+        return bound, False
+
+    def _closest(self, key: bytes, sender: bytes, budget: int) -> list[wire.ContactTriple]:
+        """The closest contacts to ``key`` but the asker, as many as fit in ``budget``."""
+        peers = self.routing.closest(
+            id_from_bytes(key), self.config.k, exclude=id_from_bytes(sender)
+        )
+        triples = [(p.raw_id, p.address[0], p.address[1]) for p in peers]
+        return wire.fit_contacts(triples, budget)
+
+    def _contacts_for(self, key: bytes, sender: bytes, budget: int) -> list[list[Any]]:
+        return wire.encode_contacts(self._closest(key, sender, budget))
+
+    def _accept(self, key: bytes, raws: Sequence[bytes], now: float) -> list[str]:
+        codes, errors = self.store.offer_many(key, raws, now)
+        for exc in errors:
+            self._rejected[exc.code] = self._rejected.get(exc.code, 0) + 1
+        self._counters[Count.RECORDS_ACCEPTED] += codes.count("ok")
+        return codes
+
+    def _accept_stock(self, key: bytes, offered: object, now: float) -> bool:
+        """A stock ``store``: the value must be a record bundle or a single record."""
+        raws: list[bytes]
+        if type(offered) is not bytes or not offered:
+            self._rejected["malformed"] = self._rejected.get("malformed", 0) + 1
+            return False
+        if offered[0] == 0x93:  # fixarray(3): a bundle; a record is fixarray(8) (0x98)
+            _, raws = wire.decode_bundle(offered, max_size=self.config.max_incoming_datagram)
+        else:
+            raws = [offered]
+        codes = self._accept(key, raws, now)
+        return any(code in ("ok", "held") for code in codes)
+

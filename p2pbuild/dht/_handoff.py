@@ -1,0 +1,110 @@
+"""Hand-off of records to nodes that join closer to a key than its holders (Kademlia paper,
+section 2.5), and the welcome every heard-from node gets (routing table, eviction ping).
+
+A newcomer that only sent us a request (its source address may be spoofed) is pinged first;
+the records follow its answer, so a hand-off is never an amplifier. At most
+``DhtConfig.handoff_datagrams`` ``p2p_store`` datagrams go to one newcomer.
+"""
+
+from __future__ import annotations
+
+from . import _wire as wire
+from ._ids import Address
+from ._rpc import STORE_OVERHEAD, Count, Purpose, RpcNode
+from ._wire import HEADER_SIZE
+
+__all__ = ["HandoffNode"]
+
+# A holder hands a key's records to a newcomer only if fewer contacts than this are closer.
+_HANDOFF_SENDERS = 3
+
+
+class HandoffNode(RpcNode):
+    """:class:`RpcNode` with the welcome of new contacts and the hand-off of records."""
+
+    __slots__ = ()
+
+    def _welcome(self, node_id: int, address: Address, now: float, rtt: float | None) -> None:
+        routing = self.routing
+        to_ping = routing.seen(node_id, address, now, rtt)
+        if routing.added and self.config.handoff_datagrams and len(self.store):
+            keys = self._handoff_keys(node_id)
+            if keys:
+                if rtt is not None:
+                    self._handoff(node_id, address, keys, now)
+                else:
+                    # It only sent us a request, from a source address that may be spoofed:
+                    # records go to it once it answers a ping (no amplification).
+                    self._call(
+                        address, node_id, wire.PING, [self.node_id], now, None,
+                        Purpose.HANDOFF_PING,
+                    )
+        if to_ping is not None:
+            sent = self._call(
+                to_ping.address,
+                to_ping.node_id,
+                wire.PING,
+                [self.node_id],
+                now,
+                None,
+                Purpose.EVICTION,
+            )
+            if not sent:
+                self.routing.ping_answered(to_ping.node_id)
+
+    def _handoff_keys(self, node_id: int) -> list[bytes]:
+        """The keys whose records a new contact should get from this node (paper, section
+        2.5): those it is closer to than this node and among the ``k`` closest this node
+        knows, if at most ``_HANDOFF_SENDERS - 1`` other contacts are closer to the key than
+        this node. The paper (and the stock package) lets only the holder closest to the key
+        send; a few closest send here, so that a first newcomer closer than the old holders
+        that never hears of the next one does not break the chain, while the many other
+        holders stay quiet."""
+        config = self.config
+        routing = self.routing
+        own = self.own
+        keys = []
+        held = self.store.keys()
+        for key in held:
+            target = int.from_bytes(key, "big")
+            distance = node_id ^ target
+            mine = own ^ target
+            if distance >= mine:
+                continue
+            closest = routing.closest(target, config.k, exclude=node_id)
+            if len(closest) >= config.k and closest[-1].node_id ^ target < distance:
+                continue  # the newcomer is not among the k closest
+            closer = 0
+            for peer in closest[:_HANDOFF_SENDERS]:
+                closer += peer.node_id ^ target < mine
+            if closer < _HANDOFF_SENDERS:
+                keys.append(key)
+        return keys
+
+    def _handoff(self, node_id: int, address: Address, keys: list[bytes], now: float) -> None:
+        """Store the records of ``keys`` to a new contact that answered us, paged as a put
+        is, at most ``handoff_datagrams`` datagrams; the rest waits for the owners'
+        republish."""
+        config = self.config
+        left = config.handoff_datagrams
+        if len(self._pending) * 2 > config.max_pending_rpcs:
+            return
+        budget = config.max_datagram - HEADER_SIZE - STORE_OVERHEAD
+        for key in keys:
+            cursor = b""
+            while left:
+                raws, cursor = self.store.page(key, cursor, now, budget)
+                if raws:
+                    args = wire.encode_p2p_store_args(self.node_id, key, raws)
+                    if not self._call(
+                        address, node_id, wire.P2P_STORE, args, now, None, Purpose.HANDOFF,
+                        sent=len(raws),
+                    ):
+                        return
+                    left -= 1
+                    self._counters[Count.HANDOFF_STORES] += 1
+                if not cursor:
+                    break
+            if not left:
+                return
+

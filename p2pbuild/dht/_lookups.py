@@ -1,0 +1,455 @@
+"""Lookup walks and paging: node lookups, record lookups (with the early end of a node-key
+lookup and the single-answer walk), the store phase of a put, and bucket refresh.
+
+The rules are in ``_protocol.py``'s docstring and ``docs/protocol.md`` (*Lookups*).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+
+from .._errors import RemoteError
+from .._records import Kind
+from . import _wire as wire
+from ._handlers import HandlerNode
+from ._ids import Address, Contact, id_from_bytes, id_to_bytes, node_key
+from ._operations import (
+    _NO_DEPTH,
+    BootstrapOperation,
+    CandidateState,
+    FindNodesOperation,
+    GetOperation,
+    Operation,
+    PutOperation,
+    _Candidate,
+    _distance,
+    _Walk,
+)
+from ._routing import is_loopback
+from ._rpc import Count, Purpose, _Rpc
+from ._store import latest, slot_of
+
+__all__ = ["LookupNode"]
+
+
+class LookupNode(HandlerNode):
+    """:class:`HandlerNode` with lookup walks, paging and stores."""
+
+    __slots__ = ()
+
+    def _still_wanted(self, rpc: _Rpc) -> bool:
+        """Whether the answer to a timed-out RPC would still serve its operation. Not resent,
+        only counted as a failure of its contact: a walk query of a walk that has ended (it
+        had enough answers without this one), and a stalled query of a single-answer walk
+        (the walk asked the next closest candidate instead: any holder will do)."""
+        op = rpc.op
+        if op is None:
+            return True
+        if op.done:
+            return False
+        if rpc.purpose == Purpose.WALK:
+            walk = op._walk
+            if walk is None or walk.finished:
+                return False
+            candidate = rpc.candidate
+            stalled = candidate is not None and candidate.state == CandidateState.STALLED
+            return not (stalled and self._single_answer(walk))
+        return True
+
+    def _on_stall(self, rpc: _Rpc, now: float) -> None:
+        candidate = rpc.candidate
+        if candidate is None or candidate.state != CandidateState.INFLIGHT:
+            return
+        op = rpc.op
+        assert op is not None
+        walk = op._walk
+        candidate.state = CandidateState.STALLED
+        if walk is not None and not op.done:
+            walk.inflight -= 1
+            self._advance(walk, now)
+
+    def _on_failure(self, rpc: _Rpc, now: float, count_peer: bool = True) -> None:
+        """An RPC timed out (or was answered with garbage)."""
+        if rpc.purpose == Purpose.VERIFY:
+            queue = self._deferred.pop(rpc.address, None)
+            if queue:
+                self._deferred_total -= len(queue)
+                self._drop_reply(len(queue))
+        # A stock peer never answers p2pbuild's own methods: a hand-off does not count.
+        if count_peer and rpc.peer_id is not None and rpc.purpose != Purpose.HANDOFF:
+            self.routing.failed(rpc.peer_id)
+        op = rpc.op
+        if op is None or op.done:
+            return
+        purpose = rpc.purpose
+        if purpose == Purpose.BOOTSTRAP:
+            assert isinstance(op, BootstrapOperation)
+            self._bootstrap_answered(op, now)
+        elif purpose == Purpose.WALK:
+            candidate = rpc.candidate
+            assert candidate is not None and op._walk is not None
+            if candidate.state == CandidateState.INFLIGHT:
+                op._walk.inflight -= 1
+            candidate.state = CandidateState.FAILED
+            self._advance(op._walk, now)
+        elif purpose == Purpose.PAGE:
+            assert isinstance(op, GetOperation)
+            # Continue from the same cursor on the next closest holder that has more.
+            self._next_page(op, None, b"", now)
+        elif purpose == Purpose.STORE:
+            assert isinstance(op, PutOperation)
+            op._refused.add(rpc.address)
+            self._store_answered(op, rpc.address, now)
+
+    # -- walks ------------------------------------------------------------------------------------
+
+    def _start_walk(
+        self, op: Operation, target: int, quorum: int, *, records: bool, now: float
+    ) -> None:
+        self._counters[Count.LOOKUPS] += 1
+        walk = _Walk(op, target, quorum, records)
+        op._walk = walk
+        self.routing.touch(target, now)
+        for peer in self.routing.closest(target, self.config.k):
+            self._add_candidate(walk, peer.raw_id, peer.address, 1)
+        self._advance(walk, now)
+
+    def _add_candidate(self, walk: _Walk, raw_id: bytes, address: Address, depth: int) -> None:
+        if raw_id in walk.known:
+            return
+        walk.known.add(raw_id)
+        node_id = int.from_bytes(raw_id, "big")
+        if node_id == self.own:
+            return
+        limit = self.config.max_contacts_per_host
+        host = address[0]
+        if limit and not is_loopback(host):
+            seen = walk.hosts.get(host, 0)
+            if seen >= limit:
+                refused = self.routing.refused
+                refused["host-limit"] = refused.get("host-limit", 0) + 1
+                return
+            walk.hosts[host] = seen + 1
+        shortlist = walk.shortlist
+        candidate = _Candidate(node_id, address, node_id ^ walk.target, depth)
+        bisect.insort(shortlist, candidate, key=_distance)
+        # Keep enough spares to replace dead contacts, drop the farthest unqueried beyond.
+        limit = 2 * self.config.k + walk.quorum
+        if len(shortlist) > limit and shortlist[-1].state == CandidateState.NEW:
+            shortlist.pop()
+
+    def _advance(self, walk: _Walk, now: float) -> None:
+        """Send queries while fewer than ``alpha`` are in flight, or finish the walk once the
+        ``quorum`` closest non-failed, non-stalled candidates have all answered.
+
+        A record walk that may end at its first holder (its key is not known to hold several
+        publishers' records) asks as the module docstring says: the next round only once
+        the round in flight has answered or stalled, and past the first round one candidate
+        at a time. Once ``node_key_quorum`` answers held the key's publisher's capability,
+        it asks nobody new and finishes when the queries in flight have answered or stalled.
+        """
+        op = walk.op
+        if op.done or walk.finished:
+            return
+        config = self.config
+        if walk.confirmed >= config.node_key_quorum:
+            if walk.inflight == 0:
+                self._walk_done(walk, now)
+            return
+        alpha = config.alpha
+        single = self._single_answer(walk)
+        # ``deepest``: no query to a candidate learned deeper than a query in flight (a
+        # round's answers are all in before the next round picks the closest they named).
+        deepest = _NO_DEPTH
+        if single:
+            for candidate in walk.shortlist:
+                if candidate.state == CandidateState.INFLIGHT and candidate.depth < deepest:
+                    deepest = candidate.depth
+        # ``held``: no query to a candidate farther than one in flight; a single-answer
+        # walk's records live on the k closest nodes, so a farther candidate holds them
+        # only if the closer one does.
+        held = False
+        # Only the first round (our own closest contacts) is asked alpha at a time.
+        one_at_a_time = single and op.rpcs > 0
+        answered = 0
+        blocked = False
+        for candidate in walk.shortlist:
+            state = candidate.state
+            if state == CandidateState.OK:
+                answered += 1
+                if answered >= walk.quorum:
+                    break
+            elif state == CandidateState.NEW:
+                blocked = True
+                if walk.inflight < alpha and not held and candidate.depth <= deepest:
+                    self._query(walk, candidate, now)
+                    # (Not if it could not be sent: then the next candidate is tried.)
+                    held = one_at_a_time and candidate.state == CandidateState.INFLIGHT
+            elif state == CandidateState.INFLIGHT:
+                blocked = True
+                held = held or single
+        if not blocked:
+            if walk.records and walk.quorum < self.config.k and self._found_nothing(walk):
+                # The closest answered empty-handed (nodes that joined after the records
+                # were stored and got no hand-off yet): ask on, up to the k closest.
+                walk.quorum = self.config.k
+                self._advance(walk, now)
+                return
+            self._walk_done(walk, now)
+
+    def _single_answer(self, walk: _Walk) -> bool:
+        """Whether ``walk`` may end at its first holder's answer: a record walk not widened
+        to ``k`` whose key is not known to hold several publishers' records."""
+        op = walk.op
+        return (
+            walk.records
+            and walk.quorum < self.config.k
+            and isinstance(op, GetOperation)
+            and op._node_key is not False
+        )
+
+    def _found_nothing(self, walk: _Walk) -> bool:
+        op = walk.op
+        assert isinstance(op, GetOperation)
+        if op._found:
+            return False
+        return not any(c.cursor for c in walk.shortlist if c.state == CandidateState.OK)
+
+    def _query(self, walk: _Walk, candidate: _Candidate, now: float) -> None:
+        target = id_to_bytes(walk.target)
+        if walk.records:
+            method, args = wire.P2P_FIND, wire.encode_p2p_find_args(self.node_id, target, b"")
+        else:
+            method, args = wire.FIND_NODE, wire.encode_find_args(self.node_id, target)
+        op = walk.op
+        # One resend: a query lost on the way would leave its node out of the result (and
+        # a put's records off that holder); stalls keep a dead node from delaying the walk.
+        if self._call(
+            candidate.address,
+            candidate.node_id,
+            method,
+            args,
+            now,
+            op,
+            Purpose.WALK,
+            candidate,
+            retries=1,
+        ):
+            candidate.state = CandidateState.INFLIGHT
+            walk.inflight += 1
+            self._counters[Count.LOOKUP_RPCS] += 1
+            if candidate.depth > op.rounds:
+                op.rounds = candidate.depth
+        else:
+            candidate.state = CandidateState.FAILED
+
+    def _walk_reply(self, rpc: _Rpc, value: object, now: float) -> None:
+        op = rpc.op
+        candidate = rpc.candidate
+        assert op is not None and candidate is not None
+        contacts: list[wire.ContactTriple]
+        confirms = False
+        if rpc.method == wire.P2P_FIND:
+            contacts, raws, cursor = wire.parse_p2p_find_reply(value)
+            assert isinstance(op, GetOperation)
+            if not op.done:
+                confirms = self._collect(op, raws, now)
+            candidate.cursor = cursor
+        else:
+            contacts = wire.parse_contacts(value)
+        walk = op._walk
+        if op.done or walk is None or walk.finished:
+            return
+        if candidate.state == CandidateState.INFLIGHT:
+            walk.inflight -= 1
+        candidate.state = CandidateState.OK
+        walk.confirmed += confirms
+        depth = candidate.depth + 1
+        for raw_id, host, port in contacts:
+            self._add_candidate(walk, raw_id, (host, port), depth)
+        self._advance(walk, now)
+
+    def _walk_done(self, walk: _Walk, now: float) -> None:
+        walk.finished = True
+        op = walk.op
+        self._counters[Count.LOOKUP_ROUNDS] += op.rounds
+        answered = [c for c in walk.shortlist if c.state == CandidateState.OK]
+        if isinstance(op, FindNodesOperation):
+            op.result = [
+                Contact(id_to_bytes(c.node_id), c.address[0], c.address[1])
+                for c in answered[: self.config.k]
+            ]
+            self._finish(op)
+        elif isinstance(op, BootstrapOperation):
+            op.result = len(self.routing)
+            self._finish(op)
+        elif isinstance(op, GetOperation):
+            self._next_page(op, None, b"", now)
+        else:
+            assert isinstance(op, PutOperation)
+            self._store_phase(op, answered[: self.config.k], now)
+
+    def _finish(self, op: Operation) -> None:
+        if not op.done:
+            op.done = True
+            op._walk = None
+            self._finished.append(op)
+
+    def _bootstrap_answered(self, op: BootstrapOperation, now: float) -> None:
+        op._waiting -= 1
+        if op._waiting == 0:
+            self._start_walk(op, self.own, self.config.k, records=False, now=now)
+
+    # -- record lookups ---------------------------------------------------------------------------
+
+    def _collect(self, op: GetOperation, raws: Sequence[bytes], now: float) -> bool:
+        """Verify the records a holder sent and keep the newest per slot. This is the
+        reader's record boundary: each bad record is counted and skipped, the rest kept.
+
+        Returns True if ``op.key`` is a node key and the records held its publisher's
+        capability: a node key holds one publisher's records only (a capability is bound to
+        its publisher's node key and facet keys, a status to keys holding its publisher's
+        capability; ``_store.py``), so that holder's answer is a complete one."""
+        confirms = False
+        found = op._found
+        cache = self.store.cache
+        policy = self.config.record_policy
+        for raw in raws:
+            try:
+                record, keys = cache.parse(raw)
+                record.check(now, policy=policy)
+            except RemoteError as exc:
+                self._rejected[exc.code] = self._rejected.get(exc.code, 0) + 1
+                continue
+            # Binding: capabilities must belong here; a status is kept for now and must be
+            # matched by its publisher's capability (or be under its node key) at the end.
+            if op.key not in keys and record.kind is not Kind.STATUS:
+                self._rejected["wrong-key"] = self._rejected.get("wrong-key", 0) + 1
+                continue
+            if record.kind is Kind.CAPABILITY:
+                if op._node_key is None:
+                    # The first bound capability tells node key from facet key for good: a
+                    # facet key is no publisher's node key (different SHA-1 inputs).
+                    op._node_key = node_key(record.publisher) == op.key
+                if op._node_key:
+                    confirms = True
+            slot = slot_of(record)
+            current = found.get(slot)
+            if current is None or record.seq > current.seq:
+                found[slot] = record
+        return confirms
+
+    def _next_page(
+        self, op: GetOperation, holder: _Candidate | None, cursor: bytes, now: float
+    ) -> None:
+        """Page on. ``holder`` just answered a page with next ``cursor``; an empty cursor
+        means that holder has been read to the end (one *source* done). None means "start,
+        or the previous holder failed": continue with the closest holder that reported more.
+        Ends after ``page_sources`` holders were read to the end (so one holder that missed
+        a store does not hide a record), when no holder has more, or after ``max_pages``."""
+        if holder is not None and not cursor:
+            op._sources += 1
+            op._cursor = b""
+            holder = None
+            if op._sources >= self.config.page_sources:
+                self._finish_get(op, now)
+                return
+        elif cursor > op._cursor:
+            op._cursor = cursor
+        if holder is None:
+            walk = op._walk
+            if walk is not None:
+                for candidate in walk.shortlist:
+                    if candidate.state == CandidateState.OK and candidate.cursor:
+                        holder = candidate
+                        break
+        if holder is None or op._pages >= self.config.max_pages:
+            self._finish_get(op, now)
+            return
+        # Continue from the furthest point known (cursors are the same on every holder).
+        start = max(holder.cursor, op._cursor)
+        holder.cursor = b""
+        op._pages += 1
+        args = wire.encode_p2p_find_args(self.node_id, op.key, start)
+        # Resent once, as walk queries are: under loss a page dropped on the way would
+        # otherwise move the read to another holder, or end it if no other has more.
+        if not self._call(
+            holder.address,
+            holder.node_id,
+            wire.P2P_FIND,
+            args,
+            now,
+            op,
+            Purpose.PAGE,
+            holder,
+            retries=1,
+        ):
+            self._finish_get(op, now)
+
+    def _finish_get(self, op: GetOperation, now: float) -> None:
+        best = latest(op._found.values())
+        capabilities = {
+            record.publisher.raw for record in best.values() if record.kind is Kind.CAPABILITY
+        }
+        result = []
+        for slot in sorted(best):
+            record = best[slot]
+            if record.expires_at <= now:
+                continue
+            if record.kind is Kind.STATUS and record.publisher.raw not in capabilities:
+                _, keys = self.store.cache.parse(record.raw)
+                if op.key not in keys:
+                    self._rejected["wrong-key"] = self._rejected.get("wrong-key", 0) + 1
+                    continue
+            result.append(record)
+        op.result = result
+        self._finish(op)
+
+    # -- stores -----------------------------------------------------------------------------------
+
+    def _store_phase(self, op: PutOperation, holders: list[_Candidate], now: float) -> None:
+        key = op.key
+        farthest = holders[-1].distance if holders else 0
+        if len(holders) < self.config.k or (self.own ^ id_from_bytes(key)) < farthest:
+            codes = self._accept(key, [raw for batch in op._batches for raw in batch], now)
+            if all(code in ("ok", "held") for code in codes):
+                op.result += 1
+        for holder in holders:
+            for batch in op._batches:
+                args = wire.encode_p2p_store_args(self.node_id, key, batch)
+                if self._call(
+                    holder.address,
+                    holder.node_id,
+                    wire.P2P_STORE,
+                    args,
+                    now,
+                    op,
+                    Purpose.STORE,
+                    holder,
+                    sent=len(batch),
+                    retries=self.config.store_retries,
+                ):
+                    op._outstanding += 1
+                    op._holders[holder.address] = op._holders.get(holder.address, 0) + 1
+        if op._outstanding == 0:
+            self._finish(op)
+
+    def _store_answered(self, op: PutOperation, address: Address, now: float) -> None:
+        op._outstanding -= 1
+        left = op._holders[address] - 1
+        op._holders[address] = left
+        if left == 0 and address not in op._refused:
+            op.result += 1
+        if op._outstanding == 0:
+            self._finish(op)
+
+    # -- maintenance ------------------------------------------------------------------------------
+
+    def _maintain(self, now: float) -> None:
+        self.store.expire(now)
+        config = self.config
+        for index in self.routing.stale_buckets(now, config.refresh_interval)[:4]:
+            target = self.routing.random_id_in_bucket(index, self.rng.getrandbits(160))
+            op = FindNodesOperation(target, now)
+            self._start_walk(op, target, config.k, records=False, now=now)

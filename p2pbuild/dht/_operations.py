@@ -1,0 +1,164 @@
+"""Operations (the handles a caller of the core waits on) and the state of a lookup walk.
+
+An operation's public fields are its result; the underscored ones belong to the core's
+lookup state machines (``_lookups.py``)."""
+
+from __future__ import annotations
+
+import enum
+
+from .._records import SignedRecord
+from ._ids import Address, Contact
+
+__all__ = [
+    "BootstrapOperation",
+    "CandidateState",
+    "FindNodesOperation",
+    "GetOperation",
+    "Operation",
+    "PutOperation",
+]
+
+
+class Operation:
+    """A handle on a running operation. ``done`` becomes True once, and then ``result`` is
+    final. ``waiter`` is the driver's (the core never reads it)."""
+
+    __slots__ = ("_walk", "done", "rounds", "rpcs", "started_at", "waiter")
+
+    def __init__(self, now: float) -> None:
+        self.done = False
+        self.waiter: object = None
+        self.started_at = now
+        #: RPCs sent and lookup depth reached (hops), for statistics.
+        self.rpcs = 0
+        self.rounds = 0
+        self._walk: _Walk | None = None
+
+
+class FindNodesOperation(Operation):
+    """Result: the ``k`` closest live contacts to the target, closest first."""
+
+    __slots__ = ("result", "target")
+
+    def __init__(self, target: int, now: float) -> None:
+        super().__init__(now)
+        self.target = target
+        self.result: list[Contact] = []
+
+
+class BootstrapOperation(Operation):
+    """Result: how many contacts the routing table holds afterwards."""
+
+    __slots__ = ("_waiting", "result")
+
+    def __init__(self, now: float) -> None:
+        super().__init__(now)
+        self._waiting = 0
+        self.result = 0
+
+
+class GetOperation(Operation):
+    """Result: the verified, unexpired records under ``key``, latest per publisher and kind,
+    sorted by slot (publisher key, then kind)."""
+
+    __slots__ = ("_cursor", "_found", "_node_key", "_pages", "_sources", "key", "result")
+
+    def __init__(self, key: bytes, now: float) -> None:
+        super().__init__(now)
+        self.key = key
+        self.result: list[SignedRecord] = []
+        self._found: dict[bytes, SignedRecord] = {}
+        #: Whether ``key`` is the node key of its records' publisher: unknown (None) until
+        #: the first capability bound to ``key`` arrives (see ``DhtNode._collect``).
+        self._node_key: bool | None = None
+        self._cursor = b""
+        self._pages = 0
+        self._sources = 0
+
+
+class PutOperation(Operation):
+    """Result: how many nodes (this one included) hold the records now (acknowledged each
+    record as ``"ok"`` or ``"held"``)."""
+
+    __slots__ = ("_batches", "_holders", "_outstanding", "_refused", "key", "result")
+
+    def __init__(self, key: bytes, batches: list[list[bytes]], now: float) -> None:
+        super().__init__(now)
+        self.key = key
+        self.result = 0
+        self._batches = batches
+        self._outstanding = 0
+        #: Per holder address: batches still unanswered; and holders that refused any.
+        self._holders: dict[Address, int] = {}
+        self._refused: set[Address] = set()
+
+
+# -- walks ----------------------------------------------------------------------------------------
+
+class CandidateState(enum.IntEnum):
+    """Where a walk's candidate stands."""
+
+    #: Not asked yet.
+    NEW = 0
+    #: Asked, no answer yet.
+    INFLIGHT = 1
+    #: Asked, no answer within its stall time: the walk no longer waits for it.
+    STALLED = 2
+    #: Answered.
+    OK = 3
+    #: Timed out, answered with garbage, or could not be asked.
+    FAILED = 4
+
+
+# Deeper than any walk goes.
+_NO_DEPTH = 1 << 30
+
+
+class _Candidate:
+    __slots__ = ("address", "cursor", "depth", "distance", "node_id", "state")
+
+    def __init__(self, node_id: int, address: Address, distance: int, depth: int) -> None:
+        self.node_id = node_id
+        self.address = address
+        self.distance = distance
+        self.depth = depth
+        self.state = CandidateState.NEW
+        #: For record walks: the holder's next-page cursor after its first reply.
+        self.cursor = b""
+
+
+def _distance(candidate: _Candidate) -> int:
+    return candidate.distance
+
+
+class _Walk:
+    __slots__ = (
+        "confirmed",
+        "finished",
+        "hosts",
+        "inflight",
+        "known",
+        "op",
+        "quorum",
+        "records",
+        "shortlist",
+        "target",
+    )
+
+    def __init__(self, op: Operation, target: int, quorum: int, records: bool) -> None:
+        self.op = op
+        self.target = target
+        self.quorum = quorum
+        self.records = records
+        self.shortlist: list[_Candidate] = []
+        #: Ids (wire form) already on the shortlist or dropped from it.
+        self.known: set[bytes] = set()
+        self.inflight = 0
+        #: Candidates per IP host (for ``max_contacts_per_host``).
+        self.hosts: dict[str, int] = {}
+        #: Set once the walk's result is handed on; late replies then change nothing.
+        self.finished = False
+        #: Record walks of a node key: answers that held the publisher's capability.
+        self.confirmed = 0
+

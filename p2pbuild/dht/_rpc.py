@@ -1,0 +1,287 @@
+"""The node's state and its RPC table: requests sent and awaited, their timeouts and stalls.
+
+:class:`RpcNode` holds every field of a DHT node (the request handlers, the hand-off, the
+lookup walks and the public interface are layered on it as subclasses, one module per
+concept: ``_handoff.py``, ``_handlers.py``, ``_lookups.py``, ``_protocol.py``) and sends
+requests: :meth:`RpcNode._call` registers an RPC with its deadline (smoothed RTT + 4 x
+RTT variance, RFC 6298, clamped) and, for a walk query, a shorter *stall* time after which
+the walk stops waiting for it.
+"""
+
+from __future__ import annotations
+
+import array
+import enum
+import heapq
+import random
+from collections import OrderedDict
+from typing import Any
+
+from .._errors import LocalError
+from . import _wire as wire
+from ._config import DhtConfig
+from ._ids import Address, id_from_bytes
+from ._operations import Operation, _Candidate
+from ._routing import Peer, RoutingTable
+from ._store import SHARED_CACHE, RecordCache, RecordStore
+
+__all__ = ["Count", "Purpose", "RpcNode", "TimerKind"]
+
+
+class TimerKind(enum.IntEnum):
+    """What an RPC's timer entry fires."""
+
+    #: A walk stops waiting for the query (it no longer counts against ``alpha``).
+    STALL = 0
+    #: The RPC timed out: resent if still wanted, else a failure of its contact.
+    DEADLINE = 1
+
+
+class Purpose(enum.IntEnum):
+    """What an RPC is for, beyond its method."""
+
+    WALK = 0
+    PAGE = 1
+    STORE = 2
+    BOOTSTRAP = 3
+    EVICTION = 4
+    VERIFY = 5
+    HANDOFF = 6
+    HANDOFF_PING = 7
+
+
+class Count(enum.IntEnum):
+    """Indexes of a node's counters (an ``array``: no int object per counter)."""
+
+    DATAGRAMS_IN = 0
+    DATAGRAMS_OUT = 1
+    BYTES_IN = 2
+    BYTES_OUT = 3
+    REQUESTS_IN = 4
+    RESPONSES_IN = 5
+    RPCS_SENT = 6
+    RPCS_TIMED_OUT = 7
+    LOOKUPS = 8
+    LOOKUP_ROUNDS = 9
+    LOOKUP_RPCS = 10
+    RECORDS_ACCEPTED = 11
+    REPLIES_DEFERRED = 12
+    REPLIES_BOUNDED = 13
+    HANDOFF_STORES = 14
+
+
+# Methods whose requests we pad, so that any reply stays within the amplification bound.
+_PADDED = frozenset((wire.FIND_NODE, wire.FIND_VALUE, wire.P2P_FIND))
+# Bytes around the records of a p2p_store request: fixarray(2), "p2p_store", fixarray(3),
+# two 20-byte ids, array16 header.
+STORE_OVERHEAD = 1 + 1 + len(wire.P2P_STORE) + 1 + 2 * (2 + 20) + 3
+
+
+class _Rpc:
+    __slots__ = (
+        "address",
+        "args",
+        "candidate",
+        "method",
+        "op",
+        "peer_id",
+        "purpose",
+        "retries",
+        "sent",
+        "sent_at",
+    )
+
+    def __init__(
+        self,
+        method: str,
+        address: Address,
+        peer_id: int | None,
+        purpose: Purpose,
+        op: Operation | None,
+        candidate: _Candidate | None,
+        sent: int,
+        now: float,
+    ) -> None:
+        self.method = method
+        self.address = address
+        self.peer_id = peer_id
+        self.purpose = purpose
+        self.op = op
+        self.candidate = candidate
+        #: Records carried (stores), to check the reply's length.
+        self.sent = sent
+        self.sent_at = now
+        #: Arguments and resends left, for RPCs worth repeating once lost (stores).
+        self.args: list[Any] | None = None
+        self.retries = 0
+
+
+
+
+class RpcNode:
+    """One Kademlia node's state and RPC table; :class:`~p2pbuild.dht.DhtNode` is the
+    complete node. Not thread-safe; one driver calls it.
+
+    ``rng`` supplies message ids and refresh targets; ``cache`` is the verified-record cache
+    (share one between nodes of a process).
+    """
+
+    __slots__ = (
+        "_counters",
+        "_deferred",
+        "_deferred_total",
+        "_dropped",
+        "_finished",
+        "_next_maintenance",
+        "_out",
+        "_pad_to",
+        "_pending",
+        "_rejected",
+        "_timers",
+        "_verified",
+        "config",
+        "node_id",
+        "own",
+        "rng",
+        "routing",
+        "store",
+    )
+
+    def __init__(
+        self,
+        node_id: bytes,
+        *,
+        now: float,
+        rng: random.Random,
+        config: DhtConfig | None = None,
+        cache: RecordCache = SHARED_CACHE,
+    ) -> None:
+        self.config = config = config if config is not None else DhtConfig()
+        self.node_id = node_id
+        self.own = id_from_bytes(node_id)
+        self.rng = rng
+        self.routing = RoutingTable(
+            self.own,
+            k=config.k,
+            replacements=config.replacement_cache,
+            max_failures=config.max_failures,
+            now=now,
+            max_per_host=config.max_contacts_per_host,
+            fresh_for=config.eviction_ping_after,
+        )
+        self.store = RecordStore(
+            max_per_key=config.max_records_per_key,
+            max_per_publisher=config.max_records_per_publisher,
+            max_total=config.max_records_total,
+            policy=config.record_policy,
+            cache=cache,
+        )
+        self._out: list[tuple[bytes, Address]] = []
+        self._pending: dict[bytes, _Rpc] = {}
+        self._timers: list[tuple[float, bytes, TimerKind]] = []
+        self._finished: list[Operation] = []
+        self._next_maintenance = now + config.maintenance_interval
+        # Indexed by ``Count`` (an array: no int object per counter).
+        self._counters = array.array("q", bytes(8 * len(Count)))
+        self._dropped: dict[str, int] = {}
+        #: Addresses that answered a verification ping but are not contacts, LRU order
+        #: (created on first use: p2pbuild requesters pad, so only stock ones need it).
+        self._verified: OrderedDict[Address, None] | None = None
+        #: Size requests are padded to (see ``amplification_factor``).
+        self._pad_to = -(-config.max_datagram // config.amplification_factor)
+        #: Replies held for addresses not verified yet, and how many in total.
+        self._deferred: dict[Address, list[bytes]] = {}
+        self._deferred_total = 0
+        self._rejected: dict[str, int] = {}
+
+    def verified(self, address: Address) -> bool:
+        """Whether ``address`` has answered a request of ours (it receives there)."""
+        peer = self.routing.holds_address(address)
+        if peer is not None and peer.srtt:
+            return True
+        return self._verified is not None and address in self._verified
+
+    def _is_verified(self, address: Address, sender: bytes) -> bool:
+        """:meth:`verified`, fast: the claimed sender is a contact at ``address`` that
+        answered us (a spoofer naming it only gets replies sent to where it receives)."""
+        peer = self.routing.peer_at(int.from_bytes(sender, "big"), address)
+        if peer is not None and peer.srtt:
+            return True
+        return self._verified is not None and address in self._verified
+
+    # -- sending ----------------------------------------------------------------------------------
+
+    def _send(self, data: bytes, address: Address) -> None:
+        if len(data) > self.config.max_datagram:
+            raise LocalError(f"bug: a {len(data)}-byte datagram exceeds max_datagram")
+        self._out.append((data, address))
+        self._counters[Count.DATAGRAMS_OUT] += 1
+        self._counters[Count.BYTES_OUT] += len(data)
+
+    def _timeouts(self, peer: Peer | None) -> tuple[float, float]:
+        """``(timeout, stall)`` for an RPC to ``peer`` (None: an unmeasured contact)."""
+        config = self.config
+        estimate = peer if peer is not None and peer.srtt else self.routing.overall
+        if not estimate.srtt:
+            return config.initial_rpc_timeout, config.initial_rpc_timeout / 2
+        timeout = min(
+            max(estimate.srtt + 4 * estimate.rttvar, config.min_rpc_timeout),
+            config.max_rpc_timeout,
+        )
+        stall = min(max(2 * estimate.srtt, config.min_rpc_timeout / 2), timeout)
+        return timeout, stall
+
+    def _call(
+        self,
+        address: Address,
+        peer_id: int | None,
+        method: str,
+        args: list[Any],
+        now: float,
+        op: Operation | None,
+        purpose: Purpose,
+        candidate: _Candidate | None = None,
+        sent: int = 0,
+        retries: int = 0,
+    ) -> bool:
+        """Send a request; returns False if it could not be (pending table full). An RPC
+        with ``retries`` is sent again that many times if it times out."""
+        if len(self._pending) >= self.config.max_pending_rpcs:
+            self._dropped["pending-full"] = self._dropped.get("pending-full", 0) + 1
+            return False
+        msg_id = self.rng.randbytes(wire.MSG_ID_SIZE)
+        pad = self._pad_to if method in _PADDED else 0
+        self._send(wire.encode_request(msg_id, method, args, pad_to=pad), address)
+        self._counters[Count.RPCS_SENT] += 1
+        if op is not None:
+            op.rpcs += 1
+        rpc = self._pending[msg_id] = _Rpc(
+            method, address, peer_id, purpose, op, candidate, sent, now
+        )
+        if retries:
+            rpc.args = args
+            rpc.retries = retries
+        peer = self.routing.get(peer_id) if peer_id is not None else None
+        timeout, stall = self._timeouts(peer)
+        heapq.heappush(self._timers, (now + timeout, msg_id, TimerKind.DEADLINE))
+        if purpose == Purpose.WALK and stall < timeout:
+            heapq.heappush(self._timers, (now + stall, msg_id, TimerKind.STALL))
+        return True
+
+    def _resend(self, rpc: _Rpc, now: float) -> bool:
+        """Send a timed-out RPC again (a lost store leaves a hole in a holder's pages; a lost
+        bootstrap ping leaves a node alone). Returns False if it could not be sent."""
+        assert rpc.args is not None
+        return self._call(
+            rpc.address,
+            rpc.peer_id,
+            rpc.method,
+            rpc.args,
+            now,
+            rpc.op,
+            rpc.purpose,
+            rpc.candidate,
+            rpc.sent,
+            rpc.retries - 1,
+        )
+
