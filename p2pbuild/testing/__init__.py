@@ -1,5 +1,6 @@
-"""Public test helpers: throwaway keys and trust lists, generated build inputs (and, as they
-land, an in-memory network and a cluster builder). Our own tests use these; so can yours."""
+"""Public test helpers: throwaway keys and trust lists, generated build inputs, an in-memory
+network, a cluster builder, and sans-IO drivers of DHT cores. Our own tests use these; so can
+yours."""
 
 from ._cluster import CLUSTER_EPOCH, Cluster, open_cluster
 from ._keys import (
@@ -27,6 +28,15 @@ from ._packages import (
     write_tarball,
 )
 from ._runner import InstantRunner
+from ._sansio import (
+    HOP,
+    SANSIO_EPOCH,
+    SansIONetwork,
+    ScriptedLookup,
+    SentQuery,
+    build_network,
+    signed_records,
+)
 
 __all__ = [
     "CLUSTER_EPOCH",
@@ -37,6 +47,13 @@ __all__ = [
     "open_local_farm",
     "MemoryEndpoint",
     "MemoryNetwork",
+    "HOP",
+    "SANSIO_EPOCH",
+    "SansIONetwork",
+    "ScriptedLookup",
+    "SentQuery",
+    "build_network",
+    "signed_records",
     "open_cluster",
     "open_memory_network",
     "FIXED_EPOCH",

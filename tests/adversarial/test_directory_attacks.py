@@ -10,12 +10,22 @@ import socket
 import attrs
 import pytest
 import trio
-from adversarial_harness import T0, Net, build, signed_pair
 
 from p2pbuild import SignedRecord
 from p2pbuild.dht import Address, DhtConfig, Directory, facet_key, node_id_for, node_key, serve
 from p2pbuild.dht import _wire as wire
-from p2pbuild.testing import example_capability, make_identity
+from p2pbuild.testing import (
+    SANSIO_EPOCH,
+    SansIONetwork,
+    build_network,
+    example_capability,
+    make_identity,
+    signed_records,
+)
+
+T0 = SANSIO_EPOCH
+#: Identities of this suite's honest nodes: ``make_identity(f"{LABEL}{i}")``.
+LABEL = "adv-node-"
 
 ATTACKER: Address = ("10.66.0.1", 4000)
 
@@ -26,7 +36,7 @@ def _store_request(key: bytes, raws: list[bytes], msg_id: bytes = b"m" * 20) -> 
     )
 
 
-def _reply_to(net: Net, node_address: Address, destination: Address,
+def _reply_to(net: SansIONetwork, node_address: Address, destination: Address,
               *, responses_only: bool = False) -> list[bytes]:
     node = net.nodes[node_address]
     out = node.datagrams_to_send()
@@ -40,14 +50,14 @@ def _reply_to(net: Net, node_address: Address, destination: Address,
 
 
 def test_forged_replayed_expired_oversize_records_are_refused() -> None:
-    net = build(20)
+    net = build_network(20, label=LABEL)
     key = facet_key("arch=x86_64")
     publisher_node = next(iter(net.nodes.values()))
-    current = signed_pair("honest", seq=2)
+    current = signed_records("honest", seq=2)
     op = publisher_node.put(key, current, net.now)
     net.run(lambda: op.done)
     assert op.result == 20
-    old = signed_pair("honest", seq=1)[0]
+    old = signed_records("honest", seq=1)[0]
     forged = bytearray(current[0].raw)
     forged[-80] ^= 0x01
     expired = SignedRecord.create(make_identity("late"), example_capability(), seq=1,
@@ -55,7 +65,7 @@ def test_forged_replayed_expired_oversize_records_are_refused() -> None:
     future = SignedRecord.create(make_identity("early"), example_capability(), seq=1,
                                  issued_at=int(T0) + 3600, lifetime=3600)
     oversize = b"\x98" + b"\x00" * 1000
-    wrong_key = signed_pair("other-arch", arch="s390x")[0]
+    wrong_key = signed_records("other-arch", arch="s390x")[0]
     hostile = [bytes(forged), old.raw, expired.raw, future.raw, oversize, wrong_key.raw]
     expected = ["bad-signature", "stale-seq", "expired", "not-yet-valid", "oversize",
                 "wrong-key"]
@@ -84,10 +94,10 @@ def test_forged_replayed_expired_oversize_records_are_refused() -> None:
 
 def test_store_flood_for_one_key_from_many_keys_is_bounded() -> None:
     config = DhtConfig(max_records_per_key=64, max_records_total=512)
-    net = build(12, config)
+    net = build_network(12, config, label=LABEL)
     key = facet_key("arch=x86_64")
     everyone = list(net.nodes.items())
-    honest = signed_pair("honest-before-flood")
+    honest = signed_records("honest-before-flood")
     op = everyone[0][1].put(key, honest, net.now)
     net.run(lambda: op.done)
     # 200 throwaway keys, each with a genuinely signed capability bound to the facet.
@@ -106,7 +116,7 @@ def test_store_flood_for_one_key_from_many_keys_is_bounded() -> None:
         assert stats.rejected.get("store-full", 0) >= 200 - 64
     # Honest records were not pushed out, and the honest publisher can still update its
     # own slots on a full key (a newer seq replaces, it does not need room).
-    newer = signed_pair("honest-before-flood", seq=2)
+    newer = signed_records("honest-before-flood", seq=2)
     op = everyone[0][1].put(key, newer, net.now)
     net.run(lambda: op.done)
     assert op.result >= 10
@@ -115,7 +125,7 @@ def test_store_flood_for_one_key_from_many_keys_is_bounded() -> None:
     found = {r.raw for r in got.result}
     assert {r.raw for r in newer} <= found
     # And the directory's other keys are untouched.
-    other = signed_pair("elsewhere", arch="s390x")
+    other = signed_records("elsewhere", arch="s390x")
     op = everyone[3][1].put(facet_key("arch=s390x"), other, net.now)
     net.run(lambda: op.done)
     assert op.result >= 10
@@ -123,7 +133,7 @@ def test_store_flood_for_one_key_from_many_keys_is_bounded() -> None:
 
 def _requests(key: bytes, cursor: bytes, pad_to: int) -> dict[str, bytes]:
     sender = b"\x42" * 20
-    record = signed_pair("amp")[0].raw
+    record = signed_records("amp")[0].raw
     return {
         # Padded as p2pbuild pads its own: a full reply at once, still within the bound.
         "find_node_padded": wire.encode_request(b"h" * 20, wire.FIND_NODE,
@@ -146,15 +156,15 @@ def _requests(key: bytes, cursor: bytes, pad_to: int) -> dict[str, bytes]:
     }
 
 
-def _amplification(factor: int) -> tuple[float, dict[str, float], Net, Address]:
+def _amplification(factor: int) -> tuple[float, dict[str, float], SansIONetwork, Address]:
     """Worst ratio of bytes sent to a victim that never answers over bytes the attacker
     sent in its name, per request type, on a node that has contacts and many records."""
     config = DhtConfig(amplification_factor=factor)
-    net = build(30, config)
+    net = build_network(30, config, label=LABEL)
     key = facet_key("arch=x86_64")
     everyone = list(net.nodes.values())
     for i in range(12):
-        op = everyone[i].put(key, signed_pair(f"amp-pub-{i}"), net.now)
+        op = everyone[i].put(key, signed_records(f"amp-pub-{i}"), net.now)
         net.run(lambda op=op: op.done)
     target_address, target = max(net.nodes.items(), key=lambda item: item[1].store.count(key))
     cursor = make_identity("amp-pub-0").public_key.raw + b"capability"
@@ -196,7 +206,7 @@ def test_amplification_to_an_unverified_address_is_bounded() -> None:
 
 
 def test_unverified_asker_gets_a_cut_reply_or_a_padded_full_one_without_a_ping() -> None:
-    net = build(30)
+    net = build_network(30, label=LABEL)
     target_address, target = next(iter(net.nodes.items()))
     asker: Address = ("10.77.0.1", 7420)
     key = b"\x01" * 20
@@ -223,11 +233,11 @@ def test_unverified_asker_gets_a_cut_reply_or_a_padded_full_one_without_a_ping()
 
 
 def test_stock_find_value_bundle_waits_for_one_ping() -> None:
-    net = build(30)
+    net = build_network(30, label=LABEL)
     key = facet_key("arch=x86_64")
     everyone = list(net.nodes.values())
     for i in range(3):
-        op = everyone[i].put(key, signed_pair(f"fv-pub-{i}"), net.now)
+        op = everyone[i].put(key, signed_records(f"fv-pub-{i}"), net.now)
         net.run(lambda op=op: op.done)
     target_address, target = max(net.nodes.items(), key=lambda item: item[1].store.count(key))
     target.datagrams_to_send()
@@ -251,7 +261,7 @@ def test_stock_find_value_bundle_waits_for_one_ping() -> None:
 
 
 def test_bucket_poisoning_with_many_ids_from_one_address() -> None:
-    net = build(30)
+    net = build_network(30, label=LABEL)
     target_address, target = list(net.nodes.items())[4]
     rng = random.Random(5)
     for _ in range(500):
@@ -322,7 +332,9 @@ class SybilPort:
 class SybilHost:
     """One machine (one IP, many ports) claiming ids right next to ``key``."""
 
-    def __init__(self, net: Net, key: bytes, host: str, count: int, lies: list[bytes]) -> None:
+    def __init__(
+        self, net: SansIONetwork, key: bytes, host: str, count: int, lies: list[bytes]
+    ) -> None:
         self.key = int.from_bytes(key, "big")
         self.host = host
         self.ports = list(range(5000, 5000 + count))
@@ -338,7 +350,7 @@ class SybilHost:
         near = int.from_bytes(target, "big")
         return [[(near ^ (p - 4999)).to_bytes(20, "big"), self.host, p] for p in self.ports[:20]]
 
-    def introduce(self, net: Net) -> None:
+    def introduce(self, net: SansIONetwork) -> None:
         """Ping every honest node from every Sybil port, claiming the Sybil ids."""
         honest = [a for a, n in net.nodes.items() if not isinstance(n, SybilPort)]
         for port in self.ports:
@@ -350,9 +362,9 @@ class SybilHost:
         net.run(limit=0.05)
 
 
-def _eclipse(limit: int) -> tuple[list[SignedRecord], list[SignedRecord], Net]:
+def _eclipse(limit: int) -> tuple[list[SignedRecord], list[SignedRecord], SansIONetwork]:
     config = DhtConfig(max_contacts_per_host=limit)
-    net = build(30, config)
+    net = build_network(30, config, label=LABEL)
     key = facet_key("pool=eclipsed")
     identity = make_identity("eclipse-victim")
     honest = [SignedRecord.create(identity, example_capability(pools=["eclipsed"]), seq=2,

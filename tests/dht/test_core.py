@@ -6,7 +6,6 @@ from __future__ import annotations
 import random
 
 import attrs
-from dht_harness import T0, Net, build
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -18,26 +17,28 @@ from p2pbuild.dht import (
     node_key,
 )
 from p2pbuild.dht import _wire as wire
-from p2pbuild.testing import example_capability, example_status, make_identity
+from p2pbuild.testing import (
+    SANSIO_EPOCH,
+    SansIONetwork,
+    build_network,
+    example_capability,
+    make_identity,
+    signed_records,
+)
+
+T0 = SANSIO_EPOCH
 
 
-def records(label: str, *, seq: int = 1, issued: float = T0, arch: str = "x86_64",
-            status_lifetime: int = 600) -> list[SignedRecord]:
-    identity = make_identity(label)
-    return [
-        SignedRecord.create(identity, example_capability(arch=arch), seq=seq,
-                            issued_at=int(issued), lifetime=3600),
-        SignedRecord.create(identity, example_status(), seq=seq, issued_at=int(issued),
-                            lifetime=status_lifetime),
-    ]
+#: A capability and a status of a throwaway publisher (other test files import it).
+records = signed_records
 
 
-def nodes(net: Net) -> list[DhtNode]:
+def nodes(net: SansIONetwork) -> list[DhtNode]:
     return list(net.nodes.values())
 
 
 def test_bootstrap_fills_routing_tables() -> None:
-    net = build(40)
+    net = build_network(40)
     for node in nodes(net):
         assert node.statistics().contacts >= 20
     # Lookups of every node's id find that node first.
@@ -53,7 +54,7 @@ def test_bootstrap_fills_routing_tables() -> None:
 
 
 def test_bootstrap_with_nobody_answering_finishes_empty() -> None:
-    net = Net()
+    net = SansIONetwork()
     _, node = net.add(1)
     op = node.bootstrap([("10.9.9.9", 7420)], net.now)
     net.run(lambda: op.done)
@@ -65,7 +66,7 @@ def test_bootstrap_with_nobody_answering_finishes_empty() -> None:
 
 
 def test_put_then_get_from_every_node() -> None:
-    net = build(30)
+    net = build_network(30)
     everyone = nodes(net)
     mine = records("publisher")
     key = facet_key("arch=x86_64")
@@ -81,7 +82,7 @@ def test_put_then_get_from_every_node() -> None:
 
 
 def test_latest_record_per_publisher_wins() -> None:
-    net = build(25)
+    net = build_network(25)
     everyone = nodes(net)
     key = node_key(make_identity("p").public_key)
     old, new = records("p", seq=1), records("p", seq=2)
@@ -100,7 +101,7 @@ def test_latest_record_per_publisher_wins() -> None:
 
 
 def test_many_publishers_are_paged_and_all_found() -> None:
-    net = build(30)
+    net = build_network(30)
     everyone = nodes(net)
     key = facet_key("arch=s390x")
     published = set()
@@ -121,7 +122,7 @@ def test_many_publishers_are_paged_and_all_found() -> None:
 
 
 def test_forged_record_is_never_stored_nor_returned() -> None:
-    net = build(20)
+    net = build_network(20)
     everyone = nodes(net)
     genuine = records("victim")[0]
     key = node_key(genuine.publisher)
@@ -157,7 +158,7 @@ def test_forged_record_is_never_stored_nor_returned() -> None:
 
 
 def test_expired_records_are_refused_and_dropped() -> None:
-    net = build(20)
+    net = build_network(20)
     everyone = nodes(net)
     batch = records("short", status_lifetime=60)
     key = node_key(batch[0].publisher)
@@ -175,7 +176,7 @@ def test_expired_records_are_refused_and_dropped() -> None:
 
 
 def test_dead_contacts_cost_a_stall_not_a_timeout() -> None:
-    net = build(60)
+    net = build_network(60)
     everyone = list(net.nodes.items())
     # Warm RTT estimates: every node has measured its contacts (1 hop = 1 ms each way).
     key = facet_key("pool=x")
@@ -198,7 +199,7 @@ def test_dead_contacts_cost_a_stall_not_a_timeout() -> None:
 
 def test_full_bucket_evicts_only_after_failed_ping() -> None:
     config = DhtConfig(k=2)
-    net = Net(config)
+    net = SansIONetwork(config)
     _, node = net.add(0)
     own = node.own
     # Three ids in the same (top) bucket.
@@ -247,7 +248,7 @@ def test_any_request_shape_is_answered_or_counted(method: str, args: list[object
 
 
 def test_unexpected_and_spoofed_responses_are_dropped() -> None:
-    net = build(3)
+    net = build_network(3)
     _address, node = next(iter(net.nodes.items()))
     node.receive_datagram(wire.encode_response(b"x" * 20, True), ("10.0.0.9", 1), net.now)
     op = node.find_nodes(b"\x00" * 20, net.now)
@@ -272,9 +273,9 @@ def test_config_rejects_nonsense() -> None:
 
 def _late_joiners(
     config: DhtConfig | None = None,
-) -> tuple[Net, list[bytes], list[list[SignedRecord]]]:
+) -> tuple[SansIONetwork, list[bytes], list[list[SignedRecord]]]:
     """A seed, 3 publishers that publish, then 40 empty nodes join (through the seed)."""
-    net = build(4, config)
+    net = build_network(4, config)
     first = next(iter(net.nodes))
     everyone = nodes(net)
     keys, published = [], []
@@ -294,7 +295,11 @@ def _late_joiners(
 
 
 def _late_misses(
-    net: Net, keys: list[bytes], published: list[list[SignedRecord]], *, within_k: bool = False
+    net: SansIONetwork,
+    keys: list[bytes],
+    published: list[list[SignedRecord]],
+    *,
+    within_k: bool = False,
 ) -> int:
     """Lookups (of 20) that missed records. ``within_k``: count only those where a holder
     of the records is among the ``k`` nodes closest to the key (but the reader), which is
@@ -363,7 +368,7 @@ def test_without_hand_off_late_joiners_hide_records() -> None:
 
 def test_hand_off_pages_a_big_key_within_its_datagram_budget() -> None:
     config = DhtConfig(handoff_datagrams=2)
-    net = build(3, config)
+    net = build_network(3, config)
     first = next(iter(net.nodes))
     key = facet_key("arch=x86_64")
     for holder in nodes(net):
@@ -389,7 +394,7 @@ def test_hand_off_pages_a_big_key_within_its_datagram_budget() -> None:
 
 def test_full_bucket_pings_its_oldest_only_if_not_heard_from_lately() -> None:
     config = DhtConfig(k=2)
-    net = Net(config)
+    net = SansIONetwork(config)
     _, node = net.add(0)
     own = node.own
     ids = [own ^ (1 << 159) ^ n for n in (1, 2, 3, 4)]
@@ -418,7 +423,7 @@ def test_full_bucket_pings_its_oldest_only_if_not_heard_from_lately() -> None:
 
 def test_eviction_ping_answered_keeps_the_old_contact() -> None:
     config = DhtConfig(k=2, eviction_ping_after=1.0)
-    net = Net(config)
+    net = SansIONetwork(config)
     _, node = net.add(0)
     own = node.own
     ids = [own ^ (1 << 159) ^ n for n in (1, 2, 3)]

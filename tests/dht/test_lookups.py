@@ -3,17 +3,20 @@ with a few contacts whose answers (or silence) the test chooses, datagram by dat
 
 from __future__ import annotations
 
-import random
-from collections.abc import Sequence
-
-from dht_harness import T0
 from test_core import records
 
 from p2pbuild import SignedRecord
-from p2pbuild.dht import DhtConfig, DhtNode, GetOperation, facet_key, node_key
-from p2pbuild.dht import _wire as wire
-from p2pbuild.dht._store import RecordCache
-from p2pbuild.testing import example_capability, example_status, make_identity
+from p2pbuild.dht import DhtConfig, facet_key, node_key
+from p2pbuild.testing import (
+    SANSIO_EPOCH,
+    ScriptedLookup,
+    SentQuery,
+    example_capability,
+    example_status,
+    make_identity,
+)
+
+T0 = SANSIO_EPOCH
 
 # A contact's round trip as the reader measured it: stall after 10 ms (the floor, half of
 # min_rpc_timeout), time out after 20 ms (min_rpc_timeout).
@@ -22,85 +25,14 @@ STALL = 0.01
 TIMEOUT = 0.02
 
 
-class SentQuery:
-    """One ``p2p_find`` the reader sent."""
-
-    def __init__(self, data: bytes, address: tuple[str, int]) -> None:
-        request = wire.decode_datagram(data, max_size=2048)
-        assert isinstance(request, wire.Request) and request.method == wire.P2P_FIND
-        self.msg_id = request.msg_id
-        self.address = address
-        _, self.key, self.cursor = wire.parse_p2p_find_args(request)
-
-
-class Reader:
-    """A node that knows ``len(distances)`` contacts, contact ``i`` at XOR distance
-    ``distances[i]`` from ``key`` (so the walk asks them in that order)."""
-
-    def __init__(
-        self,
-        key: bytes,
-        distances: list[int],
-        config: DhtConfig | None = None,
-        rtts: dict[int, float] | None = None,
-    ) -> None:
-        self.key = key
-        self.target = int.from_bytes(key, "big")
-        self.now = T0
-        # Far from the key: every contact falls in one bucket of the reader's table.
-        own = self.target ^ (1 << 159) ^ 12345
-        self.node = DhtNode(
-            own.to_bytes(20, "big"),
-            now=T0,
-            rng=random.Random(1),
-            config=config,
-            cache=RecordCache(),
-        )
-        self.addresses = [self.address_of(d) for d in distances]
-        rtts = rtts or {}
-        for index, (distance, address) in enumerate(zip(distances, self.addresses, strict=True)):
-            self.node.routing.seen(self.target ^ distance, address, T0, rtt=rtts.get(index, RTT))
-
-    def address_of(self, distance: int) -> tuple[str, int]:
-        return (f"10.{distance.bit_length()}.{distance & 255}.{(distance >> 8) & 255}", 7420)
-
-    def triple(self, distance: int) -> wire.ContactTriple:
-        host, port = self.address_of(distance)
-        return ((self.target ^ distance).to_bytes(20, "big"), host, port)
-
-    def get(self) -> GetOperation:
-        return self.node.get(self.key, self.now)
-
-    def sent(self) -> list[SentQuery]:
-        return [SentQuery(data, address) for data, address in self.node.datagrams_to_send()]
-
-    def answer(
-        self,
-        query: SentQuery,
-        found: Sequence[SignedRecord] = (),
-        contacts: Sequence[int] = (),
-        cursor: bytes = b"",
-    ) -> None:
-        value = wire.encode_p2p_find_reply(
-            [self.triple(d) for d in contacts], [r.raw for r in found], cursor
-        )
-        self.node.receive_datagram(
-            wire.encode_response(query.msg_id, value), query.address, self.now
-        )
-
-    def at(self, now: float) -> None:
-        self.now = now
-        self.node.handle_timer(now)
-
-
-def _by_address(reader: Reader, queries: list[SentQuery]) -> list[int]:
+def _by_address(reader: ScriptedLookup, queries: list[SentQuery]) -> list[int]:
     """The contact index each query went to."""
     return [reader.addresses.index(q.address) for q in queries]
 
 
 def test_node_key_lookup_ends_at_the_first_holder_with_the_answers_in_flight() -> None:
     mine = records("one-publisher")
-    reader = Reader(node_key(mine[0].publisher), [1 << n for n in range(10, 16)])
+    reader = ScriptedLookup(node_key(mine[0].publisher), [1 << n for n in range(10, 16)])
     op = reader.get()
     first = reader.sent()
     assert _by_address(reader, first) == [0, 1, 2]  # alpha = 3, closest first
@@ -131,7 +63,7 @@ def test_node_key_lookup_keeps_the_newest_of_the_answers_in_flight() -> None:
         ]
         for seq in (1, 2)
     )
-    reader = Reader(node_key(identity.public_key), [1 << n for n in range(10, 16)])
+    reader = ScriptedLookup(node_key(identity.public_key), [1 << n for n in range(10, 16)])
     op = reader.get()
     first = reader.sent()
     reader.answer(first[2], old)  # a holder that missed the last publish answers first
@@ -143,7 +75,7 @@ def test_node_key_lookup_keeps_the_newest_of_the_answers_in_flight() -> None:
 
 def test_node_key_lookup_waits_for_a_silent_query_only_until_it_stalls() -> None:
     mine = records("stalled-publisher")
-    reader = Reader(node_key(mine[0].publisher), [1 << n for n in range(10, 16)])
+    reader = ScriptedLookup(node_key(mine[0].publisher), [1 << n for n in range(10, 16)])
     op = reader.get()
     first = reader.sent()
     reader.answer(first[0], mine)
@@ -164,7 +96,7 @@ def test_node_key_lookup_waits_for_a_silent_query_only_until_it_stalls() -> None
 def test_facet_lookup_asks_on_until_its_quorum_answered() -> None:
     facet = "arch=x86_64"
     found = records("facet-publisher")  # x86_64: its capability is bound to the facet key
-    reader = Reader(facet_key(facet), [1 << n for n in range(10, 16)])
+    reader = ScriptedLookup(facet_key(facet), [1 << n for n in range(10, 16)])
     op = reader.get()
     first = reader.sent()
     assert _by_address(reader, first) == [0, 1, 2]
@@ -189,7 +121,7 @@ def test_facet_lookup_asks_on_until_its_quorum_answered() -> None:
 
 def test_node_key_quorum_is_configurable() -> None:
     mine = records("quorum-two")
-    reader = Reader(
+    reader = ScriptedLookup(
         node_key(mine[0].publisher), [1 << n for n in range(10, 16)], DhtConfig(node_key_quorum=2)
     )
     op = reader.get()
@@ -208,7 +140,7 @@ def test_node_key_quorum_is_configurable() -> None:
 def test_single_answer_lookup_compares_a_round_then_asks_one_at_a_time() -> None:
     mine = records("deep-publisher")
     # Our contacts are far from the key; the holders are closer, known only to them.
-    reader = Reader(node_key(mine[0].publisher), [1 << n for n in range(20, 26)])
+    reader = ScriptedLookup(node_key(mine[0].publisher), [1 << n for n in range(20, 26)])
     op = reader.get()
     first = reader.sent()
     # The farthest of the round answers first, naming a closer node: it is not asked
@@ -237,7 +169,7 @@ def test_lost_page_request_is_resent_to_the_same_holder() -> None:
     facet = "arch=s390x"
     many = [r for i in range(6) for r in records(f"paged-{i}", arch="s390x")]
     pages = [many[:4], many[4:8], many[8:]]
-    reader = Reader(
+    reader = ScriptedLookup(
         facet_key(facet), [1 << n for n in range(10, 14)], DhtConfig(value_quorum=1, page_sources=1)
     )
     op = reader.get()
@@ -268,7 +200,7 @@ def test_stalled_query_is_resent_by_a_quorum_walk_not_by_a_single_answer_walk() 
     facet = facet_key("arch=x86_64")
     for key, resent in ((facet, True), (node_key(mine[0].publisher), False)):
         # The closest contact is slower: it stalls after 20 ms and times out after 30 ms.
-        reader = Reader(key, [1 << n for n in range(10, 22)], rtts={0: 0.01})
+        reader = ScriptedLookup(key, [1 << n for n in range(10, 22)], rtts={0: 0.01})
         op = reader.get()
         first = reader.sent()
         # (The facet walk learns from the records that its key is a facet key.)
