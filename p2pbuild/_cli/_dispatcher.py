@@ -210,7 +210,8 @@ def _init(args: argparse.Namespace) -> int:
         },
         "api": {"host": args.host, "port": args.port, "tls_dir": "tls"},
         "dht": {"host": dht_host, "port": dht_port, "bootstrap": list(args.bootstrap)},
-        "clients": [{"user": args.user, "token_sha256": hash_token(token)}],
+        # Whoever creates the dispatcher runs it: an admin (may cancel any build).
+        "clients": [{"user": args.user, "role": "admin", "token_sha256": hash_token(token)}],
     }
     config_path.write_text(
         "# p2pbuild dispatcher; see dispatcher/dispatcher.example.toml for every key.\n"

@@ -7,7 +7,7 @@ Endpoints (``docs/dispatcher.md`` has the details)::
     GET    /v1/builds[?state=&limit=] list builds, newest first
     GET    /v1/builds/{id}            one build with its attempts and audit events
     GET    /v1/builds/{id}/events[?after=N&follow=1]   audit events as NDJSON, following
-    DELETE /v1/builds/{id}            cancel (reaches the nodes)
+    DELETE /v1/builds/{id}            cancel (reaches the nodes); its owner or an admin only
     GET    /v1/nodes                  nodes with ratings, MTBF and jobs in flight
     GET    /v1/status                 counters
     GET    /v1/sources/{sha256}       a build's source, for the nodes (no auth: by digest)
@@ -19,6 +19,8 @@ a ``[[clients]]`` entry names, or ``Authorization: P2PBuild-Sig <ed25519:key> <u
 <base64url signature>`` over ``b"p2pbuild-v1/dispatcher-request\\x00" + METHOD + "\\n" +
 path-with-query + "\\n" + time`` by a key the trust list names as maintainer or dispatcher
 (the user is its operator) or a ``[[clients]]`` entry names; fresh within 60 s, single use.
+A build belongs to the user who submitted it: only its owner or an admin may cancel it;
+every user may read builds, but job ids and node endpoints only admins (``_access.py``).
 Refusals are one-line JSON ``{"error": code, "reason": text}`` as on nodes.
 """
 
@@ -40,13 +42,14 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
-from .._errors import MalformedError, OversizeError, P2PBuildError, RemoteError
+from .._errors import ForbiddenError, MalformedError, OversizeError, P2PBuildError, RemoteError
 from .._identity import Identity, PublicKey, Role, verify_prefixed
 from .._jobs import BuildType
 from .._records import MachineType
 from .._replay import ReplayCache
 from .._trust import TrustList
 from ..node._api import refusal
+from ._access import Caller, check_may_change, redact_build, redact_event, redact_node
 from ._config import ClientEntry, hash_token
 from ._db import BuildState
 from ._engine import BuildRequest, Engine
@@ -62,6 +65,7 @@ _WINDOW = 60
 
 _STATUS: tuple[tuple[type[P2PBuildError], int], ...] = (
     (AuthenticationError, 401),
+    (ForbiddenError, 403),
     (UnknownBuildError, 404),
     (UnknownLeaseError, 404),
     (LeaseRefusedError, 409),
@@ -96,20 +100,20 @@ class ApiAuth:
     clock: Callable[[], float]
     replay: ReplayCache = attrs.field(factory=ReplayCache)
 
-    def authenticate(self, method: str, path: str, header: str | None) -> tuple[str, str | None]:
-        """``(user, team)`` for a request. Raises :class:`AuthenticationError`."""
+    def authenticate(self, method: str, path: str, header: str | None) -> Caller:
+        """Who sent a request. Raises :class:`AuthenticationError`."""
         scheme, _, value = (header or "").partition(" ")
         if scheme == "Bearer" and value:
             digest = hash_token(value.strip())
             for client in self.clients:
                 if client.token_sha256 and hmac.compare_digest(client.token_sha256, digest):
-                    return client.user, client.team
+                    return Caller(client.user, client.team, client.admin)
             raise AuthenticationError("unknown token")
         if scheme == SIG_SCHEME and value:
             return self._signed(method, path, value)
         raise AuthenticationError("an Authorization header (Bearer or P2PBuild-Sig) is required")
 
-    def _signed(self, method: str, path: str, value: str) -> tuple[str, str | None]:
+    def _signed(self, method: str, path: str, value: str) -> Caller:
         parts = value.split()
         if len(parts) != 3 or not parts[1].isdigit():
             raise AuthenticationError("P2PBuild-Sig <key> <time> <signature>")
@@ -131,11 +135,12 @@ class ApiAuth:
             raise AuthenticationError("signed request replayed") from None
         for client in self.clients:
             if client.key == key:
-                return client.user, client.team
+                return Caller(client.user, client.team, client.admin)
         entry = self.trust_list.entry(key)
         if entry is None or entry.role not in (Role.MAINTAINER, Role.DISPATCHER):
             raise AuthenticationError(f"key {key.fingerprint} may not use this API")
-        return entry.operator, None
+        # The trust list's maintainers run the farm: they are admins here too.
+        return Caller(entry.operator, None, entry.role is Role.MAINTAINER)
 
 
 def _query_int(params: Mapping[str, str], name: str, default: int) -> int:
@@ -211,10 +216,11 @@ def make_dispatcher_app(
     async def guarded(request: Request, handler: Callable[[str, str | None], Any]) -> Response:
         path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         try:
-            user, team = auth.authenticate(
+            caller = auth.authenticate(
                 request.method, path, request.headers.get("authorization")
             )
-            response: Response = await handler(user, team)
+            request.state.caller = caller
+            response: Response = await handler(caller.user, caller.team)
             return response
         except RemoteError as exc:
             return _refuse(exc)
@@ -266,12 +272,14 @@ def make_dispatcher_app(
 
     async def show_build(request: Request) -> Response:
         async def handler(user: str, team: str | None) -> Response:
-            return JSONResponse(_build_json(engine, request.path_params["build_id"]))
+            body = _build_json(engine, request.path_params["build_id"])
+            return JSONResponse(redact_build(body, request.state.caller))
 
         return await guarded(request, handler)
 
     async def cancel_build(request: Request) -> Response:
         async def handler(user: str, team: str | None) -> Response:
+            check_may_change(request.state.caller, engine.db.build(request.path_params["build_id"]))
             build = engine.cancel(request.path_params["build_id"], user)
             return JSONResponse(build.to_json())
 
@@ -284,14 +292,16 @@ def make_dispatcher_app(
             after = _query_int(request.query_params, "after", 0)
             follow = request.query_params.get("follow") in ("1", "true", "yes")
             return StreamingResponse(
-                _event_stream(engine, build_id, after, follow), media_type="application/x-ndjson"
+                _event_stream(engine, build_id, after, follow, request.state.caller),
+                media_type="application/x-ndjson",
             )
 
         return await guarded(request, handler)
 
     async def nodes(request: Request) -> Response:
         async def handler(user: str, team: str | None) -> Response:
-            return JSONResponse({"nodes": await node_table(engine, list_arches)})
+            rows = await node_table(engine, list_arches)
+            return JSONResponse({"nodes": [redact_node(r, request.state.caller) for r in rows]})
 
         return await guarded(request, handler)
 
@@ -357,13 +367,14 @@ async def node_table(engine: Engine, arches: Sequence[str]) -> list[dict[str, An
 
 
 async def _event_stream(
-    engine: Engine, build_id: str, after: int, follow: bool
+    engine: Engine, build_id: str, after: int, follow: bool, caller: Caller
 ) -> AsyncIterator[bytes]:
     while True:
         changed = engine.wait_changed
         for entry in engine.db.audit_entries(build_id, after=after):
             after = entry.id
-            yield (json.dumps(entry.to_json(), sort_keys=True) + "\n").encode()
+            body = redact_event(entry.to_json(), caller)
+            yield (json.dumps(body, sort_keys=True) + "\n").encode()
         if not follow or engine.db.build(build_id).state.terminal:
             return
         with trio.move_on_after(15):

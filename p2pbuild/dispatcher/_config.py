@@ -33,12 +33,15 @@ def hash_token(token: str) -> str:
 
 @attrs.frozen
 class ClientEntry:
-    """One API client: a user with a team, known by a token hash or a signing key."""
+    """One API client: a user with a team, known by a token hash or a signing key. An
+    ``admin`` (``role = "admin"``) may cancel any user's build and sees job ids and node
+    endpoints; a user (``role = "user"``, the default) only cancels its own builds."""
 
     user: str
     team: str | None = None
     token_sha256: str | None = None
     key: PublicKey | None = None
+    admin: bool = False
 
 
 @attrs.frozen
@@ -176,7 +179,12 @@ def load_config(path: Path) -> DispatcherConfig:
         except MalformedError as exc:
             raise ConfigError(f"{where}: key: {exc}") from None
         team = _get(item, "team", str, where, "") or None
-        clients.append(ClientEntry(_get(item, "user", str, where), team, token, public))
+        role = _get(item, "role", str, where, "user")
+        if role not in ("user", "admin"):
+            raise ConfigError(f"{where}: role must be user or admin")
+        clients.append(
+            ClientEntry(_get(item, "user", str, where), team, token, public, role == "admin")
+        )
     pools = _get(document, "pools", dict, str(path), {})
     for pool, team in pools.items():
         if not _TOKEN.fullmatch(pool) or not isinstance(team, str):

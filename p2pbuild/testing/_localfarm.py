@@ -180,7 +180,7 @@ class LocalFarm:
             "api": {"host": "127.0.0.1", "port": port, "tls_dir": "tls"},
             "dht": {"host": "127.0.0.1", "port": 0, "bootstrap": [f"127.0.0.1:{seed_port}"],
                     "list_arches": [detected.arch]},
-            "clients": [{"user": "demo", "token_sha256": hash_token(token)}],
+            "clients": [{"user": "demo", "role": "admin", "token_sha256": hash_token(token)}],
             "engine": dict(engine),
         })
         url = f"https://127.0.0.1:{port}"
