@@ -371,11 +371,14 @@ async def _event_stream(
 ) -> AsyncIterator[bytes]:
     while True:
         changed = engine.wait_changed
+        # Looked at before the events are read, so the events that made it terminal are
+        # among those sent.
+        ended = engine.db.build(build_id).state.terminal
         for entry in engine.db.audit_entries(build_id, after=after):
             after = entry.id
             body = redact_event(entry.to_json(), caller)
             yield (json.dumps(body, sort_keys=True) + "\n").encode()
-        if not follow or engine.db.build(build_id).state.terminal:
+        if not follow or ended:
             return
         with trio.move_on_after(15):
             await changed()

@@ -319,10 +319,10 @@ def lease_routes(service: LeaseService, auth: ApiAuth) -> list[Route]:
     async def guarded(request: Request, handler: Callable[[str, str | None], Any]) -> Response:
         path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         try:
-            user, team = auth.authenticate(
+            caller = auth.authenticate(
                 request.method, path, request.headers.get("authorization")
             )
-            response: Response = await handler(user, team)
+            response: Response = await handler(caller.user, caller.team)
             return response
         except RemoteError as exc:
             return _refuse(exc)

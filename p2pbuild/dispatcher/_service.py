@@ -122,7 +122,9 @@ async def run_dispatcher(
             leases=_lease_book(db, config),
         )
         auth = ApiAuth(config.clients, trust_list, clock)
-        leases = LeaseService(engine, frozenset(config.lease_admins))
+        # Admins of the API ([[clients]] role = "admin") are lease admins too.
+        admins = frozenset(config.lease_admins) | {c.user for c in config.clients if c.admin}
+        leases = LeaseService(engine, admins)
         app = make_dispatcher_app(
             engine, auth, max_upload_bytes=config.max_upload_bytes,
             list_arches=config.list_arches,
