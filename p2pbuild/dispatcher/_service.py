@@ -30,6 +30,7 @@ from ._leasing import LeaseService, lease_routes, load_leases
 from ._nodes import DirectoryFinder, NodeConnector, NodeFinder
 from ._pull import PullQueue, pull_routes
 from ._sink import RepositorySink
+from ._web import WebView, web_routes
 
 __all__ = ["RunningDispatcher", "load_identity_and_trust", "run_dispatcher"]
 
@@ -128,7 +129,8 @@ async def run_dispatcher(
         app = make_dispatcher_app(
             engine, auth, max_upload_bytes=config.max_upload_bytes,
             list_arches=config.list_arches,
-            extra_routes=[*pull_routes(queue), *lease_routes(leases, auth)],
+            extra_routes=[*pull_routes(queue), *lease_routes(leases, auth),
+                          *web_routes(WebView(engine, config.list_arches))],
         )
         api_config = NodeApiConfig(
             tls=tls, host=config.host, port=config.port, keep_alive_timeout=90.0,

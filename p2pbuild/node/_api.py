@@ -11,6 +11,7 @@ Endpoints (``docs/node-api.md`` has the details)::
     DELETE /v1/jobs/{id}                     cancel a running job; forget a finished one
                                              (only on an order signed by the job's dispatcher)
     GET    /v1/status                        the node's key and the service's statistics
+    GET    /metrics                          Prometheus text format (``_metrics.py``)
 
 ``DELETE`` needs ``Authorization: P2PBuild-Control <base64url JobControl>``: an order signed by
 the dispatcher that issued the job (:class:`~p2pbuild.JobControl`, fresh, single-use, naming
@@ -58,6 +59,8 @@ from .._errors import (
 )
 from .._identity import Identity
 from .._jobs import MAX_JOB_CONTROL_SIZE, MAX_JOB_SIZE, JobControl, JobControlAction
+from ._metrics import CONTENT_TYPE as METRICS_TYPE
+from ._metrics import NodeMetrics
 from ._service import (
     JobRunningError,
     JobService,
@@ -342,7 +345,13 @@ def make_app(service: JobService, config: NodeApiConfig) -> Starlette:
         body["free_slots"] = service.free_slots
         return JSONResponse(body)
 
+    node_metrics = NodeMetrics(service.statistics)
+
+    async def metrics(request: Request) -> Response:
+        return Response(node_metrics.render(), media_type=METRICS_TYPE)
+
     routes = [
+        Route("/metrics", metrics, methods=["GET"]),
         Route("/v1/jobs", submit, methods=["POST"]),
         Route("/v1/jobs/{job_id}", job_status, methods=["GET"]),
         Route("/v1/jobs/{job_id}", cancel, methods=["DELETE"]),

@@ -253,6 +253,10 @@ class JobServiceStatistics:
     draining: bool
     #: Rejections by error code, sorted by code.
     rejected: tuple[tuple[str, int], ...]
+    #: Finished builds by result state, sorted by state.
+    results: tuple[tuple[str, int], ...] = ()
+    #: Seconds spent running builds (from start to signed result), all jobs together.
+    build_seconds: float = 0.0
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -323,6 +327,8 @@ class JobService:
     _finished: collections.deque[bytes] = attrs.field(factory=collections.deque, init=False)
     _rejected: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
     _accepted: int = attrs.field(default=0, init=False)
+    _results: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
+    _build_ms: int = attrs.field(default=0, init=False)
     _running: int = attrs.field(default=0, init=False)
     _draining: bool = attrs.field(default=False, init=False)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
@@ -501,6 +507,8 @@ class JobService:
         entry.files.update({("logs", f.digest.name): f.path for f in logs})
         entry.result = result
         entry.finished_ms = ended_ms
+        self._results[state.value] += 1
+        self._build_ms += ended_ms - started_ms
         if self.store is not None:
             self.store.finished(entry.job, result, entry.files, ended_ms)
         entry.log_changed.set()
@@ -666,6 +674,8 @@ class JobService:
             accepted=self._accepted,
             draining=self._draining,
             rejected=tuple(sorted(self._rejected.items())),
+            results=tuple(sorted(self._results.items())),
+            build_seconds=self._build_ms / 1000,
         )
 
 

@@ -1,0 +1,443 @@
+"""The dispatcher's read-only web view and ``/metrics``, on its HTTPS port.
+
+Pages (server-rendered from the Jinja2 templates in ``templates/``; every one works
+without JavaScript) and the same values as JSON under ``/v1/web/`` (``_views.py`` makes
+them)::
+
+    GET /builds[?state=&owner=&page=]       /v1/web/builds        builds, newest first, paged
+    GET /builds/{id}                        /v1/web/builds/{id}   attempts, proof, difference
+    GET /nodes                              /v1/web/nodes         nodes, liveness, ratings
+    GET /nodes/{key}                        /v1/web/nodes/{key}   recent builds, rating plot
+    GET /trust                              /v1/web/trust         the trust list
+    GET /v1/web/events?after=N              public audit events (NDJSON), followed for a while
+    GET /builds/{id}/attempts/{n}/log       live log of a running push attempt (text, streamed)
+    GET /builds/{id}/attempts/{n}/logs/{f}  a finished attempt's log file (from its node)
+    GET /builds/{id}/attempts/{n}/job|result  signed job and result, once the build ended
+    GET /builds/{id}/artifacts/{f}          a verified build's artifact (from the repository)
+    GET /builds/{id}/proof/{f}              a verified build's proof file
+    GET /metrics                            Prometheus text format (``_metrics.py``)
+
+No login: everything here is public, and what the API keeps for admins (job ids of running
+jobs, node endpoints) is not shown (``_views.py``). Live updates: ``static/live.js``
+follows ``/v1/web/events`` and, when something changed, fetches the page again and swaps
+its ``<main>``; a running attempt's log is streamed into the page by the same script.
+Logs are fetched from the node on request through the engine's certificate pin for it;
+pull-mode nodes deliver logs only with their result, so they have no live log here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx
+import jinja2
+import trio
+from markupsafe import Markup
+from starlette.requests import Request
+from starlette.responses import (
+    FileResponse,
+    HTMLResponse,
+    JSONResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
+from starlette.routing import BaseRoute, Route
+
+from .._errors import LocalError, MalformedError
+from .._identity import PublicKey
+from ..dht import NodeEntry, Query
+from ..node._tls import CertificatePinError, pinned_client
+from ._db import BuildState
+from ._engine import Engine
+from ._metrics import CONTENT_TYPE, DispatcherMetrics
+from ._views import (
+    NodeSightings,
+    WebReader,
+    build_view,
+    builds_view,
+    node_view,
+    nodes_view,
+    rating_svg,
+    trust_view,
+)
+
+__all__ = ["WebView", "web_routes"]
+
+_HERE = Path(__file__).parent
+_STATIC = {"live.js": "text/javascript", "style.css": "text/css"}
+#: How long one follow of the public event stream lasts (the script reconnects).
+_FOLLOW_S = 55.0
+_PER_PAGE = 50
+
+
+def _ts(value: float | None) -> str:
+    if value is None:
+        return ""
+    try:
+        return datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    except (OverflowError, ValueError, OSError):
+        return "never" if value > 0 else str(value)
+
+
+def _duration(value: float | None) -> str:
+    if value is None:
+        return ""
+    seconds = max(0.0, float(value))
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours} h {minutes:02d} min"
+    return f"{hours // 24} d {hours % 24} h"
+
+
+def _size(value: int) -> str:
+    number = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if number < 1024 or unit == "GiB":
+            return f"{number:.0f} {unit}" if unit == "B" else f"{number:.1f} {unit}"
+        number /= 1024
+    return f"{value} B"
+
+
+def _percent(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.0f}%"
+
+
+def make_templates() -> jinja2.Environment:
+    """The Jinja2 environment of the pages (autoescaped)."""
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(_HERE / "templates"),
+        autoescape=True, trim_blocks=True, lstrip_blocks=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    env.filters.update(ts=_ts, duration=_duration, size=_size, percent=_percent)
+    return env
+
+
+@attrs.define(eq=False)
+class WebView:
+    """The web view over one engine: pages, JSON and metrics (module doc)."""
+
+    engine: Engine
+    list_arches: Sequence[str] = ("x86_64",)
+    lookup_timeout_s: float = 10.0
+    reader: WebReader = attrs.field(default=None)
+    sightings: NodeSightings = attrs.field(factory=NodeSightings)
+    templates: jinja2.Environment = attrs.field(factory=make_templates)
+    metrics: DispatcherMetrics = attrs.field(default=None)
+
+    def __attrs_post_init__(self) -> None:
+        if self.reader is None:
+            self.reader = WebReader(self.engine.db.path)
+        if self.metrics is None:
+            directory = getattr(self.engine.finder, "directory", None)
+            self.metrics = DispatcherMetrics(
+                self.reader, lambda: dict(self.engine.statistics().node_errors),
+                dht=(lambda: directory.statistics()) if directory is not None else
+                (lambda: None),
+            )
+
+    def now(self) -> float:
+        return float(self.engine.clock())
+
+    # -- values ---------------------------------------------------------------------------------
+
+    async def entries(self) -> list[NodeEntry]:
+        """Every trusted node in the directory for the listed arches (one lookup each)."""
+        found: dict[str, NodeEntry] = {}
+        with trio.move_on_after(self.lookup_timeout_s):
+            for arch in self.list_arches:
+                for entry in await self.engine.finder.find(Query(arch=arch)):
+                    found[str(entry.publisher)] = entry
+        entries = list(found.values())
+        self.sightings.observe(entries)
+        return entries
+
+    async def nodes(self) -> dict[str, Any]:
+        entries = await self.entries()
+        now = self.now()
+        ratings = self.engine.ratings.ratings(now, [str(e.publisher) for e in entries])
+        return nodes_view(entries, ratings, self.reader.heartbeats(),
+                          self.reader.active_attempts_by_node(), self.sightings,
+                          self.engine.trust_list, now)
+
+    async def node(self, key: str) -> dict[str, Any] | None:
+        try:
+            public = PublicKey.from_text(key)
+        except MalformedError:
+            return None
+        entry = None
+        with trio.move_on_after(self.lookup_timeout_s):
+            entry = await self.engine.finder.lookup(public)
+        if entry is not None:
+            self.sightings.observe([entry])
+        now = self.now()
+        ratings = self.engine.ratings.ratings(now, [key])
+        if entry is None and key not in self.reader.heartbeats() and not \
+                self.reader.node_attempts(key, 1) and self.engine.trust_list.entry(public) is None:
+            return None
+        model = self.engine.ratings.model
+        priors = population_priors(ratings)
+        return node_view(self.reader, key, entry, ratings.get(key), priors, model,
+                         self.sightings, self.engine.trust_list, now)
+
+    # -- responses ------------------------------------------------------------------------------
+
+    def page(self, template: str, view: dict[str, Any], request: Request,
+             status: int = 200) -> HTMLResponse:
+        text = self.templates.get_template(template).render(
+            v=view, path=request.url.path, query=request.url.query,
+            json_url="/v1/web" + request.url.path + (
+                f"?{request.url.query}" if request.url.query else ""),
+        )
+        return HTMLResponse(text, status_code=status)
+
+    def not_found(self, request: Request, what: str) -> Response:
+        if request.url.path.startswith("/v1/"):
+            return JSONResponse({"error": "not-found", "reason": what}, status_code=404)
+        return self.page("missing.html", {"what": what}, request, status=404)
+
+
+def population_priors(ratings: dict[str, Any]) -> dict[str, float]:
+    """Means of success and agreement over the rated nodes with evidence (a stand-in for
+    the rating book's prior, close enough for a plot)."""
+    priors = {}
+    for name in ("success", "agreement"):
+        values = [getattr(r, name) for r in ratings.values() if r.observations >= 1.0]
+        priors[name] = sum(values) / len(values) if values else 0.9
+    return priors
+
+
+def _states(params: Any) -> list[BuildState]:
+    states = []
+    for text in params.getlist("state"):
+        for part in text.split(","):
+            try:
+                if part:
+                    states.append(BuildState(part))
+            except ValueError:
+                continue
+    return states
+
+
+def _page_number(params: Any) -> int:
+    text = params.get("page", "1")
+    return int(text) if text.isdigit() and 0 < len(text) < 7 else 1
+
+
+def web_routes(view: WebView) -> list[BaseRoute]:
+    """The routes of ``view`` (mount them in the dispatcher's app)."""
+
+    async def home(request: Request) -> Response:
+        return RedirectResponse("/builds", status_code=302)
+
+    async def builds(request: Request) -> Response:
+        params = request.query_params
+        owner = params.get("owner", "").strip()[:200] or None
+        value = builds_view(view.reader, view.now(), states=_states(params), owner=owner,
+                            page=_page_number(params), per_page=_PER_PAGE)
+        if request.url.path.startswith("/v1/"):
+            return JSONResponse(value)
+        return view.page("builds.html", value, request)
+
+    async def build(request: Request) -> Response:
+        build_id = request.path_params["build_id"]
+        value = build_view(view.reader, build_id, view.now(), view.engine.trust_list)
+        if value is None:
+            return view.not_found(request, f"no build {build_id[:64]}")
+        if request.url.path.startswith("/v1/"):
+            return JSONResponse(value)
+        return view.page("build.html", value, request)
+
+    async def nodes(request: Request) -> Response:
+        value = await view.nodes()
+        if request.url.path.startswith("/v1/"):
+            return JSONResponse(value)
+        return view.page("nodes.html", value, request)
+
+    async def node(request: Request) -> Response:
+        key = request.path_params["key"]
+        value = await view.node(key)
+        if value is None:
+            return view.not_found(request, f"no node {key[:64]}")
+        if request.url.path.startswith("/v1/"):
+            return JSONResponse(value)
+        value["svg"] = Markup(rating_svg(value["history"]))  # numbers only: safe
+        return view.page("node.html", value, request)
+
+    async def trust(request: Request) -> Response:
+        value = trust_view(view.engine.trust_list, view.now())
+        if request.url.path.startswith("/v1/"):
+            return JSONResponse(value)
+        return view.page("trust.html", value, request)
+
+    async def events(request: Request) -> Response:
+        text = request.query_params.get("after", "")
+        after = int(text) if text.isdigit() and len(text) < 19 else view.reader.last_event()
+        return StreamingResponse(_public_events(view, after),
+                                 media_type="application/x-ndjson")
+
+    def _attempt(request: Request) -> tuple[Any, Any] | None:
+        build_row = view.reader.build(request.path_params["build_id"])
+        attempt = view.reader.attempt(request.path_params["attempt_id"])
+        if build_row is None or attempt is None or attempt.build_id != build_row.id:
+            return None
+        return build_row, attempt
+
+    async def live_log(request: Request) -> Response:
+        found = _attempt(request)
+        if found is None:
+            return view.not_found(request, "no such attempt")
+        _, attempt = found
+        if not attempt.endpoint:
+            return Response("(a pull-mode node sends its logs with its result)\n",
+                            media_type="text/plain; charset=utf-8", status_code=404)
+        path = f"/v1/jobs/{attempt.job_id}/log"
+        if attempt.state.value == "running":
+            path += "?follow=1"
+        return StreamingResponse(_from_node(attempt, path),
+                                 media_type="text/plain; charset=utf-8")
+
+    async def log_file(request: Request) -> Response:
+        found = _attempt(request)
+        name = request.path_params["name"]
+        if found is None:
+            return view.not_found(request, "no such attempt")
+        _, attempt = found
+        raw = view.reader.results(attempt.build_id).get(attempt.id)
+        if raw is None or not attempt.endpoint:
+            return view.not_found(request, "no log from this attempt here")
+        from .._jobs import Result
+
+        if Result.from_bytes(raw).log(name) is None:
+            return view.not_found(request, f"no log {name[:100]}")
+        return StreamingResponse(
+            _from_node(attempt, f"/v1/jobs/{attempt.job_id}/logs/{name}"),
+            media_type="text/plain; charset=utf-8",
+        )
+
+    async def signed(request: Request) -> Response:
+        found = _attempt(request)
+        if found is None:
+            return view.not_found(request, "no such attempt")
+        build_row, attempt = found
+        if not build_row.state.terminal:
+            return view.not_found(request, "signed jobs and results are shown once the build "
+                                           "has ended")
+        if request.path_params["kind"] == "job":
+            data: bytes | None = attempt.job
+        else:
+            data = view.reader.results(build_row.id).get(attempt.id)
+        if data is None:
+            return view.not_found(request, "no signed result from this attempt")
+        name = f"{build_row.id[:12]}-{attempt.id}.{request.path_params['kind']}"
+        return Response(data, media_type="application/msgpack",
+                        headers={"content-disposition": f'attachment; filename="{name}"'})
+
+    async def stored(request: Request) -> Response:
+        build_row = view.reader.build(request.path_params["build_id"])
+        kind, name = request.path_params["kind"], request.path_params["name"]
+        if kind not in ("artifacts", "proof"):
+            return view.not_found(request, f"no such file {name[:100]}")
+        if build_row is None or build_row.state is not BuildState.VERIFIED:
+            return view.not_found(request, "no verified build")
+        root = Path(build_row.sink_path)
+        try:
+            manifest = json.loads((root / "manifest.json").read_text())
+        except (OSError, ValueError):
+            return view.not_found(request, "the build's manifest is unreadable")
+        if kind == "artifacts":
+            allowed = {a["name"] for a in manifest.get("artifacts", [])}
+        else:
+            allowed = {Path(str(e.get(k, ""))).name for e in manifest.get("verified_by", [])
+                       for k in ("job", "result")}
+        if name not in allowed:
+            return view.not_found(request, f"no such file {name[:100]}")
+        path = root / kind / name
+        return FileResponse(path, media_type="application/octet-stream",
+                            filename=Path(name).name)
+
+    async def static(request: Request) -> Response:
+        name = request.path_params["name"]
+        if name not in _STATIC:
+            return Response(status_code=404)
+        return FileResponse(_HERE / "static" / name, media_type=_STATIC[name],
+                            headers={"cache-control": "max-age=300"})
+
+    async def metrics(request: Request) -> Response:
+        states = (await view.nodes())["states"]
+        view.metrics.refresh(states)
+        return Response(view.metrics.render(), media_type=CONTENT_TYPE)
+
+    routes: list[BaseRoute] = [Route("/", home, methods=["GET"])]
+    for path, endpoint in (
+        ("/builds", builds), ("/builds/{build_id}", build), ("/nodes", nodes),
+        ("/nodes/{key}", node), ("/trust", trust),
+    ):
+        routes.append(Route(path, endpoint, methods=["GET"]))
+        routes.append(Route("/v1/web" + path, endpoint, methods=["GET"]))
+    routes += [
+        Route("/v1/web/events", events, methods=["GET"]),
+        Route("/builds/{build_id}/attempts/{attempt_id:int}/log", live_log, methods=["GET"]),
+        Route("/builds/{build_id}/attempts/{attempt_id:int}/logs/{name:path}", log_file,
+              methods=["GET"]),
+        Route("/builds/{build_id}/attempts/{attempt_id:int}/{kind:str}", signed,
+              methods=["GET"]),
+        Route("/builds/{build_id}/{kind:str}/{name:path}", stored, methods=["GET"]),
+        Route("/static/{name}", static, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
+    return routes
+
+
+async def _public_events(view: WebView, after: int) -> AsyncIterator[bytes]:
+    """Audit entries after ``after``, public fields only, then new ones as they come for
+    :data:`_FOLLOW_S` seconds."""
+    deadline = trio.current_time() + _FOLLOW_S
+    # A first line at once, so the client knows the stream is open.
+    yield (json.dumps({"id": after, "event": "hello"}) + "\n").encode()
+    while True:
+        changed = view.engine.wait_changed
+        rows = view.reader.events(after=after, limit=500)
+        lines = []
+        for row in rows:
+            after = row["id"]
+            lines.append(json.dumps({"id": row["id"], "at": row["at"],
+                                     "build_id": row["build_id"], "event": row["event"]}))
+        if lines:
+            yield ("\n".join(lines) + "\n").encode()
+            continue
+        remaining = deadline - trio.current_time()
+        if remaining <= 0:
+            return
+        # The engine wakes followers on state changes; a second's poll catches the rest.
+        with trio.move_on_after(min(remaining, 1.0)):
+            await changed()
+
+
+async def _from_node(attempt: Any, path: str) -> AsyncIterator[bytes]:
+    """Stream ``path`` from the attempt's push node, pinned to its certificate; errors
+    end the stream with a line saying so."""
+    try:
+        async with (
+            pinned_client(attempt.tls_sha256, base_url=attempt.endpoint) as client,
+            # No read timeout: a followed log is quiet while the build is.
+            client.stream("GET", path, timeout=httpx.Timeout(30.0, read=None)) as response,
+        ):
+            if response.status_code != 200:
+                yield f"(the node answered HTTP {response.status_code})\n".encode()
+                return
+            async for chunk in response.aiter_bytes():
+                yield chunk
+    except (httpx.HTTPError, CertificatePinError, LocalError) as exc:
+        yield f"\n(the node cannot be reached: {exc.__class__.__name__})\n".encode()
