@@ -36,6 +36,7 @@ from .._identity import PublicKey, Role
 from .._jobs import Result
 from .._trust import TrustList
 from ..dht import NodeEntry
+from ._access import OPERATIONAL_KEYS
 from ._db import AttemptRow, AttemptState, BuildRow, BuildState, HeartbeatRow, ObservationRow
 from ._ratings import Decayed, NodeRating, RatingModel, Signal, combine, mtbf_score
 from ._sink import nvr_of
@@ -305,8 +306,8 @@ def difference_view(replicas: Sequence[tuple[AttemptRow, Result]], report: str) 
 
 
 def _public_detail(detail: Mapping[str, Any]) -> dict[str, Any]:
-    hidden = {"job_id", "endpoint"}
-    return {k: v for k, v in detail.items() if k not in hidden}
+    # What the API shows only to admins (``_access.py``) is not public here either.
+    return {k: v for k, v in detail.items() if k not in OPERATIONAL_KEYS}
 
 
 def build_view(
