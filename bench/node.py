@@ -12,7 +12,7 @@ process and measures, printing one JSON document:
   node's whole admission (parse, signature check, trust list, replay cache, the SQLite
   state write, slot) is inside the measurement.
 * **artifact throughput**: a finished job's artifact downloaded with the client the
-  dispatcher uses (:func:`p2pbuild.node._tls.fetch_pinned_file`: pinned TLS in a worker
+  dispatcher uses (:func:`p2pbuild.https.fetch_pinned_file`: pinned TLS in a worker
   thread, hashed with SHA-256 on arrival and compared with the signed result). The headline
   writes the body to ``/dev/null``, so that it measures the transfer and not this machine's
   disk; the same download into a real file is reported beside it, and so is the pinned
@@ -46,9 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _stats import latency_summary
 
 from p2pbuild import BuildType, FileDigest, Job, JobSpec, Result, SourceArtifact, Target
+from p2pbuild.https import fetch_pinned_file, generate_tls_material, pinned_client
 from p2pbuild.node import JobService, NodeApiConfig, NodeState, serve_node_api
 from p2pbuild.node._service import JobFilter, LocalFile, LogSink, RunReport
-from p2pbuild.node._tls import fetch_pinned_file, generate_tls_material, pinned_client
 from p2pbuild.testing import make_trust_list
 
 FIXTURE = make_trust_list()

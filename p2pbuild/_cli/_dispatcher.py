@@ -31,8 +31,8 @@ from .._identity import Identity, Role
 from ..dispatcher._config import hash_token, load_config
 from ..dispatcher._errors import ConfigError
 from ..dispatcher._service import RunningDispatcher, run_dispatcher
+from ..https import generate_tls_material, pinned_client
 from ..node._config import parse_host_port
-from ..node._tls import generate_tls_material, pinned_client
 
 __all__ = ["register"]
 

@@ -26,11 +26,11 @@ import trio
 
 from .._errors import LocalError, MalformedError, RemoteError
 from .._identity import Identity, Role
+from ..https import CertificatePinError, generate_tls_material, load_tls_material, pinned_client
 from ..node._config import ConfigError, load_config, parse_host_port, render_config
 from ..node._daemon import NodeDaemon, load_trust_file, run_node
 from ..node._service import JobRunner
 from ..node._state import NodeState
-from ..node._tls import CertificatePinError, generate_tls_material, load_tls_material, pinned_client
 
 __all__ = ["register"]
 

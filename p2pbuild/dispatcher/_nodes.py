@@ -6,7 +6,7 @@
 * :class:`NodeClient`: one node's job API as the engine needs it. :class:`PushNodeClient`
   speaks HTTPS to the node's endpoint with the certificate pinned to the ``tls_sha256`` of its
   signed capability record (``docs/node-api.md``). Large artifacts come through
-  :func:`~p2pbuild.node._tls.fetch_pinned_file` (same pin, TLS in a worker thread, several
+  :func:`~p2pbuild.https.fetch_pinned_file` (same pin, TLS in a worker thread, several
   times the throughput of the trio client), small ones over the pooled connection; both
   re-hash on arrival and stop at the signed size. Pull-mode nodes are reached through a
   :class:`PullQueue` (``_pull.py``), adapted by :class:`PullNodeClient`.
@@ -35,8 +35,8 @@ from .._jobs import FileDigest, Job, Result
 from .._records import Capability, Kind, SignedRecord
 from .._trust import TrustList
 from ..dht import Directory, NodeEntry, Query, node_key
+from ..https import BodyTooLongError, fetch_pinned_file, pinned_client
 from ..node._api import control_header
-from ..node._tls import BodyTooLongError, fetch_pinned_file, pinned_client
 from ._errors import (
     ArtifactDigestError,
     BadNodeResultError,

@@ -94,8 +94,8 @@ from .._jobs import (
 )
 from .._replay import ReplayCache
 from .._trust import TrustList
+from ..https import TlsMaterial
 from ..node._api import NodeApiConfig, read_body, refusal, serve_app, status_for
-from ..node._tls import TlsMaterial
 from ._errors import (
     ArtifactDigestError,
     AuthenticationError,

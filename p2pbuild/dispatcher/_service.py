@@ -18,8 +18,8 @@ from .._errors import RemoteError
 from .._identity import Identity, Role
 from .._trust import TrustList
 from ..dht import open_directory
+from ..https import TlsMaterial, load_tls_material
 from ..node._api import NodeApiConfig, serve_app
-from ..node._tls import TlsMaterial, load_tls_material
 from ._api import ApiAuth, make_dispatcher_app
 from ._config import DispatcherConfig
 from ._db import Database

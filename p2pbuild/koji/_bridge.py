@@ -31,7 +31,7 @@ from ..dispatcher._config import KojiConfig
 from ..dispatcher._db import BuildRow, BuildState
 from ..dispatcher._engine import BuildRequest, Engine
 from ..dispatcher._errors import DispatcherError, UnknownBuildError
-from ..node._tls import pinned_client
+from ..https import pinned_client
 from ._cg import node_subdir
 from ._resume import HUB_ERRORS
 from ._store import TaskPhase, TaskRow, TaskStore

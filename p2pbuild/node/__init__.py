@@ -3,6 +3,13 @@ around them: configuration, capability detection, persistent state, the HTTPS jo
 pull mode and :func:`run_node`."""
 
 # The daemon: configuration, detection, state, job service and API, pull mode.
+from ..https import (
+    CertificatePinError,
+    TlsMaterial,
+    generate_tls_material,
+    load_tls_material,
+    pinned_client,
+)
 from ._api import HTTP_STATUS, NodeApiConfig, make_app, serve_node_api
 from ._archive import ExtractedTree, extract_tar_gz
 from ._config import (
@@ -64,13 +71,6 @@ from ._service import (
     UnservableJobError,
 )
 from ._state import NodeState, StateError, StoredJob
-from ._tls import (
-    CertificatePinError,
-    TlsMaterial,
-    generate_tls_material,
-    load_tls_material,
-    pinned_client,
-)
 
 __all__ = [
     "BUILDHOST",

@@ -59,6 +59,7 @@ from .._errors import (
 )
 from .._identity import Identity
 from .._jobs import MAX_JOB_CONTROL_SIZE, MAX_JOB_SIZE, JobControl, JobControlAction
+from ..https import TlsMaterial
 from ._metrics import CONTENT_TYPE as METRICS_TYPE
 from ._metrics import NodeMetrics
 from ._service import (
@@ -68,7 +69,6 @@ from ._service import (
     UnknownJobError,
     UnservableJobError,
 )
-from ._tls import TlsMaterial
 
 __all__ = [
     "CONTROL_SCHEME",

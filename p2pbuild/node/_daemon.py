@@ -44,6 +44,7 @@ from .._jobs import Result, ResultState
 from .._records import Capability, SignedRecord, Status
 from .._trust import MAX_TRUST_LIST_SIZE, TrustList
 from ..dht import Directory, node_id_for, open_directory
+from ..https import TlsMaterial, load_tls_material
 from ._api import NodeApiConfig, serve_node_api
 from ._config import ConfigError, NodeConfig
 from ._detect import Detected, HostProbe, apply_overrides, detect
@@ -54,7 +55,6 @@ from ._runner import ExecutorRunner
 from ._sandbox import Sandbox
 from ._service import JobFilter, JobRunner, JobService
 from ._state import NodeState
-from ._tls import TlsMaterial, load_tls_material
 
 __all__ = ["NodeDaemon", "load_trust_file", "run_node"]
 

@@ -48,9 +48,9 @@ import trio
 from .._errors import RemoteError, UntrustedKeyError
 from .._identity import Identity
 from .._jobs import Job, PullAuth, Result
+from ..https import CertificatePinError, pinned_client
 from ._config import PullDispatcher
 from ._service import JobRunningError, JobService, UnavailableError, UnknownJobError
-from ._tls import CertificatePinError, pinned_client
 
 __all__ = ["AUTH_SCHEME", "HEARTBEAT_HEADER", "MIN_HEARTBEAT_S", "PullClient", "auth_header"]
 

@@ -24,9 +24,9 @@ from .._identity import Identity
 from .._records import Capability, MachineType, SignedRecord, Status
 from .._trust import TrustList
 from ..dht import NodeEntry
+from ..https import TlsMaterial, generate_tls_material
 from ..node._api import NodeApiConfig, serve_node_api
 from ..node._service import JobRunner, JobService
-from ..node._tls import TlsMaterial, generate_tls_material
 
 __all__ = ["FarmNode", "node_entry", "start_push_node"]
 

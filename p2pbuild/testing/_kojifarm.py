@@ -25,8 +25,8 @@ import trio
 
 from ..dispatcher import StaticFinder, load_config, run_dispatcher
 from ..dispatcher._service import RunningDispatcher
+from ..https import generate_tls_material
 from ..node._service import JobRunner
-from ..node._tls import generate_tls_material
 from ._farm import FarmNode, start_push_node
 from ._keys import TrustFixture
 from ._kojihub import HubProcess, make_hub_pki, seed_hub, write_koji_cli_config

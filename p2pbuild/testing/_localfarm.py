@@ -44,8 +44,8 @@ from .._errors import LocalError
 from .._identity import Identity, PublicKey, Role
 from .._trust import TrustEntry, TrustList
 from ..dispatcher._config import hash_token
+from ..https import generate_tls_material, pinned_client
 from ..node._detect import detect
-from ..node._tls import generate_tls_material, pinned_client
 
 __all__ = ["FAST_ENGINE", "FarmError", "LocalFarm", "NodeSpec", "open_local_farm"]
 

@@ -22,11 +22,11 @@ from starlette.staticfiles import StaticFiles
 
 from .._identity import Identity
 from .._trust import TrustList
+from ..https import TlsMaterial, generate_tls_material
 from ..node._api import NodeApiConfig, serve_app
 from ..node._config import NodeConfig, parse_config
 from ..node._daemon import NodeDaemon, run_node
 from ..node._service import JobRunner
-from ..node._tls import TlsMaterial, generate_tls_material
 
 __all__ = ["node_config", "open_node_daemons", "serve_files"]
 

@@ -30,8 +30,8 @@ from p2pbuild.dispatcher import (
     load_config,
     run_dispatcher,
 )
+from p2pbuild.https import generate_tls_material, pinned_client
 from p2pbuild.node._api import CONTROL_SCHEME, control_header
-from p2pbuild.node._tls import generate_tls_material, pinned_client
 from p2pbuild.testing import make_trust_list
 from p2pbuild.testing._farm import start_push_node
 from p2pbuild.testing._runner import InstantRunner

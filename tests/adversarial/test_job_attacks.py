@@ -37,10 +37,10 @@ from p2pbuild.dispatcher._db import AttemptState, BuildState, Database
 from p2pbuild.dispatcher._engine import BuildRequest, Engine, EngineConfig
 from p2pbuild.dispatcher._nodes import StaticFinder
 from p2pbuild.dispatcher._sink import RepositorySink
+from p2pbuild.https import CertificatePinError, generate_tls_material, pinned_client
 from p2pbuild.node._api import NodeApiConfig, serve_app
 from p2pbuild.node._archive import extract_tar_gz
 from p2pbuild.node._errors import ArchiveLimitError, UnsafeArchiveError
-from p2pbuild.node._tls import CertificatePinError, generate_tls_material, pinned_client
 from p2pbuild.testing import make_trust_list
 from p2pbuild.testing._farm import node_entry, start_push_node
 from p2pbuild.testing._runner import InstantRunner

@@ -18,7 +18,7 @@ from p2pbuild._cli import main as cli_main
 from p2pbuild.dispatcher import StaticFinder, hash_token, load_config, run_dispatcher
 from p2pbuild.dispatcher._db import BuildState
 from p2pbuild.dispatcher._service import RunningDispatcher
-from p2pbuild.node._tls import generate_tls_material, pinned_client
+from p2pbuild.https import generate_tls_material, pinned_client
 from p2pbuild.testing import make_trust_list
 from p2pbuild.testing._farm import FarmNode, start_push_node
 from p2pbuild.testing._runner import InstantRunner

@@ -19,8 +19,8 @@ from starlette.routing import Route
 
 from p2pbuild import BuildType, Job, JobSpec, Result, ResultState, SourceArtifact, Target
 from p2pbuild.dispatcher._nodes import PushNodeClient
+from p2pbuild.https import generate_tls_material
 from p2pbuild.node._api import NodeApiConfig, serve_app
-from p2pbuild.node._tls import generate_tls_material
 from p2pbuild.testing import make_trust_list
 
 pytestmark = pytest.mark.slow

@@ -13,8 +13,8 @@ import trio
 
 from p2pbuild._cli import main as cli_main
 from p2pbuild.dispatcher import StaticFinder, hash_token, load_config, run_dispatcher, sign_request
+from p2pbuild.https import generate_tls_material, pinned_client
 from p2pbuild.node._runner import ExecutorRunner
-from p2pbuild.node._tls import generate_tls_material, pinned_client
 from p2pbuild.testing import hello_srpm, make_trust_list
 from p2pbuild.testing._farm import start_push_node
 from p2pbuild.testing._runner import InstantRunner

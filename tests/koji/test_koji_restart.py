@@ -32,8 +32,8 @@ import tomli_w
 import trio
 
 from p2pbuild import ResultState
+from p2pbuild.https import generate_tls_material
 from p2pbuild.koji._store import TaskEvent, TaskPhase, TaskRow, TaskStore
-from p2pbuild.node._tls import generate_tls_material
 from p2pbuild.testing import hello_srpm, make_trust_list
 from p2pbuild.testing._farm import FarmNode, start_push_node
 from p2pbuild.testing._kojifarm import HOST_NAME, KOJI

@@ -22,15 +22,15 @@ from p2pbuild import (
     SourceArtifact,
     Target,
 )
-from p2pbuild.node._api import NodeApiConfig, control_header, serve_node_api
-from p2pbuild.node._service import JobService
-from p2pbuild.node._tls import (
+from p2pbuild.https import (
     CertificatePinError,
     TlsMaterial,
     generate_tls_material,
     load_tls_material,
     pinned_client,
 )
+from p2pbuild.node._api import NodeApiConfig, control_header, serve_node_api
+from p2pbuild.node._service import JobService
 from p2pbuild.testing import make_identity, make_trust_list
 from p2pbuild.testing._runner import InstantRunner
 

@@ -27,9 +27,9 @@ from p2pbuild import (
     Target,
 )
 from p2pbuild.dht import Directory, Query, node_key, open_directory
+from p2pbuild.https import pinned_client
 from p2pbuild.node._api import control_header
 from p2pbuild.node._daemon import NodeDaemon
-from p2pbuild.node._tls import pinned_client
 from p2pbuild.testing import (
     hello_srpm,
     make_identity,

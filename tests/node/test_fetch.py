@@ -21,9 +21,7 @@ from p2pbuild.dispatcher._errors import (
     NodeUnreachableError,
 )
 from p2pbuild.dispatcher._nodes import PushNodeClient
-from p2pbuild.node._api import NodeApiConfig, serve_app
-from p2pbuild.node._tls import (
-    FETCH_BLOCK,
+from p2pbuild.https import (
     BodyTooLongError,
     CertificatePinError,
     TlsMaterial,
@@ -31,6 +29,8 @@ from p2pbuild.node._tls import (
     fetch_pinned_file,
     generate_tls_material,
 )
+from p2pbuild.https._tls import FETCH_BLOCK
+from p2pbuild.node._api import NodeApiConfig, serve_app
 
 pytestmark = pytest.mark.slow
 

@@ -24,8 +24,8 @@ from p2pbuild import (
 )
 from p2pbuild.dispatcher._errors import NodeRefusedError
 from p2pbuild.dispatcher._pull import PullQueue, serve_pull
+from p2pbuild.https import TlsMaterial, generate_tls_material, pinned_client
 from p2pbuild.node._pull import auth_header
-from p2pbuild.node._tls import TlsMaterial, generate_tls_material, pinned_client
 from p2pbuild.testing import hello_tarball, make_identity, make_trust_list
 from p2pbuild.testing._nodes import open_node_daemons, serve_files
 from p2pbuild.testing._runner import InstantRunner

@@ -15,8 +15,8 @@ import trio
 
 from p2pbuild import BuildType, Job, JobSpec, ResultState, SourceArtifact, Target
 from p2pbuild.dispatcher._pull import PullQueue, serve_pull
+from p2pbuild.https import generate_tls_material
 from p2pbuild.node._pull import MIN_HEARTBEAT_S, PullClient
-from p2pbuild.node._tls import generate_tls_material
 from p2pbuild.testing import make_trust_list
 from p2pbuild.testing._nodes import open_node_daemons
 from p2pbuild.testing._runner import InstantRunner
