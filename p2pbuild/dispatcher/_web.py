@@ -52,7 +52,7 @@ from starlette.routing import BaseRoute, Route
 from .._errors import LocalError, MalformedError
 from .._identity import PublicKey
 from ..dht import NodeEntry, Query
-from ..node._tls import CertificatePinError, pinned_client
+from ..https import CertificatePinError, pinned_client
 from ._db import BuildState
 from ._engine import Engine
 from ._metrics import CONTENT_TYPE, DispatcherMetrics

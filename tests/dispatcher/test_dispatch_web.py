@@ -30,7 +30,7 @@ from p2pbuild.dispatcher._views import (
     rating_history,
     rating_svg,
 )
-from p2pbuild.node._tls import generate_tls_material, pinned_client
+from p2pbuild.https import generate_tls_material, pinned_client
 from p2pbuild.testing import make_trust_list
 from p2pbuild.testing._farm import FarmNode, node_entry, start_push_node
 from p2pbuild.testing._runner import InstantRunner
