@@ -597,7 +597,7 @@ def rating_svg(series: Sequence[Mapping[str, float]], width: int = 480,
         parts.append(f'<text x="{pad_l}" y="{height - 5}" font-size="10" fill="#555">'
                      f'{len(series)} observations</text>')
         parts.append(f'<text x="{pad_l + w}" y="{height - 5}" font-size="10" '
-                     'text-anchor="end" fill="#555">now</text>')
+                     'text-anchor="end" fill="#555">latest</text>')
     parts.append("</svg>")
     return "".join(parts)
 
