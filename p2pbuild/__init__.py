@@ -31,6 +31,7 @@ from ._errors import (
 )
 from ._identity import Domain, Identity, PublicKey, Role, load_public_key
 from ._jobs import (
+    BUILDROOT_METHODS,
     DEFAULT_JOB_POLICY,
     JOB_OPTION_KEYS,
     MAX_JOB_SIZE,
@@ -71,6 +72,7 @@ from ._trust import MAX_TRUST_LIST_SIZE, TrustEntry, TrustList, accept_update
 __version__ = "0.1.0"
 
 __all__ = [
+    "BUILDROOT_METHODS",
     "DEFAULT_JOB_POLICY",
     "DEFAULT_POLICY",
     "JOB_OPTION_KEYS",

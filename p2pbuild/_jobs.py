@@ -59,6 +59,7 @@ from ._replay import ReplayCache
 from ._trust import TrustList
 
 __all__ = [
+    "BUILDROOT_METHODS",
     "DEFAULT_JOB_POLICY",
     "JOB_OPTION_KEYS",
     "MAX_JOB_CONTROL_SIZE",
@@ -106,6 +107,10 @@ _MAX_OPTION_LIST = 16
 JOB_OPTION_KEYS = frozenset({"check", "jobs", "with", "without"})
 _OPTION_TYPES: dict[str, type] = {"check": bool, "jobs": int, "with": list, "without": list}
 _ENV_KEY = re.compile(r"[a-z][a-z0-9_.-]{0,31}")
+#: Capability build types that say a node can build in a buildroot a job names, by the
+#: method it uses: ``dnf --installroot`` plus the sandbox, or mock. A dispatcher sends a
+#: job with a buildroot only to a node offering one of them.
+BUILDROOT_METHODS = frozenset({"rpm.dnf", "rpm.mock"})
 #: Buildroot bounds: repositories per job, base-set entries, packages a result may list.
 _MAX_REPOS = 8
 _MAX_BASE_PACKAGES = 64

@@ -12,6 +12,7 @@ from ..https import (
 )
 from ._api import HTTP_STATUS, NodeApiConfig, make_app, serve_node_api
 from ._archive import ExtractedTree, extract_tar_gz
+from ._buildroot import BuildrootCache, BuildrootStep, PreparedBuildroot, fetch_https
 from ._config import (
     ApiConfig,
     CapabilityOverrides,
@@ -31,10 +32,17 @@ from ._detect import Detected, HostProbe, apply_overrides, detect
 from ._errors import (
     ArchiveLimitError,
     BadBuildSpecError,
+    BadMetadataError,
     BadSourceError,
     BuildEnvironmentError,
     BuildError,
     BuildInputError,
+    BuildrootError,
+    MissingBuildDependencyError,
+    PackageChecksumError,
+    PackageOutsideBuildrootError,
+    RepoChangedError,
+    RepoUnreachableError,
     SourceDigestError,
     UnsafeArchiveError,
 )
@@ -53,7 +61,9 @@ from ._executor import (
     rpm_macros,
     run_build,
 )
+from ._hostbase import HOST_PACKAGE, HostFacts, gather_host_facts
 from ._pull import PullClient
+from ._repodata import Dep, MetadataLimits
 from ._runner import ExecutorRunner, fetch_source_https
 from ._sandbox import LogSink, Sandbox
 from ._service import (
@@ -73,6 +83,22 @@ from ._service import (
 from ._state import NodeState, StateError, StoredJob
 
 __all__ = [
+    "BuildrootCache",
+    "BuildrootStep",
+    "PreparedBuildroot",
+    "fetch_https",
+    "BadMetadataError",
+    "BuildrootError",
+    "MissingBuildDependencyError",
+    "PackageChecksumError",
+    "PackageOutsideBuildrootError",
+    "RepoChangedError",
+    "RepoUnreachableError",
+    "HOST_PACKAGE",
+    "HostFacts",
+    "gather_host_facts",
+    "Dep",
+    "MetadataLimits",
     "BUILDHOST",
     "MAKE_ARTIFACT_DIR",
     "ArchiveLimitError",

@@ -453,8 +453,8 @@ def parse_config(
     if cpu_model is not None and len(cpu_model) > 96:
         raise cap.fail("cpu_model", "must be at most 96 characters")
     build_types = cap.tokens("build_types", None)
-    if build_types is not None and not set(build_types) <= {"make", "rpm"}:
-        raise cap.fail("build_types", "may name only 'rpm' and 'make'")
+    if build_types is not None and not set(build_types) <= {"make", "rpm", "rpm.dnf"}:
+        raise cap.fail("build_types", "may name only 'rpm', 'rpm.dnf' and 'make'")
     overrides = CapabilityOverrides(
         arch=cap.token("arch"),
         os=cap.token("os"),

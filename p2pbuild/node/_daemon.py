@@ -46,6 +46,7 @@ from .._trust import MAX_TRUST_LIST_SIZE, TrustList
 from ..dht import Directory, node_id_for, open_directory
 from ..https import TlsMaterial, load_tls_material
 from ._api import NodeApiConfig, serve_node_api
+from ._buildroot import BuildrootCache
 from ._config import ConfigError, NodeConfig
 from ._detect import Detected, HostProbe, apply_overrides, detect
 from ._errors import BuildEnvironmentError
@@ -202,8 +203,11 @@ class NodeDaemon:
             detected = apply_overrides(detect(config.work_dir, self.probe), config.capability)
             runner = self.runner
             if runner is None:
-                runner = ExecutorRunner(self._limits())
                 detected = await self._check_sandbox(detected)
+                buildroots = None
+                if "rpm.dnf" in detected.build_types:
+                    buildroots = BuildrootCache(config.data_dir / "buildroots")
+                runner = ExecutorRunner(self._limits(), buildroots=buildroots)
             self.detected = detected
             self.service = JobService(
                 self.identity,

@@ -214,6 +214,10 @@ def _build_types(probe: HostProbe) -> tuple[str, ...]:
         types.append("rpm")
     if probe.which("make") is not None:
         types.append("make")
+    # Buildroots (design item 12): dnf --installroot plus the sandbox. mock is not
+    # supported yet, so "rpm.mock" is never detected.
+    if "rpm" in types and all(probe.which(t) is not None for t in ("dnf", "createrepo_c")):
+        types.append("rpm.dnf")
     return tuple(sorted(types))
 
 

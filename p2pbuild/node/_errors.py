@@ -23,6 +23,13 @@ from .._errors import LocalError, MalformedError, OversizeError, P2PBuildError, 
 __all__ = [
     "ArchiveLimitError",
     "BadBuildSpecError",
+    "BadMetadataError",
+    "BuildrootError",
+    "MissingBuildDependencyError",
+    "PackageChecksumError",
+    "PackageOutsideBuildrootError",
+    "RepoChangedError",
+    "RepoUnreachableError",
     "BadSourceError",
     "BuildEnvironmentError",
     "BuildError",
@@ -79,3 +86,58 @@ class BuildEnvironmentError(BuildError, LocalError):
     """This machine cannot run sandboxed builds (tool missing, namespaces not permitted)."""
 
     code = "build-environment"
+
+
+class BuildrootError(BuildInputError):
+    """The job's buildroot cannot be made: its repositories or packages failed a check.
+
+    ``transient`` errors (an unreachable repository) are not the job's fault: the node
+    hands the job back so the dispatcher tries it elsewhere; the others end it rejected.
+    """
+
+    code = "buildroot"
+    transient = False
+
+
+class RepoUnreachableError(BuildrootError):
+    """A repository (its ``repomd.xml``, metadata or a package) could not be fetched."""
+
+    code = "repo-unreachable"
+    transient = True
+
+
+class RepoChangedError(BuildrootError):
+    """A repository's ``repomd.xml`` no longer has the SHA-256 the job pinned."""
+
+    code = "repo-changed"
+
+
+class BadMetadataError(BuildrootError, MalformedError):
+    """Repository metadata that is oversize, malformed, unsafe, or does not match the
+    checksum ``repomd.xml`` gives for it."""
+
+    code = "bad-repo-metadata"
+
+
+class PackageChecksumError(BuildrootError):
+    """A downloaded package's size or SHA-256 is not what the repository metadata says."""
+
+    code = "package-checksum-mismatch"
+
+
+class MissingBuildDependencyError(BuildrootError):
+    """No repository (and not the host base) provides something the build needs;
+    ``dependency`` names it."""
+
+    code = "missing-build-dependency"
+
+    def __init__(self, dependency: str, message: str | None = None) -> None:
+        super().__init__(message or f"missing-build-dependency: {dependency}")
+        self.dependency = dependency
+
+
+class PackageOutsideBuildrootError(BuildrootError):
+    """A package would install a file outside the part of the buildroot a build sees
+    (anything but ``/usr``), or under an unsafe name."""
+
+    code = "package-outside-buildroot"

@@ -40,9 +40,15 @@ import attrs
 import trio
 
 from .._errors import LocalError
-from .._jobs import BuildType  # rpm: rpmbuild --rebuild; make: configure, make, check
+from .._jobs import (  # rpm: rpmbuild --rebuild; make: configure, make, check
+    BuildrootRecord,
+    BuildrootSpec,
+    BuildType,
+)
 from ._archive import extract_tar_gz
+from ._buildroot import BuildrootCache, BuildrootStep, PreparedBuildroot
 from ._errors import BadBuildSpecError, BadSourceError, BuildEnvironmentError, SourceDigestError
+from ._repodata import Dep
 from ._sandbox import BUILD_DIR, INPUT_DIR, LogSink, LogWriter, Sandbox, Stop, run_supervised
 
 __all__ = [
@@ -116,6 +122,8 @@ class BuildSpec:
     * ``target_arch`` (rpm only): passed as ``rpmbuild --target``.
     * ``source_date_epoch`` overrides the value taken from the source (see
       docs/build-execution.md).
+    * ``buildroot`` (rpm only): build in a clean buildroot made from these pinned
+      repositories (``_buildroot.py``) instead of on the host as it is.
 
     Raises :class:`BadBuildSpecError` for anything outside these bounds.
     """
@@ -129,8 +137,11 @@ class BuildSpec:
     check: bool = True
     jobs: int = 1
     source_date_epoch: int | None = None
+    buildroot: BuildrootSpec | None = None
 
     def __attrs_post_init__(self) -> None:
+        if self.buildroot is not None and self.build_type is not BuildType.RPM:
+            raise BadBuildSpecError("only rpm builds run in a buildroot")
         if self.target_arch is not None and not _ARCH.fullmatch(self.target_arch):
             raise BadBuildSpecError(f"bad target arch: {self.target_arch!r}")
         for name in (*self.with_features, *self.without_features):
@@ -210,6 +221,9 @@ class BuildOutcome:
     environment: Mapping[str, str]
     source_date_epoch: int
     timings: Timings
+    #: What the build ran in, when the spec named a buildroot.
+    buildroot: BuildrootRecord | None = None
+    buildroot_step: BuildrootStep | None = None
 
     def to_wire(self) -> dict[str, object]:
         """Plain data (no host paths) for the node's signed result record."""
@@ -259,6 +273,7 @@ async def run_build(
     log: LogSink | None = None,
     sandbox: Sandbox = Sandbox(),  # noqa: B008 - frozen value
     wall_clock_ns: Callable[[], int] = time.time_ns,
+    buildroots: BuildrootCache | None = None,
 ) -> BuildOutcome:
     """Build ``spec`` in ``workdir`` (created if missing, must be empty) within ``limits``.
 
@@ -270,9 +285,13 @@ async def run_build(
     Raises :class:`SourceDigestError` when the source's SHA-256 is not the spec's,
     :class:`BadSourceError` for a source too big or of the wrong kind,
     :class:`UnsafeArchiveError`/:class:`ArchiveLimitError` for a rejected tarball, and
-    :class:`BuildEnvironmentError` when ``rpmbuild``, ``make`` or ``bwrap`` is missing.
+    :class:`BuildEnvironmentError` when ``rpmbuild``, ``make`` or ``bwrap`` is missing
+    (or the spec names a buildroot and ``buildroots`` is None), and the
+    :class:`BuildrootError` family when the buildroot cannot be made (nothing is built).
     ``OSError`` from the work directory's filesystem propagates.
     """
+    if spec.buildroot is not None and buildroots is None:
+        raise BuildEnvironmentError("this node cannot make buildroots")
     workdir.mkdir(parents=True, exist_ok=True)
     if any(workdir.iterdir()):
         raise FileExistsError(f"work directory is not empty: {workdir}")
@@ -292,9 +311,10 @@ async def run_build(
         log_path = logs_dir / "build.log"
         async with await trio.open_file(log_path, "wb") as log_file:
             writer = LogWriter(write=log_file.write, sink=log, cap=limits.max_output_bytes)
+            prepared: PreparedBuildroot | None = None
             if spec.build_type is BuildType.RPM:
-                status, stop, sde = await _build_rpm(
-                    spec, sandbox, scratch, input_dir, limits, writer, deadline
+                status, stop, sde, prepared = await _build_rpm(
+                    spec, sandbox, scratch, input_dir, limits, writer, deadline, buildroots
                 )
                 found = await trio.to_thread.run_sync(_rpm_artifacts, scratch)
             else:
@@ -325,6 +345,8 @@ async def run_build(
         environment=environment,
         source_date_epoch=sde,
         timings=Timings(started_ms, ended_ms, (time.monotonic_ns() - t0) // 1_000_000),
+        buildroot=prepared.record if prepared is not None else None,
+        buildroot_step=prepared.step if prepared is not None else None,
     )
 
 
@@ -344,7 +366,8 @@ async def _build_rpm(
     limits: Limits,
     writer: LogWriter,
     deadline: float,
-) -> tuple[int, Stop | None, int]:
+    buildroots: BuildrootCache | None = None,
+) -> tuple[int, Stop | None, int, PreparedBuildroot | None]:
     srpm = f"{INPUT_DIR}/source.src.rpm"
     # Read the header inside the sandbox too: rpm parses untrusted bytes here.
     query = bytearray()
@@ -352,7 +375,11 @@ async def _build_rpm(
     async def collect(data: bytes) -> None:
         query.extend(data)
 
-    qf = "%{SOURCEPACKAGE}|%{CHANGELOGTIME}|%{BUILDTIME}\\n"
+    # The header fields, then one "REQ name|flags|version" line per BuildRequires.
+    qf = (
+        "%{SOURCEPACKAGE}|%{CHANGELOGTIME}|%{BUILDTIME}\\n"
+        "[REQ %{REQUIRENAME}|%{REQUIREFLAGS:depflags}|%{REQUIREVERSION}\\n]"
+    )
     status, stop = await run_supervised(
         sandbox.command(
             ["rpm", "-qp", "--nosignature", "--nodigest", "--qf", qf, srpm],
@@ -360,16 +387,18 @@ async def _build_rpm(
             input_dir=input_dir,
         ),
         deadline=deadline,
-        log=LogWriter(write=collect, sink=None, cap=4096),
+        log=LogWriter(write=collect, sink=None, cap=256 * 1024),
         disk_root=scratch,
         max_disk_bytes=limits.max_disk_bytes,
     )
     if stop is Stop.TIME:
-        return status, stop, spec.source_date_epoch or 0
-    fields = query.decode(errors="replace").strip().splitlines()[-1:]
+        return status, stop, spec.source_date_epoch or 0, None
+    lines = query.decode(errors="replace").strip().splitlines()
+    requires = [line[4:] for line in lines if line.startswith("REQ ")]
+    fields = [line for line in lines if not line.startswith("REQ ")][-1:]
     parts = fields[0].split("|") if fields else []
     if status != 0 or len(parts) != 3 or parts[0] != "1":
-        raise BadSourceError(f"not a source RPM: {query.decode(errors='replace').strip()!r}")
+        raise BadSourceError(f"not a source RPM: {query.decode(errors='replace').strip()!r:.300}")
     sde = spec.source_date_epoch
     if sde is None:
         sde = int(parts[1]) if parts[1].isdigit() else int(parts[2]) if parts[2].isdigit() else 0
@@ -387,15 +416,42 @@ async def _build_rpm(
         argv += ["--define", f"{name} {value}"]
     argv.append(srpm)
     env = {"SOURCE_DATE_EPOCH": str(sde)}
-    status, stop = await run_supervised(
-        sandbox.command(argv, build_dir=scratch, input_dir=input_dir, env=env),
-        deadline=deadline,
-        log=writer,
-        disk_root=scratch,
-        max_disk_bytes=limits.max_disk_bytes,
-        disk_poll_interval=limits.disk_poll_interval,
-    )
-    return status, stop, sde
+
+    async def build(root: Path | None) -> tuple[int, Stop | None]:
+        return await run_supervised(
+            sandbox.command(argv, build_dir=scratch, input_dir=input_dir, env=env,
+                            buildroot=root),
+            deadline=deadline,
+            log=writer,
+            disk_root=scratch,
+            max_disk_bytes=limits.max_disk_bytes,
+            disk_poll_interval=limits.disk_poll_interval,
+        )
+
+    if spec.buildroot is None:
+        status, stop = await build(None)
+        return status, stop, sde, None
+    assert buildroots is not None  # run_build checked
+
+    async def note(text: str) -> None:
+        await writer.add(f"[p2pbuild: {text}]\n".encode())
+
+    deps = [_build_require(line) for line in requires]
+    with trio.CancelScope(deadline=deadline) as scope:
+        async with buildroots.use(spec.buildroot, deps, log=note) as prepared:
+            status, stop = await build(prepared.path)
+            return status, stop, sde, prepared
+    assert scope.cancelled_caught
+    return -9, Stop.TIME, sde, None
+
+
+def _build_require(line: str) -> Dep:
+    name, _, rest = line.partition("|")
+    flags, _, version = rest.partition("|")
+    flags = flags.strip()
+    if flags in ("=", "<", "<=", ">", ">=") and version:
+        return Dep(name, flags, version)
+    return Dep(name)
 
 
 async def _build_make(

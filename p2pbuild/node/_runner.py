@@ -24,7 +24,8 @@ import httpx
 import trio
 
 from .._jobs import FileDigest, Job, ResultState, SourceArtifact
-from ._errors import BadSourceError, SourceDigestError
+from ._buildroot import BuildrootCache
+from ._errors import BadSourceError, BuildrootError, SourceDigestError
 from ._executor import BuildOutcome, BuildSpec, Limits, OutputFile, run_build
 from ._sandbox import Sandbox
 from ._service import LocalFile, LogSink, RunReport
@@ -92,17 +93,25 @@ def _report(outcome: BuildOutcome) -> RunReport:
         environment=_clean_environment(outcome.environment),
         artifacts=_local_files(outcome.artifacts),
         logs=_local_files(outcome.logs),
+        buildroot=outcome.buildroot,
     )
 
 
 @attrs.frozen
 class ExecutorRunner:
     """Runs jobs with the sandboxed executor. ``limits`` are the node's; a job's requested
-    time limit can only lower ``limits.time_limit``. ``fetch`` is injectable for tests."""
+    time limit can only lower ``limits.time_limit``. ``fetch`` is injectable for tests.
+    ``buildroots`` makes the buildroots of jobs that name one (None: such jobs are refused).
+
+    A job whose buildroot cannot be made ends without building: ``rejected``, or
+    ``handed-back`` when the cause is transient (an unreachable repository), so the
+    dispatcher sends it elsewhere. The signed result's environment says why
+    (``reason``: ``repo-changed: ...``, ``missing-build-dependency: <name>``, ...)."""
 
     limits: Limits = attrs.field(factory=Limits)
     sandbox: Sandbox = attrs.field(factory=Sandbox)
     fetch: SourceFetcher = fetch_source_https
+    buildroots: BuildrootCache | None = None
 
     async def run(self, job: Job, workdir: Path, log: LogSink) -> RunReport:
         """Fetch and build ``job``. Raises the executor's and :func:`fetch_source_https`'s
@@ -120,11 +129,22 @@ class ExecutorRunner:
             without_features=options.get("without", ()),  # type: ignore[arg-type]
             check=bool(options.get("check", True)),
             jobs=int(options.get("jobs", 1)),  # type: ignore[arg-type]
+            buildroot=spec.buildroot,
         )
         limits = attrs.evolve(
             self.limits, time_limit=min(self.limits.time_limit, float(spec.time_limit_s))
         )
-        outcome = await run_build(
-            build_spec, workdir / "run", limits, log=log, sandbox=self.sandbox
-        )
+        try:
+            outcome = await run_build(
+                build_spec, workdir / "run", limits, log=log, sandbox=self.sandbox,
+                buildroots=self.buildroots,
+            )
+        except BuildrootError as exc:
+            reason = str(exc) if str(exc).startswith(exc.code) else f"{exc.code}: {exc}"
+            await log(f"\n[p2pbuild: no build: {reason}]\n".encode())
+            return RunReport(
+                state=ResultState.HANDED_BACK if exc.transient else ResultState.REJECTED,
+                exit_code=None,
+                environment=_clean_environment({"reason": reason}),
+            )
         return _report(outcome)

@@ -61,6 +61,7 @@ __all__ = [
     "Sandbox",
     "Stop",
     "run_supervised",
+    "usr_union",
 ]
 
 BUILD_DIR = "/build"
@@ -115,9 +116,14 @@ class Sandbox:
         input_dir: Path | None = None,
         env: Mapping[str, str] = {},
         cwd: str = BUILD_DIR,
+        buildroot: Path | None = None,
     ) -> list[str]:
         """The full ``bwrap`` command line that runs ``argv`` with ``build_dir`` as
-        ``/build`` (writable) and ``input_dir`` as ``/input`` (read-only)."""
+        ``/build`` (writable) and ``input_dir`` as ``/input`` (read-only).
+
+        With ``buildroot`` (a directory with ``usr/`` below it, see ``_buildroot.py``),
+        ``/usr`` is the host's ``/usr`` with the buildroot's files over it, read-only
+        (:func:`usr_union`)."""
         cmd = [
             self.bwrap,
             "--unshare-all",  # user (if possible), pid, ipc, uts, cgroup and *net*
@@ -128,10 +134,11 @@ class Sandbox:
             "--hostname",
             self.hostname,
             "--clearenv",
-            "--ro-bind",
-            str(self.host_root / "usr"),
-            "/usr",
         ]
+        if buildroot is None:
+            cmd += ["--ro-bind", str(self.host_root / "usr"), "/usr"]
+        else:
+            cmd += usr_union(self.host_root / "usr", buildroot / "usr")
         for name in _TOP_LEVEL_LINKS:
             host = self.host_root / name
             if host.is_symlink():
@@ -160,6 +167,8 @@ class Sandbox:
             "../tmp",
             "/var/tmp",
         ]
+        if buildroot is not None:
+            cmd += ["--remount-ro", "/usr"]
         if input_dir is not None:
             cmd += ["--ro-bind", str(input_dir), INPUT_DIR]
         full_env = {
@@ -205,6 +214,53 @@ class Sandbox:
             message = probe.stderr.decode(errors="replace").strip()
             raise BuildEnvironmentError(f"bubblewrap cannot create the sandbox: {message}")
         return version.stdout.decode().strip().removeprefix("bubblewrap ").strip()
+
+
+def usr_union(host_usr: Path, root_usr: Path) -> list[str]:
+    """bwrap arguments that make ``/usr`` the union of ``host_usr`` and ``root_usr``.
+
+    bubblewrap 0.8 has no overlay mounts, so the union is made of bind mounts on a tmpfs:
+    where only one side has an entry, that entry is bound read-only (a symlink is
+    recreated); where both have a directory, a directory is made and the union recurses;
+    where both have something else, the buildroot's wins. The caller remounts ``/usr``
+    read-only once everything is in place. Mounts grow with the size of the directories
+    the buildroot shares with the host (``/usr/include``, ``/usr/share``, ...), not with
+    the host's whole tree.
+    """
+    args = ["--tmpfs", "/usr"]
+    _union(host_usr, root_usr, "/usr", args)
+    return args
+
+
+def _entries(directory: Path) -> dict[str, os.DirEntry[str]]:
+    if directory.is_symlink() or not directory.is_dir():
+        return {}
+    with os.scandir(directory) as it:
+        return {entry.name: entry for entry in it}
+
+
+def _bind(entry: os.DirEntry[str], dest: str, args: list[str]) -> None:
+    if entry.is_symlink():
+        args += ["--symlink", os.readlink(entry.path), dest]
+    elif entry.is_dir(follow_symlinks=False) or entry.is_file(follow_symlinks=False):
+        args += ["--ro-bind", entry.path, dest]
+
+
+def _union(host: Path, root: Path, dest: str, args: list[str]) -> None:
+    host_entries, root_entries = _entries(host), _entries(root)
+    for name in sorted(host_entries.keys() | root_entries.keys()):
+        target = f"{dest}/{name}"
+        h, r = host_entries.get(name), root_entries.get(name)
+        if r is None:
+            assert h is not None
+            _bind(h, target, args)
+        elif h is None or not (
+            h.is_dir(follow_symlinks=False) and r.is_dir(follow_symlinks=False)
+        ):
+            _bind(r, target, args)
+        else:
+            args += ["--dir", target]
+            _union(Path(h.path), Path(r.path), target, args)
 
 
 class Stop(enum.Enum):

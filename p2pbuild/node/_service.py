@@ -39,7 +39,9 @@ import trio
 from .._errors import OversizeError, P2PBuildError, RemoteError
 from .._identity import Identity
 from .._jobs import (
+    BUILDROOT_METHODS,
     DEFAULT_JOB_POLICY,
+    BuildrootRecord,
     FileDigest,
     Job,
     JobControl,
@@ -123,6 +125,8 @@ class JobFilter:
             raise UnservableJobError(
                 f"build type {spec.build_type.value!r} is not offered here (offered: {offered})"
             )
+        if spec.buildroot is not None and not BUILDROOT_METHODS & set(self.build_types):
+            raise UnservableJobError("the job names a buildroot; this node cannot make one")
         if spec.target.arch not in self.arches:
             raise UnservableJobError(
                 f"target arch {spec.target.arch!r} is not this node's "
@@ -193,6 +197,8 @@ class RunReport:
     environment: Mapping[str, str]
     artifacts: tuple[LocalFile, ...] = ()
     logs: tuple[LocalFile, ...] = ()
+    #: The buildroot the build ran in (jobs that name one).
+    buildroot: BuildrootRecord | None = None
 
 
 class LogSink(Protocol):
@@ -502,6 +508,7 @@ class JobService:
             environment=report.environment if report else {},
             artifacts=[f.digest for f in artifacts],
             logs=[f.digest for f in logs],
+            buildroot=report.buildroot if report else None,
         )
         entry.files = {("artifacts", f.digest.name): f.path for f in artifacts}
         entry.files.update({("logs", f.digest.name): f.path for f in logs})

@@ -27,6 +27,14 @@ from ._packages import (
     write_srpm,
     write_tarball,
 )
+from ._repos import (
+    GREET_HEADER,
+    PublishedRepo,
+    greet_devel_rpm,
+    greet_srpm,
+    publish_repository,
+    write_rpm,
+)
 from ._runner import InstantRunner
 from ._sansio import (
     HOP,
@@ -57,6 +65,12 @@ __all__ = [
     "open_cluster",
     "open_memory_network",
     "FIXED_EPOCH",
+    "GREET_HEADER",
+    "PublishedRepo",
+    "greet_devel_rpm",
+    "greet_srpm",
+    "publish_repository",
+    "write_rpm",
     "SourcePackage",
     "TrustFixture",
     "disk_filler_tarball",

@@ -94,12 +94,14 @@ def write_srpm(
     noarch: bool = False,
     version: str = "1.0",
     release: str = "1",
+    build_requires: Sequence[str] = (),
 ) -> SourcePackage:
     """Build ``<name>-<version>-<release>.src.rpm`` in ``dest_dir`` with ``rpmbuild -bs``.
 
     ``sources`` go into ``<name>-<version>.tar.gz`` (Source0, unpacked by ``%setup``);
     ``build`` and ``install`` are the bodies of ``%build`` and ``%install``; ``files`` the
-    ``%files`` list. The SRPM itself is reproducible (fixed build host and time). Raises
+    ``%files`` list; ``build_requires`` become ``BuildRequires:`` lines. The SRPM itself is
+    reproducible (fixed build host and time). Raises
     ``subprocess.CalledProcessError`` if rpmbuild fails.
     """
     dest_dir = dest_dir.resolve()  # rpmbuild runs in a temporary directory
@@ -109,6 +111,7 @@ def write_srpm(
         tmp = Path(tmp_name)
         write_tarball(tmp / f"{top}.tar.gz", top, sources or {"README": f"{name}\n"})
         arch_line = "BuildArch: noarch\n" if noarch else ""
+        arch_line += "".join(f"BuildRequires: {dep}\n" for dep in build_requires)
         spec = (
             f"Name: {name}\nVersion: {version}\nRelease: {release}\n"
             f"Summary: p2pbuild test package {name}\nLicense: MIT\n"
