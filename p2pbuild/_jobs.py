@@ -60,7 +60,9 @@ from ._trust import TrustList
 
 __all__ = [
     "BUILDROOT_METHODS",
+    "DEFAULT_ARCH",
     "DEFAULT_JOB_POLICY",
+    "DEFAULT_OS",
     "JOB_OPTION_KEYS",
     "MAX_JOB_CONTROL_SIZE",
     "MAX_JOB_SIZE",
@@ -250,6 +252,12 @@ class SourceArtifact:
     def from_wire(cls, body: object) -> SourceArtifact:
         body = _require_map(body, ("name", "sha256", "size", "url"), "source")
         return cls(body["name"], body["size"], body["sha256"], body["url"])
+
+
+#: The platform a build targets when neither its request nor the user's last build names
+#: one, and the examples' platform (the one place these defaults are written).
+DEFAULT_ARCH = "x86_64"
+DEFAULT_OS = "fedora-41"
 
 
 @attrs.frozen

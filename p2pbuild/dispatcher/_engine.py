@@ -16,15 +16,17 @@ database (:meth:`Engine.run` restarts a task for every build not yet finished):
 * a build whose replicas agreed but which was not yet marked verified is stored again
   (the sink is idempotent) and marked.
 
-The build task's loop (``_step``) is a decision over the persisted attempts: verified
-(``_verify.assess``) -> store and finish; replicas disagree -> one tie-break on a new
+The decisions are the planner's (``_plan.plan``: pure, from the persisted attempts and
+``now``): verified -> store and finish; replicas disagree -> one tie-break on a new
 operator; too few operators -> choose more nodes (``_select.select_nodes``); consistent
 failure on two operators, too many attempts, or no node satisfying the constraints -> fail
-with the reason. Nodes that time out, vanish from the DHT, are unreachable for too long,
+with the reason. The build task only carries the planner's action out and asks again when
+an attempt changes. Nodes that time out, vanish from the DHT, are unreachable for too long,
 let a pull job's lease expire (``lease-expired``), refuse the job or return a bad result
 are *lost*: rated down, excluded from this build for a backoff that doubles with each loss,
-and replaced. A lost pull job is withdrawn from the queue, so a late result is refused; a
-delivered one is released from it (uploads deleted) once its result is stored, synced.
+and replaced. Push and pull nodes look the same here (``_nodes.NodeClient``): a lost pull
+job is withdrawn from the queue, so a late result is refused; a delivered one is released
+from it (uploads deleted) once its result is stored, synced.
 
 Module size: the engine is the one place these steps meet; splitting the build loop from
 the attempt loop would scatter the persistence protocol they share.
@@ -43,15 +45,23 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
 
 import attrs
-import httpx
 import trio
 
 from .._errors import RemoteError
 from .._identity import Identity, PublicKey
-from .._jobs import BuildType, Job, JobSpec, Result, ResultState, SourceArtifact, Target
+from .._jobs import (
+    DEFAULT_ARCH,
+    DEFAULT_OS,
+    BuildType,
+    Job,
+    JobSpec,
+    Result,
+    ResultState,
+    SourceArtifact,
+    Target,
+)
 from .._records import MachineType
 from .._trust import TrustList
 from ..dht import NodeEntry, Query
@@ -66,13 +76,29 @@ from ._errors import (
     BadNodeResultError,
     BadRequestError,
     NoCapableNodeError,
+    NodeBusyError,
     NodeError,
+    NodeTimeoutError,
     NodeUnreachableError,
+    NodeVanishedError,
     SourceUnavailableError,
 )
 from ._leases import LeaseBook, LeaseRefusedError, UnknownLeaseError
-from ._nodes import NodeClient, NodeConnector, NodeFinder, PullNodeClient
+from ._nodes import NodeClient, NodeConnector, NodeFinder
+from ._plan import (
+    Action,
+    Attempt,
+    Choose,
+    Complete,
+    Fail,
+    TieBreak,
+    Wait,
+    after_no_node,
+    backoff,
+    plan,
+)
 from ._ratings import RatingBook, Signal
+from ._request import BuildRequest, SourceStore
 from ._select import (
     DEFAULT_SELECTION_POLICY,
     Candidate,
@@ -86,7 +112,6 @@ from ._verify import (
     NeedTieBreak,
     Replica,
     Verified,
-    assess,
     difference_report,
     diffoscope_report,
 )
@@ -105,21 +130,6 @@ _log = logging.getLogger("p2pbuild.dispatcher.engine")
 
 Clock = Callable[[], float]
 
-#: Selection failures that may pass by themselves (a node stops draining, a backoff ends).
-_TRANSIENT = frozenset({"draining", "excluded", "operators-used", "lease", "leased"})
-
-
-class NodeTimeoutError(NodeError):
-    """The job did not finish within its time limit plus grace."""
-
-    code = "timed-out"
-
-
-class NodeVanishedError(NodeError):
-    """The node's records are gone from the directory while it had our job."""
-
-    code = "vanished"
-
 
 @attrs.frozen
 class EngineConfig:
@@ -129,8 +139,8 @@ class EngineConfig:
     #: Base URL nodes fetch sources from (``<public_url>/v1/sources/<sha256>``); empty:
     #: jobs carry no URL (the inline-upload form; for tests with in-process runners).
     public_url: str = ""
-    default_arch: str = "x86_64"
-    default_os: str = "fedora-41"
+    default_arch: str = DEFAULT_ARCH
+    default_os: str = DEFAULT_OS
     #: A job's lifetime beyond its time limit (queueing, fetching, uploading).
     job_margin_s: int = 600
     #: How long one follow of a running job lasts before a liveness check in the DHT.
@@ -157,49 +167,6 @@ class EngineConfig:
 
 
 @attrs.frozen
-class BuildRequest:
-    """A build as a client asks for it. ``arch``/``os`` None: the user's last platform,
-    else the configured default. ``source_url`` empty: the source is already stored."""
-
-    source_name: str
-    source_sha256: str
-    source_size: int
-    build_type: BuildType = attrs.field(default=BuildType.RPM, converter=BuildType)
-    arch: str | None = None
-    os: str | None = None
-    machine: MachineType | None = None
-    pool: str | None = None
-    replicas: int = 2
-    min_memory_mb: int = 0
-    min_disk_mb: int = 0
-    options: Mapping[str, Any] = attrs.field(factory=dict)
-    time_limit_s: int = 3600
-    source_url: str = ""
-    #: Run only on this lease's nodes (``_leases.py``); the lease gives arch/os by default.
-    lease: str | None = None
-
-    def validate(self) -> None:
-        """Raises :class:`BadRequestError` for a value no build can have."""
-        try:
-            SourceArtifact(self.source_name, self.source_size, bytes.fromhex(self.source_sha256))
-            Target(self.arch or "x86_64", self.os or "fedora-41")
-            JobSpec(
-                SourceArtifact(self.source_name, self.source_size,
-                               bytes.fromhex(self.source_sha256)),
-                self.build_type, Target(self.arch or "x86_64", self.os or "fedora-41"),
-                dict(self.options), self.time_limit_s,
-            )
-            if self.pool is not None:
-                Query(pool=self.pool)
-        except (RemoteError, ValueError) as exc:
-            raise BadRequestError(str(exc)) from None
-        if not 1 <= self.replicas <= 8:
-            raise BadRequestError("replicas must be 1 to 8")
-        if self.source_url and not self.source_url.startswith(("https://", "http://")):
-            raise BadRequestError("source url must be http:// or https://")
-
-
-@attrs.frozen
 class EngineStatistics:
     builds_running: int
     attempts_running: int
@@ -212,57 +179,6 @@ class EngineStatistics:
             "attempts_running": self.attempts_running,
             "node_errors": dict(self.node_errors),
         }
-
-
-@attrs.frozen
-class SourceStore:
-    """Content-addressed source files: ``<root>/<sha256 hex>``."""
-
-    root: Path
-
-    def path(self, sha256_hex: str) -> Path:
-        if len(sha256_hex) != 64 or any(c not in "0123456789abcdef" for c in sha256_hex):
-            raise BadRequestError("a SHA-256 is 64 lowercase hex digits")
-        return self.root / sha256_hex
-
-    def has(self, sha256_hex: str) -> bool:
-        return self.path(sha256_hex).is_file()
-
-    async def fetch(self, url: str, sha256_hex: str, max_bytes: int) -> int:
-        """Download ``url`` into the store, checking size and SHA-256; returns the size.
-        Raises :class:`SourceUnavailableError`."""
-        import hashlib
-
-        target = self.path(sha256_hex)
-        await trio.Path(self.root).mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(target.name + ".part")
-        digest = hashlib.sha256()
-        size = 0
-        try:
-            async with (
-                httpx.AsyncClient(timeout=60, trust_env=False, follow_redirects=True) as client,
-                client.stream("GET", url) as response,
-            ):
-                if response.status_code != 200:
-                    raise SourceUnavailableError(f"source URL answered HTTP {response.status_code}")
-                async with await trio.open_file(partial, "wb") as f:
-                    async for chunk in response.aiter_bytes():
-                        size += len(chunk)
-                        if size > max_bytes:
-                            raise SourceUnavailableError(f"source is over {max_bytes} bytes")
-                        digest.update(chunk)
-                        await f.write(chunk)
-        except httpx.HTTPError as exc:
-            raise SourceUnavailableError(f"cannot fetch the source: {exc}") from None
-        if digest.hexdigest() != sha256_hex:
-            await trio.Path(partial).unlink(missing_ok=True)
-            raise SourceUnavailableError("the fetched source does not match its SHA-256")
-        await trio.Path(partial).rename(target)
-        return size
-
-
-def _backoff(base: float, tries: int, limit: float) -> float:
-    return float(min(limit, base * 2**tries))
 
 
 @attrs.define(eq=False)
@@ -295,6 +211,8 @@ class Engine:
     _changed: trio.Event = attrs.field(factory=trio.Event, init=False)
     _errors: Counter[str] = attrs.field(factory=Counter, init=False)
     _beats: dict[str, float] = attrs.field(factory=dict, init=False)
+    #: Parsed signed results of ended attempts, by build id and attempt id.
+    _results: dict[str, dict[int, Result]] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         if self.ratings is None:
@@ -371,10 +289,6 @@ class Engine:
         A build accepted before :meth:`run` starts is started by it. Raises
         :class:`BadRequestError`.
         """
-        request.validate()
-        ready = self.sources.has(request.source_sha256)
-        if not ready and not request.source_url:
-            raise BadRequestError("the source is neither uploaded nor given by URL")
         previous = self.db.platform(user)
         if request.lease is not None:
             lease = self.leases.check_use(request.lease, user, request.replicas, self.clock())
@@ -383,6 +297,10 @@ class Engine:
         arch = request.arch or (previous[0] if previous else self.config.default_arch)
         os_name = request.os or (previous[1] if previous and previous[0] == arch else None)
         os_name = os_name or self.config.default_os
+        spec = request.job_spec(arch, os_name)
+        ready = self.sources.has(request.source_sha256)
+        if not ready and not request.source_url:
+            raise BadRequestError("the source is neither uploaded nor given by URL")
         now = self.clock()
         build = BuildRow(
             id=os.urandom(16).hex(),
@@ -404,8 +322,8 @@ class Engine:
             replicas=request.replicas,
             min_memory_mb=request.min_memory_mb,
             min_disk_mb=request.min_disk_mb,
-            options=json.dumps(dict(request.options), sort_keys=True),
-            time_limit_s=request.time_limit_s,
+            options=json.dumps(spec.options_map, sort_keys=True),
+            time_limit_s=spec.time_limit_s,
             lease_id=request.lease,
         )
         self.db.insert_build(build)
@@ -437,9 +355,9 @@ class Engine:
                     build = self.db.build(build_id)
                     if build.state.terminal:
                         break
-                    attempts = self.db.attempts(build_id)
+                    rows = self.db.attempts(build_id)
                     if build.cancel_requested:
-                        await self._finish_attempts(build, attempts, tasks, "build cancelled")
+                        await self._finish_attempts(build, rows, tasks, "build cancelled")
                         self.db.set_build_state(
                             build_id, BuildState.CANCELLED, self.clock(), reason="cancelled"
                         )
@@ -447,32 +365,86 @@ class Engine:
                     if not build.source_ready:
                         await self._fetch_source(build)
                         continue
-                    for attempt in attempts:
-                        if attempt.active and attempt.id not in tasks:
-                            tasks[attempt.id] = await nursery.start(self._attempt_task, attempt.id)
-                    step = await self._step(build, attempts, tasks, nursery)
-                    if step is _DONE:
+                    await self._start_attempts(rows, tasks, nursery)
+                    now = self.clock()
+                    action = plan(build, self._planned(rows), now, self.config)
+                    wait = await self._carry_out(
+                        action, build, rows, waiting_since, nursery, tasks
+                    )
+                    if wait is None:
                         break
-                    if step is None:
+                    if wait.until is None:
                         waiting_since = None
                         await wake.wait()
-                        continue
-                    assert isinstance(step, _Wait)
-                    waiting_since = waiting_since or self.clock()
-                    if self.clock() - waiting_since > self.config.no_node_wait_s:
-                        await self._fail(build, attempts, tasks, step.reason)
-                        break
-                    with trio.move_on_after(max(step.until - self.clock(), 0.0)):
-                        await wake.wait()
+                    else:  # no node yet
+                        waiting_since = waiting_since or now
+                        with trio.move_on_after(max(wait.until - self.clock(), 0.0)):
+                            await wake.wait()
                 nursery.cancel_scope.cancel()
         finally:
             self._running.discard(build_id)
             self._wake.pop(build_id, None)
+            self._results.pop(build_id, None)
             self._changed.set()
             self._changed = trio.Event()
         # In a thread: removing the work files is several file system calls per artifact,
         # each able to block the event loop for milliseconds on a busy disk.
         await trio.to_thread.run_sync(self._cleanup, build_id)
+
+    async def _carry_out(
+        self,
+        action: Action,
+        build: BuildRow,
+        rows: list[AttemptRow],
+        waiting_since: float | None,
+        nursery: trio.Nursery,
+        tasks: dict[int, trio.CancelScope],
+    ) -> Wait | None:
+        """Carry out the planner's ``action``; returns how to wait before planning again,
+        or None when the build is finished."""
+        if isinstance(action, TieBreak):
+            await self._record_disagreement(build, action.disagreement)
+            if action.choose is None:
+                return Wait(reason="a tie-break is running")
+            action = action.choose
+        if isinstance(action, Choose):
+            outcome = await self._choose(build, rows, action, waiting_since, nursery, tasks)
+            if outcome is None:  # chosen: their attempt tasks wake us
+                return Wait()
+            action = outcome
+        if isinstance(action, Complete):
+            await self._complete(build, rows, tasks, action.verdict)
+            return None
+        if isinstance(action, Fail):
+            if action.disagreement is not None:
+                await self._record_disagreement(build, action.disagreement)
+            await self._fail(build, rows, tasks, action.reason)
+            return None
+        return action
+
+    async def _start_attempts(
+        self, rows: list[AttemptRow], tasks: dict[int, trio.CancelScope], nursery: trio.Nursery
+    ) -> None:
+        """Start a task for every active attempt that has none (new, or resumed)."""
+        for row in rows:
+            if row.active and row.id not in tasks:
+                tasks[row.id] = await nursery.start(self._attempt_task, row.id)
+
+    def _planned(self, rows: list[AttemptRow]) -> list[Attempt]:
+        """The attempts with their signed results, each parsed once per build task (the
+        attempt task hands over the result it parsed; a resumed build reads it once)."""
+        attempts = []
+        for row in rows:
+            result = None
+            if row.state in (AttemptState.SUCCEEDED, AttemptState.FAILED):
+                known = self._results.setdefault(row.build_id, {})
+                result = known.get(row.id)
+                if result is None:
+                    raw = self.db.result_bytes(row.id)
+                    if raw is not None:
+                        result = known[row.id] = Result.from_bytes(raw)
+            attempts.append(Attempt(row, result))
+        return attempts
 
     async def _fetch_source(self, build: BuildRow) -> None:
         try:
@@ -486,115 +458,36 @@ class Engine:
             return
         self.db.set_source_ready(build.id, self.clock(), size)
 
-    def _replicas(self, attempts: list[AttemptRow]) -> list[Replica]:
-        replicas = []
-        for attempt in attempts:
-            if attempt.state is not AttemptState.SUCCEEDED:
-                continue
-            raw = self.db.result_bytes(attempt.id)
-            assert raw is not None, attempt.id
-            result = Result.from_bytes(raw)
-            replicas.append(Replica(result.node, attempt.operator, result, attempt.id))
-        return replicas
-
-    async def _step(
-        self,
-        build: BuildRow,
-        attempts: list[AttemptRow],
-        tasks: dict[int, trio.CancelScope],
-        nursery: trio.Nursery,
-    ) -> _Wait | object | None:
-        """Decide and act once. Returns ``_DONE``, None (wait for a change) or a
-        :class:`_Wait` (no node yet: look again at a time)."""
-        now = self.clock()
-        active = [a for a in attempts if a.active]
-        verdict = assess(self._replicas(attempts), build.replicas)
-        if isinstance(verdict, Verified):
-            agreeing_ops = {r.operator for r in verdict.agreeing}
-            if active and len(agreeing_ops) < build.replicas:
-                return None  # the other requested replicas are still building
-            await self._complete(build, attempts, tasks, verdict)
-            return _DONE
-        failed_ops = {a.operator for a in attempts if a.state is AttemptState.FAILED}
-        if len(failed_ops) >= 2:
-            states = sorted({self._result_state(a) for a in attempts
-                             if a.state is AttemptState.FAILED})
-            await self._fail(
-                build, attempts, tasks,
-                f"the build failed on {len(failed_ops)} operators "
-                f"({', '.join(sorted(failed_ops))}): {', '.join(states)}",
-            )
-            return _DONE
-        if not active and len(attempts) >= self.config.max_attempts:
-            reasons = "; ".join(f"{a.operator}: {a.reason or a.state.value}" for a in attempts[-3:])
-            await self._fail(
-                build, attempts, tasks, f"gave up after {len(attempts)} attempts ({reasons})"
-            )
-            return _DONE
-        if isinstance(verdict, NeedTieBreak):
-            report = difference_report(verdict.groups)
-            if build.report != report:
-                report = await self._with_diffoscope(report, verdict.groups, build)
-                self.db.set_build_state(
-                    build.id, BuildState.RUNNING, now,
-                    reason="replicas disagree; tie-break on another operator", report=report,
-                    groups=[[r.result.node.fingerprint for r in g] for g in verdict.groups],
-                )
-            if active:
-                return None
-            tiebreaks = sum(1 for a in attempts if a.role == "tiebreak")
-            if tiebreaks >= self.config.max_tiebreaks:
-                await self._fail(
-                    build, attempts, tasks,
-                    f"replicas disagree after {tiebreaks} tie-break(s); nothing stored",
-                )
-                return _DONE
-            exclude_ops = set(verdict.operators) | {a.operator for a in active}
-            return await self._choose(build, attempts, 1, exclude_ops, "tiebreak", nursery, tasks)
-        covered = set(verdict.operators) | {a.operator for a in active}
-        missing = max(build.replicas, 2) - len(covered)
-        if missing <= 0:
-            return None
-        role = "replica" if not attempts else "replacement"
-        if len(attempts) + missing > self.config.max_attempts and not active:
-            missing = max(self.config.max_attempts - len(attempts), 0)
-        if missing == 0:
-            return None
-        return await self._choose(build, attempts, missing, covered, role, nursery, tasks)
-
-    def _result_state(self, attempt: AttemptRow) -> str:
-        raw = self.db.result_bytes(attempt.id)
-        return Result.from_bytes(raw).state.value if raw else attempt.state.value
+    async def _record_disagreement(self, build: BuildRow, disagreement: NeedTieBreak) -> None:
+        """Keep the difference report (with diffoscope's, when it is new) on the build."""
+        report = difference_report(disagreement.groups)
+        if build.report == report:
+            return
+        report = await self._with_diffoscope(report, disagreement.groups, build)
+        self.db.set_build_state(
+            build.id, BuildState.RUNNING, self.clock(),
+            reason="replicas disagree; tie-break on another operator", report=report,
+            groups=[[r.result.node.fingerprint for r in g] for g in disagreement.groups],
+        )
 
     async def _choose(
         self,
         build: BuildRow,
         attempts: list[AttemptRow],
-        count: int,
-        exclude_ops: set[str],
-        role: str,
+        choose: Choose,
+        waiting_since: float | None,
         nursery: trio.Nursery,
         tasks: dict[int, trio.CancelScope],
-    ) -> _Wait | object | None:
+    ) -> Fail | Wait | None:
+        """Carry out ``choose``: find and select nodes and start their attempts (None), or
+        say why none could be chosen (``after_no_node``)."""
         now = self.clock()
-        losses = Counter(a.node for a in attempts
-                         if a.state in (AttemptState.LOST, AttemptState.FAILED))
-        excluded: dict[str, float] = {}
-        for attempt in attempts:
-            if attempt.state in (AttemptState.LOST, AttemptState.FAILED):
-                until = (attempt.ended_at or now) + _backoff(
-                    self.config.node_retry_base_s, losses[attempt.node] - 1,
-                    self.config.backoff_max_s,
-                )
-                if until > now:
-                    excluded[attempt.node] = max(until, excluded.get(attempt.node, 0.0))
         lease_nodes = None
         if build.lease_id is not None:
             try:
                 lease = self.leases.restriction(build.lease_id, build.user, now)
             except (LeaseRefusedError, UnknownLeaseError) as exc:
-                await self._fail(build, attempts, tasks, str(exc))
-                return _DONE
+                return Fail(str(exc))
             lease_nodes = frozenset(n.key for n in lease.nodes)
         machine = MachineType(build.machine) if build.machine else None
         query = Query(arch=build.arch, os=build.os, machine=machine, pool=build.pool)
@@ -613,15 +506,15 @@ class Engine:
             arch=build.arch,
             os=build.os,
             build_type=BuildType(build.build_type),
-            count=count,
+            count=choose.count,
             machine=machine,
             pool=build.pool,
             min_memory_mb=build.min_memory_mb,
             min_disk_mb=build.min_disk_mb,
             team=build.team,
             dedicated_pools=self.config.dedicated_pools,
-            exclude_nodes=frozenset(PublicKey.from_text(k) for k in excluded),
-            exclude_operators=frozenset(exclude_ops),
+            exclude_nodes=frozenset(PublicKey.from_text(k) for k in choose.exclude_nodes),
+            exclude_operators=choose.exclude_operators,
             affinity=affinity,
             lease_nodes=lease_nodes,
             lease_id=build.lease_id or "",
@@ -631,21 +524,19 @@ class Engine:
         try:
             chosen = select_nodes(candidates, requirements, self.rng, self.config.selection)
         except NoCapableNodeError as exc:
-            if exc.constraint not in _TRANSIENT:
-                await self._fail(build, attempts, tasks, str(exc))
-                return _DONE
-            self.db.audit(now, "no-node-yet", build.id, constraint=exc.constraint,
-                          reason=str(exc))
-            retry = min(excluded.values(), default=now + self.config.node_retry_base_s)
-            return _Wait(min(retry, now + self.config.backoff_max_s), str(exc))
+            outcome = after_no_node(exc, choose, waiting_since, now, self.config)
+            if isinstance(outcome, Wait):
+                self.db.audit(now, "no-node-yet", build.id, constraint=exc.constraint,
+                              reason=str(exc))
+            return outcome
         with self.db.batch():  # the chosen attempts in one commit
             for candidate in chosen:
                 if candidate.capability.pull_only and not self.connector.pull_available:
                     continue
-                self._create_attempt(build, candidate, role, len(candidates), requirements)
-        for attempt in self.db.attempts(build.id):
-            if attempt.active and attempt.id not in tasks:
-                tasks[attempt.id] = await nursery.start(self._attempt_task, attempt.id)
+                self._create_attempt(
+                    build, candidate, choose.role, len(candidates), requirements
+                )
+        await self._start_attempts(self.db.attempts(build.id), tasks, nursery)
         return None
 
     def candidates(self, entries: list[NodeEntry]) -> list[Candidate]:
@@ -833,13 +724,15 @@ class Engine:
                 scope.cancel()
         async with trio.open_nursery() as nursery:
             for attempt in active:
-                # A pending pull attempt's job is still in the queue: withdraw it too.
-                if attempt.state is AttemptState.RUNNING or not attempt.endpoint:
-                    nursery.start_soon(self._cancel_on_node, attempt)
+                nursery.start_soon(
+                    self._cancel_on_node, attempt, attempt.state is AttemptState.RUNNING
+                )
         for attempt in active:
             self.db.set_attempt_state(attempt, AttemptState.CANCELLED, self.clock(), reason=why)
 
-    async def _cancel_on_node(self, attempt: AttemptRow) -> None:
+    async def _cancel_on_node(self, attempt: AttemptRow, started: bool) -> None:
+        """Cancel the attempt's job on its node, or, for a job not known to have started,
+        withdraw it (``NodeClient.withdraw``: what a pull queue still offers)."""
         try:
             client = self.connector.client(
                 PublicKey.from_text(attempt.node), attempt.endpoint, attempt.tls_sha256
@@ -848,7 +741,8 @@ class Engine:
             return
         try:
             with trio.move_on_after(self.config.node_timeout_s):
-                await client.cancel(bytes.fromhex(attempt.job_id))
+                job_id = bytes.fromhex(attempt.job_id)
+                await (client.cancel(job_id) if started else client.withdraw(job_id))
         except NodeError as exc:
             self._errors[exc.code] += 1
         finally:
@@ -874,10 +768,9 @@ class Engine:
             except NodeError as exc:
                 self._errors[exc.code] += 1
                 self._lose(attempt, exc)
-                if not attempt.endpoint:
-                    # Out of the pull queue: the node hears "withdrawn" if it is still
-                    # there, and a late result is refused rather than stored.
-                    await self._cancel_on_node(attempt)
+                # Out of a pull queue: the node hears "withdrawn" if it is still there,
+                # and a late result is refused rather than stored.
+                await self._cancel_on_node(attempt, False)
             finally:
                 self._attempt_tasks -= 1
                 self._poke(attempt.build_id)
@@ -901,9 +794,8 @@ class Engine:
         try:
             if attempt.state is AttemptState.PENDING:
                 await self._submit(client, job, node)
-                if isinstance(client, PullNodeClient):
-                    # Offered; it runs (and its lease starts) once the node takes it.
-                    await self._wait_done(client, job, node, client.wait_taken)
+                # A pull job is offered: it runs (and its lease starts) once the node takes it.
+                await self._wait_done(client, job, node, client.wait_started)
                 self.db.set_attempt_state(attempt, AttemptState.RUNNING, self.clock())
                 self._poke(attempt.build_id)
             else:
@@ -926,12 +818,11 @@ class Engine:
             with trio.CancelScope(shield=True):
                 await client.aclose()
         now = self.clock()
-        pulled = isinstance(client, PullNodeClient)
         # The result and its rating in one commit, not synced on its own: a restart before
         # the next synced commit fetches the result again from the node (_db module doc).
         # Not so a pull node's: it deletes its copy once uploaded, and the queue deletes
         # its own on release below, so this commit is the one copy left and is synced first.
-        with self.db.batch(durable=pulled):
+        with self.db.batch(durable=not client.keeps_result):
             self.db.store_result(
                 attempt, result.to_bytes(), result.state.value, final, now,
                 reason="" if final is AttemptState.SUCCEEDED else f"build {result.state.value}",
@@ -941,10 +832,10 @@ class Engine:
                 self.ratings.record(
                     attempt.node, Signal.SUCCESS, 1.0, now, build_id=attempt.build_id
                 )
-        if isinstance(client, PullNodeClient):
-            # Stored and the artifacts copied into the work directory: the queue may forget
-            # the job and delete its uploads (the node's late requests get 410).
-            client.queue.release(job.job_id)
+        self._results.setdefault(attempt.build_id, {})[attempt.id] = result
+        # Stored and the artifacts copied into the work directory: the node side may forget
+        # the job (a pull queue deletes its uploads; the node's late requests get 410).
+        await client.release(job.job_id)
 
     async def _submit(self, client: NodeClient, job: Job, node: PublicKey) -> None:
         tries = 0
@@ -955,7 +846,7 @@ class Engine:
             except NodeError as exc:
                 # Busy or unreachable: back off and try again, a few times. Anything else
                 # (refused: bad signature, expired, wrong node) will not get better.
-                if exc.code not in ("node-busy", "node-unreachable"):
+                if not isinstance(exc, NodeBusyError | NodeUnreachableError):
                     raise
                 tries += 1
                 if tries >= self.config.submit_tries:
@@ -963,7 +854,7 @@ class Engine:
                 self._errors[exc.code] += 1
                 if await self.finder.lookup(node) is None:
                     raise NodeVanishedError("the node left the directory") from None
-                await trio.sleep(_backoff(self.config.backoff_base_s, tries - 1,
+                await trio.sleep(backoff(self.config.backoff_base_s, tries - 1,
                                           self.config.backoff_max_s))
 
     async def _wait_done(
@@ -995,7 +886,7 @@ class Engine:
                 tries += 1
                 if await self.finder.lookup(node) is None:
                     raise NodeVanishedError("unreachable and gone from the directory") from None
-                await trio.sleep(_backoff(self.config.backoff_base_s, tries - 1,
+                await trio.sleep(backoff(self.config.backoff_base_s, tries - 1,
                                           self.config.backoff_max_s))
                 continue
             entry = await self.finder.lookup(node)
@@ -1003,14 +894,3 @@ class Engine:
                 raise NodeVanishedError("gone from the directory while building")
             self._heartbeats([entry])
 
-
-_DONE = object()
-
-
-@attrs.frozen
-class _Wait:
-    """No node satisfies the build now, for a reason that may pass: look again at
-    ``until`` (Unix seconds); ``reason`` is the selection's message."""
-
-    until: float
-    reason: str

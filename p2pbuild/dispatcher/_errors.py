@@ -29,7 +29,9 @@ __all__ = [
     "NodeBusyError",
     "NodeError",
     "NodeRefusedError",
+    "NodeTimeoutError",
     "NodeUnreachableError",
+    "NodeVanishedError",
     "SinkError",
     "SourceUnavailableError",
     "UnknownBuildError",
@@ -87,6 +89,18 @@ class NodeRefusedError(NodeError):
         super().__init__(message)
         self.status = status
         self.node_code = node_code
+
+
+class NodeTimeoutError(NodeError):
+    """The job did not finish within its time limit plus grace."""
+
+    code = "timed-out"
+
+
+class NodeVanishedError(NodeError):
+    """The node's records are gone from the directory while it had our job."""
+
+    code = "vanished"
 
 
 class BadNodeResultError(NodeError):

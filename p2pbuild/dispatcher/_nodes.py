@@ -138,7 +138,17 @@ def _capability(entry: NodeEntry) -> Capability:
 
 class NodeClient(Protocol):
     """One node's job API. Every method raises only :class:`NodeError` subclasses for
-    anything the node or the network does wrong (and ``trio.Cancelled``)."""
+    anything the node or the network does wrong (and ``trio.Cancelled``).
+
+    Push and pull nodes differ only behind it: a pushed job starts when the node accepts
+    it, an offered one when the node takes it (:meth:`wait_started`); a push node keeps
+    its result, a pull queue forgets it once released (:attr:`keeps_result`, :meth:`release`).
+    """
+
+    #: The node keeps its signed result after handing it over, so a restart can fetch it
+    #: again; False: the engine's stored copy is the only one (commit it synced).
+    @property
+    def keeps_result(self) -> bool: ...
 
     async def submit(self, job: Job) -> None:
         """Hand ``job`` to the node. Returns if the node has it (accepted now, or already:
@@ -148,6 +158,11 @@ class NodeClient(Protocol):
 
     async def resume(self, job: Job) -> None:
         """Re-attach after a dispatcher restart to a job the node already has."""
+        ...
+
+    async def wait_started(self, job_id: bytes, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for a submitted job to start on the node; True
+        once it has (or ended: :meth:`wait_done` then says how)."""
         ...
 
     async def wait_done(self, job_id: bytes, timeout: float) -> bool:
@@ -163,7 +178,17 @@ class NodeClient(Protocol):
         :class:`ArtifactDigestError` if size or SHA-256 differ from ``item``."""
         ...
 
+    async def release(self, job_id: bytes) -> None:
+        """The result and artifacts are stored: the node side may forget the job."""
+        ...
+
     async def cancel(self, job_id: bytes) -> None:
+        """Stop the job on the node (it may be running)."""
+        ...
+
+    async def withdraw(self, job_id: bytes) -> None:
+        """Take back a job not known to have started, or one given up on: no node may
+        start it or deliver its result any more, where the client can ensure that."""
         ...
 
     async def aclose(self) -> None:
@@ -262,8 +287,26 @@ class PushNodeClient:
             return  # it already has this job: we sent it before a restart
         raise error
 
+    @property
+    def keeps_result(self) -> bool:
+        return True
+
     async def resume(self, job: Job) -> None:
         """Nothing to do: the node kept the job across our restart (or answers 404)."""
+        await trio.lowlevel.checkpoint()
+
+    async def wait_started(self, job_id: bytes, timeout: float) -> bool:
+        """True: a push node starts a job when it accepts it."""
+        await trio.lowlevel.checkpoint()
+        return True
+
+    async def release(self, job_id: bytes) -> None:
+        """Nothing to do: the node keeps its results by its own retention."""
+        await trio.lowlevel.checkpoint()
+
+    async def withdraw(self, job_id: bytes) -> None:
+        """Nothing to do: a job sent may be running (:meth:`cancel` stops it), and a lost
+        node is not asked again."""
         await trio.lowlevel.checkpoint()
 
     async def status(self, job_id: bytes) -> dict[str, object]:
@@ -431,7 +474,7 @@ class PullQueue(Protocol):
 class PullNodeClient:
     """:class:`NodeClient` for a pull-mode node, over a :class:`PullQueue`.
 
-    :meth:`submit` offers the job; it runs once the node took it (:meth:`wait_taken`; the
+    :meth:`submit` offers the job; it runs once the node took it (:meth:`wait_started`; the
     engine records the attempt ``running`` only then). A node that took a job and stops
     renewing its lease ends :meth:`wait_done` with ``lease-expired``
     (``_pull.LeaseExpiredError``). The queue lives in memory: after a dispatcher restart
@@ -456,7 +499,11 @@ class PullNodeClient:
         if self.queue.delivery(job.job_id) is None:
             self.queue.resume(self.node, job)
 
-    async def wait_taken(self, job_id: bytes, timeout: float) -> bool:
+    @property
+    def keeps_result(self) -> bool:
+        return False
+
+    async def wait_started(self, job_id: bytes, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the node to take the offered job; True once
         it has (or the job ended: :meth:`wait_done` then says how)."""
         with trio.move_on_after(timeout):
@@ -491,9 +538,16 @@ class PullNodeClient:
         dest.parent.mkdir(parents=True, exist_ok=True)
         await trio.Path(dest).write_bytes(data)
 
+    async def release(self, job_id: bytes) -> None:
+        await trio.lowlevel.checkpoint()
+        self.queue.release(job_id)
+
     async def cancel(self, job_id: bytes) -> None:
         await trio.lowlevel.checkpoint()
         self.queue.withdraw(job_id)
+
+    async def withdraw(self, job_id: bytes) -> None:
+        await self.cancel(job_id)
 
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()

@@ -12,7 +12,7 @@ import attrs
 import pytest
 import trio
 
-from p2pbuild import BuildType, MachineType, ResultState
+from p2pbuild import BuildType, MachineType, Result, ResultState
 from p2pbuild.dht import Query
 from p2pbuild.dispatcher._db import AttemptState, BuildRow, BuildState, Database
 from p2pbuild.dispatcher._engine import BuildRequest, Engine, EngineConfig
@@ -176,6 +176,33 @@ async def test_build_verified_by_two_operators_and_stored(farm: Harness) -> None
     assert all(ratings[a.node].observations >= 2 for a in attempts)
     # Affinity remembered for the user.
     assert engine.db.platform("user-1") == ("x86_64", "fedora-41", "vm")
+
+
+async def test_engine_parses_each_result_once(
+    farm: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The planner sees every ended attempt's result on every step; the engine keeps the
+    # result its attempt task parsed rather than reading and parsing the stored bytes again.
+    for name in ("alice-1", "bob-1", "carol-1"):
+        await farm.add_node(name)
+    engine = await farm.start_engine()
+    parsed = []
+    from_bytes = Result.from_bytes.__func__  # type: ignore[attr-defined]
+
+    def counting(cls: type[Result], data: bytes) -> Result:
+        parsed.append(data)
+        return from_bytes(cls, data)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(Result, "from_bytes", classmethod(counting))
+    reads = []
+    result_bytes = engine.db.result_bytes
+    monkeypatch.setattr(engine.db, "result_bytes", lambda i: reads.append(i) or result_bytes(i))
+    build = farm.submit()
+    done = await farm.wait_done(build.id)
+    assert done.state is BuildState.VERIFIED, done.reason
+    assert reads == []
+    # One parse per result, as it arrives from its node.
+    assert len(parsed) == 2
 
 
 async def test_no_node_matches_fails_with_the_reason(farm: Harness) -> None:

@@ -1,0 +1,240 @@
+"""The build planner: what a build needs next, decided from its persisted attempts.
+
+Pure, like ``_select.py`` and ``_verify.py``: :func:`plan` takes the build, its attempts
+(each with its signed result, parsed once), the time and the engine's bounds, and returns
+one action; :func:`after_no_node` turns a failed selection into waiting or failing. No
+I/O, no clock, no database: the engine (``_engine.py``) reads the state, asks, and carries
+the action out, then asks again when something changed.
+
+The actions:
+
+* :class:`Complete` -- two operators agree (``_verify.assess``) and no requested replica
+  is still building: store the build and finish.
+* :class:`Fail` -- the build failed on two operators, ran out of attempts or tie-breaks,
+  or no node can ever satisfy it; ``reason`` says which for people.
+* :class:`TieBreak` -- replicas of different operators disagree: record the difference
+  report, then choose one node of an operator not yet involved (``choose``), or wait for
+  the tie-break already running (``choose`` None).
+* :class:`Choose` -- too few operators cover the build: choose ``count`` more nodes, not
+  of ``exclude_operators``, not the nodes lost recently (``exclude_nodes``, each until the
+  end of a backoff that doubles with each loss on this build).
+* :class:`Wait` -- nothing to do until an attempt changes (``until`` None) or until a
+  time (no node yet, for a reason that may pass).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+import attrs
+
+from .._jobs import Result
+from ._db import AttemptRow, AttemptState, BuildRow
+from ._errors import NoCapableNodeError
+from ._verify import NeedTieBreak, Replica, Verified, assess
+
+__all__ = [
+    "TRANSIENT_CONSTRAINTS",
+    "Action",
+    "Attempt",
+    "Choose",
+    "Complete",
+    "Fail",
+    "PlanBounds",
+    "TieBreak",
+    "Wait",
+    "after_no_node",
+    "backoff",
+    "plan",
+]
+
+#: Selection failures that may pass by themselves (a node stops draining, a backoff ends,
+#: a lease ends or its nodes free a slot).
+TRANSIENT_CONSTRAINTS = frozenset(
+    {"draining", "excluded", "operators-used", "lease", "leased"}
+)
+
+
+class PlanBounds(Protocol):
+    """The bounds the planner reads (``EngineConfig`` has them all; seconds)."""
+
+    @property
+    def max_attempts(self) -> int: ...
+
+    @property
+    def max_tiebreaks(self) -> int: ...
+
+    @property
+    def node_retry_base_s(self) -> float: ...
+
+    @property
+    def backoff_max_s(self) -> float: ...
+
+    @property
+    def no_node_wait_s(self) -> float: ...
+
+
+@attrs.frozen
+class Attempt:
+    """One attempt as the planner sees it: its row and, once it ended with one, the
+    node's signed result (parsed once by the engine, not on every step)."""
+
+    row: AttemptRow
+    result: Result | None = None
+
+    @property
+    def id(self) -> int:
+        return self.row.id
+
+    @property
+    def state(self) -> AttemptState:
+        return self.row.state
+
+    @property
+    def operator(self) -> str:
+        return self.row.operator
+
+    @property
+    def active(self) -> bool:
+        return self.row.active
+
+
+@attrs.frozen
+class Complete:
+    verdict: Verified
+
+
+@attrs.frozen
+class Fail:
+    reason: str
+    #: The disagreement behind the failure (its report is kept with the build), if any.
+    disagreement: NeedTieBreak | None = None
+
+
+@attrs.frozen
+class Choose:
+    count: int
+    #: ``replica`` (the first choice), ``replacement`` or ``tiebreak``.
+    role: str
+    exclude_operators: frozenset[str]
+    #: Node key (text) -> Unix time its exclusion from this build ends.
+    exclude_nodes: Mapping[str, float] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class TieBreak:
+    disagreement: NeedTieBreak
+    #: The tie-break node to choose, or None while one is running.
+    choose: Choose | None
+
+
+@attrs.frozen
+class Wait:
+    #: Look again at this Unix time, or None: when an attempt changes.
+    until: float | None = None
+    reason: str = ""
+
+
+Action = Complete | Fail | TieBreak | Choose | Wait
+
+
+def backoff(base: float, tries: int, limit: float) -> float:
+    """``base * 2**tries``, at most ``limit``."""
+    return float(min(limit, base * 2**tries))
+
+
+def _replicas(attempts: Sequence[Attempt]) -> list[Replica]:
+    replicas = []
+    for attempt in attempts:
+        if attempt.state is AttemptState.SUCCEEDED:
+            assert attempt.result is not None, attempt.id
+            replicas.append(
+                Replica(attempt.result.node, attempt.operator, attempt.result, attempt.id)
+            )
+    return replicas
+
+
+def _excluded_nodes(
+    attempts: Sequence[Attempt], now: float, bounds: PlanBounds
+) -> dict[str, float]:
+    ended = [a.row for a in attempts if a.state in (AttemptState.LOST, AttemptState.FAILED)]
+    losses = Counter(a.node for a in ended)
+    excluded: dict[str, float] = {}
+    for row in ended:
+        until = (row.ended_at or now) + backoff(
+            bounds.node_retry_base_s, losses[row.node] - 1, bounds.backoff_max_s
+        )
+        if until > now:
+            excluded[row.node] = max(until, excluded.get(row.node, 0.0))
+    return excluded
+
+
+def plan(build: BuildRow, attempts: Sequence[Attempt], now: float, bounds: PlanBounds) -> Action:
+    """The next action for ``build`` given all its ``attempts`` (in creation order).
+
+    The build must not be terminal, cancelled or waiting for its source (the engine
+    handles those before asking).
+    """
+    active = [a for a in attempts if a.active]
+    verdict = assess(_replicas(attempts), build.replicas)
+    if isinstance(verdict, Verified):
+        agreeing_ops = {r.operator for r in verdict.agreeing}
+        if active and len(agreeing_ops) < build.replicas:
+            return Wait(reason="the other requested replicas are still building")
+        return Complete(verdict)
+    failed = [a for a in attempts if a.state is AttemptState.FAILED]
+    failed_ops = {a.operator for a in failed}
+    if len(failed_ops) >= 2:
+        states = sorted({a.result.state.value if a.result else a.state.value for a in failed})
+        return Fail(
+            f"the build failed on {len(failed_ops)} operators "
+            f"({', '.join(sorted(failed_ops))}): {', '.join(states)}"
+        )
+    if not active and len(attempts) >= bounds.max_attempts:
+        reasons = "; ".join(
+            f"{a.operator}: {a.row.reason or a.state.value}" for a in attempts[-3:]
+        )
+        return Fail(f"gave up after {len(attempts)} attempts ({reasons})")
+    if isinstance(verdict, NeedTieBreak):
+        if active:
+            return TieBreak(verdict, None)
+        tiebreaks = sum(1 for a in attempts if a.row.role == "tiebreak")
+        if tiebreaks >= bounds.max_tiebreaks:
+            return Fail(
+                f"replicas disagree after {tiebreaks} tie-break(s); nothing stored", verdict
+            )
+        exclude = frozenset(verdict.operators | {a.operator for a in active})
+        return TieBreak(
+            verdict, Choose(1, "tiebreak", exclude, _excluded_nodes(attempts, now, bounds))
+        )
+    covered = frozenset(verdict.operators | {a.operator for a in active})
+    missing = max(build.replicas, 2) - len(covered)
+    if missing <= 0:
+        return Wait(reason="enough replicas are building")
+    if len(attempts) + missing > bounds.max_attempts and not active:
+        missing = max(bounds.max_attempts - len(attempts), 0)
+    if missing == 0:
+        return Wait(reason="no attempt left to start")
+    role = "replica" if not attempts else "replacement"
+    return Choose(missing, role, covered, _excluded_nodes(attempts, now, bounds))
+
+
+def after_no_node(
+    error: NoCapableNodeError,
+    choose: Choose,
+    waiting_since: float | None,
+    now: float,
+    bounds: PlanBounds,
+) -> Fail | Wait:
+    """What to do when no node satisfies ``choose``: fail at once when the failing
+    constraint cannot pass by itself (an arch no trusted node has) or when the build has
+    waited ``no_node_wait_s`` since ``waiting_since``; else wait until the first exclusion
+    ends (or ``node_retry_base_s``), at most ``backoff_max_s``."""
+    if error.constraint not in TRANSIENT_CONSTRAINTS:
+        return Fail(str(error))
+    if waiting_since is not None and now - waiting_since > bounds.no_node_wait_s:
+        return Fail(str(error))
+    retry = min(choose.exclude_nodes.values(), default=now + bounds.node_retry_base_s)
+    return Wait(min(retry, now + bounds.backoff_max_s), str(error))

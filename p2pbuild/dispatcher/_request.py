@@ -1,0 +1,113 @@
+"""What a client asks the engine for: a :class:`BuildRequest`, and the content-addressed
+:class:`SourceStore` its source file is kept in until every job has fetched it."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx
+import trio
+
+from .._errors import RemoteError
+from .._jobs import DEFAULT_ARCH, DEFAULT_OS, BuildType, JobSpec, SourceArtifact, Target
+from .._records import MachineType
+from ..dht import Query
+from ._errors import BadRequestError, SourceUnavailableError
+
+__all__ = ["BuildRequest", "SourceStore"]
+
+
+@attrs.frozen
+class BuildRequest:
+    """A build as a client asks for it. ``arch``/``os`` None: the user's last platform,
+    else the configured default. ``source_url`` empty: the source is already stored."""
+
+    source_name: str
+    source_sha256: str
+    source_size: int
+    build_type: BuildType = attrs.field(default=BuildType.RPM, converter=BuildType)
+    arch: str | None = None
+    os: str | None = None
+    machine: MachineType | None = None
+    pool: str | None = None
+    replicas: int = 2
+    min_memory_mb: int = 0
+    min_disk_mb: int = 0
+    options: Mapping[str, Any] = attrs.field(factory=dict)
+    time_limit_s: int = 3600
+    source_url: str = ""
+    #: Run only on this lease's nodes (``_leases.py``); the lease gives arch/os by default.
+    lease: str | None = None
+
+    def validate(self) -> None:
+        """Raises :class:`BadRequestError` for a value no build can have."""
+        self.job_spec(self.arch or DEFAULT_ARCH, self.os or DEFAULT_OS)
+
+    def job_spec(self, arch: str, os: str) -> JobSpec:
+        """The build's job spec on the platform ``arch``/``os`` (no source URL yet: each
+        job names where its node fetches the source). Raises :class:`BadRequestError` for
+        a value no build can have."""
+        try:
+            spec = JobSpec(
+                SourceArtifact(self.source_name, self.source_size,
+                               bytes.fromhex(self.source_sha256)),
+                self.build_type, Target(arch, os), dict(self.options), self.time_limit_s,
+            )
+            if self.pool is not None:
+                Query(pool=self.pool)
+        except (RemoteError, ValueError) as exc:
+            raise BadRequestError(str(exc)) from None
+        if not 1 <= self.replicas <= 8:
+            raise BadRequestError("replicas must be 1 to 8")
+        if self.source_url and not self.source_url.startswith(("https://", "http://")):
+            raise BadRequestError("source url must be http:// or https://")
+        return spec
+
+
+@attrs.frozen
+class SourceStore:
+    """Content-addressed source files: ``<root>/<sha256 hex>``."""
+
+    root: Path
+
+    def path(self, sha256_hex: str) -> Path:
+        if len(sha256_hex) != 64 or any(c not in "0123456789abcdef" for c in sha256_hex):
+            raise BadRequestError("a SHA-256 is 64 lowercase hex digits")
+        return self.root / sha256_hex
+
+    def has(self, sha256_hex: str) -> bool:
+        return self.path(sha256_hex).is_file()
+
+    async def fetch(self, url: str, sha256_hex: str, max_bytes: int) -> int:
+        """Download ``url`` into the store, checking size and SHA-256; returns the size.
+        Raises :class:`SourceUnavailableError`."""
+        target = self.path(sha256_hex)
+        await trio.Path(self.root).mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".part")
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            async with (
+                httpx.AsyncClient(timeout=60, trust_env=False, follow_redirects=True) as client,
+                client.stream("GET", url) as response,
+            ):
+                if response.status_code != 200:
+                    raise SourceUnavailableError(f"source URL answered HTTP {response.status_code}")
+                async with await trio.open_file(partial, "wb") as f:
+                    async for chunk in response.aiter_bytes():
+                        size += len(chunk)
+                        if size > max_bytes:
+                            raise SourceUnavailableError(f"source is over {max_bytes} bytes")
+                        digest.update(chunk)
+                        await f.write(chunk)
+        except httpx.HTTPError as exc:
+            raise SourceUnavailableError(f"cannot fetch the source: {exc}") from None
+        if digest.hexdigest() != sha256_hex:
+            await trio.Path(partial).unlink(missing_ok=True)
+            raise SourceUnavailableError("the fetched source does not match its SHA-256")
+        await trio.Path(partial).rename(target)
+        return size
