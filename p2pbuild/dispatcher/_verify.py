@@ -1,7 +1,10 @@
 """Verification: do replicas from different operators agree bit for bit? (design item 10)
 
 Pure functions over signed results. Two results *agree* when they list the same artifact
-names with the same sizes and SHA-256 digests (logs and build environment may differ). A
+names with the same sizes and SHA-256 digests (logs and build environment may differ)
+*and* ran in the same buildroot (equal signed buildroot records: the same installed
+packages and repository digests, or both without a buildroot). Results from different
+buildroots never verify each other, even with identical artifacts. A
 build is *verified* when two results from different operators (as the trust list names
 them) agree: one operator's ten nodes count once, so two nodes of one operator never verify
 each other.
@@ -56,11 +59,46 @@ class Replica:
 
 
 def artifact_key(result: Result) -> str:
-    """A digest of the artifact list (names, sizes, SHA-256): equal iff results agree."""
+    """A digest of the artifact list (names, sizes, SHA-256) and of the buildroot record:
+    equal iff results agree."""
     h = hashlib.sha256()
     for item in result.artifacts:
         h.update(item.name.encode() + b"\x00" + str(item.size).encode() + b"\x00" + item.sha256)
+    if result.buildroot is not None:
+        h.update(b"\x01buildroot\x00" + bytes.fromhex(result.buildroot.key))
     return h.hexdigest()
+
+
+def _buildroot_lines(groups: Sequence[Sequence[Replica]]) -> list[str]:
+    """How the groups' buildroots differ: repository digests and packages, per group."""
+    records = [g[0].result.buildroot for g in groups]
+    if len({None if r is None else r.key for r in records}) == 1:
+        return []
+    lines = ["", "The replicas ran in different buildroots; results from different "
+             "buildroots never verify each other."]
+    for index, record in enumerate(records, start=1):
+        if record is None:
+            lines.append(f"  group {index}: no buildroot (built on the node's host)")
+    present = [r for r in records if r is not None]
+    repos = sorted({name for r in present for name, _ in r.repos})
+    for name in repos:
+        digests = [
+            next((d.hex() for n, d in r.repos if n == name), "(not used)") if r else "-"
+            for r in records
+        ]
+        if len(set(digests)) > 1:
+            lines.append(f"repository {name} (repomd.xml SHA-256)")
+            lines += [f"  group {i}: {d}" for i, d in enumerate(digests, start=1)]
+    packages = sorted({p.nevra for r in present for p in r.packages})
+    for nevra in packages:
+        digests = []
+        for r in records:
+            match = next((p for p in r.packages if p.nevra == nevra), None) if r else None
+            digests.append("(not installed)" if match is None else match.sha256.hex())
+        if len(set(digests)) > 1:
+            lines.append(f"package {nevra}")
+            lines += [f"  group {i}: {d}" for i, d in enumerate(digests, start=1)]
+    return lines
 
 
 @attrs.frozen
@@ -132,7 +170,7 @@ def difference_report(groups: Sequence[Sequence[Replica]]) -> str:
 
     Each group is a list of replicas that agree with each other.
     """
-    lines = ["Replicas disagree on their artifacts.", ""]
+    lines = ["Replicas disagree on their artifacts or buildroots.", ""]
     for index, group in enumerate(groups, start=1):
         lines.append(f"group {index}: " + ", ".join(_describe(r) for r in group))
     lines.append("")
@@ -154,6 +192,7 @@ def difference_report(groups: Sequence[Sequence[Replica]]) -> str:
     if same:
         lines.append("")
         lines.append(f"identical in every group: {', '.join(same)}")
+    lines += _buildroot_lines(groups)
     return "\n".join(lines) + "\n"
 
 
