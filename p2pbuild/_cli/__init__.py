@@ -13,11 +13,11 @@ import sys
 from collections.abc import Sequence
 
 from .._errors import P2PBuildError
-from . import _demo, _dht, _dispatcher, _keys, _lease, _node, _trust
+from . import _builds, _demo, _dht, _dispatcher, _keys, _lease, _node, _trust
 
 __all__ = ["main"]
 
-_MODULES = (_keys, _trust, _dht, _node, _demo, _dispatcher, _lease)
+_MODULES = (_keys, _trust, _dht, _node, _demo, _dispatcher, _builds, _lease)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,4 +51,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("p2pbuild: interrupted", file=sys.stderr)
         return 130
+    except BaseExceptionGroup as group:
+        # A daemon's start fails inside its nursery (trust list, key, port in use): the
+        # error arrives wrapped in a group. One line, as for any other error; anything
+        # that is not an expected error stays a traceback (a bug must be seen).
+        message = _expected(group)
+        if message is None:
+            raise
+        print(f"p2pbuild: error: {message}", file=sys.stderr)
+        return 1
     return status
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]
+
+
+def _expected(group: BaseExceptionGroup[BaseException]) -> str | None:
+    """The one-line message for a group of only expected errors (ours, or the operating
+    system's, such as an address in use), else None."""
+    leaves = _leaves(group)
+    if not leaves or not all(isinstance(e, (P2PBuildError, OSError)) for e in leaves):
+        return None
+    first = leaves[0]
+    if isinstance(first, OSError) and not isinstance(first, P2PBuildError):
+        text = str(first)
+        return text if first.strerror is None or first.strerror in text else (
+            f"{text}: {first.strerror}")
+    return str(first)

@@ -27,7 +27,7 @@ from .._identity import Role
 from .._jobs import Job, Result
 from .._trust import accept_update
 from ..testing import LocalFarm, NodeSpec, hello_srpm, open_local_farm
-from ._dispatcher import _Client, follow_build, post_source
+from ._client import Client, follow_build, post_source
 
 __all__ = ["register"]
 
@@ -205,7 +205,7 @@ async def _build(farm: LocalFarm, source: Path, clock: _Clock) -> dict[str, Any]
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
     print(f"  source {source.name} (a C hello program, SHA-256 {digest[:16]}…), target "
           f"{farm.arch}/{farm.os}, 2 replicas on nodes of different operators")
-    client = _Client(farm.url, farm.dispatcher_pin, farm.token)
+    client = Client(farm.url, farm.dispatcher_pin, farm.token)
     params = {"name": source.name, "build_type": "rpm", "replicas": "2"}
     async with client.http() as http:
         build = await post_source(http, client, source, params)
@@ -215,6 +215,8 @@ async def _build(farm: LocalFarm, source: Path, clock: _Clock) -> dict[str, Any]
             async for kind, value in follow_build(http, client, build_id):
                 if kind == "build":
                     build = value
+                    continue
+                if kind != "event":
                     continue
                 text = _event_line(farm, value)
                 if text:

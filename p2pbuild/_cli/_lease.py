@@ -13,7 +13,8 @@ import time
 from typing import Any
 
 from ..dispatcher._errors import ConfigError
-from ._dispatcher import _check, _client, _client_args, _network
+from ._builds import client_args
+from ._client import check, client_from_args, network
 
 __all__ = ["parse_duration", "register"]
 
@@ -62,32 +63,32 @@ def register(sub: Any) -> None:
                       "the lease can be verified)")
     mode.add_argument("--same-operator", dest="operators", action="store_const",
                       const="same", help="all nodes of one operator")
-    _client_args(request)
+    client_args(request)
     request.set_defaults(func=_request, operators="distinct")
     ls = lsub.add_parser("ls", help="your leases (an admin's: everyone's)")
     ls.add_argument("--active", action="store_true", help="only leases not ended")
-    _client_args(ls)
+    client_args(ls)
     ls.set_defaults(func=_ls)
     extend = lsub.add_parser("extend", help="make a lease last longer")
     extend.add_argument("lease_id", metavar="ID")
     extend.add_argument("--by", required=True, metavar="DURATION", help="e.g. 1h")
-    _client_args(extend)
+    client_args(extend)
     extend.set_defaults(func=_extend)
     done = lsub.add_parser("done", help="return a lease: its slots are free at once")
     done.add_argument("lease_id", metavar="ID")
-    _client_args(done)
+    client_args(done)
     done.set_defaults(func=_done)
 
 
 def _call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
-    client = _client(args)
+    client = client_from_args(args)
 
     async def main() -> Any:
         async with client.http() as http:
             response = await http.request(method, path, json=body, headers=client.headers)
-            return _check(response)
+            return check(response)
 
-    return _network(main)
+    return network(main)
 
 
 def _when(at: float) -> str:

@@ -31,6 +31,7 @@ from ..node._config import ConfigError, load_config, parse_host_port, render_con
 from ..node._daemon import NodeDaemon, load_trust_file, run_node
 from ..node._service import JobRunner
 from ..node._state import NodeState
+from ._startup import explain_bind_failure
 
 __all__ = ["register"]
 
@@ -179,7 +180,12 @@ def _run(args: argparse.Namespace) -> int:
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",
         stream=sys.stderr,
     )
-    return trio.run(_serve, config)
+    listens = [("[dht] bind", "udp", *config.dht.bind)]
+    if config.api.enabled:
+        listens.append(("[api] bind", "tcp", *config.api.bind))
+    with explain_bind_failure(args.config, listens):
+        status: int = trio.run(_serve, config)
+    return status
 
 
 async def _serve(config: Any, runner: JobRunner | None = None) -> int:

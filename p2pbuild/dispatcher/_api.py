@@ -56,12 +56,19 @@ from ._engine import BuildRequest, Engine
 from ._errors import AuthenticationError, BadRequestError, ClientError, UnknownBuildError
 from ._leases import LeaseRefusedError, UnknownLeaseError
 
-__all__ = ["REQUEST_SIGNATURE_PREFIX", "ApiAuth", "make_dispatcher_app", "sign_request"]
+__all__ = [
+    "KEEPALIVE_HEADER", "KEEPALIVE_S", "REQUEST_SIGNATURE_PREFIX", "ApiAuth",
+    "make_dispatcher_app", "sign_request",
+]
 
 #: Domain prefix of signed API requests (distinct from every ``Domain`` in _identity).
 REQUEST_SIGNATURE_PREFIX = b"p2pbuild-v1/dispatcher-request\x00"
 SIG_SCHEME = "P2PBuild-Sig"
 _WINDOW = 60
+#: Seconds of silence after which a followed stream sends an empty keep-alive line.
+KEEPALIVE_S = 15.0
+#: Response header announcing that interval (clients time out after a few of them).
+KEEPALIVE_HEADER = "p2pbuild-keepalive"
 
 _STATUS: tuple[tuple[type[P2PBuildError], int], ...] = (
     (AuthenticationError, 401),
@@ -209,9 +216,12 @@ def make_dispatcher_app(
     list_arches: Sequence[str] = ("x86_64",),
     extra_routes: Sequence[BaseRoute] = (),
     body_timeout: float = 600.0,
+    keepalive_s: float = KEEPALIVE_S,
 ) -> Starlette:
     """The ASGI app over ``engine``. ``extra_routes`` are mounted as they are (the pull
-    queue's)."""
+    queue's). A followed event stream sends an empty line after ``keepalive_s`` seconds
+    without an event, and announces the interval in the ``p2pbuild-keepalive`` header, so
+    clients and proxies tell a quiet build from a dead connection."""
 
     async def guarded(request: Request, handler: Callable[[str, str | None], Any]) -> Response:
         path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
@@ -292,8 +302,10 @@ def make_dispatcher_app(
             after = _query_int(request.query_params, "after", 0)
             follow = request.query_params.get("follow") in ("1", "true", "yes")
             return StreamingResponse(
-                _event_stream(engine, build_id, after, follow, request.state.caller),
+                _event_stream(engine, build_id, after, follow, request.state.caller,
+                              keepalive_s),
                 media_type="application/x-ndjson",
+                headers={KEEPALIVE_HEADER: f"{keepalive_s:g}"},
             )
 
         return await guarded(request, handler)
@@ -367,8 +379,11 @@ async def node_table(engine: Engine, arches: Sequence[str]) -> list[dict[str, An
 
 
 async def _event_stream(
-    engine: Engine, build_id: str, after: int, follow: bool, caller: Caller
+    engine: Engine, build_id: str, after: int, follow: bool, caller: Caller,
+    keepalive_s: float = KEEPALIVE_S,
 ) -> AsyncIterator[bytes]:
+    """The build's audit events after ``after`` as NDJSON lines; with ``follow``, until the
+    build ends, with an empty line after each ``keepalive_s`` seconds without an event."""
     while True:
         changed = engine.wait_changed
         # Looked at before the events are read, so the events that made it terminal are
@@ -380,8 +395,10 @@ async def _event_stream(
             yield (json.dumps(body, sort_keys=True) + "\n").encode()
         if not follow or ended:
             return
-        with trio.move_on_after(15):
+        with trio.move_on_after(keepalive_s) as quiet:
             await changed()
+        if quiet.cancelled_caught:
+            yield b"\n"
 
 
 async def _read_small(request: Request, limit: int) -> bytes:

@@ -104,6 +104,8 @@ class DispatcherConfig:
     #: ``[leases]``: quotas on slots users hold, and who sees and returns every lease.
     lease_quotas: Quotas = attrs.field(factory=Quotas)
     lease_admins: tuple[str, ...] = ()
+    #: ``[api] keepalive_s``: a followed event stream's keep-alive interval.
+    keepalive_s: float = 15.0
 
     @property
     def database(self) -> Path:
@@ -132,6 +134,25 @@ def _address(text: str, where: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not host:
         raise ConfigError(f"{where}: {text!r} is not host:port")
     return host.strip("[]"), int(port)
+
+
+#: The keys each table may hold; anything else is refused (a misspelled key must not run
+#: silently with a default, as the node's configuration does).
+_KEYS = {
+    "dispatcher": {"key", "trust_list", "state_dir", "repository", "default_arch",
+                   "default_os", "synchronous"},
+    "api": {"host", "port", "tls_dir", "public_url", "max_upload_bytes", "keepalive_s"},
+    "dht": {"host", "port", "bootstrap", "list_arches"},
+    "clients": {"user", "team", "role", "token_sha256", "key"},
+}
+
+
+def _refuse_unknown(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    for key in table:
+        if key not in allowed:
+            raise ConfigError(
+                f"{where}: unknown key {key!r} (known: {', '.join(sorted(allowed))})"
+            )
 
 
 _ENGINE_KEYS = {
@@ -163,11 +184,14 @@ def load_config(path: Path) -> DispatcherConfig:
     api = _get(document, "api", dict, str(path), {})
     dht = _get(document, "dht", dict, str(path), {})
     w = f"{path} [dispatcher]"
+    for name, table in (("dispatcher", main), ("api", api), ("dht", dht)):
+        _refuse_unknown(table, _KEYS[name], f"{path} [{name}]")
     clients = []
     for index, item in enumerate(_get(document, "clients", list, str(path), [])):
         where = f"{path} [[clients]] #{index + 1}"
         if not isinstance(item, dict):
             raise ConfigError(f"{where}: must be a table")
+        _refuse_unknown(item, _KEYS["clients"], where)
         token = _get(item, "token_sha256", str, where, "") or None
         key_text = _get(item, "key", str, where, "") or None
         if token is not None and not _HEX64.fullmatch(token):
@@ -201,6 +225,9 @@ def load_config(path: Path) -> DispatcherConfig:
     port = _get(api, "port", int, f"{path} [api]", 7443)
     if not 0 <= port < 65536:
         raise ConfigError(f"{path} [api]: port must be 0 to 65535")
+    keepalive_s = _get(api, "keepalive_s", float, f"{path} [api]", 15.0)
+    if not 0.1 <= keepalive_s <= 300.0:
+        raise ConfigError(f"{path} [api]: keepalive_s must be 0.1 to 300 seconds")
     synchronous = _get(main, "synchronous", str, w, "FULL")
     if synchronous not in ("FULL", "NORMAL", "EXTRA"):
         raise ConfigError(f"{w}: synchronous must be FULL, NORMAL or EXTRA")
@@ -233,6 +260,7 @@ def load_config(path: Path) -> DispatcherConfig:
         pull_lease_s=lease_s,
         pull_heartbeat_s=heartbeat_s,
         **_leases_section(document, path),
+        keepalive_s=keepalive_s,
     )
 
 

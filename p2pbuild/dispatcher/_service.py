@@ -131,6 +131,7 @@ async def run_dispatcher(
             list_arches=config.list_arches,
             extra_routes=[*pull_routes(queue), *lease_routes(leases, auth),
                           *web_routes(WebView(engine, config.list_arches))],
+            keepalive_s=config.keepalive_s,
         )
         api_config = NodeApiConfig(
             tls=tls, host=config.host, port=config.port, keep_alive_timeout=90.0,
