@@ -75,6 +75,6 @@ async def test_submit_wait_reconnects_across_a_dispatcher_restart(tmp_path: Path
         await trio.sleep(1.0)
         await farm.start("dispatcher")
         status, out, err = await finish(process, 90)
-    assert status == 0, err
+    assert status == 0, (out, err)
     assert "lost the dispatcher" in err and "reconnecting" in err
     assert f"build {build_id}: verified" in out
