@@ -275,6 +275,7 @@ async def test_metrics_of_the_dispatcher_and_of_a_node_parse(
 def test_a_node_is_offline_two_status_intervals_after_its_last_status() -> None:
     identity = FIXTURE.nodes["n1"]
     sightings = NodeSightings(grace_s=1.0)
+    key = str(identity.public_key)
 
     def entry(issued: int, *, draining: bool = False, running: int = 0) -> Any:
         capability = Capability(arch="x86_64", os="fedora-41", cpus=2, cpu_model="c",
@@ -285,18 +286,18 @@ def test_a_node_is_offline_two_status_intervals_after_its_last_status() -> None:
         return node_entry(identity, capability, status, now=issued, seq=issued)
 
     first = entry(1000)
-    sightings.observe([first])
-    assert sightings.state(first, 1000.0) == "online"
-    assert sightings.state(first, 1200.0) == "online"  # interval unknown: until it expires
-    assert sightings.state(first, 1000.0 + 300) == "offline"  # expired (lifetime 300 s)
+    sightings.observe({key: first})
+    assert sightings.state(key, first, 1000.0) == "online"
+    assert sightings.state(key, first, 1200.0) == "online"  # interval unknown: until it expires
+    assert sightings.state(key, first, 1000.0 + 300) == "offline"  # expired (lifetime 300 s)
     second = entry(1002)
-    sightings.observe([second])
-    assert sightings.interval(str(identity.public_key)) == 2.0
-    assert sightings.state(second, 1002.0 + 5.0) == "online"   # 2 * 2 s + 1 s
-    assert sightings.state(second, 1002.0 + 5.1) == "offline"
-    assert sightings.state(entry(1004, draining=True, running=1), 1004.0) == "draining"
-    assert sightings.state(entry(1004, draining=True), 1004.0) == "offline"  # leaving
-    assert sightings.state(None, 1004.0) == "offline"
+    sightings.observe({key: second})
+    assert sightings.interval(key) == 2.0
+    assert sightings.state(key, second, 1002.0 + 5.0) == "online"   # 2 * 2 s + 1 s
+    assert sightings.state(key, second, 1002.0 + 5.1) == "offline"
+    assert sightings.state(key, entry(1004, draining=True, running=1), 1004.0) == "draining"
+    assert sightings.state(key, entry(1004, draining=True), 1004.0) == "offline"  # leaving
+    assert sightings.state(key, None, 1004.0) == "offline"
 
 
 def test_builds_are_paged_newest_first_and_filtered(tmp_path: Path) -> None:
