@@ -59,6 +59,7 @@ class Domain(enum.Enum):
     RESULT = b"p2pbuild-v1/result\x00"
     PULL_AUTH = b"p2pbuild-v1/pull-auth\x00"
     JOB_CONTROL = b"p2pbuild-v1/job-control\x00"
+    WAKE = b"p2pbuild-v1/wake\x00"
 
 
 def _check_key_bytes(instance: object, attribute: object, value: bytes) -> None:

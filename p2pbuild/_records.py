@@ -12,9 +12,13 @@ Wire form (canonical msgpack, at most :data:`MAX_RECORD_SIZE` bytes), an 8-eleme
     [1, kind, publisher(32 bytes), seq, issued_at, expires_at, body(array), signature(64 bytes)]
 
 A body is the array of its class's fields in declared order (``Capability._FIELDS``), not a
-map: a record is a fixed schema with no optional or unknown fields, so names on the wire
-would only add bytes (a quarter of a capability record) and decoding work. A new field is a
-new format version.
+map: a record is a fixed schema with no unknown fields, so names on the wire would only add
+bytes (a quarter of a capability record) and decoding work. The on-demand fields are the one
+exception, added without a new format version: a capability's ``wake_s`` and ``wake_url``
+and a status's ``standby`` are trailing fields written only when not at their defaults
+(``_EXTRA_FIELDS``), so every record of a node that is not on demand is byte for byte what
+older versions write and read; an older reader refuses the longer form as malformed (an
+on-demand node is invisible to it rather than misread).
 
 The signature is ed25519 by ``publisher`` over ``Domain.RECORD_<KIND> || encode(first seven
 elements as an array)``. Times are integer Unix seconds. See ``docs/records.md``.
@@ -115,6 +119,7 @@ _MAX_SLOTS = 4096
 _MAX_CPU_MODEL = 96
 _MAX_ENDPOINT = 200
 _TLS_SHA256_SIZE = 32
+_MAX_WAKE_S = 3600
 
 
 class Kind(enum.StrEnum):
@@ -214,19 +219,22 @@ def _check_fields(fields: Mapping[str, Any], checks: _FieldChecks, what: str) ->
             raise MalformedError(f"{what}: {name} {rule}, got {fields[name]!r:.80}")
 
 
-def _body_fields(body: object, names: tuple[str, ...], what: str) -> dict[str, Any]:
-    """The field map of a body array: exactly one value per name in ``names``, in order.
+def _body_fields(
+    body: object, names: tuple[str, ...], what: str, *, optional: int = 0
+) -> dict[str, Any]:
+    """The field map of a body array: exactly one value per name in ``names``, in order;
+    or, with ``optional``, without that many trailing names (then absent from the map).
 
     Raises :class:`MalformedError` for anything else.
     """
     if type(body) not in (tuple, list):
         raise MalformedError(f"a {what} is an array of {len(names)} fields")
     assert isinstance(body, (tuple, list))
-    if len(body) != len(names):
+    if len(body) != len(names) and len(body) != len(names) - optional:
         raise MalformedError(
             f"a {what} has {len(names)} fields ({', '.join(names)}), got {len(body)}"
         )
-    return dict(zip(names, body, strict=True))
+    return dict(zip(names, body, strict=False))
 
 
 def _facet_key(name: str, value: str) -> str:
@@ -260,9 +268,19 @@ class Capability:
     endpoint: str = ""
     #: SHA-256 of the node's TLS certificate (DER); empty exactly when ``endpoint`` is.
     tls_sha256: bytes = b""
+    #: On-demand nodes: the longest a wake-up takes, in seconds (0: always on).
+    wake_s: int = 0
+    #: Where a dispatcher sends a signed wake request (``https://``, run by the operator),
+    #: or ``""``: a pull node's long-poll is its wake-up (it answers at once).
+    wake_url: str = ""
 
     def __attrs_post_init__(self) -> None:
         _check_fields(self.__dict__, _CAPABILITY_CHECKS, "capability")
+
+    @property
+    def on_demand(self) -> bool:
+        """The node may be in standby and is woken before it builds."""
+        return self.wake_s > 0
 
     @property
     def pull_only(self) -> bool:
@@ -294,11 +312,14 @@ class Capability:
             list(self.pools),
             self.endpoint,
             self.tls_sha256,
-        ]
+        ] + ([self.wake_s, self.wake_url] if self.wake_s else [])
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields by name, as on the wire (plain values)."""
-        return dict(zip(self._FIELDS, self.to_wire(), strict=True))
+        """The fields by name, as on the wire (plain values; the on-demand ones always)."""
+        wire = self.to_wire()
+        if len(wire) < len(self._FIELDS):
+            wire += [self.wake_s, self.wake_url]
+        return dict(zip(self._FIELDS, wire, strict=True))
 
     @classmethod
     def from_wire(cls, body: object) -> Capability:
@@ -306,12 +327,13 @@ class Capability:
 
         Raises :class:`MalformedError`.
         """
-        fields = _body_fields(body, cls._FIELDS, "capability")
+        fields = _body_fields(body, cls._FIELDS, "capability", optional=2)
         fields = {name: _as_tuple(value) for name, value in fields.items()}
+        values = tuple(fields.values())
         # Values from code may be of any type (str subclasses too): the reference checks
         # them; _build's fast test is for decoded values only.
-        _check_fields(fields, _CAPABILITY_CHECKS, "capability")
-        return cls._build(tuple(fields.values()))
+        _check_fields({"wake_s": 0, "wake_url": "", **fields}, _CAPABILITY_CHECKS, "capability")
+        return cls._build(values)
 
     @classmethod
     def _build(cls, values: tuple[Any, ...]) -> Capability:
@@ -321,6 +343,8 @@ class Capability:
 
         Raises :class:`MalformedError`.
         """
+        if len(values) != 11:
+            return cls._build_on_demand(values)
         (arch, os, cpus, cpu_model, memory_mb, disk_mb, machine, build_types, pools, endpoint,
          tls_sha256) = values  # fmt: skip
         # The fast test accepts only what the reference checks accept, and tokens only when
@@ -361,8 +385,9 @@ class Capability:
         except TypeError:  # a map where a token or token list belongs (unhashable)
             fast = False
         if not fast:
-            fields = dict(zip(cls._FIELDS, values, strict=True))
-            _check_fields(fields, _CAPABILITY_CHECKS, "capability")
+            fields = dict(zip(cls._FIELDS[:11], values, strict=True))
+            _check_fields({**fields, "wake_s": 0, "wake_url": ""}, _CAPABILITY_CHECKS,
+                          "capability")
             machine_value = _MACHINES[machine]
         # Every field is checked: the frozen instance gets its attribute map in one step
         # (module docstring).
@@ -379,7 +404,22 @@ class Capability:
             "pools": pools,
             "endpoint": endpoint,
             "tls_sha256": tls_sha256,
+            "wake_s": 0,
+            "wake_url": "",
         })  # fmt: skip
+        return value
+
+    @classmethod
+    def _build_on_demand(cls, values: tuple[Any, ...]) -> Capability:
+        """The longer form (with ``wake_s`` and ``wake_url``): reference checks only (rare)."""
+        fields = dict(zip(cls._FIELDS, values, strict=True))
+        if fields["wake_s"] == 0:
+            # Written only when not the default: one record, one encoding.
+            raise MalformedError("capability: wake_s 0 is written as the shorter form")
+        _check_fields(fields, _CAPABILITY_CHECKS, "capability")
+        fields["machine"] = _MACHINES[fields["machine"]]
+        value = _new(cls)
+        _setattr(value, "__dict__", fields)
         return value
 
 
@@ -413,6 +453,17 @@ _CAPABILITY_CHECKS: _FieldChecks = (
         and len(f["tls_sha256"]) == (_TLS_SHA256_SIZE if f["endpoint"] else 0),
         "must be a 32-byte SHA-256 when an endpoint is set, else empty",
     ),
+    (
+        "wake_s",
+        lambda f: _is_count(f["wake_s"], _MAX_WAKE_S + 1),
+        f"must be an integer in [0, {_MAX_WAKE_S}]",
+    ),
+    (
+        "wake_url",
+        lambda f: _is_endpoint(f["wake_url"]) and (f["wake_s"] > 0 or f["wake_url"] == ""),
+        f"must be empty or a printable https:// URL of at most {_MAX_ENDPOINT} characters, "
+        "and empty unless wake_s is set",
+    ),
 )
 Capability._FIELDS = tuple(field.name for field in attrs.fields(Capability))
 
@@ -432,6 +483,8 @@ class Status:
     running: int
     uptime_s: int
     draining: bool = False
+    #: An on-demand node asleep (idle for its set time): it builds once woken.
+    standby: bool = False
 
     def __attrs_post_init__(self) -> None:
         _check_fields(self.__dict__, _STATUS_CHECKS, "status")
@@ -445,11 +498,12 @@ class Status:
             self.running,
             self.uptime_s,
             self.draining,
-        ]
+        ] + ([True] if self.standby else [])
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields by name, as on the wire (plain values)."""
-        return dict(zip(self._FIELDS, self.to_wire(), strict=True))
+        """The fields by name, as on the wire (plain values; ``standby`` always)."""
+        return {**dict(zip(self._FIELDS, self.to_wire(), strict=False)),
+                "standby": self.standby}
 
     @classmethod
     def from_wire(cls, body: object) -> Status:
@@ -457,11 +511,21 @@ class Status:
 
         Raises :class:`MalformedError`.
         """
-        return cls._build(tuple(_body_fields(body, cls._FIELDS, "status").values()))
+        return cls._build(
+            tuple(_body_fields(body, cls._FIELDS, "status", optional=1).values())
+        )
 
     @classmethod
     def _build(cls, values: tuple[Any, ...]) -> Status:
         """As :meth:`Capability._build`."""
+        standby = False
+        if len(values) == 7:
+            # The longer form is written only for a node in standby: one record, one
+            # encoding.
+            *rest, standby = values
+            if standby is not True:
+                raise MalformedError("status: standby is written only when true")
+            values = tuple(rest)
         load_milli, slots_total, slots_free, running, uptime_s, draining = values
         if not (
             type(draining) is bool
@@ -475,7 +539,8 @@ class Status:
             and type(uptime_s) is int
             and 0 <= uptime_s < _U63
         ):
-            _check_fields(dict(zip(cls._FIELDS, values, strict=True)), _STATUS_CHECKS, "status")
+            _check_fields(dict(zip(cls._FIELDS[:6], values, strict=True)), _STATUS_CHECKS,
+                          "status")
         value = _new(cls)
         _setattr(value, "__dict__", {
             "load_milli": load_milli,
@@ -484,6 +549,7 @@ class Status:
             "running": running,
             "uptime_s": uptime_s,
             "draining": draining,
+            "standby": standby,
         })  # fmt: skip
         return value
 
@@ -496,12 +562,16 @@ _STATUS_CHECKS: _FieldChecks = (
     ("running", lambda f: _is_count(f["running"], _MAX_SLOTS), _SLOTS_RULE),
     ("uptime_s", lambda f: _is_count(f["uptime_s"], _U63), "must be an integer in [0, 2**63)"),
     ("draining", lambda f: type(f["draining"]) is bool, "must be a boolean"),
+    ("standby", lambda f: type(f.get("standby", False)) is bool, "must be a boolean"),
     ("slots_free", lambda f: f["slots_free"] <= f["slots_total"], "cannot exceed slots_total"),
 )
 Status._FIELDS = tuple(field.name for field in attrs.fields(Status))
 
 
 Body: TypeAlias = Capability | Status
+
+#: Trailing fields written only when not at their defaults (module doc): on-demand nodes.
+_EXTRA_FIELDS = {Kind.CAPABILITY: 2, Kind.STATUS: 1}
 
 _BODY_TYPES: dict[str, type[Capability] | type[Status]] = {
     Kind.CAPABILITY: Capability,
@@ -512,8 +582,11 @@ _DOMAINS = {Kind.CAPABILITY: Domain.RECORD_CAPABILITY, Kind.STATUS: Domain.RECOR
 # Per kind, for the decoder: the body's builder, its number of fields, and the bytes that
 # precede the signed part of a record when it is verified: the domain prefix and the header
 # of a 7-element array.
-_WIRE_KINDS: dict[str, tuple[Callable[[tuple[Any, ...]], Body], int, bytes]] = {
-    kind.value: (body_type._build, len(body_type._FIELDS), _DOMAINS[kind].value + b"\x97")
+_WIRE_KINDS: dict[str, tuple[Callable[[tuple[Any, ...]], Body], int, bytes, int]] = {
+    kind.value: (
+        body_type._build, len(body_type._FIELDS), _DOMAINS[kind].value + b"\x97",
+        len(body_type._FIELDS) - _EXTRA_FIELDS[kind],
+    )
     for kind, body_type in ((Kind.CAPABILITY, Capability), (Kind.STATUS, Status))
 }
 # A canonical record ends with its signature as msgpack bin 8: 0xc4, length 64, 64 bytes.
@@ -569,7 +642,7 @@ def _envelope_error(value: tuple[Any, ...]) -> MalformedError | UnknownKindError
         return MalformedError(f"signature must be {SIGNATURE_SIZE} bytes")
     names = _BODY_TYPES[kind]._FIELDS
     try:
-        _body_fields(body, names, kind)
+        _body_fields(body, names, kind, optional=_EXTRA_FIELDS[Kind(kind)])
     except MalformedError as exc:
         return exc
     raise AssertionError("a well-formed envelope has no envelope error")
@@ -719,10 +792,10 @@ def _parse(
         and type(signature) is bytes
         and len(signature) == SIGNATURE_SIZE
         and type(body) is tuple
-        and len(body) == wire_kind[1]
+        and (len(body) == wire_kind[3] or len(body) == wire_kind[1])
     ):
         raise _envelope_error(value)
-    build, _, signed_prefix = wire_kind
+    build, _, signed_prefix, _ = wire_kind
     require_canonical_encoding(value, data)
     parsed = build(body)
     # Every field is checked above; build the frozen value in one step (module docstring).

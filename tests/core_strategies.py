@@ -48,6 +48,17 @@ endpoints = st.one_of(
     ),
 )
 
+# Most nodes are always on (the shorter wire form); on-demand ones carry a wake-up.
+wake_fields = st.one_of(
+    st.just({}),
+    st.fixed_dictionaries({
+        "wake_s": st.integers(1, 3600),
+        "wake_url": st.one_of(
+            st.just(""), st.from_regex(r"https://[a-z0-9.-]{1,30}/wake", fullmatch=True)
+        ),
+    }),
+)
+
 
 @st.composite
 def capabilities(draw: st.DrawFn) -> Capability:
@@ -64,6 +75,7 @@ def capabilities(draw: st.DrawFn) -> Capability:
         pools=draw(token_tuples),
         endpoint=endpoint,
         tls_sha256=tls,
+        **draw(wake_fields),
     )
 
 
@@ -77,6 +89,7 @@ def statuses(draw: st.DrawFn) -> Status:
         running=draw(st.integers(0, 4095)),
         uptime_s=draw(st.integers(0, 2**63 - 1)),
         draining=draw(st.booleans()),
+        standby=draw(st.booleans()),
     )
 
 

@@ -310,7 +310,7 @@ def _variants() -> list[tuple[str, int, Any]]:
         ("body as array16", 6, lambda f: b"\xdc\x00\x0b" + encode(f)[1:]),
         ("body extra field", 6, lambda f: encode([*f, 1])),
         ("body missing field", 6, lambda f: encode(f[:-1])),
-        ("body as map", 6, lambda f: encode(dict(zip(Capability._FIELDS, f, strict=True)))),
+        ("body as map", 6, lambda f: encode(dict(zip(Capability._FIELDS[:11], f, strict=True)))),
         ("body as text", 6, lambda f: _packed("x86_64")),
         ("body cpus as float", 6, _field_encoded_as("cpus", b"\xcb\x40\x20" + bytes(6))),
         ("body cpus as uint16", 6, _field_encoded_as("cpus", b"\xcd\x00\x08")),
@@ -441,14 +441,17 @@ def test_fast_capability_validation_agrees_with_the_reference(
         reference_ok = False
     else:
         reference_ok = True
+    values = tuple(fields.values())
+    if type(fields["wake_s"]) is int and fields["wake_s"] == 0 and fields["wake_url"] == "":
+        values = values[:11]  # not on demand: the shorter form, the only one written
     for _ in range(2):  # cold, then with whatever the first pass cached
         try:
-            built = Capability._build(tuple(fields.values()))
+            built = Capability._build(values)
         except MalformedError:
             assert not reference_ok
         else:
             assert reference_ok
-            assert built == Capability.from_wire(list(fields.values()))
+            assert built == Capability.from_wire(list(values))
 
 
 # -- any bytes in, a record or our own error out ----------------------------------------------
@@ -529,3 +532,40 @@ def test_decode_record_checks_exactly_as_check(
     else:
         with pytest.raises(expected):
             decode_record(record.raw, now, policy=policy, held_seq=held_seq)
+
+
+# -- on-demand fields: the shorter form unless set ---------------------------------------------
+
+
+def test_on_demand_fields_are_written_only_when_set() -> None:
+    from p2pbuild.testing import example_capability, make_identity
+
+    identity = make_identity("on-demand")
+    plain = example_capability()
+    record = SignedRecord.create(identity, plain, seq=1, issued_at=T0, lifetime=3600)
+    # The body of a node that is not on demand has the 11 fields older versions read.
+    assert len(plain.to_wire()) == 11
+    on_demand = attrs.evolve(plain, wake_s=90, wake_url="https://wake.example.org/n1")
+    assert on_demand.to_wire()[11:] == [90, "https://wake.example.org/n1"]
+    again = SignedRecord.from_bytes(
+        SignedRecord.create(identity, on_demand, seq=2, issued_at=T0, lifetime=3600).raw
+    )
+    assert again.body == on_demand and again.body.on_demand
+    assert SignedRecord.from_bytes(record.raw).body.wake_s == 0
+    asleep = Status(load_milli=0, slots_total=2, slots_free=2, running=0, uptime_s=5,
+                    standby=True)
+    assert asleep.to_wire()[6:] == [True]
+    assert len(attrs.evolve(asleep, standby=False).to_wire()) == 6
+    decoded = SignedRecord.from_bytes(
+        SignedRecord.create(identity, asleep, seq=3, issued_at=T0, lifetime=300).raw
+    )
+    assert decoded.body == asleep
+    with pytest.raises(MalformedError, match="wake_url"):
+        attrs.evolve(plain, wake_url="https://wake.example.org/")  # without wake_s
+    with pytest.raises(MalformedError, match="wake_s"):
+        attrs.evolve(plain, wake_s=3601)
+    # Only one encoding per value: the longer forms with their defaults are refused.
+    with pytest.raises(MalformedError, match="shorter form"):
+        Capability.from_wire([*plain.to_wire(), 0, ""])
+    with pytest.raises(MalformedError, match="standby is written only when true"):
+        Status.from_wire([*attrs.evolve(asleep, standby=False).to_wire(), False])
