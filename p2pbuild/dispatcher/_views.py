@@ -293,6 +293,24 @@ def difference_view(replicas: Sequence[tuple[AttemptRow, Result]], report: str) 
                                                    "sha256": item.sha256.hex()})
         if len({json.dumps(c, sort_keys=True) for c in cells}) > 1:
             files.append({"name": name, "groups": cells})
+    # Results from different buildroots never verify each other: what differs there.
+    records = [g[0][1].buildroot for g in ordered]
+    buildroots: list[dict[str, Any]] = []
+    if len({None if r is None else r.key for r in records}) > 1:
+        present = [r for r in records if r is not None]
+        for name in sorted({n for r in present for n, _ in r.repos}):
+            digests = [None if r is None else next((d.hex() for n, d in r.repos if n == name),
+                                                 None) for r in records]
+            if len(set(digests)) > 1:
+                buildroots.append({"what": f"repository {name} (repomd.xml)", "groups": digests})
+        for nevra in sorted({p.nevra for r in present for p in r.packages}):
+            digests = [None if r is None else next((p.sha256.hex() for p in r.packages
+                                                  if p.nevra == nevra), None) for r in records]
+            if len(set(digests)) > 1:
+                buildroots.append({"what": f"package {nevra}", "groups": digests})
+        if not buildroots:
+            buildroots.append({"what": "buildroot", "groups": [
+                None if r is None else r.key for r in records]})
     diffoscope = ""
     if _DIFFOSCOPE in report:
         diffoscope = report.split(_DIFFOSCOPE, 1)[1]
@@ -304,6 +322,7 @@ def difference_view(replicas: Sequence[tuple[AttemptRow, Result]], report: str) 
         ],
         "differing": files,
         "identical": [n for n in names if n not in {f["name"] for f in files}],
+        "buildroots": buildroots,
         "diffoscope": diffoscope,
         "report": report,
     }
@@ -360,6 +379,12 @@ def build_view(
                 "artifacts": _files(result.artifacts),
                 "logs": _files(result.logs),
                 "environment": result.environment_map,
+                "buildroot": None if result.buildroot is None else {
+                    "key": result.buildroot.key,
+                    "repos": [{"name": n, "repomd_sha256": d.hex()}
+                              for n, d in result.buildroot.repos],
+                    "packages": len(result.buildroot.packages),
+                },
                 "logs_available": bool(attempt.endpoint),
             }
             if attempt.state is AttemptState.SUCCEEDED:

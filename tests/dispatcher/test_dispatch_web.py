@@ -339,3 +339,40 @@ def test_rating_history_ends_at_the_current_score_and_plots_as_svg() -> None:
     assert "no observations yet" in rating_svg([])
     many = [ObservationRow(1000.0 + i, node, "success", 1.0, None) for i in range(1000)]
     assert len(rating_history(many, None, {}, DEFAULT_MODEL, points=50)) == 50
+
+
+def test_a_difference_in_buildroots_is_shown_when_the_artifacts_are_the_same() -> None:
+    from p2pbuild._jobs import (
+        BuildrootPackage,
+        BuildrootRecord,
+        BuildType,
+        FileDigest,
+        Job,
+        JobSpec,
+        Result,
+        SourceArtifact,
+        Target,
+    )
+    from p2pbuild.dispatcher._db import AttemptRow
+    from p2pbuild.dispatcher._views import difference_view
+
+    spec = JobSpec(SourceArtifact("greet-1.0-1.src.rpm", 1, bytes(32)), BuildType.RPM,
+                   Target("x86_64", "fedora-41"))
+    job = Job.create(FIXTURE.dispatchers["dispatcher-1"], spec, issued_at=1000, lifetime=600)
+    package = BuildrootPackage("gcc-14-1.x86_64", hashlib.sha256(b"gcc").digest())
+    pairs = []
+    for n, (name, repomd) in enumerate((("n1", b"a"), ("n3", b"b")), start=1):
+        root = BuildrootRecord((("fedora", hashlib.sha256(repomd).digest()),), (package,))
+        result = Result.create(
+            FIXTURE.nodes[name], job, state="succeeded", exit_code=0, started_ms=0, ended_ms=1,
+            environment={}, artifacts=[FileDigest("x.rpm", 1, hashlib.sha256(b"x").digest())],
+            logs=[], buildroot=root,
+        )
+        attempt = AttemptRow(n, "b", str(result.node), "op" + name, "", b"", "replica", "j" * 32,
+                             b"", "succeeded", "", 0.0, None, None)
+        pairs.append((attempt, result))
+    view = difference_view(pairs, "report")
+    assert view["differing"] == [] and view["identical"] == ["x.rpm"]
+    assert [b["what"] for b in view["buildroots"]] == ["repository fedora (repomd.xml)"]
+    assert view["buildroots"][0]["groups"] == [hashlib.sha256(b"a").hexdigest(),
+                                               hashlib.sha256(b"b").hexdigest()]
