@@ -56,6 +56,12 @@ class Browser:
         context.set_default_timeout(30_000)
         self.page = context.new_page()
 
+    def page_without_javascript(self) -> Any:
+        """In the browser's thread: a second page with JavaScript off."""
+        context = self._browser.new_context(ignore_https_errors=True, java_script_enabled=False)
+        context.set_default_timeout(30_000)
+        return context.new_page()
+
     def _close(self) -> None:
         if self._browser is not None:
             self._browser.close()
@@ -251,3 +257,19 @@ async def test_a_tampering_nodes_mismatch_page_shows_the_differing_file(
         listing = await b.run(lambda: (page.goto(farm.url + "/builds"),
                                        page.locator(".state-mismatch").count())[1])
         assert listing == 1
+
+        # Without JavaScript every page is whole: rendered on the server.
+        def without_javascript() -> dict[str, str]:
+            plain = b.page_without_javascript()
+            texts = {}
+            for path in ("/builds", f"/builds/{submitted['id']}", "/nodes", "/trust"):
+                plain.goto(farm.url + path)
+                texts[path] = plain.locator("main").inner_text()
+            plain.context.close()
+            return texts
+
+        texts = await b.run(without_javascript)
+        assert "hello-1.0-1" in texts["/builds"]
+        assert files[0] in texts[f"/builds/{submitted['id']}"]
+        assert "alice" in texts["/nodes"] and "mallory" in texts["/nodes"]
+        assert "version 1" in texts["/trust"]
