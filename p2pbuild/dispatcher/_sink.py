@@ -9,7 +9,8 @@ Layout of one stored build (``<nvr>`` from the source file name, e.g. ``hello-1.
         manifest.json                    build id, source, artifacts with SHA-256, nodes
 
 Atomic: everything is written into a private ``<repo>/.incoming-<build id>-<random>/``, each
-file fsynced and re-hashed against the signed digest, then the directory is renamed into place
+artifact re-hashed against the signed digest, then every file and directory fsynced (all at
+once: concurrent fsyncs share one journal commit), then the directory is renamed into place
 and the repository directory fsynced. A failed store removes its staging directory; a crash
 leaves at most an ``.incoming-*`` directory, never a half build under a visible name. If the
 build was already stored (a crash between the rename and the database update, or a store of
@@ -27,6 +28,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +75,6 @@ def _copy_verified(src: Path, dest: Path, size: int, sha256: bytes) -> None:
                 digest.update(chunk)
                 total += len(chunk)
                 fout.write(chunk)
-            fout.flush()
-            os.fsync(fout.fileno())
     except OSError as exc:
         raise SinkError(f"cannot copy {src} to the repository: {exc}") from None
     if total != size or digest.digest() != sha256:
@@ -85,8 +85,17 @@ def _write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("xb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+
+
+def _fsync_all(paths: Sequence[Path]) -> None:
+    """fsync every file, in parallel: the file system commits concurrent fsyncs together
+    (one journal commit for all), where one after the other each waits for its own."""
+    try:
+        with ThreadPoolExecutor(max_workers=min(8, len(paths) or 1)) as pool:
+            for _ in pool.map(_fsync_dir, paths):  # raises the first OSError
+                pass
+    except OSError as exc:
+        raise SinkError(f"cannot write the build to disk: {exc}") from None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -188,7 +197,9 @@ class RepositorySink:
             }
             _write(incoming / "manifest.json",
                    (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
-            _fsync_dir(incoming)
+            # Every file and directory on disk before the rename makes the build visible.
+            _fsync_all([p for p in sorted(incoming.rglob("*")) if p.is_file()])
+            _fsync_all([incoming, *(p for p in incoming.rglob("*") if p.is_dir())])
         except BaseException:
             shutil.rmtree(incoming, ignore_errors=True)
             raise
