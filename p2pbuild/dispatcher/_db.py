@@ -45,6 +45,7 @@ from typing import Any
 
 import attrs
 
+from .. import _sqlite
 from ._errors import ConfigError, UnknownBuildError
 
 __all__ = [
@@ -355,25 +356,13 @@ class HeartbeatRow:
 
 
 def connect_wal(path: Path, what: str, *, synchronous: str = "FULL") -> sqlite3.Connection:
-    """A connection to the SQLite file at ``path`` in WAL mode, rows as :class:`sqlite3.Row`,
-    autocommit (transactions are explicit), for the calling thread only.
+    """A connection to the SQLite file at ``path`` in WAL mode (``_sqlite.connect_wal``),
+    rows as :class:`sqlite3.Row`, for the calling thread only.
 
     Raises :class:`ConfigError` naming ``what`` the file should be if it is not a database,
     or if WAL cannot be enabled.
     """
-    connection = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
-    connection.row_factory = sqlite3.Row
-    try:
-        mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-    except sqlite3.DatabaseError as exc:
-        connection.close()
-        raise ConfigError(f"{path} is not {what}: {exc}") from None
-    if mode != "wal":
-        connection.close()
-        raise ConfigError(f"{path}: cannot enable WAL mode (got {mode})")
-    connection.execute(f"PRAGMA synchronous={synchronous}")
-    connection.execute("PRAGMA busy_timeout=5000")
-    return connection
+    return _sqlite.connect_wal(path, what, error=ConfigError, synchronous=synchronous)
 
 
 class Database:
@@ -403,35 +392,16 @@ class Database:
         version) or is not a database.
         """
         path = Path(path)
-        if synchronous not in ("FULL", "NORMAL", "EXTRA"):
-            raise ConfigError("synchronous must be FULL, NORMAL or EXTRA")
         connection = connect_wal(path, "a dispatcher database", synchronous=synchronous)
-        connection.execute("PRAGMA foreign_keys=ON")
-        db = cls(connection, path, synchronous=synchronous)
-        db._migrate()
-        return db
+        _sqlite.migrate(connection, MIGRATIONS, path, error=ConfigError)
+        return cls(connection, path, synchronous=synchronous)
 
     def close(self) -> None:
         self._db.close()
 
     @property
     def schema_version(self) -> int:
-        value: int = self._db.execute("PRAGMA user_version").fetchone()[0]
-        return value
-
-    def _migrate(self) -> None:
-        version = self.schema_version
-        if version > len(MIGRATIONS):
-            raise ConfigError(
-                f"{self.path} has schema version {version}; this p2pbuild knows up to "
-                f"{len(MIGRATIONS)}"
-            )
-        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            # executescript commits first; run the statements one by one inside BEGIN.
-            with self.transaction() as db:
-                for statement in _statements(script):
-                    db.execute(statement)
-                db.execute(f"PRAGMA user_version={number}")
+        return _sqlite.schema_version(self._db)
 
     @contextmanager
     def transaction(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
@@ -804,16 +774,3 @@ class Database:
         ).fetchone()
         return None if row is None else (row[0], row[1])
 
-
-def _statements(script: str) -> Iterator[str]:
-    """Split a migration script into statements (triggers contain ``;`` inside
-    ``BEGIN ... END``)."""
-    buffer = ""
-    for line in script.splitlines(keepends=True):
-        buffer += line
-        if sqlite3.complete_statement(buffer):
-            if buffer.strip():
-                yield buffer.strip()
-            buffer = ""
-    if buffer.strip():
-        yield buffer.strip()

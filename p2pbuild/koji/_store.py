@@ -36,13 +36,13 @@ from __future__ import annotations
 import enum
 import json
 import sqlite3
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import attrs
 
+from .. import _sqlite
 from ..dispatcher._db import connect_wal
 from ..dispatcher._errors import ConfigError
 
@@ -159,34 +159,15 @@ class TaskStore:
         """Open (creating and migrating as needed) the store at ``path``. Raises
         :class:`ConfigError` for a file that is not a store or is from a newer p2pbuild."""
         path = Path(path)
-        store = cls(connect_wal(path, "a koji task store"), path)
-        store._migrate()
-        return store
+        connection = connect_wal(path, "a koji task store")
+        _sqlite.migrate(connection, _MIGRATIONS, path, error=ConfigError)
+        return cls(connection, path)
 
     def close(self) -> None:
         self._db.close()
 
-    def _migrate(self) -> None:
-        version: int = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if version > len(_MIGRATIONS):
-            self._db.close()
-            raise ConfigError(f"{self.path} has schema version {version}; this p2pbuild "
-                              f"knows up to {len(_MIGRATIONS)}")
-        for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
-            with self._transaction() as db:
-                for statement in _statements(script):
-                    db.execute(statement)
-                db.execute(f"PRAGMA user_version={number}")
-
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        return _sqlite.transaction(self._db)
 
     @staticmethod
     def _event(db: sqlite3.Connection, at: float, task_id: int, event: str,
@@ -316,15 +297,3 @@ class TaskStore:
         with self._transaction() as db:
             self._event(db, now, task_id, event, **detail)
 
-
-def _statements(script: str) -> Iterator[str]:
-    """Split a migration script into statements (triggers hold ``;`` inside BEGIN/END)."""
-    buffer = ""
-    for line in script.splitlines(keepends=True):
-        buffer += line
-        if sqlite3.complete_statement(buffer):
-            if buffer.strip():
-                yield buffer.strip()
-            buffer = ""
-    if buffer.strip():
-        yield buffer.strip()

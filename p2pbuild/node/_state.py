@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import attrs
 
+from .. import _sqlite
 from .._errors import LocalError, P2PBuildError
 from .._jobs import Job, Result
 from .._replay import ReplayCache
@@ -64,6 +65,9 @@ CREATE TABLE IF NOT EXISTS files (
     PRIMARY KEY (job_id, kind, name)
 );
 """
+#: Schema versions (``PRAGMA user_version``); version 1 is written so that it also applies
+#: cleanly to a file made before the version was kept there.
+_MIGRATIONS = (_SCHEMA,)
 
 
 class StateError(LocalError):
@@ -100,12 +104,13 @@ class NodeState:
         SQLite database, and ``OSError`` if the directory is not writable.
         """
         path.parent.mkdir(parents=True, exist_ok=True)
+        db = _sqlite.connect_wal(
+            path, "a node state file", error=StateError, synchronous="NORMAL", rows=False,
+            check_same_thread=False,
+        )
         try:
-            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute("PRAGMA foreign_keys=ON")
-            db.executescript(_SCHEMA)
+            _sqlite.migrate(db, _MIGRATIONS, path, error=StateError)
+            # Files from before user_version was kept say their version in ``meta``.
             row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
             if row is None:
                 db.execute("INSERT INTO meta VALUES ('schema', ?)", (_SCHEMA_VERSION,))
@@ -113,6 +118,7 @@ class NodeState:
                 db.close()
                 raise StateError(f"{path}: schema version {row[0]}, expected {_SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
+            db.close()
             raise StateError(f"{path}: not a usable state database ({exc})") from None
         path.chmod(0o600)
         return cls(path, db)
@@ -126,15 +132,8 @@ class NodeState:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        return _sqlite.transaction(self._db)
 
     # -- meta ----------------------------------------------------------------------------------
 
