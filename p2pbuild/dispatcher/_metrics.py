@@ -46,6 +46,11 @@ OVERHEAD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0
 _PREFIX = "p2pbuild_dispatcher_"
 
 
+def _detail(text: str) -> dict[str, Any]:
+    value = json.loads(text)
+    return value if isinstance(value, dict) else {}
+
+
 @attrs.define(eq=False)
 class _AuditTally:
     """Counters folded from audit entries, one batch at a time."""
@@ -74,17 +79,18 @@ class _AuditTally:
             self._open[build_id] = (at, 0.0)
             return
         if event == "node-chosen":
-            if '"tiebreak"' in detail_text:
+            if '"tiebreak"' in detail_text and _detail(detail_text).get("role") == "tiebreak":
                 self.outcomes["tie-break"] += 1
             return
         if event == "build-running":
-            if "disagree" in detail_text and build_id not in self._disagreed:
+            reason = str(_detail(detail_text).get("reason", ""))
+            if reason.startswith("replicas disagree") and build_id not in self._disagreed:
                 self._disagreed.add(build_id)
                 self.outcomes["mismatch"] += 1
             return
         if event == "attempt-succeeded":
             accepted, longest = self._open.get(build_id, (at, 0.0))
-            duration = json.loads(detail_text).get("duration_ms", 0)
+            duration = _detail(detail_text).get("duration_ms", 0)
             if isinstance(duration, int | float):
                 longest = max(longest, duration / 1000)
             self._open[build_id] = (accepted, longest)

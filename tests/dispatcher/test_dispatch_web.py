@@ -376,3 +376,63 @@ def test_a_difference_in_buildroots_is_shown_when_the_artifacts_are_the_same() -
     assert [b["what"] for b in view["buildroots"]] == ["repository fedora (repomd.xml)"]
     assert view["buildroots"][0]["groups"] == [hashlib.sha256(b"a").hexdigest(),
                                                hashlib.sha256(b"b").hexdigest()]
+
+
+def test_metrics_count_outcomes_and_overhead_from_the_audit_trail(tmp_path: Path) -> None:
+    from p2pbuild.dispatcher._metrics import DispatcherMetrics
+
+    db = Database.open(tmp_path / "d.db", synchronous="NORMAL")
+
+    def build(build_id: str, at: float) -> None:
+        db.insert_build(BuildRow(
+            id=build_id, created_at=at, updated_at=at, user="ann", team=None,
+            state=BuildState.QUEUED, source_name="p-1-1.src.rpm", source_sha256="0" * 64,
+            source_size=1, arch="x86_64", os="fedora-41",
+        ))
+
+    build("a" * 32, 1000.0)  # replicas disagree, a tie-break decides
+    for node in ("n1", "n2"):
+        db.audit(1001.0, "node-chosen", "a" * 32, node, role="replica")
+    db.audit(1004.0, "attempt-succeeded", "a" * 32, "n1", duration_ms=2500)
+    db.audit(1005.0, "attempt-succeeded", "a" * 32, "n2", duration_ms=3000)
+    db.audit(1006.0, "build-running", "a" * 32,
+             reason="replicas disagree; tie-break on another operator")
+    db.audit(1006.5, "node-chosen", "a" * 32, "n3", role="tiebreak")
+    db.audit(1009.0, "attempt-succeeded", "a" * 32, "n3", duration_ms=2000)
+    reader = WebReader(tmp_path / "d.db")
+    metrics = DispatcherMetrics(reader, lambda: {"timed-out": 2})
+    metrics.refresh({"online": 3})
+    first = {(s.name, tuple(sorted(s.labels.items()))): s.value
+             for f in text_string_to_metric_families(metrics.render().decode())
+             for s in f.samples}
+    assert first[("p2pbuild_dispatcher_verifications_total", (("outcome", "mismatch"),))] == 1
+    assert first[("p2pbuild_dispatcher_dispatch_overhead_seconds_count", ())] == 0
+
+    db.audit(1010.0, "build-verified", "a" * 32, proof=["n1", "n3"], outliers=["n2"])
+    build("b" * 32, 2000.0)  # agreed at once
+    db.audit(2003.0, "attempt-succeeded", "b" * 32, "n1", duration_ms=1000)
+    db.audit(2003.5, "build-verified", "b" * 32, proof=["n1", "n2"], outliers=[])
+    build("c" * 32, 3000.0)
+    db.audit(3001.0, "build-failed", "c" * 32, reason="no trusted node has arch=s390x")
+    metrics.refresh()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(metrics.render().decode())
+               for s in f.samples}
+    outcome = "p2pbuild_dispatcher_verifications_total"
+    assert samples[(outcome, (("outcome", "agreed"),))] == 1
+    assert samples[(outcome, (("outcome", "mismatch"),))] == 1
+    assert samples[(outcome, (("outcome", "tie-break"),))] == 1
+    finished = "p2pbuild_dispatcher_builds_finished_total"
+    assert samples[(finished, (("state", "verified"),))] == 2
+    assert samples[(finished, (("state", "failed"),))] == 1
+    # Overheads: 10 s - 3 s (the longest build of build a) and 3.5 s - 1 s.
+    assert samples[("p2pbuild_dispatcher_dispatch_overhead_seconds_count", ())] == 2
+    assert samples[("p2pbuild_dispatcher_dispatch_overhead_seconds_sum", ())] == 9.5
+    assert samples[("p2pbuild_dispatcher_dispatch_overhead_seconds_bucket",
+                    (("le", "5.0"),))] == 1
+    assert samples[("p2pbuild_dispatcher_builds", (("state", "queued"),))] == 3  # rows as-is
+    assert samples[("p2pbuild_dispatcher_nodes", (("state", "online"),))] == 3
+    assert samples[("p2pbuild_dispatcher_node_errors_total", (("code", "timed-out"),))] == 2
+    assert ("p2pbuild_dht_lookups_total", ()) not in samples  # no DHT: no DHT families
+    reader.close()
+    db.close()
