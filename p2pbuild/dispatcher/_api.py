@@ -55,6 +55,7 @@ from ._db import BuildState
 from ._engine import BuildRequest, Engine
 from ._errors import AuthenticationError, BadRequestError, ClientError, UnknownBuildError
 from ._leases import LeaseRefusedError, UnknownLeaseError
+from ._request import buildroot_from_json
 
 __all__ = [
     "KEEPALIVE_HEADER", "KEEPALIVE_S", "REQUEST_SIGNATURE_PREFIX", "ApiAuth",
@@ -159,6 +160,15 @@ def _query_int(params: Mapping[str, str], name: str, default: int) -> int:
     return int(text)
 
 
+def _json_param(value: str | None, name: str) -> Any:
+    if value is None or value == "":
+        return None
+    try:
+        return json.loads(value)
+    except ValueError:
+        raise BadRequestError(f"{name} must be JSON") from None
+
+
 def _request_from(fields: Mapping[str, Any], name: str, sha: str, size: int, url: str) -> (
     BuildRequest
 ):
@@ -184,7 +194,7 @@ def _request_from(fields: Mapping[str, Any], name: str, sha: str, size: int, url
             raise BadRequestError("options must be a JSON object") from None
     if not isinstance(options, dict):
         raise BadRequestError("options must be an object")
-    numbers = {}
+    numbers: dict[str, Any] = {}
     for key, default in (("replicas", 2), ("min_memory_mb", 0), ("min_disk_mb", 0),
                          ("time_limit_s", 3600)):
         value = fields.get(key, default)
@@ -256,12 +266,19 @@ def make_dispatcher_app(
                 if not isinstance(size, int):
                     raise BadRequestError("size must be an integer")
                 build_request = _request_from(fields, str(name), sha.lower(), size, url)
+                buildroot_body = fields.get("buildroot")
             else:
                 params = request.query_params
                 name = params.get("name", "")
+                buildroot_body = _json_param(params.get("buildroot"), "buildroot")
                 sha, size = await _receive_source(request, engine, max_upload_bytes,
                                                   body_timeout, params.get("sha256"))
                 build_request = _request_from(dict(params), name, sha, size, "")
+            if buildroot_body is not None:
+                # Repositories given without a digest are pinned now, at submission.
+                build_request = attrs.evolve(
+                    build_request, buildroot=await buildroot_from_json(buildroot_body)
+                )
             build = engine.accept(build_request, user, team)
             return JSONResponse(build.to_json(), status_code=202)
 

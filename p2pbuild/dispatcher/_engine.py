@@ -98,7 +98,13 @@ from ._plan import (
     plan,
 )
 from ._ratings import RatingBook, Signal
-from ._request import BuildRequest, SourceStore
+from ._request import (
+    OPTIONS_BUILDROOT_KEY,
+    BuildRequest,
+    SourceStore,
+    buildroot_to_json,
+    stored_buildroot,
+)
 from ._select import (
     DEFAULT_SELECTION_POLICY,
     Candidate,
@@ -322,7 +328,12 @@ class Engine:
             replicas=request.replicas,
             min_memory_mb=request.min_memory_mb,
             min_disk_mb=request.min_disk_mb,
-            options=json.dumps(spec.options_map, sort_keys=True),
+            options=json.dumps(
+                spec.options_map if spec.buildroot is None
+                else {**spec.options_map,
+                      OPTIONS_BUILDROOT_KEY: buildroot_to_json(spec.buildroot)},
+                sort_keys=True,
+            ),
             time_limit_s=spec.time_limit_s,
             lease_id=request.lease,
         )
@@ -506,6 +517,7 @@ class Engine:
             arch=build.arch,
             os=build.os,
             build_type=BuildType(build.build_type),
+            buildroot=OPTIONS_BUILDROOT_KEY in build.options_map,
             count=choose.count,
             machine=machine,
             pool=build.pool,
@@ -583,13 +595,17 @@ class Engine:
             f"{self.config.public_url.rstrip('/')}/v1/sources/{build.source_sha256}"
             if self.config.public_url else ""
         )
+        options = build.options_map
+        buildroot = stored_buildroot(options)
+        options.pop(OPTIONS_BUILDROOT_KEY, None)
         spec = JobSpec(
             SourceArtifact(build.source_name, build.source_size,
                            bytes.fromhex(build.source_sha256), source_url),
             BuildType(build.build_type),
             Target(build.arch, build.os),
-            build.options_map,
+            options,
             build.time_limit_s,
+            buildroot,
         )
         job = Job.create(
             self.identity, spec, issued_at=int(now),
@@ -825,7 +841,8 @@ class Engine:
         with self.db.batch(durable=not client.keeps_result):
             self.db.store_result(
                 attempt, result.to_bytes(), result.state.value, final, now,
-                reason="" if final is AttemptState.SUCCEEDED else f"build {result.state.value}",
+                reason="" if final is AttemptState.SUCCEEDED else f"build {result.state.value}"
+                + (f": {why}" if (why := result.environment_map.get("reason")) else ""),
                 duration_ms=result.duration_ms, artifacts=len(result.artifacts),
             )
             if final is AttemptState.SUCCEEDED:

@@ -187,7 +187,13 @@ def plan(build: BuildRow, attempts: Sequence[Attempt], now: float, bounds: PlanB
     failed = [a for a in attempts if a.state is AttemptState.FAILED]
     failed_ops = {a.operator for a in failed}
     if len(failed_ops) >= 2:
-        states = sorted({a.result.state.value if a.result else a.state.value for a in failed})
+        # The node's signed reason when it gave one (missing-build-dependency: <name>, ...).
+        states = sorted({
+            (f"{a.result.state.value}: {a.result.environment_map['reason']}"
+             if "reason" in a.result.environment_map else a.result.state.value)
+            if a.result else a.state.value
+            for a in failed
+        })
         return Fail(
             f"the build failed on {len(failed_ops)} operators "
             f"({', '.join(sorted(failed_ops))}): {', '.join(states)}"

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +13,35 @@ import httpx
 import trio
 
 from .._errors import RemoteError
-from .._jobs import DEFAULT_ARCH, DEFAULT_OS, BuildType, JobSpec, SourceArtifact, Target
+from .._jobs import (
+    DEFAULT_ARCH,
+    DEFAULT_OS,
+    BuildrootSpec,
+    BuildType,
+    JobSpec,
+    Repository,
+    SourceArtifact,
+    Target,
+)
 from .._records import MachineType
 from ..dht import Query
 from ._errors import BadRequestError, SourceUnavailableError
 
-__all__ = ["BuildRequest", "SourceStore"]
+__all__ = [
+    "OPTIONS_BUILDROOT_KEY",
+    "BuildRequest",
+    "SourceStore",
+    "buildroot_from_json",
+    "buildroot_to_json",
+    "fetch_repomd",
+    "stored_buildroot",
+]
+
+#: A build's buildroot is kept in its stored options under this key (JSON of
+#: :func:`buildroot_to_json`); it is not a build option and never reaches a job's options.
+OPTIONS_BUILDROOT_KEY = "buildroot"
+#: Largest repomd.xml the dispatcher fetches to pin a repository.
+MAX_REPOMD_BYTES = 1 << 20
 
 
 @attrs.frozen
@@ -42,6 +65,8 @@ class BuildRequest:
     source_url: str = ""
     #: Run only on this lease's nodes (``_leases.py``); the lease gives arch/os by default.
     lease: str | None = None
+    #: The buildroot (pinned repositories and base set) an rpm build runs in.
+    buildroot: BuildrootSpec | None = None
 
     def validate(self) -> None:
         """Raises :class:`BadRequestError` for a value no build can have."""
@@ -56,6 +81,7 @@ class BuildRequest:
                 SourceArtifact(self.source_name, self.source_size,
                                bytes.fromhex(self.source_sha256)),
                 self.build_type, Target(arch, os), dict(self.options), self.time_limit_s,
+                self.buildroot,
             )
             if self.pool is not None:
                 Query(pool=self.pool)
@@ -111,3 +137,91 @@ class SourceStore:
             raise SourceUnavailableError("the fetched source does not match its SHA-256")
         await trio.Path(partial).rename(target)
         return size
+
+
+def buildroot_to_json(spec: BuildrootSpec) -> dict[str, Any]:
+    """``spec`` as plain JSON (digests in hex), as the API takes it and a build stores it."""
+    return {
+        "group": spec.group,
+        "packages": list(spec.packages),
+        "repos": [
+            {"name": r.name, "url": r.url, "repomd_sha256": r.repomd_sha256.hex()}
+            for r in spec.repos
+        ],
+    }
+
+
+async def fetch_repomd(url: str) -> bytes:
+    """``<url>/repodata/repomd.xml``, at most :data:`MAX_REPOMD_BYTES`. Raises
+    :class:`BadRequestError` when it cannot be fetched."""
+    target = f"{url.rstrip('/')}/repodata/repomd.xml"
+    body = bytearray()
+    try:
+        # Pinning is what makes the repository trustworthy later; TLS is not checked,
+        # as for every repository and source fetch in the farm.
+        async with (
+            httpx.AsyncClient(verify=False, timeout=30, trust_env=False) as client,
+            client.stream("GET", target) as response,
+        ):
+            if response.status_code != 200:
+                raise BadRequestError(f"{target} answered HTTP {response.status_code}")
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > MAX_REPOMD_BYTES:
+                    raise BadRequestError(f"{target} is over {MAX_REPOMD_BYTES} bytes")
+    except httpx.HTTPError as exc:
+        raise BadRequestError(f"cannot fetch {target}: {exc.__class__.__name__}") from None
+    return bytes(body)
+
+
+async def buildroot_from_json(
+    body: object, fetch: Callable[[str], Awaitable[bytes]] = fetch_repomd
+) -> BuildrootSpec:
+    """A client's buildroot, pinned: ``{"repos": [{"name", "url", "repomd_sha256"?}],
+    "group"?: str, "packages"?: [str]}``. A repository given without its digest is pinned
+    here, at submission, to the SHA-256 of its current ``repomd.xml`` (``fetch``). Raises
+    :class:`BadRequestError`."""
+    if not isinstance(body, dict) or not isinstance(body.get("repos"), list):
+        raise BadRequestError("buildroot must be an object with a list of repos")
+    if set(body) - {"repos", "group", "packages"}:
+        raise BadRequestError("buildroot may have only repos, group and packages")
+    repos = []
+    for item in body["repos"][:16]:
+        if not isinstance(item, dict) or set(item) - {"name", "url", "repomd_sha256"}:
+            raise BadRequestError("a buildroot repo is {name, url, repomd_sha256?}")
+        name, url, digest = item.get("name"), item.get("url"), item.get("repomd_sha256")
+        if not isinstance(name, str) or not isinstance(url, str):
+            raise BadRequestError("a buildroot repo needs a name and a url")
+        try:
+            if digest is None:
+                Repository(name, url, bytes(32))  # check the URL before fetching it
+                pinned = hashlib.sha256(await fetch(url)).digest()
+            elif isinstance(digest, str):
+                pinned = bytes.fromhex(digest)
+            else:
+                raise BadRequestError("repomd_sha256 must be hex text")
+            repos.append(Repository(name, url, pinned))
+        except (RemoteError, ValueError) as exc:
+            raise BadRequestError(f"buildroot repo {name!r:.40}: {exc}") from None
+    packages = body.get("packages", [])
+    try:
+        return BuildrootSpec(
+            tuple(repos),
+            body.get("group", ""),
+            tuple(sorted(set(packages))) if isinstance(packages, list) else packages,
+        )
+    except (RemoteError, TypeError) as exc:
+        raise BadRequestError(f"buildroot: {exc}") from None
+
+
+def stored_buildroot(options: Mapping[str, Any]) -> BuildrootSpec | None:
+    """The buildroot kept in a build's stored options, or None."""
+    body = options.get(OPTIONS_BUILDROOT_KEY)
+    if body is None:
+        return None
+    return BuildrootSpec(
+        tuple(Repository(r["name"], r["url"], bytes.fromhex(r["repomd_sha256"]))
+              for r in body["repos"]),
+        body["group"],
+        tuple(body["packages"]),
+    )

@@ -42,7 +42,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 import attrs
 
 from .._identity import PublicKey, Role
-from .._jobs import BuildType
+from .._jobs import BUILDROOT_METHODS, BuildType
 from .._records import Capability, MachineType, Status
 from .._trust import TrustEntry
 from ._errors import NoCapableNodeError
@@ -117,6 +117,9 @@ class Requirements:
     os: str
     build_type: BuildType
     count: int = 2
+    #: The build names a buildroot: only nodes offering a buildroot method
+    #: (:data:`~p2pbuild.BUILDROOT_METHODS` among their build types) can run it.
+    buildroot: bool = False
     machine: MachineType | None = None
     pool: str | None = None
     min_memory_mb: int = 0
@@ -193,6 +196,11 @@ def _filter(candidates: Sequence[Candidate], req: Requirements) -> list[Candidat
             lambda c: req.build_type.value in c.capability.build_types,
         ),
     ]
+    if req.buildroot:
+        steps.append(
+            ("buildroot", "a node that can make buildroots (rpm.dnf or rpm.mock)",
+             lambda c: bool(BUILDROOT_METHODS & set(c.capability.build_types)))
+        )
     if req.machine is not None:
         machine = req.machine
         steps.append(

@@ -22,8 +22,10 @@ from p2pbuild import (
     Repository,
     Result,
     ResultState,
+    Role,
     SourceArtifact,
     Target,
+    TrustEntry,
 )
 from p2pbuild.dispatcher._verify import (
     NeedTieBreak,
@@ -38,6 +40,7 @@ from p2pbuild.testing import (
     GREET_HEADER,
     greet_devel_rpm,
     greet_srpm,
+    make_identity,
     make_trust_list,
     publish_repository,
     serve_files,
@@ -165,3 +168,30 @@ async def test_two_operators_verify_a_build_in_a_served_buildroot(tmp_path: Path
                       Replica(BOB.public_key, "bob", bob_2, 2)])
     assert isinstance(verdict, NeedTieBreak)
     assert "ran in different buildroots" in difference_report(verdict.groups)
+
+
+def test_buildroot_jobs_go_only_to_nodes_that_can_make_buildroots() -> None:
+    import random
+
+    import attrs
+
+    from p2pbuild.dispatcher._errors import NoCapableNodeError
+    from p2pbuild.dispatcher._select import Candidate, Requirements, select_nodes
+    from p2pbuild.testing import example_capability, example_status
+
+    def candidate(name: str, operator: str, build_types: tuple[str, ...]) -> Candidate:
+        key = make_identity(name).public_key
+        capability = attrs.evolve(example_capability(), build_types=build_types)
+        return Candidate(key, capability, example_status(),
+                         TrustEntry(key, Role.NODE, operator), 0.8)
+
+    farm = [candidate("a", "alice", ("make", "rpm")), candidate("b", "bob", ("rpm", "rpm.dnf")),
+            candidate("c", "carol", ("rpm", "rpm.dnf"))]
+    need = Requirements("x86_64", "fedora-41", BuildType.RPM, count=2, buildroot=True)
+    for seed in range(20):
+        chosen = select_nodes(farm, need, random.Random(seed))
+        assert {c.operator for c in chosen} == {"bob", "carol"}
+    with pytest.raises(NoCapableNodeError, match="can make buildroots"):
+        select_nodes(farm[:1], attrs.evolve(need, count=1), random.Random(1))
+    plain = attrs.evolve(need, buildroot=False, count=3)
+    assert len(select_nodes(farm, plain, random.Random(1))) == 3
