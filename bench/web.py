@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                         trust_list=fixture.trust_list, finder=finder,
                         sink=RepositorySink(root / "repo"),
                         config=EngineConfig(state_dir=root / "state"), clock=lambda: NOW)
-        view = WebView(engine)
+        view = WebView(engine, lookup_cache_s=0.0)  # every request looks the nodes up
         app = Starlette(routes=web_routes(view))
         some_build = f"{BUILDS - 7:032x}"  # verified
         paths = {

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import html
 import json
+import urllib.parse
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -178,6 +179,10 @@ class WebView:
     sightings: NodeSightings = attrs.field(factory=NodeSightings)
     templates: jinja2.Environment = attrs.field(factory=make_templates)
     metrics: DispatcherMetrics = attrs.field(default=None)
+    #: Directory lookups of the nodes pages and the metrics are reused this long, so that
+    #: many viewers (each nodes page reloads every few seconds) cost one lookup.
+    lookup_cache_s: float = 1.0
+    _cached: tuple[float, dict[str, NodeEntry]] | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         if self.reader is None:
@@ -198,12 +203,16 @@ class WebView:
     async def entries(self) -> dict[str, NodeEntry]:
         """Every trusted node in the directory for the listed arches (one lookup each),
         by key text."""
+        now = trio.current_time()
+        if self._cached is not None and now - self._cached[0] < self.lookup_cache_s:
+            return self._cached[1]
         found: dict[str, NodeEntry] = {}
         with trio.move_on_after(self.lookup_timeout_s):
             for arch in self.list_arches:
                 for entry in await self.engine.finder.find(Query(arch=arch)):
                     found[str(entry.publisher)] = entry
         self.sightings.observe(found)
+        self._cached = (now, found)
         return found
 
     async def nodes(self) -> dict[str, Any]:
@@ -376,7 +385,7 @@ def web_routes(view: WebView) -> list[BaseRoute]:
         if Result.from_bytes(raw).log(name) is None:
             return view.not_found(request, f"no log {name[:100]}")
         return StreamingResponse(
-            _from_node(attempt, f"/v1/jobs/{attempt.job_id}/logs/{name}"),
+            _from_node(attempt, f"/v1/jobs/{attempt.job_id}/logs/{urllib.parse.quote(name)}"),
             media_type="text/plain; charset=utf-8",
         )
 
@@ -385,6 +394,8 @@ def web_routes(view: WebView) -> list[BaseRoute]:
         if found is None:
             return view.not_found(request, "no such attempt")
         build_row, attempt = found
+        if request.path_params["kind"] not in ("job", "result"):
+            return view.not_found(request, "no such file")
         if not build_row.state.terminal:
             return view.not_found(request, "signed jobs and results are shown once the build "
                                            "has ended")

@@ -156,6 +156,10 @@ async def test_pages_need_no_login_and_show_a_build_from_running_to_verified(
             assert hashlib.sha256(response.content).hexdigest() == log["sha256"]
             signed = await http.get(f"/builds/{build_id}/attempts/{a['id']}/result")
             assert hashlib.sha256(signed.content).hexdigest() == a["result"]["sha256"]
+            job = await http.get(f"/builds/{build_id}/attempts/{a['id']}/job")
+            assert hashlib.sha256(job.content).hexdigest() == a["job_sha256"]
+            other = await http.get(f"/builds/{build_id}/attempts/{a['id']}/other")
+            assert other.status_code == 404
 
         # Filters and the JSON twin of the list.
         listing = (await http.get("/v1/web/builds?state=verified&owner=alice-user")).json()
