@@ -3,7 +3,7 @@
 It writes a deployment (maintainer keys, a 2-of-3 signed trust list, a dispatcher, four
 nodes of three operators, one of them pull-mode) into a temporary directory (or ``--keep
 DIR``), starts a DHT bootstrap node, the dispatcher and the nodes as real child processes
-on loopback (``p2pbuild.testing.LocalFarm``), builds a generated C "hello" SRPM on nodes of
+on loopback (``_localfarm.LocalFarm``), builds a generated C "hello" SRPM on nodes of
 two operators, checks the stored result and its proof, and stops everything, also on an
 error or Ctrl-C.
 """
@@ -26,8 +26,9 @@ from .._errors import LocalError, P2PBuildError
 from .._identity import Role
 from .._jobs import Job, Result
 from .._trust import accept_update
-from ..testing import LocalFarm, NodeSpec, hello_srpm, open_local_farm
 from ._client import Client, follow_build, post_source
+from ._localfarm import LocalFarm, NodeSpec, open_local_farm
+from ._packages import hello_srpm
 
 __all__ = ["register"]
 

@@ -11,11 +11,9 @@ when the daemon is not running.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -28,8 +26,8 @@ from .._errors import LocalError, MalformedError, RemoteError
 from .._identity import Identity, Role
 from ..https import CertificatePinError, generate_tls_material, load_tls_material, pinned_client
 from ..node._config import ConfigError, load_config, parse_host_port, render_config
-from ..node._daemon import NodeDaemon, load_trust_file, run_node
-from ..node._service import JobRunner
+from ..node._daemon import load_trust_file
+from ..node._serve import serve_node
 from ..node._state import NodeState
 from ._startup import explain_bind_failure
 
@@ -184,43 +182,8 @@ def _run(args: argparse.Namespace) -> int:
     if config.api.enabled:
         listens.append(("[api] bind", "tcp", *config.api.bind))
     with explain_bind_failure(args.config, listens):
-        status: int = trio.run(_serve, config)
+        status: int = trio.run(serve_node, config)
     return status
-
-
-async def _serve(config: Any, runner: JobRunner | None = None) -> int:
-    """Run the daemon, print its start line, forward signals; ``runner`` replaces the
-    sandboxed executor (``p2pbuild.testing.tampering_node`` uses this)."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
-            daemon: NodeDaemon = await nursery.start(
-                functools.partial(run_node, config, runner=runner)
-            )
-            print(json.dumps({
-                "node": str(daemon.public_key),
-                "fingerprint": daemon.public_key.fingerprint,
-                "endpoint": daemon.endpoint or None,
-                "api_port": daemon.api_port,
-                "dht": list(daemon.directory.address),
-                "arch": daemon.detected.arch,
-                "os": daemon.detected.os,
-                "machine": daemon.detected.machine.value,
-                "build_types": list(daemon.detected.build_types),
-            }), flush=True)
-            nursery.start_soon(_forward_signals, signals, daemon)
-            await daemon.wait_stopped()
-            nursery.cancel_scope.cancel()
-    return 0
-
-
-async def _forward_signals(signals: Any, daemon: NodeDaemon) -> None:
-    async for signum in signals:
-        urgent = daemon.shutdown_requested
-        logging.getLogger("p2pbuild.node").info(
-            "%s: %s", signal.Signals(signum).name,
-            "handing back running jobs now" if urgent else "draining",
-        )  # fmt: skip
-        daemon.request_shutdown(urgent=urgent)
 
 
 # -- status -------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ from ._sandbox import Sandbox
 from ._service import JobFilter, JobRunner, JobService
 from ._state import NodeState
 
-__all__ = ["NodeDaemon", "load_trust_file", "run_node"]
+__all__ = ["NodeDaemon", "executor_limits", "load_trust_file", "run_node"]
 
 _log = logging.getLogger("p2pbuild.node")
 # Seconds after start before the first republish (see ``_status_loop``).
@@ -263,13 +263,7 @@ class NodeDaemon:
         _log.info("node %s stopped", self.public_key.fingerprint)
 
     def _limits(self) -> Limits:
-        limits = self.config.limits
-        return Limits(
-            time_limit=float(limits.time_limit_s),
-            max_output_bytes=limits.max_output_mb * 1024 * 1024,
-            max_disk_bytes=limits.max_disk_mb * 1024 * 1024,
-            max_source_bytes=limits.max_source_mb * 1024 * 1024,
-        )
+        return executor_limits(self.config)
 
     async def _check_sandbox(self, detected: Detected) -> Detected:
         if not detected.build_types:
@@ -496,3 +490,13 @@ async def run_node(
     daemon = NodeDaemon(config, runner=runner, probe=probe, clock=clock)
     await daemon.run(task_status=task_status)
 
+
+def executor_limits(config: NodeConfig) -> Limits:
+    """The sandboxed executor's bounds from the config's ``[limits]``."""
+    limits = config.limits
+    return Limits(
+        time_limit=float(limits.time_limit_s),
+        max_output_bytes=limits.max_output_mb * 1024 * 1024,
+        max_disk_bytes=limits.max_disk_mb * 1024 * 1024,
+        max_source_bytes=limits.max_source_mb * 1024 * 1024,
+    )

@@ -2,6 +2,15 @@
 network, a cluster builder, and sans-IO drivers of DHT cores. Our own tests use these; so can
 yours."""
 
+from .._cli._localfarm import FarmError, LocalFarm, NodeSpec, open_local_farm
+from .._cli._packages import (
+    FIXED_EPOCH,
+    SourcePackage,
+    hello_srpm,
+    hello_tarball,
+    write_srpm,
+    write_tarball,
+)
 from ._cluster import CLUSTER_EPOCH, Cluster, open_cluster
 from ._keys import (
     TrustFixture,
@@ -10,22 +19,15 @@ from ._keys import (
     make_identity,
     make_trust_list,
 )
-from ._localfarm import FarmError, LocalFarm, NodeSpec, open_local_farm
 from ._network import MemoryEndpoint, MemoryNetwork, open_memory_network
 from ._nodes import node_config, open_node_daemons, serve_files
 from ._packages import (
-    FIXED_EPOCH,
-    SourcePackage,
     disk_filler_tarball,
-    hello_srpm,
-    hello_tarball,
     network_probe_command,
     network_probe_srpm,
     network_probe_tarball,
     output_flood_tarball,
     sleeper_tarball,
-    write_srpm,
-    write_tarball,
 )
 from ._repos import (
     GREET_HEADER,

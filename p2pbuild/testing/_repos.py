@@ -21,7 +21,7 @@ from xml.sax.saxutils import escape
 
 import attrs
 
-from ._packages import FIXED_EPOCH, SourcePackage, write_srpm
+from .._cli._packages import FIXED_EPOCH, SourcePackage, write_srpm
 
 __all__ = [
     "GREET_HEADER",

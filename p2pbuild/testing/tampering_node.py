@@ -25,9 +25,10 @@ import trio
 
 from .._errors import P2PBuildError
 from .._jobs import FileDigest, Job, ResultState
-from ..node._config import NodeConfig, load_config
-from ..node._executor import Limits
+from ..node._config import load_config
+from ..node._daemon import executor_limits
 from ..node._runner import ExecutorRunner
+from ..node._serve import serve_node
 from ..node._service import JobRunner, LocalFile, LogSink, RunReport
 
 __all__ = ["TamperingRunner", "main"]
@@ -64,22 +65,9 @@ class TamperingRunner:
         return attrs.evolve(report, artifacts=tuple(artifacts))
 
 
-def _limits(config: NodeConfig) -> Limits:
-    limits = config.limits
-    mb = 1024 * 1024
-    return Limits(
-        time_limit=float(limits.time_limit_s),
-        max_output_bytes=limits.max_output_mb * mb,
-        max_disk_bytes=limits.max_disk_mb * mb,
-        max_source_bytes=limits.max_source_mb * mb,
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a tampering node from a ``node.toml``; prints the same start line as
     ``p2pbuild node run`` and stops on SIGTERM or SIGINT."""
-    from .._cli._node import _serve
-
     parser = argparse.ArgumentParser(
         prog="python -m p2pbuild.testing.tampering_node",
         description="TEST ONLY: a real node daemon that flips a byte in every RPM it builds.",
@@ -95,7 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         config = load_config(args.config)
-        return trio.run(_serve, config, TamperingRunner(ExecutorRunner(_limits(config))))
+        return trio.run(
+            serve_node, config, TamperingRunner(ExecutorRunner(executor_limits(config)))
+        )
     except P2PBuildError as exc:
         print(f"tampering_node: error: {exc}", file=sys.stderr)
         return 1
