@@ -11,6 +11,8 @@ Endpoints (``docs/node-api.md`` has the details)::
     DELETE /v1/jobs/{id}                     cancel a running job; forget a finished one
                                              (only on an order signed by the job's dispatcher)
     GET    /v1/status                        the node's key and the service's statistics
+    POST   /v1/wake                          an on-demand node: a dispatcher's signed wake
+                                             request (``p2pbuild._wake``) -> 202
     GET    /metrics                          Prometheus text format (``_metrics.py``)
 
 ``DELETE`` needs ``Authorization: P2PBuild-Control <base64url JobControl>``: an order signed by
@@ -62,6 +64,7 @@ from .._jobs import MAX_JOB_CONTROL_SIZE, MAX_JOB_SIZE, JobControl, JobControlAc
 from ..https import TlsMaterial
 from ._metrics import CONTENT_TYPE as METRICS_TYPE
 from ._metrics import NodeMetrics
+from ._ondemand import OnDemand
 from ._service import (
     JobRunningError,
     JobService,
@@ -245,8 +248,11 @@ def _read_small(path: Path, size: int) -> bytes | None:
     return data if len(data) == size else None
 
 
-def make_app(service: JobService, config: NodeApiConfig) -> Starlette:
-    """The ASGI app over ``service``. Refusals are JSON; see the module doc."""
+def make_app(
+    service: JobService, config: NodeApiConfig, on_demand: OnDemand | None = None
+) -> Starlette:
+    """The ASGI app over ``service`` (and ``POST /v1/wake`` for an on-demand node).
+    Refusals are JSON; see the module doc."""
 
     async def submit(request: Request) -> Response:
         try:
@@ -343,7 +349,27 @@ def make_app(service: JobService, config: NodeApiConfig) -> Starlette:
         body = service.statistics().to_json()
         body["node"] = str(service.identity.public_key)
         body["free_slots"] = service.free_slots
+        if on_demand is not None:
+            body["standby"] = on_demand.standby
         return JSONResponse(body)
+
+    async def wake(request: Request) -> Response:
+        # A dispatcher's signed wake request (p2pbuild._wake): refused unless fresh, for
+        # this node, by a trusted dispatcher and not seen before.
+        if on_demand is None:
+            return JSONResponse({"error": "not-on-demand", "reason": "this node is always on"},
+                                status_code=404)
+        try:
+            data = await read_body(request, 1024, config.body_timeout)
+            on_demand.accept(data, service.clock())
+        except (OversizeError, RequestTimeoutError) as exc:
+            return _refusal(exc)
+        except RemoteError as exc:
+            return _refusal(exc, 403 if isinstance(exc, ForbiddenError) else None)
+        except ClientDisconnect:
+            return Response(status_code=400)
+        await on_demand.wake("wake request")
+        return JSONResponse({"standby": on_demand.standby}, status_code=202)
 
     node_metrics = NodeMetrics(service.statistics)
 
@@ -360,6 +386,7 @@ def make_app(service: JobService, config: NodeApiConfig) -> Starlette:
         Route("/v1/jobs/{job_id}/logs/{name:path}", file_endpoint("logs")),
         Route("/v1/jobs/{job_id}/log", live_log, methods=["GET"]),
         Route("/v1/status", node_status, methods=["GET"]),
+        Route("/v1/wake", wake, methods=["POST"]),
     ]
     return Starlette(routes=routes)
 
@@ -386,9 +413,11 @@ async def serve_node_api(
     config: NodeApiConfig,
     service: JobService,
     *,
+    on_demand: OnDemand | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run ``service`` and serve its HTTPS API until cancelled.
+    """Run ``service`` and serve its HTTPS API until cancelled (with ``on_demand``, also
+    its standby watch and ``POST /v1/wake``).
 
     Calls ``task_status.started(port)`` with the bound TCP port once listening. Raises
     :class:`OSError` if the address cannot be bound; errors of single connections never
@@ -396,7 +425,9 @@ async def serve_node_api(
     """
     async with trio.open_nursery() as nursery:
         await nursery.start(service.run)
-        port = await nursery.start(serve_app, make_app(service, config), config)
+        if on_demand is not None:
+            await nursery.start(on_demand.run, lambda: service.statistics().running)
+        port = await nursery.start(serve_app, make_app(service, config, on_demand), config)
         task_status.started(port)
 
 

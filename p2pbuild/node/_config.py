@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import shlex
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,6 +37,7 @@ import attrs
 from .._errors import LocalError, MalformedError
 from .._identity import PublicKey
 from .._records import _TOKEN, MachineType
+from ._ondemand import OnDemandConfig
 
 __all__ = [
     "ApiConfig",
@@ -177,6 +179,8 @@ class NodeConfig:
     keep_s: int = 7 * 24 * 3600
     max_finished: int = 256
     grace_s: float = 300.0
+    #: ``[on_demand]``: sleep when idle, woken by dispatchers (``_ondemand.py``).
+    on_demand: OnDemandConfig | None = None
     #: Where the file was read from (for messages), if it was.
     source: Path | None = None
 
@@ -493,6 +497,7 @@ def parse_config(
     shutdown = root.table("shutdown")
     grace_s = shutdown.number("grace_s", 300.0, 0.0, bounds.max_grace_s)
     shutdown.done()
+    on_demand = _on_demand(root.table("on_demand")) if root.has("on_demand") else None
     root.done()
 
     return NodeConfig(
@@ -513,8 +518,27 @@ def parse_config(
         keep_s=keep_s,
         max_finished=max_finished,
         grace_s=grace_s,
+        on_demand=on_demand,
         source=source,
     )
+
+
+def _on_demand(table: _Reader) -> OnDemandConfig:
+    """``[on_demand] idle_s, wake_s, wake_url, hook`` (``docs/node-operations.md``)."""
+    idle_s = table.number("idle_s", 600.0, 1.0, 7 * 24 * 3600.0)
+    wake_s = table.integer("wake_s", 120, 1, 3600)
+    wake_url = table.text("wake_url", "")
+    if wake_url and (not wake_url.startswith("https://") or len(wake_url) > 200):
+        raise table.fail("wake_url", "must be an https:// URL of at most 200 characters")
+    hook_text = table.text("hook", "")
+    try:
+        hook = tuple(shlex.split(hook_text))
+    except ValueError as exc:
+        raise table.fail("hook", f"cannot be split into words: {exc}") from None
+    if hook and not Path(hook[0]).is_absolute():
+        raise table.fail("hook", "must start with an absolute path")
+    table.done()
+    return OnDemandConfig(idle_s=idle_s, wake_s=wake_s, wake_url=wake_url, hook=hook)
 
 
 def load_config(

@@ -34,6 +34,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import attrs
 import trio
@@ -51,6 +52,7 @@ from ._config import ConfigError, NodeConfig
 from ._detect import Detected, HostProbe, apply_overrides, detect
 from ._errors import BuildEnvironmentError
 from ._executor import Limits
+from ._ondemand import OnDemand
 from ._pull import PullClient
 from ._runner import ExecutorRunner
 from ._sandbox import Sandbox
@@ -130,6 +132,8 @@ class NodeDaemon:
     capability_record: SignedRecord | None = attrs.field(default=None, init=False)
     status_record: SignedRecord | None = attrs.field(default=None, init=False)
     pull_clients: list[PullClient] = attrs.field(factory=list, init=False)
+    #: The standby state of an on-demand node (``[on_demand]``), else None.
+    on_demand: OnDemand | None = attrs.field(default=None, init=False)
     _state: NodeState | None = attrs.field(default=None, init=False)
     _started_at: float = attrs.field(default=0.0, init=False)
     _shutdown: trio.Event = attrs.field(factory=trio.Event, init=False)
@@ -320,14 +324,27 @@ class NodeDaemon:
 
     async def _start_services(self, nursery: trio.Nursery) -> None:
         config = self.config
+        if config.on_demand is not None:
+            self.on_demand = OnDemand(
+                config.on_demand, self.identity.public_key, self.trust_list, self.clock,
+                on_change=self._publish,
+            )
         if config.api.enabled:
             assert self.tls is not None
             host, port = config.api.bind
             api = NodeApiConfig(tls=self.tls, host=host or "0.0.0.0", port=port)
-            self.api_port = await nursery.start(serve_node_api, api, self.service)
+            self.api_port = await nursery.start(
+                lambda task_status: serve_node_api(
+                    api, self.service, on_demand=self.on_demand, task_status=task_status
+                )
+            )
             self.endpoint = _endpoint(config, self.api_port)
         else:
             await nursery.start(self.service.run)
+            if self.on_demand is not None:
+                await nursery.start(
+                    self.on_demand.run, lambda: self.service.statistics().running
+                )
         self.pull_clients = [
             PullClient(
                 dispatcher,
@@ -360,7 +377,18 @@ class NodeDaemon:
             pools=self.config.pools,
             endpoint=self.endpoint,
             tls_sha256=self.tls.sha256 if self.tls is not None and self.endpoint else b"",
+            **self._wake_fields(),
         )
+
+    def _wake_fields(self) -> dict[str, Any]:
+        """An on-demand node's wake-up in its capability: its declared wake time, and where
+        dispatchers send wake requests (by default its own ``/v1/wake``; a pull node's
+        long-poll needs none)."""
+        on_demand = self.config.on_demand
+        if on_demand is None:
+            return {}
+        url = on_demand.wake_url or (f"{self.endpoint}/v1/wake" if self.endpoint else "")
+        return {"wake_s": on_demand.wake_s, "wake_url": url}
 
     def _status(self) -> Status:
         stats = self.service.statistics()
@@ -371,6 +399,7 @@ class NodeDaemon:
             running=stats.running,
             uptime_s=max(0, int(self.clock() - self._started_at)),
             draining=stats.draining,
+            standby=self.on_demand is not None and self.on_demand.standby,
         )
 
     def _sign(self, body: Capability | Status, lifetime: int) -> SignedRecord:

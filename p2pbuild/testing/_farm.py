@@ -14,7 +14,7 @@ Used by the dispatcher's tests, its benchmark and the demo::
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import attrs
@@ -26,6 +26,7 @@ from .._trust import TrustList
 from ..dht import NodeEntry
 from ..https import TlsMaterial, generate_tls_material
 from ..node._api import NodeApiConfig, serve_node_api
+from ..node._ondemand import OnDemand, OnDemandConfig
 from ..node._service import JobRunner, JobService
 
 __all__ = ["FarmNode", "node_entry", "start_push_node"]
@@ -68,16 +69,23 @@ class FarmNode:
     build_types: tuple[str, ...] = ("make", "rpm")
     uptime_s: int = 3600
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    #: An on-demand node's standby state (its wake URL is its own ``/v1/wake``).
+    on_demand: OnDemand | None = None
 
     @property
     def url(self) -> str:
         return f"https://127.0.0.1:{self.port}"
 
     def capability(self) -> Capability:
+        wake_s, wake_url = 0, ""
+        if self.on_demand is not None:
+            wake_s = self.on_demand.config.wake_s
+            wake_url = self.on_demand.config.wake_url or f"{self.url}/v1/wake"
         return Capability(
             arch=self.arch, os=self.os, cpus=4, cpu_model="test cpu", memory_mb=8192,
             disk_mb=50_000, machine=self.machine, build_types=self.build_types,
             pools=tuple(sorted(self.pools)), endpoint=self.url, tls_sha256=self.tls.sha256,
+            wake_s=wake_s, wake_url=wake_url,
         )
 
     def status(self) -> Status:
@@ -85,6 +93,7 @@ class FarmNode:
         return Status(
             load_milli=0, slots_total=stats.slots, slots_free=max(stats.slots - stats.running, 0),
             running=stats.running, uptime_s=self.uptime_s, draining=stats.draining,
+            standby=self.on_demand is not None and self.on_demand.standby,
         )
 
     def entry(self, trust_list: TrustList | None = None, *, seq: int = 1) -> NodeEntry:
@@ -101,11 +110,12 @@ async def _run(
     config: NodeApiConfig,
     service: JobService,
     scope: trio.CancelScope,
+    on_demand: OnDemand | None = None,
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     with scope:
-        await serve_node_api(config, service, task_status=task_status)
+        await serve_node_api(config, service, on_demand=on_demand, task_status=task_status)
 
 
 async def start_push_node(
@@ -120,13 +130,30 @@ async def start_push_node(
     os: str = "fedora-41",
     machine: MachineType = MachineType.VM,
     pools: Sequence[str] = (),
+    on_demand: OnDemandConfig | None = None,
+    on_change: Callable[[FarmNode], None] | None = None,
 ) -> FarmNode:
-    """Start a node's job service and HTTPS API on a free loopback port in ``nursery``."""
+    """Start a node's job service and HTTPS API on a free loopback port in ``nursery``.
+
+    With ``on_demand`` the node sleeps when idle and serves ``POST /v1/wake``; each change
+    of its standby state calls ``on_change(node)`` (to republish it, e.g. in a finder).
+    """
     (directory / "tls").mkdir(parents=True)
     tls = generate_tls_material(directory / "tls")
     service = JobService(identity, trust_list, runner, directory / "work", slots=slots)
     scope = trio.CancelScope()
-    port = await nursery.start(_run, NodeApiConfig(tls=tls), service, scope)
-    return FarmNode(
-        identity, service, runner, tls, port, arch, os, machine, tuple(pools), scope=scope
+    standby = None
+    node: FarmNode | None = None
+    if on_demand is not None:
+
+        async def changed() -> None:
+            if on_change is not None and node is not None:
+                on_change(node)
+
+        standby = OnDemand(on_demand, identity.public_key, trust_list, on_change=changed)
+    port = await nursery.start(_run, NodeApiConfig(tls=tls), service, scope, standby)
+    node = FarmNode(
+        identity, service, runner, tls, port, arch, os, machine, tuple(pools), scope=scope,
+        on_demand=standby,
     )
+    return node
