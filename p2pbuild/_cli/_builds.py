@@ -226,7 +226,10 @@ def _builds_cancel(args: argparse.Namespace) -> int:
 
 def _node_state(node: dict[str, Any]) -> str:
     leases = node.get("leases") or []
-    return f"leased ({len(leases)})" if leases else "-"
+    states = [f"leased ({len(leases)})"] if leases else []
+    if node.get("standby"):
+        states.append("standby")
+    return ", ".join(states) or "-"
 
 
 def _nodes_ls(args: argparse.Namespace) -> int:

@@ -380,6 +380,8 @@ async def node_table(engine: Engine, arches: Sequence[str]) -> list[dict[str, An
                 "arch": cap.arch, "os": cap.os, "machine": cap.machine.value,
                 "pools": list(cap.pools), "endpoint": cap.endpoint or "(pull)",
                 "in_directory": True,
+                "on_demand": cap.on_demand,
+                "standby": entry.status is not None and entry.status.standby,
             }
     active = engine.db.active_attempts_by_node()
     leased = {str(k): v for k, v in engine.leases.held_by(now).items()}

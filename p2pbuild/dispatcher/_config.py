@@ -104,6 +104,9 @@ class DispatcherConfig:
     #: ``[leases]``: quotas on slots users hold, and who sees and returns every lease.
     lease_quotas: Quotas = attrs.field(factory=Quotas)
     lease_admins: tuple[str, ...] = ()
+    #: ``[on_demand]``: on-demand nodes to keep awake per pool, and how often to tell them.
+    keep_awake: Mapping[str, int] = attrs.field(factory=dict)
+    keep_awake_interval_s: float = 60.0
     #: ``[api] keepalive_s``: a followed event stream's keep-alive interval.
     keepalive_s: float = 15.0
 
@@ -158,7 +161,7 @@ def _refuse_unknown(table: Mapping[str, Any], allowed: set[str], where: str) -> 
 _ENGINE_KEYS = {
     "follow_interval_s", "unreachable_after_s", "submit_tries", "backoff_base_s",
     "backoff_max_s", "node_retry_base_s", "max_attempts", "max_tiebreaks", "no_node_wait_s",
-    "job_margin_s", "heartbeat_interval_s", "node_timeout_s",
+    "job_margin_s", "heartbeat_interval_s", "node_timeout_s", "wake_poll_s",
 }
 
 
@@ -176,7 +179,10 @@ def load_config(path: Path) -> DispatcherConfig:
         p = Path(value).expanduser()
         return p if p.is_absolute() else base / p
 
-    known = {"dispatcher", "api", "dht", "clients", "pools", "engine", "koji", "pull", "leases"}
+    known = {
+        "dispatcher", "api", "dht", "clients", "pools", "engine", "koji", "pull", "leases",
+        "on_demand",
+    }
     for key in document:
         if key not in known:
             raise ConfigError(f"{path}: unknown section [{key}]")
@@ -260,8 +266,29 @@ def load_config(path: Path) -> DispatcherConfig:
         pull_lease_s=lease_s,
         pull_heartbeat_s=heartbeat_s,
         **_leases_section(document, path),
+        **_on_demand_section(document, path),
         keepalive_s=keepalive_s,
     )
+
+
+def _on_demand_section(document: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    """``[on_demand] keep_awake = {pool = n}, interval_s``: each named pool keeps ``n`` of
+    its on-demand nodes awake (pre-allocated); the others may sleep."""
+    table = _get(document, "on_demand", dict, str(path), {})
+    w = f"{path} [on_demand]"
+    for key in table:
+        if key not in ("keep_awake", "interval_s"):
+            raise ConfigError(f"{w}: unknown key {key}")
+    keep = _get(table, "keep_awake", dict, w, {})
+    for pool, count in keep.items():
+        if not _TOKEN.fullmatch(pool) or not isinstance(count, int) or isinstance(
+            count, bool
+        ) or not 0 <= count <= 1000:
+            raise ConfigError(f"{w}: keep_awake: {pool} = a number of nodes (0 to 1000)")
+    interval = _get(table, "interval_s", float, w, 60.0)
+    if not 1.0 <= interval <= 3600.0:
+        raise ConfigError(f"{w}: interval_s must be 1 to 3600 seconds")
+    return {"keep_awake": dict(keep), "keep_awake_interval_s": interval}
 
 
 def _leases_section(document: Mapping[str, Any], path: Path) -> dict[str, Any]:

@@ -111,6 +111,7 @@ from ._select import (
     Platform,
     Requirements,
     SelectionPolicy,
+    asleep,
     select_nodes,
 )
 from ._sink import ProofItem, RepositorySink
@@ -121,6 +122,7 @@ from ._verify import (
     difference_report,
     diffoscope_report,
 )
+from ._waking import wake_nodes
 
 __all__ = [
     "BuildRequest",
@@ -170,6 +172,9 @@ class EngineConfig:
     #: Record a node's heartbeat at most this often.
     heartbeat_interval_s: float = 60.0
     node_timeout_s: float = 30.0
+    #: While waking an on-demand node through its operator's service: how often to look
+    #: for its status out of standby in the directory.
+    wake_poll_s: float = 1.0
 
 
 @attrs.frozen
@@ -217,6 +222,8 @@ class Engine:
     _changed: trio.Event = attrs.field(factory=trio.Event, init=False)
     _errors: Counter[str] = attrs.field(factory=Counter, init=False)
     _beats: dict[str, float] = attrs.field(factory=dict, init=False)
+    #: Node key -> until when: on-demand nodes that did not wake within their wake time.
+    _wake_failed: dict[str, float] = attrs.field(factory=dict, init=False)
     #: Parsed signed results of ended attempts, by build id and attempt id.
     _results: dict[str, dict[int, Result]] = attrs.field(factory=dict, init=False)
 
@@ -525,7 +532,8 @@ class Engine:
             min_disk_mb=build.min_disk_mb,
             team=build.team,
             dedicated_pools=self.config.dedicated_pools,
-            exclude_nodes=frozenset(PublicKey.from_text(k) for k in choose.exclude_nodes),
+            exclude_nodes=frozenset(PublicKey.from_text(k) for k in choose.exclude_nodes)
+            | self._not_waking(now),
             exclude_operators=choose.exclude_operators,
             affinity=affinity,
             lease_nodes=lease_nodes,
@@ -541,6 +549,20 @@ class Engine:
                 self.db.audit(now, "no-node-yet", build.id, constraint=exc.constraint,
                               reason=str(exc))
             return outcome
+        sleeping = [c for c in chosen if asleep(c) and c.capability.wake_url]
+        if sleeping:
+            # On-demand nodes in standby: wake them first (their wake time at most).
+            late = await wake_nodes(
+                self.identity, self.finder, sleeping, self.clock,
+                lambda at, event, node, **detail: self.db.audit(at, event, build.id, node,
+                                                                 **detail),
+                poll_s=self.config.wake_poll_s,
+            )
+            if late:
+                until = self.clock() + self.config.backoff_max_s
+                for candidate in late:
+                    self._wake_failed[str(candidate.key)] = until
+                return Wait(self.clock(), "a node did not wake in time; choosing again")
         with self.db.batch():  # the chosen attempts in one commit
             for candidate in chosen:
                 if candidate.capability.pull_only and not self.connector.pull_available:
@@ -554,6 +576,12 @@ class Engine:
     def candidates(self, entries: list[NodeEntry]) -> list[Candidate]:
         """Selection's view of directory entries: trust entry, rating, our jobs on each."""
         return self._candidates(entries)
+
+    def _not_waking(self, now: float) -> frozenset[PublicKey]:
+        """Nodes that did not wake in time lately: not chosen again for a while."""
+        for key in [k for k, until in self._wake_failed.items() if until <= now]:
+            del self._wake_failed[key]
+        return frozenset(PublicKey.from_text(k) for k in self._wake_failed)
 
     def leases_changed(self) -> None:
         """Slots were freed (a lease ended): builds waiting for a node look again now."""

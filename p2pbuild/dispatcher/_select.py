@@ -29,6 +29,10 @@ and keeps the less loaded one (power of two choices: load spreads, the top node 
 hammered, and every machine of similar quality works). Each pick removes the picked node's
 operator, so replicas land on different operators.
 
+On-demand nodes in standby stay candidates, but each pick prefers an awake node with a free
+slot, then a sleeping one (the engine wakes it), then an awake one that is full: a node is
+woken when work matches only sleeping nodes or the always-on capacity is full.
+
 Platform affinity: when the user's previous builds ran on a machine type (vm or metal) and
 the request leaves it open, nodes of that type are preferred as long as enough operators
 offer it; otherwise affinity is dropped silently (it is a preference, not a constraint).
@@ -52,6 +56,7 @@ __all__ = [
     "Platform",
     "Requirements",
     "SelectionPolicy",
+    "asleep",
     "eligible",
     "select_nodes",
 ]
@@ -305,8 +310,36 @@ def select_nodes(
         if len(_operators(preferred)) >= req.count:
             remaining = preferred
     chosen: list[Candidate] = []
+    if any(asleep(c) for c in remaining):
+        return _choose_waking_last(remaining, req.count, rng, policy)
     while len(chosen) < req.count:
         pick = _power_of_two(remaining, rng, policy)
+        chosen.append(pick)
+        remaining = [c for c in remaining if c.operator != pick.operator]
+    return chosen
+
+
+def asleep(c: Candidate) -> bool:
+    """An on-demand node in standby: it builds once woken."""
+    return c.status is not None and c.status.standby
+
+
+def _choose_waking_last(
+    remaining: list[Candidate], count: int, rng: random.Random, policy: SelectionPolicy
+) -> list[Candidate]:
+    """With nodes in standby among the candidates, each pick takes from the first of:
+    awake nodes with a free slot; nodes in standby (to be woken); the rest (awake but full).
+    So a sleeping node is woken only when the work matches no awake node with room, or the
+    always-on capacity is full."""
+    chosen: list[Candidate] = []
+    while len(chosen) < count:
+        tiers = (
+            [c for c in remaining if not asleep(c) and c.load < 1.0],
+            [c for c in remaining if asleep(c)],
+            [c for c in remaining if not asleep(c) and c.load >= 1.0],
+        )
+        tier = next(t for t in tiers if t)
+        pick = _power_of_two(tier, rng, policy)
         chosen.append(pick)
         remaining = [c for c in remaining if c.operator != pick.operator]
     return chosen

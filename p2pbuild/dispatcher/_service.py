@@ -30,6 +30,7 @@ from ._leasing import LeaseService, lease_routes, load_leases
 from ._nodes import DirectoryFinder, NodeConnector, NodeFinder
 from ._pull import PullQueue, pull_routes
 from ._sink import RepositorySink
+from ._waking import KeepAwake
 from ._web import WebView, web_routes
 
 __all__ = ["RunningDispatcher", "load_identity_and_trust", "run_dispatcher"]
@@ -143,6 +144,10 @@ async def run_dispatcher(
             engine.config = attrs.evolve(engine.config, public_url=f"https://{host}:{port}")
         await nursery.start(engine.run)
         await nursery.start(leases.run)
+        if config.keep_awake:
+            keep = KeepAwake(identity, finder, config.keep_awake, clock,
+                             config.keep_awake_interval_s)
+            await nursery.start(keep.run)
         koji_host = None
         if config.koji is not None:
             # Imported here: p2pbuild.koji builds on this package (and needs the koji client).
