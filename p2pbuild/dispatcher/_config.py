@@ -101,9 +101,8 @@ class DispatcherConfig:
     #: ``[pull]``: a pull node's lease on a taken job, and how often it is told to renew it.
     pull_lease_s: float = 60.0
     pull_heartbeat_s: float = 15.0
-    #: ``[leases]``: quotas on slots users hold, and who sees and returns every lease.
+    #: ``[leases]``: quotas on the slots users hold.
     lease_quotas: Quotas = attrs.field(factory=Quotas)
-    lease_admins: tuple[str, ...] = ()
     #: ``[on_demand]``: on-demand nodes to keep awake per pool, and how often to tell them.
     keep_awake: Mapping[str, int] = attrs.field(factory=dict)
     keep_awake_interval_s: float = 60.0
@@ -292,10 +291,10 @@ def _on_demand_section(document: Mapping[str, Any], path: Path) -> dict[str, Any
 
 
 def _leases_section(document: Mapping[str, Any], path: Path) -> dict[str, Any]:
-    """``[leases] max_slots_per_user, max_slots_per_team, max_duration_s, admins``."""
+    """``[leases] max_slots_per_user, max_slots_per_team, max_duration_s``."""
     table = _get(document, "leases", dict, str(path), {})
     w = f"{path} [leases]"
-    known = {"max_slots_per_user", "max_slots_per_team", "max_duration_s", "admins"}
+    known = {"max_slots_per_user", "max_slots_per_team", "max_duration_s"}
     for key in table:
         if key not in known:
             raise ConfigError(f"{w}: unknown key {key}")
@@ -305,10 +304,7 @@ def _leases_section(document: Mapping[str, Any], path: Path) -> dict[str, Any]:
             numbers[key] = _get(table, key, int, w)
             if numbers[key] < 1:
                 raise ConfigError(f"{w}: {key} must be a positive integer")
-    admins = _get(table, "admins", list, w, [])
-    if not all(isinstance(a, str) and a for a in admins):
-        raise ConfigError(f"{w}: admins must be a list of user names")
-    return {"lease_quotas": Quotas(**numbers), "lease_admins": tuple(admins)}
+    return {"lease_quotas": Quotas(**numbers)}
 
 
 def _pull_section(document: Mapping[str, Any], path: Path) -> tuple[float, float]:

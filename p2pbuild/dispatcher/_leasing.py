@@ -53,6 +53,7 @@ from ._leases import (
 )
 
 if TYPE_CHECKING:
+    from ._access import Caller
     from ._api import ApiAuth
     from ._engine import Engine
 
@@ -151,12 +152,12 @@ def lease_events(db: Database, lease_id: str) -> list[dict[str, Any]]:
 class LeaseService:
     """Grants, extends, returns and expires leases for the API, persisted and audited.
 
-    ``admins`` are users who see and may return every lease. Start :meth:`run` in the
+    Admins (``role = "admin"`` clients, trust-list maintainers: ``_access.py``) see and may
+    return every lease. Start :meth:`run` in the
     dispatcher's nursery: it ends leases when their time is up.
     """
 
     engine: Engine
-    admins: frozenset[str] = frozenset()
     _changed: trio.Event = attrs.field(factory=trio.Event, init=False)
 
     @property
@@ -165,9 +166,6 @@ class LeaseService:
 
     def _clock(self) -> float:
         return self.engine.clock()
-
-    def is_admin(self, user: str) -> bool:
-        return user in self.admins
 
     async def request(self, request: LeaseRequest, user: str, team: str | None) -> Lease:
         """Grant ``request`` for ``user`` or raise :class:`LeaseRefusedError` (audited
@@ -204,11 +202,11 @@ class LeaseService:
         self._poke()
         return lease
 
-    def done(self, lease_id: str, user: str) -> Lease:
-        """Return a lease (its user's, or any for an admin). Raises
+    def done(self, lease_id: str, user: str, *, admin: bool = False) -> Lease:
+        """Return a lease (its user's, or any for an ``admin``). Raises
         :class:`UnknownLeaseError`, :class:`LeaseRefusedError`."""
         now = self._clock()
-        lease = self.engine.leases.done(lease_id, user, now, admin=self.is_admin(user))
+        lease = self.engine.leases.done(lease_id, user, now, admin=admin)
         update_lease(self.db, lease, "lease-done", now, by=user)
         self._poke()
         self.engine.leases_changed()
@@ -316,13 +314,13 @@ def parse_lease_request(fields: Any) -> LeaseRequest:
 def lease_routes(service: LeaseService, auth: ApiAuth) -> list[Route]:
     """The lease endpoints of the module doc, for the dispatcher's Starlette app."""
 
-    async def guarded(request: Request, handler: Callable[[str, str | None], Any]) -> Response:
+    async def guarded(request: Request, handler: Callable[[Caller], Any]) -> Response:
         path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         try:
             caller = auth.authenticate(
                 request.method, path, request.headers.get("authorization")
             )
-            response: Response = await handler(caller.user, caller.team)
+            response: Response = await handler(caller)
             return response
         except RemoteError as exc:
             return _refuse(exc)
@@ -344,18 +342,20 @@ def lease_routes(service: LeaseService, auth: ApiAuth) -> list[Route]:
         return service.engine.clock()
 
     async def create(request: Request) -> Response:
-        async def handler(user: str, team: str | None) -> Response:
-            lease = await service.request(parse_lease_request(await body(request)), user, team)
+        async def handler(caller: Caller) -> Response:
+            lease = await service.request(
+                parse_lease_request(await body(request)), caller.user, caller.team
+            )
             return JSONResponse(lease.to_json(now()), status_code=201)
 
         return await guarded(request, handler)
 
     async def listing(request: Request) -> Response:
-        async def handler(user: str, team: str | None) -> Response:
-            everyone = service.is_admin(user)
+        async def handler(caller: Caller) -> Response:
+            everyone = caller.admin
             active_only = request.query_params.get("active") in ("1", "true", "yes")
             leases = service.engine.leases.leases(
-                user=None if everyone else user, include_ended=not active_only
+                user=None if everyone else caller.user, include_ended=not active_only
             )
             t = now()
             if active_only:
@@ -365,15 +365,15 @@ def lease_routes(service: LeaseService, auth: ApiAuth) -> list[Route]:
 
         return await guarded(request, handler)
 
-    def _visible(lease_id: str, user: str) -> Lease:
+    def _visible(lease_id: str, caller: Caller) -> Lease:
         lease = service.engine.leases.get(lease_id)
-        if lease.user != user and not service.is_admin(user):
+        if lease.user != caller.user and not caller.admin:
             raise UnknownLeaseError(f"no lease {lease_id[:40]}")
         return lease
 
     async def show(request: Request) -> Response:
-        async def handler(user: str, team: str | None) -> Response:
-            lease = _visible(request.path_params["lease_id"], user)
+        async def handler(caller: Caller) -> Response:
+            lease = _visible(request.path_params["lease_id"], caller)
             result = lease.to_json(now())
             result["events"] = lease_events(service.db, lease.id)
             return JSONResponse(result)
@@ -381,18 +381,21 @@ def lease_routes(service: LeaseService, auth: ApiAuth) -> list[Route]:
         return await guarded(request, handler)
 
     async def extend(request: Request) -> Response:
-        async def handler(user: str, team: str | None) -> Response:
+        async def handler(caller: Caller) -> Response:
             fields = await body(request)
             if not isinstance(fields, dict):
                 raise BadRequestError("body must be a JSON object")
-            lease = service.extend(request.path_params["lease_id"], user, _int(fields, "by_s"))
+            lease = service.extend(
+                request.path_params["lease_id"], caller.user, _int(fields, "by_s")
+            )
             return JSONResponse(lease.to_json(now()))
 
         return await guarded(request, handler)
 
     async def done(request: Request) -> Response:
-        async def handler(user: str, team: str | None) -> Response:
-            lease = service.done(request.path_params["lease_id"], user)
+        async def handler(caller: Caller) -> Response:
+            lease = service.done(request.path_params["lease_id"], caller.user,
+                                 admin=caller.admin)
             return JSONResponse(lease.to_json(now()))
 
         return await guarded(request, handler)

@@ -124,9 +124,7 @@ async def run_dispatcher(
             leases=_lease_book(db, config),
         )
         auth = ApiAuth(config.clients, trust_list, clock)
-        # Admins of the API ([[clients]] role = "admin") are lease admins too.
-        admins = frozenset(config.lease_admins) | {c.user for c in config.clients if c.admin}
-        leases = LeaseService(engine, admins)
+        leases = LeaseService(engine)
         app = make_dispatcher_app(
             engine, auth, max_upload_bytes=config.max_upload_bytes,
             list_arches=config.list_arches,

@@ -41,11 +41,12 @@ def write_config(tmp: Path, leases: dict[str, Any] | None = None) -> Path:
         "dispatcher": {"key": "dispatcher.key", "trust_list": "trust-list.bin"},
         "api": {"port": 0},
         "clients": [
-            {"user": user, "team": "team-a", "token_sha256": hash_token(token)}
+            {"user": user, "team": "team-a", "token_sha256": hash_token(token),
+             **({"role": "admin"} if user == "root" else {})}
             for user, token in USERS.items()
         ],
         "engine": {"follow_interval_s": 2, "backoff_base_s": 0.05, "node_retry_base_s": 0.2},
-        "leases": {"admins": ["root"], **(leases or {})},
+        "leases": leases or {},
     }
     path = tmp / "dispatcher.toml"
     path.write_text(tomli_w.dumps(config))

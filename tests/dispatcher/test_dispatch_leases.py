@@ -10,7 +10,8 @@ import attrs
 import pytest
 
 from p2pbuild import BuildType, MachineType, Role, Status, TrustEntry
-from p2pbuild.dispatcher._db import MIGRATIONS, Database, _statements
+from p2pbuild._sqlite import statements as _statements
+from p2pbuild.dispatcher._db import MIGRATIONS, Database
 from p2pbuild.dispatcher._errors import NoCapableNodeError
 from p2pbuild.dispatcher._leases import (
     LeaseBook,
