@@ -45,7 +45,16 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _stats import latency_summary
 
-from p2pbuild import BuildType, FileDigest, Job, JobSpec, Result, SourceArtifact, Target
+from p2pbuild import (
+    BuildType,
+    FileDigest,
+    Job,
+    JobSpec,
+    Result,
+    ResultState,
+    SourceArtifact,
+    Target,
+)
 from p2pbuild.https import fetch_pinned_file, generate_tls_material, pinned_client
 from p2pbuild.node import JobService, NodeApiConfig, NodeState, serve_node_api
 from p2pbuild.node._service import JobFilter, LocalFile, LogSink, RunReport
@@ -76,7 +85,7 @@ class RecordingRunner:
         if self.artifact_path is not None:
             digest = await trio.to_thread.run_sync(_file_digest, self.artifact_path)
             artifacts = (LocalFile(digest, self.artifact_path),)
-        return RunReport("succeeded", 0, {}, artifacts=artifacts)  # type: ignore[arg-type]
+        return RunReport(ResultState.SUCCEEDED, 0, {}, artifacts=artifacts)
 
 
 def _file_digest(path: Path) -> FileDigest:
