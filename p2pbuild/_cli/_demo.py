@@ -5,7 +5,9 @@ nodes of three operators, one of them pull-mode) into a temporary directory (or 
 DIR``), starts a DHT bootstrap node, the dispatcher and the nodes as real child processes
 on loopback (``_localfarm.LocalFarm``), builds a generated C "hello" SRPM on nodes of
 two operators, checks the stored result and its proof, and stops everything, also on an
-error or Ctrl-C.
+error or Ctrl-C. The SRPM's ``BuildRequires: p2pbuild-greet-devel`` exists only in a small
+RPM repository the demo makes (rpmbuild + createrepo_c) and serves over HTTPS: each node
+builds in a buildroot made from it.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from .._trust import accept_update
 from ._client import Client, follow_build, post_source
 from ._localfarm import LocalFarm, NodeSpec, open_local_farm
 from ._packages import hello_srpm
+from ._repos import GREET_HEADER, greet_devel_rpm, publish_repository, serve_files
 
 __all__ = ["register"]
 
@@ -106,11 +109,15 @@ async def _run(root: Path, started: float) -> dict[str, Any]:
     farm = LocalFarm.create(root, _NODES)
     _trust_root(farm)
     try:
-        source = hello_srpm(root / "sources")
+        source = hello_srpm(root / "sources", devel=True)
+        devel = greet_devel_rpm(root / "rpms", greeting="hello from p2pbuild")
+        repo = publish_repository(root / "www" / "repo", [devel])
     except (OSError, subprocess.CalledProcessError) as exc:
-        raise LocalError(f"cannot generate the demo's SRPM with rpmbuild: {exc}") from None
+        raise LocalError(f"cannot generate the demo's SRPM and repository: {exc}") from None
     try:
-        async with open_local_farm(farm):
+        async with open_local_farm(farm), trio.open_nursery() as nursery:
+            repo_base, _ = await nursery.start(serve_files, root / "www", root / "repo-tls")
+            repo_url = f"{repo_base}/repo/"
             _section("2. Start the farm: every part is a separate process, as in a deployment")
 
             def show(name: str, line: dict[str, Any]) -> None:
@@ -128,7 +135,10 @@ async def _run(root: Path, started: float) -> dict[str, Any]:
             await farm.start_all(progress=show)
             print(f"  {clock.stamp()} the dispatcher finds all {len(_NODES)} nodes in the DHT "
                   "(signed capability and status records, trust list checked)")
-            summary = await _build(farm, source.path, clock)
+            print(f"  {clock.stamp()} RPM repository {repo_url} (HTTPS, loopback): "
+                  f"{devel.name} only, made with rpmbuild + createrepo_c")
+            summary = await _build(farm, source.path, clock, repo_url, repo.repomd_sha256)
+            nursery.cancel_scope.cancel()
     except httpx.HTTPError as exc:
         raise LocalError(f"talking to the dispatcher failed: {exc!r:.200}") from None
     commands = [" ".join(farm.command(name)[2:])
@@ -201,17 +211,28 @@ def _event_line(farm: LocalFarm, event: dict[str, Any]) -> str | None:
     return f"{name}" + (f": {reason}" if reason else "")
 
 
-async def _build(farm: LocalFarm, source: Path, clock: _Clock) -> dict[str, Any]:
+async def _build(
+    farm: LocalFarm, source: Path, clock: _Clock, repo_url: str, repomd_sha256: bytes
+) -> dict[str, Any]:
     _section("3. Build a real package: submitted like `p2pbuild submit --wait`")
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
     print(f"  source {source.name} (a C hello program, SHA-256 {digest[:16]}…), target "
           f"{farm.arch}/{farm.os}, 2 replicas on nodes of different operators")
+    present = "has" if Path(GREET_HEADER).exists() else "does not have"
+    print(f"  BuildRequires: gcc (the node's host base), p2pbuild-greet-devel (only in the "
+          f"repository; this host {present} {GREET_HEADER})")
     client = Client(farm.url, farm.dispatcher_pin, farm.token)
-    params = {"name": source.name, "build_type": "rpm", "replicas": "2"}
+    buildroot = {"repos": [{"name": "demo", "url": repo_url}]}
+    params = {"name": source.name, "build_type": "rpm", "replicas": "2",
+              "buildroot": json.dumps(buildroot)}
     async with client.http() as http:
         build = await post_source(http, client, source, params)
         build_id = build["id"]
-        print(f"  {clock.stamp()} accepted as build {build_id}")
+        pinned = build["options"]["buildroot"]["repos"][0]["repomd_sha256"]
+        if pinned != repomd_sha256.hex():
+            raise LocalError("the dispatcher pinned another repository snapshot")
+        print(f"  {clock.stamp()} accepted as build {build_id}; the dispatcher pinned the "
+              f"repository: repomd.xml SHA-256 {pinned[:16]}… (in every signed job)")
         with trio.fail_after(90):
             async for kind, value in follow_build(http, client, build_id):
                 if kind == "build":
@@ -245,15 +266,25 @@ def _result(farm: LocalFarm, build: dict[str, Any]) -> dict[str, Any]:
         if named != digests:
             raise LocalError(f"{entry['result']} does not name the stored artifacts")
         operator = farm.trust_list.require(result.node, Role.NODE).operator
+        if result.buildroot is None:
+            raise LocalError(f"{entry['result']} lists no buildroot")
+        env = result.environment_map
+        packages = ", ".join(p.nevra for p in result.buildroot.packages)
+        step = (f"cache {env.get('buildroot_cache', '?')}, set up in "
+                f"{int(env.get('buildroot_setup_ms', '0')) / 1000:.1f}s; "
+                f"{len(result.buildroot.packages)} packages installed: {packages}")
         verified_by.append({"operator": operator, "node": farm.node_name(result.node),
+                            "buildroot": step,
                             "fingerprint": result.node.fingerprint, "key": str(result.node),
                             "job": str(stored / entry["job"]),
                             "result": str(stored / entry["result"])})
     if len({v["operator"] for v in verified_by}) < 2:
         raise LocalError("the proof does not hold two operators")
-    print("  verified by two operators, bit for bit:")
+    print("  verified by two operators, bit for bit, in the same buildroot:")
     for v in verified_by:
         print(f"    {v['operator']:<6} node {v['node']:<11} {v['fingerprint']}")
+    for v in verified_by:
+        print(f"  buildroot of {v['node']}: {v['buildroot']}")
     print(f"  stored in    {stored}/")
     artifacts = []
     for name, sha in sorted(digests.items()):

@@ -155,15 +155,40 @@ _HELLO_C = '#include <stdio.h>\nint main(void) { puts("hello from p2pbuild"); re
 _HELLO_SH = '#!/bin/sh\necho "hello from p2pbuild"\n'
 
 
+_HELLO_DEVEL_C = (
+    "#include <stdio.h>\n#include <p2pbuild-greet.h>\n"
+    "int main(void) { puts(GREETING); return 0; }\n"
+)
+
+
 def hello_srpm(
-    dest_dir: Path, *, noarch: bool = False, build_seconds: float = 0, release: str = "1"
+    dest_dir: Path,
+    *,
+    noarch: bool = False,
+    build_seconds: float = 0,
+    release: str = "1",
+    devel: bool = False,
 ) -> SourcePackage:
     """A "hello" SRPM: a compiled C program (``hello``, built for the node's arch, needs a
     C compiler), or with ``noarch`` a shell script (``hello-noarch``).
 
     ``build_seconds`` makes ``%build`` sleep that long first (a build slow enough to
-    interrupt in the middle); ``release`` tells such variants apart by file name.
+    interrupt in the middle); ``release`` tells such variants apart by file name. With
+    ``devel`` the C program takes its greeting from ``<p2pbuild-greet.h>`` and says
+    ``BuildRequires: gcc, p2pbuild-greet-devel``: it builds only in a buildroot with that
+    package (``_repos.greet_devel_rpm``).
     """
+    if devel:
+        return write_srpm(
+            dest_dir,
+            name="hello",
+            sources={"hello.c": _HELLO_DEVEL_C},
+            build="%{__cc} %{optflags} -o hello hello.c\n./hello",
+            install="install -D -m 0755 hello %{buildroot}/usr/bin/hello",
+            files=["/usr/bin/hello"],
+            release=release,
+            build_requires=("gcc", "p2pbuild-greet-devel"),
+        )
     pause = f"sleep {build_seconds:g}\n" if build_seconds > 0 else ""
     if noarch:
         return write_srpm(

@@ -87,10 +87,17 @@ def _clean_environment(env: Mapping[str, str]) -> dict[str, str]:
 
 
 def _report(outcome: BuildOutcome) -> RunReport:
+    environment = dict(outcome.environment)
+    step = outcome.buildroot_step
+    if step is not None:
+        # Facts about this node's run, not part of what verification compares.
+        environment["buildroot_cache"] = "hit" if step.cache_hit else "miss"
+        setup = step.metadata_s + step.download_s + step.install_s
+        environment["buildroot_setup_ms"] = str(int(setup * 1000))
     return RunReport(
         state=ResultState(outcome.state.value),
         exit_code=outcome.exit_status,
-        environment=_clean_environment(outcome.environment),
+        environment=_clean_environment(environment),
         artifacts=_local_files(outcome.artifacts),
         logs=_local_files(outcome.logs),
         buildroot=outcome.buildroot,

@@ -11,6 +11,13 @@ from .._cli._packages import (
     write_srpm,
     write_tarball,
 )
+from .._cli._repos import (
+    GREET_HEADER,
+    PublishedRepo,
+    greet_devel_rpm,
+    publish_repository,
+    write_rpm,
+)
 from ._cluster import CLUSTER_EPOCH, Cluster, open_cluster
 from ._keys import (
     TrustFixture,
@@ -20,7 +27,7 @@ from ._keys import (
     make_trust_list,
 )
 from ._network import MemoryEndpoint, MemoryNetwork, open_memory_network
-from ._nodes import node_config, open_node_daemons, serve_files
+from ._nodes import node_config, open_node_daemons, serve_files  # serve_files: _cli._repos
 from ._packages import (
     disk_filler_tarball,
     network_probe_command,
@@ -29,14 +36,7 @@ from ._packages import (
     output_flood_tarball,
     sleeper_tarball,
 )
-from ._repos import (
-    GREET_HEADER,
-    PublishedRepo,
-    greet_devel_rpm,
-    greet_srpm,
-    publish_repository,
-    write_rpm,
-)
+from ._repos import greet_srpm
 from ._runner import InstantRunner
 from ._sansio import (
     HOP,

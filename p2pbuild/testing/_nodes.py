@@ -16,14 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from starlette.applications import Starlette
-from starlette.routing import Mount
-from starlette.staticfiles import StaticFiles
 
+from .._cli._repos import serve_files
 from .._identity import Identity
 from .._trust import TrustList
-from ..https import TlsMaterial, generate_tls_material
-from ..node._api import NodeApiConfig, serve_app
+from ..https import generate_tls_material
 from ..node._config import NodeConfig, parse_config
 from ..node._daemon import NodeDaemon, run_node
 from ..node._service import JobRunner
@@ -116,19 +113,3 @@ async def _run(
     task_status: trio.TaskStatus[NodeDaemon] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     await run_node(config, runner=runner, task_status=task_status)
-
-
-async def serve_files(
-    directory: Path,
-    tls_dir: Path,
-    *,
-    task_status: trio.TaskStatus[tuple[str, TlsMaterial]] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve the files in ``directory`` over HTTPS on ``127.0.0.1`` (a fresh self-signed
-    certificate in ``tls_dir``) until cancelled; ``started((base_url, tls))``."""
-    tls_dir.mkdir(parents=True, exist_ok=True)
-    tls = generate_tls_material(tls_dir, "localhost")
-    app = Starlette(routes=[Mount("/", StaticFiles(directory=directory))])
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(serve_app, app, NodeApiConfig(tls=tls))
-        task_status.started((f"https://127.0.0.1:{port}", tls))
