@@ -29,7 +29,8 @@ from ._errors import (
     UnknownBuildError,
 )
 from ._nodes import DirectoryFinder, NodeConnector, NodeFinder, PushNodeClient, StaticFinder
-from ._pull import PullQueue, pull_routes, serve_pull
+from ._pull import PullQueue
+from ._pull_routes import pull_routes, serve_pull
 from ._ratings import NodeRating, RatingBook, RatingModel
 from ._select import Candidate, Platform, Requirements, select_nodes
 from ._service import RunningDispatcher, run_dispatcher

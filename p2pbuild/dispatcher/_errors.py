@@ -25,6 +25,8 @@ __all__ = [
     "ClientError",
     "ConfigError",
     "DispatcherError",
+    "JobWithdrawnError",
+    "LeaseExpiredError",
     "NoCapableNodeError",
     "NodeBusyError",
     "NodeError",
@@ -32,9 +34,11 @@ __all__ = [
     "NodeTimeoutError",
     "NodeUnreachableError",
     "NodeVanishedError",
+    "ResultMissingError",
     "SinkError",
     "SourceUnavailableError",
     "UnknownBuildError",
+    "UnknownPullJobError",
 ]
 
 
@@ -115,6 +119,14 @@ class ArtifactDigestError(NodeError):
     code = "artifact-digest-mismatch"
 
 
+class LeaseExpiredError(NodeError):
+    """A pull node took the job and then did not renew its lease in time: the node is lost
+    (killed, powered off, cut off). For the engine this is a node that stopped answering;
+    for the node, a late request about the job is refused with this code."""
+
+    code = "lease-expired"
+
+
 # -- clients (remote) --------------------------------------------------------------------------
 
 
@@ -142,6 +154,29 @@ class SourceUnavailableError(ClientError):
     """A build's source URL could not be fetched, or did not match its SHA-256."""
 
     code = "source-unavailable"
+
+
+# -- pull-mode nodes asking about their jobs (remote) -------------------------------------
+
+
+class UnknownPullJobError(ClientError):
+    """No job with that id was taken by the asking node (never offered, or taken by another
+    node)."""
+
+    code = "unknown-job"
+
+
+class ResultMissingError(ClientError):
+    """A file upload before the signed result that names it."""
+
+    code = "no-result-yet"
+
+
+class JobWithdrawnError(ClientError):
+    """The dispatcher withdrew the job (its build was cancelled, verified without it, or
+    gave up on it): the node should stop building it and upload nothing."""
+
+    code = "withdrawn"
 
 
 # -- local ---------------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ from ._errors import ConfigError
 from ._leases import LeaseBook
 from ._leasing import LeaseService, lease_routes, load_leases
 from ._nodes import DirectoryFinder, NodeConnector, NodeFinder
-from ._pull import PullQueue, pull_routes
+from ._pull import PullQueue
+from ._pull_routes import pull_routes
 from ._sink import RepositorySink
 from ._waking import KeepAwake
 from ._web import WebView, web_routes

@@ -35,8 +35,8 @@ from p2pbuild.dispatcher._pull import (
     LeaseProgress,
     PullQueue,
     UnknownPullJobError,
-    serve_pull,
 )
+from p2pbuild.dispatcher._pull_routes import serve_pull
 from p2pbuild.https import generate_tls_material, pinned_client
 from p2pbuild.node._pull import auth_header
 from p2pbuild.testing import make_trust_list

@@ -34,8 +34,8 @@ from p2pbuild.dispatcher._pull import (
     LeaseProgress,
     PullQueue,
     UnknownPullJobError,
-    make_pull_app,
 )
+from p2pbuild.dispatcher._pull_routes import make_pull_app
 from p2pbuild.node._pull import auth_header
 from p2pbuild.testing import make_trust_list
 

@@ -23,7 +23,8 @@ from p2pbuild import (
     Target,
 )
 from p2pbuild.dispatcher._errors import NodeRefusedError
-from p2pbuild.dispatcher._pull import PullQueue, serve_pull
+from p2pbuild.dispatcher._pull import PullQueue
+from p2pbuild.dispatcher._pull_routes import serve_pull
 from p2pbuild.https import TlsMaterial, generate_tls_material, pinned_client
 from p2pbuild.node._pull import auth_header
 from p2pbuild.testing import hello_tarball, make_identity, make_trust_list

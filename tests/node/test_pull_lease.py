@@ -14,7 +14,8 @@ import pytest
 import trio
 
 from p2pbuild import BuildType, Job, JobSpec, ResultState, SourceArtifact, Target
-from p2pbuild.dispatcher._pull import PullQueue, serve_pull
+from p2pbuild.dispatcher._pull import PullQueue
+from p2pbuild.dispatcher._pull_routes import serve_pull
 from p2pbuild.https import generate_tls_material
 from p2pbuild.node._pull import MIN_HEARTBEAT_S, PullClient
 from p2pbuild.testing import make_trust_list
