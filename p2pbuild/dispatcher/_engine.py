@@ -56,11 +56,8 @@ from .._jobs import (
     DEFAULT_OS,
     BuildType,
     Job,
-    JobSpec,
     Result,
     ResultState,
-    SourceArtifact,
-    Target,
 )
 from .._records import MachineType
 from .._trust import TrustList
@@ -103,7 +100,7 @@ from ._request import (
     BuildRequest,
     SourceStore,
     buildroot_to_json,
-    stored_buildroot,
+    stored_job_spec,
 )
 from ._select import (
     DEFAULT_SELECTION_POLICY,
@@ -117,10 +114,9 @@ from ._select import (
 from ._sink import ProofItem, RepositorySink
 from ._verify import (
     NeedTieBreak,
-    Replica,
     Verified,
     difference_report,
-    diffoscope_report,
+    with_diffoscope,
 )
 from ._waking import wake_nodes
 
@@ -481,7 +477,9 @@ class Engine:
         report = difference_report(disagreement.groups)
         if build.report == report:
             return
-        report = await self._with_diffoscope(report, disagreement.groups, build)
+        report = await with_diffoscope(
+            report, disagreement.groups, lambda attempt: self._work_dir(build.id, attempt)
+        )
         self.db.set_build_state(
             build.id, BuildState.RUNNING, self.clock(),
             reason="replicas disagree; tie-break on another operator", report=report,
@@ -623,20 +621,8 @@ class Engine:
             f"{self.config.public_url.rstrip('/')}/v1/sources/{build.source_sha256}"
             if self.config.public_url else ""
         )
-        options = build.options_map
-        buildroot = stored_buildroot(options)
-        options.pop(OPTIONS_BUILDROOT_KEY, None)
-        spec = JobSpec(
-            SourceArtifact(build.source_name, build.source_size,
-                           bytes.fromhex(build.source_sha256), source_url),
-            BuildType(build.build_type),
-            Target(build.arch, build.os),
-            options,
-            build.time_limit_s,
-            buildroot,
-        )
         job = Job.create(
-            self.identity, spec, issued_at=int(now),
+            self.identity, stored_job_spec(build, source_url), issued_at=int(now),
             lifetime=build.time_limit_s + self.config.job_margin_s, node=candidate.key,
         )
         capability = candidate.capability
@@ -739,21 +725,6 @@ class Engine:
     async def _write_report(self, build_id: str, report: str) -> None:
         path = trio.Path(self.config.state_dir / "reports" / f"{build_id}.txt")
         await path.write_text(report)
-
-    async def _with_diffoscope(
-        self, report: str, groups: tuple[tuple[Replica, ...], ...], build: BuildRow
-    ) -> str:
-        first, second = groups[0][0], groups[1][0]
-        for item in first.result.artifacts:
-            other = second.result.artifact(item.name)
-            if other is not None and other.sha256 != item.sha256:
-                left = self._work_dir(build.id, first.attempt) / item.name
-                right = self._work_dir(build.id, second.attempt) / item.name
-                text = await diffoscope_report(left, right)
-                if text:
-                    return f"{report}\ndiffoscope {item.name}:\n{text}"
-                break
-        return report
 
     async def _finish_attempts(
         self, build: BuildRow, attempts: list[AttemptRow], tasks: dict[int, trio.CancelScope],

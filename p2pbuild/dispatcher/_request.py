@@ -25,6 +25,7 @@ from .._jobs import (
 )
 from .._records import MachineType
 from ..dht import Query
+from ._db import BuildRow
 from ._errors import BadRequestError, SourceUnavailableError
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "buildroot_to_json",
     "fetch_repomd",
     "stored_buildroot",
+    "stored_job_spec",
 ]
 
 #: A build's buildroot is kept in its stored options under this key (JSON of
@@ -224,4 +226,21 @@ def stored_buildroot(options: Mapping[str, Any]) -> BuildrootSpec | None:
               for r in body["repos"]),
         body["group"],
         tuple(body["packages"]),
+    )
+
+
+def stored_job_spec(build: BuildRow, source_url: str) -> JobSpec:
+    """The job spec of an accepted build (as :meth:`BuildRequest.job_spec` made it, kept in
+    the database), with ``source_url`` where its node fetches the source."""
+    options = build.options_map
+    buildroot = stored_buildroot(options)
+    options.pop(OPTIONS_BUILDROOT_KEY, None)
+    return JobSpec(
+        SourceArtifact(build.source_name, build.source_size,
+                       bytes.fromhex(build.source_sha256), source_url),
+        BuildType(build.build_type),
+        Target(build.arch, build.os),
+        options,
+        build.time_limit_s,
+        buildroot,
     )

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import attrs
@@ -42,8 +42,9 @@ __all__ = [
     "Verified",
     "artifact_key",
     "assess",
-    "diffoscope_report",
     "difference_report",
+    "diffoscope_report",
+    "with_diffoscope",
 ]
 
 
@@ -215,3 +216,22 @@ async def diffoscope_report(
         out: bytes = done.stdout
         return out[:max_bytes].decode("utf-8", "replace")
     return None
+
+
+async def with_diffoscope(
+    report: str, groups: Sequence[Sequence[Replica]], work_dir: Callable[[int], Path]
+) -> str:
+    """``report`` with ``diffoscope``'s comparison of the first artifact that differs
+    between the first two groups appended (when diffoscope is there and finds one);
+    ``work_dir(attempt)`` is where an attempt's artifacts were downloaded."""
+    first, second = groups[0][0], groups[1][0]
+    for item in first.result.artifacts:
+        other = second.result.artifact(item.name)
+        if other is not None and other.sha256 != item.sha256:
+            left = work_dir(first.attempt) / item.name
+            right = work_dir(second.attempt) / item.name
+            text = await diffoscope_report(left, right)
+            if text:
+                return f"{report}\ndiffoscope {item.name}:\n{text}"
+            break
+    return report
