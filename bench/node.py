@@ -20,9 +20,18 @@ process and measures, printing one JSON document:
   alternate in one run against the same server. The raw SHA-256 throughput of this machine
   on the same size is reported too.
 
+* **buildroot setup**: a repository of 20 generated noarch packages (one requiring the
+  other 19, 64 KiB of files each) made with rpmbuild + createrepo_c and served over HTTPS on
+  loopback; :class:`p2pbuild.node.BuildrootCache` prepares the root for a build that
+  requires the top package. ``cold`` (empty cache: pin, metadata, resolve, download, install
+  with ``dnf --installroot`` in bubblewrap) is reported with its download/install split;
+  ``warm`` (the same root again: ``repomd.xml`` fetched and checked, metadata parsed from
+  the cache, resolved, found) as p50/p99/max.
+
 Goals (issue 4): dispatch p50 at most 3 ms warm and 10 ms cold; artifact transfer at least
-250 MB/s on loopback. Usage: ``python bench/node.py [--short] [--jobs N] [--mb M]``;
-``--short`` (CI) takes a few seconds.
+250 MB/s on loopback. Buildroot (design item 12): warm setup p50 at most 1 s. Usage:
+``python bench/node.py [--short] [--jobs N] [--mb M]``; ``--short`` (CI) takes a few
+seconds plus one cold buildroot.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import hashlib
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,19 +56,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _stats import latency_summary
 
 from p2pbuild import (
+    BuildrootSpec,
     BuildType,
     FileDigest,
     Job,
     JobSpec,
+    Repository,
     Result,
     ResultState,
     SourceArtifact,
     Target,
 )
 from p2pbuild.https import fetch_pinned_file, generate_tls_material, pinned_client
-from p2pbuild.node import JobService, NodeApiConfig, NodeState, serve_node_api
+from p2pbuild.node import (
+    BuildrootCache,
+    Dep,
+    JobService,
+    NodeApiConfig,
+    NodeState,
+    serve_node_api,
+)
 from p2pbuild.node._service import JobFilter, LocalFile, LogSink, RunReport
-from p2pbuild.testing import make_trust_list
+from p2pbuild.testing import make_trust_list, serve_files
 
 FIXTURE = make_trust_list()
 DISPATCHER = FIXTURE.dispatchers["dispatcher-1"]
@@ -210,10 +229,87 @@ def _goals(results: Mapping[str, Any]) -> dict[str, Any]:
     warm = results["dispatch"]["warm"]["p50_ms"]
     cold = results["dispatch"]["cold"]["p50_ms"]
     rate = results["artifact"]["throughput_mb_s_median"]
+    root = results["buildroot"]["warm"]["p50_ms"]
     return {
         "dispatch_warm_p50_ms": {"goal": 3.0, "measured": warm, "met": warm <= 3.0},
         "dispatch_cold_p50_ms": {"goal": 10.0, "measured": cold, "met": cold <= 10.0},
         "artifact_mb_s": {"goal": 250.0, "measured": rate, "met": rate >= 250.0},
+        "buildroot_warm_p50_ms": {"goal": 1000.0, "measured": root, "met": root <= 1000.0},
+    }
+
+
+_BENCH_PACKAGES = 20
+
+
+def _bench_repository(work: Path) -> Path:
+    """One rpmbuild run making ``bench-top`` (requiring the others) and 19 more noarch
+    packages of 64 KiB of files each, then createrepo_c; returns the repository."""
+    names = [f"bench-pkg{i:02d}" for i in range(1, _BENCH_PACKAGES)]
+    blob = "x" * (64 * 1024 - 1) + "\n"
+    spec = ["Name: bench-top", "Version: 1.0", "Release: 1", "Summary: bench",
+            "License: MIT", "BuildArch: noarch", *(f"Requires: {n}" for n in names),
+            "%description", "bench", ""]
+    for name in names:
+        spec += [f"%package -n {name}", "Summary: bench", f"%description -n {name}", "bench",
+                 f"%files -n {name}", f"/usr/share/bench/{name}.txt", ""]
+    spec += ["%install", "mkdir -p %{buildroot}/usr/share/bench"]
+    spec += [f"cp {work}/blob %{{buildroot}}/usr/share/bench/{n}.txt" for n in names]
+    spec += ["cp " + f"{work}/blob %{{buildroot}}/usr/share/bench/top.txt", "",
+             "%files", "/usr/share/bench/top.txt", ""]
+    (work / "blob").write_text(blob)
+    (work / "bench.spec").write_text("\n".join(spec))
+    repo = work / "www" / "repo"
+    repo.mkdir(parents=True)
+    subprocess.run(
+        ["rpmbuild", "-bb", "--define", f"_topdir {work}/top", "--define",
+         f"_rpmdir {repo}", "--define", "_binary_payload w9.gzdio", str(work / "bench.spec")],
+        check=True, capture_output=True,
+    )
+    subprocess.run(["createrepo_c", "--quiet", "--no-database", str(repo)], check=True,
+                   capture_output=True)
+    return repo
+
+
+async def _buildroot_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    repo = await trio.to_thread.run_sync(_bench_repository, work)
+    digest = hashlib.sha256((repo / "repodata" / "repomd.xml").read_bytes()).digest()
+    cold: list[dict[str, float]] = []
+    warm: list[float] = []
+    async with trio.open_nursery() as nursery:
+        base, _ = await nursery.start(serve_files, work / "www", work / "repo-tls")
+        spec = BuildrootSpec((Repository("bench", f"{base}/repo/", digest),))
+        requires = [Dep("bench-top")]
+        for index in range(args.cold_roots):
+            cache = BuildrootCache(work / f"cache-{index}")
+            t0 = time.perf_counter()
+            async with cache.use(spec, requires) as prepared:
+                total = time.perf_counter() - t0
+            step = prepared.step
+            if step.cache_hit or len(step.packages) != _BENCH_PACKAGES + 1:
+                raise RuntimeError(f"unexpected cold root: {step}")
+            cold.append({"total_s": total, "metadata_s": step.metadata_s,
+                         "download_s": step.download_s, "install_s": step.install_s,
+                         "downloaded_bytes": step.downloaded_bytes})
+        for _ in range(args.warm_roots):
+            t0 = time.perf_counter()
+            async with cache.use(spec, requires) as prepared:
+                warm.append(time.perf_counter() - t0)
+            if not prepared.step.cache_hit:
+                raise RuntimeError("the warm root was not a cache hit")
+        nursery.cancel_scope.cancel()
+    median = sorted(cold, key=lambda c: c["total_s"])[len(cold) // 2]
+    return {
+        "packages": _BENCH_PACKAGES,
+        "installed": _BENCH_PACKAGES + 1,  # plus the host base package
+        "cold": {
+            "runs": len(cold),
+            "median_total_s": round(median["total_s"], 2),
+            "metadata_and_resolve_s": round(median["metadata_s"], 2),
+            "download_s": round(median["download_s"], 2),
+            "install_s": round(median["install_s"], 2),
+            "downloaded_bytes": int(median["downloaded_bytes"]),
+        },
+        "warm": {"runs": len(warm), **latency_summary(warm)},
     }
 
 
@@ -264,7 +360,11 @@ def main() -> None:
     parser.add_argument("--cold-jobs", type=int, help="cold dispatches (default 300; 50 short)")
     parser.add_argument("--mb", type=int, help="artifact size in MB (default 512; 64 short)")
     parser.add_argument("--downloads", type=int, help="downloads (default 5; 3 short)")
+    parser.add_argument("--cold-roots", type=int, help="cold buildroots (default 3; 1 short)")
+    parser.add_argument("--warm-roots", type=int, help="warm buildroots (default 50; 10 short)")
     args = parser.parse_args()
+    args.cold_roots = args.cold_roots or (1 if args.short else 3)
+    args.warm_roots = args.warm_roots or (10 if args.short else 50)
     args.jobs = args.jobs or (200 if args.short else 1000)
     args.cold_jobs = args.cold_jobs or (50 if args.short else 300)
     args.mb = args.mb or (64 if args.short else 512)
@@ -275,6 +375,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="p2pbuild-bench-node-") as tmp:
         started = time.perf_counter()
         results = trio.run(_bench, args, Path(tmp))
+        (Path(tmp) / "buildroot").mkdir()
+        results["buildroot"] = trio.run(_buildroot_bench, args, Path(tmp) / "buildroot")
     print(json.dumps({
         "benchmark": "node",
         "mode": "short" if args.short else "full",
