@@ -28,6 +28,7 @@ from .._errors import LocalError, P2PBuildError
 from .._identity import Role
 from .._jobs import Job, Result
 from .._trust import accept_update
+from ..dispatcher import StoredBuild
 from ._client import Client, follow_build, post_source
 from ._localfarm import LocalFarm, NodeSpec, open_local_farm
 from ._packages import hello_srpm
@@ -253,18 +254,18 @@ async def _build(
 def _result(farm: LocalFarm, build: dict[str, Any]) -> dict[str, Any]:
     _section("4. The result and its proof")
     stored = Path(build["sink_path"])
-    manifest = json.loads((stored / "manifest.json").read_text())
+    manifest = StoredBuild.read(stored)
     verified_by = []
-    digests = {a["name"]: a["sha256"] for a in manifest["artifacts"]}
-    for entry in manifest["verified_by"]:
-        job = Job.from_bytes((stored / entry["job"]).read_bytes())
-        result = Result.from_bytes((stored / entry["result"]).read_bytes())
+    digests = {a.name: a.sha256 for a in manifest.artifacts}
+    for entry in manifest.verified_by:
+        job = Job.from_bytes(manifest.proof_path(entry.job).read_bytes())
+        result = Result.from_bytes(manifest.proof_path(entry.result).read_bytes())
         # from_bytes verified both signatures; now: the right signers, the right job.
         farm.trust_list.require(job.dispatcher, Role.DISPATCHER)
         result.check_answers(job, result.node)
         named = {a.name: a.sha256.hex() for a in result.artifacts}
         if named != digests:
-            raise LocalError(f"{entry['result']} does not name the stored artifacts")
+            raise LocalError(f"{entry.result} does not name the stored artifacts")
         operator = farm.trust_list.require(result.node, Role.NODE).operator
         if result.buildroot is None:
             raise LocalError(f"{entry['result']} lists no buildroot")
@@ -276,8 +277,8 @@ def _result(farm: LocalFarm, build: dict[str, Any]) -> dict[str, Any]:
         verified_by.append({"operator": operator, "node": farm.node_name(result.node),
                             "buildroot": step,
                             "fingerprint": result.node.fingerprint, "key": str(result.node),
-                            "job": str(stored / entry["job"]),
-                            "result": str(stored / entry["result"])})
+                            "job": str(manifest.proof_path(entry.job)),
+                            "result": str(manifest.proof_path(entry.result))})
     if len({v["operator"] for v in verified_by}) < 2:
         raise LocalError("the proof does not hold two operators")
     print("  verified by two operators, bit for bit, in the same buildroot:")
@@ -288,7 +289,7 @@ def _result(farm: LocalFarm, build: dict[str, Any]) -> dict[str, Any]:
     print(f"  stored in    {stored}/")
     artifacts = []
     for name, sha in sorted(digests.items()):
-        path = stored / "artifacts" / name
+        path = manifest.artifact_path(name)
         actual = hashlib.sha256(path.read_bytes()).hexdigest()
         if actual != sha:
             raise LocalError(f"{path} does not match its manifest")

@@ -20,9 +20,9 @@ import tomli_w
 import trio
 
 from .._identity import Identity, Role
-from ..dispatcher._config import hash_token, load_config
+from .._wiring import RunningService, load_service_config, serve_dispatcher
+from ..dispatcher._config import hash_token
 from ..dispatcher._errors import ConfigError
-from ..dispatcher._service import RunningDispatcher, run_dispatcher
 from ..https import generate_tls_material
 from ..node._config import parse_host_port
 from ._startup import explain_bind_failure
@@ -121,7 +121,7 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load_service_config(args.config)
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",
@@ -131,7 +131,8 @@ def _run(args: argparse.Namespace) -> int:
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
-                running: RunningDispatcher = await nursery.start(run_dispatcher, config)
+                service: RunningService = await nursery.start(serve_dispatcher, config)
+                running = service.dispatcher
                 print(json.dumps({
                     "url": running.url, "port": running.port, "dht_port": running.dht_port,
                     "key": str(running.engine.identity.public_key),
@@ -145,8 +146,9 @@ def _run(args: argparse.Namespace) -> int:
                     nursery.cancel_scope.cancel()
                     break
 
-    listens = [("[api]", "tcp", config.host, config.port),
-               ("[dht]", "udp", config.dht_host, config.dht_port)]
+    main_config = config.dispatcher
+    listens = [("[api]", "tcp", main_config.host, main_config.port),
+               ("[dht]", "udp", main_config.dht_host, main_config.dht_port)]
     with explain_bind_failure(args.config, listens):
         trio.run(main)
     return 0

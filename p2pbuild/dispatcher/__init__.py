@@ -8,6 +8,7 @@ service (:func:`run_dispatcher`). See ``docs/dispatcher.md``.
 """
 
 from ._api import ApiAuth, make_dispatcher_app, sign_request
+from ._builds import BuildStatus, EngineBuildService, SourceChangedError
 from ._config import ClientEntry, DispatcherConfig, hash_token, load_config
 from ._db import AttemptState, BuildRow, BuildState, Database
 from ._engine import BuildRequest, Engine, EngineConfig, EngineStatistics, SourceStore
@@ -35,6 +36,7 @@ from ._ratings import NodeRating, RatingBook, RatingModel
 from ._select import Candidate, Platform, Requirements, select_nodes
 from ._service import RunningDispatcher, run_dispatcher
 from ._sink import RepositorySink
+from ._stored import StoredBuild, StoredFile, StoredProof
 from ._verify import Replica, Verified, assess, difference_report
 
 __all__ = [
@@ -47,6 +49,7 @@ __all__ = [
     "BuildRequest",
     "BuildRow",
     "BuildState",
+    "BuildStatus",
     "Candidate",
     "ClientEntry",
     "ClientError",
@@ -56,6 +59,7 @@ __all__ = [
     "DispatcherConfig",
     "DispatcherError",
     "Engine",
+    "EngineBuildService",
     "EngineConfig",
     "EngineStatistics",
     "NoCapableNodeError",
@@ -76,9 +80,13 @@ __all__ = [
     "Requirements",
     "RunningDispatcher",
     "SinkError",
+    "SourceChangedError",
     "SourceStore",
     "SourceUnavailableError",
     "StaticFinder",
+    "StoredBuild",
+    "StoredFile",
+    "StoredProof",
     "UnknownBuildError",
     "Verified",
     "assess",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from .._identity import PublicKey
 from ._errors import ConfigError
 from ._leases import Quotas
 
-__all__ = ["ClientEntry", "DispatcherConfig", "KojiConfig", "hash_token", "load_config"]
+__all__ = ["ClientEntry", "DispatcherConfig", "hash_token", "load_config"]
 
 _TOKEN = re.compile(r"[a-z0-9][a-z0-9._+-]{0,63}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -42,36 +42,6 @@ class ClientEntry:
     token_sha256: str | None = None
     key: PublicKey | None = None
     admin: bool = False
-
-
-@attrs.frozen
-class KojiConfig:
-    """The optional ``[koji]`` section: the dispatcher as a Koji build host (p2pbuild.koji).
-
-    Secrets are never inline: ``password_file`` holds the host's password, ``cert`` a PEM
-    file with the client certificate and key.
-    """
-
-    server: str
-    topurl: str
-    host: str
-    authtype: str = "password"
-    password_file: Path | None = None
-    cert: Path | None = None
-    serverca: Path | None = None
-    channel: str = "p2p"
-    content_generator: str = "p2p-build"
-    #: "target": the build target's destination tag; "": do not tag; else a tag name.
-    dest_tag: str = "target"
-    arch: str | None = None
-    os: str | None = None
-    replicas: int = 2
-    time_limit_s: int = 3600
-    poll_interval_s: float = 5.0
-    max_jobs: int = 10
-    retry_interval_s: float = 5.0
-    max_retries: int = 30
-    min_space_mb: int = 1024
 
 
 @attrs.frozen
@@ -97,7 +67,9 @@ class DispatcherConfig:
     dedicated_pools: Mapping[str, str] = attrs.field(factory=dict)
     engine: Mapping[str, float] = attrs.field(factory=dict)
     synchronous: str = "FULL"
-    koji: KojiConfig | None = None
+    #: Tables of the roles wired above the dispatcher (``[koji]``), as read: each role
+    #: validates its own (``load_config``'s ``extra_sections``).
+    sections: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
     #: ``[pull]``: a pull node's lease on a taken job, and how often it is told to renew it.
     pull_lease_s: float = 60.0
     pull_heartbeat_s: float = 15.0
@@ -164,8 +136,11 @@ _ENGINE_KEYS = {
 }
 
 
-def load_config(path: Path) -> DispatcherConfig:
-    """Read and validate the configuration at ``path``. Raises :class:`ConfigError`."""
+def load_config(path: Path, extra_sections: Collection[str] = ()) -> DispatcherConfig:
+    """Read and validate the configuration at ``path``. The ``extra_sections`` (the
+    roles wired above the dispatcher: ``koji``) are kept as read, in
+    :attr:`DispatcherConfig.sections`; any other unknown section is an error. Raises
+    :class:`ConfigError`."""
     try:
         document = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -179,8 +154,8 @@ def load_config(path: Path) -> DispatcherConfig:
         return p if p.is_absolute() else base / p
 
     known = {
-        "dispatcher", "api", "dht", "clients", "pools", "engine", "koji", "pull", "leases",
-        "on_demand",
+        "dispatcher", "api", "dht", "clients", "pools", "engine", "pull", "leases",
+        "on_demand", *extra_sections,
     }
     for key in document:
         if key not in known:
@@ -261,7 +236,8 @@ def load_config(path: Path) -> DispatcherConfig:
         dedicated_pools=dict(pools),
         engine=dict(engine),
         synchronous=synchronous,
-        koji=_koji_section(document, path, rel),
+        sections={name: _get(document, name, dict, str(path), {}) for name in extra_sections
+                  if name in document},
         pull_lease_s=lease_s,
         pull_heartbeat_s=heartbeat_s,
         **_leases_section(document, path),
@@ -325,52 +301,3 @@ def _pull_section(document: Mapping[str, Any], path: Path) -> tuple[float, float
             "most 3600 seconds"
         )
     return lease_s, heartbeat_s
-
-
-def _koji_section(document: Mapping[str, Any], path: Path, rel: Any) -> KojiConfig | None:
-    table = _get(document, "koji", dict, str(path), {})
-    if not table:
-        return None
-    w = f"{path} [koji]"
-    known = set(attrs.fields_dict(KojiConfig))
-    for key in table:
-        if key not in known:
-            raise ConfigError(f"{w}: unknown key {key}")
-    authtype = _get(table, "authtype", str, w, "password")
-    if authtype not in ("password", "ssl"):
-        raise ConfigError(f"{w}: authtype must be password or ssl")
-    optional: dict[str, Path | None] = {
-        key: rel(_get(table, key, str, w)) if key in table else None
-        for key in ("password_file", "cert", "serverca")
-    }
-    if authtype == "password" and optional["password_file"] is None:
-        raise ConfigError(f"{w}: authtype password needs password_file")
-    if authtype == "ssl" and optional["cert"] is None:
-        raise ConfigError(f"{w}: authtype ssl needs cert")
-    server = _get(table, "server", str, w)
-    if not server.startswith(("http://", "https://")):
-        raise ConfigError(f"{w}: server must be an http:// or https:// URL")
-    numbers: dict[str, Any] = {}
-    for key in ("replicas", "time_limit_s", "max_jobs", "max_retries", "min_space_mb"):
-        if key in table:
-            numbers[key] = _get(table, key, int, w)
-    for key in ("poll_interval_s", "retry_interval_s"):
-        if key in table:
-            numbers[key] = _get(table, key, float, w)
-    if any(v < 0 for v in numbers.values()):
-        raise ConfigError(f"{w}: numbers must not be negative")
-    return KojiConfig(
-        server=server.rstrip("/"),
-        topurl=_get(table, "topurl", str, w).rstrip("/"),
-        host=_get(table, "host", str, w),
-        authtype=authtype,
-        channel=_get(table, "channel", str, w, "p2p"),
-        content_generator=_get(table, "content_generator", str, w, "p2p-build"),
-        dest_tag=_get(table, "dest_tag", str, w, "target"),
-        arch=_get(table, "arch", str, w, "") or None,
-        os=_get(table, "os", str, w, "") or None,
-        password_file=optional["password_file"],
-        cert=optional["cert"],
-        serverca=optional["serverca"],
-        **numbers,
-    )

@@ -660,16 +660,15 @@ class Engine:
         proof = [
             ProofItem(
                 Job.from_bytes(by_id[r.attempt].job), r.result, r.operator,
-                self._work_dir(build.id, r.attempt),
+                self._work_dir(build.id, r.attempt), self._log_dir(build.id, r.attempt),
             )
             for r in verdict.proof
         ]
         path = await trio.to_thread.run_sync(
             lambda: self.sink.store(
                 build.id, build.source_name, build.source_sha256, proof,
-                trust_list=self.trust_list, now=now,
-                extra={"user": build.user, "arch": build.arch, "os": build.os,
-                       "build_type": build.build_type},
+                trust_list=self.trust_list, now=now, user=build.user, arch=build.arch,
+                os_name=build.os, build_type=build.build_type,
             )
         )
         entry = await self.finder.lookup(verdict.proof[0].node)
@@ -766,6 +765,9 @@ class Engine:
     def _work_dir(self, build_id: str, attempt_id: int) -> Path:
         return self.config.state_dir / "work" / build_id / str(attempt_id)
 
+    def _log_dir(self, build_id: str, attempt_id: int) -> Path:
+        return self.config.state_dir / "work" / build_id / f"{attempt_id}.logs"
+
     def _cleanup(self, build_id: str) -> None:
         shutil.rmtree(self.config.state_dir / "work" / build_id, ignore_errors=True)
 
@@ -829,6 +831,8 @@ class Engine:
                 for item in result.artifacts:
                     await client.download(job.job_id, item, work / item.name)
                 final = AttemptState.SUCCEEDED
+            await self._download_logs(client, job, result,
+                                      self._log_dir(attempt.build_id, attempt.id))
         finally:
             with trio.CancelScope(shield=True):
                 await client.aclose()
@@ -852,6 +856,19 @@ class Engine:
         # Stored and the artifacts copied into the work directory: the node side may forget
         # the job (a pull queue deletes its uploads; the node's late requests get 410).
         await client.release(job.job_id)
+
+    async def _download_logs(self, client: NodeClient, job: Job, result: Result,
+                             dest: Path) -> None:
+        """The result's signed logs into ``dest``, from push and pull nodes alike (the
+        stored build keeps them, the Koji import uploads them). Best effort: a log that
+        does not arrive as signed is counted and left out; it is not part of the proof."""
+        for item in result.logs:
+            try:
+                await client.download(job.job_id, item, dest / item.name, kind="logs")
+            except NodeError as exc:
+                self._errors[f"log-{exc.code}"] += 1
+                _log.warning("log %s of job %s left out: %s: %s", item.name, job.id_hex,
+                             exc.code, exc)
 
     async def _submit(self, client: NodeClient, job: Job, node: PublicKey) -> None:
         tries = 0

@@ -23,7 +23,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import attrs
 import httpx
@@ -59,6 +59,8 @@ __all__ = [
 ]
 
 MSGPACK = "application/msgpack"
+#: What a node keeps of a job: its artifacts and its logs (both named in the result).
+FileKind = Literal["artifacts", "logs"]
 # Bound on PushNodeClient._ended (results of ended jobs not yet asked for).
 _MAX_ENDED = 256
 
@@ -173,9 +175,11 @@ class NodeClient(Protocol):
         """The authenticated signed result, or None while running."""
         ...
 
-    async def download(self, job_id: bytes, item: FileDigest, dest: Path) -> None:
-        """Fetch artifact ``item`` to ``dest``, re-hashing it on arrival. Raises
-        :class:`ArtifactDigestError` if size or SHA-256 differ from ``item``."""
+    async def download(self, job_id: bytes, item: FileDigest, dest: Path,
+                       kind: FileKind = "artifacts") -> None:
+        """Fetch artifact (or, with ``kind="logs"``, log) ``item`` to ``dest``, re-hashing
+        it on arrival. Raises :class:`ArtifactDigestError` if size or SHA-256 differ from
+        ``item``."""
         ...
 
     async def release(self, job_id: bytes) -> None:
@@ -374,16 +378,17 @@ class PushNodeClient:
         except RemoteError as exc:
             raise BadNodeResultError(f"result: {exc.code}: {exc}") from None
 
-    async def download(self, job_id: bytes, item: FileDigest, dest: Path) -> None:
+    async def download(self, job_id: bytes, item: FileDigest, dest: Path,
+                       kind: FileKind = "artifacts") -> None:
         # Artifacts can be large: they take the threaded pinned path (fetch_pinned_file),
         # not the trio httpx client; the pin, the size bound and the re-hash are the same.
         if item.size > self.max_artifact_bytes:
             raise ArtifactDigestError(f"{item.name}: {item.size} bytes is over the bound")
         if item.size <= self.pooled_download_max:
-            await self._download_pooled(job_id, item, dest)
+            await self._download_pooled(job_id, item, dest, kind)
             return
         await trio.Path(dest.parent).mkdir(parents=True, exist_ok=True)
-        url = f"{self.endpoint.rstrip('/')}/v1/jobs/{job_id.hex()}/artifacts/"
+        url = f"{self.endpoint.rstrip('/')}/v1/jobs/{job_id.hex()}/{kind}/"
         url += urllib.parse.quote(item.name, safe="/")
         try:
             fetched = await fetch_pinned_file(
@@ -401,10 +406,11 @@ class PushNodeClient:
             )
         self._check_arrived(item, fetched.size, fetched.sha256)
 
-    async def _download_pooled(self, job_id: bytes, item: FileDigest, dest: Path) -> None:
+    async def _download_pooled(self, job_id: bytes, item: FileDigest, dest: Path,
+                               kind: FileKind) -> None:
         # Small: kept in memory (bounded by the signed size) and written in one thread
         # call, rather than a thread hop each to open, write and close the file.
-        path = f"/v1/jobs/{job_id.hex()}/artifacts/{item.name}"
+        path = f"/v1/jobs/{job_id.hex()}/{kind}/{item.name}"
         data = bytearray()
         try:
             async with self._client.stream("GET", path) as response:
@@ -467,6 +473,8 @@ class PullQueue(Protocol):
 
     def artifact(self, job_id: bytes, name: str) -> Path | None: ...
 
+    def log(self, job_id: bytes, name: str) -> Path | None: ...
+
     def release(self, job_id: bytes) -> None: ...
 
 
@@ -527,8 +535,10 @@ class PullNodeClient:
         await trio.lowlevel.checkpoint()
         return self._results.get(job_id)
 
-    async def download(self, job_id: bytes, item: FileDigest, dest: Path) -> None:
-        path = self.queue.artifact(job_id, item.name)
+    async def download(self, job_id: bytes, item: FileDigest, dest: Path,
+                       kind: FileKind = "artifacts") -> None:
+        find = self.queue.artifact if kind == "artifacts" else self.queue.log
+        path = find(job_id, item.name)
         if path is None:
             raise ArtifactDigestError(f"{item.name}: not uploaded by the node")
         data = await trio.Path(path).read_bytes()

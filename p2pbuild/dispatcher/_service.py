@@ -48,8 +48,6 @@ class RunningDispatcher:
     tls: TlsMaterial
     engine: Engine
     dht_port: int | None
-    #: The Koji build host (``p2pbuild.koji.KojiHost``) when ``[koji]`` is configured.
-    koji: Any = None
     leases: LeaseService | None = None
 
 
@@ -147,18 +145,10 @@ async def run_dispatcher(
             keep = KeepAwake(identity, finder, config.keep_awake, clock,
                              config.keep_awake_interval_s)
             await nursery.start(keep.run)
-        koji_host = None
-        if config.koji is not None:
-            # Imported here: p2pbuild.koji builds on this package (and needs the koji client).
-            from ..koji import serve_koji_host
-
-            koji_host = await nursery.start(
-                serve_koji_host, config.koji, engine, config.state_dir / "koji"
-            )
         _log.info("dispatcher %s listening on %s:%d", identity.public_key.fingerprint, host, port)
         task_status.started(
             RunningDispatcher(
-                port, f"https://{host}:{port}", tls, engine, dht_port, koji_host, leases
+                port, f"https://{host}:{port}", tls, engine, dht_port, leases=leases
             )
         )
 

@@ -6,7 +6,9 @@ Layout of one stored build (``<nvr>`` from the source file name, e.g. ``hello-1.
         artifacts/<artifact name>        the verified files (names as in the results)
         proof/<n>-<node fingerprint>.job     the signed job each verifying node ran
         proof/<n>-<node fingerprint>.result  its signed result (the two that agreed)
-        manifest.json                    build id, source, artifacts with SHA-256, nodes
+        logs/<n>-<node fingerprint>/<log name>  its signed logs that reached us
+        manifest.json                    a StoredBuild (``_stored``): build id, source,
+                                         artifacts with SHA-256, nodes and their logs
 
 Atomic: everything is written into a private ``<repo>/.incoming-<build id>-<random>/``, each
 artifact re-hashed against the signed digest, then every file and directory fsynced (all at
@@ -22,7 +24,6 @@ to ``<nvr>+<build id prefix>``.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -30,13 +31,13 @@ import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import attrs
 
 from .._jobs import Job, Result
 from .._trust import TrustList
 from ._errors import SinkError
+from ._stored import StoredBuild, StoredFile, StoredProof
 
 __all__ = ["ProofItem", "RepositorySink", "nvr_of"]
 
@@ -57,12 +58,14 @@ def nvr_of(source_name: str) -> str:
 
 @attrs.frozen
 class ProofItem:
-    """One verifying node's signed job and result, and where its artifacts are locally."""
+    """One verifying node's signed job and result, and where its artifacts are locally
+    (and its logs, those the engine could fetch: a log missing there is left out)."""
 
     job: Job
     result: Result
     operator: str
     artifact_dir: Path
+    log_dir: Path | None = None
 
 
 def _copy_verified(src: Path, dest: Path, size: int, sha256: bytes) -> None:
@@ -114,12 +117,11 @@ class RepositorySink:
 
     def _existing(self, build_id: str, nvr: str) -> Path | None:
         for candidate in (self.root / nvr, self.root / f"{nvr}+{build_id[:12]}"):
-            manifest = candidate / "manifest.json"
-            if manifest.is_file():
+            if (candidate / "manifest.json").is_file():
                 try:
-                    if json.loads(manifest.read_text())["build_id"] == build_id:
+                    if StoredBuild.read(candidate).build_id == build_id:
                         return candidate
-                except (OSError, ValueError, KeyError, TypeError):
+                except SinkError:
                     continue
         return None
 
@@ -132,7 +134,10 @@ class RepositorySink:
         *,
         trust_list: TrustList,
         now: float,
-        extra: dict[str, Any] | None = None,
+        user: str = "",
+        arch: str = "",
+        os_name: str = "",
+        build_type: str = "",
     ) -> Path:
         """Store the artifacts of ``proof[0]`` (identical in every proof item, by
         verification) with every item's signed job and result and a manifest; return the
@@ -171,32 +176,38 @@ class RepositorySink:
                 stem = f"{index}-{p.result.node.fingerprint.replace(':', '')}"
                 _write(incoming / "proof" / f"{stem}.job", p.job.to_bytes())
                 _write(incoming / "proof" / f"{stem}.result", p.result.to_bytes())
-                nodes.append({
-                    "node": str(p.result.node),
-                    "fingerprint": p.result.node.fingerprint,
-                    "operator": p.operator,
-                    "job": f"proof/{stem}.job",
-                    "result": f"proof/{stem}.result",
-                    "job_id": p.job.id_hex,
-                    "environment": p.result.environment_map,
-                    "duration_ms": p.result.duration_ms,
-                })
-            manifest = {
-                "format": 1,
-                "build_id": build_id,
-                "nvr": nvr,
-                "source": {"name": source_name, "sha256": source_sha256},
-                "stored_at": now,
-                "trust_list_version": trust_list.version,
-                "artifacts": [
-                    {"name": a.name, "size": a.size, "sha256": a.sha256.hex()}
-                    for a in first.result.artifacts
-                ],
-                "verified_by": nodes,
-                **(extra or {}),
-            }
-            _write(incoming / "manifest.json",
-                   (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+                logs = []
+                for log in p.result.logs:
+                    if p.log_dir is None or not (p.log_dir / log.name).is_file():
+                        continue
+                    _copy_verified(p.log_dir / log.name, incoming / "logs" / stem / log.name,
+                                   log.size, log.sha256)
+                    logs.append(StoredFile(log.name, log.size, log.sha256.hex()))
+                nodes.append(StoredProof(
+                    node=str(p.result.node),
+                    fingerprint=p.result.node.fingerprint,
+                    operator=p.operator,
+                    job=f"proof/{stem}.job",
+                    result=f"proof/{stem}.result",
+                    job_id=p.job.id_hex,
+                    environment=p.result.environment_map,
+                    duration_ms=p.result.duration_ms,
+                    logs=tuple(logs),
+                ))
+            manifest = StoredBuild(
+                build_id=build_id,
+                nvr=nvr,
+                source_name=source_name,
+                source_sha256=source_sha256,
+                stored_at=now,
+                trust_list_version=trust_list.version,
+                artifacts=tuple(
+                    StoredFile(a.name, a.size, a.sha256.hex()) for a in first.result.artifacts
+                ),
+                verified_by=tuple(nodes),
+                user=user, arch=arch, os=os_name, build_type=build_type,
+            )
+            _write(incoming / "manifest.json", manifest.to_bytes())
             # Every file and directory on disk before the rename makes the build visible.
             _fsync_all([p for p in sorted(incoming.rglob("*")) if p.is_file()])
             _fsync_all([incoming, *(p for p in incoming.rglob("*") if p.is_dir())])

@@ -39,8 +39,10 @@ from .._trust import TrustList
 from ..dht import NodeEntry
 from ._access import OPERATIONAL_KEYS
 from ._db import AttemptRow, AttemptState, BuildRow, BuildState, HeartbeatRow, ObservationRow
+from ._errors import SinkError
 from ._ratings import Decayed, NodeRating, RatingModel, Signal, combine, mtbf_score
 from ._sink import nvr_of
+from ._stored import StoredBuild
 from ._verify import artifact_key
 
 __all__ = [
@@ -390,19 +392,17 @@ def build_view(
             if attempt.state is AttemptState.SUCCEEDED:
                 replicas.append((attempt, result))
         rows.append(row)
-    manifest: dict[str, Any] = {}
+    stored: StoredBuild | None = None
     if build.state is BuildState.VERIFIED and build.sink_path:
         try:
-            manifest = json.loads((Path(build.sink_path) / "manifest.json").read_text())
-        except (OSError, ValueError):
-            manifest = {}
+            stored = StoredBuild.read(Path(build.sink_path))
+        except SinkError:
+            stored = None
     proof_files = []
-    for entry in manifest.get("verified_by", []):
-        for kind in ("job", "result"):
-            name = Path(str(entry.get(kind, ""))).name
-            if name:
-                proof_files.append({"name": name, "operator": entry.get("operator", ""),
-                                    "fingerprint": entry.get("fingerprint", "")})
+    for entry in stored.verified_by if stored is not None else ():
+        for relpath in (entry.job, entry.result):
+            proof_files.append({"name": Path(relpath).name, "operator": entry.operator,
+                                "fingerprint": entry.fingerprint})
     events = [
         {"id": e["id"], "at": e["at"], "event": e["event"],
          "node": _fingerprint(e["node"]) if e["node"] else "",
@@ -420,9 +420,10 @@ def build_view(
         "replicas": build.replicas,
         "updated": build.updated_at,
         "attempts": rows,
-        "artifacts": manifest.get("artifacts", []),
+        "artifacts": [a.to_json() for a in stored.artifacts] if stored is not None else [],
         "proof_files": proof_files,
-        "trust_list_version": manifest.get("trust_list_version", trust_list.version),
+        "trust_list_version": (stored.trust_list_version if stored is not None
+                               else trust_list.version),
         "difference": difference_view(replicas, build.report) if build.report else None,
         "events": events,
         "last_event": events[-1]["id"] if events else 0,

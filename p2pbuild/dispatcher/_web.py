@@ -57,7 +57,9 @@ from ..dht import NodeEntry, Query
 from ..https import CertificatePinError, pinned_client
 from ._db import BuildState
 from ._engine import Engine
+from ._errors import SinkError
 from ._metrics import CONTENT_TYPE, DispatcherMetrics
+from ._stored import StoredBuild
 from ._views import (
     NodeSightings,
     WebReader,
@@ -418,14 +420,14 @@ def web_routes(view: WebView) -> list[BaseRoute]:
             return view.not_found(request, "no verified build")
         root = Path(build_row.sink_path)
         try:
-            manifest = json.loads((root / "manifest.json").read_text())
-        except (OSError, ValueError):
+            stored = await trio.to_thread.run_sync(StoredBuild.read, root)
+        except SinkError:
             return view.not_found(request, "the build's manifest is unreadable")
         if kind == "artifacts":
-            allowed = {a["name"] for a in manifest.get("artifacts", [])}
+            allowed = {a.name for a in stored.artifacts}
         else:
-            allowed = {Path(str(e.get(k, ""))).name for e in manifest.get("verified_by", [])
-                       for k in ("job", "result")}
+            allowed = {Path(relpath).name for e in stored.verified_by
+                       for relpath in (e.job, e.result)}
         if name not in allowed:
             return view.not_found(request, f"no such file {name[:100]}")
         path = root / kind / name

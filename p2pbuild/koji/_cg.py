@@ -18,17 +18,37 @@ Our mapping:
   the node's fingerprint. Every buildroot is thereby referenced by an output, as Koji
   requires.
 
-Pure: file facts (size, SHA-256, RPM arch) come in, a dict goes out.
+:func:`build_metadata` is pure: file facts (size, SHA-256, RPM arch) come in, a dict goes
+out. :func:`node_proof` reads one verifying node's signed job and result from the stored
+build (:class:`~p2pbuild.dispatcher.StoredBuild`) and :func:`node_files` names the files
+uploaded for it: this module is the one place where a stored build becomes CG metadata.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import attrs
 
-__all__ = ["CG_VERSION", "NodeProof", "OutputFile", "build_metadata", "node_subdir"]
+from .._jobs import Result
+from ..dispatcher import StoredBuild, StoredProof
+
+__all__ = [
+    "CG_VERSION",
+    "NodeProof",
+    "OutputFile",
+    "build_metadata",
+    "node_files",
+    "node_proof",
+    "node_subdir",
+]
+
+#: The names a verifying node's signed job and result are uploaded under.
+JOB_FILE = "p2pbuild-job.msgpack"
+RESULT_FILE = "p2pbuild-result.msgpack"
 
 CG_VERSION = "0.1"
 
@@ -73,6 +93,39 @@ class NodeProof:
     artifacts: Mapping[str, str]
     #: Its logs and signed result (type "log", relpath = node_subdir(fingerprint)).
     files: tuple[OutputFile, ...]
+
+
+def node_files(stored: StoredBuild, proof: StoredProof) -> list[Path]:
+    """The local files uploaded for one verifying node, in :attr:`NodeProof.files` order:
+    its signed job, its signed result and its logs."""
+    return [stored.proof_path(proof.job), stored.proof_path(proof.result),
+            *(stored.log_path(proof, log) for log in proof.logs)]
+
+
+def node_proof(stored: StoredBuild, proof: StoredProof) -> NodeProof:
+    """One verifying node of a stored build as the metadata shows it (reads its signed job
+    and result; blocking). Raises :class:`~p2pbuild.RemoteError` for a result that no
+    longer parses and :class:`OSError` for a missing file."""
+    job_raw = stored.proof_path(proof.job).read_bytes()
+    result_raw = stored.proof_path(proof.result).read_bytes()
+    result = Result.from_bytes(result_raw)
+    subdir = node_subdir(proof.fingerprint)
+    files = [
+        OutputFile(JOB_FILE, len(job_raw), hashlib.sha256(job_raw).hexdigest(), "log",
+                   "noarch", subdir),
+        OutputFile(RESULT_FILE, len(result_raw), hashlib.sha256(result_raw).hexdigest(),
+                   "log", "noarch", subdir),
+        *(OutputFile(log.name.replace("/", "_"), log.size, log.sha256, "log", "noarch", subdir)
+          for log in proof.logs),
+    ]
+    return NodeProof(
+        node=proof.node, fingerprint=proof.fingerprint, operator=proof.operator,
+        job_id=proof.job_id, job_sha256=hashlib.sha256(job_raw).hexdigest(),
+        result_sha256=hashlib.sha256(result_raw).hexdigest(),
+        environment=result.environment_map, started_ms=result.started_ms,
+        ended_ms=result.ended_ms,
+        artifacts={a.name: a.sha256.hex() for a in result.artifacts}, files=tuple(files),
+    )
 
 
 def build_metadata(

@@ -17,8 +17,8 @@ failing and refusing the task are Koji's code. The handler (``_task``):
 1. downloads the SRPM the task names (``cli-build/...`` under the hub's ``topurl``, with
    ``koji.openRemoteFile``) and reads its NVR;
 2. reserves the build: ``CGInitBuild`` -> build id and token;
-3. runs the replicated, verified build through the engine (``trio.from_thread``; the
-   ``_bridge`` module);
+3. runs the replicated, verified build through the dispatcher's build service
+   (``trio.from_thread``; the ``_bridge`` and ``_service`` modules);
 4. verified: uploads the SRPM and RPMs, each verifying node's logs and signed result under
    its own directory, and ``metadata.json`` (``_cg.build_metadata``), then ``CGImport``,
    ``host.tagBuild`` and returns ``{"koji_builds": [id]}`` (``closeTask``);
@@ -36,7 +36,7 @@ running handler owns (:meth:`P2PTaskManager.updateTasks`):
 
 * the task is still open on this host: a handler is started for it again (no
   ``openTask``), and picks up where the row says: reserve (cancelling a reservation whose
-  token was lost), follow the same P2P build (which the engine resumed), import unless
+  token was lost), follow the same P2P build (which the dispatcher resumed), import unless
   the hub already has the build ``COMPLETE`` (then only tag and close), or report the
   recorded failure;
 * the task is cancelled, finished, or on another host: the reservation is refunded and
@@ -74,9 +74,8 @@ import koji
 import koji.daemon
 import trio
 
-from ..dispatcher._config import KojiConfig
-from ..dispatcher._engine import Engine
-from ._bridge import LIVE, Bridge, P2POutcome
+from ._bridge import Bridge, P2POutcome
+from ._config import KojiConfig
 from ._resume import (
     CANCELED,
     COMPLETE,
@@ -86,6 +85,7 @@ from ._resume import (
     recover_lost_reservation,
     refund,
 )
+from ._service import BuildService
 from ._store import TaskPhase, TaskRow, TaskStore
 from ._task import P2PBuildTask
 
@@ -233,8 +233,7 @@ class P2PTaskManager(koji.daemon.TaskManager):  # type: ignore[misc]
                 bridge.call(bridge.cancel_p2p, row.p2p_build_id)
             bridge.call(bridge.store.done, row.task_id, now, why)
             return
-        keep = row.p2p_build_id is not None and bridge.call(
-            bridge.p2p_state, row.p2p_build_id) in LIVE
+        keep = bridge.call(bridge.p2p_live, row.p2p_build_id)
         _log.info("koji task %d was freed while we were away: reservation refunded%s",
                   row.task_id, ", p2p build kept" if keep else "")
         bridge.call(bridge.store.released, row.task_id, now, keep_p2p=keep)
@@ -301,7 +300,7 @@ def _shutdown(manager: P2PTaskManager) -> None:
 
 async def serve_koji_host(
     config: KojiConfig,
-    engine: Engine,
+    service: BuildService,
     workdir: Path,
     *,
     task_status: trio.TaskStatus[KojiHost] = trio.TASK_STATUS_IGNORED,
@@ -315,15 +314,15 @@ async def serve_koji_host(
     await trio.Path(workdir).mkdir(parents=True, exist_ok=True)
     store = TaskStore.open(workdir / "tasks.db")
     try:
-        await _serve(config, engine, workdir, store, task_status)
+        await _serve(config, service, workdir, store, task_status)
     finally:
         store.close()
 
 
-async def _serve(config: KojiConfig, engine: Engine, workdir: Path, store: TaskStore,
+async def _serve(config: KojiConfig, service: BuildService, workdir: Path, store: TaskStore,
                  task_status: trio.TaskStatus[KojiHost]) -> None:
     async with trio.open_nursery() as nursery:
-        bridge = Bridge(engine, config, workdir, nursery, store)
+        bridge = Bridge(service, config, workdir, nursery, store)
         host = KojiHost(bridge)
         task_status.started(host)
         manager: P2PTaskManager | None = None

@@ -43,8 +43,7 @@ from typing import Any
 import attrs
 
 from .. import _sqlite
-from ..dispatcher._db import connect_wal
-from ..dispatcher._errors import ConfigError
+from ..dispatcher import ConfigError
 
 __all__ = ["TaskEvent", "TaskPhase", "TaskRow", "TaskStore"]
 
@@ -159,7 +158,7 @@ class TaskStore:
         """Open (creating and migrating as needed) the store at ``path``. Raises
         :class:`ConfigError` for a file that is not a store or is from a newer p2pbuild."""
         path = Path(path)
-        connection = connect_wal(path, "a koji task store")
+        connection = _sqlite.connect_wal(path, "a koji task store", error=ConfigError)
         _sqlite.migrate(connection, _MIGRATIONS, path, error=ConfigError)
         return cls(connection, path)
 

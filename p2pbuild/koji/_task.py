@@ -20,11 +20,10 @@ from typing import Any, ClassVar
 import koji
 import koji.tasks
 
-from .._jobs import Result
-from ..dispatcher._config import KojiConfig
-from ..dispatcher._db import BuildRow, BuildState
-from ._bridge import LIVE, Bridge, P2POutcome
-from ._cg import NodeProof, OutputFile, build_metadata, node_subdir
+from ..dispatcher import BuildState, BuildStatus
+from ._bridge import Bridge, P2POutcome
+from ._cg import OutputFile, build_metadata, node_files, node_proof
+from ._config import KojiConfig
 from ._resume import (
     BUILDING,
     CANCELED,
@@ -158,8 +157,8 @@ class P2PBuildTask(koji.tasks.BaseTaskHandler):  # type: ignore[misc]
         bridge: Bridge = self.options.bridge
         config = bridge.config
         if row.phase is TaskPhase.RELEASED:
-            if row.p2p_build_id is not None and (
-                    bridge.call(bridge.p2p_state, row.p2p_build_id) not in LIVE):
+            if row.p2p_build_id is not None and not bridge.call(bridge.p2p_live,
+                                                                row.p2p_build_id):
                 bridge.call(bridge.store.linked, self.id, None, time.time(), how="dropped")
             row = bridge.call(bridge.store.reserving, self.id, time.time())
         if recover:
@@ -203,16 +202,16 @@ class P2PBuildTask(koji.tasks.BaseTaskHandler):  # type: ignore[misc]
         return {"koji_builds": [row.build_id]}
 
     def _source(self, src: str, row: TaskRow | None) -> Path:
-        """The task's SRPM in the work directory: from the engine's source store when an
+        """The task's SRPM in the work directory: from the build service's sources when an
         earlier attempt put it there, else downloaded from the hub."""
         bridge: Bridge = self.options.bridge
         name = src.rsplit("/", 1)[-1]
         if not name.endswith(".src.rpm"):
             raise koji.BuildError(f"not an SRPM: {src}")
         dest = Path(self.workdir) / name
-        store = bridge.engine.sources
-        if row is not None and store.has(row.source_sha256):
-            shutil.copyfile(store.path(row.source_sha256), dest)
+        kept = None if row is None else bridge.call(bridge.service.source, row.source_sha256)
+        if kept is not None:
+            shutil.copyfile(kept, dest)
             return dest
         remote = koji.openRemoteFile(f"work/{src}", topurl=bridge.config.topurl,
                                      tempdir=self.workdir)
@@ -223,14 +222,14 @@ class P2PBuildTask(koji.tasks.BaseTaskHandler):  # type: ignore[misc]
             remote.close()
         return dest
 
-    def _failure_message(self, build: BuildRow) -> str:
+    def _failure_message(self, build: BuildStatus) -> str:
         lines = [f"p2p build {build.id} failed: {build.reason}"]
         if build.report:
             lines += ["", build.report.rstrip()]
         self._upload_report(build)
         return "\n".join(lines)
 
-    def _upload_report(self, build: BuildRow) -> None:
+    def _upload_report(self, build: BuildStatus) -> None:
         if not build.report:
             return
         path = Path(self.workdir) / "p2pbuild-mismatch.txt"
@@ -240,20 +239,21 @@ class P2PBuildTask(koji.tasks.BaseTaskHandler):  # type: ignore[misc]
         except HUB_ERRORS as exc:
             _log.warning("koji task %d: report upload failed: %s", self.id, exc)
 
-    def _import(self, src: str, header: RpmHeader, srpm: Path, build: BuildRow,
+    def _import(self, src: str, header: RpmHeader, srpm: Path, build: BuildStatus,
                 outcome: P2POutcome, row: TaskRow) -> None:
-        config: KojiConfig = self.options.bridge.config
-        stored = Path(build.sink_path)
-        manifest = json.loads((stored / "manifest.json").read_text())
+        bridge: Bridge = self.options.bridge
+        config: KojiConfig = bridge.config
+        stored = outcome.stored
+        assert stored is not None
         # A fresh directory per attempt: what an interrupted attempt uploaded is not reused.
         upload_dir = f"p2p-cg/{time.time():.6f}.{secrets.token_hex(4)}"
         packages: list[OutputFile] = []
         names = set()
-        for item in manifest["artifacts"]:
-            path = stored / "artifacts" / item["name"]
-            filename = item["name"].rsplit("/", 1)[-1]
+        for item in stored.artifacts:
+            path = stored.artifact_path(item.name)
+            filename = item.name.rsplit("/", 1)[-1]
             if not filename.endswith(".rpm"):
-                _log.info("koji task %d: %s is not an RPM; not imported", self.id, item["name"])
+                _log.info("koji task %d: %s is not an RPM; not imported", self.id, item.name)
                 continue
             if filename in names:
                 raise koji.BuildError(f"two artifacts are named {filename}")
@@ -262,7 +262,7 @@ class P2PBuildTask(koji.tasks.BaseTaskHandler):  # type: ignore[misc]
                 rpm_header = read_rpm_header(path)
             except RpmHeaderError as exc:
                 raise koji.BuildError(str(exc)) from None
-            packages.append(OutputFile(filename, item["size"], item["sha256"], "rpm",
+            packages.append(OutputFile(filename, item.size, item.sha256, "rpm",
                                        rpm_header.arch))
             self.session.uploadWrapper(str(path), upload_dir, name=filename)
         if not any(p.arch != "src" for p in packages):
@@ -273,37 +273,23 @@ class P2PBuildTask(koji.tasks.BaseTaskHandler):  # type: ignore[misc]
                                           "rpm", "src"))
             self.session.uploadWrapper(str(srpm), upload_dir, name=srpm.name)
         proofs = []
-        for entry in manifest["verified_by"]:
-            subdir = node_subdir(entry["fingerprint"])
-            files = []
-            for path in outcome.node_files.get(subdir, []):
-                data = path.read_bytes()
-                files.append(OutputFile(path.name, len(data), hashlib.sha256(data).hexdigest(),
-                                        "log", "noarch", subdir))
-                self.session.uploadWrapper(str(path), f"{upload_dir}/{subdir}", name=path.name)
-            job_raw = (stored / entry["job"]).read_bytes()
-            result_raw = (stored / entry["result"]).read_bytes()
-            result = Result.from_bytes(result_raw)
-            proofs.append(NodeProof(
-                node=entry["node"], fingerprint=entry["fingerprint"],
-                operator=entry["operator"], job_id=entry["job_id"],
-                job_sha256=hashlib.sha256(job_raw).hexdigest(),
-                result_sha256=hashlib.sha256(result_raw).hexdigest(),
-                environment=result.environment_map, started_ms=result.started_ms,
-                ended_ms=result.ended_ms,
-                artifacts={a.name: a.sha256.hex() for a in result.artifacts}, files=tuple(files),
-            ))
+        for proof in stored.verified_by:
+            node = node_proof(stored, proof)
+            for upload, path in zip(node.files, node_files(stored, proof), strict=True):
+                self.session.uploadWrapper(str(path), f"{upload_dir}/{upload.relpath}",
+                                           name=upload.filename)
+            proofs.append(node)
         metadata = build_metadata(
             name=header.name, version=header.version, release=header.release,
             epoch=header.epoch, source=src, start_time=row.started, end_time=int(time.time()),
             content_generator=config.content_generator, packages=packages, nodes=proofs,
             extra={"p2pbuild": {
                 "build_id": build.id,
-                "dispatcher": str(self.options.bridge.engine.identity.public_key),
+                "dispatcher": bridge.service.dispatcher_key,
                 "verified_by": [{"node": p.node, "operator": p.operator} for p in proofs],
                 "reproducible": True,
                 "mismatch_report": build.report or None,
-                "trust_list_version": manifest.get("trust_list_version"),
+                "trust_list_version": stored.trust_list_version,
             }},
             build_id=row.build_id, task_id=self.id, owner=row.owner or None,
         )

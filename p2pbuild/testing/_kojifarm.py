@@ -1,7 +1,7 @@
 """A Koji hub, a dispatcher that is its build host, and push nodes, in one trio run.
 
 The hub is a child process (:class:`~p2pbuild.testing._kojihub.HubProcess`, so a test can
-kill and restart it); the dispatcher (:func:`~p2pbuild.dispatcher.run_dispatcher` with a
+kill and restart it); the dispatcher and its Koji host (``p2pbuild._wiring``, with a
 ``[koji]`` section) and the nodes (:func:`~p2pbuild.testing._farm.start_push_node`) run in
 the caller's nursery; :meth:`KojiFarm.koji` runs the real ``koji`` command line as a user
 with an SSL client certificate. Used by ``tests/koji`` and ``bench/dispatch.py``::
@@ -23,9 +23,10 @@ import attrs
 import tomli_w
 import trio
 
-from ..dispatcher import StaticFinder, load_config, run_dispatcher
-from ..dispatcher._service import RunningDispatcher
+from .._wiring import RunningService, load_service_config, serve_dispatcher
+from ..dispatcher import RunningDispatcher, StaticFinder
 from ..https import generate_tls_material
+from ..koji import KojiHost
 from ..node._service import JobRunner
 from ._farm import FarmNode, start_push_node
 from ._keys import TrustFixture
@@ -43,6 +44,7 @@ class KojiFarm:
     hub: HubProcess
     fixture: TrustFixture
     dispatcher: RunningDispatcher
+    host: KojiHost
     nodes: dict[str, FarmNode]
     user_config: Path
     admin_config: Path
@@ -141,17 +143,19 @@ async def start_koji_farm(
         "koji": section,
     }
     (base / "dispatcher.toml").write_text(tomli_w.dumps(document))
-    config = load_config(base / "dispatcher.toml")
-    running: RunningDispatcher = await nursery.start(
-        lambda task_status: run_dispatcher(config, finder=finder, task_status=task_status)
+    config = load_service_config(base / "dispatcher.toml")
+    running: RunningService = await nursery.start(
+        lambda task_status: serve_dispatcher(config, finder=finder, task_status=task_status)
     )
+    assert running.koji is not None
     user_config = write_koji_cli_config(tmp / "koji-user.conf", server=hub.https_url,
                                         topurl=hub.topurl, cert=pki.clients["plainuser"],
                                         serverca=pki.ca)
     admin_config = write_koji_cli_config(tmp / "koji-admin.conf", server=hub.https_url,
                                          topurl=hub.topurl, cert=pki.clients["kojiadmin"],
                                          serverca=pki.ca)
-    farm = KojiFarm(tmp, hub, fixture, running, nodes, user_config, admin_config)
+    farm = KojiFarm(tmp, hub, fixture, running.dispatcher, running.koji, nodes, user_config,
+                    admin_config)
     code, out, err = await farm.koji("grant-cg-access", HOST_NAME, "p2p-build", "--new",
                                      admin=True)
     if code != 0:

@@ -152,12 +152,16 @@ def test_nvr() -> None:
 
 
 def test_example_config_loads() -> None:
-    from p2pbuild.dispatcher import load_config
+    from p2pbuild._wiring import load_service_config
 
-    config = load_config(Path(__file__).parents[2] / "dispatcher" / "dispatcher.example.toml")
+    service = load_service_config(
+        Path(__file__).parents[2] / "dispatcher" / "dispatcher.example.toml"
+    )
+    config = service.dispatcher
+    assert service.koji is not None and service.koji.channel == "p2p"
     assert config.port == 7443
     assert config.dedicated_pools == {"team-x-metal": "team-x"}
-    assert config.clients[1].key is not None
+    assert any(c.key is not None for c in config.clients)
     assert config.dht_bootstrap[0] == ("seed1.example.org", 7420)
 
 

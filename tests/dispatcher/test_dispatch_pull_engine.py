@@ -33,6 +33,7 @@ from p2pbuild.dispatcher._pull import (
     UnknownPullJobError,
 )
 from p2pbuild.dispatcher._sink import RepositorySink
+from p2pbuild.dispatcher._stored import StoredBuild
 from p2pbuild.testing import make_trust_list
 from p2pbuild.testing._farm import node_entry
 
@@ -417,6 +418,10 @@ async def test_a_verified_pull_build_leaves_nothing_in_the_queue(
     assert synced == {x.job_id: 2 for x in attempts}
     # The sink has the artifacts; the queue has nothing left but two tombstones.
     assert (Path(done.sink_path) / "artifacts" / "out" / "hello.txt").read_bytes() == ARTIFACT
+    # The pull nodes' logs came through the queue and are kept with the build.
+    stored = StoredBuild.read(Path(done.sink_path))
+    assert [[log.name for log in p.logs] for p in stored.verified_by] == [["build.log"]] * 2
+    assert {stored.log_path(p, p.logs[0]).read_bytes() for p in stored.verified_by} == {LOG}
     queue_is_empty(farm, [x.job_id for x in attempts])
     assert list((farm.tmp / "pull").iterdir()) == []
     stats = farm.queue.statistics()

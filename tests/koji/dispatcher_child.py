@@ -21,13 +21,14 @@ from pathlib import Path
 import trio
 
 from p2pbuild import SignedRecord, TrustList
+from p2pbuild._wiring import load_service_config, serve_dispatcher
 from p2pbuild.dht import NodeEntry
-from p2pbuild.dispatcher import StaticFinder, load_config, run_dispatcher
+from p2pbuild.dispatcher import StaticFinder
 
 
 async def serve(config_path: Path, nodes_path: Path) -> None:
-    config = load_config(config_path)
-    trust_list = TrustList.from_bytes(config.trust_list_file.read_bytes())
+    config = load_service_config(config_path)
+    trust_list = TrustList.from_bytes(config.dispatcher.trust_list_file.read_bytes())
     finder = StaticFinder(trust_list)
     for item in json.loads(nodes_path.read_text()):
         capability = SignedRecord.from_bytes(bytes.fromhex(item["capability"]))
@@ -35,9 +36,9 @@ async def serve(config_path: Path, nodes_path: Path) -> None:
         finder.put(NodeEntry(capability.publisher, capability, status))
     with trio.open_signal_receiver(signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            running = await nursery.start(functools.partial(run_dispatcher, config,
+            running = await nursery.start(functools.partial(serve_dispatcher, config,
                                                             finder=finder))
-            print(json.dumps({"port": running.port}), flush=True)
+            print(json.dumps({"port": running.dispatcher.port}), flush=True)
             async for _ in signals:
                 nursery.cancel_scope.cancel()
                 break

@@ -127,7 +127,7 @@ async def test_koji_build_is_built_on_two_operators_imported_and_tagged(
     binary = next(o for o in metadata["output"] if o["type"] == "rpm" and o["arch"] != "src")
     for root in roots:
         assert root["extra"]["p2pbuild"]["artifacts"][binary["filename"]] == binary["checksum"]
-    host = farm.dispatcher.koji.statistics()
+    host = farm.host.statistics()
     assert host.tasks_taken == 1 and host.failed_rounds == 0
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from p2pbuild.dispatcher import ConfigError, load_config
+from p2pbuild._wiring import load_service_config
+from p2pbuild.dispatcher import ConfigError
 from p2pbuild.koji import CG_VERSION, NodeProof, OutputFile, build_metadata
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "shared" / "koji" / "cg-metadata-example.json"
@@ -24,12 +25,12 @@ def write(tmp: Path, koji: dict[str, object]) -> Path:
 def test_koji_section(tmp_path: Path) -> None:
     base = {"server": "https://hub/kojihub/", "topurl": "https://hub/kojifiles",
             "host": "gw", "password_file": "pw", "poll_interval_s": 2}
-    config = load_config(write(tmp_path, base)).koji
+    config = load_service_config(write(tmp_path, base)).koji
     assert config is not None
     assert config.server == "https://hub/kojihub"
     assert config.password_file == tmp_path / "pw"
     assert config.poll_interval_s == 2.0 and config.channel == "p2p"
-    assert load_config(write(tmp_path, {})).koji is None
+    assert load_service_config(write(tmp_path, {})).koji is None
     for bad, message in [
         ({"authtype": "kerberos"}, "authtype must be password or ssl"),
         ({"nope": 1}, "unknown key nope"),
@@ -39,7 +40,7 @@ def test_koji_section(tmp_path: Path) -> None:
     ]:
         koji = {k: v for k, v in {**base, **bad}.items() if v is not None}
         with pytest.raises(ConfigError, match=message):
-            load_config(write(tmp_path, koji))
+            load_service_config(write(tmp_path, koji))
 
 
 def node(name: str, operator: str) -> NodeProof:
