@@ -268,7 +268,7 @@ def _result(farm: LocalFarm, build: dict[str, Any]) -> dict[str, Any]:
             raise LocalError(f"{entry.result} does not name the stored artifacts")
         operator = farm.trust_list.require(result.node, Role.NODE).operator
         if result.buildroot is None:
-            raise LocalError(f"{entry['result']} lists no buildroot")
+            raise LocalError(f"{entry.result} lists no buildroot")
         env = result.environment_map
         packages = ", ".join(p.nevra for p in result.buildroot.packages)
         step = (f"cache {env.get('buildroot_cache', '?')}, set up in "
