@@ -14,8 +14,8 @@ paged and indexed (``bench/web.py``: 10,000 builds, 1,000 nodes).
 
 Node liveness (:class:`NodeSightings`): a node republishes its status every
 ``status_interval_s``; the interval is learnt from the issue times of the status records
-seen, and a node whose newest status is older than two intervals (plus a second) is
-*offline*. A node that is draining with nothing running is leaving (its last record, sent
+seen (median of the latest gaps), and a node whose newest status is older than two
+intervals (plus a second) is *offline*. A node that is draining with nothing running is leaving (its last record, sent
 as it stops) and is offline at once.
 """
 
@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import sqlite3
+import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -439,8 +440,13 @@ class NodeSightings:
     """The status records seen per node, to tell online from offline (module doc)."""
 
     grace_s: float = 1.0
-    #: node -> (issue time of its newest status, the interval learnt or None)
-    _seen: dict[str, tuple[int, float | None]] = attrs.field(factory=dict, init=False)
+    #: How many gaps between status records are kept per node; the interval is their
+    #: median once there are ``min_gaps``, so one early or late republish (a node
+    #: publishes out of turn as it starts and as it drains) does not move it.
+    max_gaps: int = 5
+    min_gaps: int = 3
+    #: node -> (issue time of its newest status, the latest gaps between issue times)
+    _seen: dict[str, tuple[int, tuple[float, ...]]] = attrs.field(factory=dict, init=False)
 
     def observe(self, entries: Mapping[str, NodeEntry]) -> None:
         """Note the status records of ``entries`` (by node key text)."""
@@ -450,15 +456,18 @@ class NodeSightings:
                 continue
             last = self._seen.get(key)
             if last is None:
-                self._seen[key] = (record.issued_at, None)
+                self._seen[key] = (record.issued_at, ())
             elif record.issued_at > last[0]:
-                gap = float(record.issued_at - last[0])
-                interval = gap if last[1] is None else min(last[1], gap)
-                self._seen[key] = (record.issued_at, interval)
+                gaps = (*last[1], float(record.issued_at - last[0]))[-self.max_gaps:]
+                self._seen[key] = (record.issued_at, gaps)
 
     def interval(self, node: str) -> float | None:
+        """The node's status interval as seen (a lookup that misses a record sees a
+        multiple of it, which only delays *offline*), or None while too few were seen."""
         seen = self._seen.get(node)
-        return None if seen is None else seen[1]
+        if seen is None or len(seen[1]) < self.min_gaps:
+            return None
+        return float(statistics.median(seen[1]))
 
     def state(self, key: str, entry: NodeEntry | None, now: float) -> str:
         """``online``, ``draining`` or ``offline`` for node ``key`` (its text)."""

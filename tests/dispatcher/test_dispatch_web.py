@@ -289,19 +289,24 @@ def test_a_node_is_offline_two_status_intervals_after_its_last_status() -> None:
                         uptime_s=10, draining=draining)
         return node_entry(identity, capability, status, now=issued, seq=issued)
 
+    # A node that publishes every 60 s, and once out of turn 5 s after it started.
     first = entry(1000)
     sightings.observe({key: first})
     assert sightings.state(key, first, 1000.0) == "online"
     assert sightings.state(key, first, 1200.0) == "online"  # interval unknown: until it expires
     assert sightings.state(key, first, 1000.0 + 300) == "offline"  # expired (lifetime 300 s)
-    second = entry(1002)
-    sightings.observe({key: second})
-    assert sightings.interval(key) == 2.0
-    assert sightings.state(key, second, 1002.0 + 5.0) == "online"   # 2 * 2 s + 1 s
-    assert sightings.state(key, second, 1002.0 + 5.1) == "offline"
-    assert sightings.state(key, entry(1004, draining=True, running=1), 1004.0) == "draining"
-    assert sightings.state(key, entry(1004, draining=True), 1004.0) == "offline"  # leaving
-    assert sightings.state(key, None, 1004.0) == "offline"
+    for issued in (1005, 1065, 1125):
+        latest = entry(issued)
+        sightings.observe({key: latest})
+    assert sightings.interval(key) == 60.0  # the median of 5, 60, 60
+    assert sightings.state(key, latest, 1125.0 + 121.0) == "online"   # 2 * 60 s + 1 s
+    assert sightings.state(key, latest, 1125.0 + 121.5) == "offline"
+    sightings.observe({key: entry(1185)})
+    sightings.observe({key: entry(1186)})  # out of turn again: the interval stays
+    assert sightings.interval(key) == 60.0
+    assert sightings.state(key, entry(1200, draining=True, running=1), 1200.0) == "draining"
+    assert sightings.state(key, entry(1200, draining=True), 1200.0) == "offline"  # leaving
+    assert sightings.state(key, None, 1200.0) == "offline"
 
 
 def test_builds_are_paged_newest_first_and_filtered(tmp_path: Path) -> None:
