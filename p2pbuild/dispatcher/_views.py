@@ -15,8 +15,8 @@ paged and indexed (``bench/web.py``: 10,000 builds, 1,000 nodes).
 Node liveness (:class:`NodeSightings`): a node republishes its status every
 ``status_interval_s``; the interval is learnt from the issue times of the status records
 seen (median of the latest gaps), and a node whose newest status is older than two
-intervals (plus a second) is *offline*. A node that is draining with nothing running is leaving (its last record, sent
-as it stops) and is offline at once.
+intervals (plus a second) is *offline*. A node that is draining with nothing running is
+leaving (its last record, sent as it stops) and is offline at once.
 """
 
 from __future__ import annotations
