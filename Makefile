@@ -14,6 +14,7 @@ demo: setup
 test: setup
 	$(BIN)/ruff check p2pbuild tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(MAKE) --no-print-directory bench BENCH_ARGS=--short
 	$(BIN)/pytest $(PYTEST_ARGS)
 
@@ -31,6 +32,7 @@ $(VENV)/.installed: pyproject.toml
 
 lint: setup
 	$(BIN)/ruff check p2pbuild tests bench
+	$(BIN)/lint-imports
 
 typecheck: setup
 	$(BIN)/mypy
