@@ -43,7 +43,7 @@ from ._db import AttemptRow, AttemptState, BuildRow, BuildState, HeartbeatRow, O
 from ._errors import SinkError
 from ._ratings import Decayed, NodeRating, RatingModel, Signal, combine, mtbf_score
 from ._sink import nvr_of
-from ._stored import StoredBuild
+from ._stored import StoredBuild, StoredProof
 from ._verify import artifact_key
 
 __all__ = [
@@ -336,6 +336,17 @@ def _public_detail(detail: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in detail.items() if k not in OPERATIONAL_KEYS}
 
 
+def _log_url(build_id: str, attempt: AttemptRow, kept: StoredProof | None,
+             name: str) -> str | None:
+    """Where a log can be downloaded: the repository keeps a verifying node's logs; a
+    push node keeps its own for a while; a pull node's is nowhere else (None)."""
+    if kept is not None and any(log.name == name for log in kept.logs):
+        return f"/builds/{build_id}/logs/{kept.stem}/{name}"
+    if attempt.endpoint:
+        return f"/builds/{build_id}/attempts/{attempt.id}/logs/{name}"
+    return None
+
+
 def build_view(
     reader: WebReader, build_id: str, now: float, trust_list: TrustList
 ) -> dict[str, Any] | None:
@@ -347,6 +358,13 @@ def build_view(
     raws = reader.results(build_id)
     proof = reader.proof_nodes([build_id]).get(build_id, [])
     ended = build.state.terminal
+    stored: StoredBuild | None = None
+    if build.state is BuildState.VERIFIED and build.sink_path:
+        try:
+            stored = StoredBuild.read(Path(build.sink_path))
+        except SinkError:
+            stored = None
+    kept = {p.node: p for p in stored.verified_by} if stored is not None else {}
     rows, replicas = [], []
     for attempt in attempts:
         raw = raws.get(attempt.id)
@@ -380,7 +398,10 @@ def build_view(
                 "sha256": _digest(raw or b""),
                 "build_s": round(result.duration_ms / 1000, 3),
                 "artifacts": _files(result.artifacts),
-                "logs": _files(result.logs),
+                "logs": [
+                    {**f, "url": _log_url(build_id, attempt, kept.get(attempt.node), f["name"])}
+                    for f in _files(result.logs)
+                ],
                 "environment": result.environment_map,
                 "buildroot": None if result.buildroot is None else {
                     "key": result.buildroot.key,
@@ -388,17 +409,10 @@ def build_view(
                               for n, d in result.buildroot.repos],
                     "packages": len(result.buildroot.packages),
                 },
-                "logs_available": bool(attempt.endpoint),
             }
             if attempt.state is AttemptState.SUCCEEDED:
                 replicas.append((attempt, result))
         rows.append(row)
-    stored: StoredBuild | None = None
-    if build.state is BuildState.VERIFIED and build.sink_path:
-        try:
-            stored = StoredBuild.read(Path(build.sink_path))
-        except SinkError:
-            stored = None
     proof_files = []
     for entry in stored.verified_by if stored is not None else ():
         for relpath in (entry.job, entry.result):

@@ -414,7 +414,7 @@ def web_routes(view: WebView) -> list[BaseRoute]:
     async def stored(request: Request) -> Response:
         build_row = view.reader.build(request.path_params["build_id"])
         kind, name = request.path_params["kind"], request.path_params["name"]
-        if kind not in ("artifacts", "proof"):
+        if kind not in ("artifacts", "proof", "logs"):
             return view.not_found(request, f"no such file {name[:100]}")
         if build_row is None or build_row.state is not BuildState.VERIFIED:
             return view.not_found(request, "no verified build")
@@ -425,12 +425,16 @@ def web_routes(view: WebView) -> list[BaseRoute]:
             return view.not_found(request, "the build's manifest is unreadable")
         if kind == "artifacts":
             allowed = {a.name for a in stored.artifacts}
+        elif kind == "logs":
+            allowed = {f"{e.stem}/{log.name}" for e in stored.verified_by for log in e.logs}
         else:
             allowed = {Path(relpath).name for e in stored.verified_by
                        for relpath in (e.job, e.result)}
         if name not in allowed:
             return view.not_found(request, f"no such file {name[:100]}")
         path = root / kind / name
+        if kind == "logs":
+            return FileResponse(path, media_type="text/plain; charset=utf-8")
         return FileResponse(path, media_type="application/octet-stream",
                             filename=Path(name).name)
 
