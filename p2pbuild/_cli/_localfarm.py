@@ -254,7 +254,9 @@ class LocalFarm:
 
     def command(self, name: str) -> list[str]:
         """The command line of process ``name`` (``bootstrap``, ``dispatcher`` or a node)."""
-        python = [sys.executable, "-m"]
+        # -P: the current directory is not put on sys.path, so a folder there named
+        # like the package (the folder holding a clone of it) cannot shadow it.
+        python = [sys.executable, "-P", "-m"]
         if name == SEED:
             return [*python, "p2pbuild", "dht", "serve", "--bind",
                     f"127.0.0.1:{self.seed_port}", "--json", "--log-interval", "0"]
@@ -283,7 +285,7 @@ class LocalFarm:
         with (logs / f"{name}.out").open("ab") as out, (logs / f"{name}.log").open("ab") as err:
             await trio.run_process(
                 self.command(name), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                check=False, env=env, deliver_cancel=self._terminate, task_status=task_status,
+                check=False, env=env, cwd=self.root, deliver_cancel=self._terminate, task_status=task_status,
             )
 
     def _tail(self, name: str) -> str:
@@ -459,7 +461,7 @@ class LocalFarm:
     async def cli(self, *argv: str) -> Any:
         """Run ``p2pbuild ARGV --client-config <the farm's> --json`` as a child process;
         its parsed JSON output. Raises :class:`FarmError` on a non-zero exit."""
-        command = [sys.executable, "-m", "p2pbuild", *argv,
+        command = [sys.executable, "-P", "-m", "p2pbuild", *argv,
                    "--client-config", str(self.client_config), "--json"]
         done = await trio.run_process(command, capture_stdout=True, capture_stderr=True,
                                       check=False)
