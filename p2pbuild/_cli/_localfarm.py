@@ -285,7 +285,8 @@ class LocalFarm:
         with (logs / f"{name}.out").open("ab") as out, (logs / f"{name}.log").open("ab") as err:
             await trio.run_process(
                 self.command(name), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                check=False, env=env, cwd=self.root, deliver_cancel=self._terminate, task_status=task_status,
+                check=False, env=env, cwd=self.root, deliver_cancel=self._terminate,
+                task_status=task_status,
             )
 
     def _tail(self, name: str) -> str:
