@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .._errors import KeyFileError
 from .._identity import Identity, Role, load_public_key
 
 __all__ = ["register"]
@@ -45,7 +46,14 @@ def register(sub: Any) -> None:
 
 def _generate(args: argparse.Namespace) -> int:
     identity = Identity.generate(Role(args.role))
-    pub_path = identity.save(args.out)
+    folder: Path = args.out.expanduser().parent
+    if not folder.is_dir():
+        # A new folder for keys (~/.p2pbuild): readable by its owner only.
+        try:
+            folder.mkdir(mode=0o700, parents=True)
+        except OSError as exc:
+            raise KeyFileError(f"cannot create {folder}: {exc.strerror}") from None
+    pub_path = identity.save(args.out.expanduser())
     key = identity.public_key
     if args.json:
         print(json.dumps({

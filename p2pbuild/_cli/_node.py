@@ -26,7 +26,7 @@ from .._errors import LocalError, MalformedError, RemoteError
 from .._identity import Identity, Role
 from ..https import CertificatePinError, generate_tls_material, load_tls_material, pinned_client
 from ..node._config import ConfigError, load_config, parse_host_port, render_config
-from ..node._daemon import load_trust_file
+from ..node._daemon import load_trust_file, trust_problem
 from ..node._serve import serve_node
 from ..node._state import NodeState
 from ._startup import explain_bind_failure
@@ -167,11 +167,16 @@ def _init(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.check:
-        Identity.load(config.key_file)
-        load_trust_file(config.trust_list, time.time())
+        identity = Identity.load(config.key_file)
+        trust = load_trust_file(config.trust_list, time.time())
+        problem = trust_problem(trust, identity.public_key)
+        if problem is not None:
+            raise ConfigError(problem)
         if config.api.enabled:
             load_tls_material(config.tls_dir)
-        print(f"{args.config}: OK")
+        print(f"{args.config}: OK (listed as a node of "
+              f"{trust.require(identity.public_key, Role.NODE).operator} on trust list "
+              f"v{trust.version})")
         return 0
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
@@ -207,6 +212,12 @@ def _status(args: argparse.Namespace) -> int:
     elif run_info is not None:
         report.update(source="run-file", pid=run_info.get("pid"), node=run_info.get("node"))
         report["running"] = _pid_alive(run_info.get("pid"))
+    report["trust"] = _trust_report(config)
+    if run_info is not None and report["running"] and "dht_contacts" in run_info:
+        report["dht"] = {"contacts": run_info["dht_contacts"],
+                         "bootstrap": run_info.get("dht_bootstrap", []),
+                         "as_of": run_info.get("updated_at"),
+                         "trust_version_in_use": run_info.get("trust_version")}
     if report.get("source") != "api" and config.state_file.exists():
         try:
             with NodeState.open(config.state_file) as state:
@@ -218,6 +229,21 @@ def _status(args: argparse.Namespace) -> int:
     else:
         _print_status(report)
     return 0
+
+
+def _trust_report(config: Any) -> dict[str, Any]:
+    """The trust list file as this node sees it: valid or why not, and whether this node's
+    key is on it as a node."""
+    try:
+        identity = Identity.load(config.key_file)
+        trust = load_trust_file(config.trust_list, time.time())
+    except (LocalError, RemoteError) as exc:
+        return {"valid": False, "problem": str(exc)}
+    problem = trust_problem(trust, identity.public_key)
+    entry = trust.entry(identity.public_key)
+    return {"valid": True, "version": trust.version, "expires_at": trust.expires_at,
+            "listed": problem is None, "problem": problem,
+            "operator": entry.operator if entry is not None else None}
 
 
 async def _ask(port: int, pin: bytes) -> dict[str, Any]:
@@ -256,6 +282,23 @@ def _print_status(report: dict[str, Any]) -> None:
         rejected = live.get("rejected") or {}
         if rejected:
             print("rejected: " + ", ".join(f"{k}={v}" for k, v in sorted(rejected.items())))
+    trust = report["trust"]
+    if not trust["valid"]:
+        print(f"trust:    NOT USABLE: {trust['problem']}")
+    else:
+        expires = time.strftime("%Y-%m-%d", time.gmtime(trust["expires_at"]))
+        listed = (f"this node listed as a node of {trust['operator']}" if trust["listed"]
+                  else f"NOT TRUSTED: {trust['problem']}")
+        print(f"trust:    v{trust['version']} (expires {expires}); {listed}")
+    dht = report.get("dht")
+    if dht is not None:
+        alone = dht["contacts"] == 0
+        print(f"dht:      {dht['contacts']} contact(s)"
+              + (f"; NO BOOTSTRAP NODE ANSWERS ({', '.join(dht['bootstrap'])}): dispatchers "
+                 "cannot find this node" if alone and dht["bootstrap"] else "")
+              + (f" (trust list v{dht['trust_version_in_use']} in use)"
+                 if dht.get("trust_version_in_use") not in (None, trust.get("version"))
+                 else ""))
     state = report.get("state")
     if state:
         print(f"state:    {state['finished']} finished result(s), {state['unfinished']} "

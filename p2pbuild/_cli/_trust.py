@@ -75,6 +75,9 @@ def register(sub: Any) -> None:
                          help="restrict the node to this pool; repeat")
     add_cmd.add_argument("--arch", action="append", default=[], metavar="A",
                          help="restrict the node to this architecture; repeat")
+    add_cmd.add_argument("--force-role", action="store_true",
+                         help="trust the key in --role although its key file, or its entry "
+                         "already on the list, says it is another role")
     add_cmd.set_defaults(func=_add)
 
     remove = add("remove", "revoke a key", "Remove KEY's entry: from this version on it is "
@@ -181,15 +184,49 @@ def _init(args: argparse.Namespace) -> int:
     entries = tuple(TrustEntry(key, Role.MAINTAINER, args.operator) for key in keys)
     trust = TrustList(1, _expiry(args.days), args.threshold, entries)
     _write(path, trust)
-    print(f"wrote unsigned v1 to {path}: {len(keys)} maintainers, threshold {args.threshold}")
+    print(f"wrote unsigned v1 to {path}: {len(keys)} maintainer{'s' if len(keys) != 1 else ''}, "
+          f"threshold {args.threshold}")
     print(f"next: add keys with 'p2pbuild trust add', then {args.threshold} maintainers run "
           f"'p2pbuild trust sign --key MAINTAINER_KEY -f {path}'")
     return 0
 
 
+def _declared_role(text: str) -> Role | None:
+    """The role a key file declares (a ``.pub`` line's second word, a private key file's
+    role), or None for ``ed25519:...`` text and files that declare none."""
+    path = Path(text)
+    if text.startswith("ed25519:") or not path.is_file():
+        return None
+    if path.suffix == ".pub":
+        try:
+            fields = path.read_text(encoding="utf-8")[:4096].split()
+        except (OSError, UnicodeDecodeError):
+            return None
+        try:
+            return Role(fields[1]) if len(fields) > 1 else None
+        except ValueError:
+            return None
+    return Identity.load(path).role
+
+
 def _add(args: argparse.Namespace) -> int:
     key = load_public_key(args.key)
-    entry = TrustEntry(key, Role(args.role), args.operator, sorted(set(args.pool)),
+    role = Role(args.role)
+    declared = _declared_role(args.key)
+    current = load_trust_list(args.file).entry(key)
+    if not args.force_role:
+        if declared is not None and declared is not role:
+            raise LocalError(
+                f"{args.key} is a {declared.value} key, not a {role.value} key: trusting it as "
+                f"a {role.value} would make it one (pass --force-role if that is meant)"
+            )
+        if current is not None and current.role is not role:
+            raise LocalError(
+                f"{key.fingerprint} is on the list as a {current.role.value} of "
+                f"{current.operator}; adding it as a {role.value} would replace that entry "
+                "(pass --force-role if that is meant)"
+            )
+    entry = TrustEntry(key, role, args.operator, sorted(set(args.pool)),
                        sorted(set(args.arch)))
     new = _edit(args.file, lambda t: t.with_entry(entry))
     print(f"v{new.version}: {key.fingerprint} trusted as {args.role} of {args.operator}; "
@@ -232,12 +269,18 @@ def _sign(args: argparse.Namespace) -> int:
     signed = trust.sign(identity)
     _write(path, signed)
     mine = len(signed.valid_signers(signed.maintainers))
-    print(f"signed v{signed.version} as {key.fingerprint}: {mine} of {signed.threshold} "
-          f"needed v{signed.version} maintainer signatures")
+    print(f"signed v{signed.version} as {key.fingerprint}: "
+          f"{_signature_count(mine, signed.threshold, signed.version)}")
     if previous is not None:
         old = len(signed.valid_signers(previous.maintainers))
-        print(f"  {old} of {previous.threshold} needed v{previous.version} maintainer signatures")
+        print(f"  {_signature_count(old, previous.threshold, previous.version)}")
     return 0
+
+
+def _signature_count(have: int, needed: int, version: int) -> str:
+    state = "enough" if have >= needed else f"{needed - have} more needed"
+    return (f"{have} valid v{version} maintainer signature{'s' if have != 1 else ''} of the "
+            f"{needed} required ({state})")
 
 
 def _previous(path: Path, trust: TrustList, given: Path | None) -> TrustList | None:
@@ -250,23 +293,42 @@ def _previous(path: Path, trust: TrustList, given: Path | None) -> TrustList | N
 def _verify(args: argparse.Namespace) -> int:
     trust = load_trust_list(args.file)
     now = time.time()
+    # Without --previous, the archived previous version next to the file (as ``sign``
+    # finds it): a v2 signed by its own threshold but not by v1's is no valid rotation,
+    # and nodes that trust v1 refuse it.
+    previous = _previous(args.file, trust, args.previous)
     try:
-        if args.previous is not None:
-            load_trust_list(args.previous).verify_successor(trust, now)
+        if previous is not None:
+            previous.verify_successor(trust, now)
         else:
             trust.verify(now)
     except P2PBuildError as exc:
+        reason = str(exc)
+        if previous is not None:
+            old = len(trust.valid_signers(previous.maintainers))
+            reason += (f" ({old} of {previous.threshold} needed v{previous.version} maintainer "
+                       f"signatures, {len(trust.valid_signers(trust.maintainers))} of "
+                       f"{trust.threshold} needed v{trust.version} ones)")
         if args.json:
             print(json.dumps({"valid": False, "version": trust.version, "code": exc.code,
-                              "reason": str(exc)}))
+                              "reason": reason,
+                              "previous": previous.version if previous else None}))
         else:
-            print(f"p2pbuild: INVALID: {exc}", file=sys.stderr)
+            print(f"p2pbuild: INVALID: {reason}", file=sys.stderr)
         return 1
+    unchecked = previous is None and trust.version > 1
     if args.json:
-        print(json.dumps({"valid": True, "version": trust.version}))
+        print(json.dumps({"valid": True, "version": trust.version,
+                          "previous": previous.version if previous else None}))
     else:
-        what = "a valid successor" if args.previous else "valid"
+        what = (f"a valid successor of v{previous.version}" if previous is not None
+                else "valid")
         print(f"trust list v{trust.version} is {what}; expires {_date(trust.expires_at)}")
+        if unchecked:
+            print(f"note: not checked against v{trust.version - 1} (no "
+                  f"{_archive_path(args.file, trust.version - 1).name} here; pass --previous): "
+                  f"nodes that trust v{trust.version - 1} accept it only if that threshold "
+                  "signed it too", file=sys.stderr)
     return 0
 
 

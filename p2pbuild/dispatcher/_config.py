@@ -90,6 +90,10 @@ class DispatcherConfig:
         return self.public_url or f"https://{self.host}:{self.port}"
 
 
+_KIND_WORDS = {int: "an integer", float: "a number", str: "text (a quoted string)",
+               list: "a list", dict: "a table", bool: "true or false"}
+
+
 def _get(table: Mapping[str, Any], key: str, kind: type, where: str, default: Any = None) -> Any:
     if key not in table:
         if default is None and kind is not type(None):
@@ -99,7 +103,7 @@ def _get(table: Mapping[str, Any], key: str, kind: type, where: str, default: An
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(f"{where}: {key} must be a {kind.__name__}")
+        raise ConfigError(f"{where}: {key} must be {_KIND_WORDS.get(kind, kind.__name__)}")
     return value
 
 

@@ -40,10 +40,10 @@ import attrs
 import trio
 
 from .._errors import P2PBuildError
-from .._identity import Identity, PublicKey
+from .._identity import Identity, PublicKey, Role
 from .._jobs import Result, ResultState
 from .._records import Capability, SignedRecord, Status
-from .._trust import MAX_TRUST_LIST_SIZE, TrustList
+from .._trust import MAX_TRUST_LIST_SIZE, TrustList, accept_update
 from ..dht import Directory, node_id_for, open_directory
 from ..https import TlsMaterial, load_tls_material
 from ._api import NodeApiConfig, serve_node_api
@@ -84,6 +84,29 @@ def load_trust_file(path: Path, now: float) -> TrustList:
     return trust
 
 
+def _file_stamp(path: Path) -> tuple[int, int, int]:
+    """What tells a replaced or rewritten file from the one read before."""
+    try:
+        info = path.stat()
+    except OSError:
+        return (0, 0, 0)
+    return (info.st_mtime_ns, info.st_size, info.st_ino)
+
+
+def trust_problem(trust: TrustList, key: PublicKey) -> str | None:
+    """Why dispatchers will ignore node ``key`` under ``trust`` (not listed, or listed in
+    another role), or None when it is listed as a node."""
+    entry = trust.entry(key)
+    if entry is None:
+        return (f"this node's key {key.fingerprint} is not on trust list v{trust.version}: "
+                "dispatchers ignore it until the farm's maintainers add it (send them the "
+                "line in node.key.pub and your operator name)")
+    if entry.role is not Role.NODE:
+        return (f"this node's key {key.fingerprint} is on trust list v{trust.version} as a "
+                f"{entry.role.value}, not as a node: dispatchers never send it jobs")
+    return None
+
+
 def _endpoint(config: NodeConfig, port: int) -> str:
     if config.api.endpoint:
         return config.api.endpoint
@@ -119,6 +142,8 @@ class NodeDaemon:
     urgent_timeout: float = 5.0
     #: How long pull clients get to upload handed-back results at shutdown.
     upload_timeout: float = 10.0
+    #: How often the trust list file is looked at for a new version (SIGHUP: at once).
+    trust_check_s: float = 30.0
 
     identity: Identity = attrs.field(init=False)
     trust_list: TrustList = attrs.field(init=False)
@@ -139,6 +164,8 @@ class NodeDaemon:
     _shutdown: trio.Event = attrs.field(factory=trio.Event, init=False)
     _urgent: bool = attrs.field(default=False, init=False)
     _stopped: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _trust_stamp: tuple[int, int, int] = attrs.field(default=(0, 0, 0), init=False)
+    _starts: int = attrs.field(default=0, init=False)
 
     @property
     def public_key(self) -> PublicKey:
@@ -196,7 +223,11 @@ class NodeDaemon:
         config = self.config
         now = self.clock()
         self.identity = Identity.load(config.key_file)
+        self._trust_stamp = _file_stamp(config.trust_list)
         self.trust_list = load_trust_file(config.trust_list, now)
+        problem = trust_problem(self.trust_list, self.identity.public_key)
+        if problem is not None:
+            _log.warning("%s", problem)
         if config.api.enabled:
             self.tls = load_tls_material(config.tls_dir)
         self._started_at = now
@@ -241,14 +272,17 @@ class NodeDaemon:
                 node_id=node_id_for(self.identity.public_key),
             ) as directory:
                 self.directory = directory
+                self._warn_alone()
                 async with trio.open_nursery() as nursery:
                     await self._start_services(nursery)
                     await self._publish(capability=True)
                     nursery.start_soon(self._status_loop)
                     nursery.start_soon(self._maintenance_loop)
+                    nursery.start_soon(self._trust_watch_loop)
                     for client in self.pull_clients:
                         await nursery.start(client.run)
-                    self._write_run_file(starts)
+                    self._starts = starts
+                    self._write_run_file()
                     _log.info(
                         "node %s running: %s, %s/%s, %s, build types %s, DHT %s",
                         self.public_key.fingerprint,
@@ -265,6 +299,53 @@ class NodeDaemon:
                     nursery.cancel_scope.cancel()
             self.config.run_file.unlink(missing_ok=True)
         _log.info("node %s stopped", self.public_key.fingerprint)
+
+    def _warn_alone(self) -> bool:
+        """Say so when no DHT node answered: the node publishes into nothing and no
+        dispatcher can find it. True when alone."""
+        bootstrap = self.config.dht.bootstrap
+        if not bootstrap or self.directory.statistics().contacts > 0:
+            return False
+        _log.warning(
+            "no DHT bootstrap node answered (%s): this node is not in the directory and no "
+            "dispatcher can find it; retrying every %gs (check [dht] bootstrap and that UDP "
+            "reaches it)", ", ".join(f"{h}:{p}" for h, p in bootstrap),
+            self.config.status_interval_s,
+        )
+        return True
+
+    def reload_trust_list(self) -> bool:
+        """Read the trust list file again and adopt it if it is the list in use or the valid
+        next version (signed by the threshold of the current one). Returns True when a new
+        version was adopted. Never raises: a list that is refused is logged and the current
+        one kept."""
+        path = self.config.trust_list
+        self._trust_stamp = _file_stamp(path)
+        now = self.clock()
+        try:
+            offered = load_trust_file(path, now)
+            adopted = accept_update(self.trust_list, offered, now)
+        except P2PBuildError as exc:
+            _log.warning("trust list %s not adopted; keeping v%d: %s", path,
+                         self.trust_list.version, exc)
+            return False
+        if adopted is self.trust_list:
+            return False
+        previous = self.trust_list.version
+        self.trust_list = adopted
+        self.service.trust_list = adopted
+        _log.info("trust list v%d adopted (was v%d)", adopted.version, previous)
+        problem = trust_problem(adopted, self.public_key)
+        if problem is not None:
+            _log.warning("%s", problem)
+        self._write_run_file()
+        return True
+
+    async def _trust_watch_loop(self) -> None:
+        while True:
+            await trio.sleep(self.trust_check_s)
+            if _file_stamp(self.config.trust_list) != self._trust_stamp:
+                self.reload_trust_list()
 
     def _limits(self) -> Limits:
         return executor_limits(self.config)
@@ -439,12 +520,14 @@ class NodeDaemon:
             if config.dht.bootstrap and self.directory.statistics().contacts == 0:
                 # Nobody answered at start (or everybody left): try the seeds again.
                 await self.directory.bootstrap(config.dht.bootstrap)
+                self._warn_alone()
             contacts = self.directory.statistics().contacts
             refresh = self.clock() >= next_capability or contacts > published_with
             if refresh:
                 next_capability = self.clock() + config.capability_lifetime_s / 2
                 published_with = contacts
             await self._publish(capability=refresh)
+            self._write_run_file()
 
     async def _maintenance_loop(self) -> None:
         assert self._state is not None
@@ -481,7 +564,10 @@ class NodeDaemon:
         with trio.move_on_after(self.urgent_timeout):
             await self._publish()
 
-    def _write_run_file(self, starts: int) -> None:
+    def _write_run_file(self) -> None:
+        """The run file ``node status`` reads: how to reach the daemon, and the state a
+        volunteer needs to see (trust list in use, whether it is listed, DHT contacts)."""
+        problem = trust_problem(self.trust_list, self.public_key)
         info = {
             "pid": os.getpid(),
             "node": str(self.public_key),
@@ -489,8 +575,15 @@ class NodeDaemon:
             "endpoint": self.endpoint,
             "tls_sha256": self.tls.sha256.hex() if self.tls is not None else None,
             "dht": list(self.directory.address),
-            "starts": starts,
+            "starts": self._starts,
             "started_at": int(self._started_at),
+            "trust_version": self.trust_list.version,
+            "trust_expires_at": self.trust_list.expires_at,
+            "trusted": problem is None,
+            "trust_problem": problem,
+            "dht_contacts": self.directory.statistics().contacts,
+            "dht_bootstrap": [f"{h}:{p}" for h, p in self.config.dht.bootstrap],
+            "updated_at": int(self.clock()),
         }
         path = self.config.run_file
         tmp = path.with_name(path.name + ".tmp")

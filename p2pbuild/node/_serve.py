@@ -1,4 +1,5 @@
-"""Run a node daemon as a process: its start line on stdout, SIGTERM/SIGINT to drain.
+"""Run a node daemon as a process: its start line on stdout, SIGTERM/SIGINT to drain,
+SIGHUP to read the trust list file again.
 
 What ``p2pbuild node run`` does once its config is loaded, and what a test-only node with
 another runner (``p2pbuild.testing.tampering_node``) does the same way.
@@ -24,7 +25,7 @@ __all__ = ["serve_node"]
 async def serve_node(config: NodeConfig, runner: JobRunner | None = None) -> int:
     """Run the daemon, print its start line, forward signals; ``runner`` replaces the
     sandboxed executor (a test node may run another)."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             daemon: NodeDaemon = await nursery.start(
                 functools.partial(run_node, config, runner=runner)
@@ -48,6 +49,10 @@ async def serve_node(config: NodeConfig, runner: JobRunner | None = None) -> int
 
 async def _forward_signals(signals: Any, daemon: NodeDaemon) -> None:
     async for signum in signals:
+        if signum == signal.SIGHUP:
+            logging.getLogger("p2pbuild.node").info("SIGHUP: reading the trust list again")
+            daemon.reload_trust_list()
+            continue
         urgent = daemon.shutdown_requested
         logging.getLogger("p2pbuild.node").info(
             "%s: %s", signal.Signals(signum).name,

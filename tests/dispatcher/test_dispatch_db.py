@@ -172,7 +172,7 @@ def test_config_errors_are_one_line(tmp_path: Path) -> None:
     for text, fragment in [
         ("[dispatcher]\n", "key is required"),
         ('[dispatcher]\nkey="k"\ntrust_list="t"\n[nope]\n', "unknown section [nope]"),
-        ('[dispatcher]\nkey="k"\ntrust_list="t"\n[api]\nport="x"\n', "port must be a int"),
+        ('[dispatcher]\nkey="k"\ntrust_list="t"\n[api]\nport="x"\n', "port must be an integer"),
         ('[dispatcher]\nkey="k"\ntrust_list="t"\n[[clients]]\nuser="u"\n', "exactly one"),
         ("not toml [", "not valid TOML"),
     ]:
