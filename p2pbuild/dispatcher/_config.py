@@ -80,6 +80,8 @@ class DispatcherConfig:
     keep_awake_interval_s: float = 60.0
     #: ``[api] keepalive_s``: a followed event stream's keep-alive interval.
     keepalive_s: float = 15.0
+    #: ``[api] web``: serve the public read-only web view and ``/metrics`` (``_web.py``).
+    web: bool = True
 
     @property
     def database(self) -> Path:
@@ -119,7 +121,7 @@ def _address(text: str, where: str) -> tuple[str, int]:
 _KEYS = {
     "dispatcher": {"key", "trust_list", "state_dir", "repository", "default_arch",
                    "default_os", "synchronous"},
-    "api": {"host", "port", "tls_dir", "public_url", "max_upload_bytes", "keepalive_s"},
+    "api": {"host", "port", "tls_dir", "public_url", "max_upload_bytes", "keepalive_s", "web"},
     "dht": {"host", "port", "bootstrap", "list_arches"},
     "clients": {"user", "team", "role", "token_sha256", "key"},
 }
@@ -229,6 +231,7 @@ def load_config(path: Path, extra_sections: Collection[str] = ()) -> DispatcherC
         default_arch=_get(main, "default_arch", str, w, "x86_64"),
         default_os=_get(main, "default_os", str, w, "fedora-41"),
         max_upload_bytes=_get(api, "max_upload_bytes", int, f"{path} [api]", 1024**3),
+        web=_get(api, "web", bool, f"{path} [api]", True),
         dht_host=_get(dht, "host", str, f"{path} [dht]", "0.0.0.0"),
         dht_port=_get(dht, "port", int, f"{path} [dht]", 7421),
         dht_bootstrap=tuple(

@@ -128,7 +128,8 @@ async def run_dispatcher(
             engine, auth, max_upload_bytes=config.max_upload_bytes,
             list_arches=config.list_arches,
             extra_routes=[*pull_routes(queue), *lease_routes(leases, auth),
-                          *web_routes(WebView(engine, config.list_arches))],
+                          *(web_routes(WebView(engine, config.list_arches))
+                            if config.web else ())],
             keepalive_s=config.keepalive_s,
         )
         api_config = NodeApiConfig(

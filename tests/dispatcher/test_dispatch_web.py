@@ -20,7 +20,13 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from p2pbuild._records import Capability, MachineType, Status
-from p2pbuild.dispatcher import StaticFinder, hash_token, load_config, run_dispatcher
+from p2pbuild.dispatcher import (
+    ConfigError,
+    StaticFinder,
+    hash_token,
+    load_config,
+    run_dispatcher,
+)
 from p2pbuild.dispatcher._db import BuildRow, BuildState, Database, ObservationRow
 from p2pbuild.dispatcher._ratings import DEFAULT_MODEL
 from p2pbuild.dispatcher._views import (
@@ -39,14 +45,14 @@ FIXTURE = make_trust_list(nodes=[("n1", "alice"), ("n2", "bob"), ("n3", "carol")
 TOKEN = "test-token-not-secret"
 
 
-def write_config(tmp: Path) -> Path:
+def write_config(tmp: Path, **api: Any) -> Path:
     FIXTURE.dispatchers["dispatcher-1"].save(tmp / "dispatcher.key")
     (tmp / "trust-list.bin").write_bytes(FIXTURE.trust_list.to_bytes())
     (tmp / "tls").mkdir()
     generate_tls_material(tmp / "tls")
     config = {
         "dispatcher": {"key": "dispatcher.key", "trust_list": "trust-list.bin"},
-        "api": {"port": 0},
+        "api": {"port": 0, **api},
         "clients": [{"user": "alice-user", "token_sha256": hash_token(TOKEN)}],
         "engine": {"follow_interval_s": 2, "backoff_base_s": 0.05},
     }
@@ -56,7 +62,7 @@ def write_config(tmp: Path) -> Path:
 
 
 async def start(
-    nursery: trio.Nursery, tmp: Path, runners: dict[str, InstantRunner]
+    nursery: trio.Nursery, tmp: Path, runners: dict[str, InstantRunner], **api: Any
 ) -> tuple[Any, dict[str, FarmNode]]:
     finder = StaticFinder(FIXTURE.trust_list)
     nodes = {}
@@ -65,7 +71,7 @@ async def start(
                                      FIXTURE.trust_list, runner)
         finder.put(node.entry())
         nodes[name] = node
-    config = load_config(write_config(tmp))
+    config = load_config(write_config(tmp, **api))
     running = await nursery.start(lambda task_status: run_dispatcher(
         config, finder=finder, task_status=task_status))
     return running, nodes
@@ -274,6 +280,21 @@ async def test_metrics_of_the_dispatcher_and_of_a_node_parse(
     assert samples[("p2pbuild_node_builds_total", (("state", "succeeded"),))] == 1
     assert samples[("p2pbuild_node_jobs_accepted_total", ())] == 1
     assert samples[("p2pbuild_node_sandbox_seconds_total", ())] >= 0
+
+
+@pytest.mark.slow
+async def test_a_dispatcher_configured_without_the_web_view_serves_none_of_it(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    running, _ = await start(nursery, tmp_path, {}, web=False)
+    async with pinned_client(running.tls.sha256, base_url=running.url) as http:
+        for path in ("/builds", "/v1/web/builds", "/nodes", "/trust", "/metrics",
+                     "/static/live.js"):
+            assert (await http.get(path)).status_code == 404, path
+        assert (await http.get("/v1/builds")).status_code == 401  # the API is still there
+    (tmp_path / "bad").mkdir()
+    with pytest.raises(ConfigError, match="web"):
+        load_config(write_config(tmp_path / "bad", web="yes"))
 
 
 # -- pure parts -----------------------------------------------------------------------------------
