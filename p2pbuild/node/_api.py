@@ -426,7 +426,7 @@ async def serve_node_api(
     async with trio.open_nursery() as nursery:
         await nursery.start(service.run)
         if on_demand is not None:
-            await nursery.start(on_demand.run, lambda: service.statistics().running)
+            await nursery.start(on_demand.run, service.activity)
         port = await nursery.start(serve_app, make_app(service, config, on_demand), config)
         task_status.started(port)
 

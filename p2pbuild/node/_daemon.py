@@ -423,9 +423,7 @@ class NodeDaemon:
         else:
             await nursery.start(self.service.run)
             if self.on_demand is not None:
-                await nursery.start(
-                    self.on_demand.run, lambda: self.service.statistics().running
-                )
+                await nursery.start(self.on_demand.run, self.service.activity)
         self.pull_clients = [
             PullClient(
                 dispatcher,

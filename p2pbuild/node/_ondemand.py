@@ -68,6 +68,7 @@ class OnDemand:
     wakes: int = 0
     refused: int = 0
     _last_busy: float = attrs.field(default=None)
+    _accepted: int = attrs.field(default=0, init=False)
     _changed: trio.Event = attrs.field(factory=trio.Event, init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -76,9 +77,14 @@ class OnDemand:
 
     # -- decisions (pure) ----------------------------------------------------------------------
 
-    def observe(self, running: int, now: float) -> str | None:
+    def observe(self, running: int, now: float, accepted: int | None = None) -> str | None:
         """``"standby"`` when the node should go to standby now, ``"wake"`` when a build
-        runs while in standby (a job arrived without a wake request), else None."""
+        runs, or was accepted since the last call (``accepted``: the count of jobs ever
+        accepted, so a job shorter than the watch interval is seen too), while in standby
+        (a job arrived without a wake request), else None."""
+        if accepted is not None and accepted != self._accepted:
+            self._accepted = accepted
+            running = max(running, 1)
         if running > 0:
             self._last_busy = now
             return "wake" if self.standby else None
@@ -143,14 +149,16 @@ class OnDemand:
             _log.warning("hook %s cannot run: %s", command[0], exc)
 
     async def run(
-        self, running: Callable[[], int], *, interval: float = 0.2,
+        self, activity: Callable[[], tuple[int, int]], *, interval: float = 0.2,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Watch ``running()`` (builds in progress) every ``interval`` seconds and go to
-        standby or wake up as :meth:`observe` says, until cancelled."""
+        """Watch ``activity()`` (builds running, jobs ever accepted) every ``interval``
+        seconds and go to standby or wake up as :meth:`observe` says, until cancelled."""
         task_status.started()
+        self._accepted = activity()[1]
         while True:
-            action = self.observe(running(), self.clock())
+            running, accepted = activity()
+            action = self.observe(running, self.clock(), accepted)
             if action == "standby":
                 await self.sleep()
             elif action == "wake":

@@ -673,6 +673,11 @@ class JobService:
                 return
             await changed.wait()
 
+    def activity(self) -> tuple[int, int]:
+        """Builds running now and jobs accepted ever (what an on-demand node watches)."""
+        stats = self.statistics()
+        return stats.running, stats.accepted
+
     def statistics(self) -> JobServiceStatistics:
         return JobServiceStatistics(
             slots=self.slots,
