@@ -39,6 +39,14 @@ def register(sub: Any) -> None:
     submit.add_argument("--pool")
     submit.add_argument("--lease", metavar="ID", help="run only on this lease's nodes "
                         "(p2pbuild lease request)")
+    submit.add_argument("--repo", action="append", default=[], metavar="NAME=URL[@SHA256]",
+                        help="build in a clean buildroot from this RPM repository (repeat "
+                        "for more, in priority order); without @SHA256 the dispatcher pins "
+                        "its current repodata/repomd.xml")
+    submit.add_argument("--base-package", action="append", default=[], metavar="NAME",
+                        help="a package the buildroot starts with (with --repo)")
+    submit.add_argument("--comps-group", metavar="GROUP",
+                        help="the comps group the buildroot starts with, e.g. buildsys-build")
     submit.add_argument("--wait", action="store_true", help="follow the build to its end")
     client_args(submit)
     submit.set_defaults(func=_submit)
@@ -89,6 +97,10 @@ def _submit(args: argparse.Namespace) -> int:
     for key in ("arch", "os", "machine", "pool", "lease"):
         if getattr(args, key):
             params[key] = getattr(args, key)
+    if args.repo:
+        params["buildroot"] = json.dumps(_buildroot(args))
+    elif args.base_package or args.comps_group:
+        raise ConfigError("--base-package and --comps-group need at least one --repo")
 
     submitted: list[str] = []
 
@@ -114,6 +126,23 @@ def _submit(args: argparse.Namespace) -> int:
               f"p2pbuild builds watch {submitted[0]}", file=sys.stderr)
         return 130
     return status
+
+
+def _buildroot(args: argparse.Namespace) -> dict[str, Any]:
+    repos = []
+    for text in args.repo:
+        name, sep, rest = text.partition("=")
+        if not sep or not name or not rest:
+            raise ConfigError(f"--repo {text!r}: expected NAME=URL[@SHA256]")
+        url, at, digest = rest.rpartition("@")
+        pinned = bool(at) and len(digest) == 64 and all(
+            c in "0123456789abcdef" for c in digest.lower())
+        repo: dict[str, str] = {"name": name, "url": url if pinned else rest}
+        if pinned:
+            repo["repomd_sha256"] = digest.lower()
+        repos.append(repo)
+    return {"repos": repos, "group": args.comps_group or "",
+            "packages": sorted(set(args.base_package))}
 
 
 async def _follow(http: httpx.AsyncClient, client: Client, build_id: str, as_json: bool) -> int:

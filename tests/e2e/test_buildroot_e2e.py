@@ -4,6 +4,7 @@ repository at submission and verifies across two operators' buildroots."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -61,7 +62,13 @@ async def test_a_buildroot_build_verifies_across_operators_and_a_missing_one_fai
         # The repository re-published without the devel package: nothing provides it.
         publish_repository(www / "repo", [write_rpm(tmp_path / "other", "unrelated",
                                                     files={"/usr/share/unrelated/x": "x"})])
-        submitted = await farm.submit(srpm.path, buildroot=json.dumps(buildroot))
+        # Through the CLI this time, pinned by the client.
+        republished = hashlib.sha256((www / "repo" / "repodata" / "repomd.xml").read_bytes())
+        submitted = await farm.cli("submit", str(srpm.path), "--repo",
+                                   f"greet={base}/repo/@{republished.hexdigest()}")
+        assert submitted["options"]["buildroot"]["repos"][0]["repomd_sha256"] == (
+            republished.hexdigest()
+        )
         build = await farm.wait_build(submitted["id"], timeout=120)
         assert build["state"] == "failed"
         assert "rejected: missing-build-dependency: p2pbuild-greet-devel" in build["reason"]
