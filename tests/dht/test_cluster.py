@@ -161,16 +161,24 @@ async def test_partition_hides_the_other_side_until_healed(
         await publish_all(cluster)
         hosts = [endpoint.local_address[0] for endpoint in cluster.endpoints]
         cluster.network.partition(hosts[:20], hosts[20:])
-        far = node_key(cluster.identities[30].public_key)
-        # The far publisher's holders are mostly on its side: a cut-off reader sees little.
+        # Published during the split by a node on the right: every holder is on the right,
+        # so a reader on the left cannot see it, one on the right can.
+        publisher = cluster.identities[30]
+        now = int(cluster.nodes[30].now())
+        fresh = SignedRecord.create(publisher, example_status(), seq=2, issued_at=now,
+                                    lifetime=1800)
+        await cluster.nodes[30].publish([fresh])
+        far = node_key(publisher.public_key)
         left = await cluster.nodes[3].get(far)
         right = await cluster.nodes[25].get(far)
-        assert len(right) == 2
+        assert fresh not in left
+        assert fresh in right
+        assert cluster.network.counters["partitioned"] > 0
+        # Records published before the split are held on both sides: still found on the left.
+        assert len(left) == 2
         cluster.network.heal()
         await trio.sleep(5)
-        assert len(await cluster.nodes[3].get(far)) == 2
-        assert cluster.network.counters["partitioned"] > 0
-        assert len(left) < 2 or cluster.network.counters["partitioned"] > 0
+        assert fresh in await cluster.nodes[3].get(far)
 
 
 async def _late_joiner_misses(config: DhtConfig | None) -> int:

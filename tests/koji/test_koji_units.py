@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import tomli_w
@@ -53,21 +54,31 @@ def node(name: str, operator: str) -> NodeProof:
     )
 
 
-def test_metadata_has_the_shape_the_hub_accepted() -> None:
-    metadata = build_metadata(
+def example_metadata() -> dict[str, Any]:
+    return build_metadata(
         name="hello", version="1.0", release="1", epoch=None, source="cli-build/x.src.rpm",
         start_time=1, end_time=2, content_generator="p2p-build",
         packages=[OutputFile("hello-1.0-1.src.rpm", 5, "55" * 32, "rpm", "src"),
                   OutputFile("hello-1.0-1.x86_64.rpm", 6, "66" * 32, "rpm", "x86_64")],
         nodes=[node("a", "alice"), node("b", "bob")], extra={"p2pbuild": {"n": 2}},
     )
-    if EXAMPLE.exists():
-        example = json.loads(EXAMPLE.read_text())
-        assert set(metadata) == set(example)
-        assert set(metadata["build"]) == set(example["build"])
-        assert set(metadata["buildroots"][0]) == set(example["buildroots"][0])
-        for out in metadata["output"]:
-            assert set(example["output"][0]) <= set(out)
+
+
+def test_metadata_has_the_keys_of_the_verified_example() -> None:
+    # The example is the metadata a real hub accepted, kept next to this repository.
+    if not EXAMPLE.exists():
+        pytest.skip(f"{EXAMPLE} is absent: the metadata keys are not compared with it")
+    metadata = example_metadata()
+    example = json.loads(EXAMPLE.read_text())
+    assert set(metadata) == set(example)
+    assert set(metadata["build"]) == set(example["build"])
+    assert set(metadata["buildroots"][0]) == set(example["buildroots"][0])
+    for out in metadata["output"]:
+        assert set(example["output"][0]) <= set(out)
+
+
+def test_metadata_has_the_shape_the_hub_accepted() -> None:
+    metadata = example_metadata()
     assert [b["id"] for b in metadata["buildroots"]] == [1, 2]
     assert {o["buildroot_id"] for o in metadata["output"]} == {1, 2}
     assert metadata["buildroots"][1]["extra"]["p2pbuild"]["operator"] == "bob"
