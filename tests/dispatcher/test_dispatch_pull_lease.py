@@ -7,23 +7,29 @@ every deadline is exact virtual time; the routes are then checked over real loop
 from __future__ import annotations
 
 import hashlib
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import trio
+from pull_fixtures import (
+    ARTIFACT,
+    NODE_1,
+    NODE_2,
+    auth,
+    chunks,
+    job_for,
+    make_queue,
+    serve_queue,
+    shifted_clock,
+    taken,
+)
 
 from p2pbuild import (
-    BuildType,
     FileDigest,
     Identity,
     Job,
-    JobSpec,
-    PullAuth,
     Result,
-    SourceArtifact,
-    Target,
 )
 from p2pbuild._errors import MalformedError
 from p2pbuild.dispatcher._errors import NodeError
@@ -33,41 +39,9 @@ from p2pbuild.dispatcher._pull import (
     JobWithdrawnError,
     LeaseExpiredError,
     LeaseProgress,
-    PullQueue,
     UnknownPullJobError,
 )
-from p2pbuild.dispatcher._pull_routes import serve_pull
-from p2pbuild.https import generate_tls_material, pinned_client
-from p2pbuild.node._pull import auth_header
-from p2pbuild.testing import make_trust_list
-
-FIXTURE = make_trust_list()
-DISPATCHER = FIXTURE.dispatchers["dispatcher-1"]
-NODE_1 = FIXTURE.nodes["node-1"]
-NODE_2 = FIXTURE.nodes["node-2"]
-SOURCE = SourceArtifact("a.tar.gz", 3, hashlib.sha256(b"abc").digest(), "https://x.invalid/a")
-T0 = float(int(time.time()))
-ARTIFACT = b"the built thing\n"
-
-
-def clock() -> float:
-    """Unix time that moves with trio's (virtual) clock."""
-    return T0 + trio.current_time()
-
-
-def make_queue(tmp_path: Path, **kwargs: object) -> PullQueue:
-    return PullQueue(
-        DISPATCHER.public_key, FIXTURE.trust_list, tmp_path / "uploads", clock=clock,
-        **kwargs,  # type: ignore[arg-type]
-    )
-
-
-def job_for(node: Identity | None = None) -> Job:
-    spec = JobSpec(SOURCE, BuildType.MAKE, Target("x86_64", "fedora-41"), time_limit_s=3600)
-    return Job.create(
-        DISPATCHER, spec, issued_at=int(clock()), lifetime=4200,
-        node=node.public_key if node is not None else None,
-    )
+from p2pbuild.https import pinned_client
 
 
 def result_for(node: Identity, job: Job, *, files: bool = True) -> Result:
@@ -78,17 +52,6 @@ def result_for(node: Identity, job: Job, *, files: bool = True) -> Result:
         node, job, state="succeeded", exit_code=0, started_ms=1, ended_ms=2,
         environment={}, artifacts=[digest] if files else [], logs=[],
     )  # fmt: skip
-
-
-async def chunks(data: bytes) -> AsyncIterator[bytes]:
-    yield data
-
-
-async def taken(queue: PullQueue, node: Identity, for_node: Identity | None = None) -> Job:
-    job = job_for(for_node)
-    queue.offer(for_node.public_key if for_node else None, job)
-    assert await queue.take(node.public_key, 0) == job
-    return job
 
 
 def test_lease_must_cover_two_heartbeats(tmp_path: Path) -> None:
@@ -274,19 +237,10 @@ async def test_lease_route_renews_refuses_and_answers_gone(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
     offset = [0.0]
-    (tmp_path / "tls").mkdir()
-    tls = generate_tls_material(tmp_path / "tls", "localhost")
-    queue = PullQueue(
-        DISPATCHER.public_key, FIXTURE.trust_list, tmp_path / "uploads",
-        clock=lambda: time.time() + offset[0], lease_s=20.0, heartbeat_s=5.0,
-    )  # fmt: skip
-    port = await nursery.start(serve_pull, queue, tls)
-
-    def auth(identity: Identity = NODE_1) -> dict[str, str]:
-        token = PullAuth.create(identity, DISPATCHER.public_key, issued_at=int(time.time()))
-        return {"authorization": auth_header(token)}
-
-    async with pinned_client(tls.sha256, base_url=f"https://127.0.0.1:{port}", timeout=10) as c:
+    queue, url, tls = await serve_queue(
+        nursery, tmp_path, clock=shifted_clock(offset), lease_s=20.0, heartbeat_s=5.0
+    )
+    async with pinned_client(tls.sha256, base_url=url, timeout=10) as c:
         kept, withdrawn, lost = job_for(NODE_1), job_for(NODE_1), job_for(NODE_1)
         for job in (kept, withdrawn, lost):
             queue.offer(NODE_1.public_key, job)

@@ -8,25 +8,30 @@ autojump clock; the routes are driven in process (ASGI), so every answer is dete
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 import trio
+from pull_fixtures import (
+    ARTIFACT,
+    NODE_1,
+    NODE_2,
+    auth,
+    chunks,
+    clock,
+    make_queue,
+)
+from pull_fixtures import taken as pull_taken
 
 from p2pbuild import (
-    BuildType,
     FileDigest,
     Identity,
     Job,
-    JobSpec,
-    PullAuth,
     Result,
-    SourceArtifact,
-    Target,
 )
 from p2pbuild.dispatcher._pull import (
     JobWithdrawnError,
@@ -36,28 +41,8 @@ from p2pbuild.dispatcher._pull import (
     UnknownPullJobError,
 )
 from p2pbuild.dispatcher._pull_routes import make_pull_app
-from p2pbuild.node._pull import auth_header
-from p2pbuild.testing import make_trust_list
 
-FIXTURE = make_trust_list()
-DISPATCHER = FIXTURE.dispatchers["dispatcher-1"]
-NODE_1 = FIXTURE.nodes["node-1"]
-NODE_2 = FIXTURE.nodes["node-2"]
-SOURCE = SourceArtifact("a.tar.gz", 3, hashlib.sha256(b"abc").digest(), "https://x.invalid/a")
-T0 = float(int(time.time()))
-ARTIFACT = b"the built thing\n"
 LOG = b"make: done\n"
-
-
-def clock() -> float:
-    return T0 + trio.current_time()
-
-
-def make_queue(tmp_path: Path, **kwargs: object) -> PullQueue:
-    return PullQueue(
-        DISPATCHER.public_key, FIXTURE.trust_list, tmp_path / "uploads", clock=clock,
-        **kwargs,  # type: ignore[arg-type]
-    )
 
 
 def digest(name: str, data: bytes) -> FileDigest:
@@ -72,18 +57,8 @@ def result_for(node: Identity, job: Job, state: str = "succeeded") -> Result:
     )  # fmt: skip
 
 
-async def chunks(data: bytes) -> AsyncIterator[bytes]:
-    yield data
-
-
 async def taken(queue: PullQueue, node: Identity = NODE_1) -> Job:
-    spec = JobSpec(SOURCE, BuildType.MAKE, Target("x86_64", "fedora-41"), time_limit_s=3600)
-    job = Job.create(
-        DISPATCHER, spec, issued_at=int(clock()), lifetime=4200, node=node.public_key
-    )
-    queue.offer(node.public_key, job)
-    assert await queue.take(node.public_key, 0) == job
-    return job
+    return await pull_taken(queue, node, node)
 
 
 async def upload(
@@ -255,22 +230,19 @@ async def test_late_requests_for_a_released_job_are_answered_410_over_the_routes
     await upload(queue, job)
     queue.release(job.job_id)
 
-    def auth(identity: Identity = NODE_1) -> dict[str, str]:
-        token = PullAuth.create(identity, DISPATCHER.public_key, issued_at=int(clock()))
-        return {"authorization": auth_header(token)}
-
+    headers = functools.partial(auth, NODE_1, clock)  # a fresh single-use token each
     transport = httpx.ASGITransport(app=make_pull_app(queue))
     base = f"/v1/pull/jobs/{job.id_hex}"
     async with httpx.AsyncClient(transport=transport, base_url="https://dispatcher") as c:
         answers = [
-            await c.post(f"{base}/lease", json={"phase": "uploading"}, headers=auth()),
+            await c.post(f"{base}/lease", json={"phase": "uploading"}, headers=headers()),
             await c.put(f"{base}/result", content=result_for(NODE_1, job).to_bytes(),
-                        headers=auth()),
-            await c.put(f"{base}/artifacts/out/thing", content=ARTIFACT, headers=auth()),
-            await c.put(f"{base}/logs/build.log", content=LOG, headers=auth()),
+                        headers=headers()),
+            await c.put(f"{base}/artifacts/out/thing", content=ARTIFACT, headers=headers()),
+            await c.put(f"{base}/logs/build.log", content=LOG, headers=headers()),
         ]
         for response in answers:
             assert (response.status_code, response.json()["error"]) == (410, "withdrawn")
-        response = await c.post(f"{base}/lease", json={}, headers=auth(NODE_2))
+        response = await c.post(f"{base}/lease", json={}, headers=auth(NODE_2, clock))
         assert (response.status_code, response.json()["error"]) == (404, "unknown-job")
     assert not upload_dir(tmp_path, job).exists()

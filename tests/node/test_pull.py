@@ -9,6 +9,15 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+from pull_fixtures import (
+    DISPATCHER,
+    FIXTURE,
+    NODE_1,
+    NODE_2,
+    SOURCE,
+    pull_overrides,
+    serve_queue,
+)
 
 from p2pbuild import (
     BuildType,
@@ -23,45 +32,13 @@ from p2pbuild import (
     Target,
 )
 from p2pbuild.dispatcher._errors import NodeRefusedError
-from p2pbuild.dispatcher._pull import PullQueue
-from p2pbuild.dispatcher._pull_routes import serve_pull
-from p2pbuild.https import TlsMaterial, generate_tls_material, pinned_client
+from p2pbuild.https import pinned_client
 from p2pbuild.node._pull import auth_header
-from p2pbuild.testing import hello_tarball, make_identity, make_trust_list
+from p2pbuild.testing import hello_tarball, make_identity
 from p2pbuild.testing._nodes import open_node_daemons, serve_files
 from p2pbuild.testing._runner import InstantRunner
 
 pytestmark = pytest.mark.slow
-
-FIXTURE = make_trust_list()
-DISPATCHER = FIXTURE.dispatchers["dispatcher-1"]
-NODE_1 = FIXTURE.nodes["node-1"]
-NODE_2 = FIXTURE.nodes["node-2"]
-SOURCE = SourceArtifact("a.tar.gz", 3, hashlib.sha256(b"abc").digest(), "https://x.invalid/a")
-
-
-async def start_queue(
-    nursery: trio.Nursery, tmp_path: Path, **kwargs: object
-) -> tuple[PullQueue, str, TlsMaterial]:
-    (tmp_path / "dispatcher-tls").mkdir()
-    tls = generate_tls_material(tmp_path / "dispatcher-tls", "localhost")
-    queue = PullQueue(
-        DISPATCHER.public_key, FIXTURE.trust_list, tmp_path / "uploads", **kwargs  # type: ignore[arg-type]
-    )
-    port = await nursery.start(serve_pull, queue, tls)
-    return queue, f"https://127.0.0.1:{port}", tls
-
-
-def pull_overrides(url: str, tls: TlsMaterial, poll: float = 5) -> dict[str, object]:
-    return {
-        "pull": {
-            "dispatchers": [
-                {"url": url, "key": str(DISPATCHER.public_key), "tls_sha256": tls.sha256.hex()}
-            ],
-            "poll_timeout_s": poll,
-        }
-    }
-
 
 def job_for(arch: str, os_name: str, source: SourceArtifact, **kwargs: object) -> Job:
     spec = JobSpec(source, BuildType.MAKE, Target(arch, os_name), time_limit_s=120)
@@ -77,7 +54,7 @@ async def test_pull_node_without_a_port_builds_and_uploads(
     sources.mkdir()
     package = hello_tarball(sources / "hello-1.0.tar.gz")
     files_url, _ = await nursery.start(serve_files, sources, tmp_path / "files-tls")
-    queue, url, tls = await start_queue(nursery, tmp_path)
+    queue, url, tls = await serve_queue(nursery, tmp_path)
     async with open_node_daemons(
         tmp_path / "nodes", [NODE_1], FIXTURE.trust_list, push=False,
         overrides=pull_overrides(url, tls),
@@ -110,7 +87,7 @@ async def test_pull_node_without_a_port_builds_and_uploads(
 async def test_pulled_job_the_node_cannot_serve_is_refused_back(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
-    queue, url, tls = await start_queue(nursery, tmp_path)
+    queue, url, tls = await serve_queue(nursery, tmp_path)
     async with open_node_daemons(
         tmp_path / "nodes", [NODE_1], FIXTURE.trust_list, push=False,
         runner=lambda _: InstantRunner(), overrides=pull_overrides(url, tls),
@@ -133,7 +110,7 @@ async def test_pulled_job_the_node_cannot_serve_is_refused_back(
 async def test_pull_endpoints_refuse_bad_tokens_and_bad_uploads(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
-    queue, url, tls = await start_queue(nursery, tmp_path, max_wait=1.0)
+    queue, url, tls = await serve_queue(nursery, tmp_path, max_wait=1.0)
     now = int(time.time())
 
     def token(identity: Identity = NODE_1, issued_at: int = now) -> dict[str, str]:
@@ -203,7 +180,7 @@ def _digest(name: str, data: bytes) -> FileDigest:
 async def test_long_poll_wakes_up_when_a_job_is_offered(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
-    queue, url, _ = await start_queue(nursery, tmp_path, max_wait=10.0)
+    queue, url, _ = await serve_queue(nursery, tmp_path, max_wait=10.0)
     job = job_for("x86_64", "fedora-41", SOURCE)
 
     async def offer_later() -> None:

@@ -12,20 +12,20 @@ from pathlib import Path
 
 import pytest
 import trio
+from pull_fixtures import (
+    DISPATCHER,
+    FIXTURE,
+    NODE_1,
+    SOURCE,
+    pull_overrides,
+    serve_queue,
+    shifted_clock,
+)
 
-from p2pbuild import BuildType, Job, JobSpec, ResultState, SourceArtifact, Target
-from p2pbuild.dispatcher._pull import PullQueue
-from p2pbuild.dispatcher._pull_routes import serve_pull
-from p2pbuild.https import generate_tls_material
+from p2pbuild import BuildType, Job, JobSpec, ResultState, Target
 from p2pbuild.node._pull import MIN_HEARTBEAT_S, PullClient
-from p2pbuild.testing import make_trust_list
 from p2pbuild.testing._nodes import open_node_daemons
 from p2pbuild.testing._runner import InstantRunner
-
-FIXTURE = make_trust_list()
-DISPATCHER = FIXTURE.dispatchers["dispatcher-1"]
-NODE_1 = FIXTURE.nodes["node-1"]
-SOURCE = SourceArtifact("a.tar.gz", 3, b"\x01" * 32, "https://x.invalid/a")
 
 
 def job_for(arch: str, os_name: str) -> Job:
@@ -46,20 +46,13 @@ async def test_a_gone_answer_stops_the_build_and_nothing_is_uploaded(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
     offset = [0.0]
-    (tmp_path / "tls").mkdir()
-    tls = generate_tls_material(tmp_path / "tls", "localhost")
     # The dispatcher asks for a renewal every second (the node's own default is 15 s).
-    queue = PullQueue(
-        DISPATCHER.public_key, FIXTURE.trust_list, tmp_path / "uploads",
-        clock=lambda: time.time() + offset[0], lease_s=3.0, heartbeat_s=1.0,
-    )  # fmt: skip
-    port = await nursery.start(serve_pull, queue, tls)
+    queue, url, tls = await serve_queue(
+        nursery, tmp_path, clock=shifted_clock(offset), lease_s=3.0, heartbeat_s=1.0
+    )
     gate = trio.Event()
     runner = InstantRunner(gate=gate)
-    overrides = {"pull": {"poll_timeout_s": 2, "dispatchers": [{
-        "url": f"https://127.0.0.1:{port}", "key": str(DISPATCHER.public_key),
-        "tls_sha256": tls.sha256.hex(),
-    }]}}  # fmt: skip
+    overrides = pull_overrides(url, tls, poll=2)
     async with open_node_daemons(
         tmp_path / "nodes", [NODE_1], FIXTURE.trust_list, push=False,
         runner=lambda _: runner, overrides=overrides,
