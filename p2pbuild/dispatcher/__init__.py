@@ -38,6 +38,7 @@ from ._service import RunningDispatcher, run_dispatcher
 from ._sink import RepositorySink
 from ._stored import StoredBuild, StoredFile, StoredProof
 from ._verify import Replica, Verified, assess, difference_report
+from ._web import WebView, web_routes
 
 __all__ = [
     "ApiAuth",
@@ -89,6 +90,7 @@ __all__ = [
     "StoredProof",
     "UnknownBuildError",
     "Verified",
+    "WebView",
     "assess",
     "difference_report",
     "hash_token",
@@ -99,4 +101,5 @@ __all__ = [
     "select_nodes",
     "serve_pull",
     "sign_request",
+    "web_routes",
 ]
