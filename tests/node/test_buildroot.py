@@ -254,3 +254,23 @@ def test_a_node_without_a_buildroot_method_refuses_buildroot_jobs(tmp_path: Path
     with pytest.raises(UnservableJobError, match="cannot make one"):
         plain.check(job)
     JobFilter({"x86_64"}, {"debian-12"}, {"rpm", "rpm.dnf"}, 1 << 30).check(job)
+
+
+async def test_a_comps_group_is_the_base_set(served: Served) -> None:
+    devel = greet_devel_rpm(served.base / "grp-rpms")
+    repo = publish_repository(served.base / "www" / "grouped", [devel],
+                              groups={"buildsys-build": ["p2pbuild-greet-devel"]})
+    # The SRPM asks only for gcc; the header comes with the group.
+    srpm = greet_srpm(served.base / "grp-srpm", build_requires=("gcc",))
+    spec = BuildrootSpec((Repository("grouped", served.url + "/grouped/", repo.repomd_sha256),),
+                         group="buildsys-build")
+    cache = BuildrootCache(served.base / "cache")
+    outcome = await run_build(BuildSpec(BuildType.RPM, srpm.path, srpm.sha256, buildroot=spec),
+                              served.base / "grouped-build", LIMITS, buildroots=cache)
+    assert outcome.state is BuildState.SUCCEEDED
+    assert outcome.buildroot is not None
+    assert "p2pbuild-greet-devel-1.0-1.noarch" in [p.nevra for p in outcome.buildroot.packages]
+    missing = attrs.evolve(spec, group="no-such-group")
+    with pytest.raises(MissingBuildDependencyError, match="@no-such-group"):
+        await run_build(BuildSpec(BuildType.RPM, srpm.path, srpm.sha256, buildroot=missing),
+                        served.base / "nogroup-build", LIMITS, buildroots=cache)

@@ -97,3 +97,12 @@ def test_described_machine_and_overrides_win(tmp_path: Path) -> None:
     assert overridden.machine is MachineType.METAL and overridden.machine_source == "config"
     assert overridden.build_types == ("make",)
     assert overridden.cpu_model == "Test CPU"  # not overridden: detected
+
+
+def test_dnf_and_createrepo_c_add_the_buildroot_method(tmp_path: Path) -> None:
+    tools = {"bwrap", "rpmbuild", "make", "dnf", "createrepo_c"}
+    assert detect(tmp_path, _machine(tmp_path, tools=tools)).build_types == (
+        "make", "rpm", "rpm.dnf"
+    )
+    without = detect(tmp_path, _machine(tmp_path, tools=tools - {"createrepo_c"}))
+    assert without.build_types == ("make", "rpm")
