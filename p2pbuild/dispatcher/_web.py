@@ -225,6 +225,24 @@ class WebView:
                           self.reader.active_attempts_by_node(), self.sightings,
                           self.engine.trust_list, now)
 
+    def pull_progress(self, build_id: str) -> dict[int, dict[str, Any]]:
+        """What the pull nodes building ``build_id`` last reported with their lease
+        renewals (phase, seconds in, log size: the node's own, unverified claim), by
+        attempt id."""
+        queue = self.engine.connector.pull_queue
+        found: dict[int, dict[str, Any]] = {}
+        if queue is None:
+            return found
+        for attempt in self.reader.attempts([build_id])[build_id]:
+            if attempt.endpoint or not attempt.active:
+                continue
+            delivery = queue.delivery(bytes.fromhex(attempt.job_id))
+            progress = getattr(delivery, "progress", None)
+            if progress is not None:
+                found[attempt.id] = {key: getattr(progress, key, None)
+                                     for key in ("phase", "elapsed_s", "log_bytes")}
+        return found
+
     async def node_states(self) -> dict[str, int]:
         """How many nodes in the directory are online, draining and offline (for the
         metrics: the nodes page without ratings)."""
@@ -319,6 +337,9 @@ def web_routes(view: WebView) -> list[BaseRoute]:
         value = build_view(view.reader, build_id, view.now(), view.engine.trust_list)
         if value is None:
             return view.not_found(request, f"no build {build_id[:64]}")
+        progress = view.pull_progress(build_id)
+        for attempt in value["attempts"]:
+            attempt["reported"] = progress.get(attempt["id"])
         if request.url.path.startswith("/v1/"):
             return JSONResponse(value)
         return view.page("build.html", value, request)

@@ -126,12 +126,14 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 async def test_a_build_seen_in_the_browser_from_running_to_verified_and_downloaded(
     tmp_path: Path, sources: dict[str, Path]
 ) -> None:
-    specs = [NodeSpec("alice-1", "alice"), NodeSpec("bob-1", "bob"), NodeSpec("carol-1", "carol")]
+    specs = [NodeSpec("alice-1", "alice"), NodeSpec("bob-1", "bob", pools=("nat",)),
+             NodeSpec("carol-pull", "carol", pull=True, pools=("nat",))]
     async with farm_of(tmp_path, specs) as farm, browser() as b:
         page = b.page
         # The list is open before the build exists: it appears by the live update.
         await b.run(lambda: page.goto(farm.url + "/builds"))
-        submitted = await farm.submit(sources["slow"])
+        # Pool "nat": bob's push node and carol's pull node build it.
+        submitted = await farm.submit(sources["slow"], pool="nat")
         nvr = "hello-1.0-2.slow"
         row = page.locator(f'tr[data-build="{submitted["id"]}"]')
 
@@ -142,8 +144,9 @@ async def test_a_build_seen_in_the_browser_from_running_to_verified_and_download
 
         await b.run(running_in_list)
 
-        # Its page streams the node's log while it builds, and ends "verified".
-        def follow_build() -> str:
+        # Its page streams the push node's log while it builds (the pull node reports its
+        # progress instead), and ends "verified" with both nodes' logs to download.
+        def follow_build() -> tuple[str, str, list[str]]:
             row.locator("a", has_text=nvr).click()
             page.wait_for_url(f"**/builds/{submitted['id']}")
             log = page.locator("pre[data-log]").first
@@ -152,13 +155,19 @@ async def test_a_build_seen_in_the_browser_from_running_to_verified_and_download
                 "() => { const p = document.querySelector('pre[data-log]');"
                 " return p && p.textContent.includes('Executing'); }", timeout=60_000)
             streamed: str = log.inner_text()
+            pulled = page.locator("p.pulled").first
+            pulled.wait_for()
+            reported: str = pulled.inner_text()
             b.shot("build-running")
             page.locator("#build-state", has_text="verified").wait_for(timeout=60_000)
             b.shot("build-verified")
-            return streamed
+            logs = page.locator("ul.logs li").all_inner_texts()
+            return streamed, reported, logs
 
-        streamed = await b.run(follow_build)
+        streamed, reported, logs = await b.run(follow_build)
         assert "Executing(%build)" in streamed or "Executing(%prep)" in streamed
+        assert "carol" in reported and "pull node" in reported
+        assert len(logs) == 2 and not any("kept by the pull node" in text for text in logs)
 
         build = await farm.build(submitted["id"])
         assert build["state"] == "verified"
@@ -202,7 +211,7 @@ async def test_a_build_seen_in_the_browser_from_running_to_verified_and_download
         assert values[("p2pbuild_dht_lookups_total", ())] > 0
 
         # The nodes page shows a stopped node as offline within its status interval.
-        carol = str(farm.node_keys["carol-1"])
+        carol = str(farm.node_keys["carol-pull"])
         await b.run(lambda: page.goto(farm.url + "/nodes"))
 
         def all_online() -> None:
@@ -212,7 +221,7 @@ async def test_a_build_seen_in_the_browser_from_running_to_verified_and_download
 
         await b.run(all_online)
         status_interval = 2.0  # LocalFarm's [records] status_interval_s
-        assert await farm.stop("carol-1") == 0  # SIGTERM: it drains and says so as it leaves
+        assert await farm.stop("carol-pull") == 0  # SIGTERM: it drains and says so as it leaves
         exited = trio.current_time()
 
         async def server_says_offline() -> float:
