@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _stats import latency_summary, percentile
 
 from p2pbuild import BuildType, Job, JobSpec, SourceArtifact, Target
-from p2pbuild.dispatcher._pull import PullQueue, serve_pull
+from p2pbuild.dispatcher._pull import PullQueue
+from p2pbuild.dispatcher._pull_routes import serve_pull
 from p2pbuild.https import generate_tls_material
 from p2pbuild.testing import hello_tarball, make_trust_list
 from p2pbuild.testing._nodes import open_node_daemons, serve_files

@@ -320,8 +320,11 @@ def select_nodes(
 
 
 def asleep(c: Candidate) -> bool:
-    """An on-demand node in standby: it builds once woken."""
-    return c.status is not None and c.status.standby
+    """An on-demand node in standby, or without a status (its machine may be stopped and
+    unable to republish one): it builds once woken."""
+    if c.status is None:
+        return c.capability.on_demand
+    return c.status.standby
 
 
 def _choose_waking_last(

@@ -484,13 +484,19 @@ class NodeSightings:
         return float(statistics.median(seen[1]))
 
     def state(self, key: str, entry: NodeEntry | None, now: float) -> str:
-        """``online``, ``draining`` or ``offline`` for node ``key`` (its text)."""
+        """``online``, ``draining``, ``standby`` or ``offline`` for node ``key`` (its text).
+
+        An on-demand node whose status is gone is ``standby``: its machine may be stopped
+        (it cannot republish) until a dispatcher wakes it."""
+        asleep = "standby" if entry is not None and entry.capability.on_demand else "offline"
         if entry is None or entry.status_record is None:
-            return "offline"
+            return asleep
         record, status = entry.status_record, entry.status
         assert status is not None
         if record.expires_at <= now:
-            return "offline"
+            return asleep
+        if status.standby:
+            return "standby"
         interval = self.interval(key)
         if interval is not None and now - record.issued_at > 2 * interval + self.grace_s:
             return "offline"

@@ -408,7 +408,9 @@ class NodeDaemon:
         if config.on_demand is not None:
             self.on_demand = OnDemand(
                 config.on_demand, self.identity.public_key, self.trust_list, self.clock,
-                on_change=self._publish,
+                # The capability too: a machine stopped in standby cannot republish, and
+                # the directory keeps its records only until they expire.
+                on_change=lambda: self._publish(capability=True),
             )
         if config.api.enabled:
             assert self.tls is not None

@@ -49,3 +49,13 @@ def test_a_node_sleeps_after_its_idle_time_and_wakes_with_work() -> None:
     od.standby = True
     assert od.observe(0, 2000.0) is None
     assert od.observe(1, 2000.0) == "wake"
+
+
+def test_an_on_demand_node_without_a_status_counts_as_asleep() -> None:
+    import attrs
+
+    key = make_identity("z").public_key
+    trust = TrustEntry(key, Role.NODE, "zed")
+    on_demand = attrs.evolve(example_capability(), wake_s=60)
+    assert asleep(Candidate(key, on_demand, None, trust))
+    assert not asleep(Candidate(key, example_capability(), None, trust))
