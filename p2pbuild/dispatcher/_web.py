@@ -144,6 +144,8 @@ def node_rows_html(rows: Sequence[dict[str, Any]]) -> Markup:
         rating = n["rating"]
         score = rating["score"]
         pull = ' <span class="badge">pull</span>' if n.get("mode") == "pull" else ""
+        if n.get("leased_slots"):
+            pull += f' <span class="badge">leased ({n["leased_slots"]})</span>'
         slots = (f"{n['slots_total'] - n['slots_free']}/{n['slots_total']}"
                  if "slots_total" in n else "")
         meter = (f'<meter min="0" max="1" value="{score}"></meter> {score:.2f}'
@@ -221,9 +223,14 @@ class WebView:
         entries = await self.entries()
         now = self.now()
         ratings = self.engine.ratings.ratings(now, entries)
-        return nodes_view(entries, ratings, self.reader.heartbeats(),
+        view = nodes_view(entries, ratings, self.reader.heartbeats(),
                           self.reader.active_attempts_by_node(), self.sightings,
                           self.engine.trust_list, now)
+        # Slots held by leases (``_leases.py``): how many, on the node's row.
+        held = self.engine.leases.held_by(now)
+        for row in view["nodes"]:
+            row["leased_slots"] = len(held.get(PublicKey.from_text(row["node"]), []))
+        return view
 
     def pull_progress(self, build_id: str) -> dict[int, dict[str, Any]]:
         """What the pull nodes building ``build_id`` last reported with their lease

@@ -161,6 +161,11 @@ async def test_lease_builds_run_on_its_nodes_and_others_go_elsewhere(farm: Farm)
     assert {k for k, n in rows.items() if n["leases"] == [lease["id"]]} == leased
     status, out, _ = await farm.cli("u1", "nodes", "ls")
     assert out.count("leased (1)") == 2
+    async with pinned_client(farm.running.tls.sha256, base_url=farm.running.url) as http:
+        page = await http.get("/nodes")
+        assert page.status_code == 200 and page.text.count("leased (1)") == 2
+        web = (await http.get("/v1/web/nodes")).json()
+        assert {n["node"] for n in web["nodes"] if n["leased_slots"] == 1} == leased
     status, out, _ = await farm.cli("u1", "lease", "ls")
     assert lease["id"] in out and "active" in out and "x86_64/fedora-41" in out
     status, out, _ = await farm.cli("u2", "lease", "ls", "--json")
