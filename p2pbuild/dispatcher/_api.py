@@ -404,7 +404,7 @@ async def _event_stream(
     """The build's audit events after ``after`` as NDJSON lines; with ``follow``, until the
     build ends, with an empty line after each ``keepalive_s`` seconds without an event."""
     while True:
-        changed = engine.wait_changed
+        changed = engine.next_change
         # Looked at before the events are read, so the events that made it terminal are
         # among those sent.
         ended = engine.db.build(build_id).state.terminal
@@ -415,7 +415,7 @@ async def _event_stream(
         if not follow or ended:
             return
         with trio.move_on_after(keepalive_s) as quiet:
-            await changed()
+            await changed.wait()
         if quiet.cancelled_caught:
             yield b"\n"
 

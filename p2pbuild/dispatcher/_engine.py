@@ -284,6 +284,13 @@ class Engine:
         """Return at the next change of any build (for API followers)."""
         await self._changed.wait()
 
+    @property
+    def next_change(self) -> trio.Event:
+        """The event set at the next change of any build. Take it *before* looking at the
+        database and wait on it after, so a change in between is not missed (as it is by
+        calling :meth:`wait_changed` after looking)."""
+        return self._changed
+
     def statistics(self) -> EngineStatistics:
         return EngineStatistics(
             len(self._running), self._attempt_tasks, tuple(sorted(self._errors.items()))
