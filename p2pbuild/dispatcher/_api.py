@@ -48,12 +48,19 @@ from .._jobs import BuildType
 from .._records import MachineType
 from .._replay import ReplayCache
 from .._trust import TrustList
+from ..https._server import ByteBudget, ConnectionGate
 from ..node._api import refusal
 from ._access import Caller, check_may_change, redact_build, redact_event, redact_node
 from ._config import ClientEntry, hash_token
 from ._db import BuildState
 from ._engine import BuildRequest, Engine
-from ._errors import AuthenticationError, BadRequestError, ClientError, UnknownBuildError
+from ._errors import (
+    AuthenticationError,
+    BadRequestError,
+    BusyError,
+    ClientError,
+    UnknownBuildError,
+)
 from ._leases import LeaseRefusedError, UnknownLeaseError
 from ._request import buildroot_from_json
 
@@ -73,6 +80,7 @@ KEEPALIVE_HEADER = "p2pbuild-keepalive"
 
 _STATUS: tuple[tuple[type[P2PBuildError], int], ...] = (
     (AuthenticationError, 401),
+    (BusyError, 503),
     (ForbiddenError, 403),
     (UnknownBuildError, 404),
     (UnknownLeaseError, 404),
@@ -227,11 +235,17 @@ def make_dispatcher_app(
     extra_routes: Sequence[BaseRoute] = (),
     body_timeout: float = 600.0,
     keepalive_s: float = KEEPALIVE_S,
+    uploads: ByteBudget | None = None,
+    connections: ConnectionGate | None = None,
 ) -> Starlette:
     """The ASGI app over ``engine``. ``extra_routes`` are mounted as they are (the pull
     queue's). A followed event stream sends an empty line after ``keepalive_s`` seconds
     without an event, and announces the interval in the ``p2pbuild-keepalive`` header, so
-    clients and proxies tell a quiet build from a dead connection."""
+    clients and proxies tell a quiet build from a dead connection. ``uploads`` bounds the
+    source bytes of all uploads in flight together (None: four times ``max_upload_bytes``);
+    ``connections``, the server's, is reported in ``/v1/status``."""
+    if uploads is None:
+        uploads = ByteBudget(4 * max_upload_bytes)
 
     async def guarded(request: Request, handler: Callable[[str, str | None], Any]) -> Response:
         path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
@@ -272,7 +286,7 @@ def make_dispatcher_app(
                 name = params.get("name", "")
                 buildroot_body = _json_param(params.get("buildroot"), "buildroot")
                 sha, size = await _receive_source(request, engine, max_upload_bytes,
-                                                  body_timeout, params.get("sha256"))
+                                                  body_timeout, params.get("sha256"), uploads)
                 build_request = _request_from(dict(params), name, sha, size, "")
             if buildroot_body is not None:
                 # Repositories given without a digest are pinned now, at submission.
@@ -338,6 +352,10 @@ def make_dispatcher_app(
         async def handler(user: str, team: str | None) -> Response:
             body = engine.statistics().to_json()
             body["dispatcher"] = str(engine.identity.public_key)
+            body["uploads"] = {"bytes_in_flight": uploads.used, "limit": uploads.limit,
+                               "refused": uploads.refused}
+            if connections is not None:
+                body["connections"] = connections.statistics().to_json()
             return JSONResponse(body)
 
         return await guarded(request, handler)
@@ -430,25 +448,35 @@ async def _read_small(request: Request, limit: int) -> bytes:
 
 
 async def _receive_source(
-    request: Request, engine: Engine, limit: int, timeout: float, expected: str | None
+    request: Request, engine: Engine, limit: int, timeout: float, expected: str | None,
+    uploads: ByteBudget,
 ) -> tuple[str, int]:
     """Stream an uploaded source into the store, refusing it past ``limit`` bytes or
-    ``timeout`` seconds; returns its SHA-256 (hex) and size."""
+    ``timeout`` seconds, and with :class:`BusyError` (503) while it would take ``uploads``
+    past its limit: a declared length is held up front, a chunked body chunk by chunk.
+    Returns its SHA-256 (hex) and size."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise OversizeError(f"upload of {declared} bytes exceeds {limit}")
+    held = int(declared) if declared is not None and declared.isdigit() else 0
+    if not uploads.take(held):
+        raise BusyError("too many uploads in flight; send it again later")
     root = trio.Path(engine.sources.root)
-    await root.mkdir(parents=True, exist_ok=True)
     partial = root / f".upload-{os.urandom(8).hex()}"
     digest = hashlib.sha256()
     size = 0
     try:
+        await root.mkdir(parents=True, exist_ok=True)
         with trio.fail_after(timeout):
             async with await trio.open_file(partial, "wb") as f:
                 async for chunk in request.stream():
                     size += len(chunk)
                     if size > limit:
                         raise OversizeError(f"upload exceeds {limit} bytes")
+                    if size > held:
+                        if not uploads.take(size - held):
+                            raise BusyError("too many uploads in flight; send it again later")
+                        held = size
                     digest.update(chunk)
                     await f.write(chunk)
         sha = digest.hexdigest()
@@ -458,5 +486,6 @@ async def _receive_source(
     except trio.TooSlowError:
         raise BadRequestError(f"upload not received within {timeout:g}s") from None
     finally:
+        uploads.give(held)
         await partial.unlink(missing_ok=True)
     return sha, size

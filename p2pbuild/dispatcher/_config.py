@@ -58,6 +58,16 @@ class DispatcherConfig:
     default_arch: str = "x86_64"
     default_os: str = "fedora-41"
     max_upload_bytes: int = 1024**3
+    #: ``[api]``: bytes of all source uploads in flight together; beyond it 503.
+    max_uploads_in_flight_bytes: int = 4 * 1024**3
+    #: ``[api]``: idle keep-alive connections close after this; open connections at most,
+    #: in all and from one client address (p2pbuild.https).
+    keep_alive_timeout_s: float = 5.0
+    max_connections: int = 1000
+    max_connections_per_address: int = 64
+    #: ``[dispatcher] source_allow_hosts``: hosts a source URL may name although they
+    #: resolve to a loopback, link-local or private address (``_sources.py``).
+    source_allow_hosts: tuple[str, ...] = ()
     dht_host: str = "0.0.0.0"
     dht_port: int = 7421
     dht_bootstrap: tuple[tuple[str, int], ...] = ()
@@ -120,8 +130,10 @@ def _address(text: str, where: str) -> tuple[str, int]:
 #: silently with a default, as the node's configuration does).
 _KEYS = {
     "dispatcher": {"key", "trust_list", "state_dir", "repository", "default_arch",
-                   "default_os", "synchronous"},
-    "api": {"host", "port", "tls_dir", "public_url", "max_upload_bytes", "keepalive_s", "web"},
+                   "default_os", "synchronous", "source_allow_hosts"},
+    "api": {"host", "port", "tls_dir", "public_url", "max_upload_bytes", "keepalive_s", "web",
+            "max_uploads_in_flight_bytes", "keep_alive_timeout_s", "max_connections",
+            "max_connections_per_address"},
     "dht": {"host", "port", "bootstrap", "list_arches"},
     "clients": {"user", "team", "role", "token_sha256", "key"},
 }
@@ -218,6 +230,20 @@ def load_config(path: Path, extra_sections: Collection[str] = ()) -> DispatcherC
     if synchronous not in ("FULL", "NORMAL", "EXTRA"):
         raise ConfigError(f"{w}: synchronous must be FULL, NORMAL or EXTRA")
     lease_s, heartbeat_s = _pull_section(document, path)
+    wa = f"{path} [api]"
+    bounds: dict[str, Any] = {
+        "max_uploads_in_flight_bytes": _get(api, "max_uploads_in_flight_bytes", int, wa,
+                                            4 * 1024**3),
+        "keep_alive_timeout_s": _get(api, "keep_alive_timeout_s", float, wa, 5.0),
+        "max_connections": _get(api, "max_connections", int, wa, 1000),
+        "max_connections_per_address": _get(api, "max_connections_per_address", int, wa, 64),
+    }
+    for key, value in bounds.items():
+        if value <= 0:
+            raise ConfigError(f"{wa}: {key} must be positive")
+    allow_hosts = _get(main, "source_allow_hosts", list, w, [])
+    if not all(isinstance(h, str) and h and h.isprintable() for h in allow_hosts):
+        raise ConfigError(f"{w}: source_allow_hosts must be a list of host names")
     return DispatcherConfig(
         path=path,
         key_file=rel(_get(main, "key", str, w)),
@@ -232,6 +258,8 @@ def load_config(path: Path, extra_sections: Collection[str] = ()) -> DispatcherC
         default_os=_get(main, "default_os", str, w, "fedora-41"),
         max_upload_bytes=_get(api, "max_upload_bytes", int, f"{path} [api]", 1024**3),
         web=_get(api, "web", bool, f"{path} [api]", True),
+        source_allow_hosts=tuple(h.lower().strip("[]") for h in allow_hosts),
+        **bounds,
         dht_host=_get(dht, "host", str, f"{path} [dht]", "0.0.0.0"),
         dht_port=_get(dht, "port", int, f"{path} [dht]", 7421),
         dht_bootstrap=tuple(

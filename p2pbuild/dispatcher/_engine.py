@@ -165,6 +165,8 @@ class EngineConfig:
     dedicated_pools: Mapping[str, str] = attrs.field(factory=dict)
     selection: SelectionPolicy = DEFAULT_SELECTION_POLICY
     max_source_bytes: int = 1024**3
+    #: Hosts a source URL may name although they are not public (``_sources.py``).
+    source_allow_hosts: tuple[str, ...] = ()
     #: Record a node's heartbeat at most this often.
     heartbeat_interval_s: float = 60.0
     node_timeout_s: float = 30.0
@@ -236,7 +238,7 @@ class Engine:
 
     @property
     def sources(self) -> SourceStore:
-        return SourceStore(self.config.state_dir / "sources")
+        return SourceStore(self.config.state_dir / "sources", self.config.source_allow_hosts)
 
     # -- lifecycle -----------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ __all__ = [
     "AuthenticationError",
     "BadNodeResultError",
     "BadRequestError",
+    "BusyError",
     "ClientError",
     "ConfigError",
     "DispatcherError",
@@ -138,6 +139,13 @@ class ClientError(DispatcherError, RemoteError):
 
 class BadRequestError(ClientError):
     code = "bad-request"
+
+
+class BusyError(ClientError):
+    """The dispatcher holds as many uploads in flight as it may (HTTP 503 with
+    Retry-After); the same request may be sent again later."""
+
+    code = "busy"
 
 
 class AuthenticationError(ClientError):

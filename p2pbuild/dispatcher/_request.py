@@ -27,6 +27,7 @@ from .._records import MachineType
 from ..dht import Query
 from ._db import BuildRow
 from ._errors import BadRequestError, SourceUnavailableError
+from ._sources import fetch_source
 
 __all__ = [
     "OPTIONS_BUILDROOT_KEY",
@@ -101,6 +102,8 @@ class SourceStore:
     """Content-addressed source files: ``<root>/<sha256 hex>``."""
 
     root: Path
+    #: Hosts a source URL may name although they are not public (``_sources.py``).
+    allow_hosts: tuple[str, ...] = ()
 
     def path(self, sha256_hex: str) -> Path:
         if len(sha256_hex) != 64 or any(c not in "0123456789abcdef" for c in sha256_hex):
@@ -112,29 +115,17 @@ class SourceStore:
 
     async def fetch(self, url: str, sha256_hex: str, max_bytes: int) -> int:
         """Download ``url`` into the store, checking size and SHA-256; returns the size.
+        The URL's host must be public or on :attr:`allow_hosts` (``_sources.py``).
         Raises :class:`SourceUnavailableError`."""
         target = self.path(sha256_hex)
         await trio.Path(self.root).mkdir(parents=True, exist_ok=True)
         partial = target.with_name(target.name + ".part")
-        digest = hashlib.sha256()
-        size = 0
         try:
-            async with (
-                httpx.AsyncClient(timeout=60, trust_env=False, follow_redirects=True) as client,
-                client.stream("GET", url) as response,
-            ):
-                if response.status_code != 200:
-                    raise SourceUnavailableError(f"source URL answered HTTP {response.status_code}")
-                async with await trio.open_file(partial, "wb") as f:
-                    async for chunk in response.aiter_bytes():
-                        size += len(chunk)
-                        if size > max_bytes:
-                            raise SourceUnavailableError(f"source is over {max_bytes} bytes")
-                        digest.update(chunk)
-                        await f.write(chunk)
-        except httpx.HTTPError as exc:
-            raise SourceUnavailableError(f"cannot fetch the source: {exc}") from None
-        if digest.hexdigest() != sha256_hex:
+            size, sha = await fetch_source(url, partial, max_bytes, self.allow_hosts)
+        except BaseException:
+            await trio.Path(partial).unlink(missing_ok=True)
+            raise
+        if sha != sha256_hex:
             await trio.Path(partial).unlink(missing_ok=True)
             raise SourceUnavailableError("the fetched source does not match its SHA-256")
         await trio.Path(partial).rename(target)

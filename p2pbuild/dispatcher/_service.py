@@ -6,6 +6,7 @@ call it in a nursery (``await nursery.start(run_dispatcher, config)``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
@@ -19,7 +20,7 @@ from .._identity import Identity, Role
 from .._trust import TrustList
 from ..dht import open_directory
 from ..https import TlsMaterial, load_tls_material
-from ..node._api import NodeApiConfig, serve_app
+from ..https._server import ByteBudget, ConnectionGate, ServerConfig, serve_asgi
 from ._api import ApiAuth, make_dispatcher_app
 from ._config import DispatcherConfig
 from ._db import Database
@@ -49,6 +50,8 @@ class RunningDispatcher:
     engine: Engine
     dht_port: int | None
     leases: LeaseService | None = None
+    #: The API server's connection counts.
+    connections: ConnectionGate | None = None
 
 
 def load_identity_and_trust(config: DispatcherConfig, now: float) -> tuple[Identity, TrustList]:
@@ -115,6 +118,7 @@ async def run_dispatcher(
                 default_arch=config.default_arch,
                 default_os=config.default_os,
                 dedicated_pools=config.dedicated_pools,
+                source_allow_hosts=config.source_allow_hosts,
                 **engine_options,
             ),
             connector=NodeConnector(queue),
@@ -124,18 +128,25 @@ async def run_dispatcher(
         )
         auth = ApiAuth(config.clients, trust_list, clock)
         leases = LeaseService(engine)
+        connections = ConnectionGate(config.max_connections, config.max_connections_per_address)
         app = make_dispatcher_app(
             engine, auth, max_upload_bytes=config.max_upload_bytes,
+            uploads=ByteBudget(config.max_uploads_in_flight_bytes), connections=connections,
             list_arches=config.list_arches,
             extra_routes=[*pull_routes(queue), *lease_routes(leases, auth),
                           *(web_routes(WebView(engine, config.list_arches))
                             if config.web else ())],
             keepalive_s=config.keepalive_s,
         )
-        api_config = NodeApiConfig(
-            tls=tls, host=config.host, port=config.port, keep_alive_timeout=90.0,
+        api_config = ServerConfig(
+            tls=tls, host=config.host, port=config.port,
+            keep_alive_timeout=config.keep_alive_timeout_s,
+            max_connections=config.max_connections,
+            max_connections_per_address=config.max_connections_per_address,
         )
-        port = await nursery.start(serve_app, app, api_config)
+        port = await nursery.start(
+            functools.partial(serve_asgi, app, api_config, gate=connections)
+        )
         host = f"[{config.host}]" if ":" in config.host else config.host
         if not config.public_url:
             # Nodes fetch sources from us: with port 0 only now do we know the URL.
@@ -149,7 +160,8 @@ async def run_dispatcher(
         _log.info("dispatcher %s listening on %s:%d", identity.public_key.fingerprint, host, port)
         task_status.started(
             RunningDispatcher(
-                port, f"https://{host}:{port}", tls, engine, dht_port, leases=leases
+                port, f"https://{host}:{port}", tls, engine, dht_port, leases=leases,
+                connections=connections,
             )
         )
 

@@ -40,8 +40,6 @@ from typing import Any
 
 import attrs
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
@@ -62,6 +60,7 @@ from .._errors import (
 from .._identity import Identity
 from .._jobs import MAX_JOB_CONTROL_SIZE, MAX_JOB_SIZE, JobControl, JobControlAction
 from ..https import TlsMaterial
+from ..https._server import ServerConfig, serve_asgi
 from ._metrics import CONTENT_TYPE as METRICS_TYPE
 from ._metrics import NodeMetrics
 from ._ondemand import OnDemand
@@ -164,12 +163,11 @@ def refusal(error: P2PBuildError, status: int | None = None) -> JSONResponse:
     """The one-line JSON refusal ``{"error": code, "reason": text}`` for ``error``, with
     ``status`` or the one from :data:`HTTP_STATUS`."""
     reason = str(error).replace("\n", " ")[:300]
-    headers = {"Retry-After": "30"} if isinstance(error, UnavailableError) else None
-    return JSONResponse(
-        {"error": error.code, "reason": reason},
-        status_code=status if status is not None else status_for(error),
-        headers=headers,
-    )
+    status = status if status is not None else status_for(error)
+    # Every 503 says when to come back.
+    headers = {"Retry-After": "30"} if status == 503 else None
+    return JSONResponse({"error": error.code, "reason": reason}, status_code=status,
+                        headers=headers)
 
 
 _refusal = refusal
@@ -192,9 +190,24 @@ class NodeApiConfig:
     keep_alive_timeout: float = 5.0
     #: hypercorn: the TLS handshake must finish within this.
     tls_handshake_timeout: float = 10.0
-    backlog: int = 100
+    backlog: int = 128
     #: hypercorn: time running requests get to finish on shutdown.
     graceful_timeout: float = 3.0
+    #: Open connections at most, in all and from one client address (see p2pbuild.https).
+    max_connections: int = 1000
+    max_connections_per_address: int = 64
+
+    def server(self) -> ServerConfig:
+        """The server's part of this configuration."""
+        return ServerConfig(
+            tls=self.tls, host=self.host, port=self.port,
+            max_header_bytes=self.max_header_bytes,
+            keep_alive_timeout=self.keep_alive_timeout,
+            tls_handshake_timeout=self.tls_handshake_timeout,
+            backlog=self.backlog, graceful_timeout=self.graceful_timeout,
+            max_connections=self.max_connections,
+            max_connections_per_address=self.max_connections_per_address,
+        )
 
 
 def _job_id(request: Request) -> bytes:
@@ -391,24 +404,6 @@ def make_app(
     return Starlette(routes=routes)
 
 
-def _hypercorn_config(config: NodeApiConfig) -> HypercornConfig:
-    hc = HypercornConfig()
-    host = f"[{config.host}]" if ":" in config.host else config.host
-    hc.bind = [f"{host}:{config.port}"]
-    hc.certfile = str(config.tls.cert_path)
-    hc.keyfile = str(config.tls.key_path)
-    hc.alpn_protocols = ["http/1.1"]
-    hc.h11_max_incomplete_size = config.max_header_bytes
-    hc.keep_alive_timeout = config.keep_alive_timeout
-    hc.ssl_handshake_timeout = config.tls_handshake_timeout
-    hc.graceful_timeout = config.graceful_timeout
-    hc.backlog = config.backlog
-    hc.accesslog = None
-    hc.errorlog = _log
-    hc.include_server_header = False
-    return hc
-
-
 async def serve_node_api(
     config: NodeApiConfig,
     service: JobService,
@@ -443,7 +438,4 @@ async def serve_app(
     Calls ``task_status.started(port)``. Raises :class:`OSError` if the address cannot be
     bound.
     """
-    async with trio.open_nursery() as nursery:
-        binds = await nursery.start(hypercorn_serve, app, _hypercorn_config(config))
-        _log.info("HTTPS listening on %s", binds[0])
-        task_status.started(int(binds[0].rsplit(":", 1)[1]))
+    await serve_asgi(app, config.server(), task_status=task_status)

@@ -11,7 +11,8 @@ The file format, with every key, is ``node/node.example.toml`` and
 
     [node]        data_dir, key_file, trust_list, operator, pools, work_dir
     [dht]         bind, bootstrap
-    [api]         enabled, bind, endpoint           (push mode: inbound HTTPS)
+    [api]         enabled, bind, endpoint, keep_alive_timeout_s, max_connections,
+                  max_connections_per_address       (push mode: inbound HTTPS)
     [pull]        dispatchers = [{url, key, tls_sha256}], poll_timeout_s, heartbeat_s
                   (NAT mode)
     [limits]      slots, time_limit_s, max_output_mb, max_disk_mb, max_source_mb
@@ -107,6 +108,11 @@ class ApiConfig:
     enabled: bool = True
     bind: tuple[str, int] = ("0.0.0.0", 8443)
     endpoint: str = ""
+    #: Idle keep-alive connections close after this; open connections at most, in all
+    #: and from one client address (p2pbuild.https).
+    keep_alive_timeout_s: float = 5.0
+    max_connections: int = 1000
+    max_connections_per_address: int = 64
 
 
 @attrs.frozen
@@ -408,6 +414,11 @@ def parse_config(
         enabled=api_table.boolean("enabled", True),
         bind=api_table.address("bind", ApiConfig.bind, allow_zero=True),
         endpoint=_https_url(api_table, "endpoint", required=False),
+        keep_alive_timeout_s=api_table.number("keep_alive_timeout_s", 5.0, 0.1, 600.0),
+        max_connections=api_table.integer("max_connections", 1000, 1, 1_000_000),
+        max_connections_per_address=api_table.integer(
+            "max_connections_per_address", 64, 1, 1_000_000
+        ),
     )
     api_table.done()
 
@@ -631,6 +642,11 @@ bind = {_toml_string(api_bind)}
 # The URL dispatchers use, as advertised in the capability record. Empty: derived from
 # bind when it names one address; required when bind is 0.0.0.0 or ::.
 endpoint = {_toml_string(endpoint)}
+# Connection bounds: idle keep-alive connections close after keep_alive_timeout_s; at
+# most max_connections are open, max_connections_per_address from one client address.
+# keep_alive_timeout_s = 5
+# max_connections = 1000
+# max_connections_per_address = 64
 
 [pull]
 # Pull mode: long-poll these dispatchers for jobs (works behind NAT, no open port).

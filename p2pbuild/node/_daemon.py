@@ -415,7 +415,12 @@ class NodeDaemon:
         if config.api.enabled:
             assert self.tls is not None
             host, port = config.api.bind
-            api = NodeApiConfig(tls=self.tls, host=host or "0.0.0.0", port=port)
+            api = NodeApiConfig(
+                tls=self.tls, host=host or "0.0.0.0", port=port,
+                keep_alive_timeout=config.api.keep_alive_timeout_s,
+                max_connections=config.api.max_connections,
+                max_connections_per_address=config.api.max_connections_per_address,
+            )
             self.api_port = await nursery.start(
                 lambda task_status: serve_node_api(
                     api, self.service, on_demand=self.on_demand, task_status=task_status

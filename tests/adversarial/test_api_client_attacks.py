@@ -10,10 +10,14 @@ TCP connection. Each runs over real HTTPS on loopback against the real servers a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import socket
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +34,12 @@ from p2pbuild.dispatcher import (
     load_config,
     run_dispatcher,
 )
-from p2pbuild.https import generate_tls_material, pinned_client
+from p2pbuild.https import (
+    generate_tls_material,
+    load_tls_material,
+    pinned_client,
+    pinned_ssl_context,
+)
 from p2pbuild.node._api import CONTROL_SCHEME, control_header
 from p2pbuild.testing import make_trust_list
 from p2pbuild.testing._farm import start_push_node
@@ -240,3 +249,268 @@ async def test_other_users_cannot_cancel_a_build_or_see_its_jobs(
                               content=b"srpm bytes 2", headers=_auth("alice"))
         response = await http.delete(f"/v1/builds/{own.json()['id']}", headers=_auth("alice"))
         assert response.status_code == 200
+
+
+# -- 3. connection bounds: one address cannot hold the server's connections --------------------
+
+
+async def test_one_address_cannot_hold_more_than_its_share_of_connections(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    running = await start_dispatcher(nursery, tmp_path, api={
+        "max_connections_per_address": 8, "keep_alive_timeout_s": 0.5,
+    })
+    # 40 idle connections from one address (127.0.0.2: the whole of 127/8 is loopback).
+    flood: list[trio.SocketStream] = []
+    closed = 0  # by the server: reset, before any TLS
+    for _ in range(40):
+        try:
+            flood.append(await trio.open_tcp_stream("127.0.0.1", running.port,
+                                                    local_address="127.0.0.2"))
+        except OSError:
+            closed += 1  # reset so soon that connect() already saw it
+    assert running.connections is not None
+    with trio.fail_after(10):
+        while running.connections.statistics().accepted + sum(
+            n for _, n in running.connections.statistics().refused
+        ) < 40:
+            await trio.sleep(0.01)
+    stats = running.connections.statistics()
+    assert stats.open == 8
+    assert dict(stats.refused) == {"max-connections-per-address": 32}
+
+    # The client sees the 32 closed at once, the 8 still open.
+    async def probe(stream: trio.SocketStream) -> None:
+        nonlocal closed
+        with trio.move_on_after(1):
+            with contextlib.suppress(trio.BrokenResourceError):
+                await stream.receive_some(1)
+            closed += 1  # EOF or reset; the 8 admitted ones wait for a TLS hello instead
+
+    async with trio.open_nursery() as probes:
+        for stream in flood:
+            probes.start_soon(probe, stream)
+    assert closed == 32
+
+    # Meanwhile a genuine user from another address is served.
+    async with pinned_client(running.tls.sha256, base_url=running.url, timeout=10) as http:
+        submitted = await http.post("/v1/builds", params={"name": "hello-1-1.src.rpm"},
+                                    content=b"srpm bytes", headers=_auth("alice"))
+        assert submitted.status_code == 202
+    for stream in flood:
+        await stream.aclose()
+
+    # An idle keep-alive connection is closed after keep_alive_timeout_s.
+    stream = await trio.open_ssl_over_tcp_stream(
+        "127.0.0.1", running.port, ssl_context=pinned_ssl_context()
+    )
+    await stream.send_all(b"GET /v1/status HTTP/1.1\r\nHost: x\r\n"
+                          + f"Authorization: Bearer {TOKENS['alice']}\r\n\r\n".encode())
+    received = b""
+    with trio.fail_after(5):
+        while True:
+            try:
+                chunk = await stream.receive_some(65536)
+            except trio.BrokenResourceError:
+                break
+            if not chunk:
+                break
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 200")
+    await stream.aclose()
+
+
+async def test_running_out_of_file_descriptors_costs_no_traceback(tmp_path: Path) -> None:
+    process = await trio.lowlevel.open_process(
+        [sys.executable, str(Path(__file__).with_name("emfile_server.py")), str(tmp_path)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        assert process.stdin and process.stdout and process.stderr
+        lines = _Lines(process.stdout)
+        port = json.loads(await lines.next())["port"]
+        tls = load_tls_material(tmp_path)
+        await process.stdin.send_all(b"exhaust\n")
+        assert await lines.next() == "exhausted"
+        # Connections wait in the kernel while the server cannot accept them.
+        queued = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(20)]
+        await trio.sleep(1)  # the server's accept loop runs into EMFILE ten times
+        await process.stdin.send_all(b"release\n")
+        assert await lines.next() == "released"
+        async with pinned_client(tls.sha256, base_url=f"https://127.0.0.1:{port}",
+                                 timeout=10) as http:
+            assert (await http.get("/v1/status")).json() == {"ok": True}
+        for stream in queued:
+            await stream.aclose()
+        await process.stdin.send_all(b"quit\n")
+        errors = b""
+        with trio.fail_after(10):
+            while data := await process.stderr.receive_some(1 << 16):
+                errors += data
+            await process.wait()
+    finally:
+        process.kill()
+    text = errors.decode()
+    assert "Traceback" not in text, text
+    warnings = [line for line in text.splitlines() if "accept failed" in line]
+    assert len(warnings) == 1 and "EMFILE" in warnings[0], text
+
+
+class _Lines:
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self._stream = stream
+        self._buffer = b""
+
+    async def next(self) -> str:
+        with trio.fail_after(30):
+            while b"\n" not in self._buffer:
+                data = await self._stream.receive_some(4096)
+                if not data:
+                    raise EOFError(self._buffer)
+                self._buffer += data
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line.decode()
+
+
+# -- 4. uploads: a bound on all bytes in flight together ----------------------------------------
+
+
+async def test_parallel_uploads_beyond_the_in_flight_bound_get_503(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    running = await start_dispatcher(nursery, tmp_path, api={
+        "max_upload_bytes": 1_000_000, "max_uploads_in_flight_bytes": 1_500_000,
+    })
+    gate = trio.Event()
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        # A chunked upload (no Content-Length) that holds 900 kB until the gate opens.
+        for _ in range(9):
+            yield b"x" * 100_000
+        await gate.wait()
+
+    async def chunked(size: int) -> AsyncIterator[bytes]:
+        for _ in range(size // 100_000):
+            yield b"y" * 100_000
+
+    async with pinned_client(running.tls.sha256, base_url=running.url, timeout=30) as http:
+        async with trio.open_nursery() as uploads:
+            first: list[httpx.Response] = []
+
+            async def upload() -> None:
+                first.append(await http.post(
+                    "/v1/builds", params={"name": "big-1-1.src.rpm"}, content=slow_body(),
+                    headers=_auth("alice"),
+                ))
+
+            uploads.start_soon(upload)
+            with trio.fail_after(10):
+                while _in_flight(await http.get("/v1/status", headers=_auth("admin"))) < 900_000:
+                    await trio.sleep(0.01)
+            # A second upload, chunked or declared, would pass the bound: refused, 503.
+            for kwargs in ({"content": chunked(700_000)}, {"content": b"y" * 700_000}):
+                refused = await http.post("/v1/builds", params={"name": "b-1-1.src.rpm"},
+                                          headers=_auth("mallory"), **kwargs)  # type: ignore[arg-type]
+                assert refused.status_code == 503, refused.text
+                assert refused.json()["error"] == "busy"
+                assert int(refused.headers["retry-after"]) > 0
+            gate.set()
+        assert first[0].status_code == 202
+        # Once the first is in, the bytes are free again.
+        status = (await http.get("/v1/status", headers=_auth("admin"))).json()
+        assert status["uploads"]["bytes_in_flight"] == 0
+        assert status["uploads"]["refused"] == 2
+        again = await http.post("/v1/builds", params={"name": "c-1-1.src.rpm"},
+                                content=b"z" * 700_000, headers=_auth("mallory"))
+        assert again.status_code == 202
+
+
+def _in_flight(response: httpx.Response) -> int:
+    value: int = response.json()["uploads"]["bytes_in_flight"]
+    return value
+
+
+# -- 5. source URLs: no fetching from the dispatcher's own network, no port scanning -----------
+
+
+async def _listener(nursery: trio.Nursery, reply: bytes | None) -> tuple[int, list[int]]:
+    """A TCP server on a free loopback port that counts connections and answers each with
+    ``reply`` (None: closes at once); returns its port and the list it counts into."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    seen: list[int] = []
+
+    async def handle(stream: trio.SocketStream) -> None:
+        seen.append(1)
+        if reply is not None:
+            with contextlib.suppress(trio.BrokenResourceError):
+                await stream.receive_some(65536)
+                await stream.send_all(reply)
+        await stream.aclose()
+
+    nursery.start_soon(trio.serve_listeners, handle, listeners)
+    return int(listeners[0].socket.getsockname()[1]), seen
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def _url_build_reason(http: httpx.AsyncClient, url: str, sha256: str = "1" * 64) -> str:
+    response = await http.post("/v1/builds", json={"url": url, "sha256": sha256},
+                               headers=_auth("alice"))
+    assert response.status_code == 202
+    build_id = response.json()["id"]
+    events = await _events_until(http, build_id, "alice",
+                                 lambda seen: seen[-1]["event"].startswith("build-"))
+    assert events[-1]["event"] == "build-failed", events[-1]
+    reason: str = (await http.get(f"/v1/builds/{build_id}", headers=_auth("alice"))).json()[
+        "reason"]
+    return reason
+
+
+async def test_source_urls_cannot_reach_the_dispatchers_network(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    open_port, seen = await _listener(nursery, b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc")
+    closed_port = _closed_port()
+    running = await start_dispatcher(nursery, tmp_path)
+    async with pinned_client(running.tls.sha256, base_url=running.url, timeout=30) as http:
+        reasons = {
+            await _url_build_reason(http, f"http://{host}:{port}/x.src.rpm")
+            for host in ("127.0.0.1", "localhost", "[::1]", "10.0.0.1", "169.254.169.254")
+            for port in (open_port, closed_port)
+        }
+    # Refused before any connection, by the host's address class, whatever the port: one
+    # reason per host, the same for the open and the closed port.
+    assert seen == []
+    assert len(reasons) == 5, reasons
+    assert all(r.startswith("source: cannot fetch the source from ")
+               and "is not a public address" in r for r in reasons), reasons
+
+
+async def test_allowed_source_hosts_do_not_tell_closed_from_refusing_ports(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    source = b"abc"
+    serving, _ = await _listener(
+        nursery, b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\n" + source
+    )
+    hanging_up, seen = await _listener(nursery, None)  # a port that answers, not with HTTP
+    running = await start_dispatcher(nursery, tmp_path,
+                                     main={"source_allow_hosts": ["127.0.0.1"]})
+    async with pinned_client(running.tls.sha256, base_url=running.url, timeout=30) as http:
+        closed = await _url_build_reason(http, f"http://127.0.0.1:{_closed_port()}/x.src.rpm")
+        answering = await _url_build_reason(http, f"http://127.0.0.1:{hanging_up}/x.src.rpm")
+        assert seen  # the allowed host was really connected to
+        assert closed == answering == "source: cannot fetch the source from 127.0.0.1"
+        # An allowed host serves a source as any other.
+        response = await http.post(
+            "/v1/builds", headers=_auth("alice"),
+            json={"url": f"http://127.0.0.1:{serving}/x.src.rpm",
+                  "sha256": hashlib.sha256(source).hexdigest()},
+        )
+        build_id = response.json()["id"]
+        await _events_until(http, build_id, "alice",
+                            lambda seen: seen[-1]["event"] == "source-fetched")
