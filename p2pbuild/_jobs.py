@@ -319,8 +319,10 @@ def _convert_options(options: object) -> tuple[tuple[str, OptionValue], ...]:
 
 @attrs.frozen
 class Repository:
-    """An RPM repository pinned to one snapshot: a name (token), its base URL (``https://``;
-    ``repodata/repomd.xml`` is below it) and the SHA-256 of that ``repomd.xml``.
+    """An RPM repository pinned to one snapshot: a name (token), its base URL (``https://``
+    or ``http://``; ``repodata/repomd.xml`` is below it) and the SHA-256 of that
+    ``repomd.xml``. The digest, not the transport, makes what a node fetches authentic
+    (Koji hubs often serve repositories over plain HTTP).
 
     The digest pins everything else: ``repomd.xml`` carries the checksum of the package
     metadata, which carries the checksum of every package. A node refuses a repository
@@ -334,8 +336,9 @@ class Repository:
     def __attrs_post_init__(self) -> None:
         _check_token(self.name, "repository name")
         url = _printable(self.url, _MAX_URL, "repository url")
-        if not url.startswith("https://") or " " in url or "?" in url or "#" in url:
-            raise MalformedError("repository url must be an https:// URL without query")
+        if not url.startswith(("https://", "http://")) or any(c in url for c in " ?#"):
+            raise MalformedError("repository url must be an https:// or http:// URL "
+                                 "without query")
         _require_bytes(self.repomd_sha256, 32, "repository repomd sha256")
 
     def to_wire(self) -> dict[str, Any]:
@@ -697,19 +700,25 @@ def _convert_environment(env: object) -> tuple[tuple[str, str], ...]:
 
 @attrs.frozen(order=True)
 class BuildrootPackage:
-    """One package installed in a buildroot: ``name-[epoch:]version-release.arch`` and the
-    SHA-256 of the package file (as the repository metadata names it)."""
+    """One package installed in a buildroot: ``name-[epoch:]version-release.arch``, the
+    SHA-256 of the package file (as the repository metadata names it) and, when the node
+    read it, the package's header ``SIGMD5`` (what Koji matches RPM components by)."""
 
     nevra: str
     sha256: bytes
+    sigmd5: bytes | None = None
 
     def __attrs_post_init__(self) -> None:
         if type(self.nevra) is not str or not _NEVRA.fullmatch(self.nevra):
             raise MalformedError(f"bad package NEVRA {self.nevra!r:.80}")
         _require_bytes(self.sha256, 32, "package sha256")
+        if self.sigmd5 is not None:
+            _require_bytes(self.sigmd5, 16, "package sigmd5")
 
     def to_wire(self) -> list[Any]:
-        return [self.nevra, self.sha256]
+        if self.sigmd5 is None:
+            return [self.nevra, self.sha256]
+        return [self.nevra, self.sha256, self.sigmd5]
 
 
 def _to_pinned_repos(items: object) -> tuple[tuple[str, bytes], ...]:
@@ -733,10 +742,10 @@ def _to_buildroot_packages(items: object) -> tuple[BuildrootPackage, ...]:
     for item in items:
         if isinstance(item, BuildrootPackage):
             packages.append(item)
-        elif isinstance(item, (list, tuple)) and len(item) == 2:
-            packages.append(BuildrootPackage(item[0], item[1]))
+        elif isinstance(item, (list, tuple)) and len(item) in (2, 3):
+            packages.append(BuildrootPackage(*item))
         else:
-            raise MalformedError("a buildroot package is [nevra, sha256]")
+            raise MalformedError("a buildroot package is [nevra, sha256, sigmd5?]")
     if [p.nevra for p in packages] != sorted({p.nevra for p in packages}):
         raise MalformedError("buildroot packages must be sorted by NEVRA, each once")
     return tuple(packages)
@@ -753,8 +762,11 @@ class BuildrootRecord:
 
     @property
     def key(self) -> str:
-        """A hex digest of the whole record: equal iff the records are equal."""
-        return hashlib.sha256(encode(self.to_wire())).hexdigest()
+        """A hex digest of the repositories and the packages' NEVRAs and SHA-256s: equal iff
+        the buildroots are the same (``sigmd5`` follows from a package's bytes)."""
+        packages = [[p.nevra, p.sha256] for p in self.packages]
+        repos = [[name, digest] for name, digest in self.repos]
+        return hashlib.sha256(encode({"packages": packages, "repos": repos})).hexdigest()
 
     def to_wire(self) -> dict[str, Any]:
         return {

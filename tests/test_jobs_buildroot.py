@@ -40,7 +40,8 @@ def make_record() -> BuildrootRecord:
     return BuildrootRecord(
         (("base", DIGEST),),
         (
-            BuildrootPackage("bash-5.2.26-4.fc41.x86_64", hashlib.sha256(b"b").digest()),
+            BuildrootPackage("bash-5.2.26-4.fc41.x86_64", hashlib.sha256(b"b").digest(),
+                             bytes(range(16))),
             BuildrootPackage("zlib-devel-1:1.3-1.fc41.x86_64", hashlib.sha256(b"z").digest()),
         ),
     )
@@ -90,12 +91,12 @@ def test_bad_buildroot_specs_are_refused(overrides: dict[str, object], message: 
 @pytest.mark.parametrize(
     ("url", "digest"),
     [
-        ("http://mirror.example/", DIGEST),  # unpinned transport is not the point, but
+        ("ftp://mirror.example/", DIGEST),
         ("https://mirror.example/?x=1", DIGEST),
         ("https://mirror.example/", b"short"),  # no digest: never an unpinned repository
     ],
 )
-def test_repositories_must_be_https_and_pinned(url: str, digest: bytes) -> None:
+def test_repositories_must_be_http_or_https_and_pinned(url: str, digest: bytes) -> None:
     with pytest.raises(MalformedError):
         Repository("base", url, digest)
 
@@ -154,3 +155,14 @@ def test_different_package_sets_have_different_keys() -> None:
     record = make_record()
     changed = attrs.evolve(record, repos=(("base", hashlib.sha256(b"other").digest()),))
     assert record.key != changed.key
+
+
+def test_sigmd5_is_signed_but_not_part_of_the_buildroot_key() -> None:
+    record = make_record()
+    assert Result.from_bytes(make_result(buildroot=record).to_bytes()).buildroot == record
+    assert record.packages[0].sigmd5 == bytes(range(16))
+    without = attrs.evolve(record, packages=tuple(
+        attrs.evolve(p, sigmd5=None) for p in record.packages))
+    assert without.key == record.key and without != record
+    with pytest.raises(MalformedError, match="sigmd5"):
+        BuildrootPackage("bash-5.2-1.x86_64", DIGEST, b"short")

@@ -267,6 +267,7 @@ class BuildrootCache:
                         entry, spec, repos, resolution.packages, host_rpm, record, metadata_s,
                         tuple(str(d) for d in resolution.from_host),
                     )
+                record = _with_sigmd5(record, entry / "record.json")
             if log is not None:
                 await log(step.describe())
             yield PreparedBuildroot(entry / "root", record, step)
@@ -385,12 +386,13 @@ class BuildrootCache:
             t1 = time.monotonic()
             shutil.copyfile(host_rpm, stage / "repo" / "host.rpm")
             expected = sorted([pkg.nevra for _, pkg in chosen] + [_host_nevra(record)])
-            await self._install(stage, expected)
+            sigmd5 = await self._install(stage, expected)
             entry.mkdir(parents=True, exist_ok=True)
             os.replace(stage / "root", entry / "root")
             size = await trio.to_thread.run_sync(_tree_bytes, entry / "root")
             (entry / "record.json").write_text(json.dumps({
                 "packages": [p.nevra for p in record.packages],
+                "sigmd5": sigmd5,
                 "repos": {name: digest.hex() for name, digest in record.repos},
                 "bytes": size,
             }, indent=1))
@@ -413,8 +415,9 @@ class BuildrootCache:
             )
         return size
 
-    async def _install(self, stage: Path, expected: list[str]) -> None:
-        """createrepo_c, the file-list check and ``dnf --installroot``, in one sandbox."""
+    async def _install(self, stage: Path, expected: list[str]) -> dict[str, str]:
+        """createrepo_c, the file-list check and ``dnf --installroot``, in one sandbox;
+        the installed packages' ``SIGMD5`` (hex) by NEVRA."""
         script = (
             "set -e\n"
             # Every file of every package must be below /usr (all a build sees).
@@ -433,7 +436,7 @@ class BuildrootCache:
             "--setopt=install_weak_deps=False --setopt=keepcache=False "
             "--disablerepo='*' --enablerepo=local install \"$@\"\n"
             "echo P2PBUILD-INSTALLED-BEGIN\n"
-            "rpm --root /buildroot -qa --qf '%{NEVRA}\\n' | sort\n"
+            "rpm --root /buildroot -qa --qf '%{NEVRA} %{SIGMD5}\\n' | sort\n"
             "echo P2PBUILD-INSTALLED-END\n"
         )
         command = self._install_command(stage, ["/bin/sh", "-c", script, "p2pbuild-install",
@@ -461,11 +464,17 @@ class BuildrootCache:
             raise BuildrootError(f"installing the buildroot failed ({why}): {text[-600:]}")
         installed = text.split("P2PBUILD-INSTALLED-BEGIN", 1)[-1]
         installed = installed.split("P2PBUILD-INSTALLED-END", 1)[0]
-        got = sorted(line.strip() for line in installed.splitlines() if line.strip())
+        sigmd5: dict[str, str] = {}
+        for line in installed.splitlines():
+            nevra, _, digest = line.strip().partition(" ")
+            if nevra:
+                sigmd5[nevra] = digest
+        got = sorted(sigmd5)
         if got != expected:
             raise BuildrootError(
                 f"dnf installed {got[:20]}, the resolved set is {expected[:20]}"
             )
+        return sigmd5
 
     def _install_command(self, stage: Path, argv: list[str]) -> list[str]:
         host = self.sandbox.host_root
@@ -536,6 +545,22 @@ class BuildrootCache:
                     total += int(json.loads((entry / "record.json").read_text())["bytes"])
                     count += 1
         return {"roots": count, "bytes": total}
+
+
+def _with_sigmd5(record: BuildrootRecord, path: Path) -> BuildrootRecord:
+    """``record`` with each package's SIGMD5 as the install read it (``record.json``)."""
+    try:
+        known = json.loads(path.read_text()).get("sigmd5", {})
+        packages = tuple(
+            attrs.evolve(p, sigmd5=bytes.fromhex(known[p.nevra]))
+            if len(known.get(p.nevra, "")) == 32 else p
+            for p in record.packages
+        )
+    except (OSError, ValueError, AttributeError) as exc:
+        raise BuildEnvironmentError(
+            f"buildroot cache entry {path.parent} is damaged: {exc}"
+        ) from None
+    return attrs.evolve(record, packages=packages)
 
 
 def _host_nevra(record: BuildrootRecord) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import subprocess
 from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
@@ -110,6 +111,10 @@ async def test_header_only_in_the_repository_builds_in_the_buildroot(served: Ser
     assert nevras[1].startswith(f"{HOST_PACKAGE}-1-")
     rpm_bytes = (served.repo.path / "Packages" / "p2pbuild-greet-devel-1.0-1.noarch.rpm")
     assert record.packages[0].sha256 == hashlib.sha256(rpm_bytes.read_bytes()).digest()
+    sigmd5 = subprocess.run(["rpm", "-qp", "--nosignature", "--qf", "%{SIGMD5}",
+                             str(rpm_bytes)], capture_output=True, text=True, check=True).stdout
+    assert record.packages[0].sigmd5 == bytes.fromhex(sigmd5)
+    assert all(p.sigmd5 is not None for p in record.packages)
     assert record.repos == (("test", served.repo.repomd_sha256),)
     step = first.buildroot_step
     assert step is not None and not step.cache_hit
