@@ -59,6 +59,7 @@ from ._db import BuildState
 from ._engine import Engine
 from ._errors import SinkError
 from ._metrics import CONTENT_TYPE, DispatcherMetrics
+from ._plot import rating_svg
 from ._stored import StoredBuild
 from ._views import (
     NodeSightings,
@@ -67,7 +68,6 @@ from ._views import (
     builds_view,
     node_view,
     nodes_view,
-    rating_svg,
     trust_view,
 )
 

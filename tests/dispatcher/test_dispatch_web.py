@@ -28,14 +28,9 @@ from p2pbuild.dispatcher import (
     run_dispatcher,
 )
 from p2pbuild.dispatcher._db import BuildRow, BuildState, Database, ObservationRow
+from p2pbuild.dispatcher._plot import rating_history, rating_svg
 from p2pbuild.dispatcher._ratings import DEFAULT_MODEL
-from p2pbuild.dispatcher._views import (
-    NodeSightings,
-    WebReader,
-    builds_view,
-    rating_history,
-    rating_svg,
-)
+from p2pbuild.dispatcher._views import NodeSightings, WebReader, builds_view
 from p2pbuild.https import generate_tls_material, pinned_client
 from p2pbuild.testing import make_trust_list
 from p2pbuild.testing._farm import FarmNode, node_entry, start_push_node
