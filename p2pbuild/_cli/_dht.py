@@ -12,7 +12,6 @@ publisher's latest capability and status.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import signal
 import socket
@@ -27,6 +26,7 @@ import attrs
 import trio
 
 from .._errors import LocalError, MalformedError, P2PBuildError
+from .._hostport import parse_host_port
 from .._records import MachineType
 from .._trust import TrustList
 from ..dht import DhtConfig, Directory, NodeEntry, Query, UdpTransport, open_directory_on
@@ -57,25 +57,10 @@ class HostPort:
         """Parse ``HOST:PORT`` or ``[IPV6]:PORT``. Raises :class:`MalformedError` with a
         message naming ``option``."""
         example = "0.0.0.0:7420" if allow_zero else "192.0.2.1:7420"
-        problem = f"{option}: expected HOST:PORT (for example {example}), got {text!r:.80}"
-        if text.startswith("["):
-            host, sep, port = text[1:].partition("]:")
-            if not sep:
-                raise MalformedError(problem)
-            try:
-                ipaddress.IPv6Address(host)
-            except ValueError:
-                raise MalformedError(f"{option}: {host!r:.60} is not an IPv6 address") from None
-        else:
-            host, sep, port = text.rpartition(":")
-            if not sep or ":" in host:
-                raise MalformedError(problem)
-        if not host or not port.isascii() or not port.isdigit():
-            raise MalformedError(problem)
-        number = int(port)
-        lowest = 0 if allow_zero else 1
-        if not lowest <= number <= 65535:
-            raise MalformedError(f"{option}: port {number} is not in {lowest}..65535")
+        try:
+            host, number = parse_host_port(text, allow_zero=allow_zero, example=example)
+        except ValueError as exc:
+            raise MalformedError(f"{option}: {exc}") from None
         return cls(host, number)
 
     def __str__(self) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 import attrs
 
 from .._errors import MalformedError
+from .._hostport import parse_host_port
 from .._identity import PublicKey
 from ._errors import ConfigError
 from ._leases import Quotas
@@ -120,10 +121,10 @@ def _get(table: Mapping[str, Any], key: str, kind: type, where: str, default: An
 
 
 def _address(text: str, where: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise ConfigError(f"{where}: {text!r} is not host:port")
-    return host.strip("[]"), int(port)
+    try:
+        return parse_host_port(text)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 #: The keys each table may hold; anything else is refused (a misspelled key must not run

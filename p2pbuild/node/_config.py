@@ -25,7 +25,6 @@ The file format, with every key, is ``node/node.example.toml`` and
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import shlex
 import tomllib
@@ -36,6 +35,7 @@ from typing import Any, TypeVar
 import attrs
 
 from .._errors import LocalError, MalformedError
+from .._hostport import parse_host_port
 from .._identity import PublicKey
 from .._records import _TOKEN, MachineType
 from ._ondemand import OnDemandConfig
@@ -320,31 +320,6 @@ def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
 
 def _show(value: object) -> str:
     return f"{value!r:.60}"
-
-
-def parse_host_port(text: str, *, allow_zero: bool = False) -> tuple[str, int]:
-    """Parse ``HOST:PORT`` or ``[IPV6]:PORT``. Raises :class:`ValueError` with a short
-    message."""
-    problem = f"expected HOST:PORT, got {text!r:.60}"
-    if text.startswith("["):
-        host, sep, port = text[1:].partition("]:")
-        if not sep:
-            raise ValueError(problem)
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"{host!r:.60} is not an IPv6 address") from None
-    else:
-        host, sep, port = text.rpartition(":")
-        if not sep or ":" in host:
-            raise ValueError(problem)
-    if not host or not port.isascii() or not port.isdigit():
-        raise ValueError(problem)
-    number = int(port)
-    low = 0 if allow_zero else 1
-    if not low <= number <= 65535:
-        raise ValueError(f"port {number} is not in {low}..65535")
-    return host, number
 
 
 def _https_url(reader: _Reader, key: str, *, required: bool) -> str:

@@ -175,6 +175,11 @@ def test_config_errors_are_one_line(tmp_path: Path) -> None:
         ('[dispatcher]\nkey="k"\ntrust_list="t"\n[api]\nport="x"\n', "port must be an integer"),
         ('[dispatcher]\nkey="k"\ntrust_list="t"\n[[clients]]\nuser="u"\n', "exactly one"),
         ("not toml [", "not valid TOML"),
+        # The one HOST:PORT parser: the same bounds as the node's and the CLI's.
+        ('[dispatcher]\nkey="k"\ntrust_list="t"\n[dht]\nbootstrap=["h:99999"]\n',
+         "port 99999 is not in 1..65535"),
+        ('[dispatcher]\nkey="k"\ntrust_list="t"\n[dht]\nbootstrap=["::1:7420"]\n',
+         "expected HOST:PORT"),
     ]:
         path.write_text(text)
         with pytest.raises(ConfigError, match=re.escape(fragment)) as info:
