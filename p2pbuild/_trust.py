@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -33,6 +34,7 @@ from ._errors import (
     ExpiredError,
     LocalError,
     MalformedError,
+    P2PBuildError,
     RollbackError,
     RotationError,
     ThresholdError,
@@ -42,7 +44,7 @@ from ._errors import (
 from ._identity import SIGNATURE_SIZE, Domain, Identity, PublicKey, Role
 from ._records import _MAX_LIST, _TOKEN
 
-__all__ = ["MAX_TRUST_LIST_SIZE", "TrustEntry", "TrustList", "accept_update"]
+__all__ = ["MAX_TRUST_LIST_SIZE", "TrustEntry", "TrustList", "accept_update", "read_trust_list"]
 
 MAX_TRUST_LIST_SIZE = 1024 * 1024
 _MAX_ENTRIES = 10_000
@@ -367,3 +369,22 @@ def accept_update(current: TrustList, new: TrustList, now: float) -> TrustList:
         return current
     current.verify_successor(new, now)
     return new
+
+
+def read_trust_list(path: Path, *, error: type[Exception] = LocalError) -> TrustList:
+    """Read and parse the trust list file at ``path``, reading at most
+    :data:`MAX_TRUST_LIST_SIZE` + 1 bytes (so a huge file costs no memory before it is
+    refused). Checks shape only: call :meth:`TrustList.verify` before trusting it.
+
+    Raises ``error`` (the caller's local error) if the file cannot be read, and the parse
+    errors (:class:`OversizeError`, :class:`MalformedError`) with the path in the message.
+    """
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_TRUST_LIST_SIZE + 1)
+    except OSError as exc:
+        raise error(f"cannot read trust list {path}: {exc.strerror or exc}") from None
+    try:
+        return TrustList.from_bytes(data)
+    except P2PBuildError as exc:
+        raise type(exc)(f"trust list {path}: {exc}") from None

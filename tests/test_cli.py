@@ -155,7 +155,7 @@ def test_garbage_trust_file_is_a_clear_error(
     (deployment / "junk").write_bytes(b"\x93\x01\x02" + b"\xff" * 50)
     status, _, err = run(capsys, "trust", "show", "-f", "junk")
     assert status == 1
-    assert err.startswith("p2pbuild: error: junk:")
+    assert err.startswith("p2pbuild: error: trust list junk:")
 
 
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -12,11 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2pbuild import (
+    MAX_TRUST_LIST_SIZE,
     BadSignatureError,
     Domain,
     ExpiredError,
     LocalError,
     MalformedError,
+    OversizeError,
     P2PBuildError,
     RemoteError,
     Role,
@@ -334,3 +337,20 @@ def test_fixture_is_valid_for_every_size() -> None:
     for n in range(1, len(MAINTAINERS) + 1):
         for k in range(1, n + 1):
             make_trust_list(maintainers=n, threshold=k).trust_list.verify(T0)
+
+
+def test_read_trust_list_is_the_one_bounded_loader(tmp_path: Path) -> None:
+    from p2pbuild._trust import read_trust_list
+
+    fixture = make_trust_list()
+    good = tmp_path / "trust-list.bin"
+    good.write_bytes(fixture.trust_list.to_bytes())
+    assert read_trust_list(good) == fixture.trust_list
+    huge = tmp_path / "huge.bin"
+    huge.write_bytes(b"\x00" * (MAX_TRUST_LIST_SIZE * 4))
+    with pytest.raises(OversizeError, match=f"trust list {huge}"):
+        read_trust_list(huge)
+    with pytest.raises(LocalError, match="cannot read trust list"):
+        read_trust_list(tmp_path / "missing.bin")
+    with pytest.raises(KeyError, match="cannot read trust list"):
+        read_trust_list(tmp_path / "missing.bin", error=KeyError)

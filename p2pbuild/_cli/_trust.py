@@ -25,7 +25,7 @@ import attrs
 
 from .._errors import KeyFileError, LocalError, P2PBuildError
 from .._identity import Identity, Role, load_public_key
-from .._trust import MAX_TRUST_LIST_SIZE, TrustEntry, TrustList
+from .._trust import TrustEntry, TrustList, read_trust_list
 
 __all__ = ["register"]
 
@@ -117,15 +117,7 @@ def register(sub: Any) -> None:
 
 def load_trust_list(path: Path) -> TrustList:
     """Read and parse a trust list file (size-bounded). Raises P2PBuildError subclasses."""
-    try:
-        with path.open("rb") as f:
-            data = f.read(MAX_TRUST_LIST_SIZE + 1)
-    except OSError as exc:
-        raise LocalError(f"cannot read trust list {path}: {exc.strerror}") from None
-    try:
-        return TrustList.from_bytes(data)
-    except P2PBuildError as exc:
-        raise type(exc)(f"{path}: {exc}") from None
+    return read_trust_list(path)
 
 
 def _write(path: Path, trust: TrustList) -> None:

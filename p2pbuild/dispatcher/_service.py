@@ -17,7 +17,7 @@ import trio
 
 from .._errors import RemoteError
 from .._identity import Identity, Role
-from .._trust import TrustList
+from .._trust import TrustList, read_trust_list
 from ..dht import open_directory
 from ..https import TlsMaterial, load_tls_material
 from ..https._server import ByteBudget, ConnectionGate, ServerConfig, serve_asgi
@@ -61,11 +61,9 @@ def load_identity_and_trust(config: DispatcherConfig, now: float) -> tuple[Ident
     """
     identity = Identity.load(config.key_file)
     try:
-        trust_list = TrustList.from_bytes(config.trust_list_file.read_bytes())
+        trust_list = read_trust_list(config.trust_list_file, error=ConfigError)
         trust_list.verify(now)
         trust_list.require(identity.public_key, Role.DISPATCHER)
-    except OSError as exc:
-        raise ConfigError(f"cannot read trust list {config.trust_list_file}: {exc}") from None
     except RemoteError as exc:
         raise ConfigError(f"trust list {config.trust_list_file}: {exc}") from None
     return identity, trust_list

@@ -43,7 +43,7 @@ from .._errors import P2PBuildError
 from .._identity import Identity, PublicKey, Role
 from .._jobs import Result, ResultState
 from .._records import Capability, SignedRecord, Status
-from .._trust import MAX_TRUST_LIST_SIZE, TrustList, accept_update
+from .._trust import TrustList, accept_update, read_trust_list
 from ..dht import Directory, node_id_for, open_directory
 from ..https import TlsMaterial, load_tls_material
 from ._api import NodeApiConfig, serve_node_api
@@ -71,13 +71,8 @@ def load_trust_file(path: Path, now: float) -> TrustList:
     """Read, parse and verify the trust list at ``path`` (signed by its threshold, not
     expired). Raises :class:`ConfigError` (unreadable) or the trust list's
     :class:`~p2pbuild.RemoteError`, with the path in the message."""
+    trust = read_trust_list(path, error=ConfigError)
     try:
-        with path.open("rb") as f:
-            data = f.read(MAX_TRUST_LIST_SIZE + 1)
-    except OSError as exc:
-        raise ConfigError(f"cannot read trust list {path}: {exc.strerror or exc}") from None
-    try:
-        trust = TrustList.from_bytes(data)
         trust.verify(now)
     except P2PBuildError as exc:
         raise type(exc)(f"trust list {path}: {exc}") from None
