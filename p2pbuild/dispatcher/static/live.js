@@ -59,8 +59,13 @@
     }).catch(function () {});
   }
 
+  // At most one reload a second however busy the farm is (a reload is one request).
+  var last = 0;
   function soon() {
-    if (pending === null) { pending = setTimeout(refresh, 250); }
+    if (pending === null) {
+      var wait = Math.max(250, last + 1000 - Date.now());
+      pending = setTimeout(function () { last = Date.now(); refresh(); }, wait);
+    }
   }
 
   function follow(after) {
