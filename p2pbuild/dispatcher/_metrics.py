@@ -36,6 +36,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from ..dht import DhtStatistics
 from ._db import AttemptState, BuildState
 from ._views import WebReader
 
@@ -116,7 +117,7 @@ class DispatcherMetrics(Collector):
 
     reader: WebReader
     node_errors: Callable[[], Mapping[str, int]]
-    dht: Callable[[], Any | None] = lambda: None
+    dht: Callable[[], DhtStatistics | None] = lambda: None
     registry: CollectorRegistry = attrs.field(
         factory=lambda: CollectorRegistry(auto_describe=False)
     )

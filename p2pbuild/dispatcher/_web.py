@@ -59,6 +59,7 @@ from ._db import BuildState
 from ._engine import Engine
 from ._errors import SinkError
 from ._metrics import CONTENT_TYPE, DispatcherMetrics
+from ._nodes import DirectoryFinder
 from ._plot import rating_svg
 from ._stored import StoredBuild
 from ._views import (
@@ -192,7 +193,8 @@ class WebView:
         if self.reader is None:
             self.reader = WebReader(self.engine.db.path)
         if self.metrics is None:
-            directory = getattr(self.engine.finder, "directory", None)
+            finder = self.engine.finder
+            directory = finder.directory if isinstance(finder, DirectoryFinder) else None
             self.metrics = DispatcherMetrics(
                 self.reader, lambda: dict(self.engine.statistics().node_errors),
                 dht=(lambda: directory.statistics()) if directory is not None else
