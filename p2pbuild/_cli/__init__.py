@@ -9,6 +9,7 @@ on stderr and exit status 1; usage errors exit 2 (argparse's convention).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -51,6 +52,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("p2pbuild: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`p2pbuild ... --json | head`): stop quietly, as cat does.
+        # Python would print an error while flushing stdout at exit; point it at devnull.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except BaseExceptionGroup as group:
         # A daemon's start fails inside its nursery (trust list, key, port in use): the
         # error arrives wrapped in a group. One line, as for any other error; anything

@@ -9,16 +9,29 @@ Client commands find the dispatcher in a client file (``client.toml``: ``url``,
 from __future__ import annotations
 
 import argparse
+import collections
+import hashlib
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
+import trio
 
+from .._errors import LocalError
 from ..dispatcher._errors import ConfigError
-from ._client import Client, check, client_from_args, follow_build, network, post_source
+from ._client import (
+    TERMINAL,
+    Client,
+    check,
+    client_from_args,
+    follow_build,
+    network,
+    post_source,
+)
 
 __all__ = ["client_args", "register"]
 
@@ -51,8 +64,12 @@ def register(sub: Any) -> None:
     client_args(submit)
     submit.set_defaults(func=_submit)
 
-    builds = sub.add_parser("builds", help="list, show and cancel builds",
-                            description="List, show and cancel a dispatcher's builds.")
+    builds = sub.add_parser(
+        "builds", help="list, show, watch, cancel builds; their logs and files",
+        description="List, show, watch and cancel a dispatcher's builds; read their logs and "
+        "download their files. ID is a build id, a unique start of one (4+ characters) or "
+        "the source's NVR (hello-1.0-1; the newest such build).",
+    )
     bsub = builds.add_subparsers(dest="builds_command", metavar="ACTION", required=True)
     ls = bsub.add_parser("ls", help="list builds, newest first")
     ls.add_argument("--limit", type=int, default=20)
@@ -67,6 +84,32 @@ def register(sub: Any) -> None:
     cancel.add_argument("build_id", metavar="ID")
     client_args(cancel)
     cancel.set_defaults(func=_builds_cancel)
+    watch = bsub.add_parser("watch", help="follow a build to its end (like submit --wait)",
+                            description="Follow a build live to its end, as submit --wait "
+                            "does; exit 0 only if it is verified.")
+    watch.add_argument("build_id", metavar="ID")
+    client_args(watch)
+    watch.set_defaults(func=_builds_watch)
+    logs = bsub.add_parser("logs", help="print a build's logs (--follow: live)",
+                           description="Print the logs the build's nodes signed (the "
+                           "dispatcher keeps a copy of each, from push and pull nodes). "
+                           "With --follow, stream a running build's live log until it ends.")
+    logs.add_argument("build_id", metavar="ID")
+    logs.add_argument("--attempt", type=int, metavar="N", help="only this attempt's logs")
+    logs.add_argument("--follow", "-f", action="store_true",
+                      help="stream the live log of a running attempt until the build ends")
+    client_args(logs)
+    logs.set_defaults(func=_builds_logs)
+    download = bsub.add_parser(
+        "download", help="download a build's RPMs, proofs and logs",
+        description="Download what the dispatcher keeps of a build into DIR/<nvr>/: for a "
+        "verified build its artifacts (checked against the manifest's SHA-256), proof and "
+        "manifest; for every build the logs of each attempt (logs/<attempt>-<operator>/).",
+    )
+    download.add_argument("build_id", metavar="ID")
+    download.add_argument("--dir", type=Path, default=Path("."), metavar="DIR")
+    client_args(download)
+    download.set_defaults(func=_builds_download)
 
     nodes = sub.add_parser("nodes", help="nodes as a dispatcher rates them",
                            description="Nodes known to a dispatcher, with their ratings.")
@@ -87,12 +130,39 @@ def client_args(parser: argparse.ArgumentParser) -> None:
 # -- client commands ------------------------------------------------------------------------------
 
 
+#: How each build type's source starts: an RPM's lead; gzip, xz, bzip2 or zstd tarballs
+#: (a plain tar has "ustar" at offset 257).
+_RPM_MAGIC = b"\xed\xab\xee\xdb"
+_ARCHIVE_MAGIC = (b"\x1f\x8b", b"\xfd7zXZ\x00", b"BZh", b"\x28\xb5\x2f\xfd")
+
+
+def _check_source(source: Path, build_type: str) -> None:
+    """Refuse a file that cannot be the build type's source before it goes to volunteers.
+    Raises :class:`ConfigError`."""
+    with source.open("rb") as f:
+        head = f.read(512)
+    if build_type == "rpm":
+        if not head.startswith(_RPM_MAGIC):
+            raise ConfigError(f"{source} is not an RPM file (no RPM lead); give a source RPM, "
+                              "or --build-type make for a tarball")
+        if not source.name.endswith(".src.rpm"):
+            raise ConfigError(f"{source} is not named like a source RPM (NAME-VERSION-RELEASE"
+                              ".src.rpm)")
+    elif not (head.startswith(_ARCHIVE_MAGIC) or head[257:262] == b"ustar"):
+        raise ConfigError(f"{source} is not a tarball (gzip, xz, bzip2, zstd or tar) for "
+                          "--build-type make")
+
+
 def _submit(args: argparse.Namespace) -> int:
     client = client_from_args(args)
     source: Path = args.source
     if not source.is_file():
         raise ConfigError(f"{source} is not a file")
     build_type = args.build_type or ("rpm" if source.name.endswith(".rpm") else "make")
+    _check_source(source, build_type)
+    if not 2 <= args.replicas <= 8:
+        raise ConfigError("--replicas must be 2 to 8: a build is verified by nodes of at "
+                          "least two different operators")
     params = {"name": source.name, "build_type": build_type, "replicas": str(args.replicas)}
     for key in ("arch", "os", "machine", "pool", "lease"):
         if getattr(args, key):
@@ -145,50 +215,132 @@ def _buildroot(args: argparse.Namespace) -> dict[str, Any]:
             "packages": sorted(set(args.base_package))}
 
 
+def _elapsed(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+@attrs.define(eq=False)
+class _Progress:
+    """What ``--wait`` shows: elapsed time, each attempt's state, the latest event and the
+    tail of a running attempt's live log. On a terminal a ``rich`` live display redraws it;
+    otherwise one line per event."""
+
+    build_id: str
+    tty: bool
+    started: float = attrs.field(factory=time.monotonic)
+    attempts: dict[str, str] = attrs.field(factory=dict)
+    last_event: str = "accepted"
+    log_tail: collections.deque[str] = attrs.field(
+        factory=lambda: collections.deque(maxlen=_LIVE_LINES))
+    log_from: str = ""
+
+    def event(self, event: dict[str, Any]) -> None:
+        name = event["event"]
+        detail = event["detail"]
+        node = (event.get("node") or "")[8:16]
+        if name == "node-chosen":
+            self.attempts[node] = f"{detail.get('operator')}: chosen"
+        elif name.startswith("attempt-"):
+            operator = self.attempts.get(node, node).split(":")[0]
+            self.attempts[node] = f"{operator}: {name[len('attempt-'):]}"
+        reason = detail.get("reason")
+        self.last_event = name + (f" ({reason})" if reason else "")
+        if not self.tty:
+            print(f"[{_elapsed(time.monotonic() - self.started):>6}] {name:<18} "
+                  + "  ".join(self.attempts.values()) + (f" ({reason})" if reason else ""),
+                  flush=True)
+
+    def log_line(self, line: str) -> None:
+        self.log_tail.append(line)
+
+    def render(self) -> Any:
+        from rich.console import Group
+        from rich.text import Text
+
+        head = Text.assemble(
+            ("build ", "bold"), (self.build_id[:12], "bold cyan"),
+            f"  {_elapsed(time.monotonic() - self.started)}  ",
+            ("  ".join(self.attempts.values()) or "choosing nodes", "green"),
+        )
+        parts: list[Any] = [head, Text(f"  {self.last_event}"[:200], style="dim")]
+        if self.log_tail:
+            parts.append(Text(f"  live log of {self.log_from}:", style="dim"))
+            parts += [Text("  | " + line[:200]) for line in self.log_tail]
+        return Group(*parts)
+
+
+_LIVE_LINES = 8
+
+
+async def _tail_live_log(http: httpx.AsyncClient, client: Client, build_id: str,
+                         progress: _Progress) -> None:
+    """Feed ``progress`` the live log of the build's running push attempt, looking again
+    every few seconds (attempts start, end and are replaced)."""
+    while True:
+        try:
+            listing = check(await http.get(f"/v1/builds/{build_id}/logs",
+                                           headers=client.headers))
+            live = [row for row in listing["logs"] if row["live"]]
+            if live:
+                row = live[0]
+                progress.log_from = f"{row['operator']} (attempt {row['attempt']})"
+                async with http.stream("GET", row["path"], headers=client.headers,
+                                       timeout=httpx.Timeout(30, read=None)) as response:
+                    if response.status_code == 200:
+                        async for line in response.aiter_lines():
+                            progress.log_line(line.rstrip("\n"))
+        except (httpx.HTTPError, LocalError):
+            pass  # the event stream reports the dispatcher's trouble; the tail is a nicety
+        await trio.sleep(3)
+
+
 async def _follow(http: httpx.AsyncClient, client: Client, build_id: str, as_json: bool) -> int:
-    """Print a live progress line (or NDJSON events with ``--json``) until the build ends."""
+    """Follow the build to its end: a live display (or one line per event, or NDJSON events
+    with ``--json``), then the outcome with the failure summary. Exit status 0 only for a
+    verified build."""
     tty = sys.stdout.isatty() and not as_json
-    started = time.monotonic()
-    attempts: dict[str, str] = {}
+    progress = _Progress(build_id, tty)
     build: dict[str, Any] = {}
-    async for kind, value in follow_build(http, client, build_id):
-        if kind == "build":
-            build = value
-        elif kind == "reconnecting":
-            print(f"{chr(10) if tty else ''}p2pbuild: lost the dispatcher ({value['error']}); "
-                  f"reconnecting in {value['retry_in']:g}s", file=sys.stderr, flush=True)
-        elif as_json:
-            print(json.dumps(value), flush=True)
-        else:
-            _progress(value, attempts, started, tty)
+    live: Any = None
     if tty:
-        print()
+        from rich.live import Live
+
+        live = Live(get_renderable=progress.render, refresh_per_second=4, transient=True)
+        live.start()
+    try:
+        async with trio.open_nursery() as nursery:
+            if tty:
+                nursery.start_soon(_tail_live_log, http, client, build_id, progress)
+            async for kind, value in follow_build(http, client, build_id):
+                if kind == "build":
+                    build = value
+                elif kind == "reconnecting":
+                    print(f"p2pbuild: lost the dispatcher ({value['error']}); reconnecting in "
+                          f"{value['retry_in']:g}s", file=sys.stderr, flush=True)
+                elif as_json:
+                    print(json.dumps(value), flush=True)
+                else:
+                    progress.event(value)
+            nursery.cancel_scope.cancel()
+    finally:
+        if live is not None:
+            live.stop()
     if not as_json:
-        print(f"build {build_id}: {build['state']}: {build['reason']}")
+        took = _elapsed(time.monotonic() - progress.started)
+        print(f"build {build['id']}: {build['state']} after {took}: {build['reason']}")
         if build["sink_path"]:
             print(f"  stored in {build['sink_path']}")
+            print(f"  get it:   p2pbuild builds download {build['id'][:12]}")
         if build["report"]:
             print(build["report"])
+        if build["state"] == "failed":
+            print(f"  all logs: p2pbuild builds logs {build['id'][:12]}")
     return 0 if build["state"] == "verified" else 1
-
-
-def _progress(event: dict[str, Any], attempts: dict[str, str], started: float, tty: bool) -> None:
-    name = event["event"]
-    detail = event["detail"]
-    node = (event.get("node") or "")[8:16]
-    if name == "node-chosen":
-        attempts[node] = f"{detail.get('operator')}:chosen"
-    elif name.startswith("attempt-"):
-        operator = attempts.get(node, node).split(":")[0]
-        attempts[node] = f"{operator}:{name[len('attempt-'):]}"
-    line = f"[{time.monotonic() - started:6.1f}s] {name:<18} " + " ".join(
-        attempts.values()
-    )
-    if tty:
-        print("\r" + line[:150].ljust(150), end="", flush=True)
-    else:
-        reason = detail.get("reason")
-        print(line + (f" ({reason})" if reason else ""), flush=True)
 
 
 def _builds_ls(args: argparse.Namespace) -> int:
@@ -204,10 +356,16 @@ def _builds_ls(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(body))
         return 0
-    print(f"{'ID':<32}  {'STATE':<9}  {'ARCH':<8}  {'USER':<10}  SOURCE / REASON")
+    now = time.time()
+    print(f"{'ID':<12}  {'STATE':<9}  {'NVR':<30}  {'SUBMITTED':<16}  {'TOOK':>7}  "
+          f"{'ARCH':<8}  {'USER':<10}  REASON")
     for b in body["builds"]:
-        print(f"{b['id']:<32}  {b['state']:<9}  {b['arch']:<8}  {b['user'][:10]:<10}  "
-              f"{b['source_name']}  {b['reason']}")
+        nvr = b["source_name"].removesuffix(".src.rpm")
+        ended = b["updated_at"] if b["state"] in TERMINAL else now
+        submitted = time.strftime("%Y-%m-%d %H:%M", time.localtime(b["created_at"]))
+        print(f"{b['id'][:12]:<12}  {b['state']:<9}  {nvr[:30]:<30}  {submitted:<16}  "
+              f"{_elapsed(ended - b['created_at']):>7}  {b['arch']:<8}  {b['user'][:10]:<10}  "
+              f"{b['reason'][:80]}")
     return 0
 
 
@@ -228,9 +386,9 @@ def _builds_show(args: argparse.Namespace) -> int:
           f"user {b['user']}")
     if b["sink_path"]:
         print(f"  stored in {b['sink_path']}")
-    for a in b["attempts"]:
-        print(f"  attempt {a['id']}: {a['operator']:<12} {a['role']:<11} {a['state']:<10} "
-              f"{a['node'][:20]}… {a['reason']}")
+    for number, a in enumerate(b["attempts"], start=1):
+        print(f"  attempt {number} (#{a['id']}): {a['operator']:<12} {a['role']:<11} "
+              f"{a['state']:<10} {a['node'][:20]}… {a['reason']}")
     for e in b["events"]:
         print(f"  {time.strftime('%H:%M:%S', time.localtime(e['at']))} {e['event']:<18} "
               f"{e['detail'].get('reason', '')}")
@@ -253,6 +411,151 @@ def _builds_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def _builds_watch(args: argparse.Namespace) -> int:
+    client = client_from_args(args)
+
+    async def main() -> int:
+        async with client.http() as http:
+            build = check(await http.get(f"/v1/builds/{args.build_id}",
+                                         headers=client.headers))
+            return await _follow(http, client, build["id"], args.json)
+
+    status: int = network(main)
+    return status
+
+
+async def _print_stored(http: httpx.AsyncClient, client: Client, rows: list[dict[str, Any]],
+                        as_json: bool) -> None:
+    for row in rows:
+        response = await http.get(row["path"], headers=client.headers)
+        if response.status_code >= 400:
+            check(response)
+        if not as_json:
+            print(f"==> attempt #{row['attempt']} on {row['operator']} ({row['state']}): "
+                  f"{row['name']} <==", flush=True)
+        sys.stdout.write(response.text)
+        sys.stdout.flush()
+
+
+def _builds_logs(args: argparse.Namespace) -> int:
+    client = client_from_args(args)
+
+    def wanted(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [r for r in rows if args.attempt is None or r["attempt"] == args.attempt]
+
+    async def main() -> int:
+        async with client.http() as http:
+            build = check(await http.get(f"/v1/builds/{args.build_id}",
+                                         headers=client.headers))
+            build_id = build["id"]
+
+            async def listing() -> list[dict[str, Any]]:
+                body = check(await http.get(f"/v1/builds/{build_id}/logs",
+                                            headers=client.headers))
+                rows: list[dict[str, Any]] = wanted(body["logs"])
+                return rows
+
+            if not args.follow:
+                stored = [r for r in await listing() if not r["live"]]
+                if not stored:
+                    raise LocalError(f"no logs of build {build_id} yet ({build['state']}"
+                                     + (": try --follow" if build["state"] not in TERMINAL
+                                        else "") + ")")
+                await _print_stored(http, client, stored, args.json)
+                return 0
+            followed: set[int] = set()
+            while True:
+                rows = await listing()
+                live = [r for r in rows if r["live"] and r["attempt"] not in followed]
+                for row in live[:1]:
+                    followed.add(row["attempt"])
+                    print(f"==> attempt #{row['attempt']} on {row['operator']}: live "
+                          f"{row['name']} <==", file=sys.stderr, flush=True)
+                    async with http.stream("GET", row["path"], headers=client.headers,
+                                           timeout=httpx.Timeout(30, read=None)) as response:
+                        async for chunk in response.aiter_text():
+                            sys.stdout.write(chunk)
+                            sys.stdout.flush()
+                build = check(await http.get(f"/v1/builds/{build_id}",
+                                             headers=client.headers))
+                if build["state"] in TERMINAL:
+                    # Pull nodes' logs (never live) and attempts not followed, now stored.
+                    rest = [r for r in await listing()
+                            if not r["live"] and r["attempt"] not in followed]
+                    await _print_stored(http, client, rest, args.json)
+                    print(f"build {build_id}: {build['state']}: {build['reason']}",
+                          file=sys.stderr)
+                    return 0 if build["state"] == "verified" else 1
+                if not live:
+                    await trio.sleep(2)
+
+    status: int = network(main)
+    return status
+
+
+def _builds_download(args: argparse.Namespace) -> int:
+    client = client_from_args(args)
+
+    async def fetch(http: httpx.AsyncClient, path: str, dest: Path,
+                    sha256: str | None = None) -> int:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        size = 0
+        partial = dest.with_name(dest.name + ".part")
+        async with http.stream("GET", path, headers=client.headers) as response:
+            if response.status_code >= 400:
+                await response.aread()
+                check(response)
+            with partial.open("wb") as f:
+                async for chunk in response.aiter_bytes():
+                    digest.update(chunk)
+                    size += len(chunk)
+                    f.write(chunk)
+        if sha256 is not None and digest.hexdigest() != sha256:
+            partial.unlink()
+            raise LocalError(f"{dest.name} arrived with SHA-256 {digest.hexdigest()}, not the "
+                             f"{sha256} the dispatcher lists; not kept")
+        partial.replace(dest)
+        return size
+
+    async def main() -> dict[str, Any]:
+        async with client.http(timeout=300) as http:
+            build = check(await http.get(f"/v1/builds/{args.build_id}",
+                                         headers=client.headers))
+            build_id = build["id"]
+            files = check(await http.get(f"/v1/builds/{build_id}/files",
+                                         headers=client.headers))
+            logs = check(await http.get(f"/v1/builds/{build_id}/logs",
+                                        headers=client.headers))
+            name = (Path(build["sink_path"]).name if build["sink_path"]
+                    else build["source_name"].removesuffix(".src.rpm") + f"+{build_id[:8]}")
+            root = args.dir / name
+            got: list[dict[str, Any]] = []
+            for row in files["files"]:
+                size = await fetch(http, row["path"], root / row["name"], row["sha256"])
+                got.append({"name": row["name"], "size": size})
+            for row in logs["logs"]:
+                if row["live"]:
+                    continue
+                relative = f"logs/{row['attempt']}-{row['operator']}/{row['name']}"
+                if any(g["name"] == relative for g in got):
+                    continue
+                size = await fetch(http, row["path"], root / relative)
+                got.append({"name": relative, "size": size})
+            return {"build": build_id, "state": build["state"], "dir": str(root),
+                    "files": got}
+
+    body = network(main)
+    if args.json:
+        print(json.dumps(body))
+        return 0
+    print(f"build {body['build']} ({body['state']}): {len(body['files'])} file(s) in "
+          f"{body['dir']}")
+    for item in body["files"]:
+        print(f"  {item['name']}  ({item['size']} bytes)")
+    return 0
+
+
 def _node_state(node: dict[str, Any]) -> str:
     leases = node.get("leases") or []
     states = [f"leased ({len(leases)})"] if leases else []
@@ -266,17 +569,32 @@ def _nodes_ls(args: argparse.Namespace) -> int:
 
     async def main() -> Any:
         async with client.http() as http:
-            return check(await http.get("/v1/nodes", headers=client.headers))
+            body = check(await http.get("/v1/nodes", headers=client.headers))
+            # Liveness as the dispatcher's web view judges it (online, draining, offline,
+            # from the status records' cadence) and when each node was last seen.
+            response = await http.get("/v1/web/nodes")
+            if response.status_code == 200:
+                seen = {row["node"]: row for row in response.json().get("nodes", [])}
+                for node in body["nodes"]:
+                    row = seen.get(node["node"], {})
+                    node["state"] = row.get("state", "offline")
+                    node["last_seen"] = row.get("last_seen")
+            return body
 
     body = network(main)
     if args.json:
         print(json.dumps(body))
         return 0
-    print(f"{'NODE':<19}  {'OPERATOR':<10}  {'ARCH':<8}  {'SCORE':>5}  {'SUCC':>5}  "
-          f"{'AGREE':>5}  {'SPEED':>5}  {'MTBF(h)':>8}  {'JOBS':>4}  {'OBS':>5}  STATE")
+    now = time.time()
+    print(f"{'NODE':<19}  {'OPERATOR':<10}  {'ARCH':<8}  {'STATE':<8}  {'SEEN':>8}  "
+          f"{'SCORE':>5}  {'SUCC':>5}  {'AGREE':>5}  {'SPEED':>5}  {'MTBF(h)':>8}  "
+          f"{'JOBS':>4}  LEASES")
     for n in body["nodes"]:
+        seen = n.get("last_seen")
+        ago = f"{_elapsed(now - seen)} ago" if seen else "never"
         print(f"{n['fingerprint']:<19}  {str(n.get('operator') or '?')[:10]:<10}  "
-              f"{n.get('arch') or '?'!s:<8}  {n['score']:>5.2f}  {n['success']:>5.2f}  "
-              f"{n['agreement']:>5.2f}  {n['speed']:>5.2f}  {n['mtbf_s'] / 3600:>8.1f}  "
-              f"{n['active_jobs']:>4}  {n['observations']:>5.1f}  {_node_state(n)}")
+              f"{n.get('arch') or '?'!s:<8}  {n.get('state', '?'):<8}  {ago:>8}  "
+              f"{n['score']:>5.2f}  {n['success']:>5.2f}  {n['agreement']:>5.2f}  "
+              f"{n['speed']:>5.2f}  {n['mtbf_s'] / 3600:>8.1f}  {n['active_jobs']:>4}  "
+              f"{_node_state(n)}")
     return 0

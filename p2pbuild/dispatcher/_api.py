@@ -313,23 +313,23 @@ def make_dispatcher_app(
 
     async def show_build(request: Request) -> Response:
         async def handler(user: str, team: str | None) -> Response:
-            body = _build_json(engine, request.path_params["build_id"])
+            body = _build_json(engine, engine.db.resolve_build(request.path_params["build_id"]))
             return JSONResponse(redact_build(body, request.state.caller))
 
         return await guarded(request, handler)
 
     async def cancel_build(request: Request) -> Response:
         async def handler(user: str, team: str | None) -> Response:
-            check_may_change(request.state.caller, engine.db.build(request.path_params["build_id"]))
-            build = engine.cancel(request.path_params["build_id"], user)
+            build_id = engine.db.resolve_build(request.path_params["build_id"])
+            check_may_change(request.state.caller, engine.db.build(build_id))
+            build = engine.cancel(build_id, user)
             return JSONResponse(build.to_json())
 
         return await guarded(request, handler)
 
     async def events(request: Request) -> Response:
         async def handler(user: str, team: str | None) -> Response:
-            build_id = request.path_params["build_id"]
-            engine.db.build(build_id)
+            build_id = engine.db.resolve_build(request.path_params["build_id"])
             after = _query_int(request.query_params, "after", 0)
             follow = request.query_params.get("follow") in ("1", "true", "yes")
             return StreamingResponse(

@@ -46,7 +46,7 @@ from typing import Any
 import attrs
 
 from .. import _sqlite
-from ._errors import ConfigError, UnknownBuildError
+from ._errors import BadRequestError, ConfigError, UnknownBuildError
 
 __all__ = [
     "ACTIVE_ATTEMPT_STATES",
@@ -526,6 +526,40 @@ class Database:
             raise UnknownBuildError(f"no build {build_id[:40]}")
         return BuildRow(**dict(row))
 
+    def resolve_build(self, text: str) -> str:
+        """The id of the build ``text`` names: its id, a unique prefix of it (4 or more hex
+        digits), or its source's NVR or file name (``hello-1.0-1`` or
+        ``hello-1.0-1.src.rpm``; the newest such build). Raises :class:`UnknownBuildError`
+        (no such build, or a prefix of several)."""
+        text = text.strip()
+        if not text or len(text) > 300:
+            raise UnknownBuildError("no build named by an empty or overlong name")
+        row = self._db.execute("SELECT id FROM builds WHERE id = ?", (text,)).fetchone()
+        if row is not None:
+            return str(row[0])
+        lowered = text.lower()
+        if len(lowered) >= 4 and all(c in "0123456789abcdef" for c in lowered):
+            rows = self._db.execute(
+                "SELECT id FROM builds WHERE substr(id, 1, ?) = ? ORDER BY id LIMIT 6",
+                (len(lowered), lowered),
+            ).fetchall()
+            if len(rows) == 1:
+                return str(rows[0][0])
+            if rows:
+                shown = ", ".join(str(r[0])[:12] for r in rows[:5])
+                more = ", ..." if len(rows) > 5 else ""
+                raise UnknownBuildError(
+                    f"{text} is the start of several builds ({shown}{more}); give more of the id"
+                )
+        names = (text, text + ".src.rpm")
+        row = self._db.execute(
+            "SELECT id FROM builds WHERE source_name IN (?, ?) ORDER BY created_at DESC, id "
+            "LIMIT 1", names,
+        ).fetchone()
+        if row is not None:
+            return str(row[0])
+        raise UnknownBuildError(f"no build {text[:64]} (not an id, a unique id prefix or an NVR)")
+
     def builds(
         self, *, states: Sequence[BuildState] = (), limit: int = 100, user: str | None = None
     ) -> list[BuildRow]:
@@ -569,8 +603,13 @@ class Database:
 
     def request_cancel(self, build_id: str, now: float, by: str) -> BuildRow:
         """Mark a build for cancellation; the engine carries it out. Raises
-        :class:`UnknownBuildError`."""
-        self.build(build_id)
+        :class:`UnknownBuildError`, or :class:`BadRequestError` for a build that has
+        already ended."""
+        build = self.build(build_id)
+        if build.state.terminal:
+            raise BadRequestError(
+                f"build {build_id} has already ended ({build.state.value}); nothing to cancel"
+            )
         with self.transaction() as db:
             db.execute(
                 "UPDATE builds SET cancel_requested = 1, updated_at = ? WHERE id = ?",

@@ -81,6 +81,7 @@ from ._errors import (
     SourceUnavailableError,
 )
 from ._leases import LeaseBook, LeaseRefusedError, UnknownLeaseError
+from ._logs import failure_tails, log_dir
 from ._nodes import NodeClient, NodeConnector, NodeFinder
 from ._plan import (
     Action,
@@ -726,9 +727,14 @@ class Engine:
     ) -> None:
         await self._finish_attempts(build, attempts, tasks, "build failed")
         report = self.db.build(build.id).report
+        tails = failure_tails(self.config.state_dir, build.id, self.db.attempts(build.id))
+        if tails:
+            # What the packager needs first: the failing step's last lines, per operator.
+            report = tails + ("\n\n" + report if report else "")
         if report:
             await self._write_report(build.id, report)
-        self.db.set_build_state(build.id, BuildState.FAILED, self.clock(), reason=reason)
+        self.db.set_build_state(build.id, BuildState.FAILED, self.clock(), reason=reason,
+                                report=report or None)
 
     async def _write_report(self, build_id: str, report: str) -> None:
         path = trio.Path(self.config.state_dir / "reports" / f"{build_id}.txt")
@@ -775,7 +781,9 @@ class Engine:
         return self.config.state_dir / "work" / build_id / str(attempt_id)
 
     def _log_dir(self, build_id: str, attempt_id: int) -> Path:
-        return self.config.state_dir / "work" / build_id / f"{attempt_id}.logs"
+        # Outside work/, which goes when the build ends: a failed build's logs are what
+        # its packager needs (``builds logs``, the failure summary's log tail).
+        return log_dir(self.config.state_dir, build_id, attempt_id)
 
     def _cleanup(self, build_id: str) -> None:
         shutil.rmtree(self.config.state_dir / "work" / build_id, ignore_errors=True)

@@ -90,8 +90,12 @@ class BuildRequest:
                 Query(pool=self.pool)
         except (RemoteError, ValueError) as exc:
             raise BadRequestError(str(exc)) from None
-        if not 1 <= self.replicas <= 8:
-            raise BadRequestError("replicas must be 1 to 8")
+        if not 2 <= self.replicas <= 8:
+            # Fewer than two would be shown while two operators build and verify anyway.
+            raise BadRequestError(
+                "replicas must be 2 to 8: a build is verified by nodes of at least two "
+                "different operators"
+            )
         if self.source_url and not self.source_url.startswith(("https://", "http://")):
             raise BadRequestError("source url must be http:// or https://")
         return spec

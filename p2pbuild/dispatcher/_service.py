@@ -26,6 +26,7 @@ from ._config import DispatcherConfig
 from ._db import Database
 from ._engine import Engine, EngineConfig
 from ._errors import ConfigError
+from ._files import build_file_routes
 from ._leases import LeaseBook
 from ._leasing import LeaseService, lease_routes, load_leases
 from ._nodes import DirectoryFinder, NodeConnector, NodeFinder
@@ -132,6 +133,7 @@ async def run_dispatcher(
             uploads=ByteBudget(config.max_uploads_in_flight_bytes), connections=connections,
             list_arches=config.list_arches,
             extra_routes=[*pull_routes(queue), *lease_routes(leases, auth),
+                          *build_file_routes(engine, auth),
                           *(web_routes(WebView(engine, config.list_arches))
                             if config.web else ())],
             keepalive_s=config.keepalive_s,

@@ -475,7 +475,10 @@ class JobService:
                     except (RemoteError, BuildEnvironmentError) as exc:
                         self.count_rejection(exc)
                         await log(f"\n[p2pbuild: job rejected: {exc.code}: {exc}]\n".encode())
-                        state = ResultState.REJECTED
+                        # The reason goes into the signed result, so that the dispatcher can
+                        # tell the packager (bad-source: not a source RPM, ...).
+                        why = "".join(c if c.isprintable() else "?" for c in f"{exc.code}: {exc}")
+                        report = RunReport(ResultState.REJECTED, None, {"reason": why[:200]})
                     except OSError as exc:
                         # The work directory's file system is full: this build ends
                         # (the dispatcher sends it elsewhere); the node goes on.

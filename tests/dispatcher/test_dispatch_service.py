@@ -78,7 +78,8 @@ async def cli(*argv: str) -> tuple[int, str]:
 async def test_api_and_cli(nursery: trio.Nursery, tmp_path: Path) -> None:
     running, client_file = await start(nursery, tmp_path, InstantRunner)
     source = tmp_path / "hello-1.0-1.src.rpm"
-    source.write_bytes(b"srpm bytes")
+    # An RPM lead, so that the client sends it (the in-process runner does not read it).
+    source.write_bytes(b"\xed\xab\xee\xdb srpm bytes")
     status, out = await cli("submit", str(source), "--wait", "--json",
                             "--client-config", str(client_file))
     assert status == 0, out
@@ -114,7 +115,7 @@ async def test_api_and_cli(nursery: trio.Nursery, tmp_path: Path) -> None:
         sha = json.loads((await http.get(
             f"/v1/builds/{build_id}", headers={"authorization": f"Bearer {TOKEN}"}
         )).text)["source_sha256"]
-        assert (await http.get(f"/v1/sources/{sha}")).content == b"srpm bytes"
+        assert (await http.get(f"/v1/sources/{sha}")).content == b"\xed\xab\xee\xdb srpm bytes"
         assert (await http.get(f"/v1/sources/{'0' * 64}")).status_code == 404
         # Constraints nothing matches: a failed build that says why.
         response = await http.post(

@@ -1,0 +1,125 @@
+"""What a packager sees through the real CLI (child processes) on a real farm with a push
+and a pull node: failure summaries that quote the failing step's log, node refusal reasons,
+logs and files fetched through the dispatcher (from the pull node too), build ids by prefix
+and NVR, builds and nodes listings."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import trio
+
+from p2pbuild.testing import LocalFarm, NodeSpec, hello_srpm, open_local_farm, write_srpm
+
+pytestmark = pytest.mark.slow
+
+COMPILER_ERROR = "hello.c:3:1: error: expected declaration specifiers before '}' token"
+
+
+async def cli(farm: LocalFarm, *argv: str | Path, cwd: Path | None = None) -> tuple[int, str, str]:
+    done = await trio.run_process(
+        [sys.executable, "-P", "-m", "p2pbuild", *map(str, argv),
+         "--client-config", str(farm.client_config)],
+        capture_stdout=True, capture_stderr=True, check=False, cwd=cwd,
+    )
+    return done.returncode, done.stdout.decode(), done.stderr.decode()
+
+
+def broken_srpm(dest: Path) -> Path:
+    return write_srpm(
+        dest, name="broken", sources={"hello.c": "int main(void) { return 0; }\n"},
+        build=f"echo 'compiling hello.c'\necho \"{COMPILER_ERROR}\" >&2\nexit 1",
+        install="true", files=[],
+    ).path
+
+
+def not_a_source_rpm(dest: Path) -> Path:
+    """An RPM lead and nothing else: it passes the client's check, a node refuses it."""
+    dest.mkdir(parents=True, exist_ok=True)
+    path = dest / "fake-1.0-1.src.rpm"
+    path.write_bytes(b"\xed\xab\xee\xdb" + b"\x00" * 200)
+    return path
+
+
+async def test_a_packager_gets_reasons_logs_and_files(tmp_path: Path) -> None:
+    specs: Sequence[NodeSpec] = [NodeSpec("alice-1", "alice"),
+                                 NodeSpec("bob-pull", "bob", pull=True)]
+    farm = LocalFarm.create(tmp_path / "farm", specs)
+    async with open_local_farm(farm):
+        with trio.fail_after(60):
+            await farm.start_all()
+
+        # A build that fails: the summary quotes the compiler error from both operators.
+        status, out, err = await cli(farm, "submit", broken_srpm(tmp_path / "src"), "--wait")
+        assert status == 1, (out, err)
+        assert "failed" in out
+        assert out.count(COMPILER_ERROR) >= 2, out
+        assert "--- alice" in out and "--- bob" in out
+        assert "p2pbuild builds logs" in out
+
+        # Its logs by NVR, from the push node and from the pull node.
+        status, out, err = await cli(farm, "builds", "logs", "broken-1.0-1")
+        assert status == 0, err
+        assert COMPILER_ERROR in out
+        assert "on alice" in out and "on bob" in out
+
+        # A node's refusal reaches the packager.
+        status, out, err = await cli(farm, "submit", not_a_source_rpm(tmp_path / "fake"),
+                                     "--wait")
+        assert status == 1, (out, err)
+        assert "bad-source: not a source RPM" in out
+
+        # A verified build: by id prefix and NVR, listed, downloaded with its proof and logs.
+        hello = hello_srpm(tmp_path / "hello").path
+        status, out, err = await cli(farm, "submit", hello, "--wait", "--json")
+        assert status == 0, err
+        build_id = json.loads(out.splitlines()[0])["build_id"]
+        status, out, err = await cli(farm, "builds", "show", build_id[:6], "--json")
+        assert status == 0, err
+        assert json.loads(out)["id"] == build_id
+        status, out, err = await cli(farm, "builds", "ls")
+        assert status == 0, err
+        assert "hello-1.0-1" in out and "broken-1.0-1" in out and build_id[:12] in out
+        status, out, err = await cli(farm, "builds", "download", "hello-1.0-1", "--dir",
+                                     tmp_path / "got", "--json")
+        assert status == 0, err
+        got = json.loads(out)
+        names = {f["name"] for f in got["files"]}
+        assert "manifest.json" in names
+        rpms = [n for n in names if n.startswith("artifacts/") and n.endswith(".rpm")]
+        assert rpms
+        assert any(n.startswith("proof/") for n in names)
+        assert any(n.startswith("logs/") and n.endswith("build.log") and "bob" in n
+                   for n in names), names
+        manifest = json.loads((Path(got["dir"]) / "manifest.json").read_text())
+        for artifact in manifest["artifacts"]:
+            data = (Path(got["dir"]) / "artifacts" / artifact["name"]).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == artifact["sha256"]
+
+        # Cancelling a finished build says so.
+        status, out, err = await cli(farm, "builds", "cancel", build_id[:8])
+        assert status == 1
+        assert "already ended (verified)" in err
+
+        # Nodes with their liveness.
+        status, out, err = await cli(farm, "nodes", "ls")
+        assert status == 0, err
+        assert "online" in out and " ago" in out
+
+
+async def test_submit_refuses_what_cannot_be_built(tmp_path: Path) -> None:
+    farm = LocalFarm.create(tmp_path / "farm", [NodeSpec("alice-1", "alice")])
+    notes = tmp_path / "notes.txt"
+    notes.write_text("remember the milk\n")
+    status, _, err = await cli(farm, "submit", notes, "--build-type", "rpm")
+    assert status == 1 and "is not an RPM file" in err
+    status, _, err = await cli(farm, "submit", notes)
+    assert status == 1 and "is not a tarball" in err
+    hello = hello_srpm(tmp_path / "hello").path
+    status, _, err = await cli(farm, "submit", hello, "--replicas", "1")
+    assert status == 1 and "replicas must be 2 to 8" in err
