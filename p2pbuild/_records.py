@@ -101,6 +101,8 @@ __all__ = [
     "RecordPolicy",
     "SignedRecord",
     "Status",
+    "facet",
+    "platform_facet",
 ]
 
 #: Hard bound on a record's wire size (BitTorrent BEP 44 uses the same for signed items).
@@ -237,8 +239,15 @@ def _body_fields(
     return dict(zip(names, body, strict=False))
 
 
-def _facet_key(name: str, value: str) -> str:
+def facet(name: str, value: str) -> str:
+    """The text of one facet (``arch=s390x``): the one place facet texts are built, for
+    publishing (:meth:`Capability.facets`) and for looking up (``dht.Query.facets``)."""
     return f"{name}={value}"
+
+
+def platform_facet(arch: str, os: str) -> str:
+    """The combined facet of a platform (``arch=s390x/os=fedora-41``)."""
+    return f"{facet('arch', arch)}/{facet('os', os)}"
 
 
 # -- bodies -----------------------------------------------------------------------------------
@@ -290,12 +299,12 @@ class Capability:
     def facets(self) -> list[str]:
         """The DHT index keys this capability is published under (design item 5)."""
         keys = [
-            _facet_key("arch", self.arch),
-            _facet_key("os", self.os),
-            f"arch={self.arch}/os={self.os}",
-            _facet_key("machine", self.machine.value),
+            facet("arch", self.arch),
+            facet("os", self.os),
+            platform_facet(self.arch, self.os),
+            facet("machine", self.machine.value),
         ]
-        keys += [_facet_key("pool", pool) for pool in self.pools]
+        keys += [facet("pool", pool) for pool in self.pools]
         return keys
 
     def to_wire(self) -> list[Any]:

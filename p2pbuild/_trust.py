@@ -42,9 +42,16 @@ from ._errors import (
     UntrustedKeyError,
 )
 from ._identity import SIGNATURE_SIZE, Domain, Identity, PublicKey, Role
-from ._records import _MAX_LIST, _TOKEN
+from ._records import _MAX_LIST, _TOKEN, Capability
 
-__all__ = ["MAX_TRUST_LIST_SIZE", "TrustEntry", "TrustList", "accept_update", "read_trust_list"]
+__all__ = [
+    "MAX_TRUST_LIST_SIZE",
+    "TrustEntry",
+    "TrustList",
+    "accept_update",
+    "read_trust_list",
+    "trusted_node",
+]
 
 MAX_TRUST_LIST_SIZE = 1024 * 1024
 _MAX_ENTRIES = 10_000
@@ -388,3 +395,14 @@ def read_trust_list(path: Path, *, error: type[Exception] = LocalError) -> Trust
         return TrustList.from_bytes(data)
     except P2PBuildError as exc:
         raise type(exc)(f"trust list {path}: {exc}") from None
+
+
+def trusted_node(entry: TrustEntry | None, capability: Capability) -> bool:
+    """The one rule for "is this key trusted as a node for this capability": listed with
+    the node role, and the capability within the entry's arches and pools (an empty
+    restriction allows any). The directory filters lookups with it, selection re-checks."""
+    if entry is None or entry.role is not Role.NODE:
+        return False
+    if entry.arches and capability.arch not in entry.arches:
+        return False
+    return not entry.pools or set(capability.pools) <= set(entry.pools)

@@ -47,7 +47,14 @@ from ._protocol import (
     UnexpectedResponseError,
     UnknownMethodError,
 )
-from ._store import SHARED_CACHE, RecordCache, RecordStore, StoreFullError, WrongKeyError
+from ._store import (
+    SHARED_CACHE,
+    RecordCache,
+    RecordStore,
+    StoreFullError,
+    WrongKeyError,
+    latest,
+)
 from ._trio import DatagramTransport, DirectoryClosedError, Driver, UdpTransport
 from ._wire import decode_bundle, encode_bundle
 
@@ -81,6 +88,7 @@ __all__ = [
     "encode_bundle",
     "facet_key",
     "facet_text_key",
+    "latest",
     "node_id_for",
     "node_key",
     "node_text_key",

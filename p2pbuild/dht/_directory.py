@@ -28,9 +28,18 @@ import attrs
 import trio
 
 from .._errors import LocalError, MalformedError
-from .._identity import PublicKey, Role
-from .._records import _TOKEN, Capability, Kind, MachineType, SignedRecord, Status
-from .._trust import TrustEntry, TrustList
+from .._identity import PublicKey
+from .._records import (
+    _TOKEN,
+    Capability,
+    Kind,
+    MachineType,
+    SignedRecord,
+    Status,
+    facet,
+    platform_facet,
+)
+from .._trust import TrustEntry, TrustList, trusted_node
 from ._ids import (
     Address,
     Contact,
@@ -41,7 +50,7 @@ from ._ids import (
     text_key,
 )
 from ._protocol import DhtConfig, DhtNode, DhtStatistics
-from ._store import SHARED_CACHE, RecordCache, slot_of
+from ._store import SHARED_CACHE, RecordCache, latest, slot_of
 from ._trio import DatagramTransport, Driver, UdpTransport, resolve
 
 __all__ = ["Directory", "NodeEntry", "Query", "open_directory", "open_directory_on", "serve"]
@@ -84,15 +93,15 @@ class Query:
         together are one combined facet)."""
         facets = []
         if self.arch is not None and self.os is not None:
-            facets.append(f"arch={self.arch}/os={self.os}")
+            facets.append(platform_facet(self.arch, self.os))
         elif self.arch is not None:
-            facets.append(f"arch={self.arch}")
+            facets.append(facet("arch", self.arch))
         elif self.os is not None:
-            facets.append(f"os={self.os}")
+            facets.append(facet("os", self.os))
         if self.machine is not None:
-            facets.append(f"machine={self.machine.value}")
+            facets.append(facet("machine", self.machine.value))
         if self.pool is not None:
-            facets.append(f"pool={self.pool}")
+            facets.append(facet("pool", self.pool))
         return facets
 
     def matches(self, capability: Capability) -> bool:
@@ -128,15 +137,6 @@ class NodeEntry:
         body = self.status_record.body
         assert isinstance(body, Status)
         return body
-
-
-def _trusted(entry: TrustEntry | None, capability: Capability) -> bool:
-    """A node key trusted as a node, within its entry's arch and pool restrictions."""
-    if entry is None or entry.role is not Role.NODE:
-        return False
-    if entry.arches and capability.arch not in entry.arches:
-        return False
-    return not entry.pools or set(capability.pools) <= set(entry.pools)
 
 
 class Directory:
@@ -283,23 +283,13 @@ class Directory:
         ops = [self._core.get(facet_key(facet), now) for facet in facets]
         for op in ops:
             await self._driver.wait(op)
-        capabilities: dict[bytes, SignedRecord] = {}
-        statuses: dict[bytes, SignedRecord] = {}
-        present: list[set[bytes]] = []
-        for op in ops:
-            seen = set()
-            for record in op.result:
-                publisher = record.publisher.raw
-                best = capabilities if record.kind is Kind.CAPABILITY else statuses
-                current = best.get(publisher)
-                if current is None or record.seq > current.seq:
-                    best[publisher] = record
-                if record.kind is Kind.CAPABILITY:
-                    seen.add(publisher)
-            present.append(seen)
+        newest = latest(record for op in ops for record in op.result)
+        present = [
+            {r.publisher.raw for r in op.result if r.kind is Kind.CAPABILITY} for op in ops
+        ]
         entries = []
         for publisher in sorted(set.intersection(*present)):
-            capability = capabilities[publisher]
+            capability = newest[publisher + Kind.CAPABILITY.value.encode()]
             body = capability.body
             assert isinstance(body, Capability)
             if not query.matches(body):
@@ -307,14 +297,13 @@ class Directory:
             trust = None
             if trust_list is not None:
                 trust = trust_list.entry(capability.publisher)
-                if not _trusted(trust, body):
+                if not trusted_node(trust, body):
                     # Revoked, never listed, or outside its arches or pools: counted so
                     # a key that keeps publishing after revocation shows up.
                     self._core.note_rejected("untrusted-key")
                     continue
-            entries.append(
-                NodeEntry(capability.publisher, capability, statuses.get(publisher), trust)
-            )
+            status = newest.get(publisher + Kind.STATUS.value.encode())
+            entries.append(NodeEntry(capability.publisher, capability, status, trust))
         return entries
 
     # -- internals --------------------------------------------------------------------------------

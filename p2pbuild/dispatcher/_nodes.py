@@ -34,7 +34,7 @@ from .._identity import Identity, PublicKey
 from .._jobs import FileDigest, Job, Result
 from .._records import Capability, Kind, SignedRecord
 from .._trust import TrustList
-from ..dht import Directory, NodeEntry, Query, node_key
+from ..dht import Directory, NodeEntry, Query, latest, node_key
 from ..https import BodyTooLongError, fetch_pinned_file, pinned_client
 from ..node._api import control_header
 from ._errors import (
@@ -95,12 +95,8 @@ def entry_from_records(
 ) -> NodeEntry | None:
     """The :class:`NodeEntry` of one publisher's records (latest capability and status),
     or None without a capability."""
-    capability = status = None
-    for record in records:
-        if record.kind is Kind.CAPABILITY and (capability is None or record.seq > capability.seq):
-            capability = record
-        if record.kind is Kind.STATUS and (status is None or record.seq > status.seq):
-            status = record
+    newest = {record.kind: record for record in latest(records).values()}
+    capability, status = newest.get(Kind.CAPABILITY), newest.get(Kind.STATUS)
     if capability is None:
         return None
     trust = trust_list.entry(capability.publisher) if trust_list is not None else None

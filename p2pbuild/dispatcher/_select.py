@@ -45,10 +45,10 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 
 import attrs
 
-from .._identity import PublicKey, Role
+from .._identity import PublicKey
 from .._jobs import BUILDROOT_METHODS, BuildType
 from .._records import Capability, MachineType, Status
-from .._trust import TrustEntry
+from .._trust import TrustEntry, trusted_node
 from ._errors import NoCapableNodeError
 
 __all__ = [
@@ -158,12 +158,7 @@ def _plural(n: int, word: str) -> str:
 
 
 def _trusted(c: Candidate) -> bool:
-    entry = c.trust
-    if entry is None or entry.role is not Role.NODE:
-        return False
-    if entry.arches and c.capability.arch not in entry.arches:
-        return False
-    return not entry.pools or set(c.capability.pools) <= set(entry.pools)
+    return trusted_node(c.trust, c.capability)
 
 
 def _pool_allowed(c: Candidate, req: Requirements) -> bool:
