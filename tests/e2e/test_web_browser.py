@@ -23,6 +23,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from p2pbuild.https import pinned_client
 from p2pbuild.testing import LocalFarm, NodeSpec, hello_srpm, open_local_farm
 
 pytestmark = pytest.mark.slow
@@ -188,6 +189,14 @@ async def test_a_build_seen_in_the_browser_from_running_to_verified_and_download
         shown, downloaded = await b.run(download)
         assert downloaded == shown == rpm["sha256"]
         assert downloaded == _sha256(stored / "artifacts" / rpm["name"])
+
+        # A push node's own /metrics (on its job API, pinned to its certificate).
+        run = json.loads((farm.root / "nodes" / "bob-1" / "run.json").read_text())
+        async with pinned_client(bytes.fromhex(run["tls_sha256"]),
+                                 base_url=f"https://127.0.0.1:{run['api_port']}") as http:
+            node_values = samples((await http.get("/metrics")).text)
+        assert node_values[("p2pbuild_node_builds_total", (("state", "succeeded"),))] == 1
+        assert node_values[("p2pbuild_node_sandbox_seconds_total", ())] >= 4  # %build sleeps 4 s
 
         # A verifying node's page: its recent build and its rating plot (server-made SVG).
         builder = build["attempts"][0]["node"]
