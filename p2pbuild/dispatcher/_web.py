@@ -146,6 +146,9 @@ def node_rows_html(rows: Sequence[dict[str, Any]]) -> Markup:
         score = rating["score"]
         pull = ' <span class="badge">pull</span>' if n.get("mode") == "pull" else ""
         if n.get("leased_slots"):
+            pull += f' <span class="badge">{int(n["leased_slots"])} leased</span>'
+
+        if n.get("leased_slots"):
             pull += f' <span class="badge">leased ({n["leased_slots"]})</span>'
         slots = (f"{n['slots_total'] - n['slots_free']}/{n['slots_total']}"
                  if "slots_total" in n else "")
@@ -229,9 +232,9 @@ class WebView:
                           self.reader.active_attempts_by_node(), self.sightings,
                           self.engine.trust_list, now)
         # Slots held by leases (``_leases.py``): how many, on the node's row.
-        held = self.engine.leases.held_by(now)
+        held = {str(key): len(slots) for key, slots in self.engine.leases.held_by(now).items()}
         for row in view["nodes"]:
-            row["leased_slots"] = len(held.get(PublicKey.from_text(row["node"]), []))
+            row["leased_slots"] = held.get(row["node"], 0)
         return view
 
     def pull_progress(self, build_id: str) -> dict[int, dict[str, Any]]:
