@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import attrs
+import tomli_w
 
 from .._errors import LocalError, MalformedError
 from .._hostport import parse_host_port
@@ -558,13 +559,10 @@ def load_config(
 # -- writing ----------------------------------------------------------------------------------
 
 
-def _toml_string(value: str) -> str:
-    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{escaped}"'
-
-
-def _toml_list(values: tuple[str, ...] | list[str]) -> str:
-    return "[" + ", ".join(_toml_string(v) for v in values) + "]"
+def _toml_value(value: str | bool | list[str] | tuple[str, ...]) -> str:
+    """``value`` as TOML (tomli_w escapes it), for the template's ``key = value`` lines."""
+    line = tomli_w.dumps({"v": list(value) if isinstance(value, tuple) else value})
+    return line.removeprefix("v = ").strip()
 
 
 def render_config(
@@ -589,34 +587,34 @@ def render_config(
 
 [node]
 # Where the node keeps its key, TLS certificate, state database and build directories.
-data_dir = {_toml_string(str(data_dir))}
+data_dir = {_toml_value(str(data_dir))}
 # The node's private ed25519 key (mode 0600). Its public half (node.key.pub) is what
 # you send to the farm's maintainers so they add it to the trust list.
 key_file = "node.key"
 # The signed trust list of the farm (from the farm's keys/ folder). Required to run.
-trust_list = {_toml_string(trust_list)}
+trust_list = {_toml_value(trust_list)}
 # Your operator name as the maintainers know you (informational here; the trust list
 # is authoritative).
-operator = {_toml_string(operator)}
+operator = {_toml_value(operator)}
 # Pools this node serves (dedicated to a team), e.g. ["team-a"]. Empty: general pool.
-pools = {_toml_list(pools)}
+pools = {_toml_value(pools)}
 # Build work directories; free disk here is what the node advertises.
 work_dir = "work"
 
 [dht]
 # UDP address of the node's DHT node.
-bind = {_toml_string(dht_bind)}
+bind = {_toml_value(dht_bind)}
 # DHT nodes to join through, e.g. ["seed1.example.org:7420"].
-bootstrap = {_toml_list(bootstrap)}
+bootstrap = {_toml_value(bootstrap)}
 
 [api]
 # Push mode: dispatchers connect to this HTTPS endpoint. Set enabled = false on a node
 # behind NAT and use [pull] instead.
-enabled = {"true" if api_enabled else "false"}
-bind = {_toml_string(api_bind)}
+enabled = {_toml_value(api_enabled)}
+bind = {_toml_value(api_bind)}
 # The URL dispatchers use, as advertised in the capability record. Empty: derived from
 # bind when it names one address; required when bind is 0.0.0.0 or ::.
-endpoint = {_toml_string(endpoint)}
+endpoint = {_toml_value(endpoint)}
 # Connection bounds: idle keep-alive connections close after keep_alive_timeout_s; at
 # most max_connections are open, max_connections_per_address from one client address.
 # keep_alive_timeout_s = 5

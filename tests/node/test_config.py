@@ -29,6 +29,15 @@ def test_rendered_config_loads_with_sensible_defaults(tmp_path: Path) -> None:
     assert config.capability.arch is None  # detect unless overridden
 
 
+def test_rendered_config_keeps_quotes_and_backslashes(tmp_path: Path) -> None:
+    odd = tmp_path / 'a "quoted" \\ dir, déjà'
+    path = tmp_path / "node.toml"
+    path.write_text(render_config(data_dir=odd, operator="o.brien", pools=("a", "b")))
+    config = load_config(path)
+    assert config.data_dir == odd
+    assert config.operator == "o.brien" and config.pools == ("a", "b")
+
+
 def test_overrides_and_relative_paths(tmp_path: Path) -> None:
     config = parse_config(
         {
