@@ -44,7 +44,7 @@ from starlette.routing import BaseRoute, Route
 
 from .._errors import ForbiddenError, MalformedError, OversizeError, P2PBuildError, RemoteError
 from .._identity import Identity, PublicKey, Role, verify_prefixed
-from .._jobs import BuildType
+from .._jobs import DEFAULT_ARCH, BuildType
 from .._records import MachineType
 from .._replay import ReplayCache
 from .._trust import TrustList
@@ -231,7 +231,7 @@ def make_dispatcher_app(
     auth: ApiAuth,
     *,
     max_upload_bytes: int = 1024**3,
-    list_arches: Sequence[str] = ("x86_64",),
+    list_arches: Sequence[str] = (DEFAULT_ARCH,),
     extra_routes: Sequence[BaseRoute] = (),
     body_timeout: float = 600.0,
     keepalive_s: float = KEEPALIVE_S,

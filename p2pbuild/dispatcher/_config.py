@@ -18,6 +18,7 @@ import attrs
 from .._errors import MalformedError
 from .._hostport import parse_host_port
 from .._identity import PublicKey
+from .._jobs import DEFAULT_ARCH, DEFAULT_OS
 from ._errors import ConfigError
 from ._leases import Quotas
 
@@ -56,8 +57,8 @@ class DispatcherConfig:
     host: str = "127.0.0.1"
     port: int = 7443
     public_url: str = ""
-    default_arch: str = "x86_64"
-    default_os: str = "fedora-41"
+    default_arch: str = DEFAULT_ARCH
+    default_os: str = DEFAULT_OS
     max_upload_bytes: int = 1024**3
     #: ``[api]``: bytes of all source uploads in flight together; beyond it 503.
     max_uploads_in_flight_bytes: int = 4 * 1024**3
@@ -73,7 +74,7 @@ class DispatcherConfig:
     dht_port: int = 7421
     dht_bootstrap: tuple[tuple[str, int], ...] = ()
     #: Arches ``nodes ls`` looks up in the DHT.
-    list_arches: tuple[str, ...] = ("x86_64",)
+    list_arches: tuple[str, ...] = (DEFAULT_ARCH,)
     clients: tuple[ClientEntry, ...] = ()
     dedicated_pools: Mapping[str, str] = attrs.field(factory=dict)
     engine: Mapping[str, float] = attrs.field(factory=dict)
@@ -255,8 +256,8 @@ def load_config(path: Path, extra_sections: Collection[str] = ()) -> DispatcherC
         host=_get(api, "host", str, f"{path} [api]", "127.0.0.1"),
         port=port,
         public_url=public_url,
-        default_arch=_get(main, "default_arch", str, w, "x86_64"),
-        default_os=_get(main, "default_os", str, w, "fedora-41"),
+        default_arch=_get(main, "default_arch", str, w, DEFAULT_ARCH),
+        default_os=_get(main, "default_os", str, w, DEFAULT_OS),
         max_upload_bytes=_get(api, "max_upload_bytes", int, f"{path} [api]", 1024**3),
         web=_get(api, "web", bool, f"{path} [api]", True),
         source_allow_hosts=tuple(h.lower().strip("[]") for h in allow_hosts),
@@ -267,7 +268,7 @@ def load_config(path: Path, extra_sections: Collection[str] = ()) -> DispatcherC
             _address(a, f"{path} [dht] bootstrap")
             for a in _get(dht, "bootstrap", list, f"{path} [dht]", [])
         ),
-        list_arches=tuple(_get(dht, "list_arches", list, f"{path} [dht]", ["x86_64"])),
+        list_arches=tuple(_get(dht, "list_arches", list, f"{path} [dht]", [DEFAULT_ARCH])),
         clients=tuple(clients),
         dedicated_pools=dict(pools),
         engine=dict(engine),

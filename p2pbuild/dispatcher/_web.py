@@ -53,6 +53,7 @@ from starlette.routing import BaseRoute, Route
 
 from .._errors import LocalError, MalformedError
 from .._identity import PublicKey
+from .._jobs import DEFAULT_ARCH
 from ..dht import NodeEntry, Query
 from ..https import CertificatePinError, pinned_client
 from ._db import BuildState
@@ -181,7 +182,7 @@ class WebView:
     """The web view over one engine: pages, JSON and metrics (module doc)."""
 
     engine: Engine
-    list_arches: Sequence[str] = ("x86_64",)
+    list_arches: Sequence[str] = (DEFAULT_ARCH,)
     lookup_timeout_s: float = 10.0
     reader: WebReader = attrs.field(default=None)
     sightings: NodeSightings = attrs.field(factory=NodeSightings)

@@ -38,6 +38,7 @@ import tomli_w
 from .._errors import LocalError, MalformedError
 from .._hostport import parse_host_port
 from .._identity import PublicKey
+from .._jobs import DEFAULT_ARCH, DEFAULT_OS
 from .._records import _TOKEN, MachineType
 from ._ondemand import OnDemandConfig
 
@@ -645,8 +646,8 @@ max_source_mb = 2048
 
 [capability]
 # Detected automatically; uncomment to override what the capability record says.
-# arch = "x86_64"
-# os = "fedora-41"
+# arch = "{DEFAULT_ARCH}"
+# os = "{DEFAULT_OS}"
 # cpus = 4
 # cpu_model = "..."
 # memory_mb = 8192
