@@ -19,6 +19,7 @@ from .._errors import MalformedError
 from .._hostport import parse_host_port
 from .._identity import PublicKey
 from .._jobs import DEFAULT_ARCH, DEFAULT_OS
+from ._engine import EngineConfig
 from ._errors import ConfigError
 from ._leases import Quotas
 
@@ -149,11 +150,12 @@ def _refuse_unknown(table: Mapping[str, Any], allowed: set[str], where: str) -> 
             )
 
 
-_ENGINE_KEYS = {
-    "follow_interval_s", "unreachable_after_s", "submit_tries", "backoff_base_s",
-    "backoff_max_s", "node_retry_base_s", "max_attempts", "max_tiebreaks", "no_node_wait_s",
-    "job_margin_s", "heartbeat_interval_s", "node_timeout_s", "wake_poll_s",
-}
+#: The [engine] keys: every number the engine takes (``EngineConfig``'s int and float
+#: fields), so a new bound is configurable without a second list to keep up to date.
+_ENGINE_KEYS = frozenset(
+    f.name for f in attrs.fields(EngineConfig) if f.type in ("int", "float", int, float)
+)
+_ENGINE_INTS = frozenset(f.name for f in attrs.fields(EngineConfig) if f.type in ("int", int))
 
 
 def load_config(path: Path, extra_sections: Collection[str] = ()) -> DispatcherConfig:
@@ -219,6 +221,7 @@ def load_config(path: Path, extra_sections: Collection[str] = ()) -> DispatcherC
             raise ConfigError(f"{path} [engine]: unknown key {key}")
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
             raise ConfigError(f"{path} [engine]: {key} must be a non-negative number")
+    engine = {k: int(v) if k in _ENGINE_INTS else float(v) for k, v in engine.items()}
     public_url = _get(api, "public_url", str, f"{path} [api]", "")
     if public_url and not public_url.startswith("https://"):
         raise ConfigError(f"{path} [api]: public_url must start with https://")

@@ -101,10 +101,7 @@ async def run_dispatcher(
             directory = await nursery.start(_directory, config)
             dht_port = directory.address[1]
             finder = DirectoryFinder(directory, trust_list)
-        engine_options: dict[str, Any] = dict(config.engine)
-        for key in ("submit_tries", "max_attempts", "max_tiebreaks", "job_margin_s"):
-            if key in engine_options:
-                engine_options[key] = int(engine_options[key])
+        engine_options: dict[str, Any] = dict(config.engine)  # typed as its fields
         engine = Engine(
             db=db,
             identity=identity,

@@ -210,3 +210,22 @@ def test_concurrent_stores_of_two_builds_of_one_nvr_both_land(tmp_path: Path) ->
         assert len(paths) == 2
         assert len({p.name for p in paths.values()}) == 2
         assert sorted(p.name for p in (tmp_path / "repo").iterdir())[0] == "h-1-1"
+
+
+def test_engine_keys_are_the_engine_configs_numbers(tmp_path: Path) -> None:
+    import attrs
+
+    from p2pbuild.dispatcher import load_config
+    from p2pbuild.dispatcher._engine import EngineConfig
+
+    numbers = {f.name: f.type for f in attrs.fields(EngineConfig) if f.type in ("int", "float")}
+    path = tmp_path / "d.toml"
+    path.write_text('[dispatcher]\nkey="k"\ntrust_list="t"\n[engine]\n'
+                    + "".join(f"{name} = 3\n" for name in numbers))
+    engine = load_config(path).engine
+    assert set(engine) == set(numbers)
+    for name, kind in numbers.items():
+        assert type(engine[name]).__name__ == kind, name
+    path.write_text('[dispatcher]\nkey="k"\ntrust_list="t"\n[engine]\nstate_dir = 1\n')
+    with pytest.raises(ConfigError, match="unknown key state_dir"):
+        load_config(path)
