@@ -186,8 +186,8 @@ async def test_forged_or_replayed_wake_requests_are_refused(farm: Farm) -> None:
 async def test_a_pool_keeping_one_awake_lets_the_other_sleep_and_wakes_it_under_load(
     farm: Farm,
 ) -> None:
-    await farm.add("n1", idle_s=1.0, pools=("p",))
-    await farm.add("n2", idle_s=1.0, pools=("p",))
+    await farm.add("n1", idle_s=2.0, pools=("p",))
+    await farm.add("n2", idle_s=2.0, pools=("p",))
     keep = KeepAwake(DISPATCHER, farm.finder, {"p": 1}, time.time, interval_s=0.3)
     farm.nursery.start_soon(keep.run)
 

@@ -75,8 +75,11 @@ async def test_a_standby_pull_node_is_woken_by_its_long_poll_and_builds(
         assert daemon.on_demand is not None
         capability = daemon.capability_record.body  # type: ignore[union-attr]
         assert capability.wake_s == 30 and capability.wake_url == ""  # type: ignore[union-attr]
-        with trio.fail_after(10):
+        with trio.fail_after(30):
             while not daemon.status_record.body.standby:  # type: ignore[union-attr]
+                await trio.sleep(0.05)
+            # Published first, then the hook (which may stop the machine).
+            while not hook_log.exists():
                 await trio.sleep(0.05)
         assert hook_log.read_text().split() == ["standby"]
         source = SourceArtifact(package.path.name, package.path.stat().st_size,
@@ -86,7 +89,7 @@ async def test_a_standby_pull_node_is_woken_by_its_long_poll_and_builds(
         job = Job.create(DISPATCHER, spec, issued_at=int(time.time()), lifetime=600,
                          node=NODE.public_key)
         queue.offer(NODE.public_key, job)
-        with trio.fail_after(10):
+        with trio.fail_after(30):
             result = await queue.wait_result(job.job_id)
             while daemon.status_record.body.standby:  # type: ignore[union-attr]
                 await trio.sleep(0.05)
