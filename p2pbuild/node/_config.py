@@ -15,7 +15,8 @@ The file format, with every key, is ``node/node.example.toml`` and
                   max_connections_per_address       (push mode: inbound HTTPS)
     [pull]        dispatchers = [{url, key, tls_sha256}], poll_timeout_s, heartbeat_s
                   (NAT mode)
-    [limits]      slots, time_limit_s, max_output_mb, max_disk_mb, max_source_mb
+    [limits]      slots, time_limit_s, max_output_mb, max_disk_mb, max_source_mb,
+                  buildroot_cache_mb
     [capability]  overrides of detected values: arch, os, cpus, cpu_model, memory_mb,
                   disk_mb, machine, build_types
     [records]     status_interval_s, status_lifetime_s, capability_lifetime_s
@@ -147,6 +148,9 @@ class NodeLimits:
     max_output_mb: int = 16
     max_disk_mb: int = 8192
     max_source_mb: int = 2048
+    #: Buildroots kept between builds (``<data_dir>/buildroots``), least recently used
+    #: evicted past this.
+    buildroot_cache_mb: int = 8192
 
 
 @attrs.frozen
@@ -431,6 +435,8 @@ def parse_config(
         max_output_mb=limits_table.integer("max_output_mb", 16, 1, bounds.max_output_mb),
         max_disk_mb=limits_table.integer("max_disk_mb", 8192, 1, bounds.max_disk_mb),
         max_source_mb=limits_table.integer("max_source_mb", 2048, 1, bounds.max_source_mb),
+        buildroot_cache_mb=limits_table.integer("buildroot_cache_mb", 8192, 1,
+                                                bounds.max_disk_mb),
     )
     limits_table.done()
 
@@ -643,6 +649,8 @@ time_limit_s = 3600
 max_output_mb = 16
 max_disk_mb = 8192
 max_source_mb = 2048
+# Clean buildroots kept between builds (rpm.dnf), in MiB; least recently used go first.
+buildroot_cache_mb = 8192
 
 [capability]
 # Detected automatically; uncomment to override what the capability record says.

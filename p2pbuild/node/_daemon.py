@@ -236,7 +236,10 @@ class NodeDaemon:
                 detected = await self._check_sandbox(detected)
                 buildroots = None
                 if "rpm.dnf" in detected.build_types:
-                    buildroots = BuildrootCache(config.data_dir / "buildroots")
+                    buildroots = BuildrootCache(
+                        config.data_dir / "buildroots",
+                        max_bytes=config.limits.buildroot_cache_mb * 1024 * 1024,
+                    )
                 runner = ExecutorRunner(self._limits(), buildroots=buildroots)
             self.detected = detected
             self.service = JobService(

@@ -98,3 +98,14 @@ def test_bounds_are_parameters(tmp_path: Path) -> None:
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "absent.toml")
+
+
+
+def test_the_buildroot_cache_bound_is_configurable(tmp_path: Path) -> None:
+    rendered = tomllib.loads(render_config(data_dir=tmp_path, operator="alice"))
+    assert rendered["limits"]["buildroot_cache_mb"] == 8192
+    config = parse_config({"node": {"data_dir": str(tmp_path)},
+                           "limits": {"buildroot_cache_mb": 512}})
+    assert config.limits.buildroot_cache_mb == 512
+    with pytest.raises(ConfigError, match=r"limits\.buildroot_cache_mb"):
+        parse_config({"node": {"data_dir": str(tmp_path)}, "limits": {"buildroot_cache_mb": 0}})
