@@ -12,7 +12,8 @@ Families (all prefixed ``p2pbuild_dispatcher_`` except the DHT's ``p2pbuild_dht_
     builds{state}                       gauge: builds by state
     queue_length                        gauge: builds accepted and waiting for a node
     attempts{state}                     gauge: attempts by state
-    nodes{state}                        gauge: nodes seen by liveness (online/draining/offline)
+    nodes{state}                        gauge: nodes seen by liveness (online, draining,
+                                        standby, offline)
     verifications_total{outcome}        counter: agreed (verified without disagreement),
                                         mismatch (replicas disagreed), tie-break (tie-break
                                         attempts started)
@@ -157,7 +158,7 @@ class DispatcherMetrics(Collector):
         yield attempts
         nodes = GaugeMetricFamily(_PREFIX + "nodes", "Nodes seen, by liveness",
                                   labels=["state"])
-        for state_name in ("online", "draining", "offline"):
+        for state_name in ("online", "draining", "standby", "offline"):
             nodes.add_metric([state_name], self.node_states.get(state_name, 0))
         yield nodes
         outcomes = CounterMetricFamily(_PREFIX + "verifications", "Verification outcomes",

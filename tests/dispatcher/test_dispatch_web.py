@@ -429,7 +429,7 @@ def test_metrics_count_outcomes_and_overhead_from_the_audit_trail(tmp_path: Path
     db.audit(1009.0, "attempt-succeeded", "a" * 32, "n3", duration_ms=2000)
     reader = WebReader(tmp_path / "d.db")
     metrics = DispatcherMetrics(reader, lambda: {"timed-out": 2})
-    metrics.refresh({"online": 3})
+    metrics.refresh({"online": 3, "standby": 1})
     first = {(s.name, tuple(sorted(s.labels.items()))): s.value
              for f in text_string_to_metric_families(metrics.render().decode())
              for s in f.samples}
@@ -460,6 +460,7 @@ def test_metrics_count_outcomes_and_overhead_from_the_audit_trail(tmp_path: Path
                     (("le", "5.0"),))] == 1
     assert samples[("p2pbuild_dispatcher_builds", (("state", "queued"),))] == 3  # rows as-is
     assert samples[("p2pbuild_dispatcher_nodes", (("state", "online"),))] == 3
+    assert samples[("p2pbuild_dispatcher_nodes", (("state", "standby"),))] == 1
     assert samples[("p2pbuild_dispatcher_node_errors_total", (("code", "timed-out"),))] == 2
     assert ("p2pbuild_dht_lookups_total", ()) not in samples  # no DHT: no DHT families
     reader.close()
