@@ -495,6 +495,9 @@ class Engine:
             reason="replicas disagree; tie-break on another operator", report=report,
             groups=[[r.result.node.fingerprint for r in g] for g in disagreement.groups],
         )
+        # Followers see the report as soon as it is there, not only when the build ends.
+        self._changed.set()
+        self._changed = trio.Event()
 
     async def _choose(
         self,

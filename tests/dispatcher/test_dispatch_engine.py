@@ -11,6 +11,7 @@ from pathlib import Path
 import attrs
 import pytest
 import trio
+from engine_waits import wait_attempts, wait_build
 
 from p2pbuild import BuildType, MachineType, Result, ResultState
 from p2pbuild.dht import Query
@@ -118,11 +119,7 @@ class Harness:
     ) -> BuildRow:
         assert self.engine is not None
         with trio.fail_after(timeout):
-            while True:
-                build = self.engine.db.build(build_id)
-                if test(build):
-                    return build
-                await trio.sleep(0.02)
+            return await wait_build(self.engine, build_id, test)
 
     async def wait_done(self, build_id: str, timeout: float = 15) -> BuildRow:
         return await self.wait_for(build_id, lambda b: b.state.terminal, timeout)
@@ -132,8 +129,7 @@ class Harness:
     ) -> None:
         assert self.engine is not None
         with trio.fail_after(timeout):
-            while not test(self.engine.db.attempts(build_id)):  # type: ignore[arg-type]
-                await trio.sleep(0.02)
+            await wait_attempts(self.engine, build_id, test)  # type: ignore[arg-type]
 
 
 @pytest.fixture

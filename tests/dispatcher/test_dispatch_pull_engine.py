@@ -20,6 +20,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
+from engine_waits import wait_attempts, wait_build
 
 from p2pbuild import Capability, FileDigest, Identity, Job, Result, Status
 from p2pbuild.dispatcher._db import AttemptRow, AttemptState, BuildRow, BuildState, Database
@@ -219,21 +220,13 @@ class Farm:
 
     async def wait_for(self, build_id: str, test: Callable[[BuildRow], bool]) -> BuildRow:
         assert self.engine is not None
-        while True:
-            build = self.engine.db.build(build_id)
-            if test(build):
-                return build
-            await trio.sleep(1)
+        return await wait_build(self.engine, build_id, test)
 
     async def wait_attempts(
         self, build_id: str, test: Callable[[list[AttemptRow]], bool]
     ) -> list[AttemptRow]:
         assert self.engine is not None
-        while True:
-            attempts = self.engine.db.attempts(build_id)
-            if test(attempts):
-                return attempts
-            await trio.sleep(1)
+        return await wait_attempts(self.engine, build_id, test)
 
     def by_node(self, attempts: list[AttemptRow]) -> dict[str, AttemptRow]:
         names = {str(n.identity.public_key): name for name, n in self.nodes.items()}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from engine_waits import wait_all_done, wait_attempts
 
 from p2pbuild.dispatcher._db import AttemptState, BuildState, Database
 from p2pbuild.dispatcher._engine import BuildRequest, Engine, EngineConfig
@@ -88,12 +89,11 @@ async def test_disk_full_in_a_nodes_work_directory(
     await nursery.start(engine.run)
     build_id = _submit(engine)
     with trio.fail_after(30):
-        while not any(a.state in (AttemptState.FAILED, AttemptState.LOST)
-                      for a in engine.db.attempts(build_id)):
-            await trio.sleep(0.02)
+        await wait_attempts(engine, build_id, lambda attempts: any(
+            a.state in (AttemptState.FAILED, AttemptState.LOST) for a in attempts
+        ))  # fmt: skip
         finder.put(carol.entry())
-        while not engine.db.build(build_id).state.terminal:
-            await trio.sleep(0.02)
+        await wait_all_done(engine, [build_id])
     done = engine.db.build(build_id)
     assert done.state is BuildState.VERIFIED, done.reason
     alice_attempt = next(a for a in engine.db.attempts(build_id) if a.operator == "alice")
@@ -152,8 +152,7 @@ async def test_nodes_and_dispatcher_killed_at_random_points(
                 engines[-1].cancel()  # the dispatcher dies mid-flight
                 await trio.sleep(rng.uniform(0, 0.2))
                 engine = await start_engine()
-        while not all(engine.db.build(b).state.terminal for b in builds):
-            await trio.sleep(0.05)
+        await wait_all_done(engine, builds)
     states = [engine.db.build(b).state for b in builds]
     assert states == [BuildState.VERIFIED] * len(builds), [
         (engine.db.build(b).state, engine.db.build(b).reason) for b in builds
