@@ -19,7 +19,7 @@ from p2pbuild.dispatcher import StaticFinder, hash_token, load_config, run_dispa
 from p2pbuild.dispatcher._db import BuildState
 from p2pbuild.dispatcher._service import RunningDispatcher
 from p2pbuild.https import generate_tls_material, pinned_client
-from p2pbuild.testing import make_trust_list
+from p2pbuild.testing import hello_tarball, make_trust_list
 from p2pbuild.testing._farm import FarmNode, start_push_node
 from p2pbuild.testing._runner import InstantRunner
 
@@ -267,8 +267,9 @@ async def test_quota_refuses_the_extra_request_with_one_line(farm: Farm) -> None
 
 
 def _source(farm: Farm) -> Path:
-    path = farm.tmp / "hello-1.0-1.src.rpm"
-    path.write_bytes(b"srpm bytes")
+    path = farm.tmp / "hello-1.0.tar.gz"
+    if not path.exists():
+        hello_tarball(path)
     return path
 
 
