@@ -60,6 +60,7 @@ class Domain(enum.Enum):
     PULL_AUTH = b"p2pbuild-v1/pull-auth\x00"
     JOB_CONTROL = b"p2pbuild-v1/job-control\x00"
     WAKE = b"p2pbuild-v1/wake\x00"
+    LEASE_HOLD = b"p2pbuild-v1/lease-hold\x00"
 
 
 def _check_key_bytes(instance: object, attribute: object, value: bytes) -> None:

@@ -276,7 +276,13 @@ def _print_status(report: dict[str, Any]) -> None:
         print(f"endpoint: {report.get('endpoint') or 'pull only'}")
         print(f"slots:    {live.get('free_slots')} free of {live.get('slots')}, "
               f"{live.get('running')} running"
+              + (f", {live['leased_slots']} leased" if live.get("leased_slots") else "")
+              + (", standby" if live.get("standby") else "")
               + (", draining" if live.get("draining") else ""))
+        for held in live.get("leases") or []:
+            until = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(held["until"]))
+            print(f"leased:   lease {held['lease']} of dispatcher {held['dispatcher']} "
+                  f"until {until} UTC")
         print(f"jobs:     {live.get('accepted')} accepted, {live.get('finished')} finished "
               "results kept")
         rejected = live.get("rejected") or {}

@@ -4,8 +4,9 @@ The decisions are ``_leases.py``'s (pure). This module does their I/O: it looks 
 up in the directory, writes every change to the ``leases`` table together with its audit
 entry in one transaction (``lease-requested``, ``lease-granted``, ``lease-refused``,
 ``lease-extended``, ``lease-done``, ``lease-expired``; each with ``lease`` in its detail),
-and ends leases when their time is up. The engine reads the same :class:`LeaseBook`
-(``Engine.leases``) when it selects nodes.
+ends leases when their time is up, and tells each push node of a lease by a signed hold
+(``p2pbuild._hold``) so the node shows the leased slot in its own status. The engine reads
+the same :class:`LeaseBook` (``Engine.leases``) when it selects nodes.
 
 Routes (authenticated as the rest of the API, ``_api.py``)::
 
@@ -23,22 +24,26 @@ status 409 (404 ``unknown-lease``, 400 for a malformed request).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
+import httpx
 import trio
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .._errors import RemoteError
+from .._hold import LeaseHold
 from .._identity import PublicKey
 from .._jobs import BuildType
 from .._records import MachineType
 from ..dht import Query
+from ..https import pinned_client
 from ..node._api import refusal
 from ._db import Database
 from ._errors import BadRequestError, UnknownBuildError
@@ -58,6 +63,8 @@ if TYPE_CHECKING:
     from ._engine import Engine
 
 __all__ = ["LeaseService", "insert_lease", "lease_routes", "load_leases", "update_lease"]
+
+_log = logging.getLogger("p2pbuild.dispatcher.leases")
 
 
 # -- persistence --------------------------------------------------------------------------------
@@ -158,7 +165,13 @@ class LeaseService:
     """
 
     engine: Engine
+    #: How long one lease hold may take to reach a node (best effort).
+    hold_timeout_s: float = 10.0
     _changed: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
+    #: Holds delivered to and refused by nodes (``p2pbuild._hold``).
+    holds_sent: int = attrs.field(default=0, init=False)
+    holds_failed: int = attrs.field(default=0, init=False)
 
     @property
     def db(self) -> Database:
@@ -192,6 +205,7 @@ class LeaseService:
             raise
         insert_lease(self.db, lease, now)
         self._poke()
+        self._tell_nodes(lease)
         return lease
 
     def extend(self, lease_id: str, user: str, by_s: int) -> Lease:
@@ -200,6 +214,7 @@ class LeaseService:
         lease = self.engine.leases.extend(lease_id, user, by_s, now)
         update_lease(self.db, lease, "lease-extended", now, by_s=by_s)
         self._poke()
+        self._tell_nodes(lease)
         return lease
 
     def done(self, lease_id: str, user: str, *, admin: bool = False) -> Lease:
@@ -209,6 +224,7 @@ class LeaseService:
         lease = self.engine.leases.done(lease_id, user, now, admin=admin)
         update_lease(self.db, lease, "lease-done", now, by=user)
         self._poke()
+        self._tell_nodes(lease)
         self.engine.leases_changed()
         return lease
 
@@ -219,6 +235,7 @@ class LeaseService:
         for lease in expired:
             update_lease(self.db, lease, "lease-expired", now,
                          nodes=[str(n.key) for n in lease.nodes])
+            self._tell_nodes(lease)
         if expired:
             self.engine.leases_changed()
         return expired
@@ -233,14 +250,48 @@ class LeaseService:
     ) -> None:
         """End leases as their time comes, until cancelled. Sleeps until the next expiry
         (at most ``max_sleep_s``, as the clock may be adjusted) or a change."""
-        task_status.started()
-        while True:
-            changed = self._changed
-            self.expire_due()
-            upcoming = self.engine.leases.next_expiry()
-            delay = max_sleep_s if upcoming is None else upcoming - self._clock()
-            with trio.move_on_after(min(max(delay, 0.0), max_sleep_s)):
-                await changed.wait()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            while True:
+                changed = self._changed
+                self.expire_due()
+                upcoming = self.engine.leases.next_expiry()
+                delay = max_sleep_s if upcoming is None else upcoming - self._clock()
+                with trio.move_on_after(min(max(delay, 0.0), max_sleep_s)):
+                    await changed.wait()
+
+    def _tell_nodes(self, lease: Lease) -> None:
+        """Send each push node of ``lease`` a signed hold (until the lease's expiry, or a
+        release once it ended), in the background; nodes show it in their status."""
+        if self._nursery is None:
+            return
+        for node in lease.nodes:
+            self._nursery.start_soon(self._send_hold, lease, node.key)
+
+    async def _send_hold(self, lease: Lease, key: PublicKey) -> None:
+        engine = self.engine
+        with trio.move_on_after(self.hold_timeout_s):
+            entry = await engine.finder.lookup(key)
+            if entry is None or entry.capability.pull_only:
+                return  # a pull node has no route to be told on
+            now = int(self._clock())
+            until = int(lease.expires_at) if lease.active_at(now) else now
+            hold = LeaseHold.create(engine.identity, key, lease.id, until, issued_at=now)
+            cap = entry.capability
+            try:
+                async with pinned_client(cap.tls_sha256, base_url=cap.endpoint,
+                                         timeout=self.hold_timeout_s) as http:
+                    response = await http.post("/v1/holds", content=hold.to_bytes())
+            except (httpx.HTTPError, RemoteError) as exc:
+                _log.info("lease hold for %s not delivered: %s", key.fingerprint, exc)
+                self.holds_failed += 1
+                return
+            if response.status_code == 202:
+                self.holds_sent += 1
+            else:
+                _log.info("lease hold refused by %s: %s", key.fingerprint, response.text[:200])
+                self.holds_failed += 1
 
 
 # -- routes -----------------------------------------------------------------------------------

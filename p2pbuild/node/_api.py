@@ -13,6 +13,8 @@ Endpoints (``docs/node-api.md`` has the details)::
     GET    /v1/status                        the node's key and the service's statistics
     POST   /v1/wake                          an on-demand node: a dispatcher's signed wake
                                              request (``p2pbuild._wake``) -> 202
+    POST   /v1/holds                         a dispatcher's signed lease hold
+                                             (``p2pbuild._hold``), shown in the status -> 202
     GET    /metrics                          Prometheus text format (``_metrics.py``)
 
 ``DELETE`` needs ``Authorization: P2PBuild-Control <base64url JobControl>``: an order signed by
@@ -61,6 +63,7 @@ from .._identity import Identity
 from .._jobs import MAX_JOB_CONTROL_SIZE, MAX_JOB_SIZE, JobControl, JobControlAction
 from ..https import TlsMaterial
 from ..https._server import ServerConfig, serve_asgi
+from ._holds import Holds
 from ._metrics import CONTENT_TYPE as METRICS_TYPE
 from ._metrics import NodeMetrics
 from ._ondemand import OnDemand
@@ -266,6 +269,7 @@ def make_app(
 ) -> Starlette:
     """The ASGI app over ``service`` (and ``POST /v1/wake`` for an on-demand node).
     Refusals are JSON; see the module doc."""
+    holds = Holds(service.identity.public_key, lambda: service.trust_list)
 
     async def submit(request: Request) -> Response:
         try:
@@ -364,7 +368,24 @@ def make_app(
         body["free_slots"] = service.free_slots
         if on_demand is not None:
             body["standby"] = on_demand.standby
+        leases = holds.active(service.clock())
+        body["leases"] = leases
+        body["leased_slots"] = len(leases)
         return JSONResponse(body)
+
+    async def hold(request: Request) -> Response:
+        # A dispatcher's signed lease hold (p2pbuild._hold): shown in the status above.
+        try:
+            data = await read_body(request, 1024, config.body_timeout)
+            accepted = holds.accept(data, service.clock())
+        except (OversizeError, RequestTimeoutError) as exc:
+            return _refusal(exc)
+        except RemoteError as exc:
+            return _refusal(exc, 403 if isinstance(exc, ForbiddenError) else None)
+        except ClientDisconnect:
+            return Response(status_code=400)
+        return JSONResponse({"lease": accepted.lease, "held": not accepted.releases},
+                            status_code=202)
 
     async def wake(request: Request) -> Response:
         # A dispatcher's signed wake request (p2pbuild._wake): refused unless fresh, for
@@ -400,6 +421,7 @@ def make_app(
         Route("/v1/jobs/{job_id}/log", live_log, methods=["GET"]),
         Route("/v1/status", node_status, methods=["GET"]),
         Route("/v1/wake", wake, methods=["POST"]),
+        Route("/v1/holds", hold, methods=["POST"]),
     ]
     return Starlette(routes=routes)
 

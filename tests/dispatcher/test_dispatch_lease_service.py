@@ -146,6 +146,18 @@ async def test_lease_builds_run_on_its_nodes_and_others_go_elsewhere(farm: Farm)
     leased = {n["node"] for n in lease["nodes"]}
     assert len(leased) == 2 and len({n["operator"] for n in lease["nodes"]}) == 2
     assert lease["state"] == "active" and 7199 <= lease["remaining_s"] <= 7200
+    # The leased nodes were told (a signed hold) and show it in their own status.
+    async def leased_slots(name: str) -> int:
+        node = farm.nodes[name]
+        async with pinned_client(node.tls.sha256, base_url=node.url) as http:
+            count: int = (await http.get("/v1/status")).json()["leased_slots"]
+            return count
+
+    by_key = {farm.key(name): name for name in farm.nodes}
+    with trio.fail_after(10):
+        while [await leased_slots(by_key[k]) for k in sorted(leased)] != [1, 1]:
+            await trio.sleep(0.05)
+    assert not any([await leased_slots(n) for n in farm.nodes if farm.key(n) not in leased])
     # Several builds of each user, at the same time.
     mine = [await farm.submit("u1", lease=lease["id"]) for _ in range(3)]
     theirs = [await farm.submit("u2") for _ in range(3)]
@@ -183,6 +195,10 @@ async def test_lease_builds_run_on_its_nodes_and_others_go_elsewhere(farm: Farm)
     assert json.loads(out)["expires_at"] == lease["expires_at"] + 1800
     status, out, _ = await farm.cli("u1", "lease", "done", lease["id"])
     assert status == 0 and f"lease {lease['id']} returned" in out
+    with trio.fail_after(10):  # returned: the nodes were told it is released
+        while any([await leased_slots(by_key[k]) for k in leased]):
+            await trio.sleep(0.05)
+    assert farm.running.leases is not None and farm.running.leases.holds_sent == 6
     events = [e["event"] for e in _lease_events(farm, lease["id"])]
     assert [e for e in events if e.startswith("lease-")] == [
         "lease-granted", "lease-extended", "lease-done"
