@@ -177,3 +177,18 @@ def test_a_running_node_adopts_the_next_trust_list_on_sighup(farm: LocalFarm) ->
         assert status["trust"]["version"] == 2 and status["trust"]["listed"] is True
     finally:
         node.stop()
+
+
+def test_dispatcher_init_never_writes_a_wildcard_url(tmp_path: Path) -> None:
+    import tomllib
+
+    done = run("dispatcher", "init", "--dir", tmp_path / "a", "--host", "0.0.0.0",
+               "--public-url", "https://disp.example.net:7443")
+    assert done.returncode == 0, done.stderr
+    client = tomllib.loads((tmp_path / "a" / "client.toml").read_text())
+    config = tomllib.loads((tmp_path / "a" / "dispatcher.toml").read_text())
+    assert client["url"] == config["api"]["public_url"] == "https://disp.example.net:7443"
+    done = run("dispatcher", "init", "--dir", tmp_path / "b", "--host", "0.0.0.0")
+    assert done.returncode == 0, done.stderr
+    url = tomllib.loads((tmp_path / "b" / "client.toml").read_text())["url"]
+    assert "0.0.0.0" not in url and url.startswith("https://") and url.endswith(":7443")

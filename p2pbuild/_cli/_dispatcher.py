@@ -12,6 +12,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,11 @@ def register(sub: Any) -> None:
     init.add_argument("--dir", required=True, type=Path, metavar="DIR")
     init.add_argument("--host", default="127.0.0.1", help="address to listen on")
     init.add_argument("--port", type=int, default=7443)
+    init.add_argument("--public-url", metavar="URL",
+                      help="https://name:port where clients and nodes reach the dispatcher "
+                      "(written to client.toml and [api] public_url; default: "
+                      "https://HOST:PORT, or this machine's name when HOST listens on all "
+                      "addresses)")
     init.add_argument("--user", default="admin", help="user name of the API token")
     init.add_argument("--dht-bind", default="0.0.0.0:7421", metavar="HOST:PORT",
                       help="UDP address of the dispatcher's DHT node (default 0.0.0.0:7421; "
@@ -76,6 +82,16 @@ def _init(args: argparse.Namespace) -> int:
             parse_host_port(item)
     except ValueError as exc:
         raise ConfigError(f"--dht-bind/--bootstrap: {exc}") from None
+    if args.public_url and not args.public_url.startswith("https://"):
+        raise ConfigError("--public-url must start with https://")
+    if args.public_url:
+        url = args.public_url.rstrip("/")
+    elif args.host in ("0.0.0.0", "::", ""):
+        # A wildcard is where to listen, not an address anyone can reach.
+        url = f"https://{socket.getfqdn()}:{args.port}"
+    else:
+        url = f"https://[{args.host}]:{args.port}" if ":" in args.host else (
+            f"https://{args.host}:{args.port}")
     directory.mkdir(parents=True, exist_ok=True)
     config_path = directory / "dispatcher.toml"
     if config_path.exists():
@@ -90,7 +106,7 @@ def _init(args: argparse.Namespace) -> int:
             "key": "dispatcher.key", "trust_list": "trust-list.bin", "state_dir": "state",
             "repository": "repo",
         },
-        "api": {"host": args.host, "port": args.port, "tls_dir": "tls"},
+        "api": {"host": args.host, "port": args.port, "tls_dir": "tls", "public_url": url},
         "dht": {"host": dht_host, "port": dht_port, "bootstrap": list(args.bootstrap)},
         # Whoever creates the dispatcher runs it: an admin (may cancel any build).
         "clients": [{"user": args.user, "role": "admin", "token_sha256": hash_token(token)}],
@@ -99,7 +115,6 @@ def _init(args: argparse.Namespace) -> int:
         "# p2pbuild dispatcher; see dispatcher/dispatcher.example.toml for every key.\n"
         + tomli_w.dumps(config)
     )
-    url = f"https://{args.host}:{args.port}"
     client_path = directory / "client.toml"
     fd = os.open(client_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
