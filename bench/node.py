@@ -212,7 +212,7 @@ async def _bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "verified": True,
             "throughput_mb_s_median": round(rates[len(rates) // 2], 1),
             "throughput_mb_s_best": round(rates[-1], 1),
-            "client": "fetch_pinned_file (worker thread, stdlib ssl) into /dev/null",
+            "client": "fetch_pinned_file (worker thread, http.client) into /dev/null",
             "into_file_mb_s_median": round(file_rates[len(file_rates) // 2], 1),
             "httpx_stream_mb_s_median": round(httpx_rates[len(httpx_rates) // 2], 1),
             "speedup_vs_httpx_stream": round(

@@ -9,7 +9,9 @@ Every error we raise derives from :class:`P2PBuildError`. Below it the tree spli
   a record too big to encode). These point at a bug or a misconfiguration and propagate.
 
 Each class carries a short, stable ``code`` (``"bad-signature"``, ``"stale-seq"``, ...) used
-as the key of rejection counters and in machine-readable output.
+as the key of rejection counters and in machine-readable output, and next to it the
+``http_status`` with which an HTTPS API refuses a request for that reason (500 for anything
+not meant to reach a client, 400 for bad input unless a subclass says better).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class P2PBuildError(Exception):
     """Root of every error p2pbuild raises on purpose."""
 
     code: ClassVar[str] = "error"
+    http_status: ClassVar[int] = 500
 
 
 class LocalError(P2PBuildError):
@@ -59,6 +62,7 @@ class RemoteError(P2PBuildError):
     """Untrusted input (from the network, a file or an argument) failed a check."""
 
     code = "invalid"
+    http_status = 400
 
 
 # -- codec ------------------------------------------------------------------------------------
@@ -74,6 +78,7 @@ class OversizeError(CodecError):
     """Input larger than the bound for its type; rejected before any decoding."""
 
     code = "oversize"
+    http_status = 413
 
 
 class MalformedError(CodecError):
@@ -101,6 +106,7 @@ class BadSignatureError(RecordError):
     """The signature does not verify for the claimed key and object type."""
 
     code = "bad-signature"
+    http_status = 401
 
 
 class StaleSeqError(RecordError):
@@ -113,6 +119,7 @@ class ExpiredError(RecordError):
     """The object's expiry time has passed."""
 
     code = "expired"
+    http_status = 410
 
 
 class NotYetValidError(RecordError):
@@ -131,12 +138,14 @@ class ReplayError(RecordError):
     """A job or pull token already seen (same job id or nonce) while it could still be valid."""
 
     code = "replayed"
+    http_status = 409
 
 
 class WrongNodeError(RecordError):
     """A job addressed to another node, or a pull token meant for another dispatcher."""
 
     code = "wrong-node"
+    http_status = 421
 
 
 class ForbiddenError(RemoteError):
@@ -144,6 +153,7 @@ class ForbiddenError(RemoteError):
     job, another user's build)."""
 
     code = "forbidden"
+    http_status = 403
 
 
 # -- trust list -------------------------------------------------------------------------------
@@ -153,6 +163,7 @@ class TrustError(RemoteError):
     """A trust list that must not be accepted."""
 
     code = "untrusted"
+    http_status = 401
 
 
 class ThresholdError(TrustError):

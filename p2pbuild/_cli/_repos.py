@@ -26,8 +26,7 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 
-from ..https import TlsMaterial, generate_tls_material
-from ..node._api import NodeApiConfig, serve_app
+from ..https import ServerConfig, TlsMaterial, generate_tls_material, serve_asgi
 from ._packages import FIXED_EPOCH
 
 __all__ = [
@@ -167,5 +166,5 @@ async def serve_files(
     tls = generate_tls_material(tls_dir, "localhost")
     app = Starlette(routes=[Mount("/", StaticFiles(directory=directory))])
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(serve_app, app, NodeApiConfig(tls=tls))
+        port = await nursery.start(serve_asgi, app, ServerConfig(tls=tls))
         task_status.started((f"https://127.0.0.1:{port}", tls))

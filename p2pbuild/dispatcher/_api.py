@@ -42,14 +42,14 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
-from .._errors import ForbiddenError, MalformedError, OversizeError, P2PBuildError, RemoteError
+from .._errors import MalformedError, OversizeError, P2PBuildError, RemoteError
 from .._identity import Identity, PublicKey, Role, verify_prefixed
 from .._jobs import DEFAULT_ARCH, BuildType
 from .._records import MachineType
 from .._replay import ReplayCache
 from .._trust import TrustList
+from ..https import refusal
 from ..https._server import ByteBudget, ConnectionGate
-from ..node._api import refusal
 from ._access import Caller, check_may_change, redact_build, redact_event, redact_node
 from ._config import ClientEntry, hash_token
 from ._db import BuildState
@@ -58,10 +58,8 @@ from ._errors import (
     AuthenticationError,
     BadRequestError,
     BusyError,
-    ClientError,
     UnknownBuildError,
 )
-from ._leases import LeaseRefusedError, UnknownLeaseError
 from ._request import buildroot_from_json
 
 __all__ = [
@@ -78,24 +76,8 @@ KEEPALIVE_S = 15.0
 #: Response header announcing that interval (clients time out after a few of them).
 KEEPALIVE_HEADER = "p2pbuild-keepalive"
 
-_STATUS: tuple[tuple[type[P2PBuildError], int], ...] = (
-    (AuthenticationError, 401),
-    (BusyError, 503),
-    (ForbiddenError, 403),
-    (UnknownBuildError, 404),
-    (UnknownLeaseError, 404),
-    (LeaseRefusedError, 409),
-    (OversizeError, 413),
-    (ClientError, 400),
-    (RemoteError, 400),
-)
-
-
 def _refuse(error: P2PBuildError) -> JSONResponse:
-    for cls, status in _STATUS:
-        if isinstance(error, cls):
-            return refusal(error, status)
-    return refusal(error, 500)
+    return refusal(error)
 
 
 def sign_request(identity: Identity, method: str, path: str, now: int) -> str:
@@ -366,7 +348,7 @@ def make_dispatcher_app(
         except BadRequestError as exc:
             return _refuse(exc)
         if not path.is_file():
-            return refusal(UnknownBuildError("no such source"), 404)
+            return refusal(UnknownBuildError("no such source"))
         return FileResponse(path, media_type="application/octet-stream")
 
     routes: list[BaseRoute] = [

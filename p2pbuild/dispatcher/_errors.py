@@ -80,6 +80,7 @@ class NodeBusyError(NodeError):
     """The node has no free slot or is draining (HTTP 503); the job may be sent again."""
 
     code = "node-busy"
+    http_status = 503
 
 
 class NodeRefusedError(NodeError):
@@ -118,6 +119,7 @@ class ArtifactDigestError(NodeError):
     """A downloaded artifact whose size or SHA-256 is not what the signed result says."""
 
     code = "artifact-digest-mismatch"
+    http_status = 422
 
 
 class LeaseExpiredError(NodeError):
@@ -126,6 +128,7 @@ class LeaseExpiredError(NodeError):
     for the node, a late request about the job is refused with this code."""
 
     code = "lease-expired"
+    http_status = 410
 
 
 # -- clients (remote) --------------------------------------------------------------------------
@@ -146,16 +149,19 @@ class BusyError(ClientError):
     Retry-After); the same request may be sent again later."""
 
     code = "busy"
+    http_status = 503
 
 
 class AuthenticationError(ClientError):
     """No valid token or signature, or a key not on the trust list."""
 
     code = "unauthenticated"
+    http_status = 401
 
 
 class UnknownBuildError(ClientError):
     code = "unknown-build"
+    http_status = 404
 
 
 class SourceUnavailableError(ClientError):
@@ -172,12 +178,14 @@ class UnknownPullJobError(ClientError):
     node)."""
 
     code = "unknown-job"
+    http_status = 404
 
 
 class ResultMissingError(ClientError):
     """A file upload before the signed result that names it."""
 
     code = "no-result-yet"
+    http_status = 409
 
 
 class JobWithdrawnError(ClientError):
@@ -185,6 +193,7 @@ class JobWithdrawnError(ClientError):
     gave up on it): the node should stop building it and upload nothing."""
 
     code = "withdrawn"
+    http_status = 410
 
 
 # -- local ---------------------------------------------------------------------------------------

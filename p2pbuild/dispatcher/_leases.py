@@ -87,6 +87,7 @@ class LeaseRefusedError(ClientError):
     ``arch``); the message is one line for people."""
 
     code = "lease-refused"
+    http_status = 409
 
     def __init__(self, message: str, constraint: str) -> None:
         super().__init__(message)
@@ -95,6 +96,7 @@ class LeaseRefusedError(ClientError):
 
 class UnknownLeaseError(ClientError):
     code = "unknown-lease"
+    http_status = 404
 
 
 _MAX_COUNT = 64

@@ -43,10 +43,9 @@ from .._identity import PublicKey
 from .._jobs import BuildType
 from .._records import MachineType
 from ..dht import Query
-from ..https import pinned_client
-from ..node._api import refusal
+from ..https import pinned_client, refusal
 from ._db import Database
-from ._errors import BadRequestError, UnknownBuildError
+from ._errors import BadRequestError
 from ._leases import (
     Lease,
     LeasedNode,
@@ -297,24 +296,10 @@ class LeaseService:
 # -- routes -----------------------------------------------------------------------------------
 
 
-_STATUS: tuple[tuple[type[RemoteError], int], ...] = (
-    (LeaseRefusedError, 409),
-    (UnknownLeaseError, 404),
-    (UnknownBuildError, 404),
-)
-
-
 def _refuse(error: RemoteError) -> Response:
     if isinstance(error, LeaseRefusedError):
-        return JSONResponse(
-            {"error": error.code, "constraint": error.constraint,
-             "reason": str(error).replace("\n", " ")[:300]},
-            status_code=409,
-        )
-    for cls, status in _STATUS:
-        if isinstance(error, cls):
-            return refusal(error, status)
-    return refusal(error, 401 if error.code == "unauthenticated" else 400)
+        return refusal(error, constraint=error.constraint)
+    return refusal(error)
 
 
 def _text(fields: dict[str, Any], key: str) -> str | None:

@@ -20,16 +20,8 @@ from starlette.routing import Route
 
 from .._errors import MalformedError, OversizeError, P2PBuildError, RemoteError
 from .._identity import PublicKey
-from .._jobs import MAX_RESULT_SIZE
-from ..https import TlsMaterial
-from ..node._api import NodeApiConfig, read_body, refusal, serve_app, status_for
+from ..https import ServerConfig, TlsMaterial, read_body, refusal, serve_asgi
 from ._errors import (
-    ArtifactDigestError,
-    AuthenticationError,
-    JobWithdrawnError,
-    LeaseExpiredError,
-    NodeBusyError,
-    ResultMissingError,
     UnknownPullJobError,
 )
 from ._pull import (
@@ -45,21 +37,8 @@ from ._pull import (
 __all__ = ["make_pull_app", "pull_routes", "serve_pull"]
 
 
-_STATUS: tuple[tuple[type[P2PBuildError], int], ...] = (
-    (AuthenticationError, 401),
-    (UnknownPullJobError, 404),
-    (ResultMissingError, 409),
-    (JobWithdrawnError, 410),
-    (LeaseExpiredError, 410),
-    (ArtifactDigestError, 422),
-    (NodeBusyError, 503),
-)
-
 def _refuse(error: P2PBuildError) -> JSONResponse:
-    for cls, status in _STATUS:
-        if isinstance(error, cls):
-            return refusal(error, status)
-    return refusal(error, status_for(error))
+    return refusal(error)
 
 
 def _job_id(request: Request) -> bytes:
@@ -186,12 +165,5 @@ async def serve_pull(
     keep-alive and read limits are set above it. Raises :class:`OSError` if the address
     cannot be bound.
     """
-    config = NodeApiConfig(
-        tls=tls,
-        host=host,
-        port=port,
-        max_job_bytes=MAX_RESULT_SIZE,
-        body_timeout=queue.body_timeout,
-        keep_alive_timeout=queue.max_wait + 30,
-    )
-    await serve_app(make_pull_app(queue), config, task_status=task_status)
+    config = ServerConfig(tls=tls, host=host, port=port, keep_alive_timeout=queue.max_wait + 30)
+    await serve_asgi(make_pull_app(queue), config, task_status=task_status)

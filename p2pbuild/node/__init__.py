@@ -10,7 +10,7 @@ from ..https import (
     load_tls_material,
     pinned_client,
 )
-from ._api import HTTP_STATUS, NodeApiConfig, make_app, serve_node_api
+from ._api import NodeApiConfig, make_app, serve_node_api
 from ._archive import ExtractedTree, extract_tar_gz
 from ._buildroot import BuildrootCache, BuildrootStep, PreparedBuildroot, fetch_https
 from ._config import (
@@ -125,7 +125,6 @@ __all__ = [
     "rpm_macros",
     "run_build",
     # the daemon
-    "HTTP_STATUS",
     "ApiConfig",
     "CapabilityOverrides",
     "CertificatePinError",

@@ -25,11 +25,12 @@ by a job id of 128 random bits that only the job's dispatcher and its admins see
 ``docs/node-api.md`` for why they stay open.
 
 Every refusal is a one-line JSON body ``{"error": code, "reason": "..."}`` whose ``code`` is
-the error's (the same as in the service's rejection counters), with the HTTP status from
-:data:`HTTP_STATUS`. The job body is read as a stream and refused with 413 as soon as it
-passes the bound, before it is buffered whole; a body that trickles in slower than
-``body_timeout`` is refused with 408. Garbage, plain HTTP on the TLS port, oversized headers
-and idle connections are hypercorn's to drop; its limits are set from :class:`NodeApiConfig`.
+the error's (the same as in the service's rejection counters), with the HTTP status the
+error class carries (``http_status``; ``p2pbuild.https.refusal``). The job body is read as a
+stream and refused with 413 as soon as it passes the bound, before it is buffered whole; a
+body that trickles in slower than ``body_timeout`` is refused with 408. Connection bounds,
+garbage, plain HTTP on the TLS port, oversized headers and idle connections are the shared
+server's (``p2pbuild.https``); its limits are set from :class:`NodeApiConfig`.
 """
 
 from __future__ import annotations
@@ -48,21 +49,19 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from .._errors import (
-    BadSignatureError,
-    CodecError,
-    ExpiredError,
-    ForbiddenError,
     OversizeError,
-    P2PBuildError,
     RemoteError,
-    ReplayError,
-    TrustError,
-    WrongNodeError,
 )
 from .._identity import Identity
 from .._jobs import MAX_JOB_CONTROL_SIZE, MAX_JOB_SIZE, JobControl, JobControlAction
-from ..https import TlsMaterial
-from ..https._server import ServerConfig, serve_asgi
+from ..https import (
+    RequestTimeoutError,
+    ServerConfig,
+    TlsMaterial,
+    read_body,
+    serve_asgi,
+)
+from ..https import refusal as _refusal
 from ._holds import Holds
 from ._metrics import CONTENT_TYPE as METRICS_TYPE
 from ._metrics import NodeMetrics
@@ -72,34 +71,22 @@ from ._service import (
     JobService,
     UnavailableError,
     UnknownJobError,
-    UnservableJobError,
 )
 
 __all__ = [
     "CONTROL_SCHEME",
-    "HTTP_STATUS",
     "ControlAuthError",
     "NodeApiConfig",
-    "RequestTimeoutError",
     "control_header",
     "make_app",
-    "read_body",
-    "refusal",
     "serve_app",
     "serve_node_api",
-    "status_for",
 ]
 
 _log = logging.getLogger("p2pbuild.node.api")
 # How long DELETE on a running job waits for it to stop before answering anyway.
 _CANCEL_WAIT_S = 10.0
 MSGPACK = "application/msgpack"
-
-
-class RequestTimeoutError(RemoteError):
-    """A request body that did not arrive within the body timeout (a slow client)."""
-
-    code = "request-timeout"
 
 
 #: ``Authorization`` scheme of a job control order.
@@ -110,6 +97,7 @@ class ControlAuthError(RemoteError):
     """A job control request without a readable signed order."""
 
     code = "unauthenticated"
+    http_status = 401
 
 
 def control_header(identity: Identity, job_id: bytes, now: int) -> str:
@@ -134,46 +122,6 @@ def _control_order(header: str | None) -> bytes:
         raise ControlAuthError("the job control order is not base64url") from None
 
 
-#: HTTP status for each refusal, most specific class first.
-HTTP_STATUS: tuple[tuple[type[P2PBuildError], int], ...] = (
-    (ControlAuthError, 401),
-    (ForbiddenError, 403),
-    (UnservableJobError, 422),
-    (OversizeError, 413),
-    (CodecError, 400),
-    (BadSignatureError, 401),
-    (TrustError, 401),
-    (ReplayError, 409),
-    (ExpiredError, 410),
-    (WrongNodeError, 421),
-    (RequestTimeoutError, 408),
-    (UnknownJobError, 404),
-    (JobRunningError, 409),
-    (UnavailableError, 503),
-    (RemoteError, 400),
-)
-
-
-def status_for(error: P2PBuildError) -> int:
-    """The HTTP status for refusing a request with ``error`` (:data:`HTTP_STATUS`)."""
-    for cls, status in HTTP_STATUS:
-        if isinstance(error, cls):
-            return status
-    return 500
-
-
-def refusal(error: P2PBuildError, status: int | None = None) -> JSONResponse:
-    """The one-line JSON refusal ``{"error": code, "reason": text}`` for ``error``, with
-    ``status`` or the one from :data:`HTTP_STATUS`."""
-    reason = str(error).replace("\n", " ")[:300]
-    status = status if status is not None else status_for(error)
-    # Every 503 says when to come back.
-    headers = {"Retry-After": "30"} if status == 503 else None
-    return JSONResponse({"error": error.code, "reason": reason}, status_code=status,
-                        headers=headers)
-
-
-_refusal = refusal
 
 
 @attrs.frozen
@@ -221,26 +169,6 @@ def _job_id(request: Request) -> bytes:
         return bytes.fromhex(text)
     except ValueError:
         raise UnknownJobError("a job id is 32 hex digits") from None
-
-
-async def read_body(request: Request, limit: int, timeout: float) -> bytes:
-    """The request body, refused as soon as it passes ``limit`` bytes or ``timeout``.
-
-    Raises :class:`OversizeError`, :class:`RequestTimeoutError` and Starlette's
-    ``ClientDisconnect``.
-    """
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise OversizeError(f"body of {declared} bytes exceeds {limit}")
-    body = bytearray()
-    with trio.move_on_after(timeout) as scope:
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise OversizeError(f"body exceeds {limit} bytes")
-    if scope.cancelled_caught:
-        raise RequestTimeoutError(f"request body not received within {timeout:g}s")
-    return bytes(body)
 
 
 class _FileResponse(FileResponse):
@@ -396,10 +324,8 @@ def make_app(
         try:
             data = await read_body(request, 1024, config.body_timeout)
             on_demand.accept(data, service.clock())
-        except (OversizeError, RequestTimeoutError) as exc:
-            return _refusal(exc)
         except RemoteError as exc:
-            return _refusal(exc, 403 if isinstance(exc, ForbiddenError) else None)
+            return _refusal(exc)
         except ClientDisconnect:
             return Response(status_code=400)
         await on_demand.wake("wake request")

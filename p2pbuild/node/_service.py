@@ -80,6 +80,7 @@ class UnavailableError(P2PBuildError):
     """The node cannot take a job now; the same job may be sent again later."""
 
     code = "unavailable"
+    http_status = 503
 
 
 class NoFreeSlotError(UnavailableError):
@@ -95,12 +96,14 @@ class UnservableJobError(RemoteError):
     does not offer, or a source larger than its limit. Sending it again will not help."""
 
     code = "unservable"
+    http_status = 422
 
 
 class SourceTooLargeError(UnservableJobError, OversizeError):
     """A job whose source is larger than this node accepts."""
 
     code = "source-too-large"
+    http_status = 422
 
 
 @attrs.frozen
@@ -172,12 +175,14 @@ class UnknownJobError(P2PBuildError):
     """No job with that id on this node (never admitted, or already forgotten)."""
 
     code = "unknown-job"
+    http_status = 404
 
 
 class JobRunningError(P2PBuildError):
     """The request needs a finished job, and this one is still running."""
 
     code = "job-running"
+    http_status = 409
 
 
 @attrs.frozen

@@ -1,6 +1,6 @@
 """Moved to :mod:`p2pbuild.https`; these names stay importable from here for a while."""
 
-from ..https._tls import (
+from ..https import (
     CERT_FILE,
     KEY_FILE,
     BodyTooLongError,

@@ -29,7 +29,7 @@ from p2pbuild.https import (
     fetch_pinned_file,
     generate_tls_material,
 )
-from p2pbuild.https._tls import FETCH_BLOCK
+from p2pbuild.https._client import FETCH_BLOCK
 from p2pbuild.node._api import NodeApiConfig, serve_app
 
 pytestmark = pytest.mark.slow
