@@ -306,10 +306,8 @@ def make_app(
         try:
             data = await read_body(request, 1024, config.body_timeout)
             accepted = holds.accept(data, service.clock())
-        except (OversizeError, RequestTimeoutError) as exc:
-            return _refusal(exc)
         except RemoteError as exc:
-            return _refusal(exc, 403 if isinstance(exc, ForbiddenError) else None)
+            return _refusal(exc)
         except ClientDisconnect:
             return Response(status_code=400)
         return JSONResponse({"lease": accepted.lease, "held": not accepted.releases},
