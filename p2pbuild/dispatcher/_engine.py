@@ -50,7 +50,7 @@ import attrs
 import trio
 
 from .._errors import RemoteError
-from .._identity import Identity, PublicKey
+from .._identity import Identity, PublicKey, Role
 from .._jobs import (
     DEFAULT_ARCH,
     DEFAULT_OS,
@@ -223,6 +223,8 @@ class Engine:
     _beats: dict[str, float] = attrs.field(factory=dict, init=False)
     #: Node key -> until when: on-demand nodes that did not wake within their wake time.
     _wake_failed: dict[str, float] = attrs.field(factory=dict, init=False)
+    #: build -> (reason, time) of its last "no-node-yet" audit entry.
+    _no_node_audited: dict[str, tuple[str, float]] = attrs.field(factory=dict, init=False)
     #: Parsed signed results of ended attempts, by build id and attempt id.
     _results: dict[str, dict[int, Result]] = attrs.field(factory=dict, init=False)
 
@@ -407,6 +409,7 @@ class Engine:
                 nursery.cancel_scope.cancel()
         finally:
             self._running.discard(build_id)
+            self._no_node_audited.pop(build_id, None)
             self._wake.pop(build_id, None)
             self._results.pop(build_id, None)
             self._changed.set()
@@ -555,10 +558,24 @@ class Engine:
         try:
             chosen = select_nodes(candidates, requirements, self.rng, self.config.selection)
         except NoCapableNodeError as exc:
-            outcome = after_no_node(exc, choose, waiting_since, now, self.config)
+            if choose.role == "tiebreak":
+                if not self._other_operators(choose.exclude_operators):
+                    # No waiting can help: the trust list names nobody else.
+                    return Fail("replicas disagree and the trust list names no node of "
+                                "another operator to break the tie; nothing stored")
+                outcome = after_no_node(exc, choose, waiting_since, now, self.config)
+                if isinstance(outcome, Fail):
+                    return Fail(f"replicas disagree and no node could break the tie: {exc}; "
+                                "nothing stored")
+            else:
+                outcome = after_no_node(exc, choose, waiting_since, now, self.config)
             if isinstance(outcome, Wait):
-                self.db.audit(now, "no-node-yet", build.id, constraint=exc.constraint,
-                              reason=str(exc))
+                # Audited when the reason changes (or once a minute), not at every retry.
+                last = self._no_node_audited.get(build.id)
+                if last is None or last[0] != str(exc) or now - last[1] >= 60.0:
+                    self._no_node_audited[build.id] = (str(exc), now)
+                    self.db.audit(now, "no-node-yet", build.id, constraint=exc.constraint,
+                                  reason=str(exc))
             return outcome
         sleeping = [c for c in chosen if asleep(c) and c.capability.wake_url]
         if sleeping:
@@ -583,6 +600,11 @@ class Engine:
                 )
         await self._start_attempts(self.db.attempts(build.id), tasks, nursery)
         return None
+
+    def _other_operators(self, exclude: frozenset[str]) -> bool:
+        """Whether the trust list names a node of an operator not in ``exclude``."""
+        return any(e.role is Role.NODE and e.operator not in exclude
+                   for e in self.trust_list.entries)
 
     def candidates(self, entries: list[NodeEntry]) -> list[Candidate]:
         """Selection's view of directory entries: trust entry, rating, our jobs on each."""

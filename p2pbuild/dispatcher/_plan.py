@@ -188,12 +188,7 @@ def plan(build: BuildRow, attempts: Sequence[Attempt], now: float, bounds: PlanB
     failed_ops = {a.operator for a in failed}
     if len(failed_ops) >= 2:
         # The node's signed reason when it gave one (missing-build-dependency: <name>, ...).
-        states = sorted({
-            (f"{a.result.state.value}: {a.result.environment_map['reason']}"
-             if "reason" in a.result.environment_map else a.result.state.value)
-            if a.result else a.state.value
-            for a in failed
-        })
+        states = sorted({_failure(a) for a in failed})
         return Fail(
             f"the build failed on {len(failed_ops)} operators "
             f"({', '.join(sorted(failed_ops))}): {', '.join(states)}"
@@ -225,6 +220,20 @@ def plan(build: BuildRow, attempts: Sequence[Attempt], now: float, bounds: PlanB
         return Wait(reason="no attempt left to start")
     role = "replica" if not attempts else "replacement"
     return Choose(missing, role, covered, _excluded_nodes(attempts, now, bounds))
+
+
+def _failure(attempt: Attempt) -> str:
+    """How one attempt failed, in words: the node's signed reason when it gave one
+    (``rejected: bad-source: not a source RPM``), else the build's exit status."""
+    result = attempt.result
+    if result is None:
+        return attempt.state.value
+    reason = result.environment_map.get("reason")
+    if reason:
+        return f"{result.state.value}: {reason}"
+    if result.state.value == "failed" and result.exit_code:
+        return f"exit status {result.exit_code}"
+    return result.state.value
 
 
 def after_no_node(

@@ -290,7 +290,7 @@ async def test_build_failing_on_two_operators_fails(farm: Harness) -> None:
     build = farm.submit()
     done = await farm.wait_done(build.id)
     assert done.state is BuildState.FAILED
-    assert done.reason.startswith("the build failed on 2 operators (alice, bob): failed")
+    assert done.reason.startswith("the build failed on 2 operators (alice, bob): exit status 1")
 
 
 async def test_killed_dispatcher_resumes_in_flight_build(farm: Harness) -> None:

@@ -38,6 +38,16 @@ def broken_srpm(dest: Path) -> Path:
     ).path
 
 
+def date_stamped_srpm(dest: Path) -> Path:
+    """Never reproducible: each build records the time it ran."""
+    return write_srpm(
+        dest, name="stamped", sources={"README": "stamped\n"},
+        build="date +%s%N > stamp", install="install -D -m 0644 stamp "
+        "%{buildroot}/usr/share/stamped/stamp", files=["/usr/share/stamped/stamp"],
+        noarch=True,
+    ).path
+
+
 def not_a_source_rpm(dest: Path) -> Path:
     """An RPM lead and nothing else: it passes the client's check, a node refuses it."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -73,6 +83,20 @@ async def test_a_packager_gets_reasons_logs_and_files(tmp_path: Path) -> None:
                                      "--wait")
         assert status == 1, (out, err)
         assert "bad-source: not a source RPM" in out
+
+        # Outputs that differ, and no third operator to break the tie: it fails at once,
+        # and says so, rather than waiting for a node that cannot exist.
+        status, out, err = await cli(farm, "submit", date_stamped_srpm(tmp_path / "st"),
+                                     "--wait", "--json")
+        assert status == 1, (out, err)
+        stamped_id = json.loads(out.splitlines()[0])["build_id"]
+        status, out, err = await cli(farm, "builds", "show", stamped_id, "--json")
+        shown = json.loads(out)
+        assert shown["reason"].startswith("replicas disagree and the trust list names no node "
+                                          "of another operator"), shown["reason"]
+        assert "no-node-yet" not in [e["event"] for e in shown["events"]]
+        status, out, err = await cli(farm, "builds", "ls")
+        assert "replicas disagree" in out
 
         # A verified build: by id prefix and NVR, listed, downloaded with its proof and logs.
         hello = hello_srpm(tmp_path / "hello").path
