@@ -53,9 +53,12 @@ The queue lives in memory; the engine's database is what survives a restart. Aft
 *fresh* lease, so a node that is still building has a whole lease period to renew (and
 upload) before it counts as lost.
 
+Every decision above is the pure lease state machine's (``_pull_state.PullLeases``: calls
+with ``now`` in, jobs to wake and directories to delete out); :class:`PullQueue` is its trio
+adapter (clock, events, uploads streamed to disk), and ``_pull_routes.py`` its HTTPS routes.
 The errors a node hears (:class:`UnknownPullJobError`, :class:`ResultMissingError`,
 :class:`JobWithdrawnError`, :class:`LeaseExpiredError`) live in the error tree
-(``_errors.py``); the routes in ``_pull_routes.py``.
+(``_errors.py``).
 """
 
 from __future__ import annotations
@@ -65,18 +68,18 @@ import binascii
 import collections
 import contextlib
 import hashlib
-import json
+import math
 import os
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 import attrs
 import trio
 
-from .._errors import MalformedError, OversizeError, P2PBuildError, ReplayError
+from .._errors import MalformedError, OversizeError, P2PBuildError
 from .._identity import PublicKey
 from .._jobs import (
     DEFAULT_JOB_POLICY,
@@ -95,10 +98,16 @@ from ._errors import (
     AuthenticationError,
     JobWithdrawnError,
     LeaseExpiredError,
-    NodeBusyError,
-    NodeRefusedError,
     ResultMissingError,
     UnknownPullJobError,
+)
+from ._pull_state import (
+    LEASE_PHASES,
+    TRANSIENT_REFUSALS,
+    LeaseProgress,
+    PullDelivery,
+    PullLeases,
+    PullQueueStatistics,
 )
 
 __all__ = [
@@ -120,139 +129,17 @@ AUTH_SCHEME = "P2PBuild-Pull"
 MSGPACK = "application/msgpack"
 _WRITE_CHUNK = 1024 * 1024
 #: Node refusal codes after which the job goes back in the queue for another node.
-_TRANSIENT = frozenset({"no-free-slot", "draining", "unavailable"})
-
-
-#: What a node may report as its phase in a lease renewal.
-LEASE_PHASES = frozenset({"building", "uploading"})
+_TRANSIENT = TRANSIENT_REFUSALS
 #: Response headers of a long-poll that hands out a job.
 LEASE_HEADER = "X-P2PBuild-Lease-S"
 HEARTBEAT_HEADER = "X-P2PBuild-Heartbeat-S"
 _MAX_PROGRESS_BYTES = 4096
 
 
-@attrs.frozen
-class LeaseProgress:
-    """What a node reported with its last lease renewal. ``phase`` is one of
-    :data:`LEASE_PHASES` (or "" if not said); the numbers are the node's own claims, for
-    people and the audit trail, never for decisions."""
-
-    phase: str = ""
-    elapsed_s: int | None = None
-    log_bytes: int | None = None
-
-    @classmethod
-    def from_json(cls, body: bytes) -> LeaseProgress:
-        """Parse a renewal body: empty, or a JSON object with optional ``phase``,
-        ``elapsed_s`` and ``log_bytes`` (other keys are ignored, for newer nodes).
-        Raises :class:`MalformedError`."""
-        if not body.strip():
-            return cls()
-        try:
-            value = json.loads(body)
-        except ValueError:
-            raise MalformedError("a lease renewal is a JSON object") from None
-        if not isinstance(value, dict):
-            raise MalformedError("a lease renewal is a JSON object")
-        phase = value.get("phase", "")
-        if not isinstance(phase, str) or (phase and phase not in LEASE_PHASES):
-            raise MalformedError(f"phase must be one of {', '.join(sorted(LEASE_PHASES))}")
-        numbers: list[int | None] = []
-        for key in ("elapsed_s", "log_bytes"):
-            number = value.get(key)
-            if number is not None and (
-                type(number) is not int or not 0 <= number < 2**53
-            ):
-                raise MalformedError(f"{key} must be a non-negative integer")
-            numbers.append(number)
-        return cls(phase, numbers[0], numbers[1])
-
-    def describe(self) -> str:
-        parts = [self.phase or "no phase reported"]
-        if self.elapsed_s is not None:
-            parts.append(f"{self.elapsed_s} s in")
-        return ", ".join(parts)
-
-
-@attrs.define(eq=False)
-class PullDelivery:
-    """One offered job and what its node sent back so far."""
-
-    job: Job
-    #: The node it is offered to, or None for any trusted node.
-    for_node: PublicKey | None
-    taken_by: PublicKey | None = None
-    taken_at: float | None = None
-    #: While taken and not done: the node must renew by then (Unix seconds).
-    lease_until: float | None = None
-    renewed_at: float | None = None
-    renewals: int = 0
-    progress: LeaseProgress = LeaseProgress()
-    result: Result | None = None
-    #: Verified uploads: (kind, name) to the file's path.
-    files: dict[tuple[str, str], Path] = attrs.field(factory=dict)
-    refusal: NodeRefusedError | None = None
-    #: Set when the job ended without a result: withdrawn or lease expired.
-    gone: JobWithdrawnError | LeaseExpiredError | None = None
-    done: trio.Event = attrs.field(factory=trio.Event)
-    #: Set (and replaced) whenever the job is taken, put back or ends.
-    changed: trio.Event = attrs.field(factory=trio.Event)
-
-    @property
-    def complete(self) -> bool:
-        if self.result is None:
-            return False
-        wanted = {("artifacts", f.name) for f in self.result.artifacts}
-        wanted |= {("logs", f.name) for f in self.result.logs}
-        return wanted <= set(self.files)
-
-    def notify(self) -> None:
-        self.changed.set()
-        self.changed = trio.Event()
-
-    def finish(self) -> None:
-        self.lease_until = None
-        self.done.set()
-        self.notify()
-
-
-@attrs.frozen
-class _Tombstone:
-    """What is left of a job that ended: who may ask about it, and the answer (``410``)."""
-
-    taken_by: PublicKey | None
-    for_node: PublicKey | None
-    error: JobWithdrawnError | LeaseExpiredError
-
-
-@attrs.frozen
-class PullQueueStatistics:
-    pending: int
-    taken: int
-    delivered: int
-    refused: int
-    waiting_nodes: int
-    #: Rejected requests by error code, sorted.
-    rejected: tuple[tuple[str, int], ...]
-    #: Taken jobs whose lease ran out (node lost), and lease renewals accepted.
-    leases_expired: int = 0
-    renewals: int = 0
-    #: Jobs withdrawn by the engine while a node had them.
-    withdrawn_taken: int = 0
-    #: Delivered jobs the engine released (kept what it needed; forgotten here).
-    released: int = 0
-    #: Ended jobs remembered only to answer their node ``410`` (at most ``max_gone``).
-    tombstones: int = 0
-
-
-def _positive(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{attribute.name} must be positive, got {value}")
-
-
 @attrs.define(eq=False)
 class PullQueue:
-    """Jobs waiting for pull-mode nodes, and what those nodes upload.
+    """Jobs waiting for pull-mode nodes, and what those nodes upload: the trio adapter of
+    the lease state machine (``_pull_state.PullLeases``), which holds every decision.
 
     ``dispatcher_key`` is this dispatcher's public key (pull tokens must name it);
     ``files_dir`` receives uploads, one directory per job. Bounds: ``max_pending`` jobs
@@ -275,27 +162,56 @@ class PullQueue:
     max_file_bytes: int = 4 * 1024**3
     max_result_bytes: int = MAX_RESULT_SIZE
     body_timeout: float = 30.0
-    lease_s: float = attrs.field(default=60.0, validator=_positive)
-    heartbeat_s: float = attrs.field(default=15.0, validator=_positive)
+    lease_s: float = 60.0
+    heartbeat_s: float = 15.0
     max_gone: int = 10_000
-    _jobs: dict[bytes, PullDelivery] = attrs.field(factory=dict, init=False)
-    _pending: collections.deque[bytes] = attrs.field(factory=collections.deque, init=False)
-    _gone: collections.OrderedDict[bytes, _Tombstone] = attrs.field(
-        factory=collections.OrderedDict, init=False
-    )
+    _state: PullLeases = attrs.field(init=False)
+    #: Per job, what its waiters sleep on until the state machine notifies it.
+    _events: dict[bytes, trio.Event] = attrs.field(factory=dict, init=False)
+    #: What long-polling nodes sleep on until a job is offered or put back.
     _changed: trio.Event = attrs.field(factory=trio.Event, init=False)
     _waiting_nodes: int = attrs.field(default=0, init=False)
     _rejected: collections.Counter[str] = attrs.field(
         factory=collections.Counter, init=False
     )
-    _counts: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
 
     def __attrs_post_init__(self) -> None:
-        if self.lease_s < 2 * self.heartbeat_s:
-            raise ValueError(
-                f"lease_s ({self.lease_s:g}) must be at least twice heartbeat_s "
-                f"({self.heartbeat_s:g})"
-            )
+        self._state = PullLeases(
+            lease_s=self.lease_s, heartbeat_s=self.heartbeat_s, max_pending=self.max_pending,
+            max_gone=self.max_gone, max_file_bytes=self.max_file_bytes,
+            max_result_bytes=self.max_result_bytes,
+        )
+
+    def _flush(self) -> None:
+        """Carry out what the state machine asked for: delete upload directories (at once,
+        so nothing sees a job gone and its files still there), wake its waiters."""
+        notify, offered, remove = self._state.drain()
+        for job_id in remove:
+            # A missing directory is the common case; an upload still streaming into a
+            # removed directory deletes its own part file.
+            shutil.rmtree(self.files_dir / job_id.hex(), ignore_errors=True)
+        for job_id in notify:
+            event = self._events.pop(job_id, None)
+            if event is not None:
+                event.set()
+        if offered:
+            self._changed.set()
+            self._changed = trio.Event()
+
+    @contextlib.contextmanager
+    def _step(self) -> Iterator[float]:
+        """One call into the state machine at the clock's ``now``, flushed even when it
+        raises (a lease judged expired has still ended the job)."""
+        try:
+            yield self.clock()
+        finally:
+            self._flush()
+
+    def _event(self, job_id: bytes) -> trio.Event:
+        event = self._events.get(job_id)
+        if event is None:
+            event = self._events[job_id] = trio.Event()
+        return event
 
     # -- the engine's side -----------------------------------------------------------------------
 
@@ -309,12 +225,8 @@ class PullQueue:
         """
         if isinstance(job, bytes):
             job = Job.from_bytes(job)
-        if len(self._pending) >= self.max_pending:
-            raise NodeBusyError(f"{self.max_pending} pull jobs are already waiting")
-        self._replace(job.job_id)
-        self._jobs[job.job_id] = PullDelivery(job, node if node is not None else job.node)
-        self._pending.append(job.job_id)
-        self._wake()
+        with self._step():
+            self._state.offer(node, job)
         return job
 
     def offer_bytes(self, job_bytes: bytes, for_node: PublicKey | None = None) -> Job:
@@ -326,10 +238,8 @@ class PullQueue:
         ``node``, with a fresh lease of ``lease_s`` from now. A node that still builds it
         renews and uploads as before; a node that died meanwhile is lost one lease period
         after the restart. Nobody else can take it. Replaces an earlier offer of the id."""
-        self._replace(job.job_id)
-        delivery = PullDelivery(job, node)
-        self._jobs[job.job_id] = delivery
-        self._mark_taken(delivery, node)
+        with self._step() as now:
+            self._state.resume(node, job, now)
         return job
 
     def withdraw(self, job_id: bytes) -> None:
@@ -340,13 +250,8 @@ class PullQueue:
         forgotten as by :meth:`release`. Either way its uploads are deleted and a tombstone
         answers the node. Unknown or already ended: nothing happens, but for deleting
         what a dispatcher before a restart left in the job's upload directory."""
-        delivery = self._jobs.get(job_id)
-        if delivery is None:
-            self._remove_files(job_id)
-            return
-        if delivery.taken_by is not None and not delivery.done.is_set():
-            self._counts["withdrawn_taken"] += 1
-        self._end(delivery, JobWithdrawnError(f"job {job_id.hex()} was withdrawn"))
+        with self._step():
+            self._state.withdraw(job_id)
 
     def release(self, job_id: bytes) -> None:
         """The engine has kept what it needs of the job (its result stored durably, its
@@ -355,33 +260,26 @@ class PullQueue:
         answered ``410 withdrawn`` (the dispatcher will never want them); ``wait_result``
         raises :class:`JobWithdrawnError`. A job not delivered yet is withdrawn. Unknown or
         already ended: nothing happens."""
-        delivery = self._jobs.get(job_id)
-        if delivery is None:
-            return
-        if not delivery.done.is_set():
-            self.withdraw(job_id)
-            return
-        self._counts["released"] += 1
-        self._end(delivery, JobWithdrawnError(
-            f"job {job_id.hex()} was delivered; the dispatcher has its result"
-        ))  # fmt: skip
+        with self._step():
+            self._state.release(job_id)
 
     def delivery(self, job_id: bytes) -> PullDelivery | None:
         """The live delivery of ``job_id`` (offered, taken or delivered), else None."""
-        return self._jobs.get(job_id)
+        return self._state.delivery(job_id)
 
     async def wait_taken(self, job_id: bytes) -> None:
         """Wait until a node took the job (or it ended otherwise: the outcome is then
         :meth:`wait_result`'s). Raises :class:`UnknownPullJobError` for a job not offered
         and :class:`JobWithdrawnError` for one withdrawn."""
-        delivery = self._jobs.get(job_id)
+        delivery = self._state.delivery(job_id)
         if delivery is None:
-            ended = self._ended(job_id)
-            if isinstance(ended.error, JobWithdrawnError):
-                raise ended.error
+            error = self._state.ended(job_id)
+            if isinstance(error, JobWithdrawnError):
+                raise error
+            await trio.lowlevel.checkpoint()
             return
-        while delivery.taken_by is None and not delivery.done.is_set():
-            await delivery.changed.wait()
+        while delivery.taken_by is None and not delivery.done:
+            await self._event(job_id).wait()
         if isinstance(delivery.gone, JobWithdrawnError):
             raise delivery.gone
 
@@ -393,143 +291,43 @@ class PullQueue:
         returns about ``lease_s`` after its last renewal), :class:`JobWithdrawnError` for a
         job withdrawn and :class:`UnknownPullJobError` for one never offered.
         """
-        delivery = self._jobs.get(job_id)
+        delivery = self._state.delivery(job_id)
         if delivery is None:
-            raise self._ended(job_id).error
-        while not delivery.done.is_set():
-            if delivery.lease_until is None:  # offered, not taken: no deadline here
-                await delivery.changed.wait()
-                continue
-            remaining = delivery.lease_until - self.clock()
-            if remaining <= 0:
-                self._expire(delivery)
-                break
-            with trio.move_on_after(remaining):
-                await delivery.changed.wait()
-        if delivery.gone is not None:
-            raise delivery.gone
-        if delivery.refusal is not None:
-            raise delivery.refusal
-        assert delivery.result is not None
-        return delivery.result
+            raise self._state.ended(job_id)
+        while True:
+            with self._step() as now:
+                result = self._state.outcome_of(delivery, now)
+            if result is not None:
+                return result
+            # Offered and not taken: no deadline here; taken: wake at the lease's end.
+            remaining = math.inf
+            if delivery.lease_until is not None:
+                remaining = delivery.lease_until - self.clock()
+            with trio.move_on_after(max(remaining, 0.0)):
+                await self._event(job_id).wait()
 
     def artifact(self, job_id: bytes, name: str) -> Path | None:
         """Where the verified upload of artifact ``name`` is, or None."""
-        delivery = self._jobs.get(job_id)
+        delivery = self._state.delivery(job_id)
         return None if delivery is None else delivery.files.get(("artifacts", name))
 
     def log(self, job_id: bytes, name: str) -> Path | None:
-        delivery = self._jobs.get(job_id)
+        delivery = self._state.delivery(job_id)
         return None if delivery is None else delivery.files.get(("logs", name))
 
     def statistics(self) -> PullQueueStatistics:
-        self.expire_due()
-        deliveries = list(self._jobs.values())
-        return PullQueueStatistics(
-            pending=len(self._pending),
-            taken=sum(1 for d in deliveries if d.taken_by is not None and not d.done.is_set()),
-            delivered=sum(1 for d in deliveries if d.done.is_set() and d.refusal is None),
-            refused=sum(1 for d in deliveries if d.refusal is not None),
-            waiting_nodes=self._waiting_nodes,
-            rejected=tuple(sorted(self._rejected.items())),
-            leases_expired=self._counts["leases_expired"],
-            renewals=self._counts["renewals"],
-            withdrawn_taken=self._counts["withdrawn_taken"],
-            released=self._counts["released"],
-            tombstones=len(self._gone),
-        )
+        with self._step() as now:
+            return self._state.statistics(
+                now, self._waiting_nodes, tuple(sorted(self._rejected.items()))
+            )
 
     def expire_due(self) -> int:
         """End every taken job whose lease has run out; returns how many. (Each job is also
         judged whenever it is looked at; this is for counters and tests.)"""
-        due = [
-            d for d in self._jobs.values()
-            if d.lease_until is not None and not d.done.is_set()
-            and d.lease_until <= self.clock()
-        ]
-        for delivery in due:
-            self._expire(delivery)
-        return len(due)
-
-    # -- state changes -----------------------------------------------------------------------------
-
-    def _ended(self, job_id: bytes) -> _Tombstone:
-        """The tombstone of a job no longer live; raises :class:`UnknownPullJobError`."""
-        ended = self._gone.get(job_id)
-        if ended is None:
-            raise UnknownPullJobError(f"no pull job {job_id.hex()}")
-        return ended
-
-    def _drop(self, job_id: bytes) -> PullDelivery | None:
-        delivery = self._jobs.pop(job_id, None)
-        if delivery is not None:
-            with contextlib.suppress(ValueError):  # already taken
-                self._pending.remove(job_id)
-        self._gone.pop(job_id, None)
-        return delivery
-
-    def _replace(self, job_id: bytes) -> None:
-        old = self._drop(job_id)
-        if old is not None and not old.done.is_set():
-            old.gone = JobWithdrawnError(f"job {job_id.hex()} was offered again")
-            old.finish()
-        # Uploads of an earlier offer, or left by a dispatcher before a restart: nothing
-        # refers to them any more (the new delivery starts empty).
-        self._remove_files(job_id)
-
-    def _end(self, delivery: PullDelivery, error: JobWithdrawnError | LeaseExpiredError) -> None:
-        """Forget the job and delete its uploads; keep a small tombstone so the node hears
-        ``error``. A job still in flight ends with ``error`` for its waiters."""
-        job_id = delivery.job.job_id
-        self._drop(job_id)
-        if not delivery.done.is_set():
-            delivery.gone = error
-            delivery.finish()
-        self._gone[job_id] = _Tombstone(delivery.taken_by, delivery.for_node, error)
-        while len(self._gone) > self.max_gone:
-            self._gone.popitem(last=False)
-        self._remove_files(job_id)
-
-    def _remove_files(self, job_id: bytes) -> None:
-        # Synchronous, so that nothing can see the job gone and its files still there: a
-        # job's directory holds only the files its one result names. Errors are ignored
-        # (as for the engine's work files): a missing directory is the common case, and an
-        # upload still streaming into a removed directory deletes its own part file.
-        shutil.rmtree(self.files_dir / job_id.hex(), ignore_errors=True)
-
-    def _mark_taken(self, delivery: PullDelivery, node: PublicKey) -> None:
-        now = self.clock()
-        delivery.taken_by = node
-        delivery.taken_at = now
-        delivery.renewed_at = now
-        delivery.lease_until = now + self.lease_s
-        delivery.notify()
-
-    def _expire(self, delivery: PullDelivery) -> None:
-        assert delivery.taken_by is not None and delivery.renewed_at is not None
-        silent = self.clock() - delivery.renewed_at
-        self._counts["leases_expired"] += 1
-        self._end(delivery, LeaseExpiredError(
-            f"pull node {delivery.taken_by.fingerprint} did not renew the lease of job "
-            f"{delivery.job.id_hex} for {silent:.0f} s (lease {self.lease_s:g} s; last heard: "
-            f"{delivery.progress.describe()}, {delivery.renewals} renewal(s))"
-        ))  # fmt: skip
-
-    def _lease_due(self, delivery: PullDelivery) -> bool:
-        if (
-            delivery.lease_until is not None
-            and not delivery.done.is_set()
-            and delivery.lease_until <= self.clock()
-        ):
-            self._expire(delivery)
-            return True
-        return False
+        with self._step() as now:
+            return self._state.expire_due(now)
 
     # -- the node's side ---------------------------------------------------------------------------
-
-    def _wake(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
 
     def count_rejection(self, error: P2PBuildError) -> None:
         self._rejected[error.code] += 1
@@ -556,15 +354,6 @@ class PullQueue:
         )
         return token.node
 
-    def _take_nowait(self, node: PublicKey) -> Job | None:
-        for job_id in self._pending:
-            delivery = self._jobs[job_id]
-            if delivery.for_node is None or delivery.for_node == node:
-                self._pending.remove(job_id)
-                self._mark_taken(delivery, node)
-                return delivery.job
-        return None
-
     async def take(self, node: PublicKey, timeout: float) -> Job | None:
         """The next job for ``node``, waiting up to ``timeout`` seconds; None if none came.
         Its lease starts now."""
@@ -572,52 +361,23 @@ class PullQueue:
         try:
             with trio.move_on_after(timeout):
                 while True:
-                    job = self._take_nowait(node)
+                    changed = self._changed
+                    with self._step() as now:
+                        job = self._state.take(node, now)
                     if job is not None:
                         return job
-                    await self._changed.wait()
+                    await changed.wait()
             return None
         finally:
             self._waiting_nodes -= 1
 
-    def _taken(self, node: PublicKey, job_id: bytes) -> PullDelivery:
-        """The job ``node`` took, its lease renewed by this very request.
-
-        Raises :class:`UnknownPullJobError`, and for a job that ended without a result
-        while this node had it, :class:`LeaseExpiredError` or :class:`JobWithdrawnError`.
-        """
-        delivery = self._jobs.get(job_id)
-        if delivery is not None and delivery.taken_by is None and delivery.for_node == node:
-            # Offered to this very node again after a dispatcher restart, and it already
-            # has the job from before: it is taken (the job is addressed to this node only).
-            with contextlib.suppress(ValueError):
-                self._pending.remove(job_id)
-            self._mark_taken(delivery, node)
-        if delivery is not None and delivery.taken_by == node and self._lease_due(delivery):
-            delivery = None  # it is a tombstone now: answered below
-        if delivery is None:
-            ended = self._gone.get(job_id)
-            if ended is not None and node in (ended.taken_by, ended.for_node):
-                raise ended.error
-            raise UnknownPullJobError(f"no job {job_id.hex()} taken by this node")
-        if delivery.taken_by != node:
-            raise UnknownPullJobError(f"no job {job_id.hex()} taken by this node")
-        if not delivery.done.is_set():
-            now = self.clock()
-            delivery.renewed_at = now
-            delivery.lease_until = now + self.lease_s
-        return delivery
-
     def renew(self, node: PublicKey, job_id: bytes, progress: LeaseProgress) -> PullDelivery:
         """Renew the lease ``node`` holds on ``job_id`` for another ``lease_s`` and keep its
-        ``progress``. Raises what :meth:`_taken` raises: :class:`UnknownPullJobError`,
-        :class:`LeaseExpiredError` (too late: the job is lost and may run elsewhere) and
-        :class:`JobWithdrawnError` (stop the build)."""
-        delivery = self._taken(node, job_id)
-        delivery.progress = progress
-        delivery.renewals += 1
-        self._counts["renewals"] += 1
-        return delivery
+        ``progress``. Raises :class:`UnknownPullJobError`, :class:`LeaseExpiredError` (too
+        late: the job is lost and may run elsewhere) and :class:`JobWithdrawnError` (stop
+        the build)."""
+        with self._step() as now:
+            return self._state.renew(node, job_id, progress, now)
 
     def receive_result(self, node: PublicKey, job_id: bytes, data: bytes) -> Result:
         """Accept the signed result of a job ``node`` took.
@@ -627,20 +387,8 @@ class PullQueue:
         errors, ``wrong-node`` or ``malformed`` if it does not answer that job, and
         :class:`ReplayError` for a second, different result.
         """
-        delivery = self._taken(node, job_id)
-        result = Result.from_bytes(data, max_size=self.max_result_bytes)
-        result.check_answers(delivery.job, node)
-        if delivery.result is not None:
-            if delivery.result.raw == result.raw:
-                return result  # a retried upload
-            raise ReplayError("this job already has a different signed result")
-        for item in (*result.artifacts, *result.logs):
-            if item.size > self.max_file_bytes:
-                raise OversizeError(f"{item.name}: {item.size} bytes is over the upload bound")
-        delivery.result = result
-        if delivery.complete:
-            delivery.finish()
-        return result
+        with self._step() as now:
+            return self._state.receive_result(node, job_id, data, now)
 
     async def receive_file(
         self, node: PublicKey, job_id: bytes, kind: str, name: str, chunks: AsyncIterator[bytes]
@@ -654,13 +402,8 @@ class PullQueue:
         says) and :class:`ArtifactDigestError` (other size or SHA-256). A refused upload
         leaves nothing behind; a file that finishes after the job ended is not kept.
         """
-        delivery = self._taken(node, job_id)
-        if delivery.result is None:
-            raise ResultMissingError("upload the signed result before its files")
-        items = delivery.result.artifacts if kind == "artifacts" else delivery.result.logs
-        expected = next((item for item in items if item.name == name), None)
-        if expected is None:
-            raise ResultMissingError(f"the signed result names no {kind[:-1]} {name!r:.80}")
+        with self._step() as now:
+            delivery, expected = self._state.expect_file(node, job_id, kind, name, now)
         dest = self.files_dir / job_id.hex() / kind / expected.name
         part = dest.with_name(dest.name + ".part")
         await trio.to_thread.run_sync(lambda: part.parent.mkdir(parents=True, exist_ok=True))
@@ -670,7 +413,8 @@ class PullQueue:
             f: BinaryIO = await trio.to_thread.run_sync(part.open, "wb")
         except FileNotFoundError:
             # The job ended and its directory went between the mkdir and the open.
-            self._check_live(delivery)
+            with self._step():
+                self._state.check_live(delivery)
             raise
         try:
             buffer = bytearray()
@@ -696,54 +440,19 @@ class PullQueue:
                 f"{name}: arrived as {size} bytes, SHA-256 {digest.hexdigest()[:16]}; the "
                 f"signed result says {expected.size} bytes, {expected.sha256.hex()[:16]}"
             )
-        if self._jobs.get(job_id) is not delivery:
+        if self._state.delivery(job_id) is not delivery:
             part.unlink(missing_ok=True)
-            self._check_live(delivery)
+            with self._step():
+                self._state.check_live(delivery)
         os.replace(part, dest)
-        delivery.files[(kind, expected.name)] = dest
-        if delivery.complete and not delivery.done.is_set():
-            delivery.finish()
+        with self._step():
+            self._state.file_arrived(delivery, kind, expected.name, dest)
         return expected
-
-    def _check_live(self, delivery: PullDelivery) -> None:
-        """Raise what the node must hear if ``delivery`` ended (withdrawn, expired,
-        released, offered again) while its upload streamed in."""
-        job_id = delivery.job.job_id
-        if self._jobs.get(job_id) is delivery:
-            return
-        if job_id not in self._jobs:
-            # The upload may have made the directory again after the job's end removed it.
-            self._remove_files(job_id)
-        ended = self._gone.get(job_id)
-        if delivery.gone is not None:
-            raise delivery.gone
-        if ended is not None:
-            raise ended.error
-        raise JobWithdrawnError(f"job {job_id.hex()} was withdrawn")
 
     def receive_refusal(self, node: PublicKey, job_id: bytes, code: str, reason: str) -> None:
         """The node will not run a job it took. A transient reason (no free slot,
         draining) puts the job back in the queue; any other ends it with
         :class:`NodeRefusedError` for :meth:`wait_result`. Raises
-        :class:`UnknownPullJobError` (and the ended-job errors of :meth:`_taken`)."""
-        delivery = self._taken(node, job_id)
-        if code == "replayed" and delivery.job.node == node:
-            # The node already runs this job (taken before a dispatcher restart): its
-            # result will come, as a push node's "replayed" answer means "accepted".
-            return
-        if delivery.done.is_set():
-            return  # its result is already here
-        if code in _TRANSIENT:
-            delivery.taken_by = None
-            delivery.taken_at = None
-            delivery.lease_until = None
-            self._pending.appendleft(job_id)
-            delivery.notify()
-            self._wake()
-            return
-        delivery.refusal = NodeRefusedError(
-            f"node {node.fingerprint} refused pulled job {job_id.hex()}: {code}: {reason}",
-            422,
-            code,
-        )
-        delivery.finish()
+        :class:`UnknownPullJobError` (and the ended-job errors of a late request)."""
+        with self._step() as now:
+            self._state.receive_refusal(node, job_id, code, reason, now)

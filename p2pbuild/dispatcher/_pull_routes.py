@@ -87,7 +87,7 @@ def pull_routes(queue: PullQueue) -> list[Route]:
             delivery = queue.renew(node, job_id, LeaseProgress.from_json(body))
             return JSONResponse({
                 "job_id": job_id.hex(),
-                "state": "delivered" if delivery.done.is_set() else "taken",
+                "state": "delivered" if delivery.done else "taken",
                 "lease_s": queue.lease_s,
                 "heartbeat_s": queue.heartbeat_s,
             })  # fmt: skip
