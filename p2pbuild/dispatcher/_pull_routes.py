@@ -2,8 +2,8 @@
 :class:`~p2pbuild.dispatcher._pull.PullQueue`.
 
 Thin: each route authenticates the node's pull token, reads a bounded body, calls the
-queue, and answers; a refusal is the node API's one-line JSON with the HTTP status of its
-error class (:data:`_STATUS`, else the shared table's).
+queue, and answers; a refusal is the shared one-line JSON with the HTTP status its error
+class carries (``p2pbuild.https.refusal``).
 """
 
 from __future__ import annotations

@@ -24,6 +24,8 @@ def test_rendered_config_loads_with_sensible_defaults(tmp_path: Path) -> None:
     assert config.operator == "alice" and config.pools == ("team-a",)
     assert config.dht.bootstrap == (("seed.example", 7420),)
     assert config.api.enabled and config.api.endpoint == "https://n.example:8443"
+    assert (config.api.keep_alive_timeout_s, config.api.max_connections,
+            config.api.max_connections_per_address) == (5.0, 1000, 64)
     assert config.limits.slots == 1 and config.limits.time_limit_s == 3600
     assert config.status_interval_s == 60 and config.status_lifetime_s == 300
     assert config.capability.arch is None  # detect unless overridden
@@ -64,6 +66,9 @@ def test_overrides_and_relative_paths(tmp_path: Path) -> None:
         ('[dht]\nbind = "nowhere"', "dht.bind: expected HOST:PORT"),
         ('[dht]\nbootstrap = ["a:99999"]', "dht.bootstrap: port 99999"),
         ('[api]\nendpoint = "http://x"', "api.endpoint: must be an https:// URL"),
+        ("[api]\nmax_connections = 0", "api.max_connections: must be an integer in [1,"),
+        ("[api]\nmax_connections_per_address = -1", "api.max_connections_per_address: must be"),
+        ("[api]\nkeep_alive_timeout_s = 0", "api.keep_alive_timeout_s: must be"),
         ('[node]\npools = ["Team A"]', "node.pools: 'Team A' must match"),
         ('[capability]\nmachine = "cloud"', "capability.machine: must be 'vm' or 'metal'"),
         ('[capability]\nbuild_types = ["cmake"]', "capability.build_types: may name only"),
