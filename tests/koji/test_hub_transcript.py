@@ -69,6 +69,8 @@ def seed_like_transcript(data: Path) -> None:
         channels=("default", "createrepo", "c3", "c4", "c5", "c6", "c7", "c8", "p2p"),
         targets={"f40-p2p": ("f40-build", "f40")},
         cg={"p2p-build": ("p2p-gw.example.org",)},
+        # The recorded hub had the package on f40's list: its host.tagBuild succeeded.
+        packages={"f40": ("hello-p2p",)},
     )
     # Ids as on the recorded hub: the next task is 10, the next build 7.
     state_file = data / "hub-state.json"

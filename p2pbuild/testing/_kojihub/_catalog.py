@@ -11,6 +11,7 @@ import koji.util
 import koji.xmlrpcplus
 
 from ._core import HubCore
+from ._state import add_package
 from ._wire import KOJI_VERSION, _Call, _when
 
 
@@ -155,3 +156,76 @@ class CatalogMethods(HubCore):
             for b in self._state["tagged"][str(taginfo["id"])]
         ]
 
+
+    # -- package lists (Koji 1.35 kojihub.py: readPackageList, pkglist_add) ---------------------
+
+    def _package_entry(self, tag: dict[str, Any], package: dict[str, Any],
+                       listed: dict[str, Any]) -> dict[str, Any]:
+        owner = self._user(listed["owner_id"], strict=False) if listed["owner_id"] else None
+        return {
+            "package_id": package["id"], "package_name": package["name"],
+            "tag_id": tag["id"], "tag_name": tag["name"],
+            "owner_id": listed["owner_id"], "owner_name": owner["name"] if owner else None,
+            "blocked": listed["blocked"], "extra_arches": listed["extra_arches"],
+        }
+
+    def _package_list(self, tag: dict[str, Any]) -> list[dict[str, Any]]:
+        """The tag's own list (tag inheritance is not modelled: tags here inherit none)."""
+        listed = self._state["pkglist"].get(str(tag["id"]), {})
+        return [self._package_entry(tag, self._state["packages"][pid], entry)
+                for pid, entry in sorted(listed.items(), key=lambda i: int(i[0]))]
+
+    def package_config(self, tag_info: Any, package: str) -> dict[str, Any] | None:
+        """``getPackageConfig``: the package's entry on the tag's list, or None."""
+        tag = self._tag(tag_info, strict=False)
+        if tag is None:
+            return None
+        return next((e for e in self._package_list(tag) if e["package_name"] == package
+                     or e["package_id"] == package), None)
+
+    def m_getPackageConfig(self, call: _Call, tag: Any, pkg: Any,
+                           event: Any = None) -> dict[str, Any] | None:
+        return self.package_config(tag, pkg)
+
+    def m_listPackages(self, call: _Call, tagID: Any = None, userID: Any = None,
+                       pkgID: Any = None, prefix: str | None = None, inherited: bool = False,
+                       with_dups: bool = False, event: Any = None, queryOpts: Any = None,
+                       with_owners: bool = True, with_blocked: bool = True
+                       ) -> list[dict[str, Any]]:
+        if tagID is None:
+            return [{"package_id": p["id"], "package_name": p["name"]}
+                    for p in self._state["packages"].values()]
+        tag = self._tag(tagID)
+        assert tag is not None
+        return [e for e in self._package_list(tag)
+                if (with_blocked or not e["blocked"])
+                and (prefix is None or e["package_name"].startswith(prefix))]
+
+    def m_packageListAdd(self, call: _Call, taginfo: Any, pkginfo: Any, owner: Any = None,
+                         block: bool | None = None, extra_arches: str | None = None,
+                         force: bool = False, update: bool = False) -> None:
+        """``koji add-pkg``. The hub's default ``package_list`` policy: admin or ``tag``
+        permission."""
+        user = self._require_user(call)
+        if not {"admin", "tag"} & set(user["perms"]):
+            raise koji.ActionNotAllowed(
+                "policy violation (package_list): Only admin/tag can do this via default "
+                "policy")
+        tag = self._tag(taginfo)
+        assert tag is not None
+        owner_user = self._user(owner) if owner is not None else None
+        package = add_package(self._state, str(pkginfo))
+        listed = self._state["pkglist"].setdefault(str(tag["id"]), {})
+        entry = listed.get(str(package["id"]))
+        if entry is None:
+            if owner_user is None:
+                raise koji.GenericError("owner not specified")
+            entry = {"blocked": False, "owner_id": owner_user["id"], "extra_arches": None}
+            listed[str(package["id"])] = entry
+        elif owner_user is not None:
+            entry["owner_id"] = owner_user["id"]
+        if block is not None:
+            entry["blocked"] = bool(block)
+        if extra_arches is not None:
+            entry["extra_arches"] = extra_arches
+        call.dirty = True

@@ -219,7 +219,7 @@ class HubCore:
         if not sid:
             return
         session = self._state["sessions"].get(sid)
-        if session is None or not secrets.compare_digest(
+        if session is None or session.get("closed") or not secrets.compare_digest(
             session["key"], headers.get("Koji-Session-Key", "")
         ):
             if call.method in LOGIN_METHODS:
@@ -312,9 +312,13 @@ class HubCore:
         return self._create_session(call, found, koji.AUTHTYPES["SSL"], renew, exclusive)
 
     def m_logout(self, call: _Call, session_id: int | None = None) -> None:
+        """Session.logout (Koji 1.35 auth.py): the session and its subsessions are closed;
+        a closed session is refused from then on ("Invalid session or bad credentials")."""
         if call.session is not None:
-            call.session["expired"] = True
-            call.session["exclusive"] = False
+            sid = call.session["id"]
+            for session in self._state["sessions"].values():
+                if session["id"] == sid or session.get("master") == sid:
+                    session.update(expired=True, exclusive=False, closed=True)
             call.dirty = True
 
     def m_subsession(self, call: _Call) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +16,15 @@ import koji
 import koji.util
 import koji.xmlrpcplus
 
+from ._policy import DEFAULT_POLICIES
+
 
 def _empty_state() -> dict[str, Any]:
     return {
         "next": {}, "event": 1, "users": {}, "hosts": {}, "channels": {}, "tags": {},
         "targets": {}, "tasks": {}, "builds": {}, "cgs": {}, "reservations": {},
-        "sessions": {}, "policy": [], "tagged": {},
+        "sessions": {}, "policy": [], "tagged": {}, "packages": {}, "pkglist": {},
+        "policies": {},
     }
 
 
@@ -33,6 +37,8 @@ def _load_state(data_dir: Path) -> dict[str, Any]:
     if not path.exists():
         return _empty_state()
     state: dict[str, Any] = json.loads(path.read_text())
+    for key, value in _empty_state().items():
+        state.setdefault(key, value)  # a state file from before packages and policies
     return state
 
 
@@ -64,13 +70,18 @@ def seed_hub(
     targets: dict[str, tuple[str, str]] | None = None,
     policy: tuple[tuple[str, str], ...] = (("*-p2p", "p2p"),),
     cg: dict[str, tuple[str, ...]] | None = None,
+    packages: Mapping[str, Sequence[str]] | None = None,
+    policies: Mapping[str, str] | None = None,
 ) -> None:
     """Write a hub's initial state: ``users`` (name -> password, empty for certificate-only
     users), ``hosts`` (host user name -> arches) in ``host_channels``, ``tags``,
     ``targets`` (name -> (build tag, destination tag)), the channel ``policy`` (target glob
-    -> channel, first match; no match: ``default``) and ``cg`` (content generator -> users
-    granted). What ``koji add-host``, ``add-channel``, ``add-host-to-channel``,
-    ``add-tag``, ``add-target`` and ``grant-cg-access`` would have set up."""
+    -> channel, first match; no match: ``default``), ``cg`` (content generator -> users
+    granted) and ``packages`` (tag -> package names on its list, owned by the first
+    admin). What ``koji add-host``, ``add-channel``, ``add-host-to-channel``, ``add-tag``,
+    ``add-target``, ``grant-cg-access`` and ``add-pkg`` would have set up. ``policies``
+    are ``hub.conf``'s ``[policy]`` entries (name -> rules), over the hub's defaults
+    (``_policy.DEFAULT_POLICIES``)."""
     state = _empty_state()
     now = time.time()
     for name, password in users.items():
@@ -120,7 +131,25 @@ def seed_hub(
         cid = _new_id(state, "cgs")
         state["cgs"][str(cid)] = {"id": cid, "name": name,
                                   "users": [user_ids[u] for u in granted]}
+    owner = next((user_ids[a] for a in admins), None)
+    for tag_name, names in (packages or {}).items():
+        listed = state["pkglist"].setdefault(str(tag_ids[tag_name]), {})
+        for name in names:
+            package = add_package(state, name)
+            listed[str(package["id"])] = {"blocked": False, "owner_id": owner,
+                                          "extra_arches": None}
+    state["policies"] = {**DEFAULT_POLICIES, **(policies or {})}
     data_dir.mkdir(parents=True, exist_ok=True)
     _save_state(data_dir, state)
+
+
+def add_package(state: dict[str, Any], name: str) -> dict[str, Any]:
+    """The package ``name``, created if new (the hub creates packages on first use)."""
+    for package in state["packages"].values():
+        if package["name"] == name:
+            return dict(package)
+    pid = _new_id(state, "packages")
+    state["packages"][str(pid)] = {"id": pid, "name": name}
+    return {"id": pid, "name": name}
 
 

@@ -15,6 +15,7 @@ import koji.util
 import koji.xmlrpcplus
 
 from ._catalog import CatalogMethods
+from ._policy import check_policy
 from ._state import _new_id
 from ._wire import BUILD, TASK, _Call, _when
 
@@ -139,6 +140,32 @@ class TaskMethods(CatalogMethods):
                 ):
                     task.update(state=TASK["FREE"], host_id=None)
 
+    def _policy_perms(self, call: _Call) -> Any:
+        def perms(data: Any) -> list[str]:
+            # policy_get_user: the data's user_id, else the caller.
+            user = (self._user(data["user_id"], strict=False) if data.get("user_id")
+                    is not None else call.user)
+            return list(user["perms"]) if user else []
+        return perms
+
+    def m_host_assertPolicy(self, call: _Call, name: str, data: dict[str, Any],
+                            default: str = "deny") -> None:
+        """HostExports.assertPolicy -> check_policy(strict=True) (Koji 1.35)."""
+        self._require_host(call)
+        check_policy(self._state["policies"], name, data, self._policy_perms(call), default)
+
+    def m_host_checkPolicy(self, call: _Call, name: str, data: dict[str, Any],
+                           default: str = "deny", strict: bool = False) -> list[Any]:
+        self._require_host(call)
+        try:
+            check_policy(self._state["policies"], name, data, self._policy_perms(call),
+                         default)
+        except koji.ActionNotAllowed as exc:
+            if strict:
+                raise
+            return [False, str(exc).split(": ", 1)[-1]]
+        return [True, ""]
+
     def m_host_getID(self, call: _Call) -> int:
         return int(self._require_host(call)["id"])
 
@@ -236,8 +263,16 @@ class TaskMethods(CatalogMethods):
         taginfo = self._tag(tag)
         assert taginfo is not None
         build = self._build(build_id)
+        # HostExports.tagBuild (Koji 1.35): the package list is checked before the build's
+        # state, and the message names the tag as the caller gave it.
+        listed = self.package_config(taginfo["id"], build["name"])
+        if listed is None:
+            raise koji.TagError(f"Package {build['name']} not in list for {tag}")
+        if listed["blocked"]:
+            raise koji.TagError(f"Package {build['name']} blocked in {tag}")
         if build["state"] != BUILD["COMPLETE"]:
-            raise koji.TagError(f"build {build['nvr']} not complete: state {build['state']}")
+            state = koji.BUILD_STATES[build["state"]]
+            raise koji.TagError(f"build {build['nvr']} not complete: state {state}")
         tagged = self._state["tagged"][str(taginfo["id"])]
         if build["id"] in tagged and not force:
             raise koji.TagError(f"build {build['nvr']} already tagged ({taginfo['name']})")
