@@ -24,8 +24,11 @@ When the build ends the client uploads the signed result
 (``PUT /v1/pull/jobs/<id>/result``), then every artifact and log by the name the result
 lists (``PUT /v1/pull/jobs/<id>/artifacts/<name>``, streamed). The dispatcher re-hashes
 each. After a complete upload the job is collected (its files removed here). Network
-errors are retried with backoff; a dispatcher that refuses an upload with a 4xx is logged
-and not retried (after a ``410`` the job is collected: the dispatcher will never want it).
+errors, and a ``404`` from a restarted dispatcher that has not taken the job up again yet,
+are retried with backoff (doubling up to the heartbeat) until the job expires, while the
+lease is renewed: a finished result waits for a dispatcher that is away. Any other 4xx is
+logged and not retried (after a ``410`` the job is collected: the dispatcher will never
+want it).
 Every request carries its own token in ``Authorization: P2PBuild-Pull <base64url token>``.
 The dispatcher side is ``p2pbuild.dispatcher._pull``; the protocol is in
 ``docs/node-api.md``.
@@ -92,6 +95,9 @@ class _Lease:
     phase: str = "building"
     #: The dispatcher's 410 code once it said the job is gone.
     gone: str | None = None
+    #: A file upload was refused for want of the result: the dispatcher restarted since
+    #: it took the result, so the upload starts again with the result.
+    resend: bool = False
 
 
 @attrs.define(eq=False)
@@ -99,8 +105,9 @@ class PullClient:
     """Long-polls one dispatcher for ``service``; run with ``nursery.start(client.run)``.
 
     ``retry_delay`` is the first backoff after a failed request (doubling up to
-    ``max_retry_delay``); ``upload_attempts`` bounds the tries per upload. ``heartbeat_s``
-    is the longest interval between lease renewals of a taken job.
+    ``max_retry_delay``); ``upload_attempts`` bounds the tries of a refusal report. A
+    finished job's result and files are tried until the job expires (``_with_retries``).
+    ``heartbeat_s`` is the longest interval between lease renewals of a taken job.
     """
 
     dispatcher: PullDispatcher
@@ -232,9 +239,16 @@ class PullClient:
         self, what: str, attempt: Callable[[], Awaitable[None]], lease: _Lease | None = None
     ) -> bool:
         """Run ``attempt`` until it succeeds (True), is refused or runs out of tries
-        (False). A ``410`` refusal marks ``lease`` gone."""
+        (False). A ``410`` refusal marks ``lease`` gone.
+
+        With a ``lease`` (a finished job's result and files) the tries do not run out:
+        they go on, the delay doubling up to the lease's heartbeat, until the job expires,
+        and a ``404`` (a restarted dispatcher that has not taken the job up again yet) is
+        tried again too. A dispatcher that is away for a while (a restart, an upgrade)
+        then finds the result waiting, rather than building the job again elsewhere."""
         delay = self.retry_delay
-        for _ in range(self.upload_attempts):
+        tries = 0
+        while True:
             try:
                 await attempt()
                 return True
@@ -242,13 +256,23 @@ class PullClient:
                 _log.warning("%s refused by %s: %s", what, self.dispatcher.url, exc)
                 if exc.status == 410 and lease is not None:
                     lease.gone = exc.code or "gone"
-                return False
+                if exc.code == "no-result-yet" and lease is not None:
+                    lease.resend = True
+                if exc.status != 404 or lease is None:
+                    return False
             except (httpx.HTTPError, CertificatePinError) as exc:
                 _log.warning("%s to %s failed: %s", what, self.dispatcher.url, exc)
             self.failures += 1
+            tries += 1
+            if lease is None and tries >= self.upload_attempts:
+                return False
+            if lease is not None:
+                if self.clock() + delay >= lease.job.expires_at:
+                    _log.warning("%s: job %s expires; giving up", what, lease.job.id_hex)
+                    return False
+                delay = min(delay, lease.heartbeat_s)
             await trio.sleep(delay)
             delay = min(delay * 2, self.max_retry_delay)
-        return False
 
     async def _refuse(self, client: httpx.AsyncClient, job: Job, code: str, reason: str) -> None:
         async def attempt() -> None:
@@ -345,8 +369,19 @@ class PullClient:
             )
             _check(response)
 
-        if not await self._with_retries(f"result of {job.id_hex}", put_result, lease):
-            return False
+        while True:
+            if not await self._with_retries(f"result of {job.id_hex}", put_result, lease):
+                return False
+            if await self._put_files(client, job, result, lease):
+                return True
+            if not lease.resend:
+                return False
+            lease.resend = False
+            _log.info("job %s: the dispatcher lost the result; sending it again", job.id_hex)
+
+    async def _put_files(
+        self, client: httpx.AsyncClient, job: Job, result: Result, lease: _Lease
+    ) -> bool:
         for kind, items in (("artifacts", result.artifacts), ("logs", result.logs)):
             for digest in items:
                 found = self._file(job, result, kind, digest.name)

@@ -26,10 +26,12 @@ from .._trust import TrustList
 from ..dht import NodeEntry
 from ..https import TlsMaterial, generate_tls_material
 from ..node._api import NodeApiConfig, serve_node_api
+from ..node._config import PullDispatcher
 from ..node._ondemand import OnDemand, OnDemandConfig
+from ..node._pull import PullClient
 from ..node._service import JobRunner, JobService
 
-__all__ = ["FarmNode", "node_entry", "start_push_node"]
+__all__ = ["FarmNode", "PullFarmNode", "node_entry", "start_pull_node", "start_push_node"]
 
 
 def node_entry(
@@ -157,3 +159,57 @@ async def start_push_node(
         on_demand=standby,
     )
     return node
+
+
+@attrs.define(eq=False)
+class PullFarmNode:
+    """A running pull node: no port, its job service and the client that long-polls one
+    dispatcher (``node._pull.PullClient``)."""
+
+    identity: Identity
+    service: JobService
+    runner: JobRunner
+    client: PullClient
+    arch: str = "x86_64"
+    os: str = "fedora-41"
+
+    def capability(self) -> Capability:
+        return Capability(
+            arch=self.arch, os=self.os, cpus=4, cpu_model="test cpu", memory_mb=8192,
+            disk_mb=50_000, machine=MachineType.VM, build_types=("make", "rpm"), pools=(),
+        )
+
+    def status(self) -> Status:
+        stats = self.service.statistics()
+        return Status(
+            load_milli=0, slots_total=stats.slots, slots_free=max(stats.slots - stats.running, 0),
+            running=stats.running, uptime_s=3600, draining=stats.draining,
+        )
+
+    def entry(self, trust_list: TrustList | None = None, *, seq: int = 1) -> NodeEntry:
+        return node_entry(
+            self.identity, self.capability(), self.status(), seq=seq, trust_list=trust_list
+        )
+
+
+async def start_pull_node(
+    nursery: trio.Nursery,
+    directory: Path,
+    identity: Identity,
+    trust_list: TrustList,
+    runner: JobRunner,
+    dispatcher: PullDispatcher,
+    *,
+    slots: int = 4,
+    poll_timeout: float = 2.0,
+    heartbeat_s: float = 15.0,
+) -> PullFarmNode:
+    """Start a pull node's job service and its long-poll client of ``dispatcher`` in
+    ``nursery`` (a dispatcher that is away is retried, as by the node daemon)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    service = JobService(identity, trust_list, runner, directory / "work", slots=slots)
+    client = PullClient(dispatcher, identity, service, poll_timeout=poll_timeout,
+                        heartbeat_s=heartbeat_s)
+    await nursery.start(service.run)
+    await nursery.start(client.run)
+    return PullFarmNode(identity, service, runner, client)
