@@ -10,7 +10,11 @@ a dispatcher machine with :func:`load_service_config` and :func:`serve_dispatche
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +34,13 @@ from .dispatcher import (
 if TYPE_CHECKING:
     from .koji import KojiConfig, KojiHost
 
-__all__ = ["RunningService", "ServiceConfig", "load_service_config", "serve_dispatcher"]
+__all__ = [
+    "RunningService",
+    "ServiceConfig",
+    "load_service_config",
+    "lock_state_dir",
+    "serve_dispatcher",
+]
 
 #: The sections of the dispatcher's file that belong to the roles wired here.
 ROLE_SECTIONS = ("koji",)
@@ -77,6 +87,32 @@ class RunningService:
     koji: KojiHost | None = None
 
 
+@contextlib.contextmanager
+def lock_state_dir(state_dir: Path) -> Iterator[None]:
+    """Hold ``state_dir/dispatcher.lock`` (an exclusive ``flock``, released when the
+    process ends, also on SIGKILL) while the block runs: one dispatcher per state
+    directory, since two would share the database, the pull queue and the Koji task store
+    (and log into the hub as the same host). Raises :class:`ConfigError` naming the
+    holder's pid when another process has it."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / "dispatcher.lock"
+    with path.open("a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise ConfigError(
+                f"{state_dir} is in use by another dispatcher (pid {holder}); stop it, or "
+                "give this one its own state_dir"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+
+
 async def serve_dispatcher(
     config: ServiceConfig,
     *,
@@ -86,7 +122,14 @@ async def serve_dispatcher(
 ) -> None:
     """Run the dispatcher, and the Koji build host over its build service, until
     cancelled. Raises what :func:`~p2pbuild.dispatcher.run_dispatcher` and
-    :func:`~p2pbuild.koji.serve_koji_host` raise at start."""
+    :func:`~p2pbuild.koji.serve_koji_host` raise at start, and :class:`ConfigError` when
+    another dispatcher runs on the same state directory (:func:`lock_state_dir`)."""
+    with lock_state_dir(config.dispatcher.state_dir):
+        await _serve(config, finder, clock, task_status)
+
+
+async def _serve(config: ServiceConfig, finder: NodeFinder | None, clock: Any,
+                 task_status: trio.TaskStatus[RunningService]) -> None:
     async with trio.open_nursery() as nursery:
         running: RunningDispatcher = await nursery.start(
             lambda task_status: run_dispatcher(config.dispatcher, finder=finder, clock=clock,

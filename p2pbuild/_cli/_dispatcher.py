@@ -20,6 +20,7 @@ from typing import Any
 import tomli_w
 import trio
 
+from .._errors import P2PBuildError
 from .._identity import Identity, Role
 from .._wiring import RunningService, load_service_config, serve_dispatcher
 from ..dispatcher._config import hash_token
@@ -164,6 +165,17 @@ def _run(args: argparse.Namespace) -> int:
     main_config = config.dispatcher
     listens = [("[api]", "tcp", main_config.host, main_config.port),
                ("[dht]", "udp", main_config.dht_host, main_config.dht_port)]
-    with explain_bind_failure(args.config, listens):
-        trio.run(main)
+    try:
+        with explain_bind_failure(args.config, listens):
+            trio.run(main)
+    except BaseExceptionGroup as group:
+        # A refusal from inside the service at start (its state directory held by another
+        # dispatcher, say) is one line like the others, not a traceback.
+        refused, others = group.split(P2PBuildError)
+        if refused is None or others is not None:
+            raise
+        first: BaseException = refused
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
     return 0

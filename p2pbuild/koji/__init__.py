@@ -8,7 +8,7 @@ dispatcher when the configuration has a ``[koji]`` section (:class:`KojiConfig`)
 Koji checks. Needs the ``koji`` client: ``pip install 'p2pbuild[koji]'``.
 """
 
-from ._cg import CG_VERSION, NodeProof, OutputFile, build_metadata, node_subdir
+from ._cg import CG_VERSION, NodeProof, OutputFile, build_metadata, host_os, node_subdir
 from ._config import KojiConfig, koji_config
 from ._host import (
     KojiHost,
@@ -35,6 +35,7 @@ __all__ = [
     "RpmHeader",
     "RpmHeaderError",
     "build_metadata",
+    "host_os",
     "koji_config",
     "node_subdir",
     "read_rpm_header",

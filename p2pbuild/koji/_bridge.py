@@ -34,11 +34,17 @@ if TYPE_CHECKING:
     from ._host import P2PTaskManager
     from ._task import P2PBuildTask
 
-__all__ = ["Bridge", "P2POutcome", "run_task_blocking"]
+__all__ = ["Bridge", "P2POutcome", "TaskDetached", "run_task_blocking"]
 
 _log = logging.getLogger("p2pbuild.koji")
 
 T = TypeVar("T")
+
+
+class TaskDetached(BaseException):
+    """The task went to another host while this host's attempt ran: the attempt stops
+    without a word to the hub (a BaseException, so neither the handler nor
+    ``TaskManager.runTask`` reports it). The row is settled once the attempt has ended."""
 
 
 @attrs.frozen
@@ -68,9 +74,15 @@ class Bridge:
     builds: dict[int, str] = attrs.field(factory=dict)
     running: set[int] = attrs.field(factory=set)
     done: set[int] = attrs.field(factory=set)
+    #: Tasks whose attempt must stop quietly (TaskDetached), and the scope of each
+    #: attempt's wait for its P2P build.
+    detached: set[int] = attrs.field(factory=set)
+    waits: dict[int, trio.CancelScope] = attrs.field(factory=dict)
     taken: int = 0
     resumed: int = 0
     released: int = 0
+    #: Tasks freed (``koji free-task``) and handed back here while their attempt ran.
+    handed_back: int = 0
 
     # -- trio side ------------------------------------------------------------------------------
 
@@ -102,7 +114,14 @@ class Bridge:
             self.store.linked(task_id, build_id, time.time())
         self.builds[task_id] = build_id
         _log.info("koji task %d: p2p build %s", task_id, build_id)
-        build = await self.service.wait(build_id)
+        scope = self.waits[task_id] = trio.CancelScope()
+        try:
+            with scope:
+                build = await self.service.wait(build_id)
+        finally:
+            self.waits.pop(task_id, None)
+        if scope.cancelled_caught:
+            raise TaskDetached(f"koji task {task_id} went to another host")
         stored = None
         if build.state is BuildState.VERIFIED:
             stored = await self.service.stored(build_id)
@@ -133,6 +152,14 @@ class Bridge:
     def cancel_nowait(self, task_id: int) -> None:
         self.cancel_p2p(self.builds.get(task_id))
 
+    def detach_nowait(self, task_id: int) -> None:
+        """Stop the task's running attempt quietly (:class:`TaskDetached`); its P2P build
+        and its row are left for the next round to settle."""
+        self.detached.add(task_id)
+        scope = self.waits.get(task_id)
+        if scope is not None:
+            scope.cancel()
+
     # -- called from worker threads -------------------------------------------------------------
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -149,6 +176,7 @@ class Bridge:
 
     def start_task(self, manager: P2PTaskManager, handler: P2PBuildTask) -> None:
         self.running.add(handler.id)
+        self.done.discard(handler.id)  # what an earlier, detached attempt left
         self.taken += 1
         self.call(self.nursery.start_soon, self._run_task, manager, handler)
 
@@ -157,6 +185,7 @@ class Bridge:
             await trio.to_thread.run_sync(run_task_blocking, manager, handler)
         finally:
             self.running.discard(handler.id)
+            self.detached.discard(handler.id)
             self.done.add(handler.id)
             self.builds.pop(handler.id, None)
 
@@ -169,6 +198,10 @@ def run_task_blocking(manager: P2PTaskManager, handler: P2PBuildTask) -> None:
     bridge = manager.bridge
     try:
         child.runTask(handler)
+    except TaskDetached as exc:
+        # The task is another host's now: no report; the next round refunds the
+        # reservation and cancels the P2P build.
+        _log.info("%s: this host's attempt stopped", exc)
     except koji.ActionNotAllowed as exc:
         # closeTask/failTask refused: cancelled in Koji or given to another host. The
         # next round settles the row (the task is no longer open here).
@@ -178,7 +211,11 @@ def run_task_blocking(manager: P2PTaskManager, handler: P2PBuildTask) -> None:
         _log.error("koji task %d: could not report the outcome: %s", handler.id, exc)
     except BaseException:
         # Stopping (trio.Cancelled): the task stays open on the hub and its row as it is,
-        # for the next start; no more hub calls.
+        # for the next start; no more hub calls. The host's logout closes this subsession
+        # with the main session (the hub's Session.logout closes its children), so the
+        # client must not log it out again when it is collected (ClientSession.__del__):
+        # the hub would refuse that second logout ("Invalid session").
+        handler.session._forget()
         raise
     else:
         # The hub has the outcome. A row still holding a reservation (a refund whose

@@ -9,9 +9,10 @@ Our mapping:
   takes the build's task and owner from them), and ``extra.p2pbuild``: the dispatcher's
   build id and key, the verifying nodes and operators, and the outliers (nodes whose
   output differed and lost the tie-break);
-* one buildroot per verifying node: ``host`` and ``container`` from the build environment
-  in its signed result (``container.type`` is ``none``: the node builds in a bubblewrap
-  sandbox, not a container Koji knows), ``extra.p2pbuild`` with the node key, operator, job
+* one buildroot per verifying node: ``host`` (``os`` from the node's ``/etc/os-release``,
+  :func:`host_os`) and ``container`` from the build environment in its signed result
+  (``container.type`` is ``none``: the node builds in a bubblewrap sandbox, not a
+  container Koji knows), ``extra.p2pbuild`` with the node key, operator, job
   id and the SHA-256 of the signed job and result and of every artifact;
 * outputs: the SRPM and RPMs (the verified files, identical on every node, so they name the
   first buildroot), and for each node its logs and its signed result under ``subdir`` =
@@ -41,6 +42,7 @@ __all__ = [
     "NodeProof",
     "OutputFile",
     "build_metadata",
+    "host_os",
     "node_files",
     "node_proof",
     "node_subdir",
@@ -93,6 +95,16 @@ class NodeProof:
     artifacts: Mapping[str, str]
     #: Its logs and signed result (type "log", relpath = node_subdir(fingerprint)).
     files: tuple[OutputFile, ...]
+
+
+def host_os(environment: Mapping[str, str]) -> str:
+    """A buildroot's ``host.os`` from a node's signed build environment: ``<ID>-<VERSION_ID>``
+    of its ``/etc/os-release`` (``os_id``, ``os_version_id``; e.g. ``debian-12``, as Koji
+    shows ``Fedora-40``), else ``os``, else ``unknown``."""
+    os_id, version = environment.get("os_id", ""), environment.get("os_version_id", "")
+    if os_id:
+        return f"{os_id}-{version}" if version else os_id
+    return environment.get("os") or "unknown"
 
 
 def node_files(stored: StoredBuild, proof: StoredProof) -> list[Path]:
@@ -165,7 +177,7 @@ def build_metadata(
         ]
         buildroots.append({
             "id": index,
-            "host": {"os": env.get("os", "unknown"), "arch": arch},
+            "host": {"os": host_os(env), "arch": arch},
             "content_generator": {"name": content_generator, "version": CG_VERSION},
             "container": {"type": "none", "arch": arch},
             "tools": tools,

@@ -72,6 +72,7 @@ from typing import Any
 import attrs
 import koji
 import koji.daemon
+import koji.tasks
 import trio
 
 from ._bridge import Bridge, P2POutcome
@@ -103,6 +104,7 @@ _log = logging.getLogger("p2pbuild.koji")
 TASK_FREE = koji.TASK_STATES["FREE"]
 TASK_ASSIGNED = koji.TASK_STATES["ASSIGNED"]
 TASK_CANCELED = koji.TASK_STATES["CANCELED"]
+TASK_OPEN = koji.TASK_STATES["OPEN"]
 
 
 @attrs.frozen
@@ -116,6 +118,8 @@ class KojiHostStatistics:
     tasks_resumed: int = 0
     #: Tasks that left this host while it was away, whose reservation it refunded.
     tasks_released: int = 0
+    #: Tasks freed and handed back to this host while their attempt ran on.
+    tasks_handed_back: int = 0
 
 
 class P2PTaskManager(koji.daemon.TaskManager):  # type: ignore[misc]
@@ -141,11 +145,75 @@ class P2PTaskManager(koji.daemon.TaskManager):  # type: ignore[misc]
         return task_id in self.bridge.done
 
     def cleanupTask(self, task_id: int, wait: bool = True) -> bool:
-        if task_id in self.bridge.running:
-            _log.info("koji task %d cancelled or reassigned: cancelling its p2p build", task_id)
-            self.bridge.cancel(task_id)
-        self.bridge.done.discard(task_id)
+        """kojid kills the process of a task that is no longer open on the host. Here:
+
+        * cancelled (or gone): cancel its P2P build; the handler ends with the hub
+          refusing its report;
+        * freed (``koji free-task``, ``FREE`` or handed back to this host already): keep
+          the handler running (False: still ours); if the scheduler hands the task back,
+          :meth:`takeTask` opens it again and the same attempt goes on and reports once;
+        * on another host: stop the attempt quietly (``Bridge.detach_nowait``); the next
+          round refunds its reservation and cancels its P2P build (:meth:`settle`).
+        """
+        bridge = self.bridge
+        if task_id in bridge.running and task_id not in bridge.detached:
+            info = self.session.getTaskInfo(task_id)
+            state = None if info is None else info["state"]
+            if info is not None and state in (TASK_FREE, TASK_ASSIGNED) and (
+                    info["host_id"] in (None, self.host_id)):
+                _log.info("koji task %d was freed: its attempt goes on while the task may "
+                          "come back here", task_id)
+                return False
+            if state in (TASK_FREE, TASK_ASSIGNED, TASK_OPEN):
+                _log.info("koji task %d went to host %s: stopping this host's attempt",
+                          task_id, info["host_id"] if info else None)
+                bridge.call(bridge.detach_nowait, task_id)
+            else:
+                _log.info("koji task %d cancelled: cancelling its p2p build", task_id)
+                bridge.cancel(task_id)
+        bridge.done.discard(task_id)
         return True
+
+    def takeTask(self, task: dict[str, Any]) -> bool:
+        """kojid's, except for a task whose attempt still runs here: freed and handed back
+        (open it again; the same attempt goes on and reports once), or detached and still
+        stopping (take it at a later round)."""
+        task_id = task["id"]
+        bridge = self.bridge
+        if task_id not in bridge.running:
+            return bool(super().takeTask(task))
+        if task_id in bridge.detached:
+            return False
+        data = self.session.host.openTask(task_id)
+        if data is None:
+            return False
+        _log.info("koji task %d came back to this host: its running attempt goes on", task_id)
+        self.tasks[task_id] = data
+        self.pids.setdefault(task_id, task_id)
+        self.session.host.setTaskWeight(task_id, P2PBuildTask._taskWeight)
+        bridge.handed_back += 1
+        return True
+
+    def readyForTask(self) -> bool:
+        """kojid's checks (``TaskManager.readyForTask``: host enabled, task load within
+        capacity, ``maxjobs``, free space) except the local load average: the builds run on
+        the P2P nodes, and a busy gateway machine is no reason to leave tasks waiting."""
+        if self.restart_pending:
+            if self.tasks:
+                self.status = "Pending restart"
+                return False
+            raise koji.tasks.ServerRestart
+        self.hostdata = self.session.host.getHost()
+        if not self.hostdata["enabled"]:
+            self.status = "Host is disabled"
+            return False
+        if self.task_load > self.hostdata["capacity"]:
+            self.status = "Over capacity"
+            return False
+        if len(self.tasks) >= self.options.maxjobs:
+            self.status = "Full queue"
+            return False
+        return bool(self.checkSpace())
 
     def updateTasks(self) -> None:
         """Reconcile the store with the hub, then kojid's own bookkeeping (which frees the
@@ -343,6 +411,8 @@ async def _serve(config: KojiConfig, service: BuildService, workdir: Path, store
                     if isinstance(exc, koji.AuthError) or manager is None:
                         # The session is gone (the client renews only expired ones): log
                         # in again. A hub that is away keeps our session: just retry.
+                        if manager is not None:
+                            manager.session._forget()  # no logout of a dead session
                         previous, manager = manager or previous, None
                     _log.warning("koji hub round failed (%s); retrying in %.1f s",
                                  host.last_error, config.retry_interval_s)
@@ -366,4 +436,5 @@ class KojiHost:
     def statistics(self) -> KojiHostStatistics:
         return KojiHostStatistics(self.rounds, self.failed_rounds, self.bridge.taken,
                                   len(self.bridge.running), self.last_error,
-                                  self.bridge.resumed, self.bridge.released)
+                                  self.bridge.resumed, self.bridge.released,
+                                  self.bridge.handed_back)

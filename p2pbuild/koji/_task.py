@@ -69,6 +69,10 @@ class P2PBuildTask(koji.tasks.BaseTaskHandler):  # type: ignore[misc]
         row = bridge.call(bridge.store.get, self.id)
         if row is not None and row.phase is TaskPhase.DONE:
             row = None  # an earlier attempt ended; this one starts afresh
+        if row is None:
+            # kojid's BuildTask.handler asks the hub's policies here, before any work (an
+            # attempt taken up again was granted them when it began).
+            self._assert_policies(src, target_info, opts)
         if row is not None:
             _log.info("koji task %d: resuming (%s)", self.id, row.phase.value)
             bridge.call(bridge.store.note, self.id, time.time(), "resumed",
@@ -86,6 +90,8 @@ class P2PBuildTask(koji.tasks.BaseTaskHandler):  # type: ignore[misc]
             raise koji.BuildError(f"{srpm.name} is not a source RPM")
         resumed = row is not None
         if row is None:
+            # kojid checks the destination tag's package list before it reserves the NVR.
+            self._check_package_list(header.name, target_info, opts)
             row = self._begin(srpm, header)
         elif row.nvr != header.nvr:
             raise koji.BuildError(f"task {self.id} builds {header.nvr}, not {row.nvr}")
@@ -138,6 +144,47 @@ class P2PBuildTask(koji.tasks.BaseTaskHandler):  # type: ignore[misc]
         row = bridge.call(bridge.store.imported, self.id, time.time())
         return self._finish(row, target_info, opts, resumed=resumed)
 
+    def _assert_policies(self, src: str, target_info: dict[str, Any],
+                         opts: dict[str, Any]) -> None:
+        """``host.assertPolicy`` for what kojid asks for a ``build`` task of an SRPM, with
+        kojid's policy data (``builder/kojid``, ``BuildTask.handler``): ``build_from_srpm``,
+        ``build_from_repo_id`` when the task names a repo, ``build_rpm``. A denial is the
+        hub's ``ActionNotAllowed``, which fails the task with the hub's message."""
+        task = self.session.getTaskInfo(self.id)
+        data: dict[str, Any] = {
+            "user_id": task["owner"], "source": src, "task_id": self.id,
+            "build_tag": target_info["build_tag"], "skip_tag": bool(opts.get("skip_tag")),
+            "scratch": opts.get("scratch"), "draft": opts.get("draft"), "from_scm": False,
+            "repo_id": opts.get("repo_id"), "target": target_info["name"],
+        }
+        if not opts.get("skip_tag"):
+            data["tag"] = target_info["dest_tag"]
+        self.session.host.assertPolicy("build_from_srpm", data)
+        if opts.get("repo_id") is not None:
+            self.session.host.assertPolicy("build_from_repo_id", data)
+        self.session.host.assertPolicy("build_rpm", data)
+
+    def _dest_tag(self, target_info: dict[str, Any], opts: dict[str, Any]) -> str | None:
+        """The tag the build goes into, or None (``--skip-tag``, ``dest_tag = ""``)."""
+        if opts.get("skip_tag"):
+            return None
+        config: KojiConfig = self.options.bridge.config
+        dest = target_info["dest_tag_name"] if config.dest_tag == "target" else config.dest_tag
+        return str(dest) or None
+
+    def _check_package_list(self, name: str, target_info: dict[str, Any],
+                            opts: dict[str, Any]) -> None:
+        """kojid's check (``BuildTask.handler``): the package must be on the destination
+        tag's list and not blocked, else the task fails before anything is reserved."""
+        dest = self._dest_tag(target_info, opts)
+        if dest is None:
+            return
+        listed = self.session.getPackageConfig(dest, name)
+        if listed is None:
+            raise koji.BuildError(f"package {name} not in list for tag {dest}")
+        if listed.get("blocked"):
+            raise koji.BuildError(f"package {name} is blocked for tag {dest}")
+
     def _begin(self, srpm: Path, header: RpmHeader) -> TaskRow:
         bridge: Bridge = self.options.bridge
         task = self.session.getTaskInfo(self.id)
@@ -183,22 +230,27 @@ class P2PBuildTask(koji.tasks.BaseTaskHandler):  # type: ignore[misc]
         """Refund the reservation for ``exc``; record the outcome once the hub confirms."""
         bridge: Bridge = self.options.bridge
         cancel = isinstance(exc, TaskCancelled | koji.tasks.RefuseTask)
-        if refund(self.session, bridge.config.content_generator, row,
-                  CANCELED if cancel else FAILED):
+        state = CANCELED if cancel else FAILED
+        if refund(self.session, bridge.config.content_generator, row, state):
+            # The refunded build shows the host as its owner and no task (CGInitBuild sets
+            # the owner to the caller; CGRefundBuild takes no owner or task): the task's
+            # message names it, so the user can find it.
+            if isinstance(exc, koji.GenericError) and not cancel and exc.args:
+                exc.args = (f"{exc.args[0]}\n(Koji build {row.nvr}, id {row.build_id}, "
+                            f"reserved for this task, refunded as "
+                            f"{koji.BUILD_STATES[state]})", *exc.args[1:])
             bridge.call(bridge.store.refunded, self.id, outcome_of(exc), time.time())
 
     def _finish(self, row: TaskRow, target_info: dict[str, Any], opts: dict[str, Any], *,
                 resumed: bool) -> dict[str, Any]:
         """Tag the imported build (unless ``--skip-tag``, or it is tagged already) and give
         the task's result."""
-        config: KojiConfig = self.options.bridge.config
         assert row.build_id is not None
-        if not opts.get("skip_tag"):
-            dest = target_info["dest_tag_name"] if config.dest_tag == "target" else config.dest_tag
-            if dest and not (resumed and any(
-                    b.get("build_id") == row.build_id
-                    for b in self.session.listTagged(dest, package=row.name))):
-                self.session.host.tagBuild(self.id, dest, row.build_id)
+        dest = self._dest_tag(target_info, opts)
+        if dest is not None and not (resumed and any(
+                b.get("build_id") == row.build_id
+                for b in self.session.listTagged(dest, package=row.name))):
+            self.session.host.tagBuild(self.id, dest, row.build_id)
         return {"koji_builds": [row.build_id]}
 
     def _source(self, src: str, row: TaskRow | None) -> Path:
@@ -213,19 +265,20 @@ class P2PBuildTask(koji.tasks.BaseTaskHandler):  # type: ignore[misc]
         if kept is not None:
             shutil.copyfile(kept, dest)
             return dest
-        remote = koji.openRemoteFile(f"work/{src}", topurl=bridge.config.topurl,
-                                     tempdir=self.workdir)
-        try:
-            with dest.open("wb") as out:
-                shutil.copyfileobj(remote, out)
-        finally:
-            remote.close()
+        # koji.downloadFile without a path: openRemoteFile would also check the file with
+        # the rpm Python bindings (not on PyPI) and warn on every task that it cannot; the
+        # header is read with the rpm command below instead.
+        with dest.open("wb") as out:
+            koji.downloadFile(f"{bridge.config.topurl}/work/{src}", fo=out)
         return dest
 
     def _failure_message(self, build: BuildStatus) -> str:
-        lines = [f"p2p build {build.id} failed: {build.reason}"]
         if build.report:
-            lines += ["", build.report.rstrip()]
+            # The replicas disagreed: that is the news, whatever ended the tie-breaks.
+            lines = [f"p2p build {build.id} failed: the replicas disagreed "
+                     f"(nothing imported); {build.reason}", "", build.report.rstrip()]
+        else:
+            lines = [f"p2p build {build.id} failed: {build.reason}"]
         self._upload_report(build)
         return "\n".join(lines)
 

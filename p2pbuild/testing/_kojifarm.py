@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import secrets
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +32,18 @@ from ._farm import FarmNode, start_push_node
 from ._keys import TrustFixture
 from ._kojihub import HubProcess, make_hub_pki, seed_hub, write_koji_cli_config
 
-__all__ = ["HOST_NAME", "KojiFarm", "start_koji_farm"]
+__all__ = ["HOST_NAME", "P2P_POLICIES", "PACKAGES", "KojiFarm", "start_koji_farm"]
 
 HOST_NAME = "p2p-gw.example.org"
+#: hub.conf [policy] as dispatcher/koji-hub-setup.md sets it: SRPM builds for *-p2p targets
+#: by anyone (Koji's default allows them for admins only).
+P2P_POLICIES = {
+    "build_from_srpm": "has_perm admin :: allow\n"
+                       "match target *-p2p :: allow\n"
+                       "all :: deny Only admin can do this via default policy",
+}
+#: The packages on the destination tag's list (``koji add-pkg``): the test packages.
+PACKAGES = ("hello", "hello-noarch")
 KOJI = str(Path(sys.executable).with_name("koji"))
 
 
@@ -93,11 +102,15 @@ async def start_koji_farm(
     koji: Mapping[str, Any] | None = None,
     engine: Mapping[str, Any] | None = None,
     hub_auth: str = "password",
+    packages: Sequence[str] = PACKAGES,
+    policies: Mapping[str, str] | None = None,
 ) -> KojiFarm:
     """Seed and start the hub, start one push node per ``runners`` entry (names from
     ``fixture``), and a dispatcher whose ``[koji]`` section (extended by ``koji``) logs in
     as the build host ``HOST_NAME`` with a password (``hub_auth="password"``, over HTTP) or
-    its client certificate (``"ssl"``, over HTTPS)."""
+    its client certificate (``"ssl"``, over HTTPS). ``packages`` are on the list of the
+    destination tag ``f40``; ``policies`` are hub.conf ``[policy]`` entries over
+    :data:`P2P_POLICIES`."""
     host_password = secrets.token_urlsafe(16)
     pki = make_hub_pki(tmp / "pki", [HOST_NAME, "plainuser", "kojiadmin"])
     seed_hub(
@@ -106,6 +119,7 @@ async def start_koji_farm(
         admins=("kojiadmin",),
         hosts={HOST_NAME: "x86_64"},
         targets={"f40-p2p": ("f40-build", "f40"), "f40": ("f40-build", "f40")},
+        packages={"f40": tuple(packages)}, policies={**P2P_POLICIES, **(policies or {})},
     )
     hub = HubProcess(tmp / "hub", tmp / "pki")
     await hub.start()

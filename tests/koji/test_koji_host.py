@@ -150,6 +150,14 @@ async def test_mismatch_fails_the_task_and_refunds_the_reservation(
     message = failure.value.faultString
     assert failure.value.faultCode == koji.BuildError.faultCode
     assert "Replicas disagree" in message and name in message
+    # The first line says what happened, whatever ended the tie-breaks after it.
+    first = message.splitlines()[0]
+    assert first.startswith("p2p build ") and "failed: the replicas disagreed" in first
+    # The refunded reservation shows the host as owner and no task: the message names it.
+    build = await farm.call("getBuild", "hello-noarch-1.0-1")
+    assert message.splitlines()[-1] == (
+        f"(Koji build hello-noarch-1.0-1, id {build['id']}, reserved for this task, "
+        "refunded as FAILED)")
     for node in ("n1", "n2"):
         assert FIXTURE.nodes[node].public_key.fingerprint in message
     assert "(alice)" in message and "(bob)" in message

@@ -13,6 +13,7 @@ each job once (the P2P build followed after the restart, not redone).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import shutil
@@ -21,7 +22,7 @@ import sqlite3
 import subprocess
 import sys
 import xmlrpc.client
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +35,10 @@ import trio
 from p2pbuild import ResultState
 from p2pbuild.https import generate_tls_material
 from p2pbuild.koji._store import TaskEvent, TaskPhase, TaskRow, TaskStore
+from p2pbuild.node._config import PullDispatcher
 from p2pbuild.testing import hello_srpm, make_trust_list
-from p2pbuild.testing._farm import FarmNode, start_push_node
-from p2pbuild.testing._kojifarm import HOST_NAME, KOJI
+from p2pbuild.testing._farm import FarmNode, PullFarmNode, start_pull_node, start_push_node
+from p2pbuild.testing._kojifarm import HOST_NAME, KOJI, P2P_POLICIES, PACKAGES
 from p2pbuild.testing._kojihub import (
     HubProcess,
     make_hub_pki,
@@ -56,6 +58,8 @@ NVR = "hello-noarch-1.0-1"
 RPM_NAME = f"{NVR}.noarch.rpm"
 BUILD = koji.BUILD_STATES
 TASK = koji.TASK_STATES
+#: Pull nodes renew their lease (and retry an upload at the latest) this often.
+PULL_HEARTBEAT_S = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +86,7 @@ class RestartFarm:
 
     tmp: Path
     hub: HubProcess
-    nodes: dict[str, FarmNode]
+    nodes: Mapping[str, FarmNode | PullFarmNode]
     runners: dict[str, InstantRunner]
     config: Path
     nodes_file: Path
@@ -209,6 +213,20 @@ class RestartFarm:
 
 @pytest.fixture
 async def farm(tmp_path: Path, packages: tuple[Path, bytes]) -> AsyncIterator[RestartFarm]:
+    async with _restart_farm(tmp_path, packages, pull=False) as started:
+        yield started
+
+
+@pytest.fixture
+async def pull_farm(tmp_path: Path, packages: tuple[Path, bytes]) -> AsyncIterator[RestartFarm]:
+    """The same with pull nodes (no port; they long-poll the dispatcher's fixed URL)."""
+    async with _restart_farm(tmp_path, packages, pull=True) as started:
+        yield started
+
+
+@contextlib.asynccontextmanager
+async def _restart_farm(tmp_path: Path, packages: tuple[Path, bytes], *,
+                        pull: bool) -> AsyncIterator[RestartFarm]:
     gate = trio.Event()
     runners = {name: InstantRunner(artifacts={RPM_NAME: packages[1]}, gate=gate)
                for name in ("n1", "n2")}
@@ -219,17 +237,32 @@ async def farm(tmp_path: Path, packages: tuple[Path, bytes]) -> AsyncIterator[Re
         users={"kojiadmin": "", "plainuser": "", HOST_NAME: host_password},
         admins=("kojiadmin",), hosts={HOST_NAME: "x86_64"},
         targets={"f40-p2p": ("f40-build", "f40")}, cg={"p2p-build": (HOST_NAME,)},
+        packages={"f40": PACKAGES}, policies=P2P_POLICIES,
     )
     hub = HubProcess(tmp_path / "hub", tmp_path / "pki")
     await hub.start()
     restart_farm = None
     try:
         async with trio.open_nursery() as nursery:
-            nodes = {}
+            base = tmp_path / "dispatcher"
+            (base / "tls").mkdir(parents=True)
+            tls = generate_tls_material(base / "tls")
+            # A fixed port: the jobs signed before a kill name it as their source URL,
+            # and pull nodes poll it.
+            port = _free_port()
+            nodes: dict[str, FarmNode | PullFarmNode] = {}
             for name, runner in runners.items():
-                nodes[name] = await start_push_node(
-                    nursery, tmp_path / "nodes" / name, FIXTURE.nodes[name],
-                    FIXTURE.trust_list, runner)
+                if pull:
+                    nodes[name] = await start_pull_node(
+                        nursery, tmp_path / "nodes" / name, FIXTURE.nodes[name],
+                        FIXTURE.trust_list, runner, PullDispatcher(
+                            f"https://127.0.0.1:{port}",
+                            FIXTURE.dispatchers["dispatcher-1"].public_key, tls.sha256),
+                        heartbeat_s=PULL_HEARTBEAT_S)
+                else:
+                    nodes[name] = await start_push_node(
+                        nursery, tmp_path / "nodes" / name, FIXTURE.nodes[name],
+                        FIXTURE.trust_list, runner)
             nodes_file = tmp_path / "nodes.json"
             nodes_file.write_text(json.dumps([
                 {"capability": entry.capability_record.to_bytes().hex(),
@@ -237,18 +270,15 @@ async def farm(tmp_path: Path, packages: tuple[Path, bytes]) -> AsyncIterator[Re
                 for entry in (node.entry() for node in nodes.values())
                 if entry.status_record is not None
             ]))
-            base = tmp_path / "dispatcher"
-            (base / "tls").mkdir(parents=True)
             FIXTURE.dispatchers["dispatcher-1"].save(base / "dispatcher.key")
             (base / "trust-list.bin").write_bytes(FIXTURE.trust_list.to_bytes())
-            generate_tls_material(base / "tls")
             (base / "koji-host.password").write_text(host_password + "\n")
             (base / "koji-host.password").chmod(0o600)
             (base / "dispatcher.toml").write_text(tomli_w.dumps({
                 "dispatcher": {"key": "dispatcher.key", "trust_list": "trust-list.bin",
                                "synchronous": "NORMAL"},
-                # A fixed port: the jobs signed before a kill name it as their source URL.
-                "api": {"port": _free_port()},
+                "api": {"port": port},
+                "pull": {"heartbeat_s": PULL_HEARTBEAT_S, "lease_s": 20},
                 "engine": {"follow_interval_s": 2, "backoff_base_s": 0.05,
                            "no_node_wait_s": 1},
                 "koji": {"server": hub.url, "topurl": hub.topurl, "host": HOST_NAME,
@@ -327,6 +357,13 @@ async def test_stopped_while_the_nodes_build(farm: RestartFarm, packages: Any) -
     assert await farm.stop_dispatcher() == 0
     assert (await farm.call("getBuild", NVR))["state"] == BUILD["BUILDING"]
     assert farm.row(task_id).phase is TaskPhase.RESERVED
+    # One logout, of the host's session (which closes the task's subsession with it on
+    # the hub): no second logout for the hub to refuse.
+    state = json.loads(await farm.call("testhub.state"))
+    host_user = next(u["id"] for u in state["users"].values() if u["name"] == HOST_NAME)
+    logouts = [c for c in await farm.hub_calls("logout")
+               if state["sessions"][c["session"]]["user_id"] == host_user]
+    assert len(logouts) == 1 and "fault" not in logouts[0], logouts
     await farm.start_dispatcher()
     open_gate(farm)
     await assert_imported_once(farm, task_id)
@@ -488,3 +525,31 @@ async def test_build_cancelled_in_koji_while_the_dispatcher_is_down(
     with trio.fail_after(10):
         while farm.row(task_id).phase is not TaskPhase.DONE:
             await trio.sleep(0.05)
+
+
+async def test_a_pull_nodes_result_outlives_a_dispatcher_restart(
+    pull_farm: RestartFarm, packages: Any
+) -> None:
+    farm = pull_farm
+    task_id = await farm.submit(packages[0])
+    await farm.wait_building()
+    await farm.kill_dispatcher()
+    # The builds end while the dispatcher is away: each node keeps its signed result and
+    # tries to deliver it, for longer than the five tries (about 15 s) it once gave up after.
+    open_gate(farm)
+    nodes = [n for n in farm.nodes.values() if isinstance(n, PullFarmNode)]
+    with trio.fail_after(30):
+        while not all(n.service.statistics().finished for n in nodes):
+            await trio.sleep(0.05)
+    down_since = trio.current_time()
+    await trio.sleep(16)
+    for node in nodes:
+        assert node.service.statistics().finished == 1  # still held, not collected
+        assert node.client.uploaded == 0 and node.client.failures > 5
+    assert trio.current_time() - down_since > 15
+    await farm.start_dispatcher()
+    # Taken over without a rebuild: each node ran its job once, and delivered it once.
+    await assert_imported_once(farm, task_id)
+    for node in nodes:
+        assert node.client.uploaded == 1
+        assert node.service.statistics().finished == 0

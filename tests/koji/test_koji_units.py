@@ -6,12 +6,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import tomli_w
 
 from p2pbuild._wiring import load_service_config
 from p2pbuild.dispatcher import ConfigError
-from p2pbuild.koji import CG_VERSION, NodeProof, OutputFile, build_metadata
+from p2pbuild.koji import CG_VERSION, NodeProof, OutputFile, build_metadata, host_os
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "shared" / "koji" / "cg-metadata-example.json"
 
@@ -91,3 +92,17 @@ def test_metadata_has_the_shape_the_hub_accepted() -> None:
         build_metadata(name="h", version="1", release="1", epoch=None, source="s",
                        start_time=0, end_time=0, content_generator="c", packages=[],
                        nodes=[], extra={})
+
+
+def test_buildroot_host_os_comes_from_the_nodes_os_release() -> None:
+    # The nodes sign os_id / os_version_id (/etc/os-release); Koji shows e.g. "Fedora-40".
+    assert host_os({"os_id": "debian", "os_version_id": "12", "arch": "x86_64"}) == "debian-12"
+    assert host_os({"os_id": "arch"}) == "arch"
+    assert host_os({"os": "fedora-41"}) == "fedora-41"
+    assert host_os({}) == "unknown"
+    proof = attrs.evolve(node("a", "alice"), environment={"os_id": "fedora",
+                                                          "os_version_id": "41"})
+    metadata = build_metadata(
+        name="h", version="1", release="1", epoch=None, source="s", start_time=0,
+        end_time=0, content_generator="c", packages=[], nodes=[proof], extra={})
+    assert metadata["buildroots"][0]["host"] == {"os": "fedora-41", "arch": "noarch"}
