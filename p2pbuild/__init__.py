@@ -35,7 +35,6 @@ from ._jobs import (
     DEFAULT_JOB_POLICY,
     JOB_OPTION_KEYS,
     MAX_JOB_SIZE,
-    MAX_PULL_AUTH_SIZE,
     MAX_RESULT_SIZE,
     BuildrootPackage,
     BuildrootRecord,
@@ -43,11 +42,8 @@ from ._jobs import (
     BuildType,
     FileDigest,
     Job,
-    JobControl,
-    JobControlAction,
     JobPolicy,
     JobSpec,
-    PullAuth,
     Repository,
     Result,
     ResultState,
@@ -55,6 +51,7 @@ from ._jobs import (
     Target,
     check_relative_name,
 )
+from ._orders import MAX_PULL_AUTH_SIZE, JobControl, JobControlAction, PullAuth
 from ._records import (
     DEFAULT_POLICY,
     MAX_RECORD_SIZE,

@@ -30,8 +30,9 @@ from ._errors import (
     NotYetValidError,
     WrongNodeError,
 )
+from ._fields import _require_bytes, _require_time, _signed_part, _split_signed
 from ._identity import Domain, Identity, PublicKey, Role
-from ._jobs import NONCE_SIZE, _require_bytes, _require_time, _signed_part, _split_signed
+from ._jobs import NONCE_SIZE
 from ._replay import ReplayCache
 from ._trust import TrustList
 

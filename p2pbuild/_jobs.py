@@ -1,6 +1,6 @@
-"""Signed jobs, signed results and pull-mode tokens: what a dispatcher and a node exchange.
+"""Signed jobs and signed results: what a dispatcher and a node exchange.
 
-Three signed objects, each a canonical msgpack array whose last element is an ed25519
+Two signed objects, each a canonical msgpack array whose last element is an ed25519
 signature over ``domain || encode(the other elements as an array)`` (see ``docs/jobs.md``):
 
 * :class:`Job`, signed by a dispatcher (``Domain.JOB``, at most :data:`MAX_JOB_SIZE`)::
@@ -14,16 +14,8 @@ signature over ``domain || encode(the other elements as an array)`` (see ``docs/
       [1, job_id(bin16), job_sha256(bin32), node(bin32), state, exit_code(int|nil),
        started_ms, ended_ms, environment(map), artifacts, logs, signature(bin64)]
 
-* :class:`PullAuth`, a node's proof of identity when it long-polls a dispatcher
-  (``Domain.PULL_AUTH``, at most :data:`MAX_PULL_AUTH_SIZE`)::
-
-      [1, node(bin32), dispatcher(bin32), issued_at, nonce(bin16), signature(bin64)]
-
-* :class:`JobControl`, a dispatcher's order to a node about one job it issued: stop it, or
-  forget a finished one with its files (``Domain.JOB_CONTROL``, at most
-  :data:`MAX_JOB_CONTROL_SIZE`)::
-
-      [1, dispatcher(bin32), job_id(bin16), action, issued_at, nonce(bin16), signature(bin64)]
+(The short signed orders about jobs, :class:`~p2pbuild._orders.PullAuth` and
+:class:`~p2pbuild._orders.JobControl`, are in ``_orders.py``.)
 
 As with records, ``from_bytes`` checks size (before decoding), canonical encoding, shape and
 signature: a value of these classes is always well-formed and authentic. Whether it is
@@ -44,17 +36,26 @@ from typing import Any, TypeAlias
 
 import attrs
 
-from ._codec import decode, encode
+from ._codec import encode
 from ._errors import (
     ExpiredError,
-    ForbiddenError,
     LifetimeError,
     MalformedError,
     NotYetValidError,
     WrongNodeError,
 )
-from ._identity import SIGNATURE_SIZE, Domain, Identity, PublicKey, Role
-from ._records import _TOKEN
+from ._fields import (
+    _FORMAT_VERSION,
+    _check_token,
+    _printable,
+    _require_bytes,
+    _require_map,
+    _require_time,
+    _signed_part,
+    _split_signed,
+    check_relative_name,
+)
+from ._identity import Domain, Identity, PublicKey, Role
 from ._replay import ReplayCache
 from ._trust import TrustList
 
@@ -64,9 +65,7 @@ __all__ = [
     "DEFAULT_JOB_POLICY",
     "DEFAULT_OS",
     "JOB_OPTION_KEYS",
-    "MAX_JOB_CONTROL_SIZE",
     "MAX_JOB_SIZE",
-    "MAX_PULL_AUTH_SIZE",
     "MAX_RESULT_SIZE",
     "BuildType",
     "BuildrootPackage",
@@ -74,11 +73,8 @@ __all__ = [
     "BuildrootSpec",
     "FileDigest",
     "Job",
-    "JobControl",
-    "JobControlAction",
     "JobPolicy",
     "JobSpec",
-    "PullAuth",
     "Repository",
     "Result",
     "ResultState",
@@ -89,18 +85,14 @@ __all__ = [
 
 MAX_JOB_SIZE = 16 * 1024
 MAX_RESULT_SIZE = 64 * 1024
-MAX_PULL_AUTH_SIZE = 256
-MAX_JOB_CONTROL_SIZE = 256
 
 ID_SIZE = 16
 NONCE_SIZE = 16
-_FORMAT_VERSION = 1
 _U63 = 2**63
 #: Largest source or artifact size we can describe (1 TiB); real bounds are the node's.
 _MAX_FILE_SIZE = 2**40
 _MAX_ARTIFACTS = 512
 _MAX_LOGS = 32
-_MAX_NAME = 255
 _MAX_URL = 512
 _MAX_ENV = 32
 _MAX_OPTION_LIST = 16
@@ -126,79 +118,6 @@ _NEVRA = re.compile(r"[A-Za-z0-9_+][A-Za-z0-9_.+~^-]{0,199}-(\d+:)?[A-Za-z0-9_.+
 
 #: An option value: a flag, a small integer, or a list of tokens.
 OptionValue: TypeAlias = bool | int | tuple[str, ...]
-
-
-# -- field checks -----------------------------------------------------------------------------
-
-
-def _require_time(value: object, name: str) -> int:
-    if type(value) is not int or not 0 <= value < _U63:
-        raise MalformedError(f"{name} must be a non-negative integer")
-    return value
-
-
-def _require_bytes(value: object, size: int, name: str) -> bytes:
-    if type(value) is not bytes or len(value) != size:
-        raise MalformedError(f"{name} must be {size} bytes")
-    return value
-
-
-def _require_map(value: object, fields: Iterable[str], name: str) -> dict[str, Any]:
-    if type(value) is not dict or set(value) != set(fields):
-        raise MalformedError(f"{name} must be a map with exactly the fields {sorted(fields)}")
-    return value
-
-
-def _printable(value: object, max_len: int, name: str) -> str:
-    if type(value) is not str or len(value) > max_len or not value.isprintable():
-        raise MalformedError(f"{name} must be printable text of at most {max_len} characters")
-    return value
-
-
-def check_relative_name(name: object, what: str = "name") -> str:
-    """Return ``name`` if it is a safe relative path, else raise :class:`MalformedError`.
-
-    Safe: 1 to 255 printable characters (no NUL or other control characters), not
-    absolute, no backslash, and ``/``-separated components that are neither empty, ``.``
-    nor ``..``. Such a name joined to a directory stays inside it.
-    """
-    if type(name) is not str or not 0 < len(name) <= _MAX_NAME or not name.isprintable():
-        raise MalformedError(f"{what} must be 1 to {_MAX_NAME} printable characters")
-    if "\\" in name:
-        raise MalformedError(f"{what} {name!r:.80} contains a backslash")
-    if name.startswith("/"):
-        raise MalformedError(f"{what} {name!r:.80} is absolute")
-    if any(part in ("", ".", "..") for part in name.split("/")):
-        raise MalformedError(f"{what} {name!r:.80} has an empty, '.' or '..' component")
-    return name
-
-
-def _check_token(value: object, name: str) -> str:
-    if type(value) is not str or not _TOKEN.fullmatch(value):
-        raise MalformedError(f"{name} must match [a-z0-9][a-z0-9._+-]{{0,63}}, got {value!r:.40}")
-    return value
-
-
-def _signed_part(data: bytes, elements: int) -> bytes:
-    """The canonical encoding of the first ``elements - 1`` items of the array ``data``.
-
-    Valid only for canonical ``data`` of a fixarray (fewer than 16 elements) whose last
-    element is a 64-byte ``bin8``: then dropping that element is shortening the array header
-    by one and removing the final 66 bytes, no re-encoding needed.
-    """
-    assert elements < 16
-    return bytes([0x90 | (elements - 1)]) + data[1 : -(2 + SIGNATURE_SIZE)]
-
-
-def _split_signed(data: bytes, max_size: int, elements: int, what: str) -> list[Any]:
-    value = decode(data, max_size=max_size)
-    if type(value) is not list or len(value) != elements:
-        raise MalformedError(f"a {what} is an array of {elements} elements")
-    version = value[0]
-    if type(version) is not int or version != _FORMAT_VERSION:
-        raise MalformedError(f"unsupported {what} format version {version!r:.20}")
-    _require_bytes(value[-1], SIGNATURE_SIZE, "signature")
-    return value
 
 
 # -- job --------------------------------------------------------------------------------------
@@ -933,189 +852,3 @@ class Result:
             raise WrongNodeError(f"result signed by {self.node.fingerprint}, not the node asked")
         if self.job_id != job.job_id or self.job_sha256 != job.sha256:
             raise MalformedError("result is for another job")
-
-
-# -- pull-mode auth ---------------------------------------------------------------------------
-
-
-@attrs.frozen
-class PullAuth:
-    """A node's signed proof of identity for one long-poll request to one dispatcher.
-
-    Valid for :attr:`JobPolicy.pull_auth_window` seconds either side of ``issued_at``, and
-    once: the dispatcher remembers the nonce.
-    """
-
-    node: PublicKey
-    dispatcher: PublicKey
-    issued_at: int
-    nonce: bytes
-    signature: bytes = attrs.field(repr=False)
-    raw: bytes = attrs.field(repr=False, eq=False)
-
-    @classmethod
-    def create(
-        cls,
-        identity: Identity,
-        dispatcher: PublicKey,
-        *,
-        issued_at: int,
-        nonce: bytes | None = None,
-    ) -> PullAuth:
-        """Sign a token for ``dispatcher`` as node ``identity``; ``nonce`` defaults to random."""
-        nonce = os.urandom(NONCE_SIZE) if nonce is None else nonce
-        _require_bytes(nonce, NONCE_SIZE, "nonce")
-        _require_time(issued_at, "issued_at")
-        unsigned = [_FORMAT_VERSION, identity.public_key.raw, dispatcher.raw, issued_at, nonce]
-        signature = identity.sign(Domain.PULL_AUTH, encode(unsigned))
-        raw = encode([*unsigned, signature], max_size=MAX_PULL_AUTH_SIZE)
-        return cls(identity.public_key, dispatcher, issued_at, nonce, signature, raw)
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> PullAuth:
-        """Parse and authenticate a token.
-
-        Raises :class:`OversizeError`, :class:`MalformedError` or :class:`BadSignatureError`.
-        """
-        value = _split_signed(data, MAX_PULL_AUTH_SIZE, 6, "pull token")
-        _, node, dispatcher, issued_at, nonce, signature = value
-        node_key = PublicKey(_require_bytes(node, 32, "node"))
-        dispatcher_key = PublicKey(_require_bytes(dispatcher, 32, "dispatcher"))
-        _require_time(issued_at, "issued_at")
-        _require_bytes(nonce, NONCE_SIZE, "nonce")
-        node_key.verify(Domain.PULL_AUTH, _signed_part(data, 6), signature)
-        return cls(node_key, dispatcher_key, issued_at, nonce, signature, data)
-
-    def to_bytes(self) -> bytes:
-        return self.raw
-
-    def check(
-        self,
-        now: float,
-        trust_list: TrustList,
-        dispatcher_key: PublicKey,
-        seen: ReplayCache,
-        *,
-        policy: JobPolicy = DEFAULT_JOB_POLICY,
-    ) -> None:
-        """Check the token at dispatcher ``dispatcher_key`` at time ``now``, and record its
-        nonce in ``seen`` (a token is single-use).
-
-        Raises :class:`ExpiredError` (older than the window), :class:`NotYetValidError`
-        (newer than the window), :class:`WrongNodeError` (meant for another dispatcher),
-        :class:`UntrustedKeyError` (the signer is not a node on ``trust_list``) or
-        :class:`ReplayError`.
-        """
-        window = policy.pull_auth_window
-        if now > self.issued_at + window:
-            raise ExpiredError(f"pull token is {now - self.issued_at:.0f}s old")
-        if self.issued_at > now + window:
-            raise NotYetValidError(f"pull token issued {self.issued_at - now:.0f}s ahead")
-        if self.dispatcher != dispatcher_key:
-            raise WrongNodeError("pull token is for another dispatcher")
-        trust_list.require(self.node, Role.NODE)
-        seen.add(self.node.raw + self.nonce, self.issued_at + window + 1, now)
-
-
-# -- job control ------------------------------------------------------------------------------
-
-
-class JobControlAction(enum.StrEnum):
-    """What a :class:`JobControl` orders."""
-
-    #: Stop a running job (it ends ``cancelled``), or forget a finished one with its files.
-    DELETE = "delete"
-
-
-@attrs.frozen
-class JobControl:
-    """A dispatcher's signed order about one job it issued (``DELETE /v1/jobs/<id>`` on a
-    node carries one). Like :class:`PullAuth` it is fresh for
-    :attr:`JobPolicy.pull_auth_window` seconds either side of ``issued_at`` and single-use
-    (the node remembers the nonce); it names the job, so it cannot be aimed at another.
-    """
-
-    dispatcher: PublicKey
-    job_id: bytes
-    action: JobControlAction
-    issued_at: int
-    nonce: bytes
-    signature: bytes = attrs.field(repr=False)
-    raw: bytes = attrs.field(repr=False, eq=False)
-
-    @classmethod
-    def create(
-        cls,
-        identity: Identity,
-        job_id: bytes,
-        action: JobControlAction,
-        *,
-        issued_at: int,
-        nonce: bytes | None = None,
-    ) -> JobControl:
-        """Sign ``action`` on ``job_id`` as dispatcher ``identity``; ``nonce`` defaults to
-        random."""
-        nonce = os.urandom(NONCE_SIZE) if nonce is None else nonce
-        _require_bytes(nonce, NONCE_SIZE, "nonce")
-        _require_bytes(job_id, ID_SIZE, "job_id")
-        _require_time(issued_at, "issued_at")
-        action = JobControlAction(action)
-        unsigned = [
-            _FORMAT_VERSION, identity.public_key.raw, job_id, action.value, issued_at, nonce
-        ]
-        signature = identity.sign(Domain.JOB_CONTROL, encode(unsigned))
-        raw = encode([*unsigned, signature], max_size=MAX_JOB_CONTROL_SIZE)
-        return cls(identity.public_key, job_id, action, issued_at, nonce, signature, raw)
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> JobControl:
-        """Parse and authenticate an order.
-
-        Raises :class:`OversizeError`, :class:`MalformedError` or :class:`BadSignatureError`.
-        """
-        value = _split_signed(data, MAX_JOB_CONTROL_SIZE, 7, "job control")
-        _, dispatcher, job_id, action, issued_at, nonce, signature = value
-        dispatcher_key = PublicKey(_require_bytes(dispatcher, 32, "dispatcher"))
-        _require_bytes(job_id, ID_SIZE, "job_id")
-        try:
-            parsed = JobControlAction(action) if type(action) is str else None
-        except ValueError:
-            parsed = None
-        if parsed is None:
-            raise MalformedError("unknown job control action")
-        _require_time(issued_at, "issued_at")
-        _require_bytes(nonce, NONCE_SIZE, "nonce")
-        dispatcher_key.verify(Domain.JOB_CONTROL, _signed_part(data, 7), signature)
-        return cls(dispatcher_key, job_id, parsed, issued_at, nonce, signature, data)
-
-    def to_bytes(self) -> bytes:
-        return self.raw
-
-    def check(
-        self,
-        now: float,
-        job: Job,
-        action: JobControlAction,
-        seen: ReplayCache,
-        *,
-        policy: JobPolicy = DEFAULT_JOB_POLICY,
-    ) -> None:
-        """Check the order against the ``job`` it must be about at time ``now``, and record
-        its nonce in ``seen`` (an order is single-use).
-
-        Raises :class:`ForbiddenError` (signed by another key than the job's dispatcher,
-        about another job, or ordering another action), :class:`ExpiredError`,
-        :class:`NotYetValidError` or :class:`ReplayError`.
-        """
-        if self.dispatcher != job.dispatcher:
-            raise ForbiddenError("only the dispatcher that issued a job may control it")
-        if self.job_id != job.job_id:
-            raise ForbiddenError("the order is about another job")
-        if self.action is not action:
-            raise ForbiddenError(f"the order is for {self.action.value}, not {action.value}")
-        window = policy.pull_auth_window
-        if now > self.issued_at + window:
-            raise ExpiredError(f"job control order is {now - self.issued_at:.0f}s old")
-        if self.issued_at > now + window:
-            raise NotYetValidError(f"job control order issued {self.issued_at - now:.0f}s ahead")
-        seen.add(self.dispatcher.raw + self.nonce, self.issued_at + window + 1, now)

@@ -24,8 +24,9 @@ import attrs
 
 from ._codec import encode
 from ._errors import ExpiredError, ForbiddenError, NotYetValidError, WrongNodeError
+from ._fields import _require_bytes, _require_time, _signed_part, _split_signed
 from ._identity import Domain, Identity, PublicKey, Role
-from ._jobs import NONCE_SIZE, _require_bytes, _require_time, _signed_part, _split_signed
+from ._jobs import NONCE_SIZE
 from ._replay import ReplayCache
 from ._trust import TrustList
 

@@ -83,14 +83,13 @@ from .._errors import MalformedError, OversizeError, P2PBuildError
 from .._identity import PublicKey
 from .._jobs import (
     DEFAULT_JOB_POLICY,
-    MAX_PULL_AUTH_SIZE,
     MAX_RESULT_SIZE,
     FileDigest,
     Job,
     JobPolicy,
-    PullAuth,
     Result,
 )
+from .._orders import MAX_PULL_AUTH_SIZE, PullAuth
 from .._replay import ReplayCache
 from .._trust import TrustList
 from ._errors import (

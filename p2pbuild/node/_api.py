@@ -53,7 +53,8 @@ from .._errors import (
     RemoteError,
 )
 from .._identity import Identity
-from .._jobs import MAX_JOB_CONTROL_SIZE, MAX_JOB_SIZE, JobControl, JobControlAction
+from .._jobs import MAX_JOB_SIZE
+from .._orders import MAX_JOB_CONTROL_SIZE, JobControl, JobControlAction
 from ..https import (
     RequestTimeoutError,
     ServerConfig,

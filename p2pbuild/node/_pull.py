@@ -50,7 +50,8 @@ import trio
 
 from .._errors import RemoteError, UntrustedKeyError
 from .._identity import Identity
-from .._jobs import Job, PullAuth, Result
+from .._jobs import Job, Result
+from .._orders import PullAuth
 from ..https import CertificatePinError, pinned_client
 from ._config import PullDispatcher
 from ._service import JobRunningError, JobService, UnavailableError, UnknownJobError

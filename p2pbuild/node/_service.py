@@ -44,12 +44,11 @@ from .._jobs import (
     BuildrootRecord,
     FileDigest,
     Job,
-    JobControl,
-    JobControlAction,
     JobPolicy,
     Result,
     ResultState,
 )
+from .._orders import JobControl, JobControlAction
 from .._replay import ReplayCache
 from .._trust import TrustList
 from ._errors import BuildEnvironmentError

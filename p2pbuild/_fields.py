@@ -1,0 +1,90 @@
+"""Field checks shared by the signed objects of the core (jobs, results, orders, wake
+requests, holds): each raises :class:`MalformedError` naming the field, and the helpers that
+split a signed canonical array from its signature."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from ._codec import decode
+from ._errors import MalformedError
+from ._identity import SIGNATURE_SIZE
+from ._records import _TOKEN
+
+__all__ = ["check_relative_name"]
+
+#: The format version every signed array starts with.
+_FORMAT_VERSION = 1
+_MAX_NAME = 255
+_U63 = 2**63
+
+
+def _require_time(value: object, name: str) -> int:
+    if type(value) is not int or not 0 <= value < _U63:
+        raise MalformedError(f"{name} must be a non-negative integer")
+    return value
+
+
+def _require_bytes(value: object, size: int, name: str) -> bytes:
+    if type(value) is not bytes or len(value) != size:
+        raise MalformedError(f"{name} must be {size} bytes")
+    return value
+
+
+def _require_map(value: object, fields: Iterable[str], name: str) -> dict[str, Any]:
+    if type(value) is not dict or set(value) != set(fields):
+        raise MalformedError(f"{name} must be a map with exactly the fields {sorted(fields)}")
+    return value
+
+
+def _printable(value: object, max_len: int, name: str) -> str:
+    if type(value) is not str or len(value) > max_len or not value.isprintable():
+        raise MalformedError(f"{name} must be printable text of at most {max_len} characters")
+    return value
+
+
+def check_relative_name(name: object, what: str = "name") -> str:
+    """Return ``name`` if it is a safe relative path, else raise :class:`MalformedError`.
+
+    Safe: 1 to 255 printable characters (no NUL or other control characters), not
+    absolute, no backslash, and ``/``-separated components that are neither empty, ``.``
+    nor ``..``. Such a name joined to a directory stays inside it.
+    """
+    if type(name) is not str or not 0 < len(name) <= _MAX_NAME or not name.isprintable():
+        raise MalformedError(f"{what} must be 1 to {_MAX_NAME} printable characters")
+    if "\\" in name:
+        raise MalformedError(f"{what} {name!r:.80} contains a backslash")
+    if name.startswith("/"):
+        raise MalformedError(f"{what} {name!r:.80} is absolute")
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        raise MalformedError(f"{what} {name!r:.80} has an empty, '.' or '..' component")
+    return name
+
+
+def _check_token(value: object, name: str) -> str:
+    if type(value) is not str or not _TOKEN.fullmatch(value):
+        raise MalformedError(f"{name} must match [a-z0-9][a-z0-9._+-]{{0,63}}, got {value!r:.40}")
+    return value
+
+
+def _signed_part(data: bytes, elements: int) -> bytes:
+    """The canonical encoding of the first ``elements - 1`` items of the array ``data``.
+
+    Valid only for canonical ``data`` of a fixarray (fewer than 16 elements) whose last
+    element is a 64-byte ``bin8``: then dropping that element is shortening the array header
+    by one and removing the final 66 bytes, no re-encoding needed.
+    """
+    assert elements < 16
+    return bytes([0x90 | (elements - 1)]) + data[1 : -(2 + SIGNATURE_SIZE)]
+
+
+def _split_signed(data: bytes, max_size: int, elements: int, what: str) -> list[Any]:
+    value = decode(data, max_size=max_size)
+    if type(value) is not list or len(value) != elements:
+        raise MalformedError(f"a {what} is an array of {elements} elements")
+    version = value[0]
+    if type(version) is not int or version != _FORMAT_VERSION:
+        raise MalformedError(f"unsupported {what} format version {version!r:.20}")
+    _require_bytes(value[-1], SIGNATURE_SIZE, "signature")
+    return value
