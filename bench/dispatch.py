@@ -194,6 +194,8 @@ async def bench_koji(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         farm = await start_koji_farm(
             nursery, tmp, {"k1": ExecutorRunner(), "k2": ExecutorRunner()}, fixture,
             koji={"poll_interval_s": 0.2},
+            # On the destination tag's package list, as `koji add-pkg` puts them.
+            packages=[f"bench-koji-{i}" for i in range(args.koji_builds)],
         )
         try:
             for i in range(args.koji_builds):
