@@ -19,7 +19,7 @@ from .._errors import MalformedError
 from .._hostport import parse_host_port
 from .._identity import PublicKey
 from .._jobs import DEFAULT_ARCH, DEFAULT_OS
-from ._engine import EngineConfig
+from ._engine_config import EngineConfig
 from ._errors import ConfigError
 from ._leases import Quotas
 

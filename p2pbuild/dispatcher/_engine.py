@@ -43,7 +43,7 @@ import random
 import shutil
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import attrs
@@ -52,8 +52,6 @@ import trio
 from .._errors import RemoteError
 from .._identity import Identity, PublicKey, Role
 from .._jobs import (
-    DEFAULT_ARCH,
-    DEFAULT_OS,
     BuildType,
     Job,
     Result,
@@ -69,6 +67,7 @@ from ._db import (
     BuildState,
     Database,
 )
+from ._engine_config import EngineConfig, EngineStatistics
 from ._errors import (
     BadNodeResultError,
     BadRequestError,
@@ -104,11 +103,9 @@ from ._request import (
     stored_job_spec,
 )
 from ._select import (
-    DEFAULT_SELECTION_POLICY,
     Candidate,
     Platform,
     Requirements,
-    SelectionPolicy,
     asleep,
     select_nodes,
 )
@@ -134,61 +131,6 @@ __all__ = [
 _log = logging.getLogger("p2pbuild.dispatcher.engine")
 
 Clock = Callable[[], float]
-
-
-@attrs.frozen
-class EngineConfig:
-    """The engine's bounds and timings (seconds)."""
-
-    state_dir: Path
-    #: Base URL nodes fetch sources from (``<public_url>/v1/sources/<sha256>``); empty:
-    #: jobs carry no URL (the inline-upload form; for tests with in-process runners).
-    public_url: str = ""
-    default_arch: str = DEFAULT_ARCH
-    default_os: str = DEFAULT_OS
-    #: A job's lifetime beyond its time limit (queueing, fetching, uploading).
-    job_margin_s: int = 600
-    #: How long one follow of a running job lasts before a liveness check in the DHT.
-    follow_interval_s: float = 30.0
-    #: Unreachable this long (consecutive) while running: the node is lost.
-    unreachable_after_s: float = 60.0
-    #: Submit retries when a node is busy or unreachable, with exponential backoff.
-    submit_tries: int = 4
-    backoff_base_s: float = 0.5
-    backoff_max_s: float = 60.0
-    #: A lost node is excluded from the same build for backoff_base_s * 2**losses.
-    node_retry_base_s: float = 5.0
-    max_attempts: int = 8
-    max_tiebreaks: int = 2
-    #: How long to wait for a node when only transient constraints fail.
-    no_node_wait_s: float = 300.0
-    #: Team of each pool dedicated to one team.
-    dedicated_pools: Mapping[str, str] = attrs.field(factory=dict)
-    selection: SelectionPolicy = DEFAULT_SELECTION_POLICY
-    max_source_bytes: int = 1024**3
-    #: Hosts a source URL may name although they are not public (``_sources.py``).
-    source_allow_hosts: tuple[str, ...] = ()
-    #: Record a node's heartbeat at most this often.
-    heartbeat_interval_s: float = 60.0
-    node_timeout_s: float = 30.0
-    #: While waking an on-demand node through its operator's service: how often to look
-    #: for its status out of standby in the directory.
-    wake_poll_s: float = 1.0
-
-
-@attrs.frozen
-class EngineStatistics:
-    builds_running: int
-    attempts_running: int
-    #: Node errors by code.
-    node_errors: tuple[tuple[str, int], ...]
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "builds_running": self.builds_running,
-            "attempts_running": self.attempts_running,
-            "node_errors": dict(self.node_errors),
-        }
 
 
 @attrs.define(eq=False)
@@ -713,7 +655,6 @@ class Engine:
         if verdict.outliers and not report:
             groups = [list(verdict.agreeing)] + [[o] for o in verdict.outliers]
             report = difference_report(groups)
-        agreeing = {r.attempt for r in verdict.agreeing}
         operators = " and ".join(r.operator for r in verdict.proof)
         # The report file first: whoever sees the final state may read it at once.
         if report:
@@ -721,23 +662,7 @@ class Engine:
         # The ratings, the user's platform and the verified state in one commit: a restart
         # before it redoes all of them (the sink is idempotent), after it none.
         with self.db.batch():
-            for replica in (*verdict.agreeing, *verdict.outliers):
-                node = str(replica.node)
-                ok = replica.attempt in agreeing
-                self.ratings.record(
-                    node, Signal.AGREEMENT, 1.0 if ok else 0.0, now, build_id=build.id,
-                    reason="" if ok else "outlier: artifacts differ from the verified build",
-                )
-            for attempt in attempts:
-                if attempt.state is AttemptState.FAILED:
-                    self.ratings.record(
-                        attempt.node, Signal.SUCCESS, 0.0, now, build_id=build.id,
-                        reason="build failed where other operators succeeded",
-                    )
-            self.ratings.record_durations(
-                {str(r.node): r.result.duration_ms for r in verdict.agreeing}, now,
-                build_id=build.id,
-            )
+            self.ratings.record_verdict(verdict, attempts, now, build_id=build.id)
             self.db.set_platform(build.user, build.arch, build.os, machine, now)
             self.db.set_build_state(
                 build.id, BuildState.VERIFIED, self.clock(),

@@ -1,10 +1,10 @@
 """The build planner: what a build needs next, decided from its persisted attempts.
 
 Pure, like ``_select.py`` and ``_verify.py``: :func:`plan` takes the build, its attempts
-(each with its signed result, parsed once), the time and the engine's bounds, and returns
-one action; :func:`after_no_node` turns a failed selection into waiting or failing. No
-I/O, no clock, no database: the engine (``_engine.py``) reads the state, asks, and carries
-the action out, then asks again when something changed.
+(each with its signed result, parsed once), the time and the engine's bounds
+(``EngineConfig``), and returns one action; :func:`after_no_node` turns a failed selection
+into waiting or failing. No I/O, no clock, no database: the engine (``_engine.py``) reads
+the state, asks, carries the action out, and asks again when something changed.
 
 The actions:
 
@@ -26,12 +26,12 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from typing import Protocol
 
 import attrs
 
 from .._jobs import Result
 from ._db import AttemptRow, AttemptState, BuildRow
+from ._engine_config import EngineConfig
 from ._errors import NoCapableNodeError
 from ._verify import NeedTieBreak, Replica, Verified, assess
 
@@ -42,7 +42,6 @@ __all__ = [
     "Choose",
     "Complete",
     "Fail",
-    "PlanBounds",
     "TieBreak",
     "Wait",
     "after_no_node",
@@ -55,25 +54,6 @@ __all__ = [
 TRANSIENT_CONSTRAINTS = frozenset(
     {"draining", "excluded", "operators-used", "lease", "leased"}
 )
-
-
-class PlanBounds(Protocol):
-    """The bounds the planner reads (``EngineConfig`` has them all; seconds)."""
-
-    @property
-    def max_attempts(self) -> int: ...
-
-    @property
-    def max_tiebreaks(self) -> int: ...
-
-    @property
-    def node_retry_base_s(self) -> float: ...
-
-    @property
-    def backoff_max_s(self) -> float: ...
-
-    @property
-    def no_node_wait_s(self) -> float: ...
 
 
 @attrs.frozen
@@ -157,21 +137,21 @@ def _replicas(attempts: Sequence[Attempt]) -> list[Replica]:
 
 
 def _excluded_nodes(
-    attempts: Sequence[Attempt], now: float, bounds: PlanBounds
+    attempts: Sequence[Attempt], now: float, config: EngineConfig
 ) -> dict[str, float]:
     ended = [a.row for a in attempts if a.state in (AttemptState.LOST, AttemptState.FAILED)]
     losses = Counter(a.node for a in ended)
     excluded: dict[str, float] = {}
     for row in ended:
         until = (row.ended_at or now) + backoff(
-            bounds.node_retry_base_s, losses[row.node] - 1, bounds.backoff_max_s
+            config.node_retry_base_s, losses[row.node] - 1, config.backoff_max_s
         )
         if until > now:
             excluded[row.node] = max(until, excluded.get(row.node, 0.0))
     return excluded
 
 
-def plan(build: BuildRow, attempts: Sequence[Attempt], now: float, bounds: PlanBounds) -> Action:
+def plan(build: BuildRow, attempts: Sequence[Attempt], now: float, config: EngineConfig) -> Action:
     """The next action for ``build`` given all its ``attempts`` (in creation order).
 
     The build must not be terminal, cancelled or waiting for its source (the engine
@@ -193,7 +173,7 @@ def plan(build: BuildRow, attempts: Sequence[Attempt], now: float, bounds: PlanB
             f"the build failed on {len(failed_ops)} operators "
             f"({', '.join(sorted(failed_ops))}): {', '.join(states)}"
         )
-    if not active and len(attempts) >= bounds.max_attempts:
+    if not active and len(attempts) >= config.max_attempts:
         reasons = "; ".join(
             f"{a.operator}: {a.row.reason or a.state.value}" for a in attempts[-3:]
         )
@@ -202,24 +182,24 @@ def plan(build: BuildRow, attempts: Sequence[Attempt], now: float, bounds: PlanB
         if active:
             return TieBreak(verdict, None)
         tiebreaks = sum(1 for a in attempts if a.row.role == "tiebreak")
-        if tiebreaks >= bounds.max_tiebreaks:
+        if tiebreaks >= config.max_tiebreaks:
             return Fail(
                 f"replicas disagree after {tiebreaks} tie-break(s); nothing stored", verdict
             )
         exclude = frozenset(verdict.operators | {a.operator for a in active})
         return TieBreak(
-            verdict, Choose(1, "tiebreak", exclude, _excluded_nodes(attempts, now, bounds))
+            verdict, Choose(1, "tiebreak", exclude, _excluded_nodes(attempts, now, config))
         )
     covered = frozenset(verdict.operators | {a.operator for a in active})
     missing = max(build.replicas, 2) - len(covered)
     if missing <= 0:
         return Wait(reason="enough replicas are building")
-    if len(attempts) + missing > bounds.max_attempts and not active:
-        missing = max(bounds.max_attempts - len(attempts), 0)
+    if len(attempts) + missing > config.max_attempts and not active:
+        missing = max(config.max_attempts - len(attempts), 0)
     if missing == 0:
         return Wait(reason="no attempt left to start")
     role = "replica" if not attempts else "replacement"
-    return Choose(missing, role, covered, _excluded_nodes(attempts, now, bounds))
+    return Choose(missing, role, covered, _excluded_nodes(attempts, now, config))
 
 
 def _failure(attempt: Attempt) -> str:
@@ -241,7 +221,7 @@ def after_no_node(
     choose: Choose,
     waiting_since: float | None,
     now: float,
-    bounds: PlanBounds,
+    config: EngineConfig,
 ) -> Fail | Wait:
     """What to do when no node satisfies ``choose``: fail at once when the failing
     constraint cannot pass by itself (an arch no trusted node has) or when the build has
@@ -249,7 +229,7 @@ def after_no_node(
     ends (or ``node_retry_base_s``), at most ``backoff_max_s``."""
     if error.constraint not in TRANSIENT_CONSTRAINTS:
         return Fail(str(error))
-    if waiting_since is not None and now - waiting_since > bounds.no_node_wait_s:
+    if waiting_since is not None and now - waiting_since > config.no_node_wait_s:
         return Fail(str(error))
-    retry = min(choose.exclude_nodes.values(), default=now + bounds.node_retry_base_s)
-    return Wait(min(retry, now + bounds.backoff_max_s), str(error))
+    retry = min(choose.exclude_nodes.values(), default=now + config.node_retry_base_s)
+    return Wait(min(retry, now + config.backoff_max_s), str(error))

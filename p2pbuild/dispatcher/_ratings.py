@@ -37,11 +37,12 @@ from __future__ import annotations
 import enum
 import math
 import statistics
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import attrs
 
-from ._db import Database, HeartbeatRow, ObservationRow, RatingRow
+from ._db import AttemptRow, AttemptState, Database, HeartbeatRow, ObservationRow, RatingRow
+from ._verify import Verified
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -203,6 +204,30 @@ class RatingBook:
             ObservationRow(now, node, signal.value, value, build_id), updated, reason=reason
         )
         rows[(node, signal.value)] = updated
+
+    def record_verdict(
+        self, verdict: Verified, attempts: Sequence[AttemptRow], now: float, *, build_id: str
+    ) -> None:
+        """What a verified build says of its nodes: agreement for every replica (an
+        outlier's artifacts differed), a failure for each attempt whose build failed where
+        other operators succeeded, and the agreeing nodes' relative build times."""
+        agreeing = {r.attempt for r in verdict.agreeing}
+        for replica in (*verdict.agreeing, *verdict.outliers):
+            ok = replica.attempt in agreeing
+            self.record(
+                str(replica.node), Signal.AGREEMENT, 1.0 if ok else 0.0, now, build_id=build_id,
+                reason="" if ok else "outlier: artifacts differ from the verified build",
+            )
+        for attempt in attempts:
+            if attempt.state is AttemptState.FAILED:
+                self.record(
+                    attempt.node, Signal.SUCCESS, 0.0, now, build_id=build_id,
+                    reason="build failed where other operators succeeded",
+                )
+        self.record_durations(
+            {str(r.node): r.result.duration_ms for r in verdict.agreeing}, now,
+            build_id=build_id,
+        )
 
     def record_durations(
         self, durations_ms: Mapping[str, int], now: float, *, build_id: str | None = None
