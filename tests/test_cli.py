@@ -199,7 +199,7 @@ def test_node_and_dispatcher_init_take_their_addresses(
                        "--dht-bind", "127.0.0.1:0", "--bootstrap", "127.0.0.1:7420")
     assert status == 0
     dispatcher = tomllib.loads((tmp_path / "d" / "dispatcher.toml").read_text())
-    assert dispatcher["dht"] == {"host": "127.0.0.1", "port": 0, "bootstrap": ["127.0.0.1:7420"]}
+    assert dispatcher["dht"] == {"bind": "127.0.0.1:0", "bootstrap": ["127.0.0.1:7420"]}
     status, _, err = run(capsys, "node", "init", "--dir", str(tmp_path / "x"),
                          "--listen", "nowhere")
     assert status == 1

@@ -120,3 +120,19 @@ def test_node_run_port_in_use_is_one_line(farm: LocalFarm) -> None:
                    f'bind = "127.0.0.1:{port}"\n\n[limits]')
         one_line_error(run("node", "run", "--config", directory / "node.toml"), str(port))
 
+
+
+def test_dispatcher_config_takes_the_nodes_bind_names(farm: LocalFarm) -> None:
+    from p2pbuild.dispatcher import load_config
+
+    text = farm.dispatcher_config.read_text()
+    port = load_config(farm.dispatcher_config).port
+    replace_in(farm.dispatcher_config, f'host = "127.0.0.1"\nport = {port}\n',
+               f'bind = "127.0.0.1:{port}"\n')
+    config = load_config(farm.dispatcher_config)
+    assert (config.host, config.port) == ("127.0.0.1", port)
+    # Both spellings at once: refused by name.
+    both = text.replace("[api]\n", f'[api]\nbind = "127.0.0.1:{port}"\n')
+    farm.dispatcher_config.write_text(both)
+    one_line_error(run("dispatcher", "run", "--config", farm.dispatcher_config),
+                   "bind, or host and port, not both")

@@ -75,6 +75,10 @@ def register(sub: Any) -> None:
 # -- dispatcher init / run ------------------------------------------------------------------------
 
 
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _init(args: argparse.Namespace) -> int:
     directory: Path = args.dir
     try:
@@ -107,8 +111,9 @@ def _init(args: argparse.Namespace) -> int:
             "key": "dispatcher.key", "trust_list": "trust-list.bin", "state_dir": "state",
             "repository": "repo",
         },
-        "api": {"host": args.host, "port": args.port, "tls_dir": "tls", "public_url": url},
-        "dht": {"host": dht_host, "port": dht_port, "bootstrap": list(args.bootstrap)},
+        # The node's names: bind = "HOST:PORT".
+        "api": {"bind": _join(args.host, args.port), "tls_dir": "tls", "public_url": url},
+        "dht": {"bind": _join(dht_host, dht_port), "bootstrap": list(args.bootstrap)},
         # Whoever creates the dispatcher runs it: an admin (may cancel any build).
         "clients": [{"user": args.user, "role": "admin", "token_sha256": hash_token(token)}],
     }

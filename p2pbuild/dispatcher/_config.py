@@ -134,10 +134,10 @@ def _address(text: str, where: str) -> tuple[str, int]:
 _KEYS = {
     "dispatcher": {"key", "trust_list", "state_dir", "repository", "default_arch",
                    "default_os", "synchronous", "source_allow_hosts"},
-    "api": {"host", "port", "tls_dir", "public_url", "max_upload_bytes", "keepalive_s", "web",
-            "max_uploads_in_flight_bytes", "keep_alive_timeout_s", "max_connections",
+    "api": {"bind", "host", "port", "tls_dir", "public_url", "max_upload_bytes", "keepalive_s",
+            "web", "max_uploads_in_flight_bytes", "keep_alive_timeout_s", "max_connections",
             "max_connections_per_address"},
-    "dht": {"host", "port", "bootstrap", "list_arches"},
+    "dht": {"bind", "host", "port", "bootstrap", "list_arches"},
     "clients": {"user", "team", "role", "token_sha256", "key"},
 }
 
@@ -225,9 +225,8 @@ def load_config(path: Path, extra_sections: Collection[str] = ()) -> DispatcherC
     public_url = _get(api, "public_url", str, f"{path} [api]", "")
     if public_url and not public_url.startswith("https://"):
         raise ConfigError(f"{path} [api]: public_url must start with https://")
-    port = _get(api, "port", int, f"{path} [api]", 7443)
-    if not 0 <= port < 65536:
-        raise ConfigError(f"{path} [api]: port must be 0 to 65535")
+    api_host, port = _bind(api, f"{path} [api]", "127.0.0.1", 7443)
+    dht_host, dht_port = _bind(dht, f"{path} [dht]", "0.0.0.0", 7421)
     keepalive_s = _get(api, "keepalive_s", float, f"{path} [api]", 15.0)
     if not 0.1 <= keepalive_s <= 300.0:
         raise ConfigError(f"{path} [api]: keepalive_s must be 0.1 to 300 seconds")
@@ -256,7 +255,7 @@ def load_config(path: Path, extra_sections: Collection[str] = ()) -> DispatcherC
         state_dir=rel(_get(main, "state_dir", str, w, "state")),
         repository=rel(_get(main, "repository", str, w, "repo")),
         tls_dir=rel(_get(api, "tls_dir", str, f"{path} [api]", "tls")),
-        host=_get(api, "host", str, f"{path} [api]", "127.0.0.1"),
+        host=api_host,
         port=port,
         public_url=public_url,
         default_arch=_get(main, "default_arch", str, w, DEFAULT_ARCH),
@@ -265,8 +264,8 @@ def load_config(path: Path, extra_sections: Collection[str] = ()) -> DispatcherC
         web=_get(api, "web", bool, f"{path} [api]", True),
         source_allow_hosts=tuple(h.lower().strip("[]") for h in allow_hosts),
         **bounds,
-        dht_host=_get(dht, "host", str, f"{path} [dht]", "0.0.0.0"),
-        dht_port=_get(dht, "port", int, f"{path} [dht]", 7421),
+        dht_host=dht_host,
+        dht_port=dht_port,
         dht_bootstrap=tuple(
             _address(a, f"{path} [dht] bootstrap")
             for a in _get(dht, "bootstrap", list, f"{path} [dht]", [])
@@ -321,6 +320,23 @@ def _leases_section(document: Mapping[str, Any], path: Path) -> dict[str, Any]:
             if numbers[key] < 1:
                 raise ConfigError(f"{w}: {key} must be a positive integer")
     return {"lease_quotas": Quotas(**numbers)}
+
+
+def _bind(table: Mapping[str, Any], where: str, host: str, port: int) -> tuple[str, int]:
+    """A listening address: ``bind = "HOST:PORT"`` as in the node's configuration (port 0:
+    any free port), or the older ``host`` and ``port`` keys, not both."""
+    if "bind" in table:
+        if "host" in table or "port" in table:
+            raise ConfigError(f"{where}: give bind, or host and port, not both")
+        try:
+            return parse_host_port(_get(table, "bind", str, where), allow_zero=True)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: bind: {exc}") from None
+    host = _get(table, "host", str, where, host)
+    port = _get(table, "port", int, where, port)
+    if not 0 <= port < 65536:
+        raise ConfigError(f"{where}: port must be 0 to 65535")
+    return host, port
 
 
 def _pull_section(document: Mapping[str, Any], path: Path) -> tuple[float, float]:
