@@ -33,6 +33,7 @@ from ._nodes import DirectoryFinder, NodeConnector, NodeFinder, PushNodeClient, 
 from ._pull import PullQueue
 from ._pull_routes import pull_routes, serve_pull
 from ._ratings import NodeRating, RatingBook, RatingModel
+from ._request import buildroot_from_json
 from ._select import Candidate, Platform, Requirements, select_nodes
 from ._service import RunningDispatcher, run_dispatcher
 from ._sink import RepositorySink
@@ -101,5 +102,6 @@ __all__ = [
     "select_nodes",
     "serve_pull",
     "sign_request",
+    "buildroot_from_json",
     "web_routes",
 ]

@@ -16,6 +16,7 @@ from pathlib import Path
 import attrs
 import trio
 
+from .._jobs import BuildrootSpec
 from ._db import BuildRow, BuildState
 from ._engine import BuildRequest, Engine
 from ._errors import DispatcherError, SinkError, UnknownBuildError
@@ -71,7 +72,8 @@ class EngineBuildService:
         return store.path(sha256_hex) if store.has(sha256_hex) else None
 
     async def accept(self, source: Path, sha256_hex: str, user: str, *, arch: str | None,
-                     os: str | None, replicas: int, time_limit_s: int) -> str:
+                     os: str | None, replicas: int, time_limit_s: int,
+                     buildroot: BuildrootSpec | None = None) -> str:
         """Store ``source`` (checked against ``sha256_hex``) and accept an RPM build of it
         for ``user``; returns the build id, committed. Raises :class:`SourceChangedError`
         and :class:`~._errors.BadRequestError`."""
@@ -87,6 +89,7 @@ class EngineBuildService:
         request = BuildRequest(
             source_name=source.name, source_sha256=sha256_hex, source_size=len(data),
             arch=arch, os=os, replicas=replicas, time_limit_s=time_limit_s,
+            buildroot=buildroot,
         )
         return self.engine.accept(request, user, None).id
 

@@ -15,6 +15,7 @@ import copy
 import functools
 import hashlib
 import logging
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +25,14 @@ import attrs
 import koji
 import trio
 
-from ..dispatcher import BuildState, BuildStatus, StoredBuild
+from .._jobs import BuildrootSpec
+from ..dispatcher import (
+    BadRequestError,
+    BuildState,
+    BuildStatus,
+    StoredBuild,
+    buildroot_from_json,
+)
 from ._config import KojiConfig
 from ._resume import HUB_ERRORS
 from ._service import BuildService
@@ -39,6 +47,22 @@ __all__ = ["Bridge", "P2POutcome", "TaskDetached", "run_task_blocking"]
 _log = logging.getLogger("p2pbuild.koji")
 
 T = TypeVar("T")
+
+
+#: The comps group of a Koji build tag that a buildroot starts from (Koji's own name).
+KOJI_BUILD_GROUP = "build"
+
+
+async def pin_tag_repo(tag: str, url: str) -> BuildrootSpec:
+    """The buildroot of a build tag's repository at ``url``, pinned to its current
+    ``repomd.xml``. Raises ``koji.BuildError`` when the repository cannot be fetched."""
+    name = re.sub(r"[^a-z0-9._+-]", "-", tag.lower()).lstrip("._+-")[:64] or "build-tag"
+    try:
+        return await buildroot_from_json(
+            {"repos": [{"name": name, "url": url}], "group": KOJI_BUILD_GROUP}
+        )
+    except BadRequestError as exc:
+        raise koji.BuildError(f"cannot pin the build tag's repository {url}: {exc}") from None
 
 
 class TaskDetached(BaseException):
@@ -86,10 +110,15 @@ class Bridge:
 
     # -- trio side ------------------------------------------------------------------------------
 
-    async def p2p_build(self, task_id: int, srpm: Path, adopt: bool) -> P2POutcome:
+    async def p2p_build(self, task_id: int, srpm: Path, adopt: bool,
+                        repo: tuple[str, str] | None = None) -> P2POutcome:
         """Follow the task's P2P build (the row's, or with ``adopt`` one the service
         accepted for it before a crash took the link), else submit the SRPM; wait for the
-        build to end (any way)."""
+        build to end (any way).
+
+        ``repo`` is the build tag's current repository (tag name, URL of its arch
+        directory): a new build runs in a buildroot made from it, starting from the tag's
+        ``build`` group, pinned here to the repository's ``repomd.xml`` as it is now."""
         row = self.store.get(task_id)
         assert row is not None and row.phase is TaskPhase.RESERVED, row
         build_id = row.p2p_build_id
@@ -105,9 +134,13 @@ class Bridge:
             data = await trio.Path(srpm).read_bytes()
             if hashlib.sha256(data).hexdigest() != row.source_sha256:
                 raise koji.BuildError(f"{srpm.name} changed since the task began")
+            buildroot = None
+            if repo is not None:
+                buildroot = await pin_tag_repo(*repo)
             build_id = await self.service.accept(
                 srpm, row.source_sha256, row.user, arch=self.config.arch, os=self.config.os,
                 replicas=self.config.replicas, time_limit_s=self.config.time_limit_s,
+                buildroot=buildroot,
             )
             # No checkpoint between the two commits; a crash between them leaves a build
             # no row names, which the next attempt adopts (_orphan).
@@ -166,10 +199,11 @@ class Bridge:
         """Run ``fn`` in the trio thread (the store and the service live there)."""
         return trio.from_thread.run_sync(functools.partial(fn, *args, **kwargs))
 
-    def run_p2p_build(self, task_id: int, srpm: Path, adopt: bool) -> P2POutcome:
+    def run_p2p_build(self, task_id: int, srpm: Path, adopt: bool,
+                      repo: tuple[str, str] | None = None) -> P2POutcome:
         # In the calling task (not a system task): when the host stops, the wait is
         # cancelled and the worker thread ends with trio.Cancelled.
-        return trio.from_thread.run(self.p2p_build, task_id, srpm, adopt)
+        return trio.from_thread.run(self.p2p_build, task_id, srpm, adopt, repo)
 
     def cancel(self, task_id: int) -> None:
         self.call(self.cancel_nowait, task_id)

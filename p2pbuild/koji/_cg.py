@@ -12,8 +12,11 @@ Our mapping:
 * one buildroot per verifying node: ``host`` (``os`` from the node's ``/etc/os-release``,
   :func:`host_os`) and ``container`` from the build environment in its signed result
   (``container.type`` is ``none``: the node builds in a bubblewrap sandbox, not a
-  container Koji knows), ``extra.p2pbuild`` with the node key, operator, job
-  id and the SHA-256 of the signed job and result and of every artifact;
+  container Koji knows), ``components``: every package of the buildroot its signed result
+  lists, as an ``rpm`` component (name, version, release, epoch, arch, ``sigmd5``), and
+  ``extra.p2pbuild`` with the node key, operator, job id, the SHA-256 of the signed job and
+  result and of every artifact, and ``repo``: the build tag's repository the job pinned
+  (tag, repo id, URL, ``repomd.xml`` SHA-256);
 * outputs: the SRPM and RPMs (the verified files, identical on every node, so they name the
   first buildroot), and for each node its logs and its signed result under ``subdir`` =
   the node's fingerprint. Every buildroot is thereby referenced by an output, as Koji
@@ -28,13 +31,14 @@ uploaded for it: this module is the one place where a stored build becomes CG me
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
 
-from .._jobs import Result
+from .._jobs import BuildrootPackage, Job, Result
 from ..dispatcher import StoredBuild, StoredProof
 
 __all__ = [
@@ -46,6 +50,8 @@ __all__ = [
     "node_files",
     "node_proof",
     "node_subdir",
+    "rpm_component",
+    "tag_repo_of",
 ]
 
 #: The names a verifying node's signed job and result are uploaded under.
@@ -95,6 +101,47 @@ class NodeProof:
     artifacts: Mapping[str, str]
     #: Its logs and signed result (type "log", relpath = node_subdir(fingerprint)).
     files: tuple[OutputFile, ...]
+    #: The buildroot's packages as CG ``rpm`` components (empty without a buildroot).
+    components: tuple[Mapping[str, Any], ...] = ()
+    #: The Koji repository the signed job pinned (:func:`tag_repo_of`), or None.
+    repo: Mapping[str, Any] | None = None
+
+
+def tag_repo_of(job: Job) -> dict[str, Any] | None:
+    """The Koji repository a signed job's buildroot names (``<topurl>/repos/<tag>/<id>/
+    <arch>/``): tag, repo id, URL and pinned digest; None if it names none."""
+    buildroot = job.spec.buildroot
+    if buildroot is None:
+        return None
+    repo = buildroot.repos[0]
+    match = re.search(r"/repos/([^/]+)/(\d+)/([^/]+)/?$", repo.url)
+    return {
+        "tag": match.group(1) if match else None,
+        "repo_id": int(match.group(2)) if match else None,
+        "url": repo.url,
+        "repomd_sha256": repo.repomd_sha256.hex(),
+    }
+
+
+def rpm_component(package: BuildrootPackage) -> dict[str, Any]:
+    """A buildroot package as a CG ``rpm`` component (Koji matches it by NVRA and
+    ``sigmd5``)."""
+    base, _, arch = package.nevra.rpartition(".")
+    rest, _, release = base.rpartition("-")
+    name, _, evr = rest.rpartition("-")
+    epoch_text, colon, version = evr.partition(":")
+    if not colon:
+        epoch_text, version = "", evr
+    return {
+        "type": "rpm",
+        "name": name,
+        "version": version,
+        "release": release,
+        "epoch": int(epoch_text) if epoch_text else None,
+        "arch": arch,
+        "sigmd5": package.sigmd5.hex() if package.sigmd5 is not None else None,
+        "signature": None,
+    }
 
 
 def host_os(environment: Mapping[str, str]) -> str:
@@ -121,6 +168,7 @@ def node_proof(stored: StoredBuild, proof: StoredProof) -> NodeProof:
     job_raw = stored.proof_path(proof.job).read_bytes()
     result_raw = stored.proof_path(proof.result).read_bytes()
     result = Result.from_bytes(result_raw)
+    job = Job.from_bytes(job_raw)
     subdir = node_subdir(proof.fingerprint)
     files = [
         OutputFile(JOB_FILE, len(job_raw), hashlib.sha256(job_raw).hexdigest(), "log",
@@ -137,6 +185,9 @@ def node_proof(stored: StoredBuild, proof: StoredProof) -> NodeProof:
         environment=result.environment_map, started_ms=result.started_ms,
         ended_ms=result.ended_ms,
         artifacts={a.name: a.sha256.hex() for a in result.artifacts}, files=tuple(files),
+        components=tuple(rpm_component(p) for p in result.buildroot.packages)
+        if result.buildroot is not None else (),
+        repo=tag_repo_of(job),
     )
 
 
@@ -181,7 +232,7 @@ def build_metadata(
             "content_generator": {"name": content_generator, "version": CG_VERSION},
             "container": {"type": "none", "arch": arch},
             "tools": tools,
-            "components": [],
+            "components": [dict(c) for c in proof.components],
             "extra": {"p2pbuild": {
                 "node": proof.node,
                 "fingerprint": proof.fingerprint,
@@ -193,6 +244,7 @@ def build_metadata(
                 "ended_ms": proof.ended_ms,
                 "artifacts": dict(sorted(proof.artifacts.items())),
                 "environment": env,
+                "repo": dict(proof.repo) if proof.repo is not None else None,
             }},
         })
         for item in proof.files:

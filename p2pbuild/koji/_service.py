@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
+from .._jobs import BuildrootSpec
 from ..dispatcher import BuildStatus, StoredBuild
 
 __all__ = ["BuildService"]
@@ -28,8 +29,10 @@ class BuildService(Protocol):
         ...
 
     async def accept(self, source: Path, sha256_hex: str, user: str, *, arch: str | None,
-                     os: str | None, replicas: int, time_limit_s: int) -> str:
-        """Accept an RPM build of ``source`` for ``user``; its id, committed."""
+                     os: str | None, replicas: int, time_limit_s: int,
+                     buildroot: BuildrootSpec | None = None) -> str:
+        """Accept an RPM build of ``source`` for ``user`` (in ``buildroot``, if given);
+        its id, committed."""
         ...
 
     def status(self, build_id: str) -> BuildStatus | None:

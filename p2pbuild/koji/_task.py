@@ -112,7 +112,8 @@ class P2PBuildTask(koji.tasks.BaseTaskHandler):  # type: ignore[misc]
                 bridge.call(bridge.store.refunded, self.id, outcome_of(error), time.time())
                 raise error
         try:
-            outcome = bridge.run_p2p_build(self.id, srpm, adopt=resumed)
+            outcome = bridge.run_p2p_build(self.id, srpm, adopt=resumed,
+                                           repo=self._tag_repo(target_info))
             build = outcome.build
             if build.state is BuildState.CANCELLED:
                 raise TaskCancelled(f"task {self.id} was cancelled; p2p build {build.id} "
@@ -184,6 +185,20 @@ class P2PBuildTask(koji.tasks.BaseTaskHandler):  # type: ignore[misc]
             raise koji.BuildError(f"package {name} not in list for tag {dest}")
         if listed.get("blocked"):
             raise koji.BuildError(f"package {name} is blocked for tag {dest}")
+
+    def _tag_repo(self, target_info: dict[str, Any]) -> tuple[str, str] | None:
+        """The build tag's current repository (``getRepo``): its tag name and the URL of
+        its directory for the build arch under the hub's ``topurl``; None when the tag has
+        no repository (the build then runs without a buildroot)."""
+        config: KojiConfig = self.options.bridge.config
+        tag = target_info["build_tag_name"]
+        repo = self.session.getRepo(target_info["build_tag"])
+        if not repo:
+            _log.warning("koji task %d: build tag %s has no repository; building without "
+                         "a buildroot", self.id, tag)
+            return None
+        arch = config.arch or "x86_64"
+        return tag, f"{config.topurl}/repos/{tag}/{repo['id']}/{arch}/"
 
     def _begin(self, srpm: Path, header: RpmHeader) -> TaskRow:
         bridge: Bridge = self.options.bridge

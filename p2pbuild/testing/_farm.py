@@ -134,6 +134,7 @@ async def start_push_node(
     pools: Sequence[str] = (),
     on_demand: OnDemandConfig | None = None,
     on_change: Callable[[FarmNode], None] | None = None,
+    build_types: Sequence[str] = ("make", "rpm"),
 ) -> FarmNode:
     """Start a node's job service and HTTPS API on a free loopback port in ``nursery``.
 
@@ -155,8 +156,8 @@ async def start_push_node(
         standby = OnDemand(on_demand, identity.public_key, trust_list, on_change=changed)
     port = await nursery.start(_run, NodeApiConfig(tls=tls), service, scope, standby)
     node = FarmNode(
-        identity, service, runner, tls, port, arch, os, machine, tuple(pools), scope=scope,
-        on_demand=standby,
+        identity, service, runner, tls, port, arch, os, machine, tuple(pools),
+        tuple(sorted(build_types)), scope=scope, on_demand=standby,
     )
     return node
 

@@ -104,6 +104,7 @@ async def start_koji_farm(
     hub_auth: str = "password",
     packages: Sequence[str] = PACKAGES,
     policies: Mapping[str, str] | None = None,
+    build_types: Sequence[str] = ("make", "rpm"),
 ) -> KojiFarm:
     """Seed and start the hub, start one push node per ``runners`` entry (names from
     ``fixture``), and a dispatcher whose ``[koji]`` section (extended by ``koji``) logs in
@@ -127,7 +128,7 @@ async def start_koji_farm(
     nodes = {}
     for name, runner in runners.items():
         node = await start_push_node(nursery, tmp / "nodes" / name, fixture.nodes[name],
-                                     fixture.trust_list, runner)
+                                     fixture.trust_list, runner, build_types=build_types)
         finder.put(node.entry())
         nodes[name] = node
     base = tmp / "dispatcher"

@@ -140,6 +140,27 @@ class CatalogMethods(HubCore):
         build = self._build(buildID)
         return [dict(r) for r in build["rpms"]]
 
+    def m_getRepo(self, call: _Call, tag: Any, state: Any = None, event: Any = None,
+                  dist: bool = False, min_event: Any = None) -> dict[str, Any] | None:
+        """The tag's newest ready repository (``testhub.newRepo`` makes them), or None."""
+        taginfo = self._tag(tag)
+        assert taginfo is not None
+        repos = [r for r in self._state.get("repos", {}).values()
+                 if r["tag_id"] == taginfo["id"]]
+        if not repos:
+            return None
+        return dict(max(repos, key=lambda r: r["id"]))
+
+    def m_getBuildrootListing(self, call: _Call, id: int) -> list[dict[str, Any]]:
+        """The rpm components an imported buildroot listed. (The real hub lists only the
+        components it matched to rpms it built; this one lists every rpm component it
+        accepted, so that tests can see what a content generator imported.)"""
+        for build in self._state["builds"].values():
+            for br in build.get("buildroots") or []:
+                if br["id"] == id:
+                    return [dict(c) for c in br["components"] if c["type"] == "rpm"]
+        raise koji.GenericError(f"No such buildroot: {id}")
+
     def m_getBuildLogs(self, call: _Call, buildinfo: Any) -> list[dict[str, Any]]:
         build = self._build(buildinfo)
         return [dict(log) for log in build["logs"]]

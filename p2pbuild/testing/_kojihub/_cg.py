@@ -222,6 +222,19 @@ class ContentGeneratorMethods(TaskMethods):
             br["container"]["type"], br["container"]["arch"]
             self._assert_cg(call, br["content_generator"]["name"])
             br["content_generator"]["version"]
+            for comp in br["components"]:
+                # The hub's CG_Importer.match_components: rpm components need these keys;
+                # "location" (external) and "id" are refused.
+                if comp["type"] == "rpm":
+                    for key in ("name", "version", "release", "epoch", "arch", "sigmd5",
+                                "signature"):
+                        comp[key]
+                    if "location" in comp:
+                        raise koji.GenericError("External rpms not allowed")
+                    if "id" in comp:
+                        raise koji.GenericError("Unexpected 'id' field in component")
+                elif comp["type"] not in ("file", "kojifile"):
+                    raise koji.GenericError(f"Unknown component type: {comp['type']}")
             if br["id"] in buildroots:
                 raise koji.GenericError(f"Duplicate buildroot id: {br['id']}")
             buildroots[br["id"]] = br
