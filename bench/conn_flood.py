@@ -9,8 +9,9 @@ configuration: per-address and total connection bounds, 5 s idle keep-alive), th
    one other address (127.0.0.2; all of 127/8 is loopback), each completing a TLS handshake
    if the server lets it and then sitting idle; with ``--retry-s`` a connection the server
    closed is opened again after that many seconds, for as long as the flood lasts;
-3. while the flood holds what it could: the dispatcher's RSS, the submits again, and the
-   server's own connection counts (``/v1/status``);
+3. while the flood opens its connections, a genuine submit every half second; once it holds
+   what it could: the dispatcher's RSS, the submits again, and the server's own connection
+   counts (``/v1/status``);
 4. after: RSS again; then the dispatcher is stopped and its log searched for tracebacks.
 
 Goals (issue "connections one host may hold"): RSS under 200 MB and every genuine submit
@@ -142,10 +143,20 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                      "--connections", str(count), "--retry-s", str(args.retry_s)],
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                 ))
-            reports = []
-            for child in children:
-                assert child.stdout is not None
-                reports.append(json.loads(await _read_line(child.stdout, bytearray())))
+            reports: list[dict[str, int]] = []
+            opening: list[float] = []
+            async with trio.open_nursery() as nursery:
+
+                async def submits_while_opening() -> None:
+                    while True:
+                        opening.extend(await _submits(url, pin, 1))
+                        await trio.sleep(0.5)
+
+                nursery.start_soon(submits_while_opening)
+                for child in children:
+                    assert child.stdout is not None
+                    reports.append(json.loads(await _read_line(child.stdout, bytearray())))
+                nursery.cancel_scope.cancel()
             flood_s = time.perf_counter() - flood_started
             during_rss = _rss_mb(dispatcher.pid)
             during = await _submits(url, pin, args.submits)
@@ -179,7 +190,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "baseline": round(baseline_rss, 1), "during_flood": round(during_rss, 1),
             "after_flood": round(after_rss, 1),
         },
-        "submit": {"baseline": latency_summary(baseline), "during_flood": latency_summary(during)},
+        "submit": {
+            "baseline": latency_summary(baseline),
+            "while_the_flood_opens": {"submits": len(opening), **latency_summary(opening)},
+            "during_flood": latency_summary(during),
+        },
         "dispatcher_log": {
             "tracebacks": log_text.count("Traceback"),
             "accept_failed_lines": log_text.count("accept failed"),

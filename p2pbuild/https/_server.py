@@ -84,7 +84,9 @@ class ServerConfig:
     keep_alive_timeout: float = attrs.field(default=5.0, validator=_positive)
     #: The TLS handshake must finish within this.
     tls_handshake_timeout: float = attrs.field(default=10.0, validator=_positive)
-    backlog: int = attrs.field(default=128, validator=_positive)
+    #: Connections the kernel queues before we accept them; a deep queue keeps a burst of
+    #: connection attempts (a flood) from dropping genuine ones (capped by somaxconn).
+    backlog: int = attrs.field(default=1024, validator=_positive)
     #: Time running requests get to finish on shutdown.
     graceful_timeout: float = 3.0
     #: Open connections at most, in all (kept below the open-file limit).

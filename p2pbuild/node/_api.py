@@ -142,7 +142,7 @@ class NodeApiConfig:
     keep_alive_timeout: float = 5.0
     #: hypercorn: the TLS handshake must finish within this.
     tls_handshake_timeout: float = 10.0
-    backlog: int = 128
+    backlog: int = 1024
     #: hypercorn: time running requests get to finish on shutdown.
     graceful_timeout: float = 3.0
     #: Open connections at most, in all and from one client address (see p2pbuild.https).
