@@ -23,6 +23,10 @@ class QuietEngine:
     async def wait_changed(self) -> None:
         await self.changed.wait()
 
+    @property
+    def next_change(self) -> trio.Event:
+        return self.changed
+
 
 def quiet_engine(tmp_path: Path) -> QuietEngine:
     db = Database.open(tmp_path / "d.db")
