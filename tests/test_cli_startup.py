@@ -4,6 +4,7 @@ either configuration is refused by name."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -136,3 +137,17 @@ def test_dispatcher_config_takes_the_nodes_bind_names(farm: LocalFarm) -> None:
     farm.dispatcher_config.write_text(both)
     one_line_error(run("dispatcher", "run", "--config", farm.dispatcher_config),
                    "bind, or host and port, not both")
+
+
+def test_a_reader_that_goes_away_is_not_a_traceback(farm: LocalFarm) -> None:
+    # `p2pbuild ... --json | head -0`: the pipe is closed before the command writes.
+    read, write = os.pipe()
+    os.close(read)
+    done = subprocess.run(
+        [sys.executable, "-m", "p2pbuild", "trust", "show", "--json", "-f",
+         str(farm.root / "keys" / "trust-list.bin")],
+        stdout=write, stderr=subprocess.PIPE, text=True, timeout=60, check=False,
+    )
+    os.close(write)
+    assert done.returncode == 141, done.stderr
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr

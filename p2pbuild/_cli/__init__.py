@@ -46,6 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         status: int = args.func(args)
+        sys.stdout.flush()  # here, so that a reader gone early is handled below
     except P2PBuildError as exc:
         print(f"p2pbuild: error: {exc}", file=sys.stderr)
         return 1

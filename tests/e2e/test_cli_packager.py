@@ -130,10 +130,19 @@ async def test_a_packager_gets_reasons_logs_and_files(tmp_path: Path) -> None:
         assert status == 1
         assert "already ended (verified)" in err
 
-        # Nodes with their liveness.
+        # Nodes with their liveness; a stopped node is listed as offline, not unchanged.
         status, out, err = await cli(farm, "nodes", "ls")
         assert status == 0, err
         assert "online" in out and " ago" in out
+        await farm.stop("alice-1")
+        alice = str(farm.node_keys["alice-1"])
+        with trio.fail_after(60):
+            while True:
+                status, out, err = await cli(farm, "nodes", "ls", "--json")
+                rows = {n["node"]: n for n in json.loads(out)["nodes"]}
+                if rows[alice]["state"] == "offline":
+                    break
+                await trio.sleep(1)
 
 
 async def test_submit_refuses_what_cannot_be_built(tmp_path: Path) -> None:
