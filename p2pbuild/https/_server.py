@@ -288,15 +288,18 @@ async def serve_asgi(
     lifespan = Lifespan(wrapped, hc, lifespan_state)
 
     async def connection(sock: trio.socket.SocketType, key: str) -> None:
-        stream = trio.SSLStream(
-            trio.SocketStream(sock), ssl_context, server_side=True, https_compatible=True
-        )
         try:
-            await TCPServer(wrapped, hc, context, dict(lifespan_state), stream).run()
+            stream = trio.SSLStream(
+                trio.SocketStream(sock), ssl_context, server_side=True, https_compatible=True
+            )
+            try:
+                await TCPServer(wrapped, hc, context, dict(lifespan_state), stream).run()
+            finally:
+                # TCPServer leaves the socket open when the handshake fails.
+                await trio.aclose_forcefully(stream)
         finally:
             gate.release(key)
-            # TCPServer leaves the socket open when the handshake fails.
-            await trio.aclose_forcefully(stream)
+            sock.close()
 
     with listener:
         async with trio.open_nursery() as nursery:
