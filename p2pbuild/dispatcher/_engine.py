@@ -35,7 +35,6 @@ the attempt loop would scatter the persistence protocol they share.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -81,7 +80,7 @@ from ._errors import (
 )
 from ._leases import LeaseBook, LeaseRefusedError, UnknownLeaseError
 from ._logs import failure_tails, log_dir
-from ._nodes import NodeClient, NodeConnector, NodeFinder
+from ._nodes import NodeClient, NodeConnector, NodeFinder, download_logs
 from ._plan import (
     Action,
     Attempt,
@@ -99,7 +98,6 @@ from ._request import (
     OPTIONS_BUILDROOT_KEY,
     BuildRequest,
     SourceStore,
-    buildroot_to_json,
     stored_job_spec,
 )
 from ._select import (
@@ -264,35 +262,8 @@ class Engine:
         ready = self.sources.has(request.source_sha256)
         if not ready and not request.source_url:
             raise BadRequestError("the source is neither uploaded nor given by URL")
-        now = self.clock()
-        build = BuildRow(
-            id=os.urandom(16).hex(),
-            created_at=now,
-            updated_at=now,
-            user=user,
-            team=team,
-            state=BuildState.QUEUED,
-            source_name=request.source_name,
-            source_sha256=request.source_sha256,
-            source_size=request.source_size,
-            source_url=request.source_url,
-            source_ready=ready,
-            build_type=request.build_type.value,
-            arch=arch,
-            os=os_name,
-            machine=request.machine.value if request.machine else None,
-            pool=request.pool,
-            replicas=request.replicas,
-            min_memory_mb=request.min_memory_mb,
-            min_disk_mb=request.min_disk_mb,
-            options=json.dumps(
-                spec.options_map if spec.buildroot is None
-                else {**spec.options_map,
-                      OPTIONS_BUILDROOT_KEY: buildroot_to_json(spec.buildroot)},
-                sort_keys=True,
-            ),
-            time_limit_s=spec.time_limit_s,
-            lease_id=request.lease,
+        build = request.to_row(
+            os.urandom(16).hex(), self.clock(), user, team, spec, ready=ready
         )
         self.db.insert_build(build)
         if self._nursery is not None:
@@ -793,13 +764,22 @@ class Engine:
             except RemoteError as exc:
                 raise BadNodeResultError(f"{exc.code}: {exc}") from None
             final = AttemptState.FAILED
-            if result.state is ResultState.SUCCEEDED:
-                work = self._work_dir(attempt.build_id, attempt.id)
-                for item in result.artifacts:
-                    await client.download(job.job_id, item, work / item.name)
-                final = AttemptState.SUCCEEDED
-            await self._download_logs(client, job, result,
-                                      self._log_dir(attempt.build_id, attempt.id))
+            failure: NodeError | None = None
+            # The logs while the artifacts come, off the critical path.
+            async with trio.open_nursery() as downloads:
+                downloads.start_soon(self._download_logs, client, job, result,
+                                     self._log_dir(attempt.build_id, attempt.id))
+                if result.state is ResultState.SUCCEEDED:
+                    work = self._work_dir(attempt.build_id, attempt.id)
+                    try:
+                        for item in result.artifacts:
+                            await client.download(job.job_id, item, work / item.name)
+                    except NodeError as exc:  # raised below, not as an exception group
+                        failure = exc
+                        downloads.cancel_scope.cancel()
+                    final = AttemptState.SUCCEEDED
+            if failure is not None:
+                raise failure
         finally:
             with trio.CancelScope(shield=True):
                 await client.aclose()
@@ -826,16 +806,12 @@ class Engine:
 
     async def _download_logs(self, client: NodeClient, job: Job, result: Result,
                              dest: Path) -> None:
-        """The result's signed logs into ``dest``, from push and pull nodes alike (the
-        stored build keeps them, the Koji import uploads them). Best effort: a log that
-        does not arrive as signed is counted and left out; it is not part of the proof."""
-        for item in result.logs:
-            try:
-                await client.download(job.job_id, item, dest / item.name, kind="logs")
-            except NodeError as exc:
-                self._errors[f"log-{exc.code}"] += 1
-                _log.warning("log %s of job %s left out: %s: %s", item.name, job.id_hex,
-                             exc.code, exc)
+        """The result's signed logs into ``dest`` (``_nodes.download_logs``); one that does
+        not arrive as signed is counted and left out: it is not part of the proof."""
+        for item, exc in await download_logs(client, job, result, dest):
+            self._errors[f"log-{exc.code}"] += 1
+            _log.warning("log %s of job %s left out: %s: %s", item.name, job.id_hex,
+                         exc.code, exc)
 
     async def _submit(self, client: NodeClient, job: Job, node: PublicKey) -> None:
         tries = 0

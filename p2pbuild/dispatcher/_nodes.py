@@ -55,6 +55,7 @@ __all__ = [
     "PullQueue",
     "PushNodeClient",
     "StaticFinder",
+    "download_logs",
     "entry_from_records",
 ]
 
@@ -194,6 +195,21 @@ class NodeClient(Protocol):
     async def aclose(self) -> None:
         ...
 
+
+
+async def download_logs(
+    client: NodeClient, job: Job, result: Result, dest: Path
+) -> list[tuple[FileDigest, NodeError]]:
+    """Fetch every log ``result`` signs into ``dest``, from push and pull nodes alike (the
+    stored build keeps them, the Koji import uploads them). Best effort: returns the logs
+    that did not arrive as signed, with why."""
+    missed = []
+    for item in result.logs:
+        try:
+            await client.download(job.job_id, item, dest / item.name, kind="logs")
+        except NodeError as exc:
+            missed.append((item, exc))
+    return missed
 
 def _refusal(response: httpx.Response, what: str) -> NodeError:
     try:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from .._jobs import (
 )
 from .._records import MachineType
 from ..dht import Query
-from ._db import BuildRow
+from ._db import BuildRow, BuildState
 from ._errors import BadRequestError, SourceUnavailableError
 from ._sources import fetch_source
 
@@ -74,6 +75,42 @@ class BuildRequest:
     def validate(self) -> None:
         """Raises :class:`BadRequestError` for a value no build can have."""
         self.job_spec(self.arch or DEFAULT_ARCH, self.os or DEFAULT_OS)
+
+    def to_row(
+        self, build_id: str, now: float, user: str, team: str | None, spec: JobSpec,
+        *, ready: bool,
+    ) -> BuildRow:
+        """The accepted build as the database keeps it: this request on ``spec``'s
+        platform (made by :meth:`job_spec`), the source ``ready`` or still to fetch."""
+        return BuildRow(
+            id=build_id,
+            created_at=now,
+            updated_at=now,
+            user=user,
+            team=team,
+            state=BuildState.QUEUED,
+            source_name=self.source_name,
+            source_sha256=self.source_sha256,
+            source_size=self.source_size,
+            source_url=self.source_url,
+            source_ready=ready,
+            build_type=self.build_type.value,
+            arch=spec.target.arch,
+            os=spec.target.os,
+            machine=self.machine.value if self.machine else None,
+            pool=self.pool,
+            replicas=self.replicas,
+            min_memory_mb=self.min_memory_mb,
+            min_disk_mb=self.min_disk_mb,
+            options=json.dumps(
+                spec.options_map if spec.buildroot is None
+                else {**spec.options_map,
+                      OPTIONS_BUILDROOT_KEY: buildroot_to_json(spec.buildroot)},
+                sort_keys=True,
+            ),
+            time_limit_s=spec.time_limit_s,
+            lease_id=self.lease,
+        )
 
     def job_spec(self, arch: str, os: str) -> JobSpec:
         """The build's job spec on the platform ``arch``/``os`` (no source URL yet: each
