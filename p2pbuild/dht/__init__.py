@@ -22,12 +22,25 @@ A stock ``kademlia`` client reading ``Server.get("p2pbuild/facet/arch=s390x")`` 
 record bundle (:func:`decode_bundle`).
 """
 
-from ._directory import Directory, NodeEntry, Query, open_directory, open_directory_on, serve
+from ._directory import (
+    Directory,
+    FacetSample,
+    FindResult,
+    NodeEntry,
+    Query,
+    open_directory,
+    open_directory_on,
+    serve,
+)
 from ._ids import (
+    FACET_SHARDS,
     ID_SIZE,
     Address,
     Contact,
     facet_key,
+    facet_shard,
+    facet_shard_key,
+    facet_shard_text_key,
     facet_text_key,
     node_id_for,
     node_key,
@@ -59,6 +72,7 @@ from ._trio import DatagramTransport, DirectoryClosedError, Driver, UdpTransport
 from ._wire import decode_bundle, encode_bundle
 
 __all__ = [
+    "FACET_SHARDS",
     "ID_SIZE",
     "SHARED_CACHE",
     "Address",
@@ -70,6 +84,8 @@ __all__ = [
     "DhtStatistics",
     "Directory",
     "DirectoryClosedError",
+    "FacetSample",
+    "FindResult",
     "Driver",
     "FindNodesOperation",
     "GetOperation",
@@ -87,6 +103,9 @@ __all__ = [
     "decode_bundle",
     "encode_bundle",
     "facet_key",
+    "facet_shard",
+    "facet_shard_key",
+    "facet_shard_text_key",
     "facet_text_key",
     "latest",
     "node_id_for",

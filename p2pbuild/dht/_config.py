@@ -75,7 +75,9 @@ class DhtConfig:
     #: Period of store expiry and refresh checks (seconds).
     maintenance_interval: float = attrs.field(default=60.0, validator=_positive)
     #: Store caps: records per key, per publisher (over all keys), in total.
-    max_records_per_key: int = attrs.field(default=1024, validator=_positive)
+    #: (A facet key holding ``max_records_per_key`` records refuses new publishers with
+    #: ``store-full``; they publish under the facet's shards instead: ``FACET_SHARDS``.)
+    max_records_per_key: int = attrs.field(default=256, validator=_positive)
     max_records_per_publisher: int = attrs.field(default=64, validator=_positive)
     max_records_total: int = attrs.field(default=16384, validator=_positive)
     #: Times a store RPC is resent after a timeout.
@@ -111,6 +113,15 @@ class DhtConfig:
     #: Contacts of one IP host per bucket and per lookup (loopback hosts exempt); 0: no
     #: limit. Bounds what one machine claiming many ids can take (Sybil, eclipse).
     max_contacts_per_host: int = attrs.field(default=2, validator=_not_negative)
+    #: ``public``: a DHT server (answers, enters routing tables, holds records);
+    #: ``client``: behind NAT, it marks its requests (``CLIENT_FLAG``) so that no node adds
+    #: it to a routing table or asks it to store; ``auto``: public until
+    #: ``reachability_timeout`` seconds pass without an unsolicited request (one from an
+    #: address it has not sent to), then a client.
+    reachability: str = attrs.field(
+        default="public", validator=attrs.validators.in_(("public", "client", "auto"))
+    )
+    reachability_timeout: float = attrs.field(default=120.0, validator=_positive)
 
 
 @attrs.frozen
@@ -144,6 +155,10 @@ class DhtStatistics:
     handoff_stores: int = 0
     #: Would-be contacts refused by code: ``address-in-use``, ``host-limit``.
     refused_contacts: Mapping[str, int] = attrs.field(factory=dict)
+    #: Whether the node acts as a DHT client now (configured, or detected unreachable).
+    client: bool = False
+    #: Requests from clients answered (their senders were not added as contacts).
+    client_requests_in: int = 0
 
     @property
     def dropped_total(self) -> int:

@@ -41,23 +41,34 @@ from .._records import (
 )
 from .._trust import TrustEntry, TrustList, trusted_node
 from ._ids import (
+    FACET_SHARDS,
     Address,
     Contact,
     facet_key,
+    facet_shard,
+    facet_shard_key,
+    facet_shard_text_key,
     facet_text_key,
     node_text_key,
     random_node_id,
     text_key,
 )
-from ._protocol import DhtConfig, DhtNode, DhtStatistics
+from ._protocol import DhtConfig, DhtNode, DhtStatistics, GetOperation
 from ._store import SHARED_CACHE, RecordCache, latest, slot_of
 from ._trio import DatagramTransport, Driver, UdpTransport, resolve
 
-__all__ = ["Directory", "NodeEntry", "Query", "open_directory", "open_directory_on", "serve"]
+__all__ = [
+    "Directory",
+    "FacetSample",
+    "FindResult",
+    "NodeEntry",
+    "Query", "open_directory", "open_directory_on", "serve"]
 
 #: The default random source of every node in the process: an OS-backed generator has no
 #: state to keep per node, and one instance spares each node its own (about 2.5 KB).
 _SHARED_RNG = random.SystemRandom()
+#: Shards a sampled find reads at first, besides the facet's root key.
+_SAMPLE_SHARDS = 2
 
 
 def _optional_token(
@@ -139,6 +150,24 @@ class NodeEntry:
         return body
 
 
+class FindResult(list[NodeEntry]):
+    """The entries :meth:`Directory.find` returns (a list), and whether they are all of
+    them: ``complete`` is False when a read stopped before every record the holders
+    reported (never a silent truncation)."""
+
+    complete: bool = True
+
+
+class FacetSample(list[NodeEntry]):
+    """The entries :meth:`Directory.find_sample` returns (a list): a uniformly random
+    sample of the matching publishers. ``complete`` is True when they are all of them;
+    ``estimated_publishers`` is how many publish under the facet, as the holders' counts
+    suggest."""
+
+    complete: bool = False
+    estimated_publishers: int = 0
+
+
 class Directory:
     """A running DHT node with the record layout of p2pbuild. Build with
     :func:`open_directory`, :func:`open_directory_on` or :func:`serve`.
@@ -159,6 +188,8 @@ class Directory:
         #: never publish: no task for them).
         self._nursery: trio.Nursery | None = None
         self._republishing = False
+        #: Facets whose root key refused us as full: we publish under our shard of them.
+        self._sharded: set[str] = set()
 
     # -- identity ---------------------------------------------------------------------------------
 
@@ -268,7 +299,7 @@ class Directory:
         now = self.now()
         return [r for r in self._published.values() if r.expires_at > now]
 
-    async def find(self, query: Query, trust_list: TrustList | None = None) -> list[NodeEntry]:
+    async def find(self, query: Query, trust_list: TrustList | None = None) -> FindResult:
         """Nodes matching ``query``: one lookup per facet, intersected by publisher, with
         the latest verified capability and status of each, sorted by publisher key.
 
@@ -280,12 +311,105 @@ class Directory:
         if not facets:
             raise LocalError("a query needs at least one of arch, os, machine, pool")
         now = self.now()
-        ops = [self._core.get(facet_key(facet), now) for facet in facets]
+        roots = [self._core.get(facet_key(facet), now) for facet in facets]
+        for op in roots:
+            await self._driver.wait(op)
+        # A facet whose root key is (nearly) full has more publishers in its shards.
+        groups: list[list[GetOperation]] = []
+        full = self._full_root()
+        for name, root in zip(facets, roots, strict=True):
+            group = [root]
+            if (root.publishers or 0) >= full:
+                now = self.now()
+                group += [
+                    self._core.get(facet_shard_key(name, shard), now)
+                    for shard in range(FACET_SHARDS)
+                ]
+                for op in group[1:]:
+                    await self._driver.wait(op)
+            groups.append(group)
+        result = FindResult(self._entries(query, trust_list, groups))
+        result.complete = all(op.complete for group in groups for op in group)
+        return result
+
+    async def find_sample(
+        self, query: Query, want: int = 64, trust_list: TrustList | None = None
+    ) -> FacetSample:
+        """About ``want`` nodes matching ``query``, chosen uniformly at random among all of
+        them, without reading the whole facet: sampled reads (``DhtNode.get(sample=...)``)
+        of the first facet's root key and of random shards, all at once, weighted so that
+        every publisher is as likely to be chosen; other facets of the query and the trust
+        list filter the sample. Raises :class:`LocalError` for an empty query or ``want``
+        below 1.
+        """
+        facets = query.facets()
+        if not facets:
+            raise LocalError("a query needs at least one of arch, os, machine, pool")
+        if want < 1:
+            raise LocalError("want must be at least 1")
+        first = facets[0]
+        rng = self._core.rng
+        now = self.now()
+        root = self._core.get(facet_key(first), now, sample=want)
+        shards = rng.sample(range(FACET_SHARDS), _SAMPLE_SHARDS)
+        ops = [root] + [
+            self._core.get(facet_shard_key(first, shard), now, sample=want) for shard in shards
+        ]
         for op in ops:
             await self._driver.wait(op)
-        newest = latest(record for op in ops for record in op.result)
+        shard_counts = [op.publishers or 0 for op in ops[1:]]
+        if (root.publishers or 0) >= self._full_root() and sum(shard_counts) < want:
+            # A big facet whose first shards were thin: read more shards, once.
+            extra = rng.sample(
+                [s for s in range(FACET_SHARDS) if s not in shards],
+                min(FACET_SHARDS - len(shards), 2 * _SAMPLE_SHARDS),
+            )
+            now = self.now()
+            more = [self._core.get(facet_shard_key(first, s), now, sample=want) for s in extra]
+            for op in more:
+                await self._driver.wait(op)
+            ops += more
+            shards += extra
+            shard_counts += [op.publishers or 0 for op in more]
+        # Each shard read stands for FACET_SHARDS / len(shards) shards: weight its records
+        # so that every publisher of the facet is as likely to be in the sample.
+        weight = FACET_SHARDS / len(shards)
+        estimated = (root.publishers or 0) + round(weight * sum(shard_counts))
+        weights: dict[bytes, float] = {}
+        for op, w in zip(ops, [1.0] + [weight] * len(shards), strict=True):
+            for record in op.result:
+                if record.kind is Kind.CAPABILITY:
+                    weights[record.publisher.raw] = w
+        entries = self._entries(query, trust_list, [ops])
+        # Weighted sampling without replacement (Efraimidis-Spirakis keys u ** (1 / w)).
+        keyed = sorted(
+            entries,
+            key=lambda e: rng.random() ** (1.0 / weights.get(e.publisher.raw, 1.0)),
+            reverse=True,
+        )
+        sample = FacetSample(keyed[:want])
+        sample.complete = (
+            all(op.complete for op in ops) and not sum(shard_counts) and len(entries) <= want
+        )
+        sample.estimated_publishers = estimated
+        return sample
+
+    def _full_root(self) -> int:
+        """Publishers a facet root key holds when readers should read its shards too (it
+        refuses new ones at ``max_records_per_key``, a capability and a status each)."""
+        return max(1, self.config.max_records_per_key // 2 * 3 // 4)
+
+    def _entries(
+        self,
+        query: Query,
+        trust_list: TrustList | None,
+        groups: Sequence[Sequence[GetOperation]],
+    ) -> list[NodeEntry]:
+        """Intersect the publishers of each group of reads (one group per facet)."""
+        newest = latest(record for group in groups for op in group for record in op.result)
         present = [
-            {r.publisher.raw for r in op.result if r.kind is Kind.CAPABILITY} for op in ops
+            {r.publisher.raw for op in group for r in op.result if r.kind is Kind.CAPABILITY}
+            for group in groups
         ]
         entries = []
         for publisher in sorted(set.intersection(*present)):
@@ -325,11 +449,35 @@ class Directory:
                 continue
             body = capability.body
             assert isinstance(body, Capability)
-            texts = [node_text_key(publisher)] + [facet_text_key(f) for f in body.facets()]
-            for text in texts:
-                ops.append((text, self._core.put(text_key(text), mine, now)))
+            shard = facet_shard(publisher)
+            # Every facet's root key first: a reader reads the shards only when the root
+            # is full, so the root must stay full while it has more publishers than it
+            # holds (a full holder refuses a new publisher but keeps updating one it has).
+            texts: list[tuple[str, str | None]] = [(node_text_key(publisher), None)]
+            for name in body.facets():
+                texts.append((facet_text_key(name), name))
+                if name in self._sharded:
+                    texts.append((facet_shard_text_key(name, shard), None))
+            for text, root_of in texts:
+                put = self._core.put(text_key(text), mine, now)
+                ops.append((text, root_of, shard, mine, put))
         result = {}
-        for text, op in ops:
+        overflow = []
+        for text, root_of, shard, mine, op in ops:
+            await self._driver.wait(op)
+            if root_of is not None and op.full:
+                # Root holders refused us as full: we publish under our shard too.
+                if root_of not in self._sharded:
+                    self._sharded.add(root_of)
+                    shard_text = facet_shard_text_key(root_of, shard)
+                    put = self._core.put(text_key(shard_text), mine, now)
+                    overflow.append((shard_text, put))
+                if not op.result:
+                    continue
+            elif root_of is not None:
+                self._sharded.discard(root_of)
+            result[text] = op.result
+        for text, op in overflow:
             await self._driver.wait(op)
             result[text] = op.result
         return result

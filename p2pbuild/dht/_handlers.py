@@ -25,7 +25,7 @@ __all__ = ["HandlerNode"]
 # Contacts a first p2p_find page keeps room for, however many records the key holds.
 _MIN_CONTACTS = 4
 # Bytes around a p2p_find reply's parts: fixarray(3), two array16 headers, a cursor.
-_FIND_REPLY_OVERHEAD = 1 + 3 + 3 + 2 + wire.MAX_CURSOR
+_FIND_REPLY_OVERHEAD = 1 + 3 + 3 + 2 + wire.MAX_CURSOR + 5
 
 
 class HandlerNode(HandoffNode):
@@ -120,7 +120,18 @@ class HandlerNode(HandoffNode):
             limit, verified = self._reply_limit(address, sender, request_size)
             budget = max(limit - HEADER_SIZE - _FIND_REPLY_OVERHEAD, 0)
             triples: list[wire.ContactTriple] = []
-            if cursor:
+            sample = wire.parse_sample_cursor(cursor)
+            publishers = self.store.publishers(key)
+            if sample is not None:
+                seed, parts, part = sample
+                next_cursor = b""
+                if parts:
+                    records = self.store.sample(key, seed, parts, part, now, budget)
+                else:
+                    # A sampling walk's query: the closest contacts and the count only.
+                    records = []
+                    triples = self._closest(key, sender, budget)
+            elif cursor:
                 records, next_cursor = self.store.page(key, cursor, now, budget)
             else:
                 # Records first, then as many of the closest contacts as fit (at least a
@@ -131,7 +142,7 @@ class HandlerNode(HandoffNode):
                 records, next_cursor = self.store.page(key, b"", now, budget - reserve)
                 used = sum(wire.record_cost(raw) for raw in records)
                 triples = wire.fit_contacts(closest, budget - used)
-            value = wire.encode_p2p_find_reply(triples, records, next_cursor)
+            value = wire.encode_p2p_find_reply(triples, records, next_cursor, publishers)
         elif method == wire.P2P_STORE:
             sender, key, raws = wire.parse_p2p_store_args(request)
             value = self._accept(key, raws, now)
@@ -141,7 +152,15 @@ class HandlerNode(HandoffNode):
         else:
             raise UnknownMethodError(f"no method {method[:40]!r}")
         self._reply(request.msg_id, value, address, request_size, verified, now)
-        self._welcome(id_from_bytes(sender), address, now, None)
+        sent_to = self._sent_to
+        if sent_to is not None and address not in sent_to and not request.client:
+            # Unsolicited: nobody behind a NAT receives this. The node is reachable.
+            self._sent_to = None
+        if request.client:
+            # Behind NAT: never a contact (nobody could reach it), never asked to store.
+            self._counters[Count.CLIENT_REQUESTS_IN] += 1
+        else:
+            self._welcome(id_from_bytes(sender), address, now, None)
 
     def _reply_limit(self, address: Address, sender: bytes, request_size: int) -> tuple[int, bool]:
         """``(largest reply, verified)`` for a request of ``request_size`` bytes."""

@@ -25,6 +25,10 @@ from .._errors import MalformedError
 from .._identity import PublicKey
 
 __all__ = [
+    "FACET_SHARDS",
+    "facet_shard",
+    "facet_shard_key",
+    "facet_shard_text_key",
     "ID_BITS",
     "ID_SIZE",
     "Address",
@@ -82,6 +86,27 @@ def node_key(publisher: PublicKey) -> bytes:
 def facet_key(facet: str) -> bytes:
     """The DHT key of a capability facet (``Capability.facets()`` lists them)."""
     return text_key(facet_text_key(facet))
+
+
+#: Shards of a facet beyond its root key: a publisher the root's holders refuse as full
+#: (``store-full``) publishes under shard ``facet_shard(publisher)`` of each facet.
+FACET_SHARDS = 64
+
+
+def facet_shard(publisher: PublicKey) -> int:
+    """The shard (``0 .. FACET_SHARDS - 1``) where ``publisher`` writes an overflowing facet:
+    from its node key, so shards fill evenly and a publisher always picks the same one."""
+    return node_key(publisher)[0] % FACET_SHARDS
+
+
+def facet_shard_text_key(facet: str, shard: int) -> str:
+    """``p2pbuild/facet/<facet>#<shard>``: one shard of a facet with many publishers."""
+    return f"p2pbuild/facet/{facet}#{shard}"
+
+
+def facet_shard_key(facet: str, shard: int) -> bytes:
+    """The DHT key of shard ``shard`` of ``facet``."""
+    return text_key(facet_shard_text_key(facet, shard))
 
 
 def node_id_for(publisher: PublicKey) -> bytes:

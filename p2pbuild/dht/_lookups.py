@@ -32,6 +32,10 @@ from ._store import latest, slot_of
 
 __all__ = ["LookupNode"]
 
+# Publishers per part of a sampled read: about what one reply holds (a capability and a
+# status are ~370 bytes together).
+_PER_PART = 2
+
 
 class LookupNode(HandlerNode):
     """:class:`HandlerNode` with lookup walks, paging and stores."""
@@ -97,6 +101,9 @@ class LookupNode(HandlerNode):
             assert isinstance(op, GetOperation)
             # Continue from the same cursor on the next closest holder that has more.
             self._next_page(op, None, b"", now)
+        elif purpose == Purpose.SAMPLE:
+            assert isinstance(op, GetOperation)
+            self._sample_answered(op, None, now)
         elif purpose == Purpose.STORE:
             assert isinstance(op, PutOperation)
             op._refused.add(rpc.address)
@@ -212,14 +219,18 @@ class LookupNode(HandlerNode):
     def _found_nothing(self, walk: _Walk) -> bool:
         op = walk.op
         assert isinstance(op, GetOperation)
-        if op._found:
+        if op._found or op.want:
+            # (A sampling walk reads no records: an empty answer is the normal one.)
             return False
         return not any(c.cursor for c in walk.shortlist if c.state == CandidateState.OK)
 
     def _query(self, walk: _Walk, candidate: _Candidate, now: float) -> None:
         target = id_to_bytes(walk.target)
         if walk.records:
-            method, args = wire.P2P_FIND, wire.encode_p2p_find_args(self.node_id, target, b"")
+            op = walk.op
+            assert isinstance(op, GetOperation)
+            cursor = wire.sample_cursor(op._seed, 0, 0) if op.want else b""
+            method, args = wire.P2P_FIND, wire.encode_p2p_find_args(self.node_id, target, cursor)
         else:
             method, args = wire.FIND_NODE, wire.encode_find_args(self.node_id, target)
         op = walk.op
@@ -251,11 +262,15 @@ class LookupNode(HandlerNode):
         contacts: list[wire.ContactTriple]
         confirms = False
         if rpc.method == wire.P2P_FIND:
-            contacts, raws, cursor = wire.parse_p2p_find_reply(value)
+            contacts, raws, cursor, publishers = wire.parse_p2p_find_reply_counted(value)
             assert isinstance(op, GetOperation)
             if not op.done:
                 confirms = self._collect(op, raws, now)
             candidate.cursor = cursor
+            if publishers is not None:
+                candidate.publishers = publishers
+                if op.publishers is None or publishers > op.publishers:
+                    op.publishers = publishers
         else:
             contacts = wire.parse_contacts(value)
         walk = op._walk
@@ -285,7 +300,10 @@ class LookupNode(HandlerNode):
             op.result = len(self.routing)
             self._finish(op)
         elif isinstance(op, GetOperation):
-            self._next_page(op, None, b"", now)
+            if op.want:
+                self._sample_phase(op, now)
+            else:
+                self._next_page(op, None, b"", now)
         else:
             assert isinstance(op, PutOperation)
             self._store_phase(op, answered[: self.config.k], now)
@@ -365,6 +383,9 @@ class LookupNode(HandlerNode):
                         holder = candidate
                         break
         if holder is None or op._pages >= self.config.max_pages:
+            if op._cursor or holder is not None:
+                # More was reported than was read: say so, never truncate silently.
+                op.complete = False
             self._finish_get(op, now)
             return
         # Continue from the furthest point known (cursors are the same on every holder).
@@ -385,6 +406,48 @@ class LookupNode(HandlerNode):
             holder,
             retries=1,
         ):
+            self._finish_get(op, now)
+
+    def _sample_phase(self, op: GetOperation, now: float) -> None:
+        """A sampled read after its walk: ask the holders that reported publishers for
+        random parts of the key (``wire.sample_cursor``), all at once, each part from a
+        holder picked at random (the serving load spreads over the holders). Enough parts
+        are asked for about ``op.want`` publishers, all of them if the key holds fewer."""
+        walk = op._walk
+        holders = [] if walk is None else [
+            c for c in walk.shortlist if c.state == CandidateState.OK and c.publishers
+        ]
+        count = op.publishers or 0
+        if not holders or not count:
+            self._finish_get(op, now)
+            return
+        # About two publishers' records fit in one reply: parts of two on average.
+        parts = min(max(1, -(-count // _PER_PART)), 255)
+        wanted = min(parts, -(-op.want // _PER_PART) + 1)
+        if wanted < parts or count > parts * _PER_PART * 2:
+            op.complete = False
+        rng = self.rng
+        for part in rng.sample(range(parts), wanted):
+            holder = rng.choice(holders)
+            args = wire.encode_p2p_find_args(
+                self.node_id, op.key, wire.sample_cursor(op._seed, parts, part)
+            )
+            if self._call(
+                holder.address, holder.node_id, wire.P2P_FIND, args, now, op, Purpose.SAMPLE,
+                holder, retries=1,
+            ):
+                op._outstanding += 1
+        if not op._outstanding:
+            self._finish_get(op, now)
+
+    def _sample_answered(self, op: GetOperation, raws: Sequence[bytes] | None, now: float) -> None:
+        """One part of a sampled read came back (``raws``), or failed (None)."""
+        op._outstanding -= 1
+        if raws is None:
+            op.complete = False
+        else:
+            self._collect(op, raws, now)
+        if op._outstanding == 0 and not op.done:
             self._finish_get(op, now)
 
     def _finish_get(self, op: GetOperation, now: float) -> None:
@@ -411,7 +474,9 @@ class LookupNode(HandlerNode):
     def _store_phase(self, op: PutOperation, holders: list[_Candidate], now: float) -> None:
         key = op.key
         farthest = holders[-1].distance if holders else 0
-        if len(holders) < self.config.k or (self.own ^ id_from_bytes(key)) < farthest:
+        if not self.client and (
+            len(holders) < self.config.k or (self.own ^ id_from_bytes(key)) < farthest
+        ):
             codes = self._accept(key, [raw for batch in op._batches for raw in batch], now)
             if all(code in ("ok", "held") for code in codes):
                 op.result += 1

@@ -60,13 +60,36 @@ class BootstrapOperation(Operation):
 
 class GetOperation(Operation):
     """Result: the verified, unexpired records under ``key``, latest per publisher and kind,
-    sorted by slot (publisher key, then kind)."""
+    sorted by slot (publisher key, then kind).
 
-    __slots__ = ("_cursor", "_found", "_node_key", "_pages", "_sources", "key", "result")
+    ``complete`` is False when the read stopped before every record the holders reported
+    was read (``max_pages``, or no holder left to page on), or, for a sampled read
+    (``want`` > 0), when only part of the key's publishers were asked for. ``publishers``
+    is the most publishers any holder reported under the key (None: no holder said)."""
 
-    def __init__(self, key: bytes, now: float) -> None:
+    __slots__ = (
+        "_cursor",
+        "_found",
+        "_node_key",
+        "_outstanding",
+        "_pages",
+        "_seed",
+        "_sources",
+        "complete",
+        "key",
+        "publishers",
+        "result",
+        "want",
+    )
+
+    def __init__(self, key: bytes, now: float, want: int = 0, seed: bytes = b"") -> None:
         super().__init__(now)
         self.key = key
+        self.want = want
+        self.complete = True
+        self.publishers: int | None = None
+        self._seed = seed
+        self._outstanding = 0
         self.result: list[SignedRecord] = []
         self._found: dict[bytes, SignedRecord] = {}
         #: Whether ``key`` is the node key of its records' publisher: unknown (None) until
@@ -81,7 +104,7 @@ class PutOperation(Operation):
     """Result: how many nodes (this one included) hold the records now (acknowledged each
     record as ``"ok"`` or ``"held"``)."""
 
-    __slots__ = ("_batches", "_holders", "_outstanding", "_refused", "key", "result")
+    __slots__ = ("_batches", "_holders", "_outstanding", "_refused", "full", "key", "result")
 
     def __init__(self, key: bytes, batches: list[list[bytes]], now: float) -> None:
         super().__init__(now)
@@ -92,6 +115,8 @@ class PutOperation(Operation):
         #: Per holder address: batches still unanswered; and holders that refused any.
         self._holders: dict[Address, int] = {}
         self._refused: set[Address] = set()
+        #: Holders that refused a record as ``store-full`` (a full facet key).
+        self.full: set[Address] = set()
 
 
 # -- walks ----------------------------------------------------------------------------------------
@@ -116,7 +141,7 @@ _NO_DEPTH = 1 << 30
 
 
 class _Candidate:
-    __slots__ = ("address", "cursor", "depth", "distance", "node_id", "state")
+    __slots__ = ("address", "cursor", "depth", "distance", "node_id", "publishers", "state")
 
     def __init__(self, node_id: int, address: Address, distance: int, depth: int) -> None:
         self.node_id = node_id
@@ -124,8 +149,10 @@ class _Candidate:
         self.distance = distance
         self.depth = depth
         self.state = CandidateState.NEW
-        #: For record walks: the holder's next-page cursor after its first reply.
+        #: For record walks: the holder's next-page cursor after its first reply, and the
+        #: publishers it said it holds under the key.
         self.cursor = b""
+        self.publishers = 0
 
 
 def _distance(candidate: _Candidate) -> int:

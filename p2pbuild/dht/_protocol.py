@@ -188,6 +188,11 @@ class DhtNode(LookupNode):
                 ):
                     continue
                 self._on_failure(rpc, now)
+        if self._sent_to is not None and now >= self._reachable_by:
+            # ``auto`` reachability: no unsolicited request for reachability_timeout. Behind
+            # a NAT (or a firewall): go on as a client, out of others' routing tables.
+            self._sent_to = None
+            self.client = True
         if now >= self._next_maintenance:
             self._next_maintenance = now + self.config.maintenance_interval
             self._maintain(now)
@@ -221,11 +226,22 @@ class DhtNode(LookupNode):
         self._start_walk(op, op.target, self.config.k, records=False, now=now)
         return op
 
-    def get(self, key: bytes, now: float) -> GetOperation:
-        """Look up the records under ``key`` (20 bytes), including any held here."""
-        op = GetOperation(key, now)
-        for record in self.store.records(key, now):
-            op._found[slot_of(record)] = record
+    def get(self, key: bytes, now: float, *, sample: int = 0) -> GetOperation:
+        """Look up the records under ``key`` (20 bytes), including any held here.
+
+        With ``sample`` > 0 (a facet key with many publishers), read about ``sample``
+        publishers' records chosen uniformly at random instead of all of them: the walk
+        asks for the holders' publisher counts only, then random parts of the key are asked
+        of random holders at once (``docs/protocol.md``, *Sampled reads*); the result says
+        ``complete`` False when the key holds more than was read.
+        """
+        if sample:
+            op = GetOperation(key, now, want=sample, seed=self.rng.randbytes(8))
+            op._node_key = False
+        else:
+            op = GetOperation(key, now)
+            for record in self.store.records(key, now):
+                op._found[slot_of(record)] = record
         self._start_walk(op, id_from_bytes(key), self.config.value_quorum, records=True, now=now)
         return op
 
@@ -300,6 +316,8 @@ class DhtNode(LookupNode):
             replies_deferred=c[Count.REPLIES_DEFERRED],
             replies_bounded=c[Count.REPLIES_BOUNDED],
             handoff_stores=c[Count.HANDOFF_STORES],
+            client=self.client,
+            client_requests_in=c[Count.CLIENT_REQUESTS_IN],
             refused_contacts=dict(self.routing.refused),
         )
 
@@ -356,6 +374,11 @@ class DhtNode(LookupNode):
         assert rpc.op is not None and rpc.peer_id is not None
         if purpose == Purpose.WALK:
             self._walk_reply(rpc, value, now)
+        elif purpose == Purpose.SAMPLE:
+            assert isinstance(rpc.op, GetOperation)
+            _, raws, _ = wire.parse_p2p_find_reply(value)
+            if not rpc.op.done:
+                self._sample_answered(rpc.op, raws, now)
         elif purpose == Purpose.PAGE:
             assert isinstance(rpc.op, GetOperation)
             _, raws, cursor = wire.parse_p2p_find_reply(value)
@@ -368,6 +391,8 @@ class DhtNode(LookupNode):
             op = rpc.op
             if any(code not in ("ok", "held") for code in codes):
                 op._refused.add(rpc.address)
+                if "store-full" in codes:
+                    op.full.add(rpc.address)
             self._store_answered(op, rpc.address, now)
         self._welcome(rpc.peer_id, address, now, rtt)
 

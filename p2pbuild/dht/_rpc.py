@@ -48,6 +48,7 @@ class Purpose(enum.IntEnum):
     VERIFY = 5
     HANDOFF = 6
     HANDOFF_PING = 7
+    SAMPLE = 8
 
 
 class Count(enum.IntEnum):
@@ -68,6 +69,7 @@ class Count(enum.IntEnum):
     REPLIES_DEFERRED = 12
     REPLIES_BOUNDED = 13
     HANDOFF_STORES = 14
+    CLIENT_REQUESTS_IN = 15
 
 
 # Methods whose requests we pad, so that any reply stays within the amplification bound.
@@ -75,6 +77,9 @@ _PADDED = frozenset((wire.FIND_NODE, wire.FIND_VALUE, wire.P2P_FIND))
 # Bytes around the records of a p2p_store request: fixarray(2), "p2p_store", fixarray(3),
 # two 20-byte ids, array16 header.
 STORE_OVERHEAD = 1 + 1 + len(wire.P2P_STORE) + 1 + 2 * (2 + 20) + 3
+# Addresses an ``auto`` node remembers having sent to (a request from one of them may be a
+# NAT letting a reply-like datagram through, so it proves nothing).
+_SENT_TO_REMEMBERED = 1024
 
 
 class _Rpc:
@@ -136,9 +141,12 @@ class RpcNode:
         "_out",
         "_pad_to",
         "_pending",
+        "_reachable_by",
         "_rejected",
+        "_sent_to",
         "_timers",
         "_verified",
+        "client",
         "config",
         "node_id",
         "own",
@@ -193,6 +201,15 @@ class RpcNode:
         self._deferred: dict[Address, list[bytes]] = {}
         self._deferred_total = 0
         self._rejected: dict[str, int] = {}
+        #: Acting as a DHT client (behind NAT): requests carry ``CLIENT_FLAG``.
+        self.client = config.reachability == "client"
+        #: ``auto`` reachability, undecided: addresses sent to lately (an unsolicited
+        #: request comes from elsewhere), and when the node turns client if none came.
+        self._sent_to: OrderedDict[Address, None] | None = None
+        self._reachable_by = 0.0
+        if config.reachability == "auto":
+            self._sent_to = OrderedDict()
+            self._reachable_by = now + config.reachability_timeout
 
     def verified(self, address: Address) -> bool:
         """Whether ``address`` has answered a request of ours (it receives there)."""
@@ -251,7 +268,15 @@ class RpcNode:
             return False
         msg_id = self.rng.randbytes(wire.MSG_ID_SIZE)
         pad = self._pad_to if method in _PADDED else 0
-        self._send(wire.encode_request(msg_id, method, args, pad_to=pad), address)
+        self._send(
+            wire.encode_request(msg_id, method, args, pad_to=pad, client=self.client), address
+        )
+        sent_to = self._sent_to
+        if sent_to is not None:
+            sent_to[address] = None
+            sent_to.move_to_end(address)
+            if len(sent_to) > _SENT_TO_REMEMBERED:
+                sent_to.popitem(last=False)
         self._counters[Count.RPCS_SENT] += 1
         if op is not None:
             op.rpcs += 1

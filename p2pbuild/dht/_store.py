@@ -26,12 +26,14 @@ pure function of the bytes, so sharing it changes nothing but time.
 from __future__ import annotations
 
 import bisect
+import hashlib
+import random
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
 from .._errors import RecordError, RemoteError
 from .._records import DEFAULT_POLICY, Capability, Kind, RecordPolicy, SignedRecord
-from ._ids import facet_key, node_key
+from ._ids import facet_key, facet_shard, facet_shard_key, node_key
 
 __all__ = [
     "RecordCache",
@@ -81,7 +83,10 @@ def bound_keys(record: SignedRecord) -> frozenset[bytes]:
     capability, each of its facet keys."""
     keys = [node_key(record.publisher)]
     if isinstance(record.body, Capability):
-        keys += [facet_key(facet) for facet in record.body.facets()]
+        shard = facet_shard(record.publisher)
+        for facet in record.body.facets():
+            keys.append(facet_key(facet))
+            keys.append(facet_shard_key(facet, shard))
     return frozenset(keys)
 
 
@@ -294,6 +299,48 @@ class RecordStore:
             for record in held.records
             if record.expires_at > now
         ]
+
+    def publishers(self, key: bytes) -> int:
+        """How many publishers have records under ``key``."""
+        held = self._keys.get(key)
+        if held is None:
+            return 0
+        return len({slot[:32] for slot in held.order})
+
+    def sample(
+        self, key: bytes, seed: bytes, parts: int, part: int, now: float, budget: int
+    ) -> list[bytes]:
+        """The unexpired records of the publishers under ``key`` in part ``part`` of the
+        random partition into ``parts`` keyed by ``seed`` (``wire.sample_cursor``), as many
+        whole publishers as fit in ``budget``, in an order ``seed`` shuffles (a part that
+        does not fit gives a uniformly random subset of itself)."""
+        held = self._keys.get(key)
+        if held is None or parts <= 0:
+            return []
+        by_publisher: dict[bytes, list[SignedRecord]] = {}
+        for slot, record in zip(held.order, held.records, strict=True):
+            if record.expires_at <= now:
+                continue
+            publisher = slot[:32]
+            group = by_publisher.get(publisher)
+            if group is None:
+                digest = hashlib.blake2b(publisher, key=seed, digest_size=8).digest()
+                if int.from_bytes(digest, "big") % parts != part:
+                    continue
+                group = by_publisher[publisher] = []
+            group.append(record)
+        chosen = sorted(by_publisher)
+        random.Random(seed).shuffle(chosen)
+        out: list[bytes] = []
+        used = 0
+        for publisher in chosen:
+            raws = [record.raw for record in by_publisher[publisher]]
+            cost = sum(len(raw) + (2 if len(raw) < 256 else 3) for raw in raws)
+            if used + cost > budget:
+                continue
+            out.extend(raws)
+            used += cost
+        return out
 
     def count(self, key: bytes) -> int:
         held = self._keys.get(key)

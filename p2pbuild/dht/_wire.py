@@ -66,6 +66,13 @@ P2P_STORE = "p2p_store"
 P2P_FIND = "p2p_find"
 METHODS = frozenset({PING, STORE, FIND_NODE, FIND_VALUE, P2P_STORE, P2P_FIND})
 
+#: The byte after a request's payload that marks its sender a DHT *client* (behind NAT: it
+#: is never added to routing tables); zero bytes of padding may follow it.
+CLIENT_FLAG = b"\x01"
+#: First byte of a *sample cursor*: ``SAMPLE_CURSOR || seed (8) || parts (1) || part (1)``.
+SAMPLE_CURSOR = 0x01
+SAMPLE_CURSOR_SIZE = 11
+
 #: A cursor is the last slot a page held: publisher key (32 bytes) and kind (<= 16 chars).
 MAX_CURSOR = 48
 #: Record bundle format version (the value a stock ``find_value`` receives).
@@ -93,17 +100,23 @@ def _unpack(payload: bytes) -> Any:
         raise MalformedError(f"not valid msgpack: {exc.__class__.__name__}") from None
 
 
-def _unpack_padded(payload: bytes) -> Any:
-    """:func:`_unpack` for a request, which may be followed by zero bytes of padding (see
-    :func:`encode_request`); other trailing bytes are refused."""
+def _unpack_padded(payload: bytes) -> tuple[Any, bool]:
+    """:func:`_unpack` for a request, which may be followed by the client flag (one byte
+    ``CLIENT_FLAG``) and zero bytes of padding (see :func:`encode_request`); other trailing
+    bytes are refused. Returns ``(value, client)``."""
     try:
-        return msgpack.unpackb(
-            payload, raw=False, strict_map_key=True, use_list=True, ext_hook=_refuse_ext
+        return (
+            msgpack.unpackb(
+                payload, raw=False, strict_map_key=True, use_list=True, ext_hook=_refuse_ext
+            ),
+            False,
         )
     except msgpack.ExtraData as extra:
-        if extra.extra.count(0) != len(extra.extra):
+        rest = extra.extra
+        client = rest[:1] == CLIENT_FLAG
+        if rest.count(0) != len(rest) - client:
             raise MalformedError("not valid msgpack: ExtraData") from None
-        return extra.unpacked
+        return extra.unpacked, client
     except MalformedError:
         raise
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
@@ -125,6 +138,8 @@ class Request:
     msg_id: bytes
     method: str
     args: list[Any]
+    #: The sender marked itself a DHT client (``CLIENT_FLAG``): never a routing contact.
+    client: bool = False
 
 
 @attrs.frozen
@@ -152,21 +167,25 @@ def decode_datagram(data: bytes, *, max_size: int) -> Request | Response:
         return Response(msg_id, _unpack(data[HEADER_SIZE:]))
     if marker != REQUEST:
         raise MalformedError(f"unknown rpcudp marker {marker:#04x}")
-    value = _unpack_padded(data[HEADER_SIZE:])
+    value, client = _unpack_padded(data[HEADER_SIZE:])
     if type(value) is not list or len(value) != 2:
         raise MalformedError("a request is [method, args]")
     method, args = value
     if type(method) is not str or type(args) is not list:
         raise MalformedError("a request is [text, array]")
-    return Request(msg_id, method, args)
+    return Request(msg_id, method, args, client)
 
 
-def encode_request(msg_id: bytes, method: str, args: Sequence[Any], *, pad_to: int = 0) -> bytes:
-    """Frame a request (``args`` already in wire form), followed by zero bytes up to
-    ``pad_to`` bytes in all. Padding lets a server answer a first request from an address
-    in full within its anti-amplification bound; a stock server ignores it (``umsgpack``
-    reads one object and stops), and so does :func:`decode_datagram`."""
+def encode_request(
+    msg_id: bytes, method: str, args: Sequence[Any], *, pad_to: int = 0, client: bool = False
+) -> bytes:
+    """Frame a request (``args`` already in wire form), followed by ``CLIENT_FLAG`` if
+    ``client``, then zero bytes up to ``pad_to`` bytes in all. Padding lets a server answer a
+    first request from an address in full within its anti-amplification bound; a stock
+    server ignores both (``umsgpack`` reads one object and stops)."""
     data = bytes([REQUEST]) + msg_id + _pack([method, list(args)])
+    if client:
+        data += CLIENT_FLAG
     if len(data) < pad_to:
         data += bytes(pad_to - len(data))
     return data
@@ -433,15 +452,54 @@ def parse_p2p_find_args(request: Request) -> tuple[bytes, bytes, bytes]:
 
 
 def encode_p2p_find_reply(
-    contacts: Sequence[ContactTriple], records: Sequence[bytes], cursor: bytes
+    contacts: Sequence[ContactTriple],
+    records: Sequence[bytes],
+    cursor: bytes,
+    publishers: int | None = None,
 ) -> list[Any]:
-    return [encode_contacts(contacts), list(records), cursor]
+    value: list[Any] = [encode_contacts(contacts), list(records), cursor]
+    if publishers is not None:
+        value.append(publishers)
+    return value
+
+
+def sample_cursor(seed: bytes, parts: int, part: int) -> bytes:
+    """A ``p2p_find`` cursor asking for the records of the publishers in part ``part`` of
+    ``parts`` (at most 255) of a random partition keyed by ``seed`` (8 bytes): publisher
+    ``p`` is in part ``BLAKE2b-64(p, key=seed) mod parts``. ``parts`` = 0 asks for no
+    records: the closest contacts and the publisher count only (a sampling walk)."""
+    return bytes([SAMPLE_CURSOR]) + seed + bytes([parts, part])
+
+
+def parse_sample_cursor(cursor: bytes) -> tuple[bytes, int, int] | None:
+    """``(seed, parts, part)`` of a sample cursor, None for a page cursor. Raises
+    :class:`MalformedError` for a part out of range."""
+    if len(cursor) != SAMPLE_CURSOR_SIZE or cursor[0] != SAMPLE_CURSOR:
+        return None
+    parts, part = cursor[9], cursor[10]
+    if parts and part >= parts:
+        raise MalformedError("a sample cursor's part is below its parts")
+    return cursor[1:9], parts, part
 
 
 def parse_p2p_find_reply(value: object) -> tuple[list[ContactTriple], list[bytes], bytes]:
     """``(contacts, records, next_cursor)``; an empty cursor means the last page."""
-    if type(value) is not list or len(value) != 3:
-        raise MalformedError("a p2p_find reply is [contacts, records, cursor]")
+    contacts, records, cursor, _ = parse_p2p_find_reply_counted(value)
+    return contacts, records, cursor
+
+
+def parse_p2p_find_reply_counted(
+    value: object,
+) -> tuple[list[ContactTriple], list[bytes], bytes, int | None]:
+    """``(contacts, records, next_cursor, publishers)``: ``publishers`` is how many
+    publishers the holder has under the key (None from a holder that does not say)."""
+    if type(value) is not list or len(value) not in (3, 4):
+        raise MalformedError("a p2p_find reply is [contacts, records, cursor, publishers?]")
+    publishers = None
+    if len(value) == 4:
+        publishers = value[3]
+        if type(publishers) is not int or not 0 <= publishers <= 1 << 20:
+            raise MalformedError("a p2p_find publisher count is an integer")
     contacts = parse_contacts(value[0])
     records, cursor = value[1], value[2]
     if type(records) is not list or len(records) > MAX_RECORDS_IN:
@@ -451,4 +509,4 @@ def parse_p2p_find_reply(value: object) -> tuple[list[ContactTriple], list[bytes
             raise MalformedError("records are bytes")
     if type(cursor) is not bytes or len(cursor) > MAX_CURSOR:
         raise MalformedError(f"a cursor is at most {MAX_CURSOR} bytes")
-    return contacts, records, cursor
+    return contacts, records, cursor, publishers

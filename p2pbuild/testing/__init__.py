@@ -19,6 +19,7 @@ from .._cli._repos import (
     write_rpm,
 )
 from ._cluster import CLUSTER_EPOCH, Cluster, open_cluster
+from ._internet import SimulatedInternet, Swarm, SwarmNode, open_swarm
 from ._keys import (
     TrustFixture,
     example_capability,
@@ -57,6 +58,10 @@ __all__ = [
     "open_local_farm",
     "MemoryEndpoint",
     "MemoryNetwork",
+    "SimulatedInternet",
+    "Swarm",
+    "SwarmNode",
+    "open_swarm",
     "HOP",
     "SANSIO_EPOCH",
     "SansIONetwork",

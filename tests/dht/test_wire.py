@@ -45,14 +45,25 @@ def test_request_round_trip_whole_truncated_and_with_trailing_bytes(method, args
         with pytest.raises(MalformedError):
             parse(wire.decode_datagram(data[:cut], max_size=1200))
     with pytest.raises(MalformedError):
-        wire.decode_datagram(data + b"\x01", max_size=1200)
+        wire.decode_datagram(data + b"\x02", max_size=1200)
+    with pytest.raises(MalformedError):
+        wire.decode_datagram(data + b"\x01\x01", max_size=1200)
+    with pytest.raises(MalformedError):
+        wire.decode_datagram(data + b"\x00\x01", max_size=1200)
     with pytest.raises(MalformedError):
         wire.decode_datagram(data + b"\x00\x00\x07", max_size=1200)
+    # The client flag (a node behind NAT), alone or before zero padding.
+    flagged = wire.encode_request(b"m" * 20, method, args, pad_to=400, client=True)
+    assert flagged.startswith(data + wire.CLIENT_FLAG)
+    for datagram in (data + wire.CLIENT_FLAG, flagged):
+        frame = wire.decode_datagram(datagram, max_size=1200)
+        assert isinstance(frame, wire.Request) and frame.client
+        assert (frame.msg_id, frame.method) == (b"m" * 20, method)
     # Zero padding (anti-amplification, see encode_request) is read past.
     padded = wire.encode_request(b"m" * 20, method, args, pad_to=400)
     assert len(padded) == max(400, len(data)) and padded.startswith(data)
     frame = wire.decode_datagram(padded, max_size=1200)
-    assert isinstance(frame, wire.Request)
+    assert isinstance(frame, wire.Request) and not frame.client
     parsed = parse(frame)
     assert (list(parsed) if isinstance(parsed, tuple) else [parsed]) == args
     # A response is never padded.

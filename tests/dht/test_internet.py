@@ -1,0 +1,229 @@
+"""The directory at internet scale, on the simulated internet of ``p2pbuild.testing``: facet
+finds that neither crawl nor truncate, nodes behind NAT as DHT clients, sampled finds under
+churn, and a simulation that is the same for the same seed."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import trio
+import trio.testing
+
+from p2pbuild import SignedRecord
+from p2pbuild.dht import DhtConfig, Directory, Query, node_key
+from p2pbuild.testing import (
+    Swarm,
+    SwarmNode,
+    example_capability,
+    example_status,
+    make_identity,
+    open_cluster,
+    open_memory_network,
+    open_swarm,
+)
+
+
+def _records(identity_label: str, now: float, *, arch: str = "x86_64", seq: int = 1,
+             lifetime: int = 3600, status_lifetime: int = 600) -> list[SignedRecord]:
+    identity = make_identity(identity_label)
+    return [
+        SignedRecord.create(identity, example_capability(arch=arch), seq=seq,
+                            issued_at=int(now), lifetime=lifetime),
+        SignedRecord.create(identity, example_status(), seq=seq, issued_at=int(now),
+                            lifetime=min(lifetime, status_lifetime)),
+    ]
+
+
+@pytest.mark.slow
+async def test_1000_publisher_facet_find_is_complete_or_a_stated_sample_in_bounded_time(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A facet with 1,000 publishers: a root key holds at most max_records_per_key / 2 of
+    # them, the rest publish under their shard. Before, holders kept 512 and a find paged
+    # through them for tens of seconds, returning ~half the farm without saying so.
+    config = DhtConfig(k=8)
+    async with open_memory_network(random.Random(3)) as network, open_cluster(
+        60, seed=3, network=network, config=config
+    ) as cluster:
+        now = cluster.nodes[0].now()
+        publishers = [f"farm-{i}" for i in range(1000)]
+        async with trio.open_nursery() as nursery:
+            for index, node in enumerate(cluster.nodes):
+                mine = [
+                    r for label in publishers[index::len(cluster.nodes)]
+                    for r in _records(label, now)
+                ]
+                nursery.start_soon(node.publish, mine)
+        expected = {make_identity(label).public_key for label in publishers}
+        reader = cluster.nodes[7]
+        started = trio.current_time()
+        found = await reader.find(Query(arch="x86_64"))
+        assert trio.current_time() - started < 5.0
+        assert {entry.publisher for entry in found} == expected
+        assert found.complete
+        started = trio.current_time()
+        sample = await reader.find_sample(Query(arch="x86_64"), 64)
+        assert trio.current_time() - started < 1.0
+        assert len(sample) == 64 and len({e.publisher for e in sample}) == 64
+        assert {e.publisher for e in sample} <= expected
+        assert not sample.complete
+        assert 700 <= sample.estimated_publishers <= 1300
+
+
+async def _settle(swarm: Swarm, seconds: float, lookups_every: float = 5.0) -> None:
+    """Let virtual time pass while random public nodes look up random nodes' keys (traffic
+    from strangers, as in a live farm)."""
+    end = trio.current_time() + seconds
+    while trio.current_time() < end:
+        live = swarm.alive(nat=False)
+        reader = swarm.rng.choice(live)
+        target = swarm.rng.choice(swarm.alive())
+        await reader.directory.find_nodes(node_key(target.identity.public_key))
+        await trio.sleep(lookups_every)
+
+
+async def test_nat_nodes_stay_out_of_routing_tables_and_their_records_stay_findable(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    client = DhtConfig(reachability="client")
+    auto = DhtConfig(reachability="auto", reachability_timeout=120.0)
+    async with open_swarm(11, label="nat-") as swarm:
+        for index in range(40):
+            if index >= 10 and index % 4 == 0:
+                await swarm.join(nat=True, config=client)
+            elif index >= 10 and index % 9 == 0:
+                await swarm.join(nat=True, config=auto)  # told nothing: finds out
+            elif index in (5, 7):
+                await swarm.join(nat=False, config=auto)  # reachable: stays a server
+            else:
+                await swarm.join()
+        now = swarm.nodes[0].directory.now()
+        behind = swarm.alive(nat=True)
+        assert len(behind) == 9  # 7 told they are clients, 2 to find out
+        for node in behind:
+            await node.directory.publish(_records(f"nat-node-{node.index}", now))
+        await _settle(swarm, 300.0)
+
+        configured = {
+            node.endpoint.local_address
+            for node in behind
+            if node.directory.config.reachability == "client"
+        }
+        for node in swarm.alive():
+            listed = {(c.host, c.port) for c in node.directory.contacts()}
+            assert not listed & configured, node.index
+        for node in behind:
+            statistics = node.directory.statistics()
+            assert statistics.client
+            if node.endpoint.local_address in configured:
+                assert statistics.records_held == 0  # never asked to store
+        assert not swarm.nodes[5].directory.statistics().client
+        assert not swarm.nodes[7].directory.statistics().client
+        # Auto nodes found out by themselves; once clients, they too stay out of tables
+        # for new contacts (stale entries leave as their RPCs fail).
+        assert sum(n.directory.statistics().client_requests_in for n in swarm.alive()) > 0
+        assert swarm.internet.counters["nat-dropped"] > 0
+        # Every NAT'd node's records are found, by public nodes and by other clients.
+        for node in behind:
+            for reader in (swarm.rng.choice(swarm.alive(nat=False)), swarm.rng.choice(behind)):
+                got = await reader.directory.get(node_key(node.identity.public_key))
+                assert {r.publisher for r in got} == {node.identity.public_key}
+                assert len(got) == 2
+
+
+async def test_sampled_find_under_churn_returns_only_live_matching_signed_records(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Small root keys (6 publishers) so that the facet is sharded at this size.
+    config = DhtConfig(max_records_per_key=12, republish_interval=60.0)
+    nat_config = DhtConfig(
+        max_records_per_key=12, republish_interval=60.0, reachability="client"
+    )
+    async with open_swarm(23, label="churn-") as swarm, trio.open_nursery() as nursery:
+        seqs: dict[int, int] = {}
+
+        async def publish(node: SwarmNode) -> None:
+            # What a node daemon does: fresh records (a new seq) while it lives.
+            seqs[node.index] = seqs.get(node.index, 0) + 1
+            arch = "aarch64" if node.index % 5 == 0 else "x86_64"
+            await node.directory.publish(
+                _records(f"churn-node-{node.index}", node.directory.now(), arch=arch,
+                         seq=seqs[node.index], lifetime=300, status_lifetime=300)
+            )
+
+        async def republish() -> None:
+            while True:
+                await trio.sleep(100.0)
+                for node in swarm.alive():
+                    if node.alive:  # (it may have left meanwhile)
+                        await publish(node)
+
+        async def join_and_publish(nat: bool) -> SwarmNode:
+            node = await swarm.join(nat=nat, config=nat_config if nat else config)
+            await publish(node)
+            return node
+
+        for index in range(60):
+            await join_and_publish(nat=index >= 10 and index % 3 == 0)
+        nursery.start_soon(republish)
+        # Sessions end and new ones begin while finds run.
+        for _ in range(12):
+            leaving = swarm.rng.choice(swarm.alive()[1:])
+            swarm.leave(leaving)
+            await join_and_publish(nat=swarm.rng.random() < 0.3)
+            await trio.sleep(20.0)
+        await trio.sleep(400.0)  # the departed nodes' records expire (lifetime 300 s)
+        alive = {node.identity.public_key for node in swarm.alive()}
+        x86 = {
+            node.identity.public_key for node in swarm.alive() if node.index % 5 != 0
+        }
+        reader: Directory = swarm.rng.choice(swarm.alive(nat=False)).directory
+        seen = set()
+        for _ in range(8):
+            sample = await reader.find_sample(Query(arch="x86_64"), 8)
+            assert 1 <= len(sample) <= 8
+            for entry in sample:
+                assert entry.publisher in alive
+                assert entry.capability.arch == "x86_64"
+                for record in (entry.capability_record, entry.status_record):
+                    assert record is not None and record.publisher == entry.publisher
+                    assert SignedRecord.from_bytes(record.raw) == record  # verifies
+                    assert record.expires_at > reader.now()
+                seen.add(entry.publisher)
+            assert not sample.complete
+        # Random samples: together they cover much of the facet, not the same few.
+        assert len(seen) >= len(x86) // 2
+        nursery.cancel_scope.cancel()
+
+
+async def _trace(seed: int) -> list[object]:
+    trace: list[object] = []
+    async with open_swarm(seed, label="trace-") as swarm:
+        client = DhtConfig(reachability="client")
+        for index in range(30):
+            await swarm.join(nat=index >= 5 and swarm.rng.random() < 0.3,
+                             config=None if index < 5 else client)
+        now = swarm.nodes[0].directory.now()
+        for node in swarm.nodes[:10]:
+            await node.directory.publish(_records(f"trace-node-{node.index}", now))
+        swarm.leave(swarm.nodes[12])
+        await swarm.join()
+        for node in swarm.nodes[:10]:
+            reader = swarm.rng.choice(swarm.alive())
+            started = trio.current_time()
+            got = await reader.directory.get(node_key(node.identity.public_key))
+            trace.append((reader.index, len(got), round(trio.current_time() - started, 9)))
+        trace.append(sorted(swarm.internet.counters.items()))
+    return trace
+
+
+def _run_trace(seed: int) -> list[object]:
+    """One simulation from virtual time 0 (a fresh trio run with its own clock)."""
+    return trio.run(_trace, seed, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_the_simulation_is_deterministic_for_a_seed() -> None:
+    first = _run_trace(5)
+    assert first == _run_trace(5)
+    assert first != _run_trace(6)
