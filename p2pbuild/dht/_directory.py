@@ -19,6 +19,7 @@ with :func:`serve`. Many directories can share one trio run (and one
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -67,8 +68,12 @@ __all__ = [
 #: The default random source of every node in the process: an OS-backed generator has no
 #: state to keep per node, and one instance spares each node its own (about 2.5 KB).
 _SHARED_RNG = random.SystemRandom()
-#: Shards a sampled find reads at first, besides the facet's root key.
+#: Shards a sampled find reads at first when it knows nothing of the facet, and at most
+#: when it does (besides the facet's root key); and how much more than wanted it asks for
+#: (parts of a random partition vary in size, and the weighting trims the rest).
 _SAMPLE_SHARDS = 2
+_MAX_SAMPLE_SHARDS = 8
+_OVERFETCH = 1.25
 
 
 def _optional_token(
@@ -188,8 +193,12 @@ class Directory:
         #: never publish: no task for them).
         self._nursery: trio.Nursery | None = None
         self._republishing = False
-        #: Facets whose root key refused us as full: we publish under our shard of them.
-        self._sharded: set[str] = set()
+        #: (Publisher, facet) pairs whose root key refused the publisher as full: it
+        #: publishes under its shard of the facet too.
+        self._sharded: set[tuple[PublicKey, str]] = set()
+        #: Per facet, what the last sampled find saw: publishers in the root key, and the
+        #: mean per shard read.
+        self._shapes: dict[str, tuple[int, float]] = {}
 
     # -- identity ---------------------------------------------------------------------------------
 
@@ -350,27 +359,45 @@ class Directory:
         first = facets[0]
         rng = self._core.rng
         now = self.now()
-        root = self._core.get(facet_key(first), now, sample=want)
-        shards = rng.sample(range(FACET_SHARDS), _SAMPLE_SHARDS)
+        # What the last sample of this facet saw (publishers in its root, per shard) sets
+        # how many shards to read and how many publishers to ask of each; unknown, the
+        # root is assumed to hold most of them.
+        root_seen, shard_mean = self._shapes.get(first, (want, 0.0))
+        total = root_seen + FACET_SHARDS * shard_mean
+        want_root = max(1, math.ceil(_OVERFETCH * want * root_seen / max(total, 1)))
+        if shard_mean:
+            count = math.ceil((want - want_root) / shard_mean)
+            count = min(max(count, 1), _MAX_SAMPLE_SHARDS)
+            want_shard = max(1, math.ceil(_OVERFETCH * (want - want_root) / count))
+        else:
+            count, want_shard = _SAMPLE_SHARDS, max(1, want // 4)
+        root = self._core.get(facet_key(first), now, sample=want_root)
+        shards = rng.sample(range(FACET_SHARDS), count)
         ops = [root] + [
-            self._core.get(facet_shard_key(first, shard), now, sample=want) for shard in shards
+            self._core.get(facet_shard_key(first, shard), now, sample=want_shard)
+            for shard in shards
         ]
         for op in ops:
             await self._driver.wait(op)
         shard_counts = [op.publishers or 0 for op in ops[1:]]
-        if (root.publishers or 0) >= self._full_root() and sum(shard_counts) < want:
-            # A big facet whose first shards were thin: read more shards, once.
+        got = sum(len(op.result) for op in ops) // 2
+        if (root.publishers or 0) >= self._full_root() and got < want:
+            # A big facet, fewer records than wanted: read more shards, once.
             extra = rng.sample(
                 [s for s in range(FACET_SHARDS) if s not in shards],
                 min(FACET_SHARDS - len(shards), 2 * _SAMPLE_SHARDS),
             )
+            more_each = max(1, math.ceil(_OVERFETCH * (want - got) / len(extra)))
             now = self.now()
-            more = [self._core.get(facet_shard_key(first, s), now, sample=want) for s in extra]
+            more = [
+                self._core.get(facet_shard_key(first, s), now, sample=more_each) for s in extra
+            ]
             for op in more:
                 await self._driver.wait(op)
             ops += more
             shards += extra
             shard_counts += [op.publishers or 0 for op in more]
+        self._shapes[first] = (root.publishers or 0, sum(shard_counts) / len(shard_counts))
         # Each shard read stands for FACET_SHARDS / len(shards) shards: weight its records
         # so that every publisher of the facet is as likely to be in the sample.
         weight = FACET_SHARDS / len(shards)
@@ -456,26 +483,26 @@ class Directory:
             texts: list[tuple[str, str | None]] = [(node_text_key(publisher), None)]
             for name in body.facets():
                 texts.append((facet_text_key(name), name))
-                if name in self._sharded:
+                if (publisher, name) in self._sharded:
                     texts.append((facet_shard_text_key(name, shard), None))
             for text, root_of in texts:
                 put = self._core.put(text_key(text), mine, now)
-                ops.append((text, root_of, shard, mine, put))
+                ops.append((text, root_of, publisher, shard, mine, put))
         result = {}
         overflow = []
-        for text, root_of, shard, mine, op in ops:
+        for text, root_of, publisher, shard, mine, op in ops:
             await self._driver.wait(op)
             if root_of is not None and op.full:
-                # Root holders refused us as full: we publish under our shard too.
-                if root_of not in self._sharded:
-                    self._sharded.add(root_of)
-                    shard_text = facet_shard_text_key(root_of, shard)
+                # Root holders refused us as full: we publish under our shard too, and
+                # report the shard's acknowledgements for this facet.
+                shard_text = facet_shard_text_key(root_of, shard)
+                if (publisher, root_of) not in self._sharded:
+                    self._sharded.add((publisher, root_of))
                     put = self._core.put(text_key(shard_text), mine, now)
                     overflow.append((shard_text, put))
-                if not op.result:
-                    continue
-            elif root_of is not None:
-                self._sharded.discard(root_of)
+                continue
+            if root_of is not None:
+                self._sharded.discard((publisher, root_of))
             result[text] = op.result
         for text, op in overflow:
             await self._driver.wait(op)

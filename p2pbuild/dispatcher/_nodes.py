@@ -62,6 +62,8 @@ __all__ = [
 MSGPACK = "application/msgpack"
 #: What a node keeps of a job: its artifacts and its logs (both named in the result).
 FileKind = Literal["artifacts", "logs"]
+# Bound on DirectoryFinder's cache (distinct queries; cleared when full).
+_MAX_CACHED_QUERIES = 256
 # Bound on PushNodeClient._ended (results of ended jobs not yet asked for).
 _MAX_ENDED = 256
 
@@ -78,13 +80,36 @@ class NodeFinder(Protocol):
 
 @attrs.define(eq=False)
 class DirectoryFinder:
-    """A :class:`NodeFinder` over a running DHT :class:`~p2pbuild.dht.Directory`."""
+    """A :class:`NodeFinder` over a running DHT :class:`~p2pbuild.dht.Directory`, with a
+    directory cache: a query's answer, if it found any node, is reused for
+    ``refresh_interval`` seconds (trio's clock), so placing a build does not look facets up
+    every time (a node's status in the answer may be that old; the node itself refuses a job
+    it has no slot for). With ``sample``, a
+    query reads a uniformly random sample of about that many matching nodes
+    (:meth:`~p2pbuild.dht.Directory.find_sample`) instead of the whole facet."""
 
     directory: Directory
     trust_list: TrustList
+    refresh_interval: float = 30.0
+    sample: int | None = None
+    _cache: dict[Query, tuple[float, list[NodeEntry]]] = attrs.field(factory=dict)
 
     async def find(self, query: Query) -> list[NodeEntry]:
-        return await self.directory.find(query, self.trust_list)
+        now = trio.current_time()
+        cached = self._cache.get(query)
+        if cached is not None and now - cached[0] < self.refresh_interval:
+            await trio.lowlevel.checkpoint()
+            return list(cached[1])
+        entries: list[NodeEntry]
+        if self.sample is not None:
+            entries = await self.directory.find_sample(query, self.sample, self.trust_list)
+        else:
+            entries = await self.directory.find(query, self.trust_list)
+        if len(self._cache) >= _MAX_CACHED_QUERIES:
+            self._cache.clear()
+        if entries:
+            self._cache[query] = (now, list(entries))
+        return list(entries)
 
     async def lookup(self, key: PublicKey) -> NodeEntry | None:
         records = await self.directory.get(node_key(key))

@@ -1,0 +1,347 @@
+"""The directory at internet scale: N nodes on the simulated internet of ``p2pbuild.testing``.
+
+Prints one JSON object to stdout (progress to stderr), each figure with its goal beside it.
+Every node is the real sans-IO core, trio driver and ``Directory`` (as over UDP), on
+``SimulatedInternet``: Gamma-distributed round trips (median 80 ms, p99 ~390 ms; the
+source and parameters are in ``p2pbuild/testing/_internet.py``), 1% loss, NAT for
+``--nat`` of the nodes (they run as DHT clients, ``reachability = "client"``), on trio's
+virtual clock. Times are simulated seconds unless named ``wall``.
+
+Phases:
+
+1. **join**: N nodes join through random earlier public nodes (a share ``--nat`` behind NAT).
+2. **publish**: ``--publishers`` nodes (N / 2 by default) publish a capability (all
+   ``x86_64``, so one facet holds them all) and a status through ``Directory.publish``.
+3. **maintenance**: the network idles for ``--idle`` simulated seconds while directories
+   republish (every 300 s) and buckets refresh; bytes sent by all nodes, per node per hour.
+4. **lookups under churn**: ``--lookups`` node-key lookups (``Directory.get(node_key)``) of
+   random live publishers from random live nodes, while ``--churn`` of the nodes are
+   replaced (silent leave, a new node joins); p50/p99 and success (the publisher's
+   capability came back).
+5. **routing tables**: the share of all routing-table entries that are live, reachable
+   (public) nodes; NAT'd nodes listed anywhere.
+6. **sampled facet find**: ``Directory.find_sample(Query(arch="x86_64"), 64)`` from random
+   public nodes: bytes the reader sent and received, time, and waves of requests after the
+   walks (1: one round trip beyond the walks; 2: a second wave of shard walks and reads).
+7. **load**: ``--rate`` sampled finds per second for ``--load-seconds`` from 20 dispatcher
+   nodes; requests served per node over the window, max over mean.
+8. **placement**: a dispatcher's ``DirectoryFinder`` (sample 64, directory cache refreshed
+   every 30 s) and ``select_nodes`` for ``--placements`` builds, one every second;
+   p99 of the simulated time (a refresh included when it falls due) and of the wall time.
+
+Usage: ``python bench/internet.py [--short] [--n N] [--seed S]``; ``--short`` is the CI mode
+(N = 2,000, fewer operations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+import trio.testing
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _stats import latency_summary, percentile
+
+from p2pbuild import SignedRecord
+from p2pbuild._jobs import BuildType
+from p2pbuild.dht import DhtConfig, Query, node_key
+from p2pbuild.dispatcher._nodes import DirectoryFinder
+from p2pbuild.dispatcher._select import Candidate, Requirements, select_nodes
+from p2pbuild.testing import (
+    SwarmNode,
+    example_capability,
+    example_status,
+    make_trust_list,
+    open_swarm,
+)
+from p2pbuild.testing._internet import RTT_SCALE, RTT_SHAPE, Swarm
+
+GOALS = {
+    "lookup_p50_ms": ("<=", 300.0),
+    "lookup_p99_ms": ("<=", 1500.0),
+    "lookup_success_rate": (">=", 0.995),
+    "facet_find_bytes_p99": ("<=", 65536),
+    "facet_find_round_trips_beyond_walk_max": ("<=", 2),
+    "placement_p99_ms": ("<=", 1000.0),
+    "load_max_over_mean": ("<=", 5.0),
+    "routing_entries_reachable": (">=", 0.99),
+    "maintenance_bytes_per_node_hour": ("<=", 1_000_000),
+}
+
+
+def _progress(message: str) -> None:
+    print(f"bench/internet.py: {message}", file=sys.stderr, flush=True)
+
+
+def _records(node: SwarmNode, now: float, seq: int = 1) -> list[SignedRecord]:
+    return [
+        SignedRecord.create(node.identity, example_capability(), seq=seq,
+                            issued_at=int(now), lifetime=4 * 3600),
+        SignedRecord.create(node.identity, example_status(), seq=seq,
+                            issued_at=int(now), lifetime=1800),
+    ]
+
+
+def _bytes(node: SwarmNode) -> int:
+    statistics = node.directory.statistics()
+    return statistics.bytes_in + statistics.bytes_out
+
+
+async def _join(swarm: Swarm, count: int, nat_share: float) -> None:
+    client = DhtConfig(reachability="client")
+    for index in range(count):
+        nat = index >= 20 and swarm.rng.random() < nat_share
+        await swarm.join(nat=nat, config=client if nat else None)
+
+
+async def _bench(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    wall = time.monotonic()
+    async with open_swarm(args.seed, label="inet-") as swarm:
+        rng = swarm.rng
+        # 1. join
+        await _join(swarm, args.n, args.nat)
+        out["join"] = {
+            "nodes": args.n,
+            "behind_nat": len(swarm.alive(nat=True)),
+            "simulated_s": round(trio.current_time(), 1),
+            "wall_s": round(time.monotonic() - wall, 1),
+        }
+        _progress(f"joined {args.n} nodes in {out['join']['wall_s']} s")
+
+        # 2. publish
+        started = time.monotonic()
+        publishers = rng.sample(swarm.nodes, args.publishers)
+        for chunk in range(0, len(publishers), 50):
+            async with trio.open_nursery() as batch:
+                for node in publishers[chunk:chunk + 50]:
+                    batch.start_soon(node.directory.publish, _records(node, node.directory.now()))
+        out["publish"] = {
+            "publishers": len(publishers),
+            "wall_s": round(time.monotonic() - started, 1),
+        }
+        _progress(f"published {len(publishers)} in {out['publish']['wall_s']} s")
+
+        # 3. maintenance
+        before = sum(n.directory.statistics().bytes_out for n in swarm.nodes)
+        await trio.sleep(args.idle)
+        sent = sum(n.directory.statistics().bytes_out for n in swarm.nodes) - before
+        out["maintenance"] = {
+            "idle_simulated_s": args.idle,
+            "bytes_per_node_hour": round(sent / args.n / (args.idle / 3600)),
+            "what": "republish of every directory's records every 300 s, bucket refresh, "
+                    "pings; a node daemon's own status republish (every 60 s) is not in it",
+        }
+        _progress(f"maintenance {out['maintenance']['bytes_per_node_hour']} B/node/h")
+
+        # 4. node-key lookups while nodes are replaced
+        latencies: list[float] = []
+        successes = 0
+        replaced = 0
+        to_replace = round(args.churn * args.n)
+        spacing = args.lookups / max(to_replace, 1)
+        for index in range(args.lookups):
+            while replaced < to_replace and index >= replaced * spacing:
+                leaving = rng.choice(swarm.alive()[20:])
+                swarm.leave(leaving)
+                nat = rng.random() < args.nat
+                await swarm.join(nat=nat, config=DhtConfig(reachability="client") if nat else None)
+                replaced += 1
+            live_publishers = [p for p in publishers if p.alive]
+            target = rng.choice(live_publishers)
+            reader = rng.choice(swarm.alive())
+            begun = trio.current_time()
+            got = await reader.directory.get(node_key(target.identity.public_key))
+            latencies.append(trio.current_time() - begun)
+            successes += any(r.publisher == target.identity.public_key for r in got)
+        out["lookups"] = {
+            "lookups": args.lookups,
+            "nodes_replaced": replaced,
+            **latency_summary(latencies),
+            "success_rate": round(successes / args.lookups, 4),
+        }
+        _progress(f"lookups {out['lookups']}")
+
+        # 5. routing tables
+        public = {n.endpoint.local_address for n in swarm.alive(nat=False)}
+        nat_addresses = {n.endpoint.local_address for n in swarm.nodes if n.nat}
+        entries = reachable = nat_listed = 0
+        for node in swarm.alive():
+            for contact in node.directory.contacts():
+                address = (contact.host, contact.port)
+                entries += 1
+                reachable += address in public
+                nat_listed += address in nat_addresses
+        out["routing_tables"] = {
+            "entries": entries,
+            "reachable_share": round(reachable / entries, 4),
+            "nat_nodes_listed": nat_listed,
+        }
+
+        # 6. sampled facet finds
+        query = Query(arch="x86_64")
+        sizes: list[int] = []
+        times: list[float] = []
+        waves: list[int] = []
+        returned: list[int] = []
+        estimates: list[int] = []
+        for _ in range(args.finds):
+            reader = rng.choice(swarm.alive(nat=False))
+            before_bytes = _bytes(reader)
+            lookups_before = reader.directory.statistics().lookups
+            begun = trio.current_time()
+            sample = await reader.directory.find_sample(query, 64)
+            times.append(trio.current_time() - begun)
+            sizes.append(_bytes(reader) - before_bytes)
+            walks = reader.directory.statistics().lookups - lookups_before
+            waves.append(1 if walks <= 1 + 2 else 2)
+            returned.append(len(sample))
+            estimates.append(sample.estimated_publishers)
+        out["facet_find"] = {
+            "facet_publishers": len([p for p in publishers if p.alive]),
+            "finds": args.finds,
+            "want": 64,
+            "returned_min": min(returned),
+            "estimated_publishers_median": sorted(estimates)[len(estimates) // 2],
+            "bytes_p50": percentile(sizes, 0.5),
+            "bytes_p99": percentile(sizes, 0.99),
+            **latency_summary(times),
+            "round_trips_beyond_walk_max": max(waves),
+        }
+        _progress(f"facet finds {out['facet_find']}")
+
+        # 7. load under a rate of sampled finds
+        dispatchers = rng.sample(swarm.alive(nat=False), 20)
+        served_before = {id(n): n.directory.statistics().requests_in for n in swarm.alive()}
+        total_finds = int(args.rate * args.load_seconds)
+        async with trio.open_nursery() as nursery:
+            for index in range(total_finds):
+                nursery.start_soon(dispatchers[index % 20].directory.find_sample, query, 64)
+                await trio.sleep(1.0 / args.rate)
+        served = [
+            n.directory.statistics().requests_in - served_before[id(n)]
+            for n in swarm.alive() if id(n) in served_before and not n.nat
+        ]
+        mean = sum(served) / len(served)
+        out["load"] = {
+            "finds_per_s": args.rate,
+            "seconds": args.load_seconds,
+            "requests_served_mean": round(mean, 2),
+            "requests_served_max": max(served),
+            "max_over_mean": round(max(served) / mean, 2),
+            "what": "requests received per public node over the window, all kinds",
+        }
+        _progress(f"load {out['load']}")
+
+        # 8. placement with a warm directory cache
+        dispatcher = rng.choice(swarm.alive(nat=False))
+        trust = make_trust_list(
+            nodes=[(f"node-{p.index}", f"op-{p.index % 40}") for p in publishers], label="inet-"
+        ).trust_list
+        finder = DirectoryFinder(dispatcher.directory, trust, refresh_interval=30.0, sample=64)
+        requirements = Requirements(arch="x86_64", os="fedora-41", build_type=BuildType.RPM)
+        await finder.find(Query(arch="x86_64", os="fedora-41"))  # warm
+        simulated: list[float] = []
+        walls: list[float] = []
+        placed = 0
+        for index in range(args.placements):
+            begun, begun_wall = trio.current_time(), time.perf_counter()
+            entries = await finder.find(Query(arch="x86_64", os="fedora-41"))
+            candidates = [Candidate(e.publisher, e.capability, e.status, e.trust) for e in entries]
+            chosen = select_nodes(candidates, requirements, random.Random(index))
+            placed += len(chosen) == 2
+            walls.append(time.perf_counter() - begun_wall)
+            simulated.append(trio.current_time() - begun)
+            await trio.sleep(1.0)
+        out["placement"] = {
+            "placements": args.placements,
+            "placed": placed,
+            "simulated": latency_summary(simulated),
+            "wall": latency_summary(walls),
+            "p99_ms": round(max(percentile(simulated, 0.99), 0) * 1000
+                            + percentile(walls, 0.99) * 1000, 3),
+            "what": "simulated time of DirectoryFinder.find (cache hit, or a sampled find "
+                    "when the 30 s refresh falls due) plus wall time of find and selection",
+        }
+        _progress(f"placement {out['placement']}")
+        out["network"] = dict(swarm.internet.counters)
+    out["wall_s"] = round(time.monotonic() - wall, 1)
+    return out
+
+
+def _goals(out: dict[str, Any]) -> list[dict[str, Any]]:
+    measured = {
+        "lookup_p50_ms": out["lookups"]["p50_ms"],
+        "lookup_p99_ms": out["lookups"]["p99_ms"],
+        "lookup_success_rate": out["lookups"]["success_rate"],
+        "facet_find_bytes_p99": out["facet_find"]["bytes_p99"],
+        "facet_find_round_trips_beyond_walk_max": out["facet_find"][
+            "round_trips_beyond_walk_max"],
+        "placement_p99_ms": out["placement"]["p99_ms"],
+        "load_max_over_mean": out["load"]["max_over_mean"],
+        "routing_entries_reachable": out["routing_tables"]["reachable_share"],
+        "maintenance_bytes_per_node_hour": out["maintenance"]["bytes_per_node_hour"],
+    }
+    goals = []
+    for name, (op, limit) in GOALS.items():
+        value = measured[name]
+        met = value <= limit if op == "<=" else value >= limit
+        goals.append({"figure": name, "goal": f"{op} {limit:g}", "measured": value, "met": met})
+    return goals
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--short", action="store_true", help="CI mode: N=2,000")
+    parser.add_argument("--n", type=int, help="nodes (default 10,000; 2,000 with --short)")
+    parser.add_argument("--nat", type=float, default=0.3, help="share behind NAT (0.3)")
+    parser.add_argument("--churn", type=float, default=0.1,
+                        help="share of nodes replaced during the lookups (0.1)")
+    parser.add_argument("--publishers", type=int, help="publishers (default N / 2)")
+    parser.add_argument("--lookups", type=int, help="node-key lookups (1,000; 300 short)")
+    parser.add_argument("--finds", type=int, help="sampled facet finds (100; 30 short)")
+    parser.add_argument("--rate", type=float, default=100.0, help="finds per second (100)")
+    parser.add_argument("--load-seconds", type=float, help="load window (20 s; 5 s short)")
+    parser.add_argument("--placements", type=int, help="placements (200; 60 short)")
+    parser.add_argument("--idle", type=float, help="maintenance window, simulated s "
+                        "(1,800; 600 short)")
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args(argv)
+    short = args.short
+    args.n = args.n or (2000 if short else 10_000)
+    args.publishers = args.publishers or args.n // 2
+    args.lookups = args.lookups or (300 if short else 1000)
+    args.finds = args.finds or (30 if short else 100)
+    args.load_seconds = args.load_seconds or (5.0 if short else 20.0)
+    args.placements = args.placements or (60 if short else 200)
+    args.idle = args.idle or (600.0 if short else 1800.0)
+    out = trio.run(_bench, args, clock=trio.testing.MockClock(autojump_threshold=0))
+    result = {
+        "benchmark": "internet",
+        "mode": "short" if short else "full",
+        "machine": {"python": platform.python_version(), "platform": platform.platform()},
+        "internet": {
+            "rtt": f"Gamma(shape={RTT_SHAPE}, scale={RTT_SCALE} s): median 80 ms, p99 ~390 ms",
+            "loss": 0.01,
+            "nat": f"{args.nat:.0%} of nodes, replies only (30 s mappings), as DHT clients",
+            "churn": f"{args.churn:.0%} of nodes replaced during the lookups",
+        },
+        "workload": {k: v for k, v in vars(args).items() if k != "short"},
+        **out,
+    }
+    result["goals"] = _goals(out)
+    json.dump(result, sys.stdout, indent=1)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
