@@ -94,6 +94,10 @@ from ._identity import (
 )
 
 __all__ = [
+    "DETECTED_FIELDS",
+    "MAX_CPUS",
+    "MAX_CPU_MODEL",
+    "MAX_MB",
     "MAX_RECORD_SIZE",
     "Capability",
     "Kind",
@@ -248,6 +252,17 @@ def facet(name: str, value: str) -> str:
 def platform_facet(arch: str, os: str) -> str:
     """The combined facet of a platform (``arch=s390x/os=fedora-41``)."""
     return f"{facet('arch', arch)}/{facet('os', os)}"
+
+
+#: The capability fields a node detects about itself (and its configuration may
+#: override): the one list detection, configuration and the node's record share.
+DETECTED_FIELDS = ("arch", "os", "cpus", "cpu_model", "memory_mb", "disk_mb", "machine",
+                   "build_types")
+#: Their bounds, as the record checks them: cpus below MAX_CPUS, memory and disk (MiB) below
+#: MAX_MB, a CPU model of at most MAX_CPU_MODEL characters.
+MAX_CPUS = _MAX_CPUS
+MAX_MB = _U32
+MAX_CPU_MODEL = _MAX_CPU_MODEL
 
 
 # -- bodies -----------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from .._errors import LocalError, MalformedError
 from .._hostport import parse_host_port
 from .._identity import PublicKey
 from .._jobs import DEFAULT_ARCH, DEFAULT_OS
-from .._records import _TOKEN, MachineType
+from .._records import _TOKEN, MAX_CPU_MODEL, MAX_CPUS, MAX_MB, MachineType
 from ._ondemand import OnDemandConfig
 
 __all__ = [
@@ -444,12 +444,12 @@ def parse_config(
     machine_text = cap.text("machine", "") if cap.has("machine") else ""
     if machine_text and machine_text not in {m.value for m in MachineType}:
         raise cap.fail("machine", f"must be 'vm' or 'metal', got {machine_text!r:.40}")
-    cpus = cap.integer("cpus", -1, 1, 4095) if cap.has("cpus") else None
-    memory_mb = cap.integer("memory_mb", -1, 0, 2**32 - 1) if cap.has("memory_mb") else None
-    disk_mb = cap.integer("disk_mb", -1, 0, 2**32 - 1) if cap.has("disk_mb") else None
+    cpus = cap.integer("cpus", -1, 1, MAX_CPUS - 1) if cap.has("cpus") else None
+    memory_mb = cap.integer("memory_mb", -1, 0, MAX_MB - 1) if cap.has("memory_mb") else None
+    disk_mb = cap.integer("disk_mb", -1, 0, MAX_MB - 1) if cap.has("disk_mb") else None
     cpu_model = cap.text("cpu_model") if cap.has("cpu_model") else None
-    if cpu_model is not None and len(cpu_model) > 96:
-        raise cap.fail("cpu_model", "must be at most 96 characters")
+    if cpu_model is not None and len(cpu_model) > MAX_CPU_MODEL:
+        raise cap.fail("cpu_model", f"must be at most {MAX_CPU_MODEL} characters")
     build_types = cap.tokens("build_types", None)
     if build_types is not None and not set(build_types) <= {"make", "rpm", "rpm.dnf"}:
         raise cap.fail("build_types", "may name only 'rpm', 'rpm.dnf' and 'make'")

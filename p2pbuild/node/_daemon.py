@@ -42,7 +42,7 @@ import trio
 from .._errors import P2PBuildError
 from .._identity import Identity, PublicKey, Role
 from .._jobs import Result, ResultState
-from .._records import Capability, SignedRecord, Status
+from .._records import DETECTED_FIELDS, Capability, SignedRecord, Status
 from .._trust import TrustList, accept_update, read_trust_list
 from ..dht import Directory, node_id_for, open_directory
 from ..https import TlsMaterial, load_tls_material
@@ -449,15 +449,9 @@ class NodeDaemon:
         if self.config.capability.disk_mb is None:
             with contextlib.suppress(OSError):
                 disk_mb = min(shutil.disk_usage(self.config.work_dir).free >> 20, 2**32 - 1)
+        detected_fields = {name: getattr(detected, name) for name in DETECTED_FIELDS}
         return Capability(
-            arch=detected.arch,
-            os=detected.os,
-            cpus=detected.cpus,
-            cpu_model=detected.cpu_model,
-            memory_mb=detected.memory_mb,
-            disk_mb=disk_mb,
-            machine=detected.machine,
-            build_types=detected.build_types,
+            **{**detected_fields, "disk_mb": disk_mb},
             pools=self.config.pools,
             endpoint=self.endpoint,
             tls_sha256=self.tls.sha256 if self.tls is not None and self.endpoint else b"",

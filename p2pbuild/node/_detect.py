@@ -34,7 +34,7 @@ from pathlib import Path
 
 import attrs
 
-from .._records import MachineType
+from .._records import DETECTED_FIELDS, MachineType
 from ._config import CapabilityOverrides
 
 __all__ = [
@@ -251,11 +251,9 @@ def apply_overrides(detected: Detected, overrides: CapabilityOverrides) -> Detec
     """``detected`` with every value the configuration sets replaced by it."""
     changes = {
         name: value
-        for name in (
-            "arch", "os", "cpus", "cpu_model", "memory_mb", "disk_mb", "machine", "build_types"
-        )
+        for name in DETECTED_FIELDS
         if (value := getattr(overrides, name)) is not None
-    }  # fmt: skip
+    }
     if "machine" in changes:
         changes["machine_source"] = "config"
     return attrs.evolve(detected, **changes)

@@ -106,3 +106,17 @@ def test_dnf_and_createrepo_c_add_the_buildroot_method(tmp_path: Path) -> None:
     )
     without = detect(tmp_path, _machine(tmp_path, tools=tools - {"createrepo_c"}))
     assert without.build_types == ("make", "rpm")
+
+
+def test_detected_capability_fields_are_one_list() -> None:
+    import attrs
+
+    from p2pbuild import Capability
+    from p2pbuild._records import DETECTED_FIELDS
+    from p2pbuild.node._config import CapabilityOverrides
+    from p2pbuild.node._detect import Detected
+
+    # Detection, the configuration's overrides and the record name the same fields.
+    assert {f.name for f in attrs.fields(CapabilityOverrides)} == set(DETECTED_FIELDS)
+    assert set(DETECTED_FIELDS) <= {f.name for f in attrs.fields(Detected)}
+    assert set(DETECTED_FIELDS) <= {f.name for f in attrs.fields(Capability)}
