@@ -14,6 +14,7 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from ._client import (
     client_from_args,
     follow_build,
     network,
+    network_error,
     post_source,
 )
 
@@ -277,10 +279,71 @@ class _Progress:
 _LIVE_LINES = 8
 
 
+#: A live log silent this long is read again from a new connection (a quiet build and a
+#: dead connection look alike; what was received already is skipped, not repeated).
+_LOG_IDLE_S = 120.0
+
+
+async def stream_live_log(
+    http: httpx.AsyncClient, client: Client, path: str, sink: Callable[[bytes], None],
+    *, idle_s: float = _LOG_IDLE_S, reconnect_for: float = 600.0,
+    on_reconnect: Callable[[str], None] | None = None,
+) -> None:
+    """Feed ``sink`` a running job's live log (``path`` on the dispatcher) until it ends.
+
+    The log is served from its start on every connection, so after a broken connection or
+    ``idle_s`` of silence this reconnects and skips the bytes ``sink`` already has. Raises
+    :class:`LocalError` for a refusal or once the dispatcher has been unreachable for
+    ``reconnect_for`` seconds."""
+    received = 0
+    lost_since: float | None = None
+    while True:
+        try:
+            async with http.stream("GET", path, headers=client.headers,
+                                   timeout=httpx.Timeout(30, read=None)) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    check(response)
+                lost_since = None
+                position = 0
+                chunks = response.aiter_bytes()
+                while True:
+                    with trio.fail_after(idle_s):
+                        try:
+                            chunk = await anext(chunks)
+                        except StopAsyncIteration:
+                            return
+                    skip = max(0, received - position)
+                    position += len(chunk)
+                    if skip < len(chunk):
+                        sink(chunk[skip:])
+                        received += len(chunk) - skip
+        except trio.TooSlowError:
+            continue  # quiet: ask again, from where we are
+        except httpx.TransportError as exc:
+            now = trio.current_time()
+            lost_since = now if lost_since is None else lost_since
+            if now - lost_since > reconnect_for:
+                raise LocalError(f"lost the live log for {now - lost_since:.0f}s "
+                                 f"({network_error(exc)})") from None
+            if on_reconnect is not None:
+                on_reconnect(network_error(exc))
+            await trio.sleep(2)
+
+
 async def _tail_live_log(http: httpx.AsyncClient, client: Client, build_id: str,
                          progress: _Progress) -> None:
     """Feed ``progress`` the live log of the build's running push attempt, looking again
     every few seconds (attempts start, end and are replaced)."""
+    pending = bytearray()
+
+    def lines(data: bytes) -> None:
+        pending.extend(data)
+        *complete, rest = bytes(pending).split(b"\n")
+        pending[:] = rest
+        for line in complete:
+            progress.log_line(line.decode("utf-8", errors="replace"))
+
     while True:
         try:
             listing = check(await http.get(f"/v1/builds/{build_id}/logs",
@@ -289,11 +352,7 @@ async def _tail_live_log(http: httpx.AsyncClient, client: Client, build_id: str,
             if live:
                 row = live[0]
                 progress.log_from = f"{row['operator']} (attempt {row['attempt']})"
-                async with http.stream("GET", row["path"], headers=client.headers,
-                                       timeout=httpx.Timeout(30, read=None)) as response:
-                    if response.status_code == 200:
-                        async for line in response.aiter_lines():
-                            progress.log_line(line.rstrip("\n"))
+                await stream_live_log(http, client, row["path"], lines)
         except (httpx.HTTPError, LocalError):
             pass  # the event stream reports the dispatcher's trouble; the tail is a nicety
         await trio.sleep(3)
@@ -464,20 +523,38 @@ def _builds_logs(args: argparse.Namespace) -> int:
                 await _print_stored(http, client, stored, args.json)
                 return 0
             followed: set[int] = set()
+
+            def write(data: bytes) -> None:
+                sys.stdout.buffer.write(data)
+                sys.stdout.buffer.flush()
+
+            lost_since: float | None = None
             while True:
-                rows = await listing()
-                live = [r for r in rows if r["live"] and r["attempt"] not in followed]
-                for row in live[:1]:
-                    followed.add(row["attempt"])
-                    print(f"==> attempt #{row['attempt']} on {row['operator']}: live "
-                          f"{row['name']} <==", file=sys.stderr, flush=True)
-                    async with http.stream("GET", row["path"], headers=client.headers,
-                                           timeout=httpx.Timeout(30, read=None)) as response:
-                        async for chunk in response.aiter_text():
-                            sys.stdout.write(chunk)
-                            sys.stdout.flush()
-                build = check(await http.get(f"/v1/builds/{build_id}",
-                                             headers=client.headers))
+                try:
+                    rows = await listing()
+                    live = [r for r in rows if r["live"] and r["attempt"] not in followed]
+                    for row in live[:1]:
+                        followed.add(row["attempt"])
+                        print(f"==> attempt #{row['attempt']} on {row['operator']}: live "
+                              f"{row['name']} <==", file=sys.stderr, flush=True)
+                        await stream_live_log(
+                            http, client, row["path"], write,
+                            on_reconnect=lambda why: print(
+                                f"p2pbuild: lost the live log ({why}); reconnecting",
+                                file=sys.stderr, flush=True),
+                        )
+                    build = check(await http.get(f"/v1/builds/{build_id}",
+                                                 headers=client.headers))
+                    lost_since = None
+                except httpx.TransportError as exc:
+                    now = trio.current_time()
+                    lost_since = now if lost_since is None else lost_since
+                    if now - lost_since > 600:
+                        raise
+                    print(f"p2pbuild: lost the dispatcher ({network_error(exc)}); "
+                          "reconnecting", file=sys.stderr, flush=True)
+                    await trio.sleep(2)
+                    continue
                 if build["state"] in TERMINAL:
                     # Pull nodes' logs (never live) and attempts not followed, now stored.
                     rest = [r for r in await listing()

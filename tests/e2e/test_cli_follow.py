@@ -78,3 +78,29 @@ async def test_submit_wait_reconnects_across_a_dispatcher_restart(tmp_path: Path
     assert status == 0, (out, err)
     assert "lost the dispatcher" in err and "reconnecting" in err
     assert f"build {build_id}: verified" in out
+
+
+async def test_builds_logs_follow_reconnects_without_repeating_lines(tmp_path: Path) -> None:
+    source = hello_srpm(tmp_path / "src", build_seconds=12, release="1.slow").path
+    async with farm_of(tmp_path, [NodeSpec("alice-1", "alice"), NodeSpec("bob-1", "bob")]) as farm:
+        submitted = await farm.submit(source)
+        build = await farm.wait_build(
+            submitted["id"], lambda b: sum(a["state"] == "running" for a in b["attempts"]) == 2
+        )
+        first = build["attempts"][0]["id"]
+        process = subprocess.Popen(
+            [sys.executable, "-m", "p2pbuild", "builds", "logs", submitted["id"][:10],
+             "--follow", "--attempt", str(first), "--client-config", str(farm.client_config)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        await trio.sleep(3)  # streaming the live log, the build in its sleep
+        farm.kill("dispatcher")
+        assert await farm.wait_exit("dispatcher") == -9
+        await trio.sleep(1.0)
+        await farm.start("dispatcher")
+        status, out, err = await finish(process, 90)
+    assert status == 0, (out[-2000:], err)
+    assert "reconnecting" in err, err
+    # One build's live log, whole, each line once.
+    assert out.count("+ sleep 12") == 1, out
+    assert out.count("Executing(%build)") == 1, out
