@@ -306,7 +306,9 @@ async def test_killed_dispatcher_resumes_in_flight_build(farm: Harness) -> None:
     await trio.sleep(0.05)
     assert engine.db.build(build.id).state is BuildState.RUNNING
     gate.set()  # the nodes finish while no dispatcher is running
-    await trio.sleep(0.1)
+    for attempt in engine.db.attempts(build.id):
+        node = next(n for n in farm.nodes.values() if str(n.identity.public_key) == attempt.node)
+        await node.service.wait_result(bytes.fromhex(attempt.job_id))
     engine = await farm.start_engine()
     for build_id in (build.id, queued.id):
         done = await farm.wait_done(build_id)

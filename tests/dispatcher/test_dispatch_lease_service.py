@@ -13,6 +13,7 @@ import httpx
 import pytest
 import tomli_w
 import trio
+from engine_waits import wait_build
 
 from p2pbuild._cli import main as cli_main
 from p2pbuild.dispatcher import StaticFinder, hash_token, load_config, run_dispatcher
@@ -124,11 +125,8 @@ class Farm:
         return build_id
 
     async def wait_done(self, build_id: str, timeout: float = 20) -> Any:
-        db = self.running.engine.db
         with trio.fail_after(timeout):
-            while not (build := db.build(build_id)).state.terminal:
-                await trio.sleep(0.05)
-        return build
+            return await wait_build(self.running.engine, build_id, lambda b: b.state.terminal)
 
     def nodes_of(self, build_id: str) -> set[str]:
         return {a.node for a in self.running.engine.db.attempts(build_id)}

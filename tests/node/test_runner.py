@@ -47,8 +47,7 @@ async def test_make_job_builds_and_result_names_the_artifacts(
     job = Job.create(DISPATCHER, spec, issued_at=int(time.time()), lifetime=600)
     service.submit(job.to_bytes())
     with trio.fail_after(60):
-        while (result := service.result(job.job_id)) is None:
-            await trio.sleep(0.05)
+        result = await service.wait_result(job.job_id)
     log = b"".join([chunk async for chunk in service.follow_log(job.job_id, follow=False)])
     assert result.state is ResultState.SUCCEEDED, log
     assert [a.name for a in result.artifacts] == ["hello"]
@@ -74,7 +73,6 @@ async def test_source_with_the_wrong_digest_is_a_rejected_result(
     job = Job.create(DISPATCHER, spec, issued_at=int(time.time()), lifetime=600)
     service.submit(job.to_bytes())
     with trio.fail_after(30):
-        while (result := service.result(job.job_id)) is None:
-            await trio.sleep(0.05)
+        result = await service.wait_result(job.job_id)
     assert result.state is ResultState.REJECTED
     assert dict(service.statistics().rejected) == {"source-digest-mismatch": 1}
