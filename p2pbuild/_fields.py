@@ -4,20 +4,23 @@ split a signed canonical array from its signature."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from typing import Any
 
-from ._codec import decode
-from ._errors import MalformedError
-from ._identity import SIGNATURE_SIZE
+from ._codec import decode, encode
+from ._errors import ExpiredError, ForbiddenError, MalformedError, NotYetValidError
+from ._identity import SIGNATURE_SIZE, Domain, Identity, PublicKey, Role
 from ._records import _TOKEN
+from ._trust import TrustList
 
-__all__ = ["check_relative_name"]
+__all__ = ["NONCE_SIZE", "check_relative_name"]
 
 #: The format version every signed array starts with.
 _FORMAT_VERSION = 1
 _MAX_NAME = 255
 _U63 = 2**63
+NONCE_SIZE = 16
 
 
 def _require_time(value: object, name: str) -> int:
@@ -88,3 +91,40 @@ def _split_signed(data: bytes, max_size: int, elements: int, what: str) -> list[
         raise MalformedError(f"unsupported {what} format version {version!r:.20}")
     _require_bytes(value[-1], SIGNATURE_SIZE, "signature")
     return value
+
+
+# -- short signed orders (pull tokens, job control, wake requests, lease holds) ----------------
+
+
+def fresh_nonce(nonce: bytes | None, issued_at: int) -> bytes:
+    """``nonce`` (random when None), checked with ``issued_at`` for a new signed order."""
+    nonce = os.urandom(NONCE_SIZE) if nonce is None else nonce
+    _require_bytes(nonce, NONCE_SIZE, "nonce")
+    _require_time(issued_at, "issued_at")
+    return nonce
+
+
+def sign_array(
+    identity: Identity, domain: Domain, elements: list[Any], max_size: int
+) -> tuple[bytes, bytes]:
+    """Sign ``[format version, *elements]`` in ``domain``; returns (signature, encoding of
+    the signed array) (:class:`OversizeError` past ``max_size``)."""
+    unsigned = [_FORMAT_VERSION, *elements]
+    signature = identity.sign(domain, encode(unsigned))
+    return signature, encode([*unsigned, signature], max_size=max_size)
+
+
+def check_window(now: float, issued_at: int, window: float, what: str) -> None:
+    """An order is fresh within ``window`` seconds either side of its ``issued_at``. Raises
+    :class:`ExpiredError` or :class:`NotYetValidError` naming ``what``."""
+    if now > issued_at + window:
+        raise ExpiredError(f"{what} is {now - issued_at:.0f}s old")
+    if issued_at > now + window:
+        raise NotYetValidError(f"{what} issued {issued_at - now:.0f}s ahead")
+
+
+def require_dispatcher(trust_list: TrustList, key: PublicKey, what: str) -> None:
+    """Raise :class:`ForbiddenError` unless ``key`` is a dispatcher on ``trust_list``."""
+    entry = trust_list.entry(key)
+    if entry is None or entry.role is not Role.DISPATCHER:
+        raise ForbiddenError(f"{what} signed by {key.fingerprint}, not a trusted dispatcher")

@@ -17,22 +17,26 @@ is accepted: signature, a trust-listed dispatcher, this node, fresh, not replaye
 
 from __future__ import annotations
 
-import os
 import re
 
 import attrs
 
-from ._codec import encode
 from ._errors import (
-    ExpiredError,
-    ForbiddenError,
     MalformedError,
-    NotYetValidError,
     WrongNodeError,
 )
-from ._fields import _require_bytes, _require_time, _signed_part, _split_signed
-from ._identity import Domain, Identity, PublicKey, Role
-from ._jobs import NONCE_SIZE
+from ._fields import (
+    NONCE_SIZE,
+    _require_bytes,
+    _require_time,
+    _signed_part,
+    _split_signed,
+    check_window,
+    fresh_nonce,
+    require_dispatcher,
+    sign_array,
+)
+from ._identity import Domain, Identity, PublicKey
 from ._replay import ReplayCache
 from ._trust import TrustList
 
@@ -67,15 +71,14 @@ class LeaseHold:
         cls, identity: Identity, node: PublicKey, lease: str, until: int, *, issued_at: int,
         nonce: bytes | None = None,
     ) -> LeaseHold:
-        nonce = os.urandom(NONCE_SIZE) if nonce is None else nonce
-        _require_bytes(nonce, NONCE_SIZE, "nonce")
-        _require_time(issued_at, "issued_at")
+        nonce = fresh_nonce(nonce, issued_at)
         _require_time(until, "until")
         if _LEASE_ID.fullmatch(lease) is None:
             raise MalformedError("lease must be 1 to 40 letters, digits, '-' or '_'")
-        unsigned = [1, identity.public_key.raw, node.raw, lease, until, issued_at, nonce]
-        signature = identity.sign(Domain.LEASE_HOLD, encode(unsigned))
-        raw = encode([*unsigned, signature], max_size=MAX_HOLD_SIZE)
+        signature, raw = sign_array(
+            identity, Domain.LEASE_HOLD,
+            [identity.public_key.raw, node.raw, lease, until, issued_at, nonce], MAX_HOLD_SIZE,
+        )
         return cls(identity.public_key, node, lease, until, issued_at, nonce, signature, raw)
 
     @classmethod
@@ -108,13 +111,6 @@ class LeaseHold:
         """
         if self.node != node:
             raise WrongNodeError("the lease hold is for another node")
-        entry = trust_list.entry(self.dispatcher)
-        if entry is None or entry.role is not Role.DISPATCHER:
-            raise ForbiddenError(
-                f"lease hold signed by {self.dispatcher.fingerprint}, not a trusted dispatcher"
-            )
-        if now > self.issued_at + window:
-            raise ExpiredError(f"lease hold is {now - self.issued_at:.0f}s old")
-        if self.issued_at > now + window:
-            raise NotYetValidError(f"lease hold issued {self.issued_at - now:.0f}s ahead")
+        require_dispatcher(trust_list, self.dispatcher, "lease hold")
+        check_window(now, self.issued_at, window, "lease hold")
         seen.add(self.dispatcher.raw + self.nonce, self.issued_at + window + 1, now)

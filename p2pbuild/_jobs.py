@@ -46,6 +46,7 @@ from ._errors import (
 )
 from ._fields import (
     _FORMAT_VERSION,
+    NONCE_SIZE,
     _check_token,
     _printable,
     _require_bytes,
@@ -87,7 +88,6 @@ MAX_JOB_SIZE = 16 * 1024
 MAX_RESULT_SIZE = 64 * 1024
 
 ID_SIZE = 16
-NONCE_SIZE = 16
 _U63 = 2**63
 #: Largest source or artifact size we can describe (1 TiB); real bounds are the node's.
 _MAX_FILE_SIZE = 2**40

@@ -18,15 +18,22 @@ This module is core: no I/O, no clock reads, no trio.
 from __future__ import annotations
 
 import enum
-import os
 
 import attrs
 
-from ._codec import encode
-from ._errors import ExpiredError, ForbiddenError, MalformedError, NotYetValidError, WrongNodeError
-from ._fields import _FORMAT_VERSION, _require_bytes, _require_time, _signed_part, _split_signed
+from ._errors import ForbiddenError, MalformedError, WrongNodeError
+from ._fields import (
+    NONCE_SIZE,
+    _require_bytes,
+    _require_time,
+    _signed_part,
+    _split_signed,
+    check_window,
+    fresh_nonce,
+    sign_array,
+)
 from ._identity import Domain, Identity, PublicKey, Role
-from ._jobs import DEFAULT_JOB_POLICY, ID_SIZE, NONCE_SIZE, Job, JobPolicy
+from ._jobs import DEFAULT_JOB_POLICY, ID_SIZE, Job, JobPolicy
 from ._replay import ReplayCache
 from ._trust import TrustList
 
@@ -70,12 +77,11 @@ class PullAuth:
         nonce: bytes | None = None,
     ) -> PullAuth:
         """Sign a token for ``dispatcher`` as node ``identity``; ``nonce`` defaults to random."""
-        nonce = os.urandom(NONCE_SIZE) if nonce is None else nonce
-        _require_bytes(nonce, NONCE_SIZE, "nonce")
-        _require_time(issued_at, "issued_at")
-        unsigned = [_FORMAT_VERSION, identity.public_key.raw, dispatcher.raw, issued_at, nonce]
-        signature = identity.sign(Domain.PULL_AUTH, encode(unsigned))
-        raw = encode([*unsigned, signature], max_size=MAX_PULL_AUTH_SIZE)
+        nonce = fresh_nonce(nonce, issued_at)
+        signature, raw = sign_array(
+            identity, Domain.PULL_AUTH,
+            [identity.public_key.raw, dispatcher.raw, issued_at, nonce], MAX_PULL_AUTH_SIZE,
+        )
         return cls(identity.public_key, dispatcher, issued_at, nonce, signature, raw)
 
     @classmethod
@@ -114,10 +120,7 @@ class PullAuth:
         :class:`ReplayError`.
         """
         window = policy.pull_auth_window
-        if now > self.issued_at + window:
-            raise ExpiredError(f"pull token is {now - self.issued_at:.0f}s old")
-        if self.issued_at > now + window:
-            raise NotYetValidError(f"pull token issued {self.issued_at - now:.0f}s ahead")
+        check_window(now, self.issued_at, window, "pull token")
         if self.dispatcher != dispatcher_key:
             raise WrongNodeError("pull token is for another dispatcher")
         trust_list.require(self.node, Role.NODE)
@@ -162,16 +165,14 @@ class JobControl:
     ) -> JobControl:
         """Sign ``action`` on ``job_id`` as dispatcher ``identity``; ``nonce`` defaults to
         random."""
-        nonce = os.urandom(NONCE_SIZE) if nonce is None else nonce
-        _require_bytes(nonce, NONCE_SIZE, "nonce")
+        nonce = fresh_nonce(nonce, issued_at)
         _require_bytes(job_id, ID_SIZE, "job_id")
-        _require_time(issued_at, "issued_at")
         action = JobControlAction(action)
-        unsigned = [
-            _FORMAT_VERSION, identity.public_key.raw, job_id, action.value, issued_at, nonce
-        ]
-        signature = identity.sign(Domain.JOB_CONTROL, encode(unsigned))
-        raw = encode([*unsigned, signature], max_size=MAX_JOB_CONTROL_SIZE)
+        signature, raw = sign_array(
+            identity, Domain.JOB_CONTROL,
+            [identity.public_key.raw, job_id, action.value, issued_at, nonce],
+            MAX_JOB_CONTROL_SIZE,
+        )
         return cls(identity.public_key, job_id, action, issued_at, nonce, signature, raw)
 
     @classmethod
@@ -221,8 +222,5 @@ class JobControl:
         if self.action is not action:
             raise ForbiddenError(f"the order is for {self.action.value}, not {action.value}")
         window = policy.pull_auth_window
-        if now > self.issued_at + window:
-            raise ExpiredError(f"job control order is {now - self.issued_at:.0f}s old")
-        if self.issued_at > now + window:
-            raise NotYetValidError(f"job control order issued {self.issued_at - now:.0f}s ahead")
+        check_window(now, self.issued_at, window, "job control order")
         seen.add(self.dispatcher.raw + self.nonce, self.issued_at + window + 1, now)

@@ -18,15 +18,21 @@ refused). Nothing in it is secret: it only makes a node start sooner.
 
 from __future__ import annotations
 
-import os
-
 import attrs
 
-from ._codec import encode
-from ._errors import ExpiredError, ForbiddenError, NotYetValidError, WrongNodeError
-from ._fields import _require_bytes, _require_time, _signed_part, _split_signed
-from ._identity import Domain, Identity, PublicKey, Role
-from ._jobs import NONCE_SIZE
+from ._errors import WrongNodeError
+from ._fields import (
+    NONCE_SIZE,
+    _require_bytes,
+    _require_time,
+    _signed_part,
+    _split_signed,
+    check_window,
+    fresh_nonce,
+    require_dispatcher,
+    sign_array,
+)
+from ._identity import Domain, Identity, PublicKey
 from ._replay import ReplayCache
 from ._trust import TrustList
 
@@ -55,12 +61,11 @@ class WakeRequest:
         cls, identity: Identity, node: PublicKey, *, issued_at: int, nonce: bytes | None = None
     ) -> WakeRequest:
         """Sign a wake request for ``node`` as dispatcher ``identity``."""
-        nonce = os.urandom(NONCE_SIZE) if nonce is None else nonce
-        _require_bytes(nonce, NONCE_SIZE, "nonce")
-        _require_time(issued_at, "issued_at")
-        unsigned = [_FORMAT_VERSION, identity.public_key.raw, node.raw, issued_at, nonce]
-        signature = identity.sign(Domain.WAKE, encode(unsigned))
-        raw = encode([*unsigned, signature], max_size=MAX_WAKE_SIZE)
+        nonce = fresh_nonce(nonce, issued_at)
+        signature, raw = sign_array(
+            identity, Domain.WAKE, [identity.public_key.raw, node.raw, issued_at, nonce],
+            MAX_WAKE_SIZE,
+        )
         return cls(identity.public_key, node, issued_at, nonce, signature, raw)
 
     @classmethod
@@ -98,14 +103,6 @@ class WakeRequest:
         """
         if self.node != node:
             raise WrongNodeError("the wake request is for another node")
-        entry = trust_list.entry(self.dispatcher)
-        if entry is None or entry.role is not Role.DISPATCHER:
-            raise ForbiddenError(
-                f"wake request signed by {self.dispatcher.fingerprint}, not a trusted "
-                "dispatcher"
-            )
-        if now > self.issued_at + window:
-            raise ExpiredError(f"wake request is {now - self.issued_at:.0f}s old")
-        if self.issued_at > now + window:
-            raise NotYetValidError(f"wake request issued {self.issued_at - now:.0f}s ahead")
+        require_dispatcher(trust_list, self.dispatcher, "wake request")
+        check_window(now, self.issued_at, window, "wake request")
         seen.add(self.dispatcher.raw + self.nonce, self.issued_at + window + 1, now)
