@@ -105,10 +105,26 @@ def network_error(exc: BaseException) -> str:
     return f"{name}: {text}" if text else name
 
 
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]
+
+
 def network(call: Callable[[], Awaitable[T]]) -> T:
-    """``trio.run(call)``, a network failure as a one-line :class:`LocalError`."""
+    """``trio.run(call)``, a network failure as a one-line :class:`LocalError`. An error
+    from inside a nursery (the live display's) arrives in a group: Ctrl-C anywhere in it is
+    a ``KeyboardInterrupt``, and a group of one is that one error."""
     try:
-        return trio.run(call)
+        try:
+            return trio.run(call)
+        except BaseExceptionGroup as group:
+            leaves = _leaves(group)
+            if any(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
+                raise KeyboardInterrupt from None
+            if len(leaves) == 1:
+                raise leaves[0] from None
+            raise
     except httpx.HTTPError as exc:
         raise LocalError(f"cannot reach the dispatcher: {network_error(exc)}") from None
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -124,6 +126,35 @@ async def test_a_packager_gets_reasons_logs_and_files(tmp_path: Path) -> None:
         for artifact in manifest["artifacts"]:
             data = (Path(got["dir"]) / "artifacts" / artifact["name"]).read_bytes()
             assert hashlib.sha256(data).hexdigest() == artifact["sha256"]
+
+        # Watching a finished build prints its outcome at once.
+        status, out, err = await cli(farm, "builds", "watch", build_id[:8])
+        assert status == 0, err
+        assert f"build {build_id}: verified" in out
+
+        # Ctrl-C while following: the build id is there, and how to follow it again.
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-P", "-m", "p2pbuild", "submit",
+             str(hello_srpm(tmp_path / "again", release="2").path), "--wait",
+             "--client-config", str(farm.client_config)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        assert process.stdout is not None and process.stderr is not None
+        first = b""
+        with trio.fail_after(30):
+            while b"\n" not in first:
+                first += await process.stdout.receive_some(4096)
+        assert first.startswith(b"submitted build ")
+        process.send_signal(signal.SIGINT)
+        with trio.fail_after(30):
+            assert await process.wait() == 130
+        err_bytes = b""
+        while chunk := await process.stderr.receive_some(4096):
+            err_bytes += chunk
+        again_id = first.split()[2].rstrip(b";").decode()
+        assert f"it goes on: p2pbuild builds watch {again_id}" in err_bytes.decode()
+        assert b"Traceback" not in err_bytes
+        await farm.wait_build(again_id)  # it went on
 
         # Cancelling a finished build says so.
         status, out, err = await cli(farm, "builds", "cancel", build_id[:8])
