@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +19,7 @@ from p2pbuild.dispatcher._engine import BuildRequest, Engine, EngineConfig
 from p2pbuild.dispatcher._nodes import StaticFinder
 from p2pbuild.dispatcher._select import Requirements
 from p2pbuild.dispatcher._sink import RepositorySink
+from p2pbuild.dispatcher._stored import StoredBuild
 from p2pbuild.testing import make_trust_list
 from p2pbuild.testing._farm import FarmNode, start_push_node
 from p2pbuild.testing._runner import InstantRunner
@@ -157,9 +157,9 @@ async def test_build_verified_by_two_operators_and_stored(farm: Harness) -> None
     stored = Path(done.sink_path)
     assert stored == farm.tmp / "repo" / "hello-1.0-1"
     assert (stored / "artifacts" / "out" / "hello.txt").read_bytes() == b"hello\n"
-    manifest = json.loads((stored / "manifest.json").read_text())
-    assert manifest["build_id"] == build.id
-    assert len(manifest["verified_by"]) == 2
+    manifest = StoredBuild.read(stored)
+    assert manifest.build_id == build.id
+    assert len(manifest.verified_by) == 2
     assert len(list((stored / "proof").glob("*.result"))) == 2
     assert not list((farm.tmp / "repo").glob(".incoming-*"))
     events = [e.event for e in engine.db.audit_entries(build.id)]
@@ -230,8 +230,8 @@ async def test_tampering_node_is_caught_and_tie_break_decides(farm: Harness) -> 
     assert done.state is BuildState.VERIFIED, done.reason
     attempts = engine.db.attempts(build.id)
     assert [a.role for a in attempts].count("tiebreak") == 1
-    manifest = json.loads((Path(done.sink_path) / "manifest.json").read_text())
-    assert {n["operator"] for n in manifest["verified_by"]} == {"alice", "carol"}
+    manifest = StoredBuild.read(Path(done.sink_path))
+    assert {n.operator for n in manifest.verified_by} == {"alice", "carol"}
     assert (Path(done.sink_path) / "artifacts/out/hello.txt").read_bytes() == b"hello\n"
     assert hashlib.sha256(b"pwned\n").hexdigest() in done.report
     assert "mallory" in done.report
