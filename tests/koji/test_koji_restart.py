@@ -549,7 +549,11 @@ async def test_a_pull_nodes_result_outlives_a_dispatcher_restart(
     assert trio.current_time() - down_since > 15
     await farm.start_dispatcher()
     # Taken over without a rebuild: each node ran its job once, and delivered it once.
-    await assert_imported_once(farm, task_id)
+    build = await assert_imported_once(farm, task_id)
     for node in nodes:
         assert node.client.uploaded == 1
         assert node.service.statistics().finished == 0
+    # The pull nodes' logs reached Koji, under each node's directory, like push nodes'.
+    logs = await farm.call("getBuildLogs", build["id"])
+    assert {(log["dir"], log["name"]) for log in logs if log["name"] == "build.log"} == {
+        (n.identity.public_key.fingerprint.replace(":", ""), "build.log") for n in nodes}
