@@ -105,20 +105,22 @@ async def start_koji_farm(
     packages: Sequence[str] = PACKAGES,
     policies: Mapping[str, str] | None = None,
     build_types: Sequence[str] = ("make", "rpm"),
+    other_hosts: Sequence[str] = (),
 ) -> KojiFarm:
     """Seed and start the hub, start one push node per ``runners`` entry (names from
     ``fixture``), and a dispatcher whose ``[koji]`` section (extended by ``koji``) logs in
     as the build host ``HOST_NAME`` with a password (``hub_auth="password"``, over HTTP) or
     its client certificate (``"ssl"``, over HTTPS). ``packages`` are on the list of the
     destination tag ``f40``; ``policies`` are hub.conf ``[policy]`` entries over
-    :data:`P2P_POLICIES`."""
+    :data:`P2P_POLICIES`; ``other_hosts`` are more build hosts in the ``p2p`` channel (no
+    process runs them)."""
     host_password = secrets.token_urlsafe(16)
     pki = make_hub_pki(tmp / "pki", [HOST_NAME, "plainuser", "kojiadmin"])
     seed_hub(
         tmp / "hub",
         users={"kojiadmin": "", "plainuser": "", HOST_NAME: host_password},
         admins=("kojiadmin",),
-        hosts={HOST_NAME: "x86_64"},
+        hosts={HOST_NAME: "x86_64", **{name: "x86_64" for name in other_hosts}},
         targets={"f40-p2p": ("f40-build", "f40"), "f40": ("f40-build", "f40")},
         packages={"f40": tuple(packages)}, policies={**P2P_POLICIES, **(policies or {})},
     )

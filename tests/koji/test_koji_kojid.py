@@ -22,6 +22,7 @@ import koji
 import pytest
 import trio
 
+from p2pbuild import ResultState
 from p2pbuild.testing import hello_srpm, make_trust_list
 from p2pbuild.testing._kojifarm import KojiFarm, start_koji_farm
 from p2pbuild.testing._runner import InstantRunner
@@ -190,3 +191,40 @@ async def test_free_task_handed_back_to_the_same_host_ends_once_correctly(
         assert node.service.statistics().accepted == 1
     assert farm.host.statistics().tasks_handed_back == 1
     assert farm.host.statistics().tasks_taken == 1
+
+
+async def test_a_task_given_to_another_host_stops_here_quietly_and_is_settled(
+    farms: Farms, packages: tuple[Path, bytes]
+) -> None:
+    gate = trio.Event()
+    farm = await farms.start(runners(packages, gate=gate), other_hosts=("other-gw",))
+    code, out, err = await farm.koji("build", "--nowait", "f40-p2p", str(packages[0]))
+    assert code == 0, out + err
+    task_id = task_id_of(out)
+    nodes = list(farm.nodes.values())
+    with trio.fail_after(30):
+        while not all(n.service.running_jobs() for n in nodes):
+            await trio.sleep(0.05)
+    jobs = {n.identity.public_key: n.service.running_jobs()[0] for n in nodes}
+    # An admin hands the running task to another host (scheduler.do_assign with force).
+    code, out, err = await farm.koji("assign-task", "--force", str(task_id), "other-gw",
+                                     admin=True)
+    assert code == 0, out + err
+    # This host's attempt stops without a report; the next round refunds the reservation
+    # (so the other host can reserve the NVR) and cancels the P2P build on the nodes.
+    with trio.fail_after(30):
+        while (await farm.call("getBuild", NVR))["state"] == koji.BUILD_STATES["BUILDING"]:
+            await trio.sleep(0.1)
+        while any(n.service.running_jobs() for n in nodes):
+            await trio.sleep(0.05)
+    assert (await farm.call("getBuild", NVR))["state"] == koji.BUILD_STATES["FAILED"]
+    for node in nodes:
+        assert node.service.status(jobs[node.identity.public_key]).state is (
+            ResultState.CANCELLED)
+    info = await farm.call("getTaskInfo", task_id)
+    other = await farm.call("getHost", "other-gw")
+    assert (info["state"], info["host_id"]) == (koji.TASK_STATES["ASSIGNED"], other["id"])
+    calls = await farm.call("testhub.calls")
+    assert not [c for c in calls if c["method"] in ("host.closeTask", "host.failTask",
+                                                    "host.refuseTask")]
+    assert farm.host.statistics().tasks_running == 0

@@ -56,6 +56,11 @@ class CatalogMethods(HubCore):
                                      "enabled", "id", "name", "ready", "task_load",
                                      "update_ts", "user_id")}
 
+    def m_hasPerm(self, call: _Call, perm: str, strict: bool = False) -> bool:
+        """Whether the caller has ``perm`` (Koji 1.35 auth.py ``Session.hasPerm``: the
+        permission itself; admin does not imply others here, only in ``assertPerm``)."""
+        return call.user is not None and perm in call.user["perms"]
+
     def m_getHost(self, call: _Call, hostInfo: Any, strict: bool = False,
                   event: Any = None) -> dict[str, Any] | None:
         host = self._host(hostInfo, strict)

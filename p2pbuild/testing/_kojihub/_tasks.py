@@ -127,6 +127,23 @@ class TaskMethods(CatalogMethods):
         task.update(state=TASK["FREE"], host_id=None)
         call.dirty = True
 
+    def m_assignTask(self, call: _Call, task_id: int, host: Any, force: bool = False,
+                     override: bool = False) -> bool:
+        """Admin: ``koji assign-task`` (Koji 1.35 ``scheduler.do_assign`` ->
+        ``Task.assign``/``Task.lock``): a free task, or with ``force`` any open or assigned
+        one, becomes ``ASSIGNED`` to ``host``."""
+        self._require_admin(call)
+        target = self._host(host)
+        assert target is not None
+        task = self._task(task_id)
+        if task["state"] in (TASK["CLOSED"], TASK["CANCELED"], TASK["FAILED"]):
+            return False
+        if not force and task["state"] != TASK["FREE"]:
+            return False
+        task.update(state=TASK["ASSIGNED"], host_id=target["id"], assign_ts=time.time())
+        call.dirty = True
+        return True
+
     # -- host.* -----------------------------------------------------------------------------
 
     def _free_stale_hosts(self) -> None:
