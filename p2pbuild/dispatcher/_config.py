@@ -109,7 +109,12 @@ _KIND_WORDS = {int: "an integer", float: "a number", str: "text (a quoted string
                list: "a list", dict: "a table", bool: "true or false"}
 
 
-def _get(table: Mapping[str, Any], key: str, kind: type, where: str, default: Any = None) -> Any:
+def table_value(
+    table: Mapping[str, Any], key: str, kind: type, where: str, default: Any = None
+) -> Any:
+    """``table[key]`` checked to be a ``kind`` (an int is taken for a float), ``default``
+    when absent, required when the default is None. Raises :class:`ConfigError` naming
+    ``where`` and ``key``: the one way the dispatcher's and the Koji host's tables are read."""
     if key not in table:
         if default is None and kind is not type(None):
             raise ConfigError(f"{where}: {key} is required")
@@ -120,6 +125,9 @@ def _get(table: Mapping[str, Any], key: str, kind: type, where: str, default: An
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(f"{where}: {key} must be {_KIND_WORDS.get(kind, kind.__name__)}")
     return value
+
+
+_get = table_value
 
 
 def _address(text: str, where: str) -> tuple[str, int]:

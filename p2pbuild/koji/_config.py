@@ -13,6 +13,7 @@ from typing import Any
 import attrs
 
 from ..dispatcher import ConfigError
+from ..dispatcher._config import table_value as _get
 
 __all__ = ["KojiConfig", "koji_config"]
 
@@ -45,19 +46,6 @@ class KojiConfig:
     retry_interval_s: float = 5.0
     max_retries: int = 30
     min_space_mb: int = 1024
-
-
-def _get(table: Mapping[str, Any], key: str, kind: type, where: str, default: Any = None) -> Any:
-    if key not in table:
-        if default is None:
-            raise ConfigError(f"{where}: {key} is required")
-        return default
-    value = table[key]
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(f"{where}: {key} must be a {kind.__name__}")
-    return value
 
 
 def koji_config(table: Mapping[str, Any], where: str,
