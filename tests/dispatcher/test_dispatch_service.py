@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import tomli_w
 import trio
+from engine_waits import wait_build
 
 from p2pbuild._cli import main as cli_main
 from p2pbuild.dispatcher import StaticFinder, hash_token, load_config, run_dispatcher, sign_request
@@ -75,6 +77,17 @@ async def cli(*argv: str) -> tuple[int, str]:
     return status, out.getvalue()
 
 
+async def failed(running: Any, http: httpx.AsyncClient, build_id: str) -> dict[str, Any]:
+    """The build as the API shows it once the engine says it failed (no polling: the
+    engine's change events)."""
+    with trio.fail_after(10):
+        await wait_build(running.engine, build_id, lambda b: b.state.terminal)
+    body: dict[str, Any] = (await http.get(
+        f"/v1/builds/{build_id}", headers={"authorization": f"Bearer {TOKEN}"}
+    )).json()
+    assert body["state"] == "failed", body
+    return body
+
 async def test_api_and_cli(nursery: trio.Nursery, tmp_path: Path) -> None:
     running, client_file = await start(nursery, tmp_path, InstantRunner)
     source = tmp_path / "hello-1.0-1.src.rpm"
@@ -124,13 +137,7 @@ async def test_api_and_cli(nursery: trio.Nursery, tmp_path: Path) -> None:
         )
         assert response.status_code == 202
         failed_id = response.json()["id"]
-        with trio.fail_after(10):
-            while True:
-                body = (await http.get(f"/v1/builds/{failed_id}",
-                                       headers={"authorization": f"Bearer {TOKEN}"})).json()
-                if body["state"] == "failed":
-                    break
-                await trio.sleep(0.05)
+        body = await failed(running, http, failed_id)
         assert body["reason"] == "no trusted node has arch=s390x"
         # Upload bounds and declared digests are enforced.
         response = await http.post(
@@ -176,12 +183,6 @@ async def test_unreachable_url_source_fails(nursery: trio.Nursery, tmp_path: Pat
             headers={"authorization": f"Bearer {TOKEN}"},
         )
         build_id = response.json()["id"]
-        with trio.fail_after(10):
-            while True:
-                body = (await http.get(f"/v1/builds/{build_id}",
-                                       headers={"authorization": f"Bearer {TOKEN}"})).json()
-                if body["state"] == "failed":
-                    break
-                await trio.sleep(0.05)
+        body = await failed(running, http, build_id)
     assert body["reason"].startswith("source: cannot fetch the source")
     assert isinstance(httpx, object)
