@@ -29,12 +29,15 @@ async def test_capability_is_republished_when_contacts_grow(autojump_clock: obje
     async def publish(*, capability: bool = False) -> None:
         published.append((trio.current_time(), capability))
 
+    run_file_writes: list[float] = []
     daemon = SimpleNamespace(
         config=SimpleNamespace(status_interval_s=60.0, capability_lifetime_s=86_400,
                                dht=SimpleNamespace(bootstrap=[("127.0.0.1", 1)])),
         clock=trio.current_time,
         directory=directory,
         _publish=publish,
+        _warn_alone=lambda: None,
+        _write_run_file=lambda: run_file_writes.append(trio.current_time()),
     )
     start = trio.current_time()
     async with trio.open_nursery() as nursery:
@@ -49,3 +52,5 @@ async def test_capability_is_republished_when_contacts_grow(autojump_clock: obje
     assert times[0] == (round(_FIRST_REPUBLISH_S), True)
     assert times[1:] == [(round(_FIRST_REPUBLISH_S) + 60, False),
                          (round(_FIRST_REPUBLISH_S) + 120, False)]
+    # `node status` reads the run file: it is rewritten after every publish.
+    assert [round(t - start) for t in run_file_writes] == [t for t, _ in times]
