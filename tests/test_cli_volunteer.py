@@ -175,6 +175,11 @@ def test_a_running_node_adopts_the_next_trust_list_on_sighup(farm: LocalFarm) ->
         status = json.loads(run("node", "status", "--config", node.config, "--json").stdout)
         assert status["dht"]["trust_version_in_use"] == 2
         assert status["trust"]["version"] == 2 and status["trust"]["listed"] is True
+        # A replaced file is noticed without a signal too (within 30 s).
+        v3 = attrs.evolve(signed.next_version(), signatures=())
+        v3 = v3.sign(farm.maintainers[1]).sign(farm.maintainers[2])
+        (directory / "trust-list.bin").write_bytes(v3.to_bytes())
+        node.wait_log("trust list v3 adopted (was v2)", timeout=45)
     finally:
         node.stop()
 
