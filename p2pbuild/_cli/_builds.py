@@ -23,6 +23,7 @@ import httpx
 import trio
 
 from .._errors import LocalError
+from .._identity import PublicKey
 from ..dispatcher._errors import ConfigError
 from ._client import (
     TERMINAL,
@@ -611,8 +612,19 @@ def _builds_download(args: argparse.Namespace) -> int:
             for row in files["files"]:
                 size = await fetch(http, row["path"], root / row["name"], row["sha256"])
                 got.append({"name": row["name"], "size": size})
+            # A stored build already holds its verifying nodes' logs, as
+            # logs/<n>-<fingerprint>/<name>; the listing adds the other attempts' logs
+            # (failed, refused, outvoted).
+            stored_logs: set[tuple[str, str]] = set()
+            for g in got:
+                parts = g["name"].split("/", 2)
+                if len(parts) == 3 and parts[0] == "logs":
+                    stored_logs.add((parts[1].split("-", 1)[-1], parts[2]))
             for row in logs["logs"]:
                 if row["live"]:
+                    continue
+                fingerprint = PublicKey.from_text(row["node"]).fingerprint.replace(":", "")
+                if row["state"] == "succeeded" and (fingerprint, row["name"]) in stored_logs:
                     continue
                 relative = f"logs/{row['attempt']}-{row['operator']}/{row['name']}"
                 if any(g["name"] == relative for g in got):
