@@ -205,3 +205,30 @@ def test_node_and_dispatcher_init_take_their_addresses(
     assert status == 1
     assert "--listen" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_node_init_next_steps_name_only_what_is_still_missing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Everything given (the README's quick tour): nothing left to set in the config.
+    status, out, _ = run(capsys, "node", "init", "--dir", str(tmp_path / "given"),
+                         "--operator", "a", "--bootstrap", "127.0.0.1:7420",
+                         "--dht-bind", "127.0.0.1:0", "--listen", "127.0.0.1:8450")
+    assert status == 0
+    assert "[dht] bootstrap" not in out and "[api] endpoint" not in out
+    assert "trust-list.bin" in out and "node run --config" in out
+    # Defaults: no seed, listening on all addresses without a URL.
+    status, out, _ = run(capsys, "node", "init", "--dir", str(tmp_path / "bare"))
+    assert status == 0
+    assert "[dht] bootstrap" in out and "[api] endpoint" in out
+    # An endpoint given: only the seed is missing.
+    status, out, _ = run(capsys, "node", "init", "--dir", str(tmp_path / "url"),
+                         "--endpoint", "https://node1.example.org:8443")
+    assert status == 0
+    assert "[dht] bootstrap" in out and "[api] endpoint" not in out
+    # Pull only: the dispatchers to poll, never an endpoint.
+    status, out, _ = run(capsys, "node", "init", "--dir", str(tmp_path / "pull"),
+                         "--bootstrap", "127.0.0.1:7420", "--pull-only")
+    assert status == 0
+    assert "[pull] dispatchers" in out
+    assert "[api] endpoint" not in out and "[dht] bootstrap" not in out

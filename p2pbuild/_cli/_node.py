@@ -11,6 +11,7 @@ when the daemon is not running.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
 import os
@@ -150,15 +151,33 @@ def _init(args: argparse.Namespace) -> int:
     print(f"fingerprint:      {identity.public_key.fingerprint}")
     print(f"TLS certificate:  {tls.cert_path} (SHA-256 {tls.sha256.hex()})")
     print()
+    steps = [
+        f"Send {pub_path.name} (the line above) and your operator name to the farm's\n"
+        "     maintainers; they add this key to the signed trust list.",
+        f"Put the farm's trust list at {directory / args.trust_list}.",
+    ]
+    # Only what the options left unset.
+    if not args.bootstrap:
+        steps.append("In the config, set [dht] bootstrap (the farm's seed nodes, HOST:PORT).")
+    if args.pull_only:
+        steps.append("In the config, name the farm's dispatchers under [pull] dispatchers.")
+    elif not args.endpoint and _listens_everywhere(args.listen):
+        steps.append("In the config, set [api] endpoint (the https:// URL dispatchers reach "
+                     "this node at).")
+    steps.append(f"Start it: p2pbuild node run --config {config_path}")
     print("Next steps:")
-    print(f"  1. Send {pub_path.name} (the line above) and your operator name to the farm's")
-    print("     maintainers; they add this key to the signed trust list.")
-    print(f"  2. Put the farm's trust list at {directory / args.trust_list}"
-          if not Path(args.trust_list).is_absolute()
-          else f"  2. Put the farm's trust list at {args.trust_list}")
-    print("     and set [dht] bootstrap and [api] endpoint in the config.")
-    print(f"  3. Start it: p2pbuild node run --config {config_path}")
+    for number, step in enumerate(steps, 1):
+        print(f"  {number}. {step}")
     return 0
+
+
+def _listens_everywhere(listen: str) -> bool:
+    """Whether ``--listen`` names all addresses, so the node cannot derive its URL."""
+    host = parse_host_port(listen, allow_zero=True)[0]
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
 
 
 # -- run ----------------------------------------------------------------------------------------
