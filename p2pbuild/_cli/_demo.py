@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shlex
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -142,9 +144,17 @@ async def _run(root: Path, started: float) -> dict[str, Any]:
             nursery.cancel_scope.cancel()
     except httpx.HTTPError as exc:
         raise LocalError(f"talking to the dispatcher failed: {exc!r:.200}") from None
-    commands = [" ".join(farm.command(name)[2:])
+    commands = [_by_hand(farm.command(name))
                 for name in ("bootstrap", "dispatcher", *(s.name for s in farm.specs))]
     return summary | {"root": str(root), "commands": commands}
+
+
+def _by_hand(argv: list[str]) -> str:
+    """A child's command line (``python -P -m p2pbuild ...``) as a user types it."""
+    rest = argv[argv.index("-m") + 1:]
+    if rest[0] == "p2pbuild":
+        return shlex.join(rest)
+    return shlex.join([sys.executable, "-m", *rest])
 
 
 def _trust_root(farm: LocalFarm) -> None:

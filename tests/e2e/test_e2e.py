@@ -331,3 +331,8 @@ async def test_demo_builds_verifies_stores_and_cleans_up(tmp_path: Path) -> None
                    str(stored), "every process stopped"):
         assert phrase in out
     assert _processes_mentioning(str(keep)) == [], "the demo left processes behind"
+    # The commands it prints to run the farm again are ones a user can type.
+    assert summary["commands"], summary
+    assert all(c.startswith("p2pbuild ") for c in summary["commands"]), summary["commands"]
+    assert (f"  p2pbuild dispatcher run --config {keep.resolve()}/dispatcher/dispatcher.toml &"
+            in out)
