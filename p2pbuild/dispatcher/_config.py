@@ -177,7 +177,7 @@ def load_config(path: Path, extra_sections: Collection[str] = ()) -> DispatcherC
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    base = path.parent
+    base = path.absolute().parent
 
     def rel(value: str) -> Path:
         p = Path(value).expanduser()
