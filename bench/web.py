@@ -53,7 +53,7 @@ class ListFinder(StaticFinder):
     """The nodes in a list, without :class:`StaticFinder`'s sort by key on every find (a
     dispatcher's finder is a DHT lookup, measured in bench/dht.py, not here)."""
 
-    async def find(self, query: Query) -> list[NodeEntry]:
+    async def find(self, query: Query, *, fresh: bool = False) -> list[NodeEntry]:
         await trio.lowlevel.checkpoint()
         return [e for e in self.entries.values() if query.matches(e.capability)]
 

@@ -373,7 +373,7 @@ async def node_table(engine: Engine, arches: Sequence[str]) -> list[dict[str, An
     now = engine.clock()
     found: dict[str, dict[str, Any]] = {}
     for arch in arches:
-        for entry in await engine.finder.find(Query(arch=arch)):
+        for entry in await engine.finder.find(Query(arch=arch), fresh=True):
             cap = entry.capability
             found[str(entry.publisher)] = {
                 "operator": entry.trust.operator if entry.trust else None,

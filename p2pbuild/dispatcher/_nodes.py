@@ -69,8 +69,10 @@ _MAX_ENDED = 256
 
 
 class NodeFinder(Protocol):
-    async def find(self, query: Query) -> list[NodeEntry]:
-        """Trusted nodes matching ``query`` with their latest capability and status."""
+    async def find(self, query: Query, *, fresh: bool = False) -> list[NodeEntry]:
+        """Trusted nodes matching ``query`` with their latest capability and status.
+        A finder may answer from a cache a little behind the directory; ``fresh`` asks it
+        to look again (views of the farm ask so, to show a stopped node as it leaves)."""
         ...
 
     async def lookup(self, key: PublicKey) -> NodeEntry | None:
@@ -94,10 +96,10 @@ class DirectoryFinder:
     sample: int | None = None
     _cache: dict[Query, tuple[float, list[NodeEntry]]] = attrs.field(factory=dict)
 
-    async def find(self, query: Query) -> list[NodeEntry]:
+    async def find(self, query: Query, *, fresh: bool = False) -> list[NodeEntry]:
         now = trio.current_time()
         cached = self._cache.get(query)
-        if cached is not None and now - cached[0] < self.refresh_interval:
+        if not fresh and cached is not None and now - cached[0] < self.refresh_interval:
             await trio.lowlevel.checkpoint()
             return list(cached[1])
         entries: list[NodeEntry]
@@ -144,7 +146,7 @@ class StaticFinder:
     def remove(self, key: PublicKey) -> None:
         self.entries.pop(key, None)
 
-    async def find(self, query: Query) -> list[NodeEntry]:
+    async def find(self, query: Query, *, fresh: bool = False) -> list[NodeEntry]:
         await trio.lowlevel.checkpoint()
         return [
             e for _, e in sorted(self.entries.items())

@@ -219,7 +219,7 @@ class WebView:
         found: dict[str, NodeEntry] = {}
         with trio.move_on_after(self.lookup_timeout_s):
             for arch in self.list_arches:
-                for entry in await self.engine.finder.find(Query(arch=arch)):
+                for entry in await self.engine.finder.find(Query(arch=arch), fresh=True):
                     found[str(entry.publisher)] = entry
         self.sightings.observe(found)
         self._cached = (now, found)

@@ -265,7 +265,8 @@ async def test_a_tampering_nodes_mismatch_page_shows_the_differing_file(
     async with farm_of(tmp_path, specs) as farm, browser() as b:
         submitted = await farm.submit(sources["hello"])
         waiting = await farm.wait_build(submitted["id"], lambda x: bool(x["report"]))
-        assert waiting["state"] == "running"  # no third operator for the tie-break
+        # No third operator can break the tie: the build fails at once, the mismatch its reason.
+        assert waiting["state"] == "failed"
         page = b.page
 
         def mismatch() -> tuple[list[str], str, bool]:
