@@ -436,12 +436,18 @@ class Engine:
             lease_nodes = frozenset(n.key for n in lease.nodes)
         machine = MachineType(build.machine) if build.machine else None
         query = Query(arch=build.arch, os=build.os, machine=machine, pool=build.pool)
-        entries = await self.finder.find(query)
-        if not entries and query != Query(arch=build.arch):
-            # Nothing under the narrow facet: look at the arch's nodes, so the selection's
-            # reason names the constraint that left none (os, machine, pool), not the arch.
-            entries = await self.finder.find(Query(arch=build.arch))
-        self._heartbeats(entries)
+
+        async def find(fresh: bool) -> list[NodeEntry]:
+            entries = await self.finder.find(query, fresh=fresh)
+            if not entries and query != Query(arch=build.arch):
+                # Nothing under the narrow facet: look at the arch's nodes, so the
+                # selection's reason names the constraint that left none (os, machine,
+                # pool), not the arch.
+                entries = await self.finder.find(Query(arch=build.arch), fresh=fresh)
+            self._heartbeats(entries)
+            return entries
+
+        entries = await find(fresh=False)
         previous = self.db.platform(build.user)
         affinity = (
             Platform(previous[0], previous[1], MachineType(previous[2]) if previous[2] else None)
@@ -467,9 +473,16 @@ class Engine:
             lease_id=build.lease_id or "",
             held_slots=self.leases.held_slots(now, except_lease=build.lease_id),
         )
-        candidates = self._candidates(entries)
         try:
-            chosen = select_nodes(candidates, requirements, self.rng, self.config.selection)
+            try:
+                chosen = select_nodes(self._candidates(entries), requirements, self.rng,
+                                      self.config.selection)
+            except NoCapableNodeError:
+                # The directory cache may predate a node that joined since (a replacement
+                # for a lost node, say): before waiting, look again.
+                entries = await find(fresh=True)
+                chosen = select_nodes(self._candidates(entries), requirements, self.rng,
+                                      self.config.selection)
         except NoCapableNodeError as exc:
             if choose.role == "tiebreak":
                 if not self._other_operators(choose.exclude_operators):
@@ -509,7 +522,7 @@ class Engine:
                 if candidate.capability.pull_only and not self.connector.pull_available:
                     continue
                 self._create_attempt(
-                    build, candidate, choose.role, len(candidates), requirements
+                    build, candidate, choose.role, len(entries), requirements
                 )
         await self._start_attempts(self.db.attempts(build.id), tasks, nursery)
         return None
