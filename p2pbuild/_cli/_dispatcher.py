@@ -108,7 +108,7 @@ def _init(args: argparse.Namespace) -> int:
     token = secrets.token_urlsafe(32)
     config = {
         "dispatcher": {
-            "key": "dispatcher.key", "trust_list": "trust-list.bin", "state_dir": "state",
+            "key_file": "dispatcher.key", "trust_list": "trust-list.bin", "state_dir": "state",
             "repository": "repo",
         },
         # The node's names: bind = "HOST:PORT".

@@ -173,7 +173,7 @@ class LocalFarm:
         (root / "dispatcher" / "trust-list.bin").write_bytes(trust_bytes)
         _write_toml(root / "dispatcher" / "dispatcher.toml", {
             "dispatcher": {
-                "key": "dispatcher.key", "trust_list": "trust-list.bin", "state_dir": "state",
+                "key_file": "dispatcher.key", "trust_list": "trust-list.bin", "state_dir": "state",
                 "repository": "repo", "default_arch": detected.arch,
                 "default_os": detected.os,
             },

@@ -130,6 +130,16 @@ def table_value(
 _get = table_value
 
 
+def _key_file(main: Mapping[str, Any], where: str) -> str:
+    """``[dispatcher] key_file``, the name the node's configuration uses too; ``key`` is
+    the older name of the same setting, still read. Both at once is an error."""
+    if "key_file" in main and "key" in main:
+        raise ConfigError(f"{where}: key_file and key name the same file; keep key_file")
+    name = "key" if "key" in main else "key_file"
+    value: str = _get(main, name, str, where)
+    return value
+
+
 def _address(text: str, where: str) -> tuple[str, int]:
     try:
         return parse_host_port(text)
@@ -140,7 +150,7 @@ def _address(text: str, where: str) -> tuple[str, int]:
 #: The keys each table may hold; anything else is refused (a misspelled key must not run
 #: silently with a default, as the node's configuration does).
 _KEYS = {
-    "dispatcher": {"key", "trust_list", "state_dir", "repository", "default_arch",
+    "dispatcher": {"key_file", "key", "trust_list", "state_dir", "repository", "default_arch",
                    "default_os", "synchronous", "source_allow_hosts"},
     "api": {"bind", "host", "port", "tls_dir", "public_url", "max_upload_bytes", "keepalive_s",
             "web", "max_uploads_in_flight_bytes", "keep_alive_timeout_s", "max_connections",
@@ -258,7 +268,7 @@ def load_config(path: Path, extra_sections: Collection[str] = ()) -> DispatcherC
         raise ConfigError(f"{w}: source_allow_hosts must be a list of host names")
     return DispatcherConfig(
         path=path,
-        key_file=rel(_get(main, "key", str, w)),
+        key_file=rel(_key_file(main, w)),
         trust_list_file=rel(_get(main, "trust_list", str, w)),
         state_dir=rel(_get(main, "state_dir", str, w, "state")),
         repository=rel(_get(main, "repository", str, w, "repo")),

@@ -170,7 +170,7 @@ def test_config_errors_are_one_line(tmp_path: Path) -> None:
 
     path = tmp_path / "d.toml"
     for text, fragment in [
-        ("[dispatcher]\n", "key is required"),
+        ("[dispatcher]\n", "key_file is required"),
         ('[dispatcher]\nkey="k"\ntrust_list="t"\n[nope]\n', "unknown section [nope]"),
         ('[dispatcher]\nkey="k"\ntrust_list="t"\n[api]\nport="x"\n', "port must be an integer"),
         ('[dispatcher]\nkey="k"\ntrust_list="t"\n[[clients]]\nuser="u"\n', "exactly one"),
@@ -228,4 +228,17 @@ def test_engine_keys_are_the_engine_configs_numbers(tmp_path: Path) -> None:
         assert type(engine[name]).__name__ == kind, name
     path.write_text('[dispatcher]\nkey="k"\ntrust_list="t"\n[engine]\nstate_dir = 1\n')
     with pytest.raises(ConfigError, match="unknown key state_dir"):
+        load_config(path)
+
+
+def test_the_key_file_has_the_nodes_name_and_the_older_name_still_reads(tmp_path: Path) -> None:
+    from p2pbuild.dispatcher import load_config
+
+    path = tmp_path / "d.toml"
+    path.write_text('[dispatcher]\nkey_file="k"\ntrust_list="t"\n')
+    assert load_config(path).key_file == tmp_path / "k"
+    path.write_text('[dispatcher]\nkey="old"\ntrust_list="t"\n')
+    assert load_config(path).key_file == tmp_path / "old"
+    path.write_text('[dispatcher]\nkey="old"\nkey_file="k"\ntrust_list="t"\n')
+    with pytest.raises(ConfigError, match="key_file and key name the same file"):
         load_config(path)
