@@ -6,25 +6,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import trio
+from e2e_farm import farm_of
 
-from p2pbuild.testing import LocalFarm, NodeSpec, hello_srpm, open_local_farm
+from p2pbuild.testing import LocalFarm, NodeSpec, hello_srpm
 
 pytestmark = pytest.mark.slow
 
-
-@asynccontextmanager
-async def farm_of(tmp_path: Path, specs: Sequence[NodeSpec]) -> AsyncIterator[LocalFarm]:
-    farm = LocalFarm.create(tmp_path / "farm", specs)
-    async with open_local_farm(farm):
-        with trio.fail_after(60):
-            await farm.start_all()
-        yield farm
 
 
 def submit_wait(farm: LocalFarm, source: Path, *extra: str) -> subprocess.Popen[str]:

@@ -15,39 +15,19 @@ import json
 import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from e2e_farm import farm_of
 
 from p2pbuild import Job, Result, Role
-from p2pbuild.testing import LocalFarm, NodeSpec, hello_srpm, open_local_farm
+from p2pbuild.testing import LocalFarm, NodeSpec
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The SRPMs, generated once: a quick C hello and one whose %build sleeps 4 s."""
-    root = tmp_path_factory.mktemp("sources")
-    return {
-        "hello": hello_srpm(root / "hello").path,
-        "slow": hello_srpm(root / "slow", build_seconds=4, release="2.slow").path,
-    }
-
-
-@asynccontextmanager
-async def farm_of(
-    tmp_path: Path, specs: Sequence[NodeSpec], *, start: Sequence[str] | None = None
-) -> AsyncIterator[LocalFarm]:
-    farm = LocalFarm.create(tmp_path / "farm", specs)
-    async with open_local_farm(farm):
-        with trio.fail_after(60):
-            await farm.start_all(nodes=start)
-        yield farm
 
 
 def sha256(path: Path) -> str:

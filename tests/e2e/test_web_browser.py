@@ -14,17 +14,18 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 import trio
+from e2e_farm import farm_of
 from prometheus_client.parser import text_string_to_metric_families
 
 from p2pbuild.https import pinned_client
-from p2pbuild.testing import LocalFarm, NodeSpec, hello_srpm, open_local_farm
+from p2pbuild.testing import NodeSpec
 
 pytestmark = pytest.mark.slow
 
@@ -94,24 +95,6 @@ async def browser() -> AsyncIterator[Browser]:
             b._thread.shutdown(wait=True)
 
 
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("sources")
-    return {
-        "hello": hello_srpm(root / "hello").path,
-        "slow": hello_srpm(root / "slow", build_seconds=4, release="2.slow").path,
-    }
-
-
-@asynccontextmanager
-async def farm_of(
-    tmp_path: Path, specs: Sequence[NodeSpec], *, start: Sequence[str] | None = None
-) -> AsyncIterator[LocalFarm]:
-    farm = LocalFarm.create(tmp_path / "farm", specs)
-    async with open_local_farm(farm):
-        with trio.fail_after(60):
-            await farm.start_all(nodes=start)
-        yield farm
 
 
 def _sha256(path: Path) -> str:
