@@ -43,18 +43,14 @@ __all__ = [
 ]
 
 
-class DispatcherError(P2PBuildError):
+class DispatcherError(P2PBuildError, code="dispatcher"):
     """Base of the errors the dispatcher raises on purpose."""
 
-    code = "dispatcher"
 
-
-class NoCapableNodeError(DispatcherError):
+class NoCapableNodeError(DispatcherError, code="no-capable-node"):
     """No node satisfies the constraints. ``constraint`` is a short stable name of the one
     that failed (``arch``, ``os``, ``build-type``, ``operators``, ``pool-dedicated``, ...);
     the message says it for people, with counts."""
-
-    code = "no-capable-node"
 
     def __init__(self, message: str, constraint: str) -> None:
         super().__init__(message)
@@ -64,32 +60,23 @@ class NoCapableNodeError(DispatcherError):
 # -- nodes (remote) ----------------------------------------------------------------------------
 
 
-class NodeError(DispatcherError, RemoteError):
+class NodeError(DispatcherError, RemoteError, code="node-error"):
     """A build node failed us: unreachable, refused, or answered something wrong."""
 
-    code = "node-error"
 
-
-class NodeUnreachableError(NodeError):
+class NodeUnreachableError(NodeError, code="node-unreachable"):
     """No HTTPS answer (connection refused, timeout, TLS pin mismatch, dropped stream)."""
 
-    code = "node-unreachable"
 
-
-class NodeBusyError(NodeError):
+class NodeBusyError(NodeError, code="node-busy", status=503):
     """The node has no free slot or is draining (HTTP 503); the job may be sent again."""
 
-    code = "node-busy"
-    http_status = 503
 
-
-class NodeRefusedError(NodeError):
+class NodeRefusedError(NodeError, code="node-refused"):
     """The node refused the job or a request for good (any other 4xx/5xx answer).
 
     ``status`` is the HTTP status and ``node_code`` the node's error code, e.g. ``replayed``.
     """
-
-    code = "node-refused"
 
     def __init__(self, message: str, status: int, node_code: str) -> None:
         super().__init__(message)
@@ -97,115 +84,79 @@ class NodeRefusedError(NodeError):
         self.node_code = node_code
 
 
-class NodeTimeoutError(NodeError):
+class NodeTimeoutError(NodeError, code="timed-out"):
     """The job did not finish within its time limit plus grace."""
 
-    code = "timed-out"
 
-
-class NodeVanishedError(NodeError):
+class NodeVanishedError(NodeError, code="vanished"):
     """The node's records are gone from the directory while it had our job."""
 
-    code = "vanished"
 
-
-class BadNodeResultError(NodeError):
+class BadNodeResultError(NodeError, code="bad-result"):
     """A result that does not parse, is not signed by the node, or answers another job."""
 
-    code = "bad-result"
 
-
-class ArtifactDigestError(NodeError):
+class ArtifactDigestError(NodeError, code="artifact-digest-mismatch", status=422):
     """A downloaded artifact whose size or SHA-256 is not what the signed result says."""
 
-    code = "artifact-digest-mismatch"
-    http_status = 422
 
-
-class LeaseExpiredError(NodeError):
+class LeaseExpiredError(NodeError, code="lease-expired", status=410):
     """A pull node took the job and then did not renew its lease in time: the node is lost
     (killed, powered off, cut off). For the engine this is a node that stopped answering;
     for the node, a late request about the job is refused with this code."""
-
-    code = "lease-expired"
-    http_status = 410
 
 
 # -- clients (remote) --------------------------------------------------------------------------
 
 
-class ClientError(DispatcherError, RemoteError):
+class ClientError(DispatcherError, RemoteError, code="bad-request"):
     """A request to the dispatcher API that must be refused."""
 
-    code = "bad-request"
+
+class BadRequestError(ClientError, code="bad-request"):
+    """A request that does not parse or names something out of bounds."""
 
 
-class BadRequestError(ClientError):
-    code = "bad-request"
-
-
-class BusyError(ClientError):
+class BusyError(ClientError, code="busy", status=503):
     """The dispatcher holds as many uploads in flight as it may (HTTP 503 with
     Retry-After); the same request may be sent again later."""
 
-    code = "busy"
-    http_status = 503
 
-
-class AuthenticationError(ClientError):
+class AuthenticationError(ClientError, code="unauthenticated", status=401):
     """No valid token or signature, or a key not on the trust list."""
 
-    code = "unauthenticated"
-    http_status = 401
+
+class UnknownBuildError(ClientError, code="unknown-build", status=404):
+    """No build with that id on this dispatcher."""
 
 
-class UnknownBuildError(ClientError):
-    code = "unknown-build"
-    http_status = 404
-
-
-class SourceUnavailableError(ClientError):
+class SourceUnavailableError(ClientError, code="source-unavailable"):
     """A build's source URL could not be fetched, or did not match its SHA-256."""
-
-    code = "source-unavailable"
 
 
 # -- pull-mode nodes asking about their jobs (remote) -------------------------------------
 
 
-class UnknownPullJobError(ClientError):
+class UnknownPullJobError(ClientError, code="unknown-job", status=404):
     """No job with that id was taken by the asking node (never offered, or taken by another
     node)."""
 
-    code = "unknown-job"
-    http_status = 404
 
-
-class ResultMissingError(ClientError):
+class ResultMissingError(ClientError, code="no-result-yet", status=409):
     """A file upload before the signed result that names it."""
 
-    code = "no-result-yet"
-    http_status = 409
 
-
-class JobWithdrawnError(ClientError):
+class JobWithdrawnError(ClientError, code="withdrawn", status=410):
     """The dispatcher withdrew the job (its build was cancelled, verified without it, or
     gave up on it): the node should stop building it and upload nothing."""
-
-    code = "withdrawn"
-    http_status = 410
 
 
 # -- local ---------------------------------------------------------------------------------------
 
 
-class ConfigError(DispatcherError, LocalError):
+class ConfigError(DispatcherError, LocalError, code="config"):
     """The dispatcher's configuration is invalid; the message is one line naming the key."""
 
-    code = "config"
 
-
-class SinkError(DispatcherError, LocalError):
+class SinkError(DispatcherError, LocalError, code="sink"):
     """The repository directory cannot be written, or a stored file does not re-hash."""
-
-    code = "sink"

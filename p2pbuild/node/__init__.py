@@ -2,7 +2,9 @@
 around them: configuration, capability detection, persistent state, the HTTPS job API,
 pull mode and :func:`run_node`."""
 
-# The daemon: configuration, detection, state, job service and API, pull mode.
+# The sandboxed build executors, with their errors (every public name of _executor and
+# _errors, see the end), and the daemon: configuration, detection, state, job service and
+# API, pull mode.
 from ..https import (
     CertificatePinError,
     TlsMaterial,
@@ -10,6 +12,7 @@ from ..https import (
     load_tls_material,
     pinned_client,
 )
+from . import _errors, _executor
 from ._api import NodeApiConfig, make_app, serve_node_api
 from ._archive import ExtractedTree, extract_tar_gz
 from ._buildroot import BuildrootCache, BuildrootStep, PreparedBuildroot, fetch_https
@@ -29,38 +32,8 @@ from ._config import (
 )
 from ._daemon import NodeDaemon, load_trust_file, run_node
 from ._detect import Detected, HostProbe, apply_overrides, detect
-from ._errors import (
-    ArchiveLimitError,
-    BadBuildSpecError,
-    BadMetadataError,
-    BadSourceError,
-    BuildEnvironmentError,
-    BuildError,
-    BuildInputError,
-    BuildrootError,
-    MissingBuildDependencyError,
-    PackageChecksumError,
-    PackageOutsideBuildrootError,
-    RepoChangedError,
-    RepoUnreachableError,
-    SourceDigestError,
-    UnsafeArchiveError,
-)
-from ._executor import (
-    BUILDHOST,
-    MAKE_ARTIFACT_DIR,
-    BuildOutcome,
-    BuildSpec,
-    BuildState,
-    BuildType,
-    Executor,
-    ExecutorStatistics,
-    Limits,
-    OutputFile,
-    Timings,
-    rpm_macros,
-    run_build,
-)
+from ._errors import *  # noqa: F403
+from ._executor import *  # noqa: F403
 from ._hostbase import HOST_PACKAGE, HostFacts, gather_host_facts
 from ._pull import PullClient
 from ._repodata import Dep, MetadataLimits
@@ -87,43 +60,15 @@ __all__ = [
     "BuildrootStep",
     "PreparedBuildroot",
     "fetch_https",
-    "BadMetadataError",
-    "BuildrootError",
-    "MissingBuildDependencyError",
-    "PackageChecksumError",
-    "PackageOutsideBuildrootError",
-    "RepoChangedError",
-    "RepoUnreachableError",
     "HOST_PACKAGE",
     "HostFacts",
     "gather_host_facts",
     "Dep",
     "MetadataLimits",
-    "BUILDHOST",
-    "MAKE_ARTIFACT_DIR",
-    "ArchiveLimitError",
-    "BadBuildSpecError",
-    "BadSourceError",
-    "BuildEnvironmentError",
-    "BuildError",
-    "BuildInputError",
-    "BuildOutcome",
-    "BuildSpec",
-    "BuildState",
-    "BuildType",
-    "Executor",
-    "ExecutorStatistics",
     "ExtractedTree",
-    "Limits",
     "LogSink",
-    "OutputFile",
     "Sandbox",
-    "SourceDigestError",
-    "Timings",
-    "UnsafeArchiveError",
     "extract_tar_gz",
-    "rpm_macros",
-    "run_build",
     # the daemon
     "ApiConfig",
     "CapabilityOverrides",
@@ -171,3 +116,6 @@ __all__ = [
     "run_node",
     "serve_node_api",
 ]
+# The executors and their errors export all they define.
+__all__ += _errors.__all__
+__all__ += _executor.__all__

@@ -39,105 +39,77 @@ __all__ = [
 ]
 
 
-class BuildError(P2PBuildError):
+class BuildError(P2PBuildError, code="build"):
     """Base of every error raised by the build executors."""
 
-    code = "build"
 
-
-class BuildInputError(BuildError, RemoteError):
+class BuildInputError(BuildError, RemoteError, code="bad-build-input"):
     """The job's input (source, archive, options) failed a check; reject the job."""
 
-    code = "bad-build-input"
 
-
-class SourceDigestError(BuildInputError):
+class SourceDigestError(BuildInputError, code="source-digest-mismatch"):
     """The source file's SHA-256 is not the one the job names."""
 
-    code = "source-digest-mismatch"
 
-
-class BadSourceError(BuildInputError, MalformedError):
+class BadSourceError(BuildInputError, MalformedError, code="bad-source"):
     """A source of the wrong kind (e.g. not a source RPM) or larger than allowed."""
 
-    code = "bad-source"
 
-
-class BadBuildSpecError(BuildInputError, MalformedError):
+class BadBuildSpecError(BuildInputError, MalformedError, code="bad-build-spec"):
     """A build option outside the allow-list or of the wrong shape."""
 
-    code = "bad-build-spec"
 
-
-class UnsafeArchiveError(BuildInputError, MalformedError):
+class UnsafeArchiveError(BuildInputError, MalformedError, code="unsafe-archive"):
     """A source archive that is not a tar.gz, or holds a member that would land outside the
     work directory (absolute path, ``..``, escaping link) or is a device, FIFO or socket."""
 
-    code = "unsafe-archive"
 
-
-class ArchiveLimitError(UnsafeArchiveError, OversizeError):
+class ArchiveLimitError(UnsafeArchiveError, OversizeError, code="archive-limit"):
     """A source archive over the member-count or extracted-size bound (an archive bomb)."""
 
-    code = "archive-limit"
 
-
-class BuildEnvironmentError(BuildError, LocalError):
+class BuildEnvironmentError(BuildError, LocalError, code="build-environment"):
     """This machine cannot run sandboxed builds (tool missing, namespaces not permitted)."""
 
-    code = "build-environment"
 
-
-class BuildrootError(BuildInputError):
+class BuildrootError(BuildInputError, code="buildroot"):
     """The job's buildroot cannot be made: its repositories or packages failed a check.
 
     ``transient`` errors (an unreachable repository) are not the job's fault: the node
     hands the job back so the dispatcher tries it elsewhere; the others end it rejected.
     """
 
-    code = "buildroot"
     transient = False
 
 
-class RepoUnreachableError(BuildrootError):
+class RepoUnreachableError(BuildrootError, code="repo-unreachable"):
     """A repository (its ``repomd.xml``, metadata or a package) could not be fetched."""
 
-    code = "repo-unreachable"
     transient = True
 
 
-class RepoChangedError(BuildrootError):
+class RepoChangedError(BuildrootError, code="repo-changed"):
     """A repository's ``repomd.xml`` no longer has the SHA-256 the job pinned."""
 
-    code = "repo-changed"
 
-
-class BadMetadataError(BuildrootError, MalformedError):
+class BadMetadataError(BuildrootError, MalformedError, code="bad-repo-metadata"):
     """Repository metadata that is oversize, malformed, unsafe, or does not match the
     checksum ``repomd.xml`` gives for it."""
 
-    code = "bad-repo-metadata"
 
-
-class PackageChecksumError(BuildrootError):
+class PackageChecksumError(BuildrootError, code="package-checksum-mismatch"):
     """A downloaded package's size or SHA-256 is not what the repository metadata says."""
 
-    code = "package-checksum-mismatch"
 
-
-class MissingBuildDependencyError(BuildrootError):
+class MissingBuildDependencyError(BuildrootError, code="missing-build-dependency"):
     """No repository (and not the host base) provides something the build needs;
     ``dependency`` names it."""
-
-    code = "missing-build-dependency"
 
     def __init__(self, dependency: str, message: str | None = None) -> None:
         super().__init__(message or f"missing-build-dependency: {dependency}")
         self.dependency = dependency
 
 
-class PackageOutsideBuildrootError(BuildrootError):
+class PackageOutsideBuildrootError(BuildrootError, code="package-outside-buildroot"):
     """A package would install a file outside the part of the buildroot a build sees
     (anything but ``/usr``), or under an unsafe name."""
-
-    code = "package-outside-buildroot"

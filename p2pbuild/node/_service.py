@@ -75,34 +75,27 @@ _LOG_CHUNK = 64 * 1024
 
 _log = logging.getLogger("p2pbuild.node.service")
 
-class UnavailableError(P2PBuildError):
+class UnavailableError(P2PBuildError, code="unavailable", status=503):
     """The node cannot take a job now; the same job may be sent again later."""
 
-    code = "unavailable"
-    http_status = 503
+
+class NoFreeSlotError(UnavailableError, code="no-free-slot"):
+    """Every build slot is taken."""
 
 
-class NoFreeSlotError(UnavailableError):
-    code = "no-free-slot"
+class DrainingError(UnavailableError, code="draining"):
+    """The node is shutting down and takes no new job."""
 
 
-class DrainingError(UnavailableError):
-    code = "draining"
-
-
-class UnservableJobError(RemoteError):
+class UnservableJobError(RemoteError, code="unservable", status=422):
     """An authentic job this node cannot serve: another target arch or OS, a build type it
     does not offer, or a source larger than its limit. Sending it again will not help."""
 
-    code = "unservable"
-    http_status = 422
 
-
-class SourceTooLargeError(UnservableJobError, OversizeError):
+class SourceTooLargeError(
+    UnservableJobError, OversizeError, code="source-too-large", status=422
+):
     """A job whose source is larger than this node accepts."""
-
-    code = "source-too-large"
-    http_status = 422
 
 
 @attrs.frozen
@@ -170,18 +163,12 @@ class JobStore(Protocol):
         ...
 
 
-class UnknownJobError(P2PBuildError):
+class UnknownJobError(P2PBuildError, code="unknown-job", status=404):
     """No job with that id on this node (never admitted, or already forgotten)."""
 
-    code = "unknown-job"
-    http_status = 404
 
-
-class JobRunningError(P2PBuildError):
+class JobRunningError(P2PBuildError, code="job-running", status=409):
     """The request needs a finished job, and this one is still running."""
-
-    code = "job-running"
-    http_status = 409
 
 
 @attrs.frozen
