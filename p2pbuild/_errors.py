@@ -85,8 +85,9 @@ class OversizeError(CodecError, code="oversize", status=413):
     """Input larger than the bound for its type; rejected before any decoding."""
 
 
-class MalformedError(CodecError, code="malformed"):
-    """Input that does not decode, is not canonical, or has the wrong shape or field types."""
+class MalformedError(CodecError):
+    """Input that does not decode, is not canonical, or has the wrong shape or field types
+    (its code is its base's, ``malformed``)."""
 
 
 # -- signed objects ---------------------------------------------------------------------------

@@ -113,8 +113,9 @@ class ClientError(DispatcherError, RemoteError, code="bad-request"):
     """A request to the dispatcher API that must be refused."""
 
 
-class BadRequestError(ClientError, code="bad-request"):
-    """A request that does not parse or names something out of bounds."""
+class BadRequestError(ClientError):
+    """A request that does not parse or names something out of bounds (its code is its
+    base's, ``bad-request``)."""
 
 
 class BusyError(ClientError, code="busy", status=503):
