@@ -21,46 +21,30 @@ import re
 
 import attrs
 
-from ._errors import (
-    MalformedError,
-    WrongNodeError,
-)
-from ._fields import (
-    NONCE_SIZE,
-    _require_bytes,
-    _require_time,
-    _signed_part,
-    _split_signed,
-    check_window,
-    fresh_nonce,
-    require_dispatcher,
-    sign_array,
-)
+from ._errors import MalformedError
 from ._identity import Domain, Identity, PublicKey
-from ._replay import ReplayCache
-from ._trust import TrustList
+from ._orders import TIME, NodeOrder, Wire
 
 __all__ = ["MAX_HOLD_SIZE", "LeaseHold"]
 
 MAX_HOLD_SIZE = 300
-_WINDOW_S = 60
 _LEASE_ID = re.compile(r"[A-Za-z0-9_-]{1,40}")
 
 
+def _check_lease(value: object, name: str) -> str:
+    if type(value) is not str or _LEASE_ID.fullmatch(value) is None:
+        raise MalformedError(f"{name} must be 1 to 40 letters, digits, '-' or '_'")
+    return value
+
+
 @attrs.frozen
-class LeaseHold:
+class LeaseHold(NodeOrder, domain=Domain.LEASE_HOLD, max_size=MAX_HOLD_SIZE, what="lease hold"):
     """A dispatcher's signed statement that lease ``lease`` holds a slot of ``node`` until
     ``until``. Build with :meth:`create`, parse with :meth:`from_bytes`, accept with
     :meth:`check`."""
 
-    dispatcher: PublicKey
-    node: PublicKey
-    lease: str
-    until: int
-    issued_at: int
-    nonce: bytes
-    signature: bytes = attrs.field(repr=False)
-    raw: bytes = attrs.field(repr=False, eq=False)
+    lease: str = attrs.field(metadata=Wire(_check_lease).metadata)
+    until: int = attrs.field(metadata=TIME)
 
     @property
     def releases(self) -> bool:
@@ -71,46 +55,6 @@ class LeaseHold:
         cls, identity: Identity, node: PublicKey, lease: str, until: int, *, issued_at: int,
         nonce: bytes | None = None,
     ) -> LeaseHold:
-        nonce = fresh_nonce(nonce, issued_at)
-        _require_time(until, "until")
-        if _LEASE_ID.fullmatch(lease) is None:
-            raise MalformedError("lease must be 1 to 40 letters, digits, '-' or '_'")
-        signature, raw = sign_array(
-            identity, Domain.LEASE_HOLD,
-            [identity.public_key.raw, node.raw, lease, until, issued_at, nonce], MAX_HOLD_SIZE,
+        return cls._sign(
+            identity, node=node, lease=lease, until=until, issued_at=issued_at, nonce=nonce
         )
-        return cls(identity.public_key, node, lease, until, issued_at, nonce, signature, raw)
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> LeaseHold:
-        """Parse and authenticate a hold. Raises :class:`OversizeError`,
-        :class:`MalformedError` or :class:`BadSignatureError`."""
-        value = _split_signed(data, MAX_HOLD_SIZE, 8, "lease hold")
-        _, dispatcher, node, lease, until, issued_at, nonce, signature = value
-        dispatcher_key = PublicKey(_require_bytes(dispatcher, 32, "dispatcher"))
-        node_key = PublicKey(_require_bytes(node, 32, "node"))
-        if type(lease) is not str or _LEASE_ID.fullmatch(lease) is None:
-            raise MalformedError("lease must be 1 to 40 letters, digits, '-' or '_'")
-        _require_time(until, "until")
-        _require_time(issued_at, "issued_at")
-        _require_bytes(nonce, NONCE_SIZE, "nonce")
-        dispatcher_key.verify(Domain.LEASE_HOLD, _signed_part(data, 8), signature)
-        return cls(dispatcher_key, node_key, lease, until, issued_at, nonce, signature, data)
-
-    def to_bytes(self) -> bytes:
-        return self.raw
-
-    def check(
-        self, now: float, node: PublicKey, trust_list: TrustList, seen: ReplayCache,
-        *, window: int = _WINDOW_S,
-    ) -> None:
-        """Accept the hold at ``now`` as ``node``; records its nonce in ``seen``.
-
-        Raises :class:`WrongNodeError`, :class:`ForbiddenError` (not a trusted dispatcher),
-        :class:`ExpiredError`, :class:`NotYetValidError` or :class:`ReplayError`.
-        """
-        if self.node != node:
-            raise WrongNodeError("the lease hold is for another node")
-        require_dispatcher(trust_list, self.dispatcher, "lease hold")
-        check_window(now, self.issued_at, window, "lease hold")
-        seen.add(self.dispatcher.raw + self.nonce, self.issued_at + window + 1, now)
