@@ -15,6 +15,7 @@ from typing import Any
 
 import attrs
 
+from .. import _tables
 from .._errors import MalformedError
 from .._hostport import parse_host_port
 from .._identity import PublicKey
@@ -105,26 +106,18 @@ class DispatcherConfig:
         return self.public_url or f"https://{self.host}:{self.port}"
 
 
-_KIND_WORDS = {int: "an integer", float: "a number", str: "text (a quoted string)",
-               list: "a list", dict: "a table", bool: "true or false"}
-
-
 def table_value(
     table: Mapping[str, Any], key: str, kind: type, where: str, default: Any = None
 ) -> Any:
-    """``table[key]`` checked to be a ``kind`` (an int is taken for a float), ``default``
-    when absent, required when the default is None. Raises :class:`ConfigError` naming
-    ``where`` and ``key``: the one way the dispatcher's and the Koji host's tables are read."""
-    if key not in table:
-        if default is None and kind is not type(None):
-            raise ConfigError(f"{where}: {key} is required")
-        return default
-    value = table[key]
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(f"{where}: {key} must be {_KIND_WORDS.get(kind, kind.__name__)}")
-    return value
+    """``table[key]`` checked to be a ``kind`` by the shared reader
+    (:func:`p2pbuild._tables.table_value`), ``default`` when absent, required when the
+    default is None. Raises :class:`ConfigError` naming ``where`` and ``key``
+    (``d.toml [api]: port must be an integer, got 'x'``): how the dispatcher's and the
+    Koji host's tables are read."""
+    return _tables.table_value(
+        table, key, kind, lambda name, problem: ConfigError(f"{where}: {name} {problem}"),
+        _tables.REQUIRED if default is None else default,
+    )
 
 
 _get = table_value

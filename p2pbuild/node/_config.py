@@ -29,9 +29,9 @@ from __future__ import annotations
 import re
 import shlex
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import attrs
 import tomli_w
@@ -41,6 +41,7 @@ from .._hostport import parse_host_port
 from .._identity import PublicKey
 from .._jobs import DEFAULT_ARCH, DEFAULT_OS
 from .._records import _TOKEN, MAX_CPU_MODEL, MAX_CPUS, MAX_MB, MachineType
+from .._tables import Fail, shown, table_value
 from ._ondemand import OnDemandConfig
 
 __all__ = [
@@ -62,7 +63,6 @@ __all__ = [
 _MAX_CONFIG_BYTES = 256 * 1024
 _OPERATOR = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
 _MB = 1024 * 1024
-T = TypeVar("T")
 
 
 class ConfigError(LocalError):
@@ -211,142 +211,158 @@ class NodeConfig:
 
 
 # -- parsing ------------------------------------------------------------------------------------
+#
+# Every value is taken by the shared reader (``p2pbuild._tables``), as in the dispatcher's
+# file; ``where`` is the file and the table's dotted name (``node.toml: limits.``), so an
+# error reads ``node.toml: limits.slots: must be an integer in [1, 256], got 0``.
 
 
-class _Reader:
-    """Takes values out of one TOML table, checking each; reports the full key on error."""
-
-    def __init__(self, table: Mapping[str, Any], prefix: str, where: str) -> None:
-        self._table = dict(table)
-        self._prefix = prefix
-        self._where = where
-
-    def fail(self, key: str, message: str) -> ConfigError:
-        return ConfigError(f"{self._where}{self._prefix}{key}: {message}")
-
-    def _take(self, key: str, default: T, kind: type | tuple[type, ...], what: str) -> Any:
-        if key not in self._table:
-            return default
-        value = self._table.pop(key)
-        # bool is an int in Python; an integer key must not accept true/false.
-        if (isinstance(value, bool) and bool not in _as_tuple(kind)) or not isinstance(
-            value, kind
-        ):
-            raise self.fail(key, f"must be {what}, got {_show(value)}")
-        return value
-
-    def text(self, key: str, default: str = "") -> str:
-        value: str = self._take(key, default, str, "a string")
-        if not value.isprintable():
-            raise self.fail(key, "must be printable text")
-        return value
-
-    def boolean(self, key: str, default: bool) -> bool:
-        value: bool = self._take(key, default, bool, "true or false")
-        return value
-
-    def integer(self, key: str, default: int, low: int, high: int) -> int:
-        value: int = self._take(key, default, int, f"an integer in [{low}, {high}]")
-        if not low <= value <= high:
-            raise self.fail(key, f"must be an integer in [{low}, {high}], got {value}")
-        return value
-
-    def number(self, key: str, default: float, low: float, high: float) -> float:
-        value = self._take(key, default, (int, float), f"a number in [{low:g}, {high:g}]")
-        if not low <= value <= high:
-            raise self.fail(key, f"must be a number in [{low:g}, {high:g}], got {value}")
-        return float(value)
-
-    def tokens(self, key: str, default: tuple[str, ...] | None, limit: int = 16) -> Any:
-        value = self._take(key, default, list, "a list of strings")
-        if value is default:
-            return default
-        if len(value) > limit:
-            raise self.fail(key, f"must have at most {limit} entries")
-        for item in value:
-            if not isinstance(item, str) or not _TOKEN.fullmatch(item):
-                raise self.fail(
-                    key, f"{_show(item)} must match [a-z0-9][a-z0-9._+-]{{0,63}}"
-                )
-        return tuple(sorted(set(value)))
-
-    def token(self, key: str) -> str | None:
-        if key not in self._table:
-            return None
-        value = self._table.pop(key)
-        if not isinstance(value, str) or not _TOKEN.fullmatch(value):
-            raise self.fail(key, f"{_show(value)} must match [a-z0-9][a-z0-9._+-]{{0,63}}")
-        return value
-
-    def path(self, key: str, default: str, base: Path | None) -> Path:
-        text = self.text(key, default)
-        if not text:
-            raise self.fail(key, "must not be empty")
-        path = Path(text).expanduser()
-        if not path.is_absolute():
-            if base is None:
-                raise self.fail(key, "must be an absolute path")
-            path = base / path
-        return path
-
-    def address(self, key: str, default: tuple[str, int], *, allow_zero: bool) -> tuple[str, int]:
-        if key not in self._table:
-            return default
-        text = self.text(key)
-        try:
-            return parse_host_port(text, allow_zero=allow_zero)
-        except ValueError as exc:
-            raise self.fail(key, str(exc)) from None
-
-    def table(self, key: str) -> _Reader:
-        value = self._take(key, {}, dict, "a table")
-        return _Reader(value, f"{self._prefix}{key}.", self._where)
-
-    def list_of_tables(self, key: str) -> list[_Reader]:
-        value = self._take(key, [], list, "an array of tables")
-        readers = []
-        for i, item in enumerate(value):
-            if not isinstance(item, dict):
-                raise self.fail(f"{key}[{i}]", "must be a table")
-            readers.append(_Reader(item, f"{self._prefix}{key}[{i}].", self._where))
-        return readers
-
-    def has(self, key: str) -> bool:
-        return key in self._table
-
-    def done(self) -> None:
-        """Refuse keys nobody asked for: a misspelt key must not be silently ignored."""
-        for key in self._table:
-            raise self.fail(key, "unknown key")
+def _fail(where: str) -> Fail:
+    return lambda key, problem: ConfigError(f"{where}{key}: {problem}")
 
 
-def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
-    return kind if isinstance(kind, tuple) else (kind,)
+def _get(table: Mapping[str, Any], key: str, kind: type, where: str, default: Any,
+         words: str = "") -> Any:
+    return table_value(table, key, kind, _fail(where), default, words=words)
 
 
-def _show(value: object) -> str:
-    return f"{value!r:.60}"
+def _refuse_unknown(table: Mapping[str, Any], known: Iterable[str], where: str) -> None:
+    """Refuse keys nobody reads: a misspelt key must not be silently ignored."""
+    unknown = set(table) - set(known)
+    for key in table:
+        if key in unknown:
+            raise _fail(where)(key, "unknown key")
 
 
-def _https_url(reader: _Reader, key: str, *, required: bool) -> str:
-    url = reader.text(key, "")
+def _section(table: Mapping[str, Any], key: str, where: str) -> tuple[dict[str, Any], str]:
+    """The table ``key`` ({} when absent) and how errors name its keys."""
+    return _get(table, key, dict, where, {}, "a table"), f"{where}{key}."
+
+
+def _integer(table: Mapping[str, Any], key: str, where: str, default: int | None,
+             low: int, high: int) -> Any:
+    """An integer in ``[low, high]``; None, unchecked, when absent with no default."""
+    value = _get(table, key, int, where, default, f"an integer in [{low}, {high}]")
+    if value is not None and not low <= value <= high:
+        raise _fail(where)(key, f"must be an integer in [{low}, {high}], got {value}")
+    return value
+
+
+def _number(table: Mapping[str, Any], key: str, where: str, default: float, low: float,
+            high: float) -> float:
+    value: float = _get(table, key, float, where, default, f"a number in [{low:g}, {high:g}]")
+    if not low <= value <= high:
+        raise _fail(where)(
+            key, f"must be a number in [{low:g}, {high:g}], got {table.get(key, value)}"
+        )
+    return value
+
+
+def _numbers(table: Mapping[str, Any], where: str, cls: type,
+             ranges: Mapping[str, tuple[float, float]]) -> dict[str, Any]:
+    """The keys of ``ranges``, each read as ``cls``'s field of that name (an int or a
+    float, its default when absent) and checked to lie in its range."""
+    fields = attrs.fields_dict(cls)
+    values: dict[str, Any] = {}
+    for key, (low, high) in ranges.items():
+        default: Any = fields[key].default
+        if fields[key].type in (int, "int"):
+            values[key] = _integer(table, key, where, default, int(low), int(high))
+        else:
+            values[key] = _number(table, key, where, default, low, high)
+    return values
+
+
+def _text(table: Mapping[str, Any], key: str, where: str, default: Any = "") -> Any:
+    value = _get(table, key, str, where, default)
+    if value is not None and not value.isprintable():
+        raise _fail(where)(key, "must be printable text")
+    return value
+
+
+_TOKEN_RULE = "must match [a-z0-9][a-z0-9._+-]{0,63}"
+
+
+def _token(table: Mapping[str, Any], key: str, where: str) -> str | None:
+    value = table.get(key)
+    if key in table and (not isinstance(value, str) or not _TOKEN.fullmatch(value)):
+        raise _fail(where)(key, f"{shown(value)} {_TOKEN_RULE}")
+    return value
+
+
+def _tokens(table: Mapping[str, Any], key: str, where: str,
+            default: tuple[str, ...] | None, limit: int = 16) -> Any:
+    value = _get(table, key, list, where, default, "a list of strings")
+    if value is default:
+        return default
+    if len(value) > limit:
+        raise _fail(where)(key, f"must have at most {limit} entries")
+    for item in value:
+        if not isinstance(item, str) or not _TOKEN.fullmatch(item):
+            raise _fail(where)(key, f"{shown(item)} {_TOKEN_RULE}")
+    return tuple(sorted(set(value)))
+
+
+def _path(table: Mapping[str, Any], key: str, where: str, default: str,
+          base: Path | None) -> Path:
+    text = _text(table, key, where, default)
+    if not text:
+        raise _fail(where)(key, "must not be empty")
+    path = Path(text).expanduser()
+    if not path.is_absolute():
+        if base is None:
+            raise _fail(where)(key, "must be an absolute path")
+        path = base / path
+    return path
+
+
+def _address(text: object, key: str, where: str, *, allow_zero: bool,
+             words: str = "a string") -> tuple[str, int]:
+    if not isinstance(text, str):
+        raise _fail(where)(key, f"{shown(text)} is not {words}")
+    try:
+        return parse_host_port(text, allow_zero=allow_zero)
+    except ValueError as exc:
+        raise _fail(where)(key, str(exc)) from None
+
+
+def _bind(table: Mapping[str, Any], where: str, cls: type) -> Any:
+    """``bind = "HOST:PORT"`` (port 0: any free port), ``cls``'s default when absent."""
+    if "bind" not in table:
+        default: Any = attrs.fields_dict(cls)["bind"].default
+        return tuple(default)
+    return _address(_text(table, "bind", where), "bind", where, allow_zero=True)
+
+
+def _https_url(table: Mapping[str, Any], key: str, where: str, *, required: bool) -> str:
+    url: str = _text(table, key, where)
     if not url:
         if required:
-            raise reader.fail(key, "is required")
+            raise _fail(where)(key, "is required")
         return ""
     if not url.startswith("https://") or " " in url or len(url) > 200:
-        raise reader.fail(key, f"must be an https:// URL of at most 200 characters: {url!r:.60}")
+        raise _fail(where)(
+            key, f"must be an https:// URL of at most 200 characters: {url!r:.60}"
+        )
     return url.rstrip("/")
 
 
-def _sha256_hex(reader: _Reader, key: str) -> bytes | None:
-    text = reader.text(key, "")
+def _sha256_hex(table: Mapping[str, Any], key: str, where: str) -> bytes | None:
+    text = _text(table, key, where)
     if not text:
         return None
     cleaned = text.replace(":", "").lower()
     if not re.fullmatch(r"[0-9a-f]{64}", cleaned):
-        raise reader.fail(key, "must be a SHA-256 in 64 hex digits")
+        raise _fail(where)(key, "must be a SHA-256 in 64 hex digits")
     return bytes.fromhex(cleaned)
+
+
+def _fields(cls: type) -> tuple[str, ...]:
+    return tuple(attrs.fields_dict(cls))
+
+
+_SECTIONS = ("node", "dht", "api", "pull", "limits", "capability", "records", "results",
+             "shutdown", "on_demand")
 
 
 def parse_config(
@@ -362,177 +378,174 @@ def parse_config(
     are taken from ``node.data_dir``. Raises :class:`ConfigError` naming the first bad key.
     """
     where = f"{source}: " if source is not None else ""
-    root = _Reader(document, "", where)
 
-    node = root.table("node")
-    data_dir = node.path("data_dir", str(base_dir) if base_dir else "", None)
-    key_file = node.path("key_file", "node.key", data_dir)
-    trust_list = node.path("trust_list", "trust-list.bin", data_dir)
-    work_dir = node.path("work_dir", "work", data_dir)
-    operator = node.text("operator", "")
-    if operator and not _OPERATOR.fullmatch(operator):
-        raise node.fail("operator", "must match [A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
-    pools = node.tokens("pools", ())
-    node.done()
+    node = _node(*_section(document, "node", where), base_dir)
 
-    dht_table = root.table("dht")
-    dht_bind = dht_table.address("bind", DhtSettings.bind, allow_zero=True)
-    bootstrap_texts = dht_table._take("bootstrap", [], list, "a list of HOST:PORT strings")
+    dht, w = _section(document, "dht", where)
+    dht_bind = _bind(dht, w, DhtSettings)
+    bootstrap_texts = _get(dht, "bootstrap", list, w, [], "a list of HOST:PORT strings")
     if len(bootstrap_texts) > bounds.max_bootstrap:
-        raise dht_table.fail("bootstrap", f"must have at most {bounds.max_bootstrap} entries")
-    bootstrap = []
-    for item in bootstrap_texts:
-        if not isinstance(item, str):
-            raise dht_table.fail("bootstrap", f"{_show(item)} is not a HOST:PORT string")
-        try:
-            bootstrap.append(parse_host_port(item))
-        except ValueError as exc:
-            raise dht_table.fail("bootstrap", str(exc)) from None
-    dht_table.done()
+        raise _fail(w)("bootstrap", f"must have at most {bounds.max_bootstrap} entries")
+    bootstrap = tuple(
+        _address(item, "bootstrap", w, allow_zero=False, words="a HOST:PORT string")
+        for item in bootstrap_texts
+    )
+    _refuse_unknown(dht, _fields(DhtSettings), w)
 
-    api_table = root.table("api")
+    api_table, wa = _section(document, "api", where)
     api = ApiConfig(
-        enabled=api_table.boolean("enabled", True),
-        bind=api_table.address("bind", ApiConfig.bind, allow_zero=True),
-        endpoint=_https_url(api_table, "endpoint", required=False),
-        keep_alive_timeout_s=api_table.number("keep_alive_timeout_s", 5.0, 0.1, 600.0),
-        max_connections=api_table.integer("max_connections", 1000, 1, 1_000_000),
-        max_connections_per_address=api_table.integer(
-            "max_connections_per_address", 64, 1, 1_000_000
-        ),
+        enabled=_get(api_table, "enabled", bool, wa, True),
+        bind=_bind(api_table, wa, ApiConfig),
+        endpoint=_https_url(api_table, "endpoint", wa, required=False),
+        **_numbers(api_table, wa, ApiConfig, {
+            "keep_alive_timeout_s": (0.1, 600.0),
+            "max_connections": (1, 1_000_000),
+            "max_connections_per_address": (1, 1_000_000),
+        }),
     )
-    api_table.done()
+    _refuse_unknown(api_table, _fields(ApiConfig), wa)
 
-    pull_table = root.table("pull")
-    dispatchers = []
-    readers = pull_table.list_of_tables("dispatchers")
-    if len(readers) > bounds.max_dispatchers:
-        raise pull_table.fail("dispatchers", f"must have at most {bounds.max_dispatchers}")
-    for reader in readers:
-        url = _https_url(reader, "url", required=True)
-        key_text = reader.text("key", "")
-        try:
-            key = PublicKey.from_text(key_text)
-        except MalformedError as exc:
-            raise reader.fail("key", f"must be an ed25519:... public key ({exc})") from None
-        dispatchers.append(PullDispatcher(url, key, _sha256_hex(reader, "tls_sha256")))
-        reader.done()
+    pull_table, w = _section(document, "pull", where)
+    entries = _get(pull_table, "dispatchers", list, w, [], "an array of tables")
+    if len(entries) > bounds.max_dispatchers:
+        raise _fail(w)("dispatchers", f"must have at most {bounds.max_dispatchers}")
     pull = PullSettings(
-        tuple(dispatchers),
-        pull_table.number("poll_timeout_s", 30.0, 1.0, bounds.max_poll_timeout_s),
-        pull_table.number("heartbeat_s", 15.0, 1.0, bounds.max_heartbeat_s),
+        tuple(_pull_dispatcher(entry, f"{w}dispatchers[{i}]") for i, entry in
+              enumerate(entries)),
+        **_numbers(pull_table, w, PullSettings, {
+            "poll_timeout_s": (1.0, bounds.max_poll_timeout_s),
+            "heartbeat_s": (1.0, bounds.max_heartbeat_s),
+        }),
     )
-    pull_table.done()
+    _refuse_unknown(pull_table, _fields(PullSettings), w)
     if not api.enabled and not pull.dispatchers:
-        raise api_table.fail(
+        raise _fail(wa)(
             "enabled", "is false and [pull] names no dispatchers: the node could take no job"
         )
 
-    limits_table = root.table("limits")
-    limits = NodeLimits(
-        slots=limits_table.integer("slots", 1, 1, bounds.max_slots),
-        time_limit_s=limits_table.integer("time_limit_s", 3600, 1, bounds.max_time_limit_s),
-        max_output_mb=limits_table.integer("max_output_mb", 16, 1, bounds.max_output_mb),
-        max_disk_mb=limits_table.integer("max_disk_mb", 8192, 1, bounds.max_disk_mb),
-        max_source_mb=limits_table.integer("max_source_mb", 2048, 1, bounds.max_source_mb),
-        buildroot_cache_mb=limits_table.integer("buildroot_cache_mb", 8192, 1,
-                                                bounds.max_disk_mb),
-    )
-    limits_table.done()
+    limits_table, w = _section(document, "limits", where)
+    limits = NodeLimits(**_numbers(limits_table, w, NodeLimits, {
+        "slots": (1, bounds.max_slots),
+        "time_limit_s": (1, bounds.max_time_limit_s),
+        "max_output_mb": (1, bounds.max_output_mb),
+        "max_disk_mb": (1, bounds.max_disk_mb),
+        "max_source_mb": (1, bounds.max_source_mb),
+        "buildroot_cache_mb": (1, bounds.max_disk_mb),
+    }))
+    _refuse_unknown(limits_table, _fields(NodeLimits), w)
 
-    cap = root.table("capability")
-    machine_text = cap.text("machine", "") if cap.has("machine") else ""
-    if machine_text and machine_text not in {m.value for m in MachineType}:
-        raise cap.fail("machine", f"must be 'vm' or 'metal', got {machine_text!r:.40}")
-    cpus = cap.integer("cpus", -1, 1, MAX_CPUS - 1) if cap.has("cpus") else None
-    memory_mb = cap.integer("memory_mb", -1, 0, MAX_MB - 1) if cap.has("memory_mb") else None
-    disk_mb = cap.integer("disk_mb", -1, 0, MAX_MB - 1) if cap.has("disk_mb") else None
-    cpu_model = cap.text("cpu_model") if cap.has("cpu_model") else None
-    if cpu_model is not None and len(cpu_model) > MAX_CPU_MODEL:
-        raise cap.fail("cpu_model", f"must be at most {MAX_CPU_MODEL} characters")
-    build_types = cap.tokens("build_types", None)
-    if build_types is not None and not set(build_types) <= {"make", "rpm", "rpm.dnf"}:
-        raise cap.fail("build_types", "may name only 'rpm', 'rpm.dnf' and 'make'")
-    overrides = CapabilityOverrides(
-        arch=cap.token("arch"),
-        os=cap.token("os"),
-        cpus=cpus,
-        cpu_model=cpu_model,
-        memory_mb=memory_mb,
-        disk_mb=disk_mb,
-        machine=MachineType(machine_text) if machine_text else None,
-        build_types=build_types,
-    )
-    cap.done()
-
-    records = root.table("records")
-    status_interval = records.number(
-        "status_interval_s", 60.0, bounds.min_status_interval_s, bounds.max_status_interval_s
-    )
-    status_lifetime = records.integer(
-        "status_lifetime_s", 300, 2, bounds.max_status_lifetime_s
-    )
-    if status_lifetime <= status_interval:
-        raise records.fail(
+    records, w = _section(document, "records", where)
+    numbers = _numbers(records, w, NodeConfig, {
+        "status_interval_s": (bounds.min_status_interval_s, bounds.max_status_interval_s),
+        "status_lifetime_s": (2, bounds.max_status_lifetime_s),
+        "capability_lifetime_s": (60, bounds.max_capability_lifetime_s),
+    })
+    if numbers["status_lifetime_s"] <= numbers["status_interval_s"]:
+        raise _fail(w)(
             "status_lifetime_s",
-            f"must be longer than status_interval_s ({status_interval:g}), or the status "
-            "expires between republications",
+            f"must be longer than status_interval_s ({numbers['status_interval_s']:g}), or "
+            "the status expires between republications",
         )
-    capability_lifetime = records.integer(
-        "capability_lifetime_s", 24 * 3600, 60, bounds.max_capability_lifetime_s
-    )
-    records.done()
+    _refuse_unknown(records, numbers, w)
 
-    results = root.table("results")
-    keep_s = results.integer("keep_s", 7 * 24 * 3600, 1, bounds.max_keep_s)
-    max_finished = results.integer("max_finished", 256, 1, bounds.max_finished)
-    results.done()
+    results, w = _section(document, "results", where)
+    kept = _numbers(results, w, NodeConfig, {"keep_s": (1, bounds.max_keep_s),
+                                             "max_finished": (1, bounds.max_finished)})
+    _refuse_unknown(results, kept, w)
+    numbers.update(kept)
 
-    shutdown = root.table("shutdown")
-    grace_s = shutdown.number("grace_s", 300.0, 0.0, bounds.max_grace_s)
-    shutdown.done()
-    on_demand = _on_demand(root.table("on_demand")) if root.has("on_demand") else None
-    root.done()
+    shutdown, w = _section(document, "shutdown", where)
+    grace = _numbers(shutdown, w, NodeConfig, {"grace_s": (0.0, bounds.max_grace_s)})
+    _refuse_unknown(shutdown, grace, w)
+    numbers.update(grace)
+
+    _refuse_unknown(document, _SECTIONS, where)
 
     return NodeConfig(
-        data_dir=data_dir,
-        key_file=key_file,
-        trust_list=trust_list,
-        work_dir=work_dir,
-        operator=operator,
-        pools=pools,
-        dht=DhtSettings(dht_bind, tuple(bootstrap)),
+        **node,
+        dht=DhtSettings(dht_bind, bootstrap),
         api=api,
         pull=pull,
         limits=limits,
-        capability=overrides,
-        status_interval_s=status_interval,
-        status_lifetime_s=status_lifetime,
-        capability_lifetime_s=capability_lifetime,
-        keep_s=keep_s,
-        max_finished=max_finished,
-        grace_s=grace_s,
-        on_demand=on_demand,
+        capability=_capability(*_section(document, "capability", where)),
+        on_demand=_on_demand(*_section(document, "on_demand", where))
+        if "on_demand" in document else None,
         source=source,
+        **numbers,
     )
 
 
-def _on_demand(table: _Reader) -> OnDemandConfig:
-    """``[on_demand] idle_s, wake_s, wake_url, hook`` (``docs/node-operations.md``)."""
-    idle_s = table.number("idle_s", 600.0, 1.0, 7 * 24 * 3600.0)
-    wake_s = table.integer("wake_s", 120, 1, 3600)
-    wake_url = table.text("wake_url", "")
-    if wake_url and (not wake_url.startswith("https://") or len(wake_url) > 200):
-        raise table.fail("wake_url", "must be an https:// URL of at most 200 characters")
-    hook_text = table.text("hook", "")
+def _node(table: Mapping[str, Any], w: str, base_dir: Path | None) -> dict[str, Any]:
+    """``[node]``: the node's paths (relative ones in ``data_dir``, which defaults to
+    ``base_dir``), its operator's name and its pools."""
+    data_dir = _path(table, "data_dir", w, str(base_dir) if base_dir else "", None)
+    values: dict[str, Any] = {"data_dir": data_dir}
+    for key, default in (("key_file", "node.key"), ("trust_list", "trust-list.bin"),
+                         ("work_dir", "work")):
+        values[key] = _path(table, key, w, default, data_dir)
+    operator = _text(table, "operator", w)
+    if operator and not _OPERATOR.fullmatch(operator):
+        raise _fail(w)("operator", "must match [A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
+    values.update(operator=operator, pools=_tokens(table, "pools", w, ()))
+    _refuse_unknown(table, values, w)
+    return values
+
+
+def _pull_dispatcher(entry: object, name: str) -> PullDispatcher:
+    """One ``[[pull.dispatchers]]`` entry, named ``pull.dispatchers[i]`` in errors."""
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{name}: must be a table")
+    w = f"{name}."
+    url = _https_url(entry, "url", w, required=True)
     try:
-        hook = tuple(shlex.split(hook_text))
+        key = PublicKey.from_text(_text(entry, "key", w))
+    except MalformedError as exc:
+        raise _fail(w)("key", f"must be an ed25519:... public key ({exc})") from None
+    dispatcher = PullDispatcher(url, key, _sha256_hex(entry, "tls_sha256", w))
+    _refuse_unknown(entry, _fields(PullDispatcher), w)
+    return dispatcher
+
+
+def _capability(table: Mapping[str, Any], w: str) -> CapabilityOverrides:
+    """``[capability]``: overrides of detected values, None for each key not given."""
+    machine_text = _text(table, "machine", w)
+    if machine_text and machine_text not in {m.value for m in MachineType}:
+        raise _fail(w)("machine", f"must be 'vm' or 'metal', got {machine_text!r:.40}")
+    cpu_model = _text(table, "cpu_model", w, None)
+    if cpu_model is not None and len(cpu_model) > MAX_CPU_MODEL:
+        raise _fail(w)("cpu_model", f"must be at most {MAX_CPU_MODEL} characters")
+    build_types = _tokens(table, "build_types", w, None)
+    if build_types is not None and not set(build_types) <= {"make", "rpm", "rpm.dnf"}:
+        raise _fail(w)("build_types", "may name only 'rpm', 'rpm.dnf' and 'make'")
+    overrides = CapabilityOverrides(
+        arch=_token(table, "arch", w),
+        os=_token(table, "os", w),
+        cpus=_integer(table, "cpus", w, None, 1, MAX_CPUS - 1),
+        cpu_model=cpu_model,
+        memory_mb=_integer(table, "memory_mb", w, None, 0, MAX_MB - 1),
+        disk_mb=_integer(table, "disk_mb", w, None, 0, MAX_MB - 1),
+        machine=MachineType(machine_text) if machine_text else None,
+        build_types=build_types,
+    )
+    _refuse_unknown(table, _fields(CapabilityOverrides), w)
+    return overrides
+
+
+def _on_demand(table: Mapping[str, Any], w: str) -> OnDemandConfig:
+    """``[on_demand] idle_s, wake_s, wake_url, hook`` (``docs/node-operations.md``)."""
+    numbers = _numbers(table, w, OnDemandConfig, {"idle_s": (1.0, 7 * 24 * 3600.0),
+                                                  "wake_s": (1, 3600)})
+    wake_url = _text(table, "wake_url", w)
+    if wake_url and (not wake_url.startswith("https://") or len(wake_url) > 200):
+        raise _fail(w)("wake_url", "must be an https:// URL of at most 200 characters")
+    try:
+        hook = tuple(shlex.split(_text(table, "hook", w)))
     except ValueError as exc:
-        raise table.fail("hook", f"cannot be split into words: {exc}") from None
+        raise _fail(w)("hook", f"cannot be split into words: {exc}") from None
     if hook and not Path(hook[0]).is_absolute():
-        raise table.fail("hook", "must start with an absolute path")
-    table.done()
-    return OnDemandConfig(idle_s=idle_s, wake_s=wake_s, wake_url=wake_url, hook=hook)
+        raise _fail(w)("hook", "must start with an absolute path")
+    _refuse_unknown(table, ("idle_s", "wake_s", "wake_url", "hook"), w)
+    return OnDemandConfig(wake_url=wake_url, hook=hook, **numbers)
 
 
 def load_config(

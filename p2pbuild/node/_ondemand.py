@@ -47,8 +47,8 @@ class OnDemandConfig:
     node's own ``/v1/wake``, or a pull node's long-poll); ``hook``: a command run with
     ``standby`` or ``wake`` appended (empty: none); ``hook_timeout_s`` bounds it."""
 
-    idle_s: float
-    wake_s: int
+    idle_s: float = 600.0
+    wake_s: int = 120
     wake_url: str = ""
     hook: tuple[str, ...] = ()
     hook_timeout_s: float = 60.0

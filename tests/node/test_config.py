@@ -114,3 +114,14 @@ def test_the_buildroot_cache_bound_is_configurable(tmp_path: Path) -> None:
     assert config.limits.buildroot_cache_mb == 512
     with pytest.raises(ConfigError, match=r"limits\.buildroot_cache_mb"):
         parse_config({"node": {"data_dir": str(tmp_path)}, "limits": {"buildroot_cache_mb": 0}})
+
+
+def test_absent_keys_take_the_documented_defaults(tmp_path: Path) -> None:
+    config = parse_config({"node": {"data_dir": str(tmp_path)}})
+    assert config.dht.bind == ("0.0.0.0", 7420)
+    assert config.api.bind == ("0.0.0.0", 8443)
+    assert (config.pull.poll_timeout_s, config.pull.heartbeat_s) == (30.0, 15.0)
+    assert (config.keep_s, config.max_finished, config.grace_s) == (7 * 24 * 3600, 256, 300.0)
+    assert config.capability_lifetime_s == 24 * 3600
+    on_demand = parse_config({"node": {"data_dir": str(tmp_path)}, "on_demand": {}}).on_demand
+    assert on_demand is not None and (on_demand.idle_s, on_demand.wake_s) == (600.0, 120)
