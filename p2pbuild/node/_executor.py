@@ -311,16 +311,13 @@ async def run_build(
         log_path = logs_dir / "build.log"
         async with await trio.open_file(log_path, "wb") as log_file:
             writer = LogWriter(write=log_file.write, sink=log, cap=limits.max_output_bytes)
+            build = _Build(spec, sandbox, scratch, input_dir, limits, writer, deadline)
             prepared: PreparedBuildroot | None = None
             if spec.build_type is BuildType.RPM:
-                status, stop, sde, prepared = await _build_rpm(
-                    spec, sandbox, scratch, input_dir, limits, writer, deadline, buildroots
-                )
+                status, stop, sde, prepared = await _build_rpm(build, buildroots)
                 found = await trio.to_thread.run_sync(_rpm_artifacts, scratch)
             else:
-                status, stop, sde, build_root = await _build_make(
-                    spec, sandbox, scratch, input_dir, limits, writer, deadline
-                )
+                status, stop, sde, build_root = await _build_make(build)
                 found = await trio.to_thread.run_sync(
                     _tree_artifacts, scratch / build_root / MAKE_ARTIFACT_DIR
                 )
@@ -331,7 +328,6 @@ async def run_build(
                 state, reason = BuildState.FAILED, found
             else:
                 artifacts = await trio.to_thread.run_sync(_move_and_hash, found, artifacts_dir)
-        logs = (_describe("build.log", log_path),)
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(remove_tree, scratch)
@@ -341,7 +337,7 @@ async def run_build(
         exit_status=status,
         reason=reason,
         artifacts=artifacts,
-        logs=logs,
+        logs=(_describe("build.log", log_path),),
         environment=environment,
         source_date_epoch=sde,
         timings=Timings(started_ms, ended_ms, (time.monotonic_ns() - t0) // 1_000_000),
@@ -358,16 +354,45 @@ def _judge(status: int, stop: Stop | None) -> tuple[BuildState, str | None]:
     return (BuildState.SUCCEEDED if status == 0 else BuildState.FAILED), None
 
 
+@attrs.frozen
+class _Build:
+    """One build under way: what each build type's commands run with."""
+
+    spec: BuildSpec
+    sandbox: Sandbox
+    scratch: Path
+    input_dir: Path
+    limits: Limits
+    writer: LogWriter
+    deadline: float
+
+    async def run(
+        self,
+        argv: list[str],
+        *,
+        env: Mapping[str, str] = {},
+        cwd: str = BUILD_DIR,
+        buildroot: Path | None = None,
+        log: LogWriter | None = None,
+    ) -> tuple[int, Stop | None]:
+        """Run ``argv`` in the sandbox (``/build`` the scratch tree, ``/input`` the
+        source) until the deadline, within the disk bound, its output to the build log
+        (or ``log``). Returns the exit status and why it was stopped, if it was."""
+        return await run_supervised(
+            self.sandbox.command(argv, build_dir=self.scratch, input_dir=self.input_dir,
+                                 env=env, cwd=cwd, buildroot=buildroot),
+            deadline=self.deadline,
+            log=self.writer if log is None else log,
+            disk_root=self.scratch,
+            max_disk_bytes=self.limits.max_disk_bytes,
+            disk_poll_interval=self.limits.disk_poll_interval,
+        )
+
+
 async def _build_rpm(
-    spec: BuildSpec,
-    sandbox: Sandbox,
-    scratch: Path,
-    input_dir: Path,
-    limits: Limits,
-    writer: LogWriter,
-    deadline: float,
-    buildroots: BuildrootCache | None = None,
+    build: _Build, buildroots: BuildrootCache | None = None
 ) -> tuple[int, Stop | None, int, PreparedBuildroot | None]:
+    spec = build.spec
     srpm = f"{INPUT_DIR}/source.src.rpm"
     # Read the header inside the sandbox too: rpm parses untrusted bytes here.
     query = bytearray()
@@ -380,16 +405,9 @@ async def _build_rpm(
         "%{SOURCEPACKAGE}|%{CHANGELOGTIME}|%{BUILDTIME}\\n"
         "[REQ %{REQUIRENAME}|%{REQUIREFLAGS:depflags}|%{REQUIREVERSION}\\n]"
     )
-    status, stop = await run_supervised(
-        sandbox.command(
-            ["rpm", "-qp", "--nosignature", "--nodigest", "--qf", qf, srpm],
-            build_dir=scratch,
-            input_dir=input_dir,
-        ),
-        deadline=deadline,
+    status, stop = await build.run(
+        ["rpm", "-qp", "--nosignature", "--nodigest", "--qf", qf, srpm],
         log=LogWriter(write=collect, sink=None, cap=256 * 1024),
-        disk_root=scratch,
-        max_disk_bytes=limits.max_disk_bytes,
     )
     if stop is Stop.TIME:
         return status, stop, spec.source_date_epoch or 0, None
@@ -417,29 +435,18 @@ async def _build_rpm(
     argv.append(srpm)
     env = {"SOURCE_DATE_EPOCH": str(sde)}
 
-    async def build(root: Path | None) -> tuple[int, Stop | None]:
-        return await run_supervised(
-            sandbox.command(argv, build_dir=scratch, input_dir=input_dir, env=env,
-                            buildroot=root),
-            deadline=deadline,
-            log=writer,
-            disk_root=scratch,
-            max_disk_bytes=limits.max_disk_bytes,
-            disk_poll_interval=limits.disk_poll_interval,
-        )
-
     if spec.buildroot is None:
-        status, stop = await build(None)
+        status, stop = await build.run(argv, env=env)
         return status, stop, sde, None
     assert buildroots is not None  # run_build checked
 
     async def note(text: str) -> None:
-        await writer.add(f"[p2pbuild: {text}]\n".encode())
+        await build.writer.add(f"[p2pbuild: {text}]\n".encode())
 
     deps = [_build_require(line) for line in requires]
-    with trio.CancelScope(deadline=deadline) as scope:
+    with trio.CancelScope(deadline=build.deadline) as scope:
         async with buildroots.use(spec.buildroot, deps, log=note) as prepared:
-            status, stop = await build(prepared.path)
+            status, stop = await build.run(argv, env=env, buildroot=prepared.path)
             return status, stop, sde, prepared
     assert scope.cancelled_caught
     return -9, Stop.TIME, sde, None
@@ -454,20 +461,13 @@ def _build_require(line: str) -> Dep:
     return Dep(name)
 
 
-async def _build_make(
-    spec: BuildSpec,
-    sandbox: Sandbox,
-    scratch: Path,
-    input_dir: Path,
-    limits: Limits,
-    writer: LogWriter,
-    deadline: float,
-) -> tuple[int, Stop | None, int, str]:
-    src = scratch / "src"
+async def _build_make(build: _Build) -> tuple[int, Stop | None, int, str]:
+    spec, limits = build.spec, build.limits
+    src = build.scratch / "src"
     src.mkdir()
     tree = await trio.to_thread.run_sync(
         lambda: extract_tar_gz(
-            input_dir / "source.tar.gz",
+            build.input_dir / "source.tar.gz",
             src,
             max_members=limits.max_archive_members,
             max_bytes=limits.max_disk_bytes,
@@ -475,26 +475,10 @@ async def _build_make(
     )
     sde = spec.source_date_epoch if spec.source_date_epoch is not None else tree.newest_mtime
     root = "src" if tree.root == "." else f"src/{tree.root}"
-    status, stop = await run_supervised(
-        sandbox.command(
-            [
-                "/bin/sh",
-                "-c",
-                _MAKE_SCRIPT,
-                "p2pbuild-make",
-                f"-j{spec.jobs}",
-                "check" if spec.check else "nocheck",
-            ],
-            build_dir=scratch,
-            input_dir=input_dir,
-            env={"SOURCE_DATE_EPOCH": str(sde)},
-            cwd=f"{BUILD_DIR}/{root}",
-        ),
-        deadline=deadline,
-        log=writer,
-        disk_root=scratch,
-        max_disk_bytes=limits.max_disk_bytes,
-        disk_poll_interval=limits.disk_poll_interval,
+    argv = ["/bin/sh", "-c", _MAKE_SCRIPT, "p2pbuild-make", f"-j{spec.jobs}",
+            "check" if spec.check else "nocheck"]
+    status, stop = await build.run(
+        argv, env={"SOURCE_DATE_EPOCH": str(sde)}, cwd=f"{BUILD_DIR}/{root}"
     )
     return status, stop, sde, root
 
