@@ -94,7 +94,7 @@ def _fsync_all(paths: Sequence[Path]) -> None:
     """fsync every file, in parallel: the file system commits concurrent fsyncs together
     (one journal commit for all), where one after the other each waits for its own."""
     try:
-        with ThreadPoolExecutor(max_workers=min(8, len(paths) or 1)) as pool:
+        with ThreadPoolExecutor(max_workers=min(16, len(paths) or 1)) as pool:
             for _ in pool.map(_fsync_dir, paths):  # raises the first OSError
                 pass
     except OSError as exc:
@@ -208,9 +208,9 @@ class RepositorySink:
                 user=user, arch=arch, os=os_name, build_type=build_type,
             )
             _write(incoming / "manifest.json", manifest.to_bytes())
-            # Every file and directory on disk before the rename makes the build visible.
-            _fsync_all([p for p in sorted(incoming.rglob("*")) if p.is_file()])
-            _fsync_all([incoming, *(p for p in incoming.rglob("*") if p.is_dir())])
+            # Every file and directory on disk before the rename makes the build visible:
+            # all in one round (a round is one journal commit; the rename waits for all).
+            _fsync_all([incoming, *sorted(incoming.rglob("*"))])
         except BaseException:
             shutil.rmtree(incoming, ignore_errors=True)
             raise

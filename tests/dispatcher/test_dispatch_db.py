@@ -114,6 +114,37 @@ def test_sink_is_atomic_and_idempotent(tmp_path: Path) -> None:
     assert other.name == "h-1-1+" + "c" * 12
 
 
+def test_sink_syncs_every_file_and_directory_before_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Crash safety: the build becomes visible (rename) only once all of it is on disk, and
+    # the rename itself is synced before store returns (the database then says verified).
+    from p2pbuild.dispatcher import _sink
+
+    synced: list[Path] = []
+    events: list[tuple[str, object]] = []
+    real_fsync, real_rename = _sink._fsync_dir, _sink.os.rename
+
+    def fsync(path: Path) -> None:
+        synced.append(Path(path))
+        real_fsync(path)
+
+    def rename(src: Path, dest: Path) -> None:
+        staged = {Path(src), *Path(src).rglob("*")}
+        events.append(("rename", staged - set(synced)))
+        real_rename(src, dest)
+
+    monkeypatch.setattr(_sink, "_fsync_dir", fsync)
+    monkeypatch.setattr(_sink.os, "rename", rename)
+    repo = tmp_path / "repo"
+    path = RepositorySink(repo).store("a" * 32, "h-1-1.src.rpm", "0" * 64,
+                                      _proof(tmp_path, b"rpm"), trust_list=FIXTURE.trust_list,
+                                      now=5)
+    assert events == [("rename", set())]  # nothing staged was left unsynced
+    assert synced[-1] == repo  # the rename, synced after it
+    assert (path / "manifest.json").is_file()
+
+
 def test_sink_refuses_files_that_changed(tmp_path: Path) -> None:
     sink = RepositorySink(tmp_path / "repo")
     with pytest.raises(SinkError, match="no longer matches"):
