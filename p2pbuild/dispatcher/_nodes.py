@@ -64,6 +64,8 @@ MSGPACK = "application/msgpack"
 FileKind = Literal["artifacts", "logs"]
 # Bound on DirectoryFinder's cache (distinct queries; cleared when full).
 _MAX_CACHED_QUERIES = 256
+#: Downloads up to this size are written to disk without a worker thread.
+_INLINE_WRITE_MAX = 64 * 1024
 # Bound on PushNodeClient._ended (results of ended jobs not yet asked for).
 _MAX_ENDED = 256
 
@@ -469,7 +471,13 @@ class PushNodeClient:
                 raise
             raise NodeUnreachableError(f"download {item.name}: {exc}") from None
         self._check_arrived(item, len(data), hashlib.sha256(data).digest())
-        await trio.to_thread.run_sync(_write_file, dest, data)
+        if len(data) <= _INLINE_WRITE_MAX:
+            # A log or a small artifact: written in place, in well under a millisecond;
+            # a worker-thread hop costs more than that on a busy event loop (it waits for
+            # the interpreter lock each way).
+            _write_file(dest, data)
+        else:
+            await trio.to_thread.run_sync(_write_file, dest, data)
 
     @staticmethod
     def _check_arrived(item: FileDigest, size: int, sha256: bytes) -> None:

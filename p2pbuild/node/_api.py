@@ -180,6 +180,8 @@ class _FileResponse(FileResponse):
 #: Files up to this size are read whole in one worker-thread call and sent as one body;
 #: Starlette's FileResponse takes a thread hop each to stat, open, read and close.
 SMALL_FILE = 1024 * 1024
+#: ... and those up to this size without a worker thread.
+INLINE_READ = 64 * 1024
 
 
 def _read_small(path: Path, size: int) -> bytes | None:
@@ -245,7 +247,12 @@ def make_app(
             digest, path = found
             headers = {"X-Content-SHA256": digest.sha256.hex()}
             if digest.size <= SMALL_FILE and request.method == "GET":
-                data = await trio.to_thread.run_sync(_read_small, path, digest.size)
+                # A log or small artifact is read in place: a worker-thread hop costs more.
+                data = (
+                    _read_small(path, digest.size)
+                    if digest.size <= INLINE_READ
+                    else await trio.to_thread.run_sync(_read_small, path, digest.size)
+                )
                 if data is not None:
                     return Response(data, media_type="application/octet-stream",
                                     headers=headers)

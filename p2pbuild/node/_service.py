@@ -655,9 +655,10 @@ class JobService:
             changed = entry.log_changed
             done = entry.result is not None
             if offset < entry.log_size:
-                chunk = await trio.to_thread.run_sync(
-                    _read_at, entry.log_path, offset, min(_LOG_CHUNK, entry.log_size - offset)
-                )
+                # At most 64 KiB this process just wrote (in the page cache): read in place,
+                # as a worker-thread hop would cost more on a busy event loop.
+                await trio.lowlevel.checkpoint()
+                chunk = _read_at(entry.log_path, offset, min(_LOG_CHUNK, entry.log_size - offset))
                 if not chunk:
                     return  # the directory was removed under us
                 offset += len(chunk)
