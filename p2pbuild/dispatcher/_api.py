@@ -32,7 +32,7 @@ import hashlib
 import hmac
 import json
 import os
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -42,7 +42,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
-from .._errors import MalformedError, OversizeError, P2PBuildError, RemoteError
+from .._errors import MalformedError, OversizeError, RemoteError
 from .._identity import Identity, PublicKey, Role, verify_prefixed
 from .._jobs import DEFAULT_ARCH, BuildType
 from .._records import MachineType
@@ -51,6 +51,7 @@ from .._trust import TrustList
 from ..https import refusal
 from ..https._server import ByteBudget, ConnectionGate
 from ._access import Caller, check_may_change, redact_build, redact_event, redact_node
+from ._bodies import json_object, optional_text
 from ._config import ClientEntry, hash_token
 from ._db import BuildState
 from ._engine import BuildRequest, Engine
@@ -75,10 +76,6 @@ _WINDOW = 60
 KEEPALIVE_S = 15.0
 #: Response header announcing that interval (clients time out after a few of them).
 KEEPALIVE_HEADER = "p2pbuild-keepalive"
-
-def _refuse(error: P2PBuildError) -> JSONResponse:
-    return refusal(error)
-
 
 def sign_request(identity: Identity, method: str, path: str, now: int) -> str:
     """The ``Authorization`` header value for a signed request (clients use this)."""
@@ -140,6 +137,40 @@ class ApiAuth:
         # The trust list's maintainers run the farm: they are admins here too.
         return Caller(entry.operator, None, entry.role is Role.MAINTAINER)
 
+    async def answer(
+        self,
+        request: Request,
+        handler: Callable[[Caller], Awaitable[Response]],
+        refuse: Callable[[RemoteError], Response] = refusal,
+    ) -> Response:
+        """Answer ``request`` with ``handler(caller)`` once it is authenticated (the caller
+        is also ``request.state.caller``): the one guard of every API route. A
+        :class:`RemoteError`, the authentication's or the handler's, is answered by
+        ``refuse`` (its status and code); a client gone while sending its body, with 400."""
+        path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        try:
+            caller = self.authenticate(
+                request.method, path, request.headers.get("authorization")
+            )
+            request.state.caller = caller
+            return await handler(caller)
+        except RemoteError as exc:
+            return refuse(exc)
+        except ClientDisconnect:
+            return Response(status_code=400)
+
+    def endpoint(
+        self,
+        handler: Callable[[Request, Caller], Awaitable[Response]],
+        refuse: Callable[[RemoteError], Response] = refusal,
+    ) -> Callable[[Request], Awaitable[Response]]:
+        """``handler(request, caller)`` as a Starlette endpoint, guarded by :meth:`answer`."""
+
+        async def endpoint(request: Request) -> Response:
+            return await self.answer(request, lambda caller: handler(request, caller), refuse)
+
+        return endpoint
+
 
 def _query_int(params: Mapping[str, str], name: str, default: int) -> int:
     text = params.get(name)
@@ -163,12 +194,7 @@ def _request_from(fields: Mapping[str, Any], name: str, sha: str, size: int, url
     BuildRequest
 ):
     def text(key: str) -> str | None:
-        value = fields.get(key)
-        if value is None or value == "":
-            return None
-        if not isinstance(value, str):
-            raise BadRequestError(f"{key} must be text")
-        return value
+        return optional_text(fields, key)
 
     try:
         machine_text = text("machine")
@@ -178,10 +204,7 @@ def _request_from(fields: Mapping[str, Any], name: str, sha: str, size: int, url
         raise BadRequestError(str(exc)) from None
     options = fields.get("options", {})
     if isinstance(options, str):
-        try:
-            options = json.loads(options)
-        except ValueError:
-            raise BadRequestError("options must be a JSON object") from None
+        options = json_object(options, "options")
     if not isinstance(options, dict):
         raise BadRequestError("options must be an object")
     numbers: dict[str, Any] = {}
@@ -229,31 +252,16 @@ def make_dispatcher_app(
     if uploads is None:
         uploads = ByteBudget(4 * max_upload_bytes)
 
-    async def guarded(request: Request, handler: Callable[[str, str | None], Any]) -> Response:
-        path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        try:
-            caller = auth.authenticate(
-                request.method, path, request.headers.get("authorization")
-            )
-            request.state.caller = caller
-            response: Response = await handler(caller.user, caller.team)
-            return response
-        except RemoteError as exc:
-            return _refuse(exc)
-        except ClientDisconnect:
-            return Response(status_code=400)
+    async def guarded(
+        request: Request, handler: Callable[[str, str | None], Awaitable[Response]]
+    ) -> Response:
+        return await auth.answer(request, lambda caller: handler(caller.user, caller.team))
 
     async def submit(request: Request) -> Response:
         async def handler(user: str, team: str | None) -> Response:
             content_type = request.headers.get("content-type", "")
             if content_type.startswith("application/json"):
-                body = await _read_small(request, 64 * 1024)
-                try:
-                    fields = json.loads(body)
-                except ValueError:
-                    raise BadRequestError("body is not JSON") from None
-                if not isinstance(fields, dict):
-                    raise BadRequestError("body must be a JSON object")
+                fields = json_object(await _read_small(request, 64 * 1024), "body")
                 url, sha = fields.get("url"), fields.get("sha256")
                 if not isinstance(url, str) or not isinstance(sha, str):
                     raise BadRequestError("url and sha256 are required")
@@ -346,7 +354,7 @@ def make_dispatcher_app(
         try:
             path = engine.sources.path(request.path_params["sha256"])
         except BadRequestError as exc:
-            return _refuse(exc)
+            return refusal(exc)
         if not path.is_file():
             return refusal(UnknownBuildError("no such source"))
         return FileResponse(path, media_type="application/octet-stream")

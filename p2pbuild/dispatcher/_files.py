@@ -22,19 +22,19 @@ pull nodes send logs only with their result.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .._errors import LocalError, RemoteError
+from .._errors import LocalError
 from ..https import CertificatePinError, pinned_client
 from ._access import Caller
-from ._api import ApiAuth, _refuse
+from ._api import ApiAuth
 from ._db import AttemptRow, AttemptState
 from ._engine import Engine
 from ._errors import UnknownBuildError
@@ -120,76 +120,64 @@ def _file_rows(build_id: str, root: Path) -> list[dict[str, Any]]:
 def build_file_routes(engine: Engine, auth: ApiAuth) -> list[Route]:
     """The endpoints of the module doc, for the dispatcher's Starlette app."""
 
-    async def guarded(request: Request, handler: Callable[[Caller, str], Any]) -> Response:
-        path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        try:
-            caller = auth.authenticate(request.method, path,
-                                       request.headers.get("authorization"))
+    def guarded(
+        handler: Callable[[Request, Caller, str], Awaitable[Response]],
+    ) -> Callable[[Request], Awaitable[Response]]:
+        """An endpoint of a build's: ``handler`` gets the full id of the build named."""
+
+        async def with_build(request: Request, caller: Caller) -> Response:
             build_id = engine.db.resolve_build(request.path_params["build_id"])
-            response: Response = await handler(caller, build_id)
-            return response
-        except RemoteError as exc:
-            return _refuse(exc)
-        except ClientDisconnect:
-            return Response(status_code=400)
+            return await handler(request, caller, build_id)
 
-    async def logs(request: Request) -> Response:
-        async def handler(caller: Caller, build_id: str) -> Response:
-            attempts = engine.db.attempts(build_id)
-            return JSONResponse({"build_id": build_id,
-                                 "logs": _log_rows(engine, build_id, attempts)})
+        return auth.endpoint(with_build)
 
-        return await guarded(request, handler)
+    async def logs(request: Request, caller: Caller, build_id: str) -> Response:
+        attempts = engine.db.attempts(build_id)
+        return JSONResponse({"build_id": build_id,
+                             "logs": _log_rows(engine, build_id, attempts)})
 
-    async def one_log(request: Request) -> Response:
-        async def handler(caller: Caller, build_id: str) -> Response:
-            attempt_id = request.path_params["attempt"]
-            attempts = {a.id: a for a in engine.db.attempts(build_id)}
-            attempt = attempts.get(attempt_id)
-            if attempt is None:
-                raise UnknownBuildError(f"build {build_id} has no attempt {attempt_id}")
-            name = request.path_params["name"]
-            follow = request.query_params.get("follow") in ("1", "true", "yes")
-            base = log_dir(engine.config.state_dir, build_id, attempt.id)
-            stored = base / name
-            if (follow and not stored.is_file() and attempt.state is AttemptState.RUNNING
-                    and attempt.endpoint and name == "build.log"):
-                return StreamingResponse(_live_log(attempt),
-                                         media_type="text/plain; charset=utf-8")
-            path = _safe_file(base, name) if base.is_dir() else None
-            if path is None:
-                raise UnknownBuildError(
-                    f"no log {name[:100]} from attempt {attempt_id} (yet)"
-                    + (": pull-mode nodes send logs with their result"
-                       if attempt.active and not attempt.endpoint else "")
-                )
-            return FileResponse(path, media_type="text/plain; charset=utf-8")
+    async def one_log(request: Request, caller: Caller, build_id: str) -> Response:
+        attempt_id = request.path_params["attempt"]
+        attempts = {a.id: a for a in engine.db.attempts(build_id)}
+        attempt = attempts.get(attempt_id)
+        if attempt is None:
+            raise UnknownBuildError(f"build {build_id} has no attempt {attempt_id}")
+        name = request.path_params["name"]
+        follow = request.query_params.get("follow") in ("1", "true", "yes")
+        base = log_dir(engine.config.state_dir, build_id, attempt.id)
+        stored = base / name
+        if (follow and not stored.is_file() and attempt.state is AttemptState.RUNNING
+                and attempt.endpoint and name == "build.log"):
+            return StreamingResponse(_live_log(attempt),
+                                     media_type="text/plain; charset=utf-8")
+        path = _safe_file(base, name) if base.is_dir() else None
+        if path is None:
+            raise UnknownBuildError(
+                f"no log {name[:100]} from attempt {attempt_id} (yet)"
+                + (": pull-mode nodes send logs with their result"
+                   if attempt.active and not attempt.endpoint else "")
+            )
+        return FileResponse(path, media_type="text/plain; charset=utf-8")
 
-        return await guarded(request, handler)
+    async def files(request: Request, caller: Caller, build_id: str) -> Response:
+        build = engine.db.build(build_id)
+        root = Path(build.sink_path) if build.sink_path else None
+        rows = _file_rows(build_id, root) if root is not None and root.is_dir() else []
+        return JSONResponse({"build_id": build_id, "state": build.state.value,
+                             "stored": root is not None, "files": rows})
 
-    async def files(request: Request) -> Response:
-        async def handler(caller: Caller, build_id: str) -> Response:
-            build = engine.db.build(build_id)
-            root = Path(build.sink_path) if build.sink_path else None
-            rows = _file_rows(build_id, root) if root is not None and root.is_dir() else []
-            return JSONResponse({"build_id": build_id, "state": build.state.value,
-                                 "stored": root is not None, "files": rows})
+    async def one_file(request: Request, caller: Caller, build_id: str) -> Response:
+        build = engine.db.build(build_id)
+        if not build.sink_path:
+            raise UnknownBuildError(f"build {build_id} is not stored ({build.state.value})")
+        path = _safe_file(Path(build.sink_path), request.path_params["path"])
+        return FileResponse(path, media_type="application/octet-stream")
 
-        return await guarded(request, handler)
-
-    async def one_file(request: Request) -> Response:
-        async def handler(caller: Caller, build_id: str) -> Response:
-            build = engine.db.build(build_id)
-            if not build.sink_path:
-                raise UnknownBuildError(f"build {build_id} is not stored ({build.state.value})")
-            path = _safe_file(Path(build.sink_path), request.path_params["path"])
-            return FileResponse(path, media_type="application/octet-stream")
-
-        return await guarded(request, handler)
-
-    return [
-        Route("/v1/builds/{build_id}/logs", logs, methods=["GET"]),
-        Route("/v1/builds/{build_id}/logs/{attempt:int}/{name:path}", one_log, methods=["GET"]),
-        Route("/v1/builds/{build_id}/files", files, methods=["GET"]),
-        Route("/v1/builds/{build_id}/files/{path:path}", one_file, methods=["GET"]),
-    ]
+    table = {
+        "logs": logs,
+        "logs/{attempt:int}/{name:path}": one_log,
+        "files": files,
+        "files/{path:path}": one_file,
+    }
+    return [Route(f"/v1/builds/{{build_id}}/{path}", guarded(handler), methods=["GET"])
+            for path, handler in table.items()]

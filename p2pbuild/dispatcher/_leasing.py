@@ -27,13 +27,12 @@ import json
 import logging
 import os
 import sqlite3
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
 import httpx
 import trio
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -44,6 +43,7 @@ from .._jobs import BuildType
 from .._records import MachineType
 from ..dht import Query
 from ..https import pinned_client, refusal
+from ._bodies import json_object, optional_text
 from ._db import Database
 from ._errors import BadRequestError
 from ._leases import (
@@ -302,15 +302,6 @@ def _refuse(error: RemoteError) -> Response:
     return refusal(error)
 
 
-def _text(fields: dict[str, Any], key: str) -> str | None:
-    value = fields.get(key)
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str):
-        raise BadRequestError(f"{key} must be text")
-    return value
-
-
 def _int(fields: dict[str, Any], key: str) -> int:
     value = fields.get(key)
     if not isinstance(value, int) or isinstance(value, bool):
@@ -326,20 +317,20 @@ def parse_lease_request(fields: Any) -> LeaseRequest:
     unknown = sorted(set(fields) - known)
     if unknown:
         raise BadRequestError(f"unknown field {unknown[0]}")
-    arch = _text(fields, "arch")
+    arch = optional_text(fields, "arch")
     if arch is None:
         raise BadRequestError("arch is required")
     try:
-        machine = _text(fields, "machine")
-        os_name, pool = _text(fields, "os"), _text(fields, "pool")
+        machine = optional_text(fields, "machine")
+        os_name, pool = optional_text(fields, "os"), optional_text(fields, "pool")
         # The facet values must be valid DHT facets (tokens).
         Query(arch=arch, os=os_name, pool=pool)
         return LeaseRequest(
             arch=arch, os=os_name, pool=pool,
             count=_int(fields, "count"), duration_s=_int(fields, "duration_s"),
             machine=MachineType(machine) if machine else None,
-            build_type=BuildType(_text(fields, "build_type") or "rpm"),
-            operators=OperatorMode(_text(fields, "operators") or "distinct"),
+            build_type=BuildType(optional_text(fields, "build_type") or "rpm"),
+            operators=OperatorMode(optional_text(fields, "operators") or "distinct"),
         )
     except (ValueError, RemoteError) as exc:
         if isinstance(exc, BadRequestError):
@@ -350,56 +341,34 @@ def parse_lease_request(fields: Any) -> LeaseRequest:
 def lease_routes(service: LeaseService, auth: ApiAuth) -> list[Route]:
     """The lease endpoints of the module doc, for the dispatcher's Starlette app."""
 
-    async def guarded(request: Request, handler: Callable[[Caller], Any]) -> Response:
-        path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        try:
-            caller = auth.authenticate(
-                request.method, path, request.headers.get("authorization")
-            )
-            response: Response = await handler(caller)
-            return response
-        except RemoteError as exc:
-            return _refuse(exc)
-        except ClientDisconnect:
-            return Response(status_code=400)
-
     async def body(request: Request) -> Any:
         raw = b""
         async for chunk in request.stream():
             raw += chunk
             if len(raw) > 16 * 1024:
                 raise BadRequestError("body exceeds 16384 bytes")
-        try:
-            return json.loads(raw or b"{}")
-        except ValueError:
-            raise BadRequestError("body is not JSON") from None
+        return json_object(raw or b"{}", "body")
 
     def now() -> float:
         return service.engine.clock()
 
-    async def create(request: Request) -> Response:
-        async def handler(caller: Caller) -> Response:
-            lease = await service.request(
-                parse_lease_request(await body(request)), caller.user, caller.team
-            )
-            return JSONResponse(lease.to_json(now()), status_code=201)
+    async def create(request: Request, caller: Caller) -> Response:
+        lease = await service.request(
+            parse_lease_request(await body(request)), caller.user, caller.team
+        )
+        return JSONResponse(lease.to_json(now()), status_code=201)
 
-        return await guarded(request, handler)
-
-    async def listing(request: Request) -> Response:
-        async def handler(caller: Caller) -> Response:
-            everyone = caller.admin
-            active_only = request.query_params.get("active") in ("1", "true", "yes")
-            leases = service.engine.leases.leases(
-                user=None if everyone else caller.user, include_ended=not active_only
-            )
-            t = now()
-            if active_only:
-                leases = [lease for lease in leases if lease.active_at(t)]
-            return JSONResponse({"leases": [lease.to_json(t) for lease in leases],
-                                 "all_users": everyone})
-
-        return await guarded(request, handler)
+    async def listing(request: Request, caller: Caller) -> Response:
+        everyone = caller.admin
+        active_only = request.query_params.get("active") in ("1", "true", "yes")
+        leases = service.engine.leases.leases(
+            user=None if everyone else caller.user, include_ended=not active_only
+        )
+        t = now()
+        if active_only:
+            leases = [lease for lease in leases if lease.active_at(t)]
+        return JSONResponse({"leases": [lease.to_json(t) for lease in leases],
+                             "all_users": everyone})
 
     def _visible(lease_id: str, caller: Caller) -> Lease:
         lease = service.engine.leases.get(lease_id)
@@ -407,42 +376,33 @@ def lease_routes(service: LeaseService, auth: ApiAuth) -> list[Route]:
             raise UnknownLeaseError(f"no lease {lease_id[:40]}")
         return lease
 
-    async def show(request: Request) -> Response:
-        async def handler(caller: Caller) -> Response:
-            lease = _visible(request.path_params["lease_id"], caller)
-            result = lease.to_json(now())
-            result["events"] = lease_events(service.db, lease.id)
-            return JSONResponse(result)
+    async def show(request: Request, caller: Caller) -> Response:
+        lease = _visible(request.path_params["lease_id"], caller)
+        result = lease.to_json(now())
+        result["events"] = lease_events(service.db, lease.id)
+        return JSONResponse(result)
 
-        return await guarded(request, handler)
+    async def extend(request: Request, caller: Caller) -> Response:
+        fields = await body(request)
+        lease = service.extend(
+            request.path_params["lease_id"], caller.user, _int(fields, "by_s")
+        )
+        return JSONResponse(lease.to_json(now()))
 
-    async def extend(request: Request) -> Response:
-        async def handler(caller: Caller) -> Response:
-            fields = await body(request)
-            if not isinstance(fields, dict):
-                raise BadRequestError("body must be a JSON object")
-            lease = service.extend(
-                request.path_params["lease_id"], caller.user, _int(fields, "by_s")
-            )
-            return JSONResponse(lease.to_json(now()))
+    async def done(request: Request, caller: Caller) -> Response:
+        lease = service.done(request.path_params["lease_id"], caller.user,
+                             admin=caller.admin)
+        return JSONResponse(lease.to_json(now()))
 
-        return await guarded(request, handler)
-
-    async def done(request: Request) -> Response:
-        async def handler(caller: Caller) -> Response:
-            lease = service.done(request.path_params["lease_id"], caller.user,
-                                 admin=caller.admin)
-            return JSONResponse(lease.to_json(now()))
-
-        return await guarded(request, handler)
-
-    return [
-        Route("/v1/leases", create, methods=["POST"]),
-        Route("/v1/leases", listing, methods=["GET"]),
-        Route("/v1/leases/{lease_id}", show, methods=["GET"]),
-        Route("/v1/leases/{lease_id}", done, methods=["DELETE"]),
-        Route("/v1/leases/{lease_id}/extend", extend, methods=["POST"]),
+    table = [
+        ("/v1/leases", create, "POST"),
+        ("/v1/leases", listing, "GET"),
+        ("/v1/leases/{lease_id}", show, "GET"),
+        ("/v1/leases/{lease_id}", done, "DELETE"),
+        ("/v1/leases/{lease_id}/extend", extend, "POST"),
     ]
+    return [Route(path, auth.endpoint(handler, _refuse), methods=[method])
+            for path, handler, method in table]
 
 
 def held_by_node(service_or_engine: Engine, now: float) -> dict[str, list[str]]:

@@ -18,7 +18,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .._errors import MalformedError, OversizeError, P2PBuildError, RemoteError
+from .._errors import MalformedError, OversizeError, RemoteError
 from .._identity import PublicKey
 from ..https import ServerConfig, TlsMaterial, read_body, refusal, serve_asgi
 from ._errors import (
@@ -35,10 +35,6 @@ from ._pull import (
 )
 
 __all__ = ["make_pull_app", "pull_routes", "serve_pull"]
-
-
-def _refuse(error: P2PBuildError) -> JSONResponse:
-    return refusal(error)
 
 
 def _job_id(request: Request) -> bytes:
@@ -62,7 +58,7 @@ def pull_routes(queue: PullQueue) -> list[Route]:
             return response
         except RemoteError as exc:
             queue.count_rejection(exc)
-            return _refuse(exc)
+            return refusal(exc)
         except ClientDisconnect:
             return Response(status_code=400)
 

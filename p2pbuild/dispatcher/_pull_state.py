@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import attrs
 from .._errors import MalformedError, OversizeError, ReplayError
 from .._identity import PublicKey
 from .._jobs import MAX_RESULT_SIZE, FileDigest, Job, Result
+from ._bodies import json_object
 from ._errors import (
     JobWithdrawnError,
     LeaseExpiredError,
@@ -70,12 +70,7 @@ class LeaseProgress:
         Raises :class:`MalformedError`."""
         if not body.strip():
             return cls()
-        try:
-            value = json.loads(body)
-        except ValueError:
-            raise MalformedError("a lease renewal is a JSON object") from None
-        if not isinstance(value, dict):
-            raise MalformedError("a lease renewal is a JSON object")
+        value = json_object(body, "a lease renewal", MalformedError)
         phase = value.get("phase", "")
         if not isinstance(phase, str) or (phase and phase not in LEASE_PHASES):
             raise MalformedError(f"phase must be one of {', '.join(sorted(LEASE_PHASES))}")
