@@ -48,7 +48,7 @@ from .._jobs import DEFAULT_ARCH, BuildType
 from .._records import MachineType
 from .._replay import ReplayCache
 from .._trust import TrustList
-from ..https import refusal
+from ..https import read_body, refusal
 from ..https._server import ByteBudget, ConnectionGate
 from ._access import Caller, check_may_change, redact_build, redact_event, redact_node
 from ._bodies import json_object, optional_text
@@ -261,7 +261,9 @@ def make_dispatcher_app(
         async def handler(user: str, team: str | None) -> Response:
             content_type = request.headers.get("content-type", "")
             if content_type.startswith("application/json"):
-                fields = json_object(await _read_small(request, 64 * 1024), "body")
+                fields = json_object(
+                    await read_body(request, 64 * 1024, body_timeout), "body"
+                )
                 url, sha = fields.get("url"), fields.get("sha256")
                 if not isinstance(url, str) or not isinstance(sha, str):
                     raise BadRequestError("url and sha256 are required")
@@ -426,15 +428,6 @@ async def _event_stream(
             await changed.wait()
         if quiet.cancelled_caught:
             yield b"\n"
-
-
-async def _read_small(request: Request, limit: int) -> bytes:
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise OversizeError(f"body exceeds {limit} bytes")
-    return bytes(body)
 
 
 async def _receive_source(

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import httpx
 import trio
 
 from .._errors import RemoteError
@@ -26,6 +25,7 @@ from .._jobs import (
 )
 from .._records import MachineType
 from ..dht import Query
+from ..node import BadMetadataError, RepoUnreachableError, fetch_https
 from ._db import BuildRow, BuildState
 from ._errors import BadRequestError, SourceUnavailableError
 from ._sources import fetch_source
@@ -186,26 +186,15 @@ def buildroot_to_json(spec: BuildrootSpec) -> dict[str, Any]:
 
 
 async def fetch_repomd(url: str) -> bytes:
-    """``<url>/repodata/repomd.xml``, at most :data:`MAX_REPOMD_BYTES`. Raises
+    """``<url>/repodata/repomd.xml``, at most :data:`MAX_REPOMD_BYTES`, fetched as a
+    node fetches repository metadata (:func:`~p2pbuild.node.fetch_https`: pinning is
+    what makes the repository trustworthy later, TLS is not checked). Raises
     :class:`BadRequestError` when it cannot be fetched."""
     target = f"{url.rstrip('/')}/repodata/repomd.xml"
-    body = bytearray()
     try:
-        # Pinning is what makes the repository trustworthy later; TLS is not checked,
-        # as for every repository and source fetch in the farm.
-        async with (
-            httpx.AsyncClient(verify=False, timeout=30, trust_env=False) as client,
-            client.stream("GET", target) as response,
-        ):
-            if response.status_code != 200:
-                raise BadRequestError(f"{target} answered HTTP {response.status_code}")
-            async for chunk in response.aiter_bytes():
-                body += chunk
-                if len(body) > MAX_REPOMD_BYTES:
-                    raise BadRequestError(f"{target} is over {MAX_REPOMD_BYTES} bytes")
-    except httpx.HTTPError as exc:
-        raise BadRequestError(f"cannot fetch {target}: {exc.__class__.__name__}") from None
-    return bytes(body)
+        return await fetch_https(target, MAX_REPOMD_BYTES, timeout=30)
+    except (RepoUnreachableError, BadMetadataError) as exc:
+        raise BadRequestError(str(exc)) from None
 
 
 async def buildroot_from_json(

@@ -85,12 +85,12 @@ Downloader = Callable[[str, Path, int], Awaitable[tuple[int, str]]]
 _CHUNK = 1 << 20
 
 
-async def fetch_https(url: str, max_bytes: int, *, timeout: float = 120) -> bytes:
-    """GET ``url``; the pinned digests, not TLS, make what arrives authentic, so the
-    server's certificate is not checked (as for sources). Raises
-    :class:`RepoUnreachableError` for a network failure or a status other than 200 and
-    :class:`BadMetadataError` for a body over ``max_bytes`` (stopped while reading)."""
-    body = bytearray()
+@contextlib.asynccontextmanager
+async def _get_unverified(url: str, timeout: float) -> AsyncIterator[httpx.Response]:
+    """GET ``url``: its 200 answer, streaming. The pinned digests, not TLS, make what
+    arrives from a repository authentic, so the server's certificate is not checked (as
+    for sources). Raises :class:`RepoUnreachableError` for a network failure (also while
+    the body is read) or a status other than 200."""
     try:
         async with (
             httpx.AsyncClient(verify=False, timeout=timeout, trust_env=False) as client,
@@ -98,12 +98,21 @@ async def fetch_https(url: str, max_bytes: int, *, timeout: float = 120) -> byte
         ):
             if response.status_code != 200:
                 raise RepoUnreachableError(f"{url} answered HTTP {response.status_code}")
-            async for chunk in response.aiter_bytes():
-                body += chunk
-                if len(body) > max_bytes:
-                    raise BadMetadataError(f"{url} is larger than {max_bytes} bytes")
+            yield response
     except httpx.HTTPError as exc:
         raise RepoUnreachableError(f"cannot fetch {url}: {exc.__class__.__name__}") from None
+
+
+async def fetch_https(url: str, max_bytes: int, *, timeout: float = 120) -> bytes:
+    """GET ``url``, its certificate unchecked (the digests are). Raises
+    :class:`RepoUnreachableError` for a network failure or a status other than 200 and
+    :class:`BadMetadataError` for a body over ``max_bytes`` (stopped while reading)."""
+    body = bytearray()
+    async with _get_unverified(url, timeout) as response:
+        async for chunk in response.aiter_bytes():
+            body += chunk
+            if len(body) > max_bytes:
+                raise BadMetadataError(f"{url} is larger than {max_bytes} bytes")
     return bytes(body)
 
 
@@ -115,25 +124,19 @@ async def download_https(
     :class:`RepoUnreachableError` or :class:`PackageChecksumError` (over ``max_bytes``)."""
     digest = hashlib.sha256()
     size = 0
-    try:
-        async with (
-            httpx.AsyncClient(verify=False, timeout=timeout, trust_env=False) as client,
-            client.stream("GET", url) as response,
-        ):
-            if response.status_code != 200:
-                raise RepoUnreachableError(f"{url} answered HTTP {response.status_code}")
-            async with await trio.open_file(dest, "xb") as out:
-                async for chunk in response.aiter_bytes(_CHUNK):
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise PackageChecksumError(
-                            f"package-checksum-mismatch: {url} is larger than the "
-                            f"{max_bytes} bytes its metadata gives"
-                        )
-                    digest.update(chunk)
-                    await out.write(chunk)
-    except httpx.HTTPError as exc:
-        raise RepoUnreachableError(f"cannot fetch {url}: {exc.__class__.__name__}") from None
+    async with (
+        _get_unverified(url, timeout) as response,
+        await trio.open_file(dest, "xb") as out,
+    ):
+        async for chunk in response.aiter_bytes(_CHUNK):
+            size += len(chunk)
+            if size > max_bytes:
+                raise PackageChecksumError(
+                    f"package-checksum-mismatch: {url} is larger than the "
+                    f"{max_bytes} bytes its metadata gives"
+                )
+            digest.update(chunk)
+            await out.write(chunk)
     return size, digest.hexdigest()
 
 
