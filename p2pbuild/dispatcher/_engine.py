@@ -53,6 +53,7 @@ from .._identity import Identity, PublicKey, Role
 from .._jobs import (
     BuildType,
     Job,
+    JobSpec,
     Result,
     ResultState,
 )
@@ -95,10 +96,9 @@ from ._plan import (
 )
 from ._ratings import RatingBook, Signal
 from ._request import (
-    OPTIONS_BUILDROOT_KEY,
     BuildRequest,
+    ParsedBuild,
     SourceStore,
-    stored_job_spec,
 )
 from ._select import (
     Candidate,
@@ -165,8 +165,8 @@ class Engine:
     _wake_failed: dict[str, float] = attrs.field(factory=dict, init=False)
     #: build -> (reason, time) of its last "no-node-yet" audit entry.
     _no_node_audited: dict[str, tuple[str, float]] = attrs.field(factory=dict, init=False)
-    #: Parsed signed results of ended attempts, by build id and attempt id.
-    _results: dict[str, dict[int, Result]] = attrs.field(factory=dict, init=False)
+    #: Each build task's typed values, parsed once, by build id.
+    _parsed: dict[str, ParsedBuild] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         if self.ratings is None:
@@ -324,7 +324,7 @@ class Engine:
             self._running.discard(build_id)
             self._no_node_audited.pop(build_id, None)
             self._wake.pop(build_id, None)
-            self._results.pop(build_id, None)
+            self._parsed.pop(build_id, None)
             self._changed.set()
             self._changed = trio.Event()
         # In a thread: removing the work files is several file system calls per artifact,
@@ -377,7 +377,7 @@ class Engine:
         for row in rows:
             result = None
             if row.state in (AttemptState.SUCCEEDED, AttemptState.FAILED):
-                known = self._results.setdefault(row.build_id, {})
+                known = self._parsed_of(row.build_id).results
                 result = known.get(row.id)
                 if result is None:
                     raw = self.db.result_bytes(row.id)
@@ -385,6 +385,15 @@ class Engine:
                         result = known[row.id] = Result.from_bytes(raw)
             attempts.append(Attempt(row, result))
         return attempts
+
+    def _parsed_of(self, build_id: str) -> ParsedBuild:
+        return self._parsed.setdefault(build_id, ParsedBuild())
+
+    def _job(self, attempt: AttemptRow) -> Job:
+        return self._parsed_of(attempt.build_id).job(attempt)
+
+    def _spec(self, build: BuildRow) -> JobSpec:
+        return self._parsed_of(build.id).job_spec(build, self.config.public_url)
 
     async def _fetch_source(self, build: BuildRow) -> None:
         try:
@@ -457,7 +466,7 @@ class Engine:
             arch=build.arch,
             os=build.os,
             build_type=BuildType(build.build_type),
-            buildroot=OPTIONS_BUILDROOT_KEY in build.options_map,
+            buildroot=self._spec(build).buildroot is not None,
             count=choose.count,
             machine=machine,
             pool=build.pool,
@@ -578,16 +587,12 @@ class Engine:
         requirements: Requirements,
     ) -> AttemptRow:
         now = self.clock()
-        source_url = (
-            f"{self.config.public_url.rstrip('/')}/v1/sources/{build.source_sha256}"
-            if self.config.public_url else ""
-        )
         job = Job.create(
-            self.identity, stored_job_spec(build, source_url), issued_at=int(now),
+            self.identity, self._spec(build), issued_at=int(now),
             lifetime=build.time_limit_s + self.config.job_margin_s, node=candidate.key,
         )
         capability = candidate.capability
-        return self.db.insert_attempt(
+        row = self.db.insert_attempt(
             build_id=build.id,
             node=str(candidate.key),
             operator=candidate.operator,
@@ -608,6 +613,8 @@ class Engine:
                           "trusted nodes matching the constraints",
             },
         )
+        self._parsed_of(build.id).jobs[row.id] = job
+        return row
 
     async def _complete(
         self,
@@ -620,7 +627,7 @@ class Engine:
         by_id = {a.id: a for a in attempts}
         proof = [
             ProofItem(
-                Job.from_bytes(by_id[r.attempt].job), r.result, r.operator,
+                self._job(by_id[r.attempt]), r.result, r.operator,
                 self._work_dir(build.id, r.attempt), self._log_dir(build.id, r.attempt),
             )
             for r in verdict.proof
@@ -756,7 +763,7 @@ class Engine:
             self.ratings.node_failed(attempt.node, attempt.operator, now, reason)
 
     async def _run_attempt(self, attempt: AttemptRow) -> None:
-        job = Job.from_bytes(attempt.job)
+        job = self._job(attempt)
         node = PublicKey.from_text(attempt.node)
         client = self.connector.client(node, attempt.endpoint, attempt.tls_sha256)
         try:
@@ -812,7 +819,7 @@ class Engine:
                 self.ratings.record(
                     attempt.node, Signal.SUCCESS, 1.0, now, build_id=attempt.build_id
                 )
-        self._results.setdefault(attempt.build_id, {})[attempt.id] = result
+        self._parsed_of(attempt.build_id).results[attempt.id] = result
         # Stored and the artifacts copied into the work directory: the node side may forget
         # the job (a pull queue deletes its uploads; the node's late requests get 410).
         await client.release(job.job_id)

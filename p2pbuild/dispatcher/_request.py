@@ -18,21 +18,24 @@ from .._jobs import (
     DEFAULT_OS,
     BuildrootSpec,
     BuildType,
+    Job,
     JobSpec,
     Repository,
+    Result,
     SourceArtifact,
     Target,
 )
 from .._records import MachineType
 from ..dht import Query
 from ..node import BadMetadataError, RepoUnreachableError, fetch_https
-from ._db import BuildRow, BuildState
+from ._db import AttemptRow, BuildRow, BuildState
 from ._errors import BadRequestError, SourceUnavailableError
 from ._sources import fetch_source
 
 __all__ = [
     "OPTIONS_BUILDROOT_KEY",
     "BuildRequest",
+    "ParsedBuild",
     "SourceStore",
     "buildroot_from_json",
     "buildroot_to_json",
@@ -265,3 +268,30 @@ def stored_job_spec(build: BuildRow, source_url: str) -> JobSpec:
         build.time_limit_s,
         buildroot,
     )
+
+
+@attrs.define
+class ParsedBuild:
+    """A build's typed values, each parsed once per build task rather than on every engine
+    step: its job spec (from the stored options), its attempts' signed jobs and results by
+    attempt id (those the engine signed or fetched itself, or read once after a restart)."""
+
+    spec: JobSpec | None = None
+    jobs: dict[int, Job] = attrs.field(factory=dict)
+    results: dict[int, Result] = attrs.field(factory=dict)
+
+    def job(self, attempt: AttemptRow) -> Job:
+        """The attempt's signed job: the one the engine signed, or parsed from its row."""
+        job = self.jobs.get(attempt.id)
+        if job is None or job.id_hex != attempt.job_id:
+            job = self.jobs[attempt.id] = Job.from_bytes(attempt.job)
+        return job
+
+    def job_spec(self, build: BuildRow, public_url: str) -> JobSpec:
+        """:func:`stored_job_spec` with the source at ``public_url``, once the build's
+        source is ready (its size is final)."""
+        if self.spec is None:
+            base = public_url.rstrip("/")
+            url = f"{base}/v1/sources/{build.source_sha256}" if public_url else ""
+            self.spec = stored_job_spec(build, url)
+        return self.spec

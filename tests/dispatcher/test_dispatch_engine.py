@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 import trio
 from engine_waits import wait_attempts, wait_build
 
-from p2pbuild import BuildType, MachineType, Result, ResultState
+from p2pbuild import BuildType, Job, MachineType, Result, ResultState
 from p2pbuild.dht import Query
 from p2pbuild.dispatcher._db import AttemptState, BuildRow, BuildState, Database
 from p2pbuild.dispatcher._engine import BuildRequest, Engine, EngineConfig
@@ -199,6 +200,36 @@ async def test_engine_parses_each_result_once(
     assert reads == []
     # One parse per result, as it arrives from its node.
     assert len(parsed) == 2
+
+
+async def test_engine_parses_no_job_and_each_builds_options_once(
+    farm: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The engine keeps the jobs it signs and each build's job spec: neither the signed jobs
+    # (for the attempt tasks, for the proof) nor the stored options (for each selection and
+    # each job) are parsed again. The nodes, in this process, parse the jobs they receive.
+    for name in ("alice-1", "bob-1", "carol-1"):
+        await farm.add_node(name)
+    await farm.start_engine()
+    parsed: list[str] = []
+    from_bytes = Job.from_bytes.__func__  # type: ignore[attr-defined]
+
+    def counting(cls: type[Job], data: bytes, **kwargs: int) -> Job:
+        parsed.append(sys._getframe(1).f_globals["__name__"])
+        return from_bytes(cls, data, **kwargs)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(Job, "from_bytes", classmethod(counting))
+    options: list[str] = []
+    options_map = BuildRow.options_map.fget  # type: ignore[attr-defined]
+    monkeypatch.setattr(
+        BuildRow, "options_map", property(lambda row: options.append(row.id) or options_map(row))
+    )
+    build = farm.submit()
+    done = await farm.wait_done(build.id)
+    assert done.state is BuildState.VERIFIED, done.reason
+    assert [m for m in parsed if m.startswith("p2pbuild.dispatcher")] == []
+    assert len(parsed) == 2  # one by each node
+    assert options == [build.id]
 
 
 async def test_no_node_matches_fails_with_the_reason(farm: Harness) -> None:
