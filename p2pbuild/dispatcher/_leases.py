@@ -275,21 +275,17 @@ class LeaseBook:
                 "requested", "duration",
             )
         active = self.active(now)
-        if quotas.max_slots_per_user is not None:
-            held = sum(lease.slots for lease in active if lease.user == user)
-            if held + request.count > quotas.max_slots_per_user:
+        # The same quota for the user's slots and the team's (constraint quota-<who>).
+        for who, name, limit in (("user", user, quotas.max_slots_per_user),
+                                 ("team", team, quotas.max_slots_per_team)):
+            if limit is None or name is None:
+                continue
+            held = sum(lease.slots for lease in active if getattr(lease, who) == name)
+            if held + request.count > limit:
                 raise LeaseRefusedError(
-                    f"quota reached: user {user} holds {_plural(held, 'slot')} of "
-                    f"{quotas.max_slots_per_user}; {request.count} more requested",
-                    "quota-user",
-                )
-        if quotas.max_slots_per_team is not None and team is not None:
-            held = sum(lease.slots for lease in active if lease.team == team)
-            if held + request.count > quotas.max_slots_per_team:
-                raise LeaseRefusedError(
-                    f"quota reached: team {team} holds {_plural(held, 'slot')} of "
-                    f"{quotas.max_slots_per_team}; {request.count} more requested",
-                    "quota-team",
+                    f"quota reached: {who} {name} holds {_plural(held, 'slot')} of "
+                    f"{limit}; {request.count} more requested",
+                    f"quota-{who}",
                 )
 
     def request(
