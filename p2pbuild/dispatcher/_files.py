@@ -26,19 +26,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .._errors import LocalError
-from ..https import CertificatePinError, pinned_client
 from ._access import Caller
 from ._api import ApiAuth
 from ._db import AttemptRow, AttemptState
 from ._engine import Engine
 from ._errors import UnknownBuildError
-from ._logs import attempt_logs, log_dir
+from ._logs import attempt_logs, from_node, log_dir
 
 __all__ = ["build_file_routes"]
 
@@ -74,23 +71,10 @@ def _log_rows(engine: Engine, build_id: str, attempts: list[AttemptRow]) -> list
     return rows
 
 
-async def _live_log(attempt: AttemptRow) -> AsyncIterator[bytes]:
-    """The running job's log from its push node, followed until the build ends; a failure
-    ends the stream with a line saying so."""
-    try:
-        async with (
-            pinned_client(attempt.tls_sha256, base_url=attempt.endpoint) as client,
-            # No read timeout: a log is quiet while the build is.
-            client.stream("GET", f"/v1/jobs/{attempt.job_id}/log", params={"follow": "1"},
-                          timeout=httpx.Timeout(30.0, read=None)) as response,
-        ):
-            if response.status_code != 200:
-                yield f"\n[the node answered HTTP {response.status_code}]\n".encode()
-                return
-            async for chunk in response.aiter_bytes():
-                yield chunk
-    except (httpx.HTTPError, CertificatePinError, LocalError) as exc:
-        yield f"\n[the node cannot be reached: {exc.__class__.__name__}]\n".encode()
+def _live_log(attempt: AttemptRow) -> AsyncIterator[bytes]:
+    """The running job's log from its push node, followed until the build ends."""
+    return from_node(attempt.tls_sha256, attempt.endpoint,
+                     f"/v1/jobs/{attempt.job_id}/log?follow=1")
 
 
 def _manifest_digests(root: Path) -> dict[str, str]:

@@ -9,12 +9,18 @@ directory: a failed build's logs are what its packager needs. ``p2pbuild builds 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
+import httpx
+
+from .._errors import LocalError
+from ..https import CertificatePinError, pinned_client
 from ._db import AttemptRow, AttemptState
 
-__all__ = ["TAIL_LINES", "attempt_logs", "failure_tails", "log_dir", "tail_lines"]
+__all__ = [
+    "TAIL_LINES", "attempt_logs", "failure_tails", "from_node", "log_dir", "tail_lines",
+]
 
 #: Lines of a failing log quoted in the failure summary.
 TAIL_LINES = 25
@@ -22,6 +28,25 @@ TAIL_LINES = 25
 _TAIL_BYTES = 64 * 1024
 #: Logs quoted per failure summary (one per operator).
 _MAX_QUOTED = 3
+
+
+async def from_node(tls_sha256: bytes, endpoint: str, path: str) -> AsyncIterator[bytes]:
+    """Stream ``path`` (a running job's log) from its push node at ``endpoint``, pinned to
+    its certificate, for the API and the web view alike. A failure ends the stream with a
+    line saying so, in brackets, as the log's other notes are."""
+    try:
+        async with (
+            pinned_client(tls_sha256, base_url=endpoint) as client,
+            # No read timeout: a followed log is quiet while the build is.
+            client.stream("GET", path, timeout=httpx.Timeout(30.0, read=None)) as response,
+        ):
+            if response.status_code != 200:
+                yield f"\n[the node answered HTTP {response.status_code}]\n".encode()
+                return
+            async for chunk in response.aiter_bytes():
+                yield chunk
+    except (httpx.HTTPError, CertificatePinError, LocalError) as exc:
+        yield f"\n[the node cannot be reached: {exc.__class__.__name__}]\n".encode()
 
 
 def log_dir(state_dir: Path, build_id: str, attempt_id: int) -> Path:

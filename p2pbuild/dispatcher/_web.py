@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import httpx
 import jinja2
 import trio
 from markupsafe import Markup
@@ -51,14 +50,14 @@ from starlette.responses import (
 )
 from starlette.routing import BaseRoute, Route
 
-from .._errors import LocalError, MalformedError
+from .._errors import MalformedError
 from .._identity import PublicKey
 from .._jobs import DEFAULT_ARCH
 from ..dht import NodeEntry, Query
-from ..https import CertificatePinError, pinned_client
 from ._db import BuildState
 from ._engine import Engine
 from ._errors import SinkError
+from ._logs import from_node
 from ._metrics import CONTENT_TYPE, DispatcherMetrics
 from ._nodes import DirectoryFinder
 from ._plot import rating_svg
@@ -404,7 +403,7 @@ def web_routes(view: WebView) -> list[BaseRoute]:
         path = f"/v1/jobs/{attempt.job_id}/log"
         if attempt.state.value == "running":
             path += "?follow=1"
-        return StreamingResponse(_from_node(attempt, path),
+        return StreamingResponse(from_node(attempt.tls_sha256, attempt.endpoint, path),
                                  media_type="text/plain; charset=utf-8")
 
     async def log_file(request: Request) -> Response:
@@ -421,7 +420,8 @@ def web_routes(view: WebView) -> list[BaseRoute]:
         if Result.from_bytes(raw).log(name) is None:
             return view.not_found(request, f"no log {name[:100]}")
         return StreamingResponse(
-            _from_node(attempt, f"/v1/jobs/{attempt.job_id}/logs/{urllib.parse.quote(name)}"),
+            from_node(attempt.tls_sha256, attempt.endpoint,
+                      f"/v1/jobs/{attempt.job_id}/logs/{urllib.parse.quote(name)}"),
             media_type="text/plain; charset=utf-8",
         )
 
@@ -529,19 +529,3 @@ async def _public_events(view: WebView, after: int) -> AsyncIterator[bytes]:
             await changed()
 
 
-async def _from_node(attempt: Any, path: str) -> AsyncIterator[bytes]:
-    """Stream ``path`` from the attempt's push node, pinned to its certificate; errors
-    end the stream with a line saying so."""
-    try:
-        async with (
-            pinned_client(attempt.tls_sha256, base_url=attempt.endpoint) as client,
-            # No read timeout: a followed log is quiet while the build is.
-            client.stream("GET", path, timeout=httpx.Timeout(30.0, read=None)) as response,
-        ):
-            if response.status_code != 200:
-                yield f"(the node answered HTTP {response.status_code})\n".encode()
-                return
-            async for chunk in response.aiter_bytes():
-                yield chunk
-    except (httpx.HTTPError, CertificatePinError, LocalError) as exc:
-        yield f"\n(the node cannot be reached: {exc.__class__.__name__})\n".encode()
