@@ -4,9 +4,10 @@ split a signed canonical array from its signature."""
 
 from __future__ import annotations
 
+import enum
 import os
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 from ._codec import decode, encode
 from ._errors import ExpiredError, ForbiddenError, MalformedError, NotYetValidError
@@ -15,6 +16,8 @@ from ._records import _TOKEN
 from ._trust import TrustList
 
 __all__ = ["NONCE_SIZE", "check_relative_name"]
+
+_E = TypeVar("_E", bound=enum.Enum)
 
 #: The format version every signed array starts with.
 _FORMAT_VERSION = 1
@@ -39,6 +42,15 @@ def _require_map(value: object, fields: Iterable[str], name: str) -> dict[str, A
     if type(value) is not dict or set(value) != set(fields):
         raise MalformedError(f"{name} must be a map with exactly the fields {sorted(fields)}")
     return value
+
+
+def _member(kind: type[_E], value: object, what: str) -> _E:
+    """The member of ``kind`` whose value is ``value``, or :class:`MalformedError` saying it
+    is an unknown ``what``."""
+    try:
+        return kind(value)
+    except ValueError:
+        raise MalformedError(f"unknown {what} {value!r:.40}") from None
 
 
 def _printable(value: object, max_len: int, name: str) -> str:

@@ -31,7 +31,7 @@ import enum
 import hashlib
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeAlias
 
 import attrs
@@ -40,14 +40,15 @@ from ._codec import encode
 from ._errors import (
     ExpiredError,
     LifetimeError,
+    LocalError,
     MalformedError,
     NotYetValidError,
     WrongNodeError,
 )
 from ._fields import (
-    _FORMAT_VERSION,
     NONCE_SIZE,
     _check_token,
+    _member,
     _printable,
     _require_bytes,
     _require_map,
@@ -55,6 +56,8 @@ from ._fields import (
     _signed_part,
     _split_signed,
     check_relative_name,
+    fresh_nonce,
+    sign_array,
 )
 from ._identity import Domain, Identity, PublicKey, Role
 from ._replay import ReplayCache
@@ -129,10 +132,7 @@ class BuildType(enum.StrEnum):
 
 
 def _to_build_type(value: object) -> BuildType:
-    try:
-        return BuildType(value)  # type: ignore[arg-type]  # ValueError if not a member
-    except ValueError:
-        raise MalformedError(f"unknown build type {value!r:.40}") from None
+    return _member(BuildType, value, "build type")
 
 
 @attrs.frozen
@@ -378,16 +378,29 @@ class JobSpec:
         )
 
 
+def _at_least(minimum: int) -> Callable[[object, attrs.Attribute[int], int], None]:
+    """An attrs validator: :class:`LocalError` (a misconfigured policy) below ``minimum``."""
+
+    def check(_instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+        if value < minimum:
+            raise LocalError(f"{attribute.name} must be at least {minimum}, not {value}")
+
+    return check
+
+
 @attrs.frozen
 class JobPolicy:
-    """Acceptance bounds for jobs and pull tokens (seconds); every bound is a parameter."""
+    """Acceptance bounds for jobs, pull tokens and job control orders (seconds); every bound
+    is a parameter, checked when the policy is built (a lifetime or window must be
+    positive, a skew may be 0)."""
 
     #: Longest allowed job lifetime (``expires_at - issued_at``).
-    max_job_lifetime: int = 24 * 3600
+    max_job_lifetime: int = attrs.field(default=24 * 3600, validator=_at_least(1))
     #: How far in the future ``issued_at`` may be, for clocks that disagree.
-    max_clock_skew: int = 300
-    #: A pull token is fresh for this long after (and before) its ``issued_at``.
-    pull_auth_window: int = 60
+    max_clock_skew: int = attrs.field(default=300, validator=_at_least(0))
+    #: A pull token or job control order is fresh for this long after (and before) its
+    #: ``issued_at``.
+    pull_auth_window: int = attrs.field(default=60, validator=_at_least(1))
 
 
 DEFAULT_JOB_POLICY = JobPolicy()
@@ -441,25 +454,25 @@ class Job:
         :class:`OversizeError` if the job would exceed :data:`MAX_JOB_SIZE`.
         """
         job_id = os.urandom(ID_SIZE) if job_id is None else job_id
-        nonce = os.urandom(NONCE_SIZE) if nonce is None else nonce
         _require_bytes(job_id, ID_SIZE, "job id")
-        _require_bytes(nonce, NONCE_SIZE, "nonce")
-        _require_time(issued_at, "issued_at")
+        nonce = fresh_nonce(nonce, issued_at)
         if lifetime <= 0:
             raise MalformedError("lifetime must be positive")
         expires_at = _require_time(issued_at + lifetime, "expires_at")
-        unsigned = [
-            _FORMAT_VERSION,
-            job_id,
-            nonce,
-            identity.public_key.raw,
-            None if node is None else node.raw,
-            issued_at,
-            expires_at,
-            spec.to_wire(),
-        ]
-        signature = identity.sign(Domain.JOB, encode(unsigned))
-        raw = encode([*unsigned, signature], max_size=MAX_JOB_SIZE)
+        signature, raw = sign_array(
+            identity,
+            Domain.JOB,
+            [
+                job_id,
+                nonce,
+                identity.public_key.raw,
+                None if node is None else node.raw,
+                issued_at,
+                expires_at,
+                spec.to_wire(),
+            ],
+            MAX_JOB_SIZE,
+        )
         return cls(
             job_id, nonce, identity.public_key, node, issued_at, expires_at, spec, signature, raw
         )
@@ -547,10 +560,7 @@ class ResultState(enum.StrEnum):
 
 
 def _to_result_state(value: object) -> ResultState:
-    try:
-        return ResultState(value)  # type: ignore[arg-type]  # ValueError if not a member
-    except ValueError:
-        raise MalformedError(f"unknown result state {value!r:.40}") from None
+    return _member(ResultState, value, "result state")
 
 
 @attrs.frozen(order=True)
@@ -756,9 +766,9 @@ class Result:
                 return item
         return None
 
-    def _unsigned(self) -> list[Any]:
+    def _elements(self) -> list[Any]:
+        """The signed array's elements after its format version."""
         return [
-            _FORMAT_VERSION,
             self.job_id,
             self.job_sha256,
             self.node.raw,
@@ -808,9 +818,9 @@ class Result:
             b"",
             buildroot,
         )
-        message = encode(unsigned._unsigned())
-        signature = identity.sign(Domain.RESULT, message)
-        raw = encode([*unsigned._unsigned(), signature], max_size=MAX_RESULT_SIZE)
+        signature, raw = sign_array(
+            identity, Domain.RESULT, unsigned._elements(), MAX_RESULT_SIZE
+        )
         return attrs.evolve(unsigned, signature=signature, raw=raw)
 
     @classmethod

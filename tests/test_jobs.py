@@ -21,8 +21,10 @@ from p2pbuild import (
     Job,
     JobControl,
     JobControlAction,
+    JobPolicy,
     JobSpec,
     LifetimeError,
+    LocalError,
     MalformedError,
     NotYetValidError,
     OversizeError,
@@ -96,6 +98,21 @@ def make_result(job: Job | None = None, **overrides: object) -> Result:
 
 
 # -- jobs -------------------------------------------------------------------------------------
+
+
+def test_job_and_result_wire_bytes_are_pinned() -> None:
+    # Seeded keys, fixed ids and deterministic Ed25519: the bytes of these values must not
+    # change when the code that makes them does (existing signed jobs must still verify).
+    job = make_job()
+    assert hashlib.sha256(job.raw).hexdigest() == (
+        "a92a82c526925a95fa7265faf4e932968c41e067618e8e0f2f49ec9ccf7f8219"
+    )
+    assert hashlib.sha256(make_job(node=None).raw).hexdigest() == (
+        "9cb1cc65dd34b3f496388319b0b98d46de33a6ac9cb41da3f74e28bb873ddece"
+    )
+    assert hashlib.sha256(make_result(job).raw).hexdigest() == (
+        "6f0ad54e5446355eb4bb10bba3a8fd4e4595798a840a2dcc72d7bc368b05dc45"
+    )
 
 
 def test_job_round_trip() -> None:
@@ -304,7 +321,7 @@ def test_result_with_unsafe_name_on_the_wire_is_refused() -> None:
     # Sign a result by hand whose artifact name escapes: parsing must refuse it even though
     # the signature is genuine.
     result = make_result()
-    unsigned = result._unsigned()
+    unsigned = [1, *result._elements()]  # the format version, then the signed fields
     unsigned[9] = [["../../evil", 1, bytes(32)]]
     signature = NODE.sign(Domain.RESULT, encode(unsigned))
     with pytest.raises(MalformedError):
@@ -318,6 +335,16 @@ def test_result_flips_invalidate() -> None:
         flipped[i] ^= 0x04
         with pytest.raises(P2PBuildError):
             Result.from_bytes(bytes(flipped))
+
+
+def test_a_policy_with_a_bound_out_of_range_is_refused() -> None:
+    with pytest.raises(LocalError, match="pull_auth_window must be at least 1, not 0"):
+        JobPolicy(pull_auth_window=0)
+    with pytest.raises(LocalError, match="max_job_lifetime"):
+        JobPolicy(max_job_lifetime=-5)
+    with pytest.raises(LocalError, match="max_clock_skew"):
+        JobPolicy(max_clock_skew=-1)
+    assert JobPolicy(max_clock_skew=0).max_clock_skew == 0
 
 
 # -- pull auth --------------------------------------------------------------------------------
