@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import operator
 import re
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, TypeAlias
@@ -95,6 +96,7 @@ from ._identity import (
 
 __all__ = [
     "DETECTED_FIELDS",
+    "NodeTraits",
     "MAX_CPUS",
     "MAX_CPU_MODEL",
     "MAX_MB",
@@ -254,10 +256,6 @@ def platform_facet(arch: str, os: str) -> str:
     return f"{facet('arch', arch)}/{facet('os', os)}"
 
 
-#: The capability fields a node detects about itself (and its configuration may
-#: override): the one list detection, configuration and the node's record share.
-DETECTED_FIELDS = ("arch", "os", "cpus", "cpu_model", "memory_mb", "disk_mb", "machine",
-                   "build_types")
 #: Their bounds, as the record checks them: cpus below MAX_CPUS, memory and disk (MiB) below
 #: MAX_MB, a CPU model of at most MAX_CPU_MODEL characters.
 MAX_CPUS = _MAX_CPUS
@@ -269,15 +267,12 @@ MAX_CPU_MODEL = _MAX_CPU_MODEL
 
 
 @attrs.frozen(slots=False)
-class Capability:
-    """What a node is. Every field is validated when built; see ``docs/records.md``.
-
-    Raises :class:`MalformedError` for any field out of bounds.
+class NodeTraits:
+    """What a node is made of and what it builds: the fields of a :class:`Capability` a node
+    detects about itself (its configuration may override them), in wire order. The first
+    fields of a capability record, and what the node's detection finds
+    (``p2pbuild.node.Detected``). Checked only as part of a :class:`Capability`.
     """
-
-    kind: ClassVar[Kind] = Kind.CAPABILITY
-    #: The field names, in the order of the wire array (the order declared below).
-    _FIELDS: ClassVar[tuple[str, ...]]
 
     arch: str
     os: str
@@ -287,6 +282,25 @@ class Capability:
     disk_mb: int
     machine: MachineType = attrs.field(converter=_to_machine)
     build_types: tuple[str, ...] = attrs.field(converter=_as_tuple)
+
+
+#: The names of the :class:`NodeTraits` fields: the one list detection, configuration and
+#: the node's record share.
+DETECTED_FIELDS = tuple(field.name for field in attrs.fields(NodeTraits))
+
+
+@attrs.frozen(slots=False)
+class Capability(NodeTraits):
+    """What a node is: its :class:`NodeTraits`, then where and how it is reached. Every field
+    is validated when built; see ``docs/records.md``.
+
+    Raises :class:`MalformedError` for any field out of bounds.
+    """
+
+    kind: ClassVar[Kind] = Kind.CAPABILITY
+    #: The field names, in the order of the wire array (the traits, then those below).
+    _FIELDS: ClassVar[tuple[str, ...]]
+
     pools: tuple[str, ...] = attrs.field(converter=_as_tuple)
     #: ``https://host:port`` for push jobs, or ``""`` for a pull-only node behind NAT.
     endpoint: str = ""
@@ -514,15 +528,9 @@ class Status:
         _check_fields(self.__dict__, _STATUS_CHECKS, "status")
 
     def to_wire(self) -> list[Any]:
-        """The wire array: the fields in declared order (``docs/records.md``)."""
-        return [
-            self.load_milli,
-            self.slots_total,
-            self.slots_free,
-            self.running,
-            self.uptime_s,
-            self.draining,
-        ] + ([True] if self.standby else [])
+        """The wire array: the fields in declared order, ``standby`` only when set
+        (``docs/records.md``)."""
+        return [*_status_wire(self), *([True] if self.standby else [])]
 
     def to_dict(self) -> dict[str, Any]:
         """The fields by name, as on the wire (plain values; ``standby`` always)."""
@@ -590,6 +598,8 @@ _STATUS_CHECKS: _FieldChecks = (
     ("slots_free", lambda f: f["slots_free"] <= f["slots_total"], "cannot exceed slots_total"),
 )
 Status._FIELDS = tuple(field.name for field in attrs.fields(Status))
+#: The values of every field but ``standby``, in order.
+_status_wire = operator.attrgetter(*Status._FIELDS[:-1])
 
 
 Body: TypeAlias = Capability | Status

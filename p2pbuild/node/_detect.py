@@ -34,7 +34,7 @@ from pathlib import Path
 
 import attrs
 
-from .._records import DETECTED_FIELDS, MachineType
+from .._records import DETECTED_FIELDS, MachineType, NodeTraits
 from ._config import CapabilityOverrides
 
 __all__ = [
@@ -98,21 +98,13 @@ class HostProbe:
 
 
 @attrs.frozen
-class Detected:
-    """What detection found; the fields of a capability record except endpoint, TLS
-    fingerprint and pools (which come from the configuration)."""
+class Detected(NodeTraits):
+    """What detection found: the node's traits (the fields of a capability record but
+    endpoint, TLS fingerprint and pools, which come from the configuration), and how."""
 
-    arch: str
-    os: str
-    cpus: int
-    cpu_model: str
-    memory_mb: int
-    disk_mb: int
-    machine: MachineType
     #: How ``machine`` was decided: ``systemd-detect-virt``, ``cpu-flag``, ``dmi`` or
     #: ``default``.
     machine_source: str
-    build_types: tuple[str, ...]
     #: Facts for people (``os_pretty``, ``virt``); not published.
     notes: tuple[tuple[str, str], ...] = ()
 
