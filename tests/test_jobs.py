@@ -374,15 +374,6 @@ def test_pull_auth_round_trip_and_checks() -> None:
         PullAuth.create(DISPATCHER, dispatcher, issued_at=NOW).check(NOW, TRUST, dispatcher, seen)
 
 
-def test_pull_auth_flips_invalidate() -> None:
-    data = PullAuth.create(NODE, DISPATCHER.public_key, issued_at=NOW).to_bytes()
-    for i in range(len(data)):
-        flipped = bytearray(data)
-        flipped[i] ^= 0x10
-        with pytest.raises(P2PBuildError):
-            PullAuth.from_bytes(bytes(flipped))
-
-
 def test_job_control_round_trip_and_checks() -> None:
     job = make_job()
     order = JobControl.create(DISPATCHER, job.job_id, JobControlAction.DELETE, issued_at=NOW)
@@ -409,17 +400,6 @@ def test_job_control_round_trip_and_checks() -> None:
     as_job = DISPATCHER.sign(Domain.JOB, unsigned)
     with pytest.raises(BadSignatureError):
         JobControl.from_bytes(unsigned + b"\xc4\x40" + as_job)
-
-
-def test_job_control_flips_invalidate() -> None:
-    data = JobControl.create(
-        DISPATCHER, bytes(16), JobControlAction.DELETE, issued_at=NOW
-    ).to_bytes()
-    for i in range(len(data)):
-        flipped = bytearray(data)
-        flipped[i] ^= 0x10
-        with pytest.raises(P2PBuildError):
-            JobControl.from_bytes(bytes(flipped))
 
 
 # -- replay cache -----------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from p2pbuild._errors import P2PBuildError
 from p2pbuild._hold import LeaseHold
 from p2pbuild._orders import JobControl, JobControlAction, PullAuth, SignedOrder
 from p2pbuild._wake import WakeRequest
@@ -88,3 +89,14 @@ def test_pinned_fields() -> None:
     assert (token.node, token.dispatcher) == (NODE.public_key, DISPATCHER.public_key)
     wake = WakeRequest.from_bytes(WAKE_REQUEST)
     assert (wake.dispatcher, wake.node) == (DISPATCHER.public_key, NODE.public_key)
+
+
+@pytest.mark.parametrize(("order", "pinned"), CASES, ids=lambda case: type(case).__name__)
+def test_any_flipped_bit_is_refused(order: SignedOrder, pinned: bytes) -> None:
+    # Every byte is signed, is the signature, or frames them: no flip parses.
+    for i in range(len(pinned)):
+        for bit in (0x01, 0x10):
+            flipped = bytearray(pinned)
+            flipped[i] ^= bit
+            with pytest.raises(P2PBuildError):
+                type(order).from_bytes(bytes(flipped))

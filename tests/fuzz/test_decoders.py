@@ -13,12 +13,15 @@ from collections.abc import Callable
 from typing import Any
 
 import msgpack
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from p2pbuild import (
     BuildType,
     Job,
+    JobControl,
+    JobControlAction,
     JobSpec,
     P2PBuildError,
     PullAuth,
@@ -30,8 +33,11 @@ from p2pbuild import (
     TrustList,
 )
 from p2pbuild._codec import decode
+from p2pbuild._hold import LeaseHold
 from p2pbuild._jobs import FileDigest
+from p2pbuild._orders import NodeOrder
 from p2pbuild._replay import ReplayCache
+from p2pbuild._wake import WakeRequest
 from p2pbuild.dht import DhtNode, decode_bundle, encode_bundle
 from p2pbuild.dht import _wire as wire
 from p2pbuild.dispatcher._api import _request_from
@@ -51,7 +57,11 @@ RESULT = Result.create(NODE, JOB, state="succeeded", exit_code=0, started_ms=1, 
                        logs=[FileDigest("build.log", 4, b"\x33" * 32)])
 CAPABILITY = SignedRecord.create(NODE, example_capability(), seq=3, issued_at=T0, lifetime=3600)
 STATUS = SignedRecord.create(NODE, example_status(), seq=3, issued_at=T0, lifetime=600)
-PULL = PullAuth.create(NODE, DISPATCHER.public_key, issued_at=T0)
+# By a node on the trust list, so that a seed is accepted whole.
+PULL = PullAuth.create(FIXTURE.nodes["node-1"], DISPATCHER.public_key, issued_at=T0)
+CONTROL = JobControl.create(DISPATCHER, JOB.job_id, JobControlAction.DELETE, issued_at=T0)
+WAKE = WakeRequest.create(DISPATCHER, NODE.public_key, issued_at=T0)
+HOLD = LeaseHold.create(DISPATCHER, NODE.public_key, "fuzz-lease", T0 + 60, issued_at=T0)
 REPLAY = ReplayCache()
 for _i in range(5):
     REPLAY.add(bytes([_i]) * 16, T0 + 100 + _i, T0)
@@ -108,48 +118,46 @@ def test_fuzz_signed_record(data: bytes) -> None:
     _value_or_our_error(SignedRecord.from_bytes, data)
 
 
+def _accept_at_node(kind: type[NodeOrder], raw: bytes) -> None:
+    kind.from_bytes(raw).check(T0, NODE.public_key, FIXTURE.trust_list, ReplayCache())
+
+
+# Each signed object: a valid encoding to mutate, and how a receiver parses and accepts it.
+SIGNED: dict[str, tuple[bytes, Callable[[bytes], object]]] = {
+    "trust-list": (FIXTURE.trust_list.to_bytes(), lambda raw: TrustList.from_bytes(raw).verify(T0)),
+    "job": (
+        JOB.to_bytes(),
+        lambda raw: Job.from_bytes(raw).check(
+            T0 + 1, FIXTURE.trust_list, NODE.public_key, ReplayCache()
+        ),
+    ),
+    "result": (
+        RESULT.to_bytes(),
+        lambda raw: Result.from_bytes(raw).check_answers(JOB, NODE.public_key),
+    ),
+    "pull-auth": (
+        PULL.to_bytes(),
+        lambda raw: PullAuth.from_bytes(raw).check(
+            T0, FIXTURE.trust_list, DISPATCHER.public_key, ReplayCache()
+        ),
+    ),
+    "job-control": (
+        CONTROL.to_bytes(),
+        lambda raw: JobControl.from_bytes(raw).check(
+            T0, JOB, JobControlAction.DELETE, ReplayCache()
+        ),
+    ),
+    "wake-request": (WAKE.to_bytes(), lambda raw: _accept_at_node(WakeRequest, raw)),
+    "lease-hold": (HOLD.to_bytes(), lambda raw: _accept_at_node(LeaseHold, raw)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SIGNED))
 @FUZZ
-@given(mutated([FIXTURE.trust_list.to_bytes()]))
-def test_fuzz_trust_list(data: bytes) -> None:
-    def parse(raw: bytes) -> object:
-        trust = TrustList.from_bytes(raw)
-        trust.verify(T0)
-        return trust
-
-    _value_or_our_error(parse, data)
-
-
-@FUZZ
-@given(mutated([JOB.to_bytes()]))
-def test_fuzz_job(data: bytes) -> None:
-    def parse(raw: bytes) -> object:
-        job = Job.from_bytes(raw)
-        job.check(T0 + 1, FIXTURE.trust_list, NODE.public_key, ReplayCache())
-        return job
-
-    _value_or_our_error(parse, data)
-
-
-@FUZZ
-@given(mutated([RESULT.to_bytes()]))
-def test_fuzz_result(data: bytes) -> None:
-    def parse(raw: bytes) -> object:
-        result = Result.from_bytes(raw)
-        result.check_answers(JOB, NODE.public_key)
-        return result
-
-    _value_or_our_error(parse, data)
-
-
-@FUZZ
-@given(mutated([PULL.to_bytes()]))
-def test_fuzz_pull_auth(data: bytes) -> None:
-    def parse(raw: bytes) -> object:
-        token = PullAuth.from_bytes(raw)
-        token.check(T0, FIXTURE.trust_list, DISPATCHER.public_key, ReplayCache())
-        return token
-
-    _value_or_our_error(parse, data)
+@given(data=st.data())
+def test_fuzz_signed_object(kind: str, data: st.DataObject) -> None:
+    seed, accept = SIGNED[kind]
+    _value_or_our_error(accept, data.draw(mutated([seed])))
 
 
 @FUZZ
@@ -236,6 +244,8 @@ def test_the_seeds_themselves_are_valid() -> None:
     assert Job.from_bytes(JOB.to_bytes()).job_id == JOB.job_id
     assert Result.from_bytes(RESULT.to_bytes()).artifacts == RESULT.artifacts
     assert PullAuth.from_bytes(PULL.to_bytes()).nonce == PULL.nonce
+    for seed, accept in SIGNED.values():
+        accept(seed)
     assert len(ReplayCache.from_bytes(REPLAY.to_bytes())) == 5
     assert decode_bundle(BUNDLE, max_size=2048)[0] == 2
     for datagram in DATAGRAMS:
