@@ -18,7 +18,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["SYNCHRONOUS", "connect_wal", "migrate", "schema_version", "statements", "transaction"]
+__all__ = [
+    "SYNCHRONOUS", "append_only", "connect_wal", "migrate", "schema_version", "statements",
+    "transaction",
+]
 
 #: ``synchronous`` settings a store may ask for (``OFF`` would risk corruption).
 SYNCHRONOUS = ("NORMAL", "FULL", "EXTRA")
@@ -103,6 +106,17 @@ def migrate(
             for statement in statements(script):
                 db.execute(statement)
             db.execute(f"PRAGMA user_version={number}")
+
+
+def append_only(table: str, what: str) -> str:
+    """The triggers (a migration script's part) that keep ``table`` append-only, as an
+    audit trail or event log must be: an UPDATE or a DELETE aborts with ``<what> is
+    append-only``."""
+    return "".join(
+        f"    CREATE TRIGGER {table}_no_{verb.lower()} BEFORE {verb} ON {table}\n"
+        f"        BEGIN SELECT RAISE(ABORT, '{what} is append-only'); END;\n"
+        for verb in ("UPDATE", "DELETE")
+    )
 
 
 def statements(script: str) -> Iterator[str]:

@@ -196,11 +196,7 @@ MIGRATIONS: tuple[str, ...] = (
         detail TEXT NOT NULL
     );
     CREATE INDEX audit_build ON audit(build_id, id);
-    CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
-        BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
-    CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
-        BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
-    """,
+    """ + _sqlite.append_only("audit", "the audit trail"),
     # version 2: leases (``_leases.py``, ``_leasing.py``) and the lease a build runs under
     """
     CREATE TABLE leases (
