@@ -64,22 +64,6 @@ class Attempt:
     row: AttemptRow
     result: Result | None = None
 
-    @property
-    def id(self) -> int:
-        return self.row.id
-
-    @property
-    def state(self) -> AttemptState:
-        return self.row.state
-
-    @property
-    def operator(self) -> str:
-        return self.row.operator
-
-    @property
-    def active(self) -> bool:
-        return self.row.active
-
 
 @attrs.frozen
 class Complete:
@@ -128,10 +112,10 @@ def backoff(base: float, tries: int, limit: float) -> float:
 def _replicas(attempts: Sequence[Attempt]) -> list[Replica]:
     replicas = []
     for attempt in attempts:
-        if attempt.state is AttemptState.SUCCEEDED:
-            assert attempt.result is not None, attempt.id
+        if attempt.row.state is AttemptState.SUCCEEDED:
+            assert attempt.result is not None, attempt.row.id
             replicas.append(
-                Replica(attempt.result.node, attempt.operator, attempt.result, attempt.id)
+                Replica(attempt.result.node, attempt.row.operator, attempt.result, attempt.row.id)
             )
     return replicas
 
@@ -139,7 +123,7 @@ def _replicas(attempts: Sequence[Attempt]) -> list[Replica]:
 def _excluded_nodes(
     attempts: Sequence[Attempt], now: float, config: EngineConfig
 ) -> dict[str, float]:
-    ended = [a.row for a in attempts if a.state in (AttemptState.LOST, AttemptState.FAILED)]
+    ended = [a.row for a in attempts if a.row.state in (AttemptState.LOST, AttemptState.FAILED)]
     losses = Counter(a.node for a in ended)
     excluded: dict[str, float] = {}
     for row in ended:
@@ -157,15 +141,15 @@ def plan(build: BuildRow, attempts: Sequence[Attempt], now: float, config: Engin
     The build must not be terminal, cancelled or waiting for its source (the engine
     handles those before asking).
     """
-    active = [a for a in attempts if a.active]
+    active = [a for a in attempts if a.row.active]
     verdict = assess(_replicas(attempts), build.replicas)
     if isinstance(verdict, Verified):
         agreeing_ops = {r.operator for r in verdict.agreeing}
         if active and len(agreeing_ops) < build.replicas:
             return Wait(reason="the other requested replicas are still building")
         return Complete(verdict)
-    failed = [a for a in attempts if a.state is AttemptState.FAILED]
-    failed_ops = {a.operator for a in failed}
+    failed = [a for a in attempts if a.row.state is AttemptState.FAILED]
+    failed_ops = {a.row.operator for a in failed}
     if len(failed_ops) >= 2:
         # The node's signed reason when it gave one (missing-build-dependency: <name>, ...).
         states = sorted({_failure(a) for a in failed})
@@ -175,7 +159,7 @@ def plan(build: BuildRow, attempts: Sequence[Attempt], now: float, config: Engin
         )
     if not active and len(attempts) >= config.max_attempts:
         reasons = "; ".join(
-            f"{a.operator}: {a.row.reason or a.state.value}" for a in attempts[-3:]
+            f"{a.row.operator}: {a.row.reason or a.row.state.value}" for a in attempts[-3:]
         )
         return Fail(f"gave up after {len(attempts)} attempts ({reasons})")
     if isinstance(verdict, NeedTieBreak):
@@ -186,11 +170,11 @@ def plan(build: BuildRow, attempts: Sequence[Attempt], now: float, config: Engin
             return Fail(
                 f"replicas disagree after {tiebreaks} tie-break(s); nothing stored", verdict
             )
-        exclude = frozenset(verdict.operators | {a.operator for a in active})
+        exclude = frozenset(verdict.operators | {a.row.operator for a in active})
         return TieBreak(
             verdict, Choose(1, "tiebreak", exclude, _excluded_nodes(attempts, now, config))
         )
-    covered = frozenset(verdict.operators | {a.operator for a in active})
+    covered = frozenset(verdict.operators | {a.row.operator for a in active})
     missing = max(build.replicas, 2) - len(covered)
     if missing <= 0:
         return Wait(reason="enough replicas are building")
@@ -207,7 +191,7 @@ def _failure(attempt: Attempt) -> str:
     (``rejected: bad-source: not a source RPM``), else the build's exit status."""
     result = attempt.result
     if result is None:
-        return attempt.state.value
+        return attempt.row.state.value
     reason = result.environment_map.get("reason")
     if reason:
         return f"{result.state.value}: {reason}"
