@@ -288,19 +288,14 @@ class AttemptRow:
         return self.state in ACTIVE_ATTEMPT_STATES
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "node": self.node,
-            "operator": self.operator,
-            "endpoint": self.endpoint,
-            "role": self.role,
-            "job_id": self.job_id,
-            "state": self.state.value,
-            "reason": self.reason,
-            "created_at": self.created_at,
-            "sent_at": self.sent_at,
-            "ended_at": self.ended_at,
-        }
+        """The row as the API shows it inside its build: every column but the build's id
+        and the node's signed job and certificate pin (``redact_build`` hides more)."""
+        body = attrs.asdict(self, filter=lambda a, _: a.name not in _ATTEMPT_UNSHOWN)
+        body["state"] = self.state.value
+        return body
+
+
+_ATTEMPT_UNSHOWN = frozenset({"build_id", "tls_sha256", "job"})
 
 
 _ATTEMPT_COLUMNS = [f.name for f in attrs.fields(AttemptRow)]

@@ -256,14 +256,11 @@ class JobServiceStatistics:
     build_seconds: float = 0.0
 
     def to_json(self) -> dict[str, object]:
-        return {
-            "slots": self.slots,
-            "running": self.running,
-            "finished": self.finished,
-            "accepted": self.accepted,
-            "draining": self.draining,
-            "rejected": dict(self.rejected),
-        }
+        """The gauges and rejections (``/v1/status``); results and build time are in the
+        metrics."""
+        body = attrs.asdict(self, filter=lambda a, _: a.name not in ("results", "build_seconds"))
+        body["rejected"] = dict(self.rejected)
+        return body
 
 
 @attrs.define(eq=False)
