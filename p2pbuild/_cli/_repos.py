@@ -27,6 +27,7 @@ from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 
 from ..https import ServerConfig, TlsMaterial, generate_tls_material, serve_asgi
+from ..node._hostbase import rpmbuild_binary
 from ._packages import FIXED_EPOCH
 
 __all__ = [
@@ -85,24 +86,7 @@ def write_rpm(
             f"%install\n{install}\n%files\n" + "".join(f"{p}\n" for p in files)
         )
         (tmp / f"{name}.spec").write_text(spec)
-        argv = ["rpmbuild", "-bb", "--nodeps"]
-        for key, value in {
-            "_topdir": str(tmp / "top"),
-            "_rpmdir": str(dest_dir),
-            "_build_name_fmt": "%{NAME}-%{VERSION}-%{RELEASE}.%{ARCH}.rpm",
-            "_buildhost": "p2pbuild",
-            "use_source_date_epoch_as_buildtime": "1",
-            "clamp_mtime_to_source_date_epoch": "1",
-            "_binary_payload": "w9.gzdio",
-        }.items():
-            argv += ["--define", f"{key} {value}"]
-        subprocess.run(
-            [*argv, str(tmp / f"{name}.spec")],
-            check=True,
-            capture_output=True,
-            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp), "LANG": "C.UTF-8", "TZ": "UTC",
-                 "SOURCE_DATE_EPOCH": str(FIXED_EPOCH)},
-        )
+        rpmbuild_binary(tmp / f"{name}.spec", tmp, dest_dir, epoch=FIXED_EPOCH).check_returncode()
     return dest_dir / f"{name}-{version}-{release}.noarch.rpm"
 
 

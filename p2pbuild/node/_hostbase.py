@@ -37,7 +37,10 @@ from ._errors import BuildEnvironmentError
 from ._repodata import Dep
 from ._resolve import HostBase
 
-__all__ = ["HOST_PACKAGE", "RPM_EQUIVALENTS", "HostFacts", "build_host_rpm", "gather_host_facts"]
+__all__ = [
+    "HOST_PACKAGE", "RPM_EQUIVALENTS", "HostFacts", "build_host_rpm", "gather_host_facts",
+    "rpmbuild_binary",
+]
 
 HOST_PACKAGE = "p2pbuild-host"
 #: 2024-01-01T00:00:00Z: the build time of every generated host package.
@@ -209,6 +212,33 @@ def gather_host_facts(
     )
 
 
+def rpmbuild_binary(
+    spec: Path, top: Path, rpm_dir: Path, *, epoch: int
+) -> subprocess.CompletedProcess[bytes]:
+    """``rpmbuild -bb`` of ``spec`` (no dependency check), reproducibly: the build time
+    and file times are ``epoch``, the build host ``p2pbuild``, the payload compressed one
+    fixed way, the environment minimal (``HOME`` is ``top``). The package lands in
+    ``rpm_dir`` as ``NAME-VERSION-RELEASE.ARCH.rpm``; the caller checks the returncode."""
+    argv = ["rpmbuild", "-bb", "--nodeps"]
+    for key, value in {
+        "_topdir": str(top / "top"),
+        "_rpmdir": str(rpm_dir),
+        "_build_name_fmt": "%{NAME}-%{VERSION}-%{RELEASE}.%{ARCH}.rpm",
+        "_buildhost": "p2pbuild",
+        "use_source_date_epoch_as_buildtime": "1",
+        "clamp_mtime_to_source_date_epoch": "1",
+        "_binary_payload": "w9.gzdio",
+    }.items():
+        argv += ["--define", f"{key} {value}"]
+    return subprocess.run(
+        [*argv, str(spec)],
+        capture_output=True,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(top), "LANG": "C.UTF-8", "TZ": "UTC",
+             "SOURCE_DATE_EPOCH": str(epoch)},
+        check=False,
+    )
+
+
 def build_host_rpm(facts: HostFacts, dest_dir: Path) -> Path:
     """Build the ``p2pbuild-host`` RPM for ``facts`` into ``dest_dir`` (kept: the name
     carries the content digest, so an existing file is the same package). Raises
@@ -220,24 +250,7 @@ def build_host_rpm(facts: HostFacts, dest_dir: Path) -> Path:
     with tempfile.TemporaryDirectory(prefix="p2pbuild-host-", dir=dest_dir) as tmp:
         spec = Path(tmp) / "host.spec"
         spec.write_text(facts.spec_text())
-        argv = ["rpmbuild", "-bb", "--nodeps"]
-        for key, value in {
-            "_topdir": f"{tmp}/top",
-            "_rpmdir": f"{tmp}/out",
-            "_build_name_fmt": "%{NAME}-%{VERSION}-%{RELEASE}.%{ARCH}.rpm",
-            "_buildhost": "p2pbuild",
-            "use_source_date_epoch_as_buildtime": "1",
-            "clamp_mtime_to_source_date_epoch": "1",
-            "_binary_payload": "w9.gzdio",
-        }.items():
-            argv += ["--define", f"{key} {value}"]
-        done = subprocess.run(
-            [*argv, str(spec)],
-            capture_output=True,
-            env={"PATH": "/usr/bin:/bin", "HOME": tmp, "LANG": "C.UTF-8", "TZ": "UTC",
-                 "SOURCE_DATE_EPOCH": str(_HOST_EPOCH)},
-            check=False,
-        )
+        done = rpmbuild_binary(spec, Path(tmp), Path(tmp) / "out", epoch=_HOST_EPOCH)
         built = Path(tmp) / "out" / f"{facts.nevra}.rpm"
         if done.returncode != 0 or not built.exists():
             raise BuildEnvironmentError(
