@@ -6,7 +6,8 @@ run signs with the same keys.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from hypothesis import strategies as st
 
@@ -14,6 +15,7 @@ from p2pbuild import (
     Capability,
     Identity,
     MachineType,
+    P2PBuildError,
     Role,
     SignedRecord,
     Status,
@@ -23,6 +25,21 @@ from p2pbuild import (
 from p2pbuild.testing import make_identity
 
 T0 = 1_700_000_000
+
+_In = TypeVar("_In")
+_Out = TypeVar("_Out")
+
+
+def value_or_our_error(parse: Callable[[_In], _Out], data: _In) -> _Out | None:
+    """``parse(data)``, or None where it raises our own error (with a code a daemon can
+    count). Any other exception propagates: a parser must not raise anything else."""
+    try:
+        return parse(data)
+    except P2PBuildError as exc:
+        code = exc.code
+    assert isinstance(code, str) and code
+    return None
+
 
 IDENTITIES = tuple(make_identity(f"strategy-node-{i}") for i in range(4))
 MAINTAINERS = tuple(make_identity(f"strategy-maintainer-{i}", Role.MAINTAINER) for i in range(5))
