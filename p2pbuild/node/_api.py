@@ -58,7 +58,6 @@ from .._orders import MAX_JOB_CONTROL_SIZE, JobControl, JobControlAction
 from ..https import (
     RequestTimeoutError,
     ServerConfig,
-    TlsMaterial,
     read_body,
     serve_asgi,
 )
@@ -126,40 +125,15 @@ def _control_order(header: str | None) -> bytes:
 
 
 @attrs.frozen
-class NodeApiConfig:
-    """Where and how the API listens. ``port`` 0 picks a free port."""
+class NodeApiConfig(ServerConfig):
+    """Where and how the API listens: an HTTPS server's configuration and bounds
+    (:class:`~p2pbuild.https.ServerConfig`; ``port`` 0 picks a free port), and the node
+    API's own bounds on a request."""
 
-    tls: TlsMaterial
-    host: str = "127.0.0.1"
-    port: int = 0
     #: Largest job body accepted (a job is at most 16 KiB; see docs/jobs.md).
     max_job_bytes: int = MAX_JOB_SIZE
     #: Time allowed to receive a whole request body.
     body_timeout: float = 10.0
-    #: hypercorn: bytes of an incomplete request head (request line and headers).
-    max_header_bytes: int = 16 * 1024
-    #: hypercorn: idle keep-alive connections, and partial request heads, are closed after this.
-    keep_alive_timeout: float = 5.0
-    #: hypercorn: the TLS handshake must finish within this.
-    tls_handshake_timeout: float = 10.0
-    backlog: int = 1024
-    #: hypercorn: time running requests get to finish on shutdown.
-    graceful_timeout: float = 3.0
-    #: Open connections at most, in all and from one client address (see p2pbuild.https).
-    max_connections: int = 1000
-    max_connections_per_address: int = 64
-
-    def server(self) -> ServerConfig:
-        """The server's part of this configuration."""
-        return ServerConfig(
-            tls=self.tls, host=self.host, port=self.port,
-            max_header_bytes=self.max_header_bytes,
-            keep_alive_timeout=self.keep_alive_timeout,
-            tls_handshake_timeout=self.tls_handshake_timeout,
-            backlog=self.backlog, graceful_timeout=self.graceful_timeout,
-            max_connections=self.max_connections,
-            max_connections_per_address=self.max_connections_per_address,
-        )
 
 
 def _job_id(request: Request) -> bytes:
@@ -392,4 +366,4 @@ async def serve_app(
     Calls ``task_status.started(port)``. Raises :class:`OSError` if the address cannot be
     bound.
     """
-    await serve_asgi(app, config.server(), task_status=task_status)
+    await serve_asgi(app, config, task_status=task_status)
