@@ -139,18 +139,24 @@ class PullSettings:
     heartbeat_s: float = 15.0
 
 
+def _capped_by(bound: str) -> dict[str, str]:
+    """A ``[limits]`` field's metadata: the :class:`ConfigBounds` field that caps it in a
+    configuration file (the least is 1)."""
+    return {"bound": bound}
+
+
 @attrs.frozen
 class NodeLimits:
-    """Concurrency and per-build bounds."""
+    """Concurrency and per-build bounds, each with its default and its bound."""
 
-    slots: int = 1
-    time_limit_s: int = 3600
-    max_output_mb: int = 16
-    max_disk_mb: int = 8192
-    max_source_mb: int = 2048
+    slots: int = attrs.field(default=1, metadata=_capped_by("max_slots"))
+    time_limit_s: int = attrs.field(default=3600, metadata=_capped_by("max_time_limit_s"))
+    max_output_mb: int = attrs.field(default=16, metadata=_capped_by("max_output_mb"))
+    max_disk_mb: int = attrs.field(default=8192, metadata=_capped_by("max_disk_mb"))
+    max_source_mb: int = attrs.field(default=2048, metadata=_capped_by("max_source_mb"))
     #: Buildroots kept between builds (``<data_dir>/buildroots``), least recently used
     #: evicted past this.
-    buildroot_cache_mb: int = 8192
+    buildroot_cache_mb: int = attrs.field(default=8192, metadata=_capped_by("max_disk_mb"))
 
 
 @attrs.frozen
@@ -425,12 +431,7 @@ def parse_config(
 
     limits_table, w = _section(document, "limits", where)
     limits = NodeLimits(**_numbers(limits_table, w, NodeLimits, {
-        "slots": (1, bounds.max_slots),
-        "time_limit_s": (1, bounds.max_time_limit_s),
-        "max_output_mb": (1, bounds.max_output_mb),
-        "max_disk_mb": (1, bounds.max_disk_mb),
-        "max_source_mb": (1, bounds.max_source_mb),
-        "buildroot_cache_mb": (1, bounds.max_disk_mb),
+        f.name: (1, getattr(bounds, f.metadata["bound"])) for f in attrs.fields(NodeLimits)
     }))
     _refuse_unknown(limits_table, _fields(NodeLimits), w)
 
