@@ -278,6 +278,9 @@ class PushNodeClient:
     #: Artifacts up to this size come over the pooled connection (no TLS handshake);
     #: larger ones through :func:`fetch_pinned_file`, several times faster per byte.
     pooled_download_max: int = 1024 * 1024
+    #: The node holds ``GET .../result?wait=`` until the job ends (``docs/node-api.md``);
+    #: False once it answered without waiting (it predates that): follow the log instead.
+    result_wait: bool = True
     _client: httpx.AsyncClient = attrs.field(init=False)
     #: Results fetched by :meth:`wait_done`, handed out once by :meth:`result`.
     _ended: dict[bytes, Result] = attrs.field(factory=dict, init=False)
@@ -294,11 +297,14 @@ class PushNodeClient:
     async def close_shared(self) -> None:
         await self._client.aclose()
 
-    async def _request(self, method: str, path: str, **kwargs: object) -> httpx.Response:
+    async def _request(
+        self, method: str, path: str, *, held: float = 0.0, **kwargs: object
+    ) -> httpx.Response:
         # Read the body as a stream with a bound and a deadline: a node that answers with an
-        # endless or trickling body must cost a bounded amount of memory and time.
+        # endless or trickling body must cost a bounded amount of memory and time. ``held``:
+        # seconds the node may hold the answer back on purpose (``?wait=``).
         try:
-            with trio.fail_after(2 * self.timeout):
+            with trio.fail_after(2 * self.timeout + held):
                 async with self._client.stream(method, path, **kwargs) as streamed:  # type: ignore[arg-type]
                     body = bytearray()
                     async for chunk in streamed.aiter_bytes():
@@ -367,6 +373,15 @@ class PushNodeClient:
         return body
 
     async def wait_done(self, job_id: bytes, timeout: float) -> bool:
+        if self.result_wait:
+            # The node answers when the build ends, with the result: one round trip.
+            result, waited = await self._fetch_result(job_id, wait=timeout)
+            if result is not None:
+                self._keep(job_id, result)
+                return True
+            if waited:
+                return False
+            self.result_wait = False  # it answered at once: an older node
         # Follow the live log: the node keeps the stream open until the build ends, so the
         # end arrives without polling delay. A quiet build trips the read timeout instead.
         path = f"/v1/jobs/{job_id.hex()}/log?follow=1"
@@ -387,35 +402,49 @@ class PushNodeClient:
                 raise NodeUnreachableError(f"follow: {exc}") from None
         # Ask for the result straight away: when the build has ended (the usual reason the
         # follow returns) that is one round trip instead of a status and then the result.
-        result = await self._fetch_result(job_id)
+        result, _ = await self._fetch_result(job_id)
         if result is not None:
-            if len(self._ended) >= _MAX_ENDED:
-                self._ended.pop(next(iter(self._ended)))
-            self._ended[job_id] = result
+            self._keep(job_id, result)
             return True
         status = await self.status(job_id)
         return status.get("phase") == "done"
+
+    def _keep(self, job_id: bytes, result: Result) -> None:
+        if len(self._ended) >= _MAX_ENDED:
+            self._ended.pop(next(iter(self._ended)))
+        self._ended[job_id] = result
 
     async def result(self, job_id: bytes) -> Result | None:
         ended = self._ended.pop(job_id, None)
         if ended is not None:
             await trio.lowlevel.checkpoint()
             return ended
-        return await self._fetch_result(job_id)
+        result, _ = await self._fetch_result(job_id)
+        return result
 
-    async def _fetch_result(self, job_id: bytes) -> Result | None:
-        response = await self._request("GET", f"/v1/jobs/{job_id.hex()}/result")
+    async def _fetch_result(self, job_id: bytes, wait: float = 0.0) -> tuple[Result | None, bool]:
+        """The result, or None while the job runs; with ``wait``, asked to be held until
+        the job ends for that long, and whether the node did (False: it answered at once)."""
+        path = f"/v1/jobs/{job_id.hex()}/result"
+        if wait:
+            response = await self._request(
+                "GET", path, held=wait, params={"wait": f"{wait:.3f}"},
+                timeout=httpx.Timeout(self.timeout, read=self.timeout + wait),
+            )
+        else:
+            response = await self._request("GET", path)
         if response.status_code == 404:
             try:
-                if response.json().get("error") == "not-finished":
-                    return None
+                body = response.json()
+                if body.get("error") == "not-finished":
+                    return None, body.get("waited") is True
             except (ValueError, AttributeError):
                 pass
             raise _refusal(response, "result")
         if response.status_code != 200:
             raise _refusal(response, "result")
         try:
-            return Result.from_bytes(response.content)
+            return Result.from_bytes(response.content), bool(wait)
         except RemoteError as exc:
             raise BadNodeResultError(f"result: {exc.code}: {exc}") from None
 

@@ -4,7 +4,8 @@ Endpoints (``docs/node-api.md`` has the details)::
 
     POST   /v1/jobs                          signed job (application/msgpack) -> 202 + status
     GET    /v1/jobs/{id}                     status (JSON)
-    GET    /v1/jobs/{id}/result              signed result (application/msgpack); 404 until done
+    GET    /v1/jobs/{id}/result[?wait=S]     signed result (application/msgpack); 404 until done
+                                             (with ``wait``: held until done, at most S s)
     GET    /v1/jobs/{id}/artifacts/{name}    file, with Content-Length and X-Content-SHA256
     GET    /v1/jobs/{id}/logs/{name}         file, likewise
     GET    /v1/jobs/{id}/log[?follow=1]      the live build log (text), following it to the end
@@ -86,6 +87,18 @@ __all__ = [
 _log = logging.getLogger("p2pbuild.node.api")
 # How long DELETE on a running job waits for it to stop before answering anyway.
 _CANCEL_WAIT_S = 10.0
+#: Longest ``GET .../result?wait=S`` the node holds a request open for.
+MAX_RESULT_WAIT_S = 300.0
+
+
+def _result_wait(request: Request) -> float:
+    """The ``wait`` query parameter in seconds, within 0..MAX_RESULT_WAIT_S (0 if absent or
+    not a number)."""
+    try:
+        wait = float(request.query_params.get("wait", "0"))
+    except ValueError:
+        return 0.0
+    return min(wait, MAX_RESULT_WAIT_S) if wait > 0 else 0.0
 MSGPACK = "application/msgpack"
 
 
@@ -197,13 +210,22 @@ def make_app(
             return _refusal(exc)
 
     async def job_result(request: Request) -> Response:
+        # With ?wait=S the answer comes when the job ends (or after S seconds): its
+        # dispatcher learns of the end and has the result in one round trip.
+        wait = _result_wait(request)
         try:
-            result = service.result(_job_id(request))
+            job_id = _job_id(request)
+            result = service.result(job_id)
+            if result is None and wait:
+                with trio.move_on_after(wait):
+                    result = await service.wait_result(job_id)
         except UnknownJobError as exc:
             return _refusal(exc)
         if result is None:
             return JSONResponse(
-                {"error": "not-finished", "reason": "the job is still running"}, status_code=404
+                {"error": "not-finished", "reason": "the job is still running",
+                 "waited": bool(wait)},
+                status_code=404,
             )
         return Response(result.to_bytes(), media_type=MSGPACK)
 

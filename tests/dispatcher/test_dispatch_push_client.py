@@ -1,6 +1,8 @@
-"""The push client's round trips after a build ends: the end of the followed log is answered
-by fetching the result at once (no status request in between), and the engine's result()
-then costs nothing; a job whose follow returns while it still runs falls back to status."""
+"""The push client's round trips after a build ends: a node holds ``GET .../result?wait=``
+until the job ends, so the end and the result come in one round trip, and the engine's
+result() then costs nothing. An older node, which answers at once, is followed instead: the
+end of the followed log is answered by fetching the result at once (no status request in
+between); a job whose follow returns while it still runs falls back to status."""
 
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ class FakeNode:
     def __init__(self) -> None:
         self.results: dict[str, bytes] = {}
         self.requests: Counter[str] = Counter()
+        #: Holds ``?wait=`` requests (here: as if the wait ran out); False: an older node.
+        self.waits = True
 
     def app(self) -> Starlette:
         async def log(request: Request) -> Response:
@@ -50,8 +54,10 @@ class FakeNode:
             self.requests["result"] += 1
             raw = self.results.get(request.path_params["id"])
             if raw is None:
-                return JSONResponse({"error": "not-finished", "reason": "running"},
-                                    status_code=404)
+                body: dict[str, object] = {"error": "not-finished", "reason": "running"}
+                if self.waits:
+                    body["waited"] = "wait" in request.query_params
+                return JSONResponse(body, status_code=404)
             return Response(raw, media_type="application/msgpack")
 
         async def status(request: Request) -> Response:
@@ -81,15 +87,28 @@ async def test_wait_done_fetches_the_result_in_the_same_round_trip(
         assert await client.wait_done(job.job_id, 5)
         got: Any = await client.result(job.job_id)
         assert got == signed
-        assert fake.requests == Counter({"log": 1, "result": 1})
+        assert fake.requests == Counter({"result": 1})
         # Handed out once: asking again goes to the node.
         assert await client.result(job.job_id) == signed
         assert fake.requests["result"] == 2
-        # Still running when the follow returns: the status decides, nothing is cached.
+        # Still running when the node's wait runs out: not done, nothing is cached.
         running = make_job()
         fake.requests.clear()
         assert not await client.wait_done(running.job_id, 5)
-        assert fake.requests == Counter({"log": 1, "result": 1, "status": 1})
+        assert fake.requests == Counter({"result": 1})
         assert await client.result(running.job_id) is None
+        assert client.result_wait
+
+        # An older node answers at once: the client follows the log from then on.
+        fake.waits = False
+        fake.requests.clear()
+        assert not await client.wait_done(running.job_id, 5)
+        assert not client.result_wait
+        assert fake.requests == Counter({"result": 2, "log": 1, "status": 1})
+        fake.requests.clear()
+        assert await client.wait_done(job.job_id, 5)
+        assert fake.requests == Counter({"log": 1, "result": 1})
+        assert await client.result(job.job_id) == signed
+        assert fake.requests["result"] == 1
     finally:
         await client.aclose()

@@ -248,6 +248,49 @@ async def test_busy_follow_and_cancel(nursery: trio.Nursery, tmp_path: Path) -> 
         assert result.state is ResultState.CANCELLED and result.artifacts == ()
 
 
+async def test_result_wait_holds_the_answer_until_the_job_ends(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = trio.Event()
+    node = await start_node(nursery, tmp_path, InstantRunner(gate=gate))
+    job = make_job()
+    path = f"/v1/jobs/{job.id_hex}/result"
+    async with node.client() as client:
+        assert (await post(client, job.to_bytes())).status_code == 202
+        # Without wait, or a wait that runs out: not finished, and whether it waited.
+        at_once = await client.get(path)
+        assert at_once.status_code == 404
+        assert at_once.json() == {
+            "error": "not-finished", "reason": "the job is still running", "waited": False
+        }
+        ran_out = await client.get(path, params={"wait": "0.05"})
+        assert ran_out.status_code == 404 and ran_out.json()["waited"] is True
+        # Not a number, or not positive: answered at once.
+        for wait in ("soon", "-1", "nan"):
+            assert (await client.get(path, params={"wait": wait})).json()["waited"] is False
+
+        held = trio.Event()
+        wait_result = JobService.wait_result
+
+        async def holding(self: JobService, job_id: bytes) -> Result:
+            held.set()
+            return await wait_result(self, job_id)
+
+        monkeypatch.setattr(JobService, "wait_result", holding)
+        answers: list[httpx.Response] = []
+
+        async def ask() -> None:
+            answers.append(await client.get(path, params={"wait": "30"}))
+
+        async with trio.open_nursery() as asking:
+            asking.start_soon(ask)
+            await held.wait()  # the request is held by the node...
+            assert answers == []
+            gate.set()  # ... until the build ends: then the answer is the result
+        assert answers[0].status_code == 200
+        assert Result.from_bytes(answers[0].content).state is ResultState.SUCCEEDED
+
+
 async def test_server_survives_garbage_and_plain_http(node: Node) -> None:
     # Garbage instead of a TLS ClientHello.
     stream = await trio.open_tcp_stream("127.0.0.1", node.port)
