@@ -80,7 +80,6 @@ __all__ = [
     "NodeApiConfig",
     "control_header",
     "make_app",
-    "serve_app",
     "serve_node_api",
 ]
 
@@ -372,20 +371,5 @@ async def serve_node_api(
         await nursery.start(service.run)
         if on_demand is not None:
             await nursery.start(on_demand.run, service.activity)
-        port = await nursery.start(serve_app, make_app(service, config, on_demand), config)
+        port = await nursery.start(serve_asgi, make_app(service, config, on_demand), config)
         task_status.started(port)
-
-
-async def serve_app(
-    app: Any,
-    config: NodeApiConfig,
-    *,
-    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve the ASGI ``app`` over HTTPS with ``config``'s certificate and limits until
-    cancelled (the dispatcher's pull endpoints use it too).
-
-    Calls ``task_status.started(port)``. Raises :class:`OSError` if the address cannot be
-    bound.
-    """
-    await serve_asgi(app, config, task_status=task_status)

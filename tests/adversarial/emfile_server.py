@@ -1,6 +1,6 @@
 """A node API server in its own process that can be made to run out of file descriptors.
 
-Run as ``python emfile_server.py DIR``: serves a node's HTTPS API (``serve_app``) on a free
+Run as ``python emfile_server.py DIR``: serves a node's HTTPS API (``serve_asgi``) on a free
 loopback port and prints ``{"port": N}``. Then it reads commands on stdin, one per line:
 ``exhaust`` opens files until the process has no descriptor left (``accept`` then fails
 with EMFILE) and prints ``exhausted``; ``release`` closes them and prints ``released``;
@@ -21,8 +21,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from p2pbuild.https import generate_tls_material
-from p2pbuild.node._api import NodeApiConfig, serve_app
+from p2pbuild.https import generate_tls_material, serve_asgi
+from p2pbuild.node._api import NodeApiConfig
 
 
 async def main(directory: Path) -> None:
@@ -34,7 +34,7 @@ async def main(directory: Path) -> None:
     app = Starlette(routes=[Route("/v1/status", status)])
     held: list[int] = []
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(serve_app, app, NodeApiConfig(tls=tls))
+        port = await nursery.start(serve_asgi, app, NodeApiConfig(tls=tls))
         print(json.dumps({"port": port}), flush=True)
         stdin = trio.lowlevel.FdStream(os.dup(0))
         buffer = b""

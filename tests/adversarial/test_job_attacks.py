@@ -37,8 +37,8 @@ from p2pbuild.dispatcher._db import AttemptState, BuildState, Database
 from p2pbuild.dispatcher._engine import BuildRequest, Engine, EngineConfig
 from p2pbuild.dispatcher._nodes import StaticFinder
 from p2pbuild.dispatcher._sink import RepositorySink
-from p2pbuild.https import CertificatePinError, generate_tls_material, pinned_client
-from p2pbuild.node._api import NodeApiConfig, serve_app
+from p2pbuild.https import CertificatePinError, generate_tls_material, pinned_client, serve_asgi
+from p2pbuild.node._api import NodeApiConfig
 from p2pbuild.node._archive import extract_tar_gz
 from p2pbuild.node._errors import ArchiveLimitError, UnsafeArchiveError
 from p2pbuild.testing import make_trust_list
@@ -223,7 +223,7 @@ async def test_hostile_node_is_caught_and_honest_nodes_verify(
     hostile = HostileNode(mode)
     (tmp_path / "mallory-tls").mkdir()
     tls = generate_tls_material(tmp_path / "mallory-tls")
-    port = await nursery.start(serve_app, hostile.app(), NodeApiConfig(tls=tls))
+    port = await nursery.start(serve_asgi, hostile.app(), NodeApiConfig(tls=tls))
     pin = hashlib.sha256(b"not the certificate").digest() if mode == "pin-mismatch" else tls.sha256
     finder = StaticFinder(FIXTURE.trust_list)
     alice = await start_push_node(nursery, tmp_path / "alice", FIXTURE.nodes["alice-1"],

@@ -21,8 +21,8 @@ from starlette.routing import Route
 
 from p2pbuild import BuildType, Job, JobSpec, Result, ResultState, SourceArtifact, Target
 from p2pbuild.dispatcher._nodes import PushNodeClient
-from p2pbuild.https import generate_tls_material
-from p2pbuild.node._api import NodeApiConfig, serve_app
+from p2pbuild.https import generate_tls_material, serve_asgi
+from p2pbuild.node._api import NodeApiConfig
 from p2pbuild.testing import make_trust_list
 
 pytestmark = pytest.mark.slow
@@ -76,7 +76,7 @@ async def test_wait_done_fetches_the_result_in_the_same_round_trip(
 ) -> None:
     fake = FakeNode()
     tls = generate_tls_material(tmp_path)
-    port = await nursery.start(serve_app, fake.app(), NodeApiConfig(tls=tls))
+    port = await nursery.start(serve_asgi, fake.app(), NodeApiConfig(tls=tls))
     client = PushNodeClient(f"https://127.0.0.1:{port}", tls.sha256, timeout=10)
     try:
         job = make_job()

@@ -28,9 +28,10 @@ from p2pbuild.https import (
     TransferError,
     fetch_pinned_file,
     generate_tls_material,
+    serve_asgi,
 )
 from p2pbuild.https._client import FETCH_BLOCK
-from p2pbuild.node._api import NodeApiConfig, serve_app
+from p2pbuild.node._api import NodeApiConfig
 
 pytestmark = pytest.mark.slow
 
@@ -106,7 +107,7 @@ async def start_server(nursery: trio.Nursery, tmp_path: Path) -> tuple[FileServe
     (tmp_path / "tls").mkdir()
     tls = generate_tls_material(tmp_path / "tls")
     app = FileServer()
-    port = await nursery.start(serve_app, app, NodeApiConfig(tls=tls))
+    port = await nursery.start(serve_asgi, app, NodeApiConfig(tls=tls))
     return app, f"https://127.0.0.1:{port}", tls
 
 
