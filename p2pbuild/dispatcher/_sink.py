@@ -90,13 +90,16 @@ def _write(path: Path, data: bytes) -> None:
         f.write(data)
 
 
+#: The threads that fsync stored builds, made once rather than for every build.
+_FSYNC_POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="p2pbuild-fsync")
+
+
 def _fsync_all(paths: Sequence[Path]) -> None:
     """fsync every file, in parallel: the file system commits concurrent fsyncs together
     (one journal commit for all), where one after the other each waits for its own."""
     try:
-        with ThreadPoolExecutor(max_workers=min(16, len(paths) or 1)) as pool:
-            for _ in pool.map(_fsync_dir, paths):  # raises the first OSError
-                pass
+        for _ in _FSYNC_POOL.map(_fsync_dir, paths):  # raises the first OSError
+            pass
     except OSError as exc:
         raise SinkError(f"cannot write the build to disk: {exc}") from None
 
