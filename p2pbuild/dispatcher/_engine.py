@@ -613,7 +613,8 @@ class Engine:
                           "trusted nodes matching the constraints",
             },
         )
-        self._parsed_of(build.id).jobs[row.id] = job
+        parsed = self._parsed_of(build.id)
+        parsed.jobs[row.id], parsed.machines[row.id] = job, capability.machine.value
         return row
 
     async def _complete(
@@ -639,8 +640,11 @@ class Engine:
                 os_name=build.os, build_type=build.build_type,
             )
         )
-        entry = await self.finder.lookup(verdict.proof[0].node)
-        machine = entry.capability.machine.value if entry is not None else build.machine
+        # The machine the first proof node had when chosen; a resumed build asks the DHT.
+        machine = self._parsed_of(build.id).machines.get(verdict.proof[0].attempt)
+        if machine is None:
+            entry = await self.finder.lookup(verdict.proof[0].node)
+            machine = entry.capability.machine.value if entry is not None else build.machine
         await self._finish_attempts(build, attempts, tasks, "build verified")
         report = build.report
         if verdict.outliers and not report:

@@ -274,11 +274,13 @@ def stored_job_spec(build: BuildRow, source_url: str) -> JobSpec:
 class ParsedBuild:
     """A build's typed values, each parsed once per build task rather than on every engine
     step: its job spec (from the stored options), its attempts' signed jobs and results by
-    attempt id (those the engine signed or fetched itself, or read once after a restart)."""
+    attempt id (those the engine signed or fetched itself, or read once after a restart),
+    and the machine type of each node chosen in this task."""
 
     spec: JobSpec | None = None
     jobs: dict[int, Job] = attrs.field(factory=dict)
     results: dict[int, Result] = attrs.field(factory=dict)
+    machines: dict[int, str] = attrs.field(factory=dict)
 
     def job(self, attempt: AttemptRow) -> Job:
         """The attempt's signed job: the one the engine signed, or parsed from its row."""

@@ -14,6 +14,7 @@ import trio
 from engine_waits import wait_attempts, wait_build
 
 from p2pbuild import BuildType, Job, MachineType, Result, ResultState
+from p2pbuild._identity import PublicKey
 from p2pbuild.dht import Query
 from p2pbuild.dispatcher._db import AttemptState, BuildRow, BuildState, Database
 from p2pbuild.dispatcher._engine import BuildRequest, Engine, EngineConfig
@@ -230,6 +231,29 @@ async def test_engine_parses_no_job_and_each_builds_options_once(
     assert [m for m in parsed if m.startswith("p2pbuild.dispatcher")] == []
     assert len(parsed) == 2  # one by each node
     assert options == [build.id]
+
+
+async def test_a_verified_build_asks_the_directory_nothing_more(
+    farm: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The user's platform takes the machine the proof node had when chosen: completing a
+    # build costs no directory lookup (a DHT round trip in a real farm).
+    for name in ("alice-1", "bob-1"):
+        await farm.add_node(name, machine=MachineType.METAL)
+    engine = await farm.start_engine()
+    lookups: list[object] = []
+    lookup = StaticFinder.lookup
+
+    async def counting(self: StaticFinder, key: PublicKey) -> object:
+        lookups.append(key)
+        return await lookup(self, key)
+
+    monkeypatch.setattr(StaticFinder, "lookup", counting)
+    build = farm.submit()
+    done = await farm.wait_done(build.id)
+    assert done.state is BuildState.VERIFIED, done.reason
+    assert lookups == []
+    assert engine.db.platform("user-1") == ("x86_64", "fedora-41", "metal")
 
 
 async def test_no_node_matches_fails_with_the_reason(farm: Harness) -> None:
