@@ -9,7 +9,10 @@ virtual clock. Times are simulated seconds unless named ``wall``.
 
 Phases:
 
-1. **join**: N nodes join through random earlier public nodes (a share ``--nat`` behind NAT).
+1. **join**: N nodes join through random earlier public nodes (a share ``--nat`` behind NAT),
+   a few at a time at an even pace over one bucket-refresh interval (an hour of simulated
+   time), so that buckets fall due for refresh at staggered times, as in a farm that has run
+   for a while, in every later phase.
 2. **publish**: ``--publishers`` nodes (N / 2 by default) publish a capability (all
    ``x86_64``, so one facet holds them all) and a status through ``Directory.publish``.
 3. **lookups under churn**: ``--lookups`` node-key lookups (``Directory.get(node_key)``) of
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import random
 import sys
@@ -83,6 +87,32 @@ def _progress(message: str) -> None:
     print(f"bench/internet.py: {message}", file=sys.stderr, flush=True)
 
 
+class _Phases:
+    """Wall time, simulated time and datagrams sent per phase (``out["phases"]``), so
+    that where a run spends its time shows in every run."""
+
+    def __init__(self, swarm: Swarm) -> None:
+        self._swarm = swarm
+        self.done: dict[str, dict[str, float]] = {}
+        self._start()
+
+    def _start(self) -> None:
+        self._wall = time.monotonic()
+        self._cpu = time.process_time()
+        self._simulated = trio.current_time()
+        self._sent = self._swarm.internet.counters["sent"]
+
+    def end(self, name: str) -> None:
+        self.done[name] = {
+            "wall_s": round(time.monotonic() - self._wall, 1),
+            "cpu_s": round(time.process_time() - self._cpu, 1),
+            "simulated_s": round(trio.current_time() - self._simulated, 1),
+            "datagrams": self._swarm.internet.counters["sent"] - self._sent,
+        }
+        _progress(f"{name}: {self.done[name]}")
+        self._start()
+
+
 def _records(node: SwarmNode, now: float, seq: int = 1) -> list[SignedRecord]:
     return [
         SignedRecord.create(node.identity, example_capability(), seq=seq,
@@ -98,10 +128,19 @@ def _bytes(node: SwarmNode) -> int:
 
 
 async def _join(swarm: Swarm, count: int, nat_share: float) -> None:
+    """``count`` nodes join at an even pace over one bucket-refresh interval (an hour), a
+    few at a time: every node's buckets then fall due for refresh at its own time, so the
+    later phases run at the steady refresh rate of a farm that has run for a while."""
     client = DhtConfig(reachability="client")
-    for index in range(count):
-        nat = index >= 20 and swarm.rng.random() < nat_share
-        await swarm.join(nat=nat, config=client if nat else None)
+    interval = DhtConfig().refresh_interval
+    # Waves at least 5 s apart; small while the network is.
+    largest = max(1, math.ceil(count * 5.0 / interval))
+    while len(swarm.nodes) < count:
+        joined = len(swarm.nodes)
+        await trio.sleep_until(interval * joined / count)
+        size = min(largest, max(1, joined // 4), count - joined)
+        nats = [joined + i >= 20 and swarm.rng.random() < nat_share for i in range(size)]
+        await swarm.join_many([(nat, client if nat else None) for nat in nats])
 
 
 async def _bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -109,6 +148,7 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
     wall = time.monotonic()
     async with open_swarm(args.seed, label="inet-") as swarm:
         rng = swarm.rng
+        phases = _Phases(swarm)
         # 1. join
         await _join(swarm, args.n, args.nat)
         out["join"] = {
@@ -119,6 +159,7 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
         }
         _progress(f"joined {args.n} nodes in {out['join']['wall_s']} s")
 
+        phases.end("join")
         # 2. publish
         started = time.monotonic()
         publishers = rng.sample(swarm.nodes, args.publishers)
@@ -132,6 +173,7 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
         }
         _progress(f"published {len(publishers)} in {out['publish']['wall_s']} s")
 
+        phases.end("publish")
         # 3. node-key lookups while nodes are replaced
         latencies: list[float] = []
         successes = 0
@@ -160,6 +202,7 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
         }
         _progress(f"lookups {out['lookups']}")
 
+        phases.end("lookups")
         # 4. routing tables
         public = {n.endpoint.local_address for n in swarm.alive(nat=False)}
         nat_addresses = {n.endpoint.local_address for n in swarm.nodes if n.nat}
@@ -176,6 +219,7 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
             "nat_nodes_listed": nat_listed,
         }
 
+        phases.end("routing_tables")
         # 5. sampled facet finds
         query = Query(arch="x86_64")
         sizes: list[int] = []
@@ -208,6 +252,7 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
         }
         _progress(f"facet finds {out['facet_find']}")
 
+        phases.end("facet_find")
         # 6. load under a rate of sampled finds
         dispatchers = rng.sample(swarm.alive(nat=False), 20)
         served_before = {id(n): n.directory.statistics().requests_in for n in swarm.alive()}
@@ -231,6 +276,7 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
         }
         _progress(f"load {out['load']}")
 
+        phases.end("load")
         # 7. placement with a warm directory cache
         dispatcher = rng.choice(swarm.alive(nat=False))
         trust = make_trust_list(
@@ -262,6 +308,7 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
                     "when the 30 s refresh falls due) plus wall time of find and selection",
         }
         _progress(f"placement {out['placement']}")
+        phases.end("placement")
         # 8. maintenance (last: the longest phase)
         before = sum(n.directory.statistics().bytes_out for n in swarm.nodes)
         await trio.sleep(args.idle)
@@ -274,6 +321,8 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
         }
         _progress(f"maintenance {out['maintenance']['bytes_per_node_hour']} B/node/h")
 
+        phases.end("maintenance")
+        out["phases"] = phases.done
         out["network"] = dict(swarm.internet.counters)
     out["wall_s"] = round(time.monotonic() - wall, 1)
     return out

@@ -68,7 +68,7 @@ from ._store import (
     WrongKeyError,
     latest,
 )
-from ._trio import DatagramTransport, DirectoryClosedError, Driver, UdpTransport
+from ._trio import DatagramTransport, DirectoryClosedError, Driver, PushTransport, UdpTransport
 from ._wire import decode_bundle, encode_bundle
 
 __all__ = [
@@ -91,6 +91,7 @@ __all__ = [
     "GetOperation",
     "NodeEntry",
     "Operation",
+    "PushTransport",
     "PutOperation",
     "Query",
     "RecordCache",

@@ -50,7 +50,7 @@ class Cluster:
         return [i for i, endpoint in enumerate(self.endpoints) if not endpoint.closed]
 
 
-async def _run_node(
+async def run_node(
     endpoint: MemoryEndpoint,
     bootstrap: list[tuple[str, int]],
     node_id: bytes,
@@ -59,6 +59,8 @@ async def _run_node(
     cache: RecordCache,
     task_status: trio.TaskStatus[tuple[Directory, trio.CancelScope]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    """Run one node on ``endpoint`` until its cancel scope (passed to ``started`` with its
+    directory, once it has joined through ``bootstrap``) is cancelled."""
     with trio.CancelScope() as scope:
         async with open_directory_on(
             endpoint,
@@ -114,7 +116,7 @@ async def _start(
                 if other:
                     bootstrap.append(cluster.endpoints[other].local_address)
             directory, scope = await nursery.start(
-                _run_node,
+                run_node,
                 endpoint,
                 bootstrap,
                 node_id_for(identity.public_key),

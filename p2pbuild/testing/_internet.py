@@ -31,18 +31,18 @@ and the same calls give the same run (:func:`open_swarm`).
 
 from __future__ import annotations
 
-import heapq
 import math
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 import attrs
 import trio
 
 from .._identity import Identity
-from ..dht import Address, DhtConfig, Directory, RecordCache, node_id_for, open_directory_on
-from ._cluster import CLUSTER_EPOCH
+from ..dht import Address, DhtConfig, Directory, RecordCache, node_id_for
+from ._cluster import run_node
 from ._keys import make_identity
 from ._network import MemoryEndpoint, MemoryNetwork
 
@@ -97,16 +97,7 @@ class SimulatedInternet(MemoryNetwork):
         """The base round trip between hosts ``a`` and ``b`` (seconds)."""
         return self._access.get(a, 0.0) + self._access.get(b, 0.0)
 
-    def _route(self, source: Address, data: bytes, destination: Address) -> None:
-        counters = self.counters
-        counters["sent"] += 1
-        counters["bytes"] += len(data)
-        if len(data) > counters["largest"]:
-            counters["largest"] = len(data)
-        if len(data) > self.max_datagram:
-            counters["oversize"] += 1
-            return
-        now = trio.current_time()
+    def _dropped(self, source: Address, destination: Address, now: float) -> str:
         mappings = self._mappings
         opened = mappings.get(source)
         if opened is not None:
@@ -115,31 +106,14 @@ class SimulatedInternet(MemoryNetwork):
                 horizon = now - self.nat_timeout
                 for address in [a for a, at in opened.items() if at < horizon]:
                     del opened[address]
-        if destination not in self._endpoints:
-            counters["unreachable"] += 1
-            return
         filtering = mappings.get(destination)
         if filtering is not None and now - filtering.get(source, -math.inf) > self.nat_timeout:
-            counters["nat-dropped"] += 1
-            return
-        groups = self._groups
-        if groups is not None and groups.get(source[0], -1) != groups.get(destination[0], -1):
-            counters["partitioned"] += 1
-            return
-        rng = self.rng
-        if self.loss and rng.random() < self.loss:
-            counters["lost"] += 1
-            return
+            return "nat-dropped"
+        return super()._dropped(source, destination, now)
+
+    def _delay(self, source: Address, destination: Address) -> float:
         one_way = self.rtt(source[0], destination[0]) / 2
-        at = now + one_way * (1.0 + rng.expovariate(1.0 / self.jitter))
-        tick = self.tick
-        if tick > 0:
-            at = math.ceil(at / tick) * tick
-        self._sequence += 1
-        heapq.heappush(self._queue, (at, self._sequence, data, source, destination))
-        counters["delivered"] += 1
-        if at < self._sleeping_until:
-            self._wake.set()
+        return one_way * (1.0 + self.rng.expovariate(1.0 / self.jitter))
 
 
 @attrs.define(eq=False)
@@ -158,27 +132,13 @@ class SwarmNode:
         return not self.endpoint.closed
 
 
-async def _run_node(
-    endpoint: MemoryEndpoint,
-    bootstrap: list[tuple[str, int]],
-    node_id: bytes,
-    config: DhtConfig | None,
-    rng: random.Random,
-    cache: RecordCache,
-    task_status: trio.TaskStatus[tuple[Directory, trio.CancelScope]] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    with trio.CancelScope() as scope:
-        async with open_directory_on(
-            endpoint,
-            bootstrap=bootstrap,
-            node_id=node_id,
-            config=config,
-            rng=rng,
-            clock_offset=CLUSTER_EPOCH,
-            cache=cache,
-        ) as directory:
-            task_status.started((directory, scope))
-            await trio.sleep_forever()
+def _record_cache() -> RecordCache:
+    # One cache for the whole swarm, as a process of nodes shares one: large enough for
+    # every distinct record of ten thousand publishing nodes, so none is verified twice
+    # only because the cache was smaller than the farm (an LRU cycled through would miss
+    # every time). Every node still checks what it is sent; only the signature check of
+    # bytes already verified is skipped.
+    return RecordCache(maxsize=1 << 16)
 
 
 @attrs.define(eq=False)
@@ -191,42 +151,68 @@ class Swarm:
     rng: random.Random
     label: str
     _nursery: trio.Nursery
-    cache: RecordCache = attrs.field(factory=RecordCache)
+    cache: RecordCache = attrs.field(factory=_record_cache)
     nodes: list[SwarmNode] = attrs.field(factory=list)
+    # Live nodes by index, in joining order: all, and public or behind NAT.
+    _live: dict[int, SwarmNode] = attrs.field(factory=dict)
+    _by_nat: dict[bool, dict[int, SwarmNode]] = attrs.field(
+        factory=lambda: {False: {}, True: {}}
+    )
 
     def alive(self, *, nat: bool | None = None) -> list[SwarmNode]:
-        """Nodes that have not left (only those behind NAT, or not, if ``nat`` is given)."""
-        return [
-            node
-            for node in self.nodes
-            if node.alive and (nat is None or node.nat == nat)
-        ]
+        """Nodes that have not left, in joining order (only those behind NAT, or not, if
+        ``nat`` is given)."""
+        return list((self._live if nat is None else self._by_nat[nat]).values())
 
     async def join(self, *, nat: bool = False, config: DhtConfig | None = None) -> SwarmNode:
         """Start a node (behind NAT if ``nat``) that bootstraps through up to two random
         live public nodes; returns once it has joined."""
-        index = len(self.nodes)
-        identity = make_identity(f"{self.label}node-{index}")
-        endpoint = self.internet.endpoint(nat=nat)
-        public = [node for node in self.nodes if node.alive and not node.nat]
-        seeds = self.rng.sample(public, min(2, len(public)))
-        directory, scope = await self._nursery.start(
-            _run_node,
-            endpoint,
-            [seed.endpoint.local_address for seed in seeds],
-            node_id_for(identity.public_key),
-            config,
-            random.Random(self.rng.getrandbits(64)),
-            self.cache,
-        )
-        node = SwarmNode(index, identity, directory, endpoint, nat, scope)
-        self.nodes.append(node)
+        (node,) = await self.join_many([(nat, config)])
         return node
+
+    async def join_many(
+        self, nodes: Sequence[tuple[bool, DhtConfig | None]]
+    ) -> list[SwarmNode]:
+        """Start nodes together, each ``(nat, config)`` as :meth:`join` takes them, each
+        bootstrapping through up to two random public nodes that were live before the
+        call; returns once all have joined, in the order given (their indexes)."""
+        public = list(self._by_nat[False].values())
+        starts = []
+        for offset, (nat, config) in enumerate(nodes):
+            index = len(self.nodes) + offset
+            identity = make_identity(f"{self.label}node-{index}")
+            endpoint = self.internet.endpoint(nat=nat)
+            seeds = self.rng.sample(public, min(2, len(public)))
+            bootstrap = [seed.endpoint.local_address for seed in seeds]
+            node_rng = random.Random(self.rng.getrandbits(64))
+            starts.append((index, identity, endpoint, nat, config, bootstrap, node_rng))
+        started: dict[int, tuple[Directory, trio.CancelScope]] = {}
+
+        async def start(index: int, *args: Any) -> None:
+            started[index] = await self._nursery.start(run_node, *args)
+
+        async with trio.open_nursery() as nursery:
+            for index, identity, endpoint, _, config, bootstrap, node_rng in starts:
+                nursery.start_soon(
+                    start, index, endpoint, bootstrap, node_id_for(identity.public_key),
+                    config, node_rng, self.cache,
+                )
+        joined = []
+        for index, identity, endpoint, nat, _, _, _ in starts:
+            directory, scope = started[index]
+            node = SwarmNode(index, identity, directory, endpoint, nat, scope)
+            self.nodes.append(node)
+            self._live[index] = node
+            self._by_nat[nat][index] = node
+            joined.append(node)
+        return joined
 
     def leave(self, node: SwarmNode) -> None:
         """End ``node``'s session silently: its address stops answering at once."""
         node.endpoint.close()
         node._scope.cancel()
+        self._live.pop(node.index, None)
+        self._by_nat[node.nat].pop(node.index, None)
 
 
 def _seed_trio_scheduler(seed: int) -> None:

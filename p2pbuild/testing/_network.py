@@ -21,7 +21,7 @@ import heapq
 import math
 import random
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 
 import trio
@@ -32,15 +32,17 @@ __all__ = ["MemoryEndpoint", "MemoryNetwork", "open_memory_network"]
 
 
 class MemoryEndpoint:
-    """One bound address on a :class:`MemoryNetwork`."""
+    """One bound address on a :class:`MemoryNetwork`. A :class:`~p2pbuild.dht.PushTransport`:
+    a DHT driver on it takes its datagrams by callback, in the network's delivery task."""
 
-    __slots__ = ("_address", "_arrived", "_inbox", "_network", "closed")
+    __slots__ = ("_address", "_arrived", "_handler", "_inbox", "_network", "closed")
 
     def __init__(self, network: MemoryNetwork, address: Address) -> None:
         self._network = network
         self._address = address
         self._inbox: list[tuple[bytes, Address]] = []
         self._arrived = trio.Event()
+        self._handler: Callable[[list[tuple[bytes, Address]]], None] | None = None
         self.closed = False
 
     @property
@@ -61,12 +63,28 @@ class MemoryEndpoint:
         self._inbox = []
         return batch
 
+    def deliver_to(self, handler: Callable[[list[tuple[bytes, Address]]], None] | None) -> None:
+        """Hand arriving datagrams to ``handler`` (None: queue them for :meth:`receive`)."""
+        self._handler = handler
+        if handler is not None and self._inbox:
+            batch, self._inbox = self._inbox, []
+            handler(batch)
+
+    def _deliver(self, data: bytes, source: Address) -> None:
+        handler = self._handler
+        if handler is not None:
+            handler([(data, source)])
+        else:
+            self._inbox.append((data, source))
+            self._arrived.set()
+
     def close(self) -> None:
         """Leave the network: from now on datagrams to this address vanish (a node that
         died silently)."""
         if not self.closed:
             self.closed = True
             self._inbox.clear()
+            self._handler = None
             self._network._endpoints.pop(self._address, None)
 
 
@@ -105,8 +123,9 @@ class MemoryNetwork:
         self._next_host = 1
         self._wake = trio.Event()
         self._sleeping_until = -math.inf
-        #: ``sent``, ``delivered``, ``lost``, ``duplicated``, ``unreachable``,
-        #: ``partitioned``, ``oversize``, and ``largest`` (the largest datagram sent).
+        #: ``sent`` (and their ``bytes``), ``delivered``, ``lost``, ``duplicated``,
+        #: ``unreachable``, ``partitioned``, ``oversize``, and ``largest`` (the largest
+        #: datagram sent).
         self.counters: Counter[str] = Counter()
 
     def endpoint(self, address: Address | None = None) -> MemoryEndpoint:
@@ -150,12 +169,12 @@ class MemoryNetwork:
                 if endpoint is None:
                     self.counters["unreachable"] += 1
                     continue
-                endpoint._inbox.append((data, source))
-                endpoint._arrived.set()
+                endpoint._deliver(data, source)
 
     def _route(self, source: Address, data: bytes, destination: Address) -> None:
         counters = self.counters
         counters["sent"] += 1
+        counters["bytes"] += len(data)
         if len(data) > counters["largest"]:
             counters["largest"] = len(data)
         if len(data) > self.max_datagram:
@@ -164,9 +183,10 @@ class MemoryNetwork:
         if destination not in self._endpoints:
             counters["unreachable"] += 1
             return
-        groups = self._groups
-        if groups is not None and groups.get(source[0], -1) != groups.get(destination[0], -1):
-            counters["partitioned"] += 1
+        now = trio.current_time()
+        dropped = self._dropped(source, destination, now)
+        if dropped:
+            counters[dropped] += 1
             return
         rng = self.rng
         if self.loss and rng.random() < self.loss:
@@ -175,17 +195,28 @@ class MemoryNetwork:
         copies = 2 if self.duplication and rng.random() < self.duplication else 1
         if copies == 2:
             counters["duplicated"] += 1
-        now = trio.current_time()
         tick = self.tick
         for _ in range(copies):
             self._sequence += 1
-            at = now + rng.uniform(self.min_delay, self.max_delay)
+            at = now + self._delay(source, destination)
             if tick > 0:
                 at = math.ceil(at / tick) * tick
             heapq.heappush(self._queue, (at, self._sequence, data, source, destination))
             counters["delivered"] += 1
             if at < self._sleeping_until:
                 self._wake.set()
+
+    def _dropped(self, source: Address, destination: Address, now: float) -> str:
+        """Why a datagram from ``source`` to the bound ``destination`` vanishes (the name of
+        its counter), or ``""`` if it goes on to the loss draw."""
+        groups = self._groups
+        if groups is not None and groups.get(source[0], -1) != groups.get(destination[0], -1):
+            return "partitioned"
+        return ""
+
+    def _delay(self, source: Address, destination: Address) -> float:
+        """The one-way delay of one copy of a datagram (before rounding to the tick)."""
+        return self.rng.uniform(self.min_delay, self.max_delay)
 
 
 @asynccontextmanager
