@@ -25,26 +25,26 @@ import trio
 from .._errors import LocalError
 from .._identity import PublicKey
 from ..dispatcher._errors import ConfigError
+from ._args import action, client_args, command, emit
 from ._client import (
     TERMINAL,
     Client,
+    Paced,
+    call,
     check,
     client_from_args,
     follow_build,
     network,
     network_error,
+    open_stream,
     post_source,
 )
 
-__all__ = ["client_args", "register"]
+__all__ = ["register"]
 
 
 def register(sub: Any) -> None:
-    submit = sub.add_parser(
-        "submit", help="submit a build to a dispatcher",
-        description="Upload a source RPM (or a tarball for --build-type make) and ask for a "
-        "build on nodes of --replicas different operators.",
-    )
+    submit = action(sub, "submit", _submit, help="submit a build to a dispatcher")
     submit.add_argument("source", type=Path, metavar="FILE.src.rpm")
     submit.add_argument("--arch", help="target architecture (default: your last, or the "
                         "dispatcher's default)")
@@ -65,69 +65,45 @@ def register(sub: Any) -> None:
                         help="the comps group the buildroot starts with, e.g. buildsys-build")
     submit.add_argument("--wait", action="store_true", help="follow the build to its end")
     client_args(submit)
-    submit.set_defaults(func=_submit)
+    command(sub, "builds", _builds_actions,
+            help="list, show, watch, cancel builds; their logs and files")
+    command(sub, "nodes", _nodes_actions, help="nodes as a dispatcher rates them")
 
-    builds = sub.add_parser(
-        "builds", help="list, show, watch, cancel builds; their logs and files",
-        description="List, show, watch and cancel a dispatcher's builds; read their logs and "
-        "download their files. ID is a build id, a unique start of one (4+ characters) or "
-        "the source's NVR (hello-1.0-1; the newest such build).",
-    )
-    bsub = builds.add_subparsers(dest="builds_command", metavar="ACTION", required=True)
-    ls = bsub.add_parser("ls", help="list builds, newest first")
+
+def _builds_actions(bsub: Any) -> None:
+    """List, show, watch and cancel a dispatcher's builds; read their logs and download their files.
+    ID is a build id, a unique start of one (4+ characters) or the source's NVR (hello-1.0-1; the
+    newest such build)."""
+    ls = action(bsub, "ls", _builds_ls, help="list builds, newest first")
     ls.add_argument("--limit", type=int, default=20)
     ls.add_argument("--state", action="append", default=[])
     client_args(ls)
-    ls.set_defaults(func=_builds_ls)
-    show = bsub.add_parser("show", help="one build with its attempts and decisions")
-    show.add_argument("build_id", metavar="ID")
-    client_args(show)
-    show.set_defaults(func=_builds_show)
-    cancel = bsub.add_parser("cancel", help="cancel a build (reaches its nodes)")
-    cancel.add_argument("build_id", metavar="ID")
-    client_args(cancel)
-    cancel.set_defaults(func=_builds_cancel)
-    watch = bsub.add_parser("watch", help="follow a build to its end (like submit --wait)",
-                            description="Follow a build live to its end, as submit --wait "
-                            "does; exit 0 only if it is verified.")
-    watch.add_argument("build_id", metavar="ID")
-    client_args(watch)
-    watch.set_defaults(func=_builds_watch)
-    logs = bsub.add_parser("logs", help="print a build's logs (--follow: live)",
-                           description="Print the logs the build's nodes signed (the "
-                           "dispatcher keeps a copy of each, from push and pull nodes). "
-                           "With --follow, stream a running build's live log until it ends.")
+    for name, func, help in (
+        ("show", _builds_show, "one build with its attempts and decisions"),
+        ("cancel", _builds_cancel, "cancel a build (reaches its nodes)"),
+        ("watch", _builds_watch, "follow a build to its end (like submit --wait)"),
+    ):
+        one = action(bsub, name, func, help=help)
+        one.add_argument("build_id", metavar="ID")
+        client_args(one)
+    logs = action(bsub, "logs", _builds_logs, help="print a build's logs (--follow: live)")
     logs.add_argument("build_id", metavar="ID")
     logs.add_argument("--attempt", type=int, metavar="N", help="only this attempt's logs")
     logs.add_argument("--follow", "-f", action="store_true",
                       help="stream the live log of a running attempt until the build ends")
     client_args(logs)
-    logs.set_defaults(func=_builds_logs)
-    download = bsub.add_parser(
-        "download", help="download a build's RPMs, proofs and logs",
-        description="Download what the dispatcher keeps of a build into DIR/<nvr>/: for a "
-        "verified build its artifacts (checked against the manifest's SHA-256), proof and "
-        "manifest; for every build the logs of each attempt (logs/<attempt>-<operator>/).",
+    download = action(
+        bsub, "download", _builds_download, help="download a build's RPMs, proofs and logs",
     )
     download.add_argument("build_id", metavar="ID")
     download.add_argument("--dir", type=Path, default=Path("."), metavar="DIR")
     client_args(download)
-    download.set_defaults(func=_builds_download)
-
-    nodes = sub.add_parser("nodes", help="nodes as a dispatcher rates them",
-                           description="Nodes known to a dispatcher, with their ratings.")
-    nsub = nodes.add_subparsers(dest="nodes_command", metavar="ACTION", required=True)
-    nls = nsub.add_parser("ls", help="list nodes with success, agreement, speed and MTBF")
-    client_args(nls)
-    nls.set_defaults(func=_nodes_ls)
 
 
-def client_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--client-config", type=Path, metavar="FILE")
-    parser.add_argument("--url", help="dispatcher URL, https://host:port")
-    parser.add_argument("--pin", help="SHA-256 (hex) of the dispatcher's TLS certificate")
-    parser.add_argument("--token", help="API token (default: $P2PBUILD_TOKEN or the file)")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
+def _nodes_actions(nsub: Any) -> None:
+    """Nodes known to a dispatcher, with their ratings."""
+    client_args(action(nsub, "ls", _nodes_ls,
+                       help="list nodes with success, agreement, speed and MTBF"))
 
 
 # -- client commands ------------------------------------------------------------------------------
@@ -157,6 +133,8 @@ def _check_source(source: Path, build_type: str) -> None:
 
 
 def _submit(args: argparse.Namespace) -> int:
+    """Upload a source RPM (or a tarball for --build-type make) and ask for a build on nodes of
+    --replicas different operators."""
     client = client_from_args(args)
     source: Path = args.source
     if not source.is_file():
@@ -300,25 +278,17 @@ async def stream_live_log(
     lost_since: float | None = None
     while True:
         try:
-            async with http.stream("GET", path, headers=client.headers,
+            async with open_stream(http, client, path,
                                    timeout=httpx.Timeout(30, read=None)) as response:
-                if response.status_code >= 400:
-                    await response.aread()
-                    check(response)
                 lost_since = None
                 position = 0
-                chunks = response.aiter_bytes()
-                while True:
-                    with trio.fail_after(idle_s):
-                        try:
-                            chunk = await anext(chunks)
-                        except StopAsyncIteration:
-                            return
+                async for chunk in Paced(response.aiter_bytes(), idle_s):
                     skip = max(0, received - position)
                     position += len(chunk)
                     if skip < len(chunk):
                         sink(chunk[skip:])
                         received += len(chunk) - skip
+                return
         except trio.TooSlowError:
             continue  # quiet: ask again, from where we are
         except httpx.TransportError as exc:
@@ -404,18 +374,11 @@ async def _follow(http: httpx.AsyncClient, client: Client, build_id: str, as_jso
 
 
 def _builds_ls(args: argparse.Namespace) -> int:
-    client = client_from_args(args)
+    params = [("limit", args.limit), *(("state", s) for s in args.state)]
+    return emit(args, call(args, "GET", "/v1/builds", params=params), _print_builds)
 
-    async def main() -> Any:
-        async with client.http() as http:
-            params: list[tuple[str, str | int | float | bool | None]] = [("limit", args.limit)]
-            params += [("state", s) for s in args.state]
-            return check(await http.get("/v1/builds", params=params, headers=client.headers))
 
-    body = network(main)
-    if args.json:
-        print(json.dumps(body))
-        return 0
+def _print_builds(body: dict[str, Any]) -> None:
     now = time.time()
     print(f"{'ID':<12}  {'STATE':<9}  {'NVR':<30}  {'SUBMITTED':<16}  {'TOOK':>7}  "
           f"{'ARCH':<8}  {'USER':<10}  REASON")
@@ -426,20 +389,13 @@ def _builds_ls(args: argparse.Namespace) -> int:
         print(f"{b['id'][:12]:<12}  {b['state']:<9}  {nvr[:30]:<30}  {submitted:<16}  "
               f"{_elapsed(ended - b['created_at']):>7}  {b['arch']:<8}  {b['user'][:10]:<10}  "
               f"{b['reason'][:80]}")
-    return 0
 
 
 def _builds_show(args: argparse.Namespace) -> int:
-    client = client_from_args(args)
+    return emit(args, call(args, "GET", f"/v1/builds/{args.build_id}"), _print_build)
 
-    async def main() -> Any:
-        async with client.http() as http:
-            return check(await http.get(f"/v1/builds/{args.build_id}", headers=client.headers))
 
-    b = network(main)
-    if args.json:
-        print(json.dumps(b))
-        return 0
+def _print_build(b: dict[str, Any]) -> None:
     print(f"build {b['id']}  {b['state']}  {b['reason']}")
     print(f"  source {b['source_name']} sha256 {b['source_sha256']}")
     print(f"  target {b['arch']}/{b['os']} {b['build_type']}, {b['replicas']} replicas, "
@@ -454,24 +410,15 @@ def _builds_show(args: argparse.Namespace) -> int:
               f"{e['detail'].get('reason', '')}")
     if b["report"]:
         print(b["report"])
-    return 0
 
 
 def _builds_cancel(args: argparse.Namespace) -> int:
-    client = client_from_args(args)
-
-    async def main() -> Any:
-        async with client.http() as http:
-            return check(
-                await http.delete(f"/v1/builds/{args.build_id}", headers=client.headers)
-            )
-
-    body = network(main)
-    print(json.dumps(body) if args.json else f"cancel requested for {body['id']}")
-    return 0
+    body = call(args, "DELETE", f"/v1/builds/{args.build_id}")
+    return emit(args, body, f"cancel requested for {body['id']}")
 
 
 def _builds_watch(args: argparse.Namespace) -> int:
+    """Follow a build live to its end, as submit --wait does; exit 0 only if it is verified."""
     client = client_from_args(args)
 
     async def main() -> int:
@@ -498,6 +445,8 @@ async def _print_stored(http: httpx.AsyncClient, client: Client, rows: list[dict
 
 
 def _builds_logs(args: argparse.Namespace) -> int:
+    """Print the logs the build's nodes signed (the dispatcher keeps a copy of each, from push and
+    pull nodes). With --follow, stream a running build's live log until it ends."""
     client = client_from_args(args)
 
     def wanted(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -572,6 +521,9 @@ def _builds_logs(args: argparse.Namespace) -> int:
 
 
 def _builds_download(args: argparse.Namespace) -> int:
+    """Download what the dispatcher keeps of a build into DIR/<nvr>/: for a verified build its
+    artifacts (checked against the manifest's SHA-256), proof and manifest; for every build the
+    logs of each attempt (logs/<attempt>-<operator>/)."""
     client = client_from_args(args)
 
     async def fetch(http: httpx.AsyncClient, path: str, dest: Path,
@@ -580,10 +532,7 @@ def _builds_download(args: argparse.Namespace) -> int:
         digest = hashlib.sha256()
         size = 0
         partial = dest.with_name(dest.name + ".part")
-        async with http.stream("GET", path, headers=client.headers) as response:
-            if response.status_code >= 400:
-                await response.aread()
-                check(response)
+        async with open_stream(http, client, path) as response:
             with partial.open("wb") as f:
                 async for chunk in response.aiter_bytes():
                     digest.update(chunk)
@@ -634,15 +583,14 @@ def _builds_download(args: argparse.Namespace) -> int:
             return {"build": build_id, "state": build["state"], "dir": str(root),
                     "files": got}
 
-    body = network(main)
-    if args.json:
-        print(json.dumps(body))
-        return 0
+    return emit(args, network(main), _print_download)
+
+
+def _print_download(body: dict[str, Any]) -> None:
     print(f"build {body['build']} ({body['state']}): {len(body['files'])} file(s) in "
           f"{body['dir']}")
     for item in body["files"]:
         print(f"  {item['name']}  ({item['size']} bytes)")
-    return 0
 
 
 def _node_state(node: dict[str, Any]) -> str:
@@ -670,10 +618,10 @@ def _nodes_ls(args: argparse.Namespace) -> int:
                     node["last_seen"] = row.get("last_seen")
             return body
 
-    body = network(main)
-    if args.json:
-        print(json.dumps(body))
-        return 0
+    return emit(args, network(main), _print_nodes)
+
+
+def _print_nodes(body: dict[str, Any]) -> None:
     now = time.time()
     print(f"{'NODE':<19}  {'OPERATOR':<10}  {'ARCH':<8}  {'STATE':<8}  {'SEEN':>8}  "
           f"{'SCORE':>5}  {'SUCC':>5}  {'AGREE':>5}  {'SPEED':>5}  {'MTBF(h)':>8}  "
@@ -686,4 +634,3 @@ def _nodes_ls(args: argparse.Namespace) -> int:
               f"{n['score']:>5.2f}  {n['success']:>5.2f}  {n['agreement']:>5.2f}  "
               f"{n['speed']:>5.2f}  {n['mtbf_s'] / 3600:>8.1f}  {n['active_jobs']:>4}  "
               f"{_node_state(n)}")
-    return 0

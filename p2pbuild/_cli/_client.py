@@ -11,12 +11,13 @@ header), the client treats three missed intervals as a dead connection, and reco
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import attrs
 import httpx
@@ -28,8 +29,8 @@ from ..dispatcher._errors import ConfigError
 from ..https import pinned_client
 
 __all__ = [
-    "TERMINAL", "Client", "check", "client_from_args", "follow_build", "network",
-    "network_error", "post_source",
+    "TERMINAL", "Client", "Paced", "call", "check", "client_from_args", "follow_build",
+    "network", "network_error", "open_stream", "post_source",
 ]
 
 TERMINAL = frozenset({"verified", "failed", "cancelled"})
@@ -129,6 +130,53 @@ def network(call: Callable[[], Awaitable[T]]) -> T:
         raise LocalError(f"cannot reach the dispatcher: {network_error(exc)}") from None
 
 
+def call(args: argparse.Namespace, method: str, path: str, *, body: Any = None,
+         params: Any = None) -> Any:
+    """One request to the dispatcher named by ``args`` (:func:`client_from_args`); the
+    answer's JSON. Raises :class:`ConfigError` and :class:`LocalError`."""
+    client = client_from_args(args)
+
+    async def main() -> Any:
+        async with client.http() as http:
+            return check(await http.request(method, path, json=body, params=params,
+                                            headers=client.headers))
+
+    return network(main)
+
+
+@contextlib.asynccontextmanager
+async def open_stream(
+    http: httpx.AsyncClient, client: Client, path: str, *, params: Any = None,
+    timeout: httpx.Timeout | None = None,
+) -> AsyncIterator[httpx.Response]:
+    """``GET path`` as a stream, its body not yet read. Raises :class:`LocalError` for a
+    refusal and ``httpx.HTTPError`` for a network failure."""
+    async with http.stream(
+        "GET", path, params=params, headers=client.headers,
+        timeout=httpx.USE_CLIENT_DEFAULT if timeout is None else timeout,
+    ) as response:
+        if response.status_code >= 400:
+            await response.aread()
+            check(response)
+        yield response
+
+
+@attrs.define(eq=False)
+class Paced(Generic[T]):
+    """``items`` as they come; ``trio.TooSlowError`` once none has come for ``idle``
+    seconds (a quiet stream and a dead connection look alike)."""
+
+    items: AsyncIterator[T]
+    idle: float
+
+    def __aiter__(self) -> Paced[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        with trio.fail_after(self.idle):
+            return await anext(self.items)
+
+
 async def post_source(
     http: httpx.AsyncClient, client: Client, source: Path, params: dict[str, str]
 ) -> Any:
@@ -166,22 +214,12 @@ async def follow_build(
     delay = 0.5
     while True:
         try:
-            async with http.stream(
-                "GET", f"/v1/builds/{build_id}/events", params={"after": after, "follow": "1"},
-                headers=client.headers, timeout=httpx.Timeout(60, read=None),
+            async with open_stream(
+                http, client, f"/v1/builds/{build_id}/events",
+                params={"after": after, "follow": "1"}, timeout=httpx.Timeout(60, read=None),
             ) as response:
-                if response.status_code >= 400:
-                    await response.aread()
-                    check(response)
                 lost_since, delay = None, 0.5
-                idle = _idle_limit(response)
-                lines = response.aiter_lines()
-                while True:
-                    with trio.fail_after(idle):
-                        try:
-                            line = await anext(lines)
-                        except StopAsyncIteration:
-                            break
+                async for line in Paced(response.aiter_lines(), _idle_limit(response)):
                     if not line.strip():
                         continue  # a keep-alive
                     event = json.loads(line)

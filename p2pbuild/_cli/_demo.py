@@ -31,6 +31,7 @@ from .._identity import Role
 from .._jobs import Job, Result
 from .._trust import accept_update
 from ..dispatcher import StoredBuild
+from ._args import action, json_flag
 from ._client import Client, follow_build, post_source
 from ._localfarm import LocalFarm, NodeSpec, open_local_farm
 from ._packages import hello_srpm
@@ -48,24 +49,21 @@ _NODES = (
 
 
 def register(sub: Any) -> None:
-    demo = sub.add_parser(
-        "demo",
+    demo = action(
+        sub, "demo", _demo,
         help="run a throwaway build farm on this machine and build a package on it",
-        description="Create a throwaway deployment (maintainer keys, a 2-of-3 signed trust "
-        "list, a dispatcher, four nodes of three operators, one behind NAT in pull mode), "
-        "start it as real processes on loopback, build a small C package on nodes of two "
-        "operators, verify and store it, print where the result and its proof are, and "
-        "stop everything. Nothing leaves this machine.",
     )
     demo.add_argument("--keep", type=Path, metavar="DIR",
                       help="write the deployment into DIR (a new or empty directory) and "
                       "keep it, with the stored build and the logs, afterwards")
-    demo.add_argument("--json", action="store_true",
-                      help="print a JSON summary as the last line")
-    demo.set_defaults(func=_demo)
+    json_flag(demo, "print a JSON summary as the last line")
 
 
 def _demo(args: argparse.Namespace) -> int:
+    """Create a throwaway deployment (maintainer keys, a 2-of-3 signed trust list, a dispatcher,
+    four nodes of three operators, one behind NAT in pull mode), start it as real processes on
+    loopback, build a small C package on nodes of two operators, verify and store it, print where
+    the result and its proof are, and stop everything. Nothing leaves this machine."""
     started = time.monotonic()
     if args.keep is not None:
         keep: Path = args.keep

@@ -30,6 +30,7 @@ from .._hostport import parse_host_port
 from .._records import MachineType
 from .._trust import TrustList
 from ..dht import DhtConfig, Directory, NodeEntry, Query, UdpTransport, open_directory_on
+from ._args import action, command, emit, json_flag
 from ._trust import load_trust_list
 
 __all__ = ["register"]
@@ -72,46 +73,27 @@ def _format_address(address: tuple[str, int]) -> str:
 
 
 def register(sub: Any) -> None:
-    dht = sub.add_parser(
-        "dht",
-        help="run a DHT node",
-        description="Run a node of the p2pbuild DHT (Kademlia, speaking the wire protocol of "
-        "the PyPI 'kademlia' package plus p2pbuild's own RPCs).",
-    )
-    dht_sub = dht.add_subparsers(dest="dht_command", metavar="ACTION", required=True)
-    serve = dht_sub.add_parser(
-        "serve",
-        help="run a plain bootstrap node until interrupted",
-        description="Run a plain DHT node that others can bootstrap from. It stores and "
-        "serves the signed records that land on it, like every node, but publishes none. "
-        "Prints its address and node id once it listens; stops on Ctrl-C or SIGTERM.",
-    )
+    command(sub, "dht", _dht_actions, help="run a DHT node")
+    command(sub, "directory", _directory_actions, help="look nodes up in the DHT")
+
+
+def _dht_actions(dht_sub: Any) -> None:
+    """Run a node of the p2pbuild DHT (Kademlia, speaking the wire protocol of the PyPI 'kademlia'
+    package plus p2pbuild's own RPCs)."""
+    serve = action(dht_sub, "serve", _serve, help="run a plain bootstrap node until interrupted")
     serve.add_argument("--bind", required=True, metavar="HOST:PORT",
                        help=f"UDP address to listen on, e.g. 0.0.0.0:{DEFAULT_PORT}")
     serve.add_argument("--bootstrap", action="extend", nargs="+", default=[],
                        metavar="HOST:PORT", help="join an existing DHT through these nodes")
-    serve.add_argument("--json", action="store_true",
-                       help="print the start line as JSON")
+    json_flag(serve, "print the start line as JSON")
     serve.add_argument("--log-interval", type=float, default=300.0, metavar="SECONDS",
                        help="print a statistics line to stderr this often (default 300; "
                        "0 disables)")
-    serve.set_defaults(func=_serve)
 
-    directory = sub.add_parser(
-        "directory",
-        help="look nodes up in the DHT",
-        description="Read the directory of build nodes from the DHT.",
-    )
-    directory_sub = directory.add_subparsers(
-        dest="directory_command", metavar="ACTION", required=True
-    )
-    ls = directory_sub.add_parser(
-        "ls",
-        help="list nodes with their capabilities and last status",
-        description="Join the DHT through --bootstrap, look up the nodes matching every "
-        "given filter and print their latest signed capability and status. Records are "
-        "verified; with --trust only keys the trust list names as nodes are shown.",
-    )
+
+def _directory_actions(directory_sub: Any) -> None:
+    """Read the directory of build nodes from the DHT."""
+    ls = action(directory_sub, "ls", _ls, help="list nodes with their capabilities and last status")
     ls.add_argument("--bootstrap", action="extend", nargs="+", required=True,
                     metavar="HOST:PORT", help="DHT nodes to join through (one or more)")
     ls.add_argument("--arch", help="only this architecture, e.g. x86_64, s390x")
@@ -125,16 +107,18 @@ def register(sub: Any) -> None:
                     help="give up after this long (default 15)")
     ls.add_argument("--bind", default=None, metavar="HOST:PORT",
                     help="local UDP address (default: any port on all interfaces)")
-    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    json_flag(ls)
     ls.add_argument("--verbose", "-v", action="store_true",
                     help="report the join and the lookups' DHT statistics on stderr")
-    ls.set_defaults(func=_ls)
 
 
 # -- dht serve --------------------------------------------------------------------------------
 
 
 def _serve(args: argparse.Namespace) -> int:
+    """Run a plain DHT node that others can bootstrap from. It stores and serves the signed records
+    that land on it, like every node, but publishes none. Prints its address and node id once it
+    listens; stops on Ctrl-C or SIGTERM."""
     bind = HostPort.parse(args.bind, option="--bind", allow_zero=True)
     bootstrap = [HostPort.parse(a, option="--bootstrap") for a in args.bootstrap]
     if args.log_interval < 0:
@@ -221,6 +205,9 @@ async def _log_statistics(directory: Directory, interval: float) -> None:
 
 
 def _ls(args: argparse.Namespace) -> int:
+    """Join the DHT through --bootstrap, look up the nodes matching every given filter and print
+    their latest signed capability and status. Records are verified; with --trust only keys the
+    trust list names as nodes are shown."""
     bootstrap = [HostPort.parse(a, option="--bootstrap") for a in args.bootstrap]
     if args.bind is not None:
         bind = HostPort.parse(args.bind, option="--bind", allow_zero=True)
@@ -239,15 +226,11 @@ def _ls(args: argparse.Namespace) -> int:
     if not args.timeout > 0:
         raise MalformedError("--timeout must be positive")
     entries, now = trio.run(_lookup, bind, bootstrap, query, trust, args.timeout, args.verbose)
-    if args.json:
-        print(json.dumps({
-            "query": {"arch": args.arch, "os": args.os, "machine": args.machine,
-                      "pool": args.pool, "trusted_only": trust is not None},
-            "nodes": [_entry_json(e, now) for e in entries],
-        }, indent=2))
-    else:
-        _print_table(entries, now)
-    return 0
+    return emit(args, {
+        "query": {"arch": args.arch, "os": args.os, "machine": args.machine,
+                  "pool": args.pool, "trusted_only": trust is not None},
+        "nodes": [_entry_json(e, now) for e in entries],
+    }, lambda _: _print_table(entries, now), indent=2)
 
 
 async def _lookup(

@@ -27,23 +27,21 @@ from ..dispatcher._config import hash_token
 from ..dispatcher._errors import ConfigError
 from ..https import generate_tls_material
 from ..node._config import parse_host_port
+from ._args import action, command, emit, json_flag
 from ._startup import explain_bind_failure
 
 __all__ = ["register"]
 
 
 def register(sub: Any) -> None:
-    dispatcher = sub.add_parser(
-        "dispatcher", help="set up and run a dispatcher",
-        description="Set up and run a dispatcher: the service that sends signed jobs to "
-        "trusted nodes of different operators and stores builds whose outputs agree.",
-    )
-    dsub = dispatcher.add_subparsers(dest="dispatcher_command", metavar="ACTION", required=True)
-    init = dsub.add_parser(
-        "init", help="create a key, TLS certificate, configuration and client file",
-        description="Create DIR/dispatcher.key (mode 0600), DIR/tls/, DIR/dispatcher.toml and "
-        "DIR/client.toml (URL, certificate pin and a fresh API token). Add the printed key "
-        "to the trust list as a dispatcher and put the signed list at DIR/trust-list.bin.",
+    command(sub, "dispatcher", _dispatcher_actions, help="set up and run a dispatcher")
+
+
+def _dispatcher_actions(dsub: Any) -> None:
+    """Set up and run a dispatcher: the service that sends signed jobs to trusted nodes of different
+    operators and stores builds whose outputs agree."""
+    init = action(
+        dsub, "init", _init, help="create a key, TLS certificate, configuration and client file",
     )
     init.add_argument("--dir", required=True, type=Path, metavar="DIR")
     init.add_argument("--host", default="127.0.0.1", help="address to listen on")
@@ -59,18 +57,11 @@ def register(sub: Any) -> None:
                       "port 0 picks a free one)")
     init.add_argument("--bootstrap", action="append", default=[], metavar="HOST:PORT",
                       help="a DHT node to join through (repeatable)")
-    init.add_argument("--json", action="store_true", help="machine-readable output")
-    init.set_defaults(func=_init)
-    run = dsub.add_parser(
-        "run", help="run the dispatcher until interrupted",
-        description="Run the dispatcher described by a configuration file. Prints one JSON "
-        "line (url, port, dht_port, key, tls_sha256) once it listens; stops on SIGTERM or "
-        "Ctrl-C, leaving builds in flight to resume at the next start.",
-    )
+    json_flag(init)
+    run = action(dsub, "run", _run, help="run the dispatcher until interrupted")
     run.add_argument("--config", required=True, type=Path, metavar="FILE")
     run.add_argument("--log-level", default="info",
                      choices=["debug", "info", "warning", "error"])
-    run.set_defaults(func=_run)
 
 # -- dispatcher init / run ------------------------------------------------------------------------
 
@@ -80,6 +71,9 @@ def _join(host: str, port: int) -> str:
 
 
 def _init(args: argparse.Namespace) -> int:
+    """Create DIR/dispatcher.key (mode 0600), DIR/tls/, DIR/dispatcher.toml and DIR/client.toml
+    (URL, certificate pin and a fresh API token). Add the printed key to the trust list as a
+    dispatcher and put the signed list at DIR/trust-list.bin."""
     directory: Path = args.dir
     try:
         dht_host, dht_port = parse_host_port(args.dht_bind, allow_zero=True)
@@ -125,23 +119,21 @@ def _init(args: argparse.Namespace) -> int:
     fd = os.open(client_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(tomli_w.dumps({"url": url, "tls_sha256": tls.sha256.hex(), "token": token}))
-    if args.json:
-        print(json.dumps({
-            "public_key": str(identity.public_key), "config": str(config_path),
-            "client_config": str(client_path), "url": url, "tls_sha256": tls.sha256.hex(),
-        }))
-    else:
-        print(f"created dispatcher {identity.public_key.fingerprint} in {directory}")
-        print(f"  public key: {identity.public_key}")
-        print(f"  config:     {config_path}")
-        print(f"  client:     {client_path} (URL, certificate pin, API token; mode 0600)")
-        print("next: add the key to the trust list as a dispatcher, save the signed list as "
-              f"{directory / 'trust-list.bin'}, then: p2pbuild dispatcher run --config "
-              f"{config_path}")
-    return 0
+    return emit(args, {
+        "public_key": str(identity.public_key), "config": str(config_path),
+        "client_config": str(client_path), "url": url, "tls_sha256": tls.sha256.hex(),
+    }, f"created dispatcher {identity.public_key.fingerprint} in {directory}\n"
+        f"  public key: {identity.public_key}\n"
+        f"  config:     {config_path}\n"
+        f"  client:     {client_path} (URL, certificate pin, API token; mode 0600)\n"
+        "next: add the key to the trust list as a dispatcher, save the signed list as "
+        f"{directory / 'trust-list.bin'}, then: p2pbuild dispatcher run --config {config_path}")
 
 
 def _run(args: argparse.Namespace) -> int:
+    """Run the dispatcher described by a configuration file. Prints one JSON line (url, port,
+    dht_port, key, tls_sha256) once it listens; stops on SIGTERM or Ctrl-C, leaving builds in
+    flight to resume at the next start."""
     config = load_service_config(args.config)
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),

@@ -7,14 +7,13 @@ Builds run on a lease's nodes with ``p2pbuild submit --lease ID``.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import time
 from typing import Any
 
 from ..dispatcher._errors import ConfigError
-from ._builds import client_args
-from ._client import check, client_from_args, network
+from ._args import action, client_args, command, emit
+from ._client import call
 
 __all__ = ["parse_duration", "register"]
 
@@ -37,18 +36,13 @@ def parse_duration(text: str) -> int:
 
 
 def register(sub: Any) -> None:
-    lease = sub.add_parser(
-        "lease", help="hold slots on nodes for a while (sessions)",
-        description="Hold slots on nodes of a kind for a while: builds submitted with "
-        "--lease ID run only there, and other users' builds go elsewhere until the lease "
-        "is returned or expires.",
-    )
-    lsub = lease.add_subparsers(dest="lease_command", metavar="ACTION", required=True)
-    request = lsub.add_parser(
-        "request", help="ask for COUNT slots on nodes of a kind",
-        description="Ask the dispatcher for --count slots, one per node, chosen by the usual "
-        "selection. Prints the lease id, its nodes and its expiry.",
-    )
+    command(sub, "lease", _lease_actions, help="hold slots on nodes for a while (sessions)")
+
+
+def _lease_actions(lsub: Any) -> None:
+    """Hold slots on nodes of a kind for a while: builds submitted with --lease ID run only there,
+    and other users' builds go elsewhere until the lease is returned or expires."""
+    request = action(lsub, "request", _request, help="ask for COUNT slots on nodes of a kind")
     request.add_argument("--arch", required=True)
     request.add_argument("--os", help="OS release (default: whichever most nodes run)")
     request.add_argument("--machine", choices=["vm", "metal"])
@@ -64,31 +58,17 @@ def register(sub: Any) -> None:
     mode.add_argument("--same-operator", dest="operators", action="store_const",
                       const="same", help="all nodes of one operator")
     client_args(request)
-    request.set_defaults(func=_request, operators="distinct")
-    ls = lsub.add_parser("ls", help="your leases (an admin's: everyone's)")
+    request.set_defaults(operators="distinct")
+    ls = action(lsub, "ls", _ls, help="your leases (an admin's: everyone's)")
     ls.add_argument("--active", action="store_true", help="only leases not ended")
     client_args(ls)
-    ls.set_defaults(func=_ls)
-    extend = lsub.add_parser("extend", help="make a lease last longer")
+    extend = action(lsub, "extend", _extend, help="make a lease last longer")
     extend.add_argument("lease_id", metavar="ID")
     extend.add_argument("--by", required=True, metavar="DURATION", help="e.g. 1h")
     client_args(extend)
-    extend.set_defaults(func=_extend)
-    done = lsub.add_parser("done", help="return a lease: its slots are free at once")
+    done = action(lsub, "done", _done, help="return a lease: its slots are free at once")
     done.add_argument("lease_id", metavar="ID")
     client_args(done)
-    done.set_defaults(func=_done)
-
-
-def _call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
-    client = client_from_args(args)
-
-    async def main() -> Any:
-        async with client.http() as http:
-            response = await http.request(method, path, json=body, headers=client.headers)
-            return check(response)
-
-    return network(main)
 
 
 def _when(at: float) -> str:
@@ -114,6 +94,8 @@ def _print_lease(lease: dict[str, Any]) -> None:
 
 
 def _request(args: argparse.Namespace) -> int:
+    """Ask the dispatcher for --count slots, one per node, chosen by the usual selection. Prints the
+    lease id, its nodes and its expiry."""
     body: dict[str, Any] = {
         "arch": args.arch, "count": args.count, "duration_s": parse_duration(args.duration),
         "build_type": args.build_type, "operators": args.operators,
@@ -121,20 +103,15 @@ def _request(args: argparse.Namespace) -> int:
     for key in ("os", "machine", "pool"):
         if getattr(args, key):
             body[key] = getattr(args, key)
-    lease = _call(args, "POST", "/v1/leases", body)
-    if args.json:
-        print(json.dumps(lease))
-    else:
-        _print_lease(lease)
-    return 0
+    return emit(args, call(args, "POST", "/v1/leases", body=body), _print_lease)
 
 
 def _ls(args: argparse.Namespace) -> int:
     path = "/v1/leases?active=1" if args.active else "/v1/leases"
-    body = _call(args, "GET", path)
-    if args.json:
-        print(json.dumps(body))
-        return 0
+    return emit(args, call(args, "GET", path), _print_leases)
+
+
+def _print_leases(body: dict[str, Any]) -> None:
     print(f"{'LEASE':<17}  {'STATE':<7}  {'USER':<10}  {'PLATFORM':<18}  {'SLOTS':>5}  "
           f"{'LEFT':>7}  OPERATORS")
     for lease in body["leases"]:
@@ -143,20 +120,14 @@ def _ls(args: argparse.Namespace) -> int:
         print(f"{lease['id']:<17}  {lease['state']:<7}  {lease['user'][:10]:<10}  "
               f"{platform[:18]:<18}  {len(lease['nodes']):>5}  "
               f"{_left(lease['remaining_s']):>7}  {operators}")
-    return 0
 
 
 def _extend(args: argparse.Namespace) -> int:
-    lease = _call(args, "POST", f"/v1/leases/{args.lease_id}/extend",
-                  {"by_s": parse_duration(args.by)})
-    if args.json:
-        print(json.dumps(lease))
-    else:
-        print(f"lease {lease['id']} now expires {_when(lease['expires_at'])}")
-    return 0
+    lease = call(args, "POST", f"/v1/leases/{args.lease_id}/extend",
+                 body={"by_s": parse_duration(args.by)})
+    return emit(args, lease, f"lease {lease['id']} now expires {_when(lease['expires_at'])}")
 
 
 def _done(args: argparse.Namespace) -> int:
-    lease = _call(args, "DELETE", f"/v1/leases/{args.lease_id}")
-    print(json.dumps(lease) if args.json else f"lease {lease['id']} returned")
-    return 0
+    lease = call(args, "DELETE", f"/v1/leases/{args.lease_id}")
+    return emit(args, lease, f"lease {lease['id']} returned")

@@ -30,6 +30,7 @@ from ..node._config import ConfigError, load_config, parse_host_port, render_con
 from ..node._daemon import load_trust_file, trust_problem
 from ..node._serve import serve_node
 from ..node._state import NodeState
+from ._args import action, command, emit, json_flag
 from ._startup import explain_bind_failure
 
 __all__ = ["register"]
@@ -38,19 +39,12 @@ _DEFAULT_DIR = "/var/lib/p2pbuild-node"
 
 
 def register(sub: Any) -> None:
-    node = sub.add_parser(
-        "node",
-        help="set up and run a volunteer build node",
-        description="Set up, run and inspect a p2pbuild volunteer build node.",
-    )
-    node_sub = node.add_subparsers(dest="node_command", metavar="ACTION", required=True)
+    command(sub, "node", _node_actions, help="set up and run a volunteer build node")
 
-    init = node_sub.add_parser(
-        "init",
-        help="write a config, a node key and a TLS certificate",
-        description="Create DIR with node.toml (commented), node.key (mode 0600) and its "
-        ".pub, and tls/ (a self-signed certificate). Never overwrites a key.",
-    )
+
+def _node_actions(node_sub: Any) -> None:
+    """Set up, run and inspect a p2pbuild volunteer build node."""
+    init = action(node_sub, "init", _init, help="write a config, a node key and a TLS certificate")
     init.add_argument("--dir", type=Path, default=Path(_DEFAULT_DIR), metavar="DIR",
                       help=f"the node's directory (default {_DEFAULT_DIR})")
     init.add_argument("--operator", default="", metavar="NAME",
@@ -72,38 +66,26 @@ def register(sub: Any) -> None:
                       help="where the farm's signed trust list will be (default: in DIR)")
     init.add_argument("--pull-only", action="store_true",
                       help="no inbound HTTPS: take jobs by polling dispatchers ([pull])")
-    init.set_defaults(func=_init)
 
-    run = node_sub.add_parser(
-        "run",
-        help="run the node daemon",
-        description="Run the node daemon until SIGTERM or SIGINT. On the first signal it "
-        "publishes that it is draining, lets running builds finish for shutdown.grace_s, "
-        "hands the rest back and exits 0; a second signal hands back at once.",
-    )
+    run = action(node_sub, "run", _run, help="run the node daemon")
     run.add_argument("--config", type=Path, required=True, metavar="FILE")
     run.add_argument("--check", action="store_true",
                      help="only check the config, key, certificate and trust list, then exit")
     run.add_argument("--log-level", default="info",
                      choices=["debug", "info", "warning", "error"])
-    run.set_defaults(func=_run)
 
-    status = node_sub.add_parser(
-        "status",
-        help="report the node's state",
-        description="Ask the running daemon (local HTTPS, pinned to its certificate); if it "
-        "is not running, read its state file.",
-    )
+    status = action(node_sub, "status", _status, help="report the node's state")
     status.add_argument("--config", type=Path,
                         default=Path(_DEFAULT_DIR) / "node.toml", metavar="FILE")
-    status.add_argument("--json", action="store_true", help="machine-readable output")
-    status.set_defaults(func=_status)
+    json_flag(status)
 
 
 # -- init ---------------------------------------------------------------------------------------
 
 
 def _init(args: argparse.Namespace) -> int:
+    """Create DIR with node.toml (commented), node.key (mode 0600) and its .pub, and tls/ (a
+    self-signed certificate). Never overwrites a key."""
     directory: Path = args.dir.resolve()
     config_path = directory / "node.toml"
     key_path = directory / "node.key"
@@ -184,6 +166,9 @@ def _listens_everywhere(listen: str) -> bool:
 
 
 def _run(args: argparse.Namespace) -> int:
+    """Run the node daemon until SIGTERM or SIGINT. On the first signal it publishes that it is
+    draining, lets running builds finish for shutdown.grace_s, hands the rest back and exits 0; a
+    second signal hands back at once."""
     config = load_config(args.config)
     if args.check:
         identity = Identity.load(config.key_file)
@@ -214,6 +199,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    """Ask the running daemon (local HTTPS, pinned to its certificate); if it is not running, read
+    its state file."""
     config = load_config(args.config)
     report: dict[str, Any] = {"config": str(args.config), "running": False}
     try:
@@ -243,11 +230,7 @@ def _status(args: argparse.Namespace) -> int:
                 report["state"] = state.statistics()
         except (LocalError, RemoteError) as exc:
             report["error"] = str(exc)
-    if args.json:
-        print(json.dumps(report, indent=2, sort_keys=True))
-    else:
-        _print_status(report)
-    return 0
+    return emit(args, report, _print_status, indent=2, sort_keys=True)
 
 
 def _trust_report(config: Any) -> dict[str, Any]:

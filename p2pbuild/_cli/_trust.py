@@ -24,8 +24,9 @@ from typing import Any
 import attrs
 
 from .._errors import KeyFileError, LocalError, P2PBuildError
-from .._identity import Identity, Role, load_public_key
+from .._identity import Identity, PublicKey, Role, load_public_key
 from .._trust import TrustEntry, TrustList, read_trust_list
+from ._args import Handler, action, command, emit, json_flag
 
 __all__ = ["register"]
 
@@ -34,28 +35,23 @@ _DAY = 86_400
 
 
 def register(sub: Any) -> None:
-    trust = sub.add_parser(
-        "trust",
-        help="create, edit, sign and verify the trust list",
-        description="Create, edit, sign and verify the trust list: the document, signed by a "
-        "threshold of maintainers, that names the keys a deployment trusts.",
-        epilog="See keys/README.md for the maintainers' workflow (create, sign, rotate).",
-    )
-    trust_sub = trust.add_subparsers(dest="trust_command", metavar="ACTION", required=True)
+    command(sub, "trust", _trust_actions, help="create, edit, sign and verify the trust list",
+            epilog="See keys/README.md for the maintainers' workflow (create, sign, rotate).")
 
-    def add(name: str, help: str, description: str) -> argparse.ArgumentParser:
-        parser: argparse.ArgumentParser = trust_sub.add_parser(
-            name, help=help, description=description
-        )
+
+def _trust_actions(trust_sub: Any) -> None:
+    """Create, edit, sign and verify the trust list: the document, signed by a threshold of
+    maintainers, that names the keys a deployment trusts."""
+
+    def add(name: str, func: Handler, help: str) -> argparse.ArgumentParser:
+        parser = action(trust_sub, name, func, help=help)
         parser.add_argument(
             "--file", "-f", type=Path, default=_DEFAULT_FILE,
             help=f"the trust list file (default: {_DEFAULT_FILE})",
         )
         return parser
 
-    init = add("init", "start version 1 with its maintainers",
-               "Write an unsigned version 1 naming the maintainers and the threshold of them "
-               "that must sign every version.")
+    init = add("init", _init, "start version 1 with its maintainers")
     init.add_argument("--threshold", type=int, required=True, metavar="K",
                       help="signatures needed out of the maintainers")
     init.add_argument("--maintainer", action="append", required=True, metavar="KEY",
@@ -63,10 +59,8 @@ def register(sub: Any) -> None:
     init.add_argument("--operator", default="maintainers",
                       help="operator name recorded for the maintainers (default: maintainers)")
     init.add_argument("--days", type=int, default=365, help="days until expiry (default 365)")
-    init.set_defaults(func=_init)
 
-    add_cmd = add("add", "trust a key (or change its entry)",
-                  "Add an entry for KEY, or replace the existing one.")
+    add_cmd = add("add", _add, "trust a key (or change its entry)")
     add_cmd.add_argument("key", metavar="KEY", help="ed25519:... or a .pub or key file")
     add_cmd.add_argument("--role", required=True, choices=[r.value for r in Role])
     add_cmd.add_argument("--operator", required=True,
@@ -78,38 +72,24 @@ def register(sub: Any) -> None:
     add_cmd.add_argument("--force-role", action="store_true",
                          help="trust the key in --role although its key file, or its entry "
                          "already on the list, says it is another role")
-    add_cmd.set_defaults(func=_add)
 
-    remove = add("remove", "revoke a key", "Remove KEY's entry: from this version on it is "
-                 "not trusted for anything.")
+    remove = add("remove", _remove, "revoke a key")
     remove.add_argument("key", metavar="KEY")
-    remove.set_defaults(func=_remove)
 
-    set_cmd = add("set", "change the threshold or the expiry",
-                  "Change the threshold and/or renew the expiry.")
+    set_cmd = add("set", _set, "change the threshold or the expiry")
     set_cmd.add_argument("--threshold", type=int, metavar="K")
     set_cmd.add_argument("--days", type=int, help="expire this many days from now")
-    set_cmd.set_defaults(func=_set)
 
-    sign = add("sign", "add your maintainer signature",
-               "Sign the list with a maintainer's private key. For version N+1 the previous "
-               "version's maintainers sign too; the archived previous version next to the file "
-               "is used unless --previous names another.")
+    sign = add("sign", _sign, "add your maintainer signature")
     sign.add_argument("--key", required=True, type=Path, metavar="MAINTAINER_KEY")
     sign.add_argument("--previous", type=Path, metavar="OLD")
-    sign.set_defaults(func=_sign)
 
-    verify = add("verify", "check the list; exit 0 only when valid",
-                 "Check that the list is signed by its threshold and not expired and, with "
-                 "--previous, that it is a valid successor (next version, signed by the old "
-                 "threshold). Exit 0 when valid, 1 otherwise.")
+    verify = add("verify", _verify, "check the list; exit 0 only when valid")
     verify.add_argument("--previous", type=Path, metavar="OLD")
-    verify.add_argument("--json", action="store_true", help="machine-readable output")
-    verify.set_defaults(func=_verify)
+    json_flag(verify)
 
-    show = add("show", "print the list", "Print the version, expiry, signatures and entries.")
-    show.add_argument("--json", action="store_true", help="machine-readable output")
-    show.set_defaults(func=_show)
+    show = add("show", _show, "print the list")
+    json_flag(show)
 
 
 # -- file handling ----------------------------------------------------------------------------
@@ -169,6 +149,8 @@ def _expiry(days: int) -> int:
 
 
 def _init(args: argparse.Namespace) -> int:
+    """Write an unsigned version 1 naming the maintainers and the threshold of them that must sign
+    every version."""
     path: Path = args.file
     if path.exists():
         raise LocalError(f"{path} already exists; edit it with add/remove/set instead")
@@ -202,6 +184,7 @@ def _declared_role(text: str) -> Role | None:
 
 
 def _add(args: argparse.Namespace) -> int:
+    """Add an entry for KEY, or replace the existing one."""
     key = load_public_key(args.key)
     role = Role(args.role)
     declared = _declared_role(args.key)
@@ -227,6 +210,7 @@ def _add(args: argparse.Namespace) -> int:
 
 
 def _remove(args: argparse.Namespace) -> int:
+    """Remove KEY's entry: from this version on it is not trusted for anything."""
     key = load_public_key(args.key)
     new = _edit(args.file, lambda t: t.without_entry(key))
     print(f"v{new.version}: {key.fingerprint} removed (revoked); now unsigned")
@@ -234,6 +218,7 @@ def _remove(args: argparse.Namespace) -> int:
 
 
 def _set(args: argparse.Namespace) -> int:
+    """Change the threshold and/or renew the expiry."""
     if args.threshold is None and args.days is None:
         raise LocalError("nothing to change: give --threshold and/or --days")
     changes: dict[str, int] = {}
@@ -248,6 +233,9 @@ def _set(args: argparse.Namespace) -> int:
 
 
 def _sign(args: argparse.Namespace) -> int:
+    """Sign the list with a maintainer's private key. For version N+1 the previous version's
+    maintainers sign too; the archived previous version next to the file is used unless
+    --previous names another."""
     path: Path = args.file
     trust = load_trust_list(path)
     identity = Identity.load(args.key)
@@ -283,6 +271,9 @@ def _previous(path: Path, trust: TrustList, given: Path | None) -> TrustList | N
 
 
 def _verify(args: argparse.Namespace) -> int:
+    """Check that the list is signed by its threshold and not expired and, with --previous, that it
+    is a valid successor (next version, signed by the old threshold). Exit 0 when valid, 1
+    otherwise."""
     trust = load_trust_list(args.file)
     now = time.time()
     # Without --previous, the archived previous version next to the file (as ``sign``
@@ -308,20 +299,18 @@ def _verify(args: argparse.Namespace) -> int:
         else:
             print(f"p2pbuild: INVALID: {reason}", file=sys.stderr)
         return 1
-    unchecked = previous is None and trust.version > 1
-    if args.json:
-        print(json.dumps({"valid": True, "version": trust.version,
-                          "previous": previous.version if previous else None}))
-    else:
-        what = (f"a valid successor of v{previous.version}" if previous is not None
-                else "valid")
+    what = f"a valid successor of v{previous.version}" if previous is not None else "valid"
+
+    def text(_: object) -> None:
         print(f"trust list v{trust.version} is {what}; expires {_date(trust.expires_at)}")
-        if unchecked:
+        if previous is None and trust.version > 1:
             print(f"note: not checked against v{trust.version - 1} (no "
                   f"{_archive_path(args.file, trust.version - 1).name} here; pass --previous): "
                   f"nodes that trust v{trust.version - 1} accept it only if that threshold "
                   "signed it too", file=sys.stderr)
-    return 0
+
+    return emit(args, {"valid": True, "version": trust.version,
+                       "previous": previous.version if previous else None}, text)
 
 
 def _date(timestamp: int) -> str:
@@ -337,22 +326,25 @@ def _status(trust: TrustList) -> str:
 
 
 def _show(args: argparse.Namespace) -> int:
+    """Print the version, expiry, signatures and entries."""
     trust = load_trust_list(args.file)
     signers = trust.valid_signers(trust.maintainers)
-    if args.json:
-        print(json.dumps({
-            "version": trust.version,
-            "expires_at": trust.expires_at,
-            "threshold": trust.threshold,
-            "maintainers": len(trust.maintainers),
-            "status": _status(trust),
-            "signed_by": sorted(str(key) for key in signers),
-            "entries": [_entry_json(entry) for entry in trust.entries],
-        }, indent=2))
-        return 0
+    status = _status(trust)
+    return emit(args, {
+        "version": trust.version,
+        "expires_at": trust.expires_at,
+        "threshold": trust.threshold,
+        "maintainers": len(trust.maintainers),
+        "status": status,
+        "signed_by": sorted(str(key) for key in signers),
+        "entries": [_entry_json(entry) for entry in trust.entries],
+    }, lambda _: _print_list(trust, signers, status), indent=2)
+
+
+def _print_list(trust: TrustList, signers: set[PublicKey], status: str) -> None:
     print(f"trust list v{trust.version}  expires {_date(trust.expires_at)}  "
           f"threshold {trust.threshold} of {len(trust.maintainers)}  "
-          f"signed by {len(signers)}  status: {_status(trust)}")
+          f"signed by {len(signers)}  status: {status}")
     rows = [("FINGERPRINT", "ROLE", "OPERATOR", "POOLS", "ARCHES", "SIGNED", "KEY")]
     for entry in trust.entries:
         signed = "yes" if entry.key in signers else ("no" if entry.role is Role.MAINTAINER else "")
@@ -363,7 +355,6 @@ def _show(args: argparse.Namespace) -> int:
     for row in rows:
         cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
         print("  ".join(cells).rstrip())
-    return 0
 
 
 def _entry_json(entry: TrustEntry) -> dict[str, object]:
