@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["action", "client_args", "command", "emit", "json_flag"]
+__all__ = ["action", "client_args", "command", "elapsed", "emit", "json_flag"]
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -65,3 +65,17 @@ def emit(args: argparse.Namespace, body: Any, text: str | Callable[[Any], object
     else:
         text(body)
     return 0
+
+
+def elapsed(seconds: float, *, coarse: bool = False) -> str:
+    """A duration as ``42s``, ``3m07s`` or ``2h05m``; ``coarse``, in one unit from twice
+    that unit on: ``42s``, ``3m`` or ``2h``."""
+    seconds = max(0, int(seconds))
+    if coarse:
+        size, unit = (3600, "h") if seconds >= 7200 else (60, "m") if seconds >= 120 else (1, "s")
+        return f"{seconds // size}{unit}"
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

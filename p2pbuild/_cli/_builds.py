@@ -25,7 +25,7 @@ import trio
 from .._errors import LocalError
 from .._identity import PublicKey
 from ..dispatcher._errors import ConfigError
-from ._args import action, client_args, command, emit
+from ._args import action, client_args, command, elapsed, emit
 from ._client import (
     TERMINAL,
     Client,
@@ -196,15 +196,6 @@ def _buildroot(args: argparse.Namespace) -> dict[str, Any]:
             "packages": sorted(set(args.base_package))}
 
 
-def _elapsed(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
 @attrs.define(eq=False)
 class _Progress:
     """What ``--wait`` shows: elapsed time, each attempt's state, the latest event and the
@@ -232,7 +223,7 @@ class _Progress:
         reason = detail.get("reason")
         self.last_event = name + (f" ({reason})" if reason else "")
         if not self.tty:
-            print(f"[{_elapsed(time.monotonic() - self.started):>6}] {name:<18} "
+            print(f"[{elapsed(time.monotonic() - self.started):>6}] {name:<18} "
                   + "  ".join(self.attempts.values()) + (f" ({reason})" if reason else ""),
                   flush=True)
 
@@ -245,7 +236,7 @@ class _Progress:
 
         head = Text.assemble(
             ("build ", "bold"), (self.build_id[:12], "bold cyan"),
-            f"  {_elapsed(time.monotonic() - self.started)}  ",
+            f"  {elapsed(time.monotonic() - self.started)}  ",
             ("  ".join(self.attempts.values()) or "choosing nodes", "green"),
         )
         parts: list[Any] = [head, Text(f"  {self.last_event}"[:200], style="dim")]
@@ -361,7 +352,7 @@ async def _follow(http: httpx.AsyncClient, client: Client, build_id: str, as_jso
         if live is not None:
             live.stop()
     if not as_json:
-        took = _elapsed(time.monotonic() - progress.started)
+        took = elapsed(time.monotonic() - progress.started)
         print(f"build {build['id']}: {build['state']} after {took}: {build['reason']}")
         if build["sink_path"]:
             print(f"  stored in {build['sink_path']}")
@@ -387,7 +378,7 @@ def _print_builds(body: dict[str, Any]) -> None:
         ended = b["updated_at"] if b["state"] in TERMINAL else now
         submitted = time.strftime("%Y-%m-%d %H:%M", time.localtime(b["created_at"]))
         print(f"{b['id'][:12]:<12}  {b['state']:<9}  {nvr[:30]:<30}  {submitted:<16}  "
-              f"{_elapsed(ended - b['created_at']):>7}  {b['arch']:<8}  {b['user'][:10]:<10}  "
+              f"{elapsed(ended - b['created_at']):>7}  {b['arch']:<8}  {b['user'][:10]:<10}  "
               f"{b['reason'][:80]}")
 
 
@@ -628,7 +619,7 @@ def _print_nodes(body: dict[str, Any]) -> None:
           f"{'JOBS':>4}  LEASES")
     for n in body["nodes"]:
         seen = n.get("last_seen")
-        ago = f"{_elapsed(now - seen)} ago" if seen else "never"
+        ago = f"{elapsed(now - seen)} ago" if seen else "never"
         print(f"{n['fingerprint']:<19}  {str(n.get('operator') or '?')[:10]:<10}  "
               f"{n.get('arch') or '?'!s:<8}  {n.get('state', '?'):<8}  {ago:>8}  "
               f"{n['score']:>5.2f}  {n['success']:>5.2f}  {n['agreement']:>5.2f}  "

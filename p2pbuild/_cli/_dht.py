@@ -30,7 +30,7 @@ from .._hostport import parse_host_port
 from .._records import MachineType
 from .._trust import TrustList
 from ..dht import DhtConfig, Directory, NodeEntry, Query, UdpTransport, open_directory_on
-from ._args import action, command, emit, json_flag
+from ._args import action, command, elapsed, emit, json_flag
 from ._trust import load_trust_list
 
 __all__ = ["register"]
@@ -279,15 +279,6 @@ def _memory(mb: int) -> str:
     return f"{mb / 1024:.1f} GiB" if mb >= 1024 else f"{mb} MiB"
 
 
-def _age(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    if seconds < 120:
-        return f"{seconds}s"
-    if seconds < 7200:
-        return f"{seconds // 60}m"
-    return f"{seconds // 3600}h"
-
-
 def _entry_json(entry: NodeEntry, now: float) -> dict[str, Any]:
     cap = entry.capability
     status = entry.status
@@ -342,7 +333,7 @@ def _row(entry: NodeEntry, now: float) -> tuple[str, ...]:
         if status.draining:
             slots += " draining"
         load = f"{status.load_milli / 1000:.2f}"
-        age = _age(now - record.issued_at)
+        age = elapsed(now - record.issued_at, coarse=True)
     else:
         slots = load = age = "-"
     return (
