@@ -27,7 +27,9 @@ import attrs
 
 __all__ = [
     "FIXED_EPOCH",
+    "GREET_C",
     "SourcePackage",
+    "c_program_srpm",
     "hello_srpm",
     "hello_tarball",
     "write_srpm",
@@ -155,10 +157,35 @@ _HELLO_C = '#include <stdio.h>\nint main(void) { puts("hello from p2pbuild"); re
 _HELLO_SH = '#!/bin/sh\necho "hello from p2pbuild"\n'
 
 
-_HELLO_DEVEL_C = (
+#: A C program that prints the ``GREETING`` of ``<p2pbuild-greet.h>``: it compiles only
+#: where ``p2pbuild-greet-devel`` (``_repos.greet_devel_rpm``) is installed.
+GREET_C = (
     "#include <stdio.h>\n#include <p2pbuild-greet.h>\n"
     "int main(void) { puts(GREETING); return 0; }\n"
 )
+
+
+def c_program_srpm(
+    dest_dir: Path,
+    name: str,
+    source: str,
+    *,
+    build_first: str = "",
+    release: str = "1",
+    build_requires: Sequence[str] = (),
+) -> SourcePackage:
+    """An SRPM of one C file, ``NAME.c``, that ``%build`` compiles (after the shell lines
+    ``build_first``) and runs, and that installs as ``/usr/bin/NAME``."""
+    return write_srpm(
+        dest_dir,
+        name=name,
+        sources={f"{name}.c": source},
+        build=f"{build_first}%{{__cc}} %{{optflags}} -o {name} {name}.c\n./{name}",
+        install=f"install -D -m 0755 {name} %{{buildroot}}/usr/bin/{name}",
+        files=[f"/usr/bin/{name}"],
+        release=release,
+        build_requires=build_requires,
+    )
 
 
 def hello_srpm(
@@ -179,16 +206,8 @@ def hello_srpm(
     package (``_repos.greet_devel_rpm``).
     """
     if devel:
-        return write_srpm(
-            dest_dir,
-            name="hello",
-            sources={"hello.c": _HELLO_DEVEL_C},
-            build="%{__cc} %{optflags} -o hello hello.c\n./hello",
-            install="install -D -m 0755 hello %{buildroot}/usr/bin/hello",
-            files=["/usr/bin/hello"],
-            release=release,
-            build_requires=("gcc", "p2pbuild-greet-devel"),
-        )
+        return c_program_srpm(dest_dir, "hello", GREET_C, release=release,
+                              build_requires=("gcc", "p2pbuild-greet-devel"))
     pause = f"sleep {build_seconds:g}\n" if build_seconds > 0 else ""
     if noarch:
         return write_srpm(
@@ -201,15 +220,7 @@ def hello_srpm(
             files=["/usr/bin/hello-noarch"],
             release=release,
         )
-    return write_srpm(
-        dest_dir,
-        name="hello",
-        sources={"hello.c": _HELLO_C},
-        build=pause + "%{__cc} %{optflags} -o hello hello.c\n./hello",
-        install="install -D -m 0755 hello %{buildroot}/usr/bin/hello",
-        files=["/usr/bin/hello"],
-        release=release,
-    )
+    return c_program_srpm(dest_dir, "hello", _HELLO_C, build_first=pause, release=release)
 
 
 _HELLO_CONFIGURE = """#!/bin/sh

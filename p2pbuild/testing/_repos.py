@@ -7,15 +7,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from .._cli._packages import SourcePackage, write_srpm
+from .._cli._packages import GREET_C, SourcePackage, c_program_srpm
 
 __all__ = ["greet_srpm"]
-
-
-_GREET_C = (
-    "#include <stdio.h>\n#include <p2pbuild-greet.h>\n"
-    "int main(void) { puts(GREETING); return 0; }\n"
-)
 
 
 def greet_srpm(
@@ -23,12 +17,4 @@ def greet_srpm(
 ) -> SourcePackage:
     """``greet``: a C program that includes :data:`GREET_HEADER`, so it builds only where
     ``p2pbuild-greet-devel`` is installed. ``BuildRequires: gcc`` is met by the host base."""
-    return write_srpm(
-        dest_dir,
-        name="greet",
-        sources={"greet.c": _GREET_C},
-        build="%{__cc} %{optflags} -o greet greet.c\n./greet",
-        install="install -D -m 0755 greet %{buildroot}/usr/bin/greet",
-        files=["/usr/bin/greet"],
-        build_requires=build_requires,
-    )
+    return c_program_srpm(dest_dir, "greet", GREET_C, build_requires=build_requires)
