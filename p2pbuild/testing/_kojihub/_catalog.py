@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 import attrs
 import koji
@@ -43,12 +43,7 @@ class CatalogMethods(HubCore):
         return None if user is None else self._public_user(user)
 
     def _host(self, info: Any, strict: bool = True) -> dict[str, Any] | None:
-        for host in self._state["hosts"].values():
-            if host["id"] == info or host["name"] == info:
-                return cast(dict[str, Any], host)
-        if strict:
-            raise koji.GenericError(f"No such host: {info!r}")
-        return None
+        return self._find("hosts", info, strict)
 
     @staticmethod
     def _public_host(host: dict[str, Any]) -> dict[str, Any]:
@@ -67,12 +62,7 @@ class CatalogMethods(HubCore):
         return None if host is None else self._public_host(host)
 
     def _tag(self, info: Any, strict: bool = True) -> dict[str, Any] | None:
-        for tag in self._state["tags"].values():
-            if tag["id"] == info or tag["name"] == info:
-                return cast(dict[str, Any], tag)
-        if strict:
-            raise koji.GenericError(f"No such tagInfo: {info!r}")
-        return None
+        return self._find("tags", info, strict)
 
     def m_getTag(self, call: _Call, tagInfo: Any, strict: bool = False, event: Any = None,
                  blocked: bool = False) -> dict[str, Any] | None:
@@ -80,12 +70,7 @@ class CatalogMethods(HubCore):
         return None if tag is None else dict(tag)
 
     def _target(self, info: Any, strict: bool = True) -> dict[str, Any] | None:
-        for target in self._state["targets"].values():
-            if target["id"] == info or target["name"] == info:
-                return cast(dict[str, Any], target)
-        if strict:
-            raise koji.GenericError(f"No such build target: {info}")
-        return None
+        return self._find("targets", info, strict)
 
     def m_getBuildTarget(self, call: _Call, info: Any, event: Any = None,
                          strict: bool = False) -> dict[str, Any] | None:
@@ -94,12 +79,8 @@ class CatalogMethods(HubCore):
 
     def m_getChannel(self, call: _Call, channelInfo: Any, strict: bool = False
                      ) -> dict[str, Any] | None:
-        for channel in self._state["channels"].values():
-            if channelInfo in (channel["id"], channel["name"]):
-                return dict(channel)
-        if strict:
-            raise koji.GenericError(f"No such channel: {channelInfo}")
-        return None
+        channel = self._find("channels", channelInfo, strict)
+        return None if channel is None else dict(channel)
 
     def m_listChannels(self, call: _Call, hostID: Any = None, event: Any = None,
                        enabled: Any = None) -> list[dict[str, Any]]:
@@ -114,12 +95,8 @@ class CatalogMethods(HubCore):
     # -- builds ---------------------------------------------------------------------------------
 
     def _build(self, info: Any, strict: bool = True) -> dict[str, Any]:
-        for build in self._state["builds"].values():
-            if build["id"] == info or build["nvr"] == info:
-                return cast(dict[str, Any], build)
-        if strict:
-            raise koji.GenericError(f"No such build: {info!r}")
-        return {}
+        """The stored build (``{}`` if there is none and not ``strict``)."""
+        return self._find("builds", info, strict) or {}
 
     def _build_info(self, build: dict[str, Any]) -> dict[str, Any]:
         owner = self._user(build["owner_id"])

@@ -31,6 +31,7 @@ from ._wire import (
     _FAULTABLE,
     LOGIN_METHODS,
     RETRY_WHITELIST,
+    HubUrls,
     _Call,
     _Crash,
     _fault,
@@ -38,9 +39,19 @@ from ._wire import (
     _when,
 )
 
+#: How each table's objects are named besides their id, and how the hub says one is missing.
+_NAMED_BY = {
+    "users": ("name", "No such user: {!r}"),
+    "hosts": ("name", "No such host: {!r}"),
+    "tags": ("name", "No such tagInfo: {!r}"),
+    "targets": ("name", "No such build target: {}"),
+    "channels": ("name", "No such channel: {}"),
+    "builds": ("nvr", "No such build: {!r}"),
+}
+
 
 @attrs.define(eq=False)
-class HubCore:
+class HubCore(HubUrls):
     """The hub over ``data_dir``. :meth:`start` listens on loopback (HTTP on ``port``, and
     HTTPS on ``https_port`` when ``pki`` is given; 0 picks a free port); :meth:`stop` stops.
     A stopped hub starts again on the same directory (and, given the same ports, URLs).
@@ -64,18 +75,6 @@ class HubCore:
     calls: list[dict[str, Any]] = attrs.field(factory=list, init=False)
 
     # -- lifecycle ------------------------------------------------------------------------------
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/kojihub"
-
-    @property
-    def https_url(self) -> str:
-        return f"https://127.0.0.1:{self.https_port}/kojihub"
-
-    @property
-    def topurl(self) -> str:
-        return f"http://127.0.0.1:{self.port}/kojifiles"
 
     def start(self) -> None:
         self._state = _load_state(self.data_dir)
@@ -357,13 +356,20 @@ class HubCore:
                 "callnum": s["callnum"], "start_ts": s["start_ts"],
                 "start_time": _when(s["start_ts"]), "renew_ts": s["renew_ts"]}
 
-    def _user(self, info: Any, strict: bool = True) -> dict[str, Any] | None:
-        for user in self._state["users"].values():
-            if user["id"] == info or user["name"] == info:
-                return dict(user)
+    def _find(self, table: str, info: Any, strict: bool = True) -> dict[str, Any] | None:
+        """The stored object of ``table`` whose id or name (:data:`_NAMED_BY`) is ``info``;
+        None if there is none, or with ``strict`` Koji's ``GenericError`` in Koji's words."""
+        key, missing = _NAMED_BY[table]
+        for item in self._state[table].values():
+            if item["id"] == info or item[key] == info:
+                return cast(dict[str, Any], item)
         if strict:
-            raise koji.GenericError(f"No such user: {info!r}")
+            raise koji.GenericError(missing.format(info))
         return None
+
+    def _user(self, info: Any, strict: bool = True) -> dict[str, Any] | None:
+        user = self._find("users", info, strict)
+        return None if user is None else dict(user)
 
     # -- provided by the layers above (_tasks, _cg, _hub) ---------------------------------------
 

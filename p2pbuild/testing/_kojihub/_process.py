@@ -17,10 +17,11 @@ import attrs
 
 from ._hub import KojiTestHub
 from ._pki import HubPki
+from ._wire import HubUrls
 
 
 @attrs.define(eq=False)
-class HubProcess:
+class HubProcess(HubUrls):
     """The hub as a child process (``python -m p2pbuild.testing._kojihub``), for tests that
     kill and restart it. :meth:`start` keeps the ports of the first start, so the URLs stay
     the same across restarts."""
@@ -30,18 +31,6 @@ class HubProcess:
     port: int = 0
     https_port: int = 0
     process: Any = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/kojihub"
-
-    @property
-    def https_url(self) -> str:
-        return f"https://127.0.0.1:{self.https_port}/kojihub"
-
-    @property
-    def topurl(self) -> str:
-        return f"http://127.0.0.1:{self.port}/kojifiles"
 
     async def start(self) -> None:
         import trio

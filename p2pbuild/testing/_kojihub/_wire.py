@@ -24,6 +24,26 @@ TASK = koji.TASK_STATES
 BUILD = koji.BUILD_STATES
 
 
+class HubUrls:
+    """The URLs of a hub on loopback, from its ``port`` (HTTP) and ``https_port``."""
+
+    __slots__ = ()
+    port: int
+    https_port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/kojihub"
+
+    @property
+    def https_url(self) -> str:
+        return f"https://127.0.0.1:{self.https_port}/kojihub"
+
+    @property
+    def topurl(self) -> str:
+        return f"http://127.0.0.1:{self.port}/kojifiles"
+
+
 def _when(ts: float | None) -> str | None:
     if ts is None:
         return None
