@@ -11,7 +11,7 @@ from pathlib import Path
 
 import attrs
 
-__all__ = ["RpmHeader", "RpmHeaderError", "read_rpm_header"]
+__all__ = ["Nvr", "RpmHeader", "RpmHeaderError", "read_rpm_header"]
 
 _TAGS = ("NAME", "VERSION", "RELEASE", "EPOCH", "ARCH", "SOURCERPM", "SOURCEPACKAGE",
          "BUILDTIME")
@@ -22,8 +22,22 @@ class RpmHeaderError(Exception):
     """The file is not an RPM ``rpm -qp`` can read (or ``rpm`` is missing)."""
 
 
+class Nvr:
+    """A package's name, version and release, and its NVR (``name-version-release``), as
+    Koji names builds: for an RPM's header and a task's build alike."""
+
+    __slots__ = ()
+    name: str
+    version: str
+    release: str
+
+    @property
+    def nvr(self) -> str:
+        return f"{self.name}-{self.version}-{self.release}"
+
+
 @attrs.frozen
-class RpmHeader:
+class RpmHeader(Nvr):
     name: str
     version: str
     release: str
@@ -33,10 +47,6 @@ class RpmHeader:
     #: The binary package's SOURCERPM header; None for a source package.
     sourcerpm: str | None
     buildtime: int
-
-    @property
-    def nvr(self) -> str:
-        return f"{self.name}-{self.version}-{self.release}"
 
     @property
     def is_source(self) -> bool:

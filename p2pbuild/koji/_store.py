@@ -44,6 +44,7 @@ import attrs
 
 from .. import _sqlite
 from ..dispatcher import ConfigError
+from ._rpm import Nvr
 
 __all__ = ["TaskEvent", "TaskPhase", "TaskRow", "TaskStore"]
 
@@ -93,7 +94,7 @@ _MIGRATIONS: tuple[str, ...] = (
 
 
 @attrs.frozen
-class TaskRow:
+class TaskRow(Nvr):
     """One Koji task of this host (module doc)."""
 
     task_id: int
@@ -117,10 +118,6 @@ class TaskRow:
     p2p_build_id: str | None
     #: JSON ``{"kind": "fail"|"refuse"|"cancel", "code": int, "message": str}`` once refunded.
     outcome: str
-
-    @property
-    def nvr(self) -> str:
-        return f"{self.name}-{self.version}-{self.release}"
 
     @property
     def outcome_map(self) -> dict[str, Any]:
