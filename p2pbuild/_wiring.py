@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
@@ -117,30 +117,24 @@ async def serve_dispatcher(
     config: ServiceConfig,
     *,
     finder: NodeFinder | None = None,
-    clock: Any = time.time,
     task_status: trio.TaskStatus[RunningService] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the dispatcher, and the Koji build host over its build service, until
-    cancelled. Raises what :func:`~p2pbuild.dispatcher.run_dispatcher` and
-    :func:`~p2pbuild.koji.serve_koji_host` raise at start, and :class:`ConfigError` when
-    another dispatcher runs on the same state directory (:func:`lock_state_dir`)."""
+    cancelled. ``finder`` replaces the DHT (tests, static setups). Raises what
+    :func:`~p2pbuild.dispatcher.run_dispatcher` and :func:`~p2pbuild.koji.serve_koji_host`
+    raise at start, and :class:`ConfigError` when another dispatcher runs on the same state
+    directory (:func:`lock_state_dir`)."""
     with lock_state_dir(config.dispatcher.state_dir):
-        await _serve(config, finder, clock, task_status)
-
-
-async def _serve(config: ServiceConfig, finder: NodeFinder | None, clock: Any,
-                 task_status: trio.TaskStatus[RunningService]) -> None:
-    async with trio.open_nursery() as nursery:
-        running: RunningDispatcher = await nursery.start(
-            lambda task_status: run_dispatcher(config.dispatcher, finder=finder, clock=clock,
-                                               task_status=task_status)
-        )
-        host = None
-        if config.koji is not None:
-            from .koji import serve_koji_host
-
-            host = await nursery.start(
-                serve_koji_host, config.koji, EngineBuildService(running.engine),
-                config.dispatcher.state_dir / "koji",
+        async with trio.open_nursery() as nursery:
+            running: RunningDispatcher = await nursery.start(
+                functools.partial(run_dispatcher, config.dispatcher, finder=finder)
             )
-        task_status.started(RunningService(running, host))
+            host = None
+            if config.koji is not None:
+                from .koji import serve_koji_host
+
+                host = await nursery.start(
+                    serve_koji_host, config.koji, EngineBuildService(running.engine),
+                    config.dispatcher.state_dir / "koji",
+                )
+            task_status.started(RunningService(running, host))
