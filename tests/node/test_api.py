@@ -11,6 +11,7 @@ import attrs
 import httpx
 import pytest
 import trio
+from waits import follow_log
 
 from p2pbuild import (
     BuildType,
@@ -113,13 +114,12 @@ async def read_until_closed(tls: trio.SSLStream[trio.SocketStream]) -> bytes:
 
 
 async def wait_done(client: httpx.AsyncClient, job: Job) -> dict[str, object]:
+    """The job's status once its live log has ended."""
     with trio.fail_after(5):
-        while True:
-            response = await client.get(f"/v1/jobs/{job.id_hex}")
-            body: dict[str, object] = response.json()
-            if body["phase"] == "done":
-                return body
-            await trio.sleep(0.01)
+        await follow_log(client, job)
+    body: dict[str, object] = (await client.get(f"/v1/jobs/{job.id_hex}")).json()
+    assert body["phase"] == "done", body
+    return body
 
 
 async def post(client: httpx.AsyncClient, data: bytes) -> httpx.Response:

@@ -14,12 +14,12 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+from waits import ended_result, follow_log
 
 from p2pbuild import (
     BuildType,
     Job,
     JobSpec,
-    Result,
     ResultState,
     SignedRecord,
     SourceArtifact,
@@ -69,16 +69,6 @@ async def post(c: httpx.AsyncClient, data: bytes) -> httpx.Response:
     return await c.post("/v1/jobs", content=data, headers={"content-type": "application/msgpack"})
 
 
-async def wait_result(c: httpx.AsyncClient, job: Job, timeout: float = 10) -> Result:
-    with trio.fail_after(timeout):
-        while True:
-            response = await c.get(f"/v1/jobs/{job.id_hex}/result")
-            if response.status_code == 200:
-                return Result.from_bytes(response.content)
-            assert response.json()["error"] == "not-finished", response.text
-            await trio.sleep(0.05)
-
-
 def srpm_job(daemon: NodeDaemon, url: str, path: Path, digest: str, job_id: bytes) -> Job:
     spec = JobSpec(
         SourceArtifact(path.name, path.stat().st_size, bytes.fromhex(digest), url),
@@ -110,7 +100,7 @@ async def test_two_nodes_build_the_same_srpm_bit_identically(
                                package.sha256, job_id)
                 async with client(daemon) as c:
                     assert (await post(c, job.to_bytes())).status_code == 202
-                    result = await wait_result(c, job, timeout=90)
+                    result = await ended_result(c, job, timeout=90)
                     result.check_answers(job, daemon.public_key)
                     log = (await c.get(f"/v1/jobs/{job.id_hex}/log")).text
                     assert result.state is ResultState.SUCCEEDED, log
@@ -143,7 +133,7 @@ async def test_a_job_reaching_for_the_network_fails(
                        os.urandom(16))
         async with client(daemon) as c:
             assert (await post(c, job.to_bytes())).status_code == 202
-            result = await wait_result(c, job, timeout=60)
+            result = await ended_result(c, job, timeout=60)
             log = (await c.get(f"/v1/jobs/{job.id_hex}/log")).text
         assert result.state is ResultState.FAILED, log
         assert "\nNETWORK-REACHED\n" not in log  # (the command line itself is echoed)
@@ -175,7 +165,7 @@ async def test_bad_jobs_are_refused_with_their_status_and_the_node_keeps_serving
         ]
         async with client(daemon) as c:
             assert (await post(c, good.to_bytes())).status_code == 202
-            await wait_result(c, good)
+            await ended_result(c, good)
             cases.append(("replayed", good.to_bytes(), 409, "replayed"))
             for name, data, status, code in cases:
                 response = await post(c, data)
@@ -186,7 +176,7 @@ async def test_bad_jobs_are_refused_with_their_status_and_the_node_keeps_serving
             # Still serving: a fresh job is accepted and runs.
             fresh = make_job(daemon)
             assert (await post(c, fresh.to_bytes())).status_code == 202
-            assert (await wait_result(c, fresh)).state is ResultState.SUCCEEDED
+            assert (await ended_result(c, fresh)).state is ResultState.SUCCEEDED
             stats = (await c.get("/v1/status")).json()
         for _, _, _, code in cases:
             assert stats["rejected"][code] >= 1
@@ -237,7 +227,7 @@ async def test_garbage_on_the_wire_does_not_kill_the_daemon(tmp_path: Path) -> N
         async with client(daemon) as c:
             job = make_job(daemon)
             assert (await post(c, job.to_bytes())).status_code == 202
-            assert (await wait_result(c, job)).state is ResultState.SUCCEEDED
+            assert (await ended_result(c, job)).state is ResultState.SUCCEEDED
 
 
 async def test_restart_keeps_finished_results_and_still_refuses_replays(
@@ -260,7 +250,7 @@ async def test_restart_keeps_finished_results_and_still_refuses_replays(
     async with client(daemon) as c:
         finished = make_job(daemon)
         assert (await post(c, finished.to_bytes())).status_code == 202
-        result = await wait_result(c, finished)
+        result = await ended_result(c, finished)
         artifact = result.artifacts[0]
     # A second node run, with a build that is still going when the daemon is cancelled.
     scope.cancel()
@@ -270,7 +260,8 @@ async def test_restart_keeps_finished_results_and_still_refuses_replays(
     async with client(daemon) as c:
         running = make_job(daemon)
         assert (await post(c, running.to_bytes())).status_code == 202
-        await trio.sleep(0.1)
+        with trio.fail_after(10):  # at the gate, after its first log line
+            await follow_log(c, running, until=b"building\n")
         assert (await c.get(f"/v1/jobs/{running.id_hex}")).json()["phase"] == "running"
     scope.cancel()
     await daemon.wait_stopped()
@@ -279,14 +270,14 @@ async def test_restart_keeps_finished_results_and_still_refuses_replays(
     daemon = await nursery.start(run_daemon, InstantRunner())
     assert daemon.status_record is not None and daemon.status_record.seq > first_seq
     async with client(daemon) as c:
-        again = await wait_result(c, finished)
+        again = await ended_result(c, finished)
         assert again.raw == result.raw
         body = await c.get(f"/v1/jobs/{finished.id_hex}/artifacts/{artifact.name}")
         assert hashlib.sha256(body.content).digest() == artifact.sha256
         response = await post(c, finished.to_bytes())
         assert response.status_code == 409
         assert response.json()["error"] == "replayed"
-        handed_back = await wait_result(c, running)
+        handed_back = await ended_result(c, running)
         assert handed_back.state is ResultState.HANDED_BACK
         assert (await post(c, running.to_bytes())).status_code == 409
         # Collected: DELETE of a finished job forgets it and its files.
@@ -307,13 +298,11 @@ def _status_of(records: list[SignedRecord]) -> Status | None:
     return body
 
 
-async def _find(directory: Directory, arch: str, timeout: float = 10) -> list[str]:
-    with trio.fail_after(timeout):
-        while True:
-            found = await directory.find(Query(arch=arch))
-            if found:
-                return [str(entry.publisher) for entry in found]
-            await trio.sleep(0.2)
+async def _find(directory: Directory, arch: str) -> list[str]:
+    """Who publishes ``arch``: the node's ready line comes after its first publish."""
+    with trio.fail_after(10):
+        found = await directory.find(Query(arch=arch))
+    return [str(entry.publisher) for entry in found]
 
 
 async def test_node_init_and_run_as_a_child_process(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from waits import wait_until
 
 from p2pbuild import RemoteError
 from p2pbuild.node import (
@@ -220,16 +221,13 @@ async def test_time_limit_kills_the_whole_process_tree(tmp_path: Path) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(build)
         # Not vacuous: the sleepers, daemonized ones included, do run before the limit.
-        with trio.fail_after(10):
-            while len(_processes_with(marker)) < 4:
-                await trio.sleep(0.05)
+        await wait_until(lambda: len(_processes_with(marker)) >= 4, 10,
+                         "the four sleepers run")
     assert outcome is not None
     assert outcome.state is BuildState.TIMED_OUT
     assert outcome.reason == "time"
     assert 2000 <= outcome.timings.duration_ms < 6000
-    with trio.fail_after(5):
-        while _processes_with(marker):
-            await trio.sleep(0.05)
+    await wait_until(lambda: not _processes_with(marker), 5, "every sleeper is gone")
     assert not (tmp_path / "w" / "scratch").exists()
 
 
@@ -241,9 +239,7 @@ async def test_cancelling_a_build_kills_it_and_cleans_up(tmp_path: Path) -> None
     with trio.move_on_after(1.5):
         async with executor.build(_spec(BuildType.MAKE, source)):
             pytest.fail("the build cannot finish")
-    with trio.fail_after(5):
-        while _processes_with(marker):
-            await trio.sleep(0.05)
+    await wait_until(lambda: not _processes_with(marker), 5, "every sleeper is gone")
     assert list((tmp_path / "work").iterdir()) == []
     assert executor.statistics().busy == 0
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from waits import wait_until
 
 from p2pbuild import BuildType, Job, JobSpec, ResultState, SourceArtifact, Target
 from p2pbuild.dispatcher._pull import PullQueue
@@ -75,12 +76,10 @@ async def test_a_standby_pull_node_is_woken_by_its_long_poll_and_builds(
         assert daemon.on_demand is not None
         capability = daemon.capability_record.body  # type: ignore[union-attr]
         assert capability.wake_s == 30 and capability.wake_url == ""  # type: ignore[union-attr]
-        with trio.fail_after(30):
-            while not daemon.status_record.body.standby:  # type: ignore[union-attr]
-                await trio.sleep(0.05)
-            # Published first, then the hook (which may stop the machine).
-            while not hook_log.exists():
-                await trio.sleep(0.05)
+        await wait_until(lambda: daemon.status_record.body.standby,  # type: ignore[union-attr]
+                         30, "the node published its standby")
+        # Published first, then the hook (which may stop the machine).
+        await wait_until(hook_log.exists, 10, "the standby hook ran")
         assert hook_log.read_text().split() == ["standby"]
         source = SourceArtifact(package.path.name, package.path.stat().st_size,
                                 bytes.fromhex(package.sha256), f"{files_url}/hello-1.0.tar.gz")
@@ -91,8 +90,8 @@ async def test_a_standby_pull_node_is_woken_by_its_long_poll_and_builds(
         queue.offer(NODE.public_key, job)
         with trio.fail_after(30):
             result = await queue.wait_result(job.job_id)
-            while daemon.status_record.body.standby:  # type: ignore[union-attr]
-                await trio.sleep(0.05)
+        await wait_until(lambda: not daemon.status_record.body.standby,  # type: ignore[union-attr]
+                         30, "the node published that it is awake")
         assert result.state is ResultState.SUCCEEDED
         assert daemon.on_demand.wakes == 1
         assert hook_log.read_text().split() == ["standby", "wake"]

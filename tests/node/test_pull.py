@@ -18,6 +18,7 @@ from pull_fixtures import (
     pull_overrides,
     serve_queue,
 )
+from waits import wait_until
 
 from p2pbuild import (
     BuildType,
@@ -79,8 +80,8 @@ async def test_pull_node_without_a_port_builds_and_uploads(
         assert queue.log(job.job_id, "build.log") is not None
         # Delivered: the node collected the job and freed its files.
         with trio.fail_after(5):
-            while daemon.service.statistics().finished:
-                await trio.sleep(0.05)
+            await daemon.pull_clients[0].wait_uploads()
+        assert daemon.service.statistics().finished == 0
         assert daemon.pull_clients[0].uploaded == 1
 
 
@@ -182,9 +183,12 @@ async def test_long_poll_wakes_up_when_a_job_is_offered(
 ) -> None:
     queue, url, _ = await serve_queue(nursery, tmp_path, max_wait=10.0)
     job = job_for("x86_64", "fedora-41", SOURCE)
+    offered_at: list[float] = []
 
     async def offer_later() -> None:
-        await trio.sleep(0.3)
+        # Once the request waits in the queue: the answer comes with the offer, not before.
+        await wait_until(lambda: queue.statistics().waiting_nodes, 5, "the node's poll waits")
+        offered_at.append(trio.current_time())
         queue.offer_bytes(job.to_bytes())
 
     nursery.start_soon(offer_later)
@@ -194,6 +198,7 @@ async def test_long_poll_wakes_up_when_a_job_is_offered(
         response = await c.post(
             "/v1/pull", params={"wait": "10"}, headers={"authorization": auth_header(auth)}
         )
-        elapsed = trio.current_time() - start
+        end = trio.current_time()
     assert response.status_code == 200 and Job.from_bytes(response.content) == job
-    assert 0.25 < elapsed < 5
+    # Asked before the offer, answered after it, long before the 10 s poll ran out.
+    assert start < offered_at[0] < end < start + 5

@@ -21,6 +21,7 @@ from pull_fixtures import (
     serve_queue,
     shifted_clock,
 )
+from waits import wait_until
 
 from p2pbuild import BuildType, Job, JobSpec, ResultState, Target
 from p2pbuild.node._pull import MIN_HEARTBEAT_S, PullClient
@@ -33,12 +34,6 @@ def job_for(arch: str, os_name: str) -> Job:
     return Job.create(
         DISPATCHER, spec, issued_at=int(time.time()), lifetime=600, node=NODE_1.public_key
     )
-
-
-async def wait_until(test: object, timeout: float = 10) -> None:
-    with trio.fail_after(timeout):
-        while not test():  # type: ignore[operator]
-            await trio.sleep(0.05)
 
 
 @pytest.mark.slow
@@ -65,12 +60,13 @@ async def test_a_gone_answer_stops_the_build_and_nothing_is_uploaded(
         # 1. Withdrawn (the build was cancelled): the running build is stopped.
         cancelled = job_for(arch, os_name)
         queue.offer(NODE_1.public_key, cancelled)
-        await wait_until(lambda: (d := queue.delivery(cancelled.job_id)) and d.renewals >= 2)
+        await wait_until(lambda: (d := queue.delivery(cancelled.job_id)) and d.renewals >= 2,
+                         10, "the node renewed its lease twice")
         delivery = queue.delivery(cancelled.job_id)
         assert delivery is not None and delivery.progress.phase == "building"
         assert service.statistics().running == 1
         queue.withdraw(cancelled.job_id)
-        await wait_until(lambda: client.stopped == 1, timeout=5)
+        await wait_until(lambda: client.stopped == 1, 5, "the node stopped the withdrawn job")
         stats = service.statistics()
         assert (stats.running, stats.finished) == (0, 0)  # stopped, then forgotten
         assert not gate.is_set() and len(runner.runs) == 1
@@ -80,9 +76,10 @@ async def test_a_gone_answer_stops_the_build_and_nothing_is_uploaded(
         # the same, on the answer "lease-expired".
         lost = job_for(arch, os_name)
         queue.offer(NODE_1.public_key, lost)
-        await wait_until(lambda: (d := queue.delivery(lost.job_id)) and d.renewals >= 1)
+        await wait_until(lambda: (d := queue.delivery(lost.job_id)) and d.renewals >= 1,
+                         10, "the node renewed its lease")
         offset[0] = 10.0
-        await wait_until(lambda: client.stopped == 2, timeout=5)
+        await wait_until(lambda: client.stopped == 2, 5, "the node stopped the expired job")
         assert service.statistics().running == 0
         assert queue.statistics().leases_expired == 1
         assert dict(queue.statistics().rejected) == {"lease-expired": 1, "withdrawn": 1}
@@ -90,13 +87,16 @@ async def test_a_gone_answer_stops_the_build_and_nothing_is_uploaded(
         # 3. The slot is free again, and a job the dispatcher still wants is delivered.
         kept = job_for(arch, os_name)
         queue.offer(NODE_1.public_key, kept)
-        await wait_until(lambda: (d := queue.delivery(kept.job_id)) and d.renewals >= 1)
+        await wait_until(lambda: (d := queue.delivery(kept.job_id)) and d.renewals >= 1,
+                         10, "the node renewed its lease")
         gate.set()
         with trio.fail_after(10):
             result = await queue.wait_result(kept.job_id)
         assert result.state is ResultState.SUCCEEDED
         assert queue.artifact(kept.job_id, "out/hello.txt") is not None
-        await wait_until(lambda: client.uploaded == 1)
+        with trio.fail_after(10):
+            await client.wait_uploads()
+        assert client.uploaded == 1
         assert client.stopped == 2 and client.renewals >= 4
 
 
