@@ -404,10 +404,12 @@ async def _serve(config: KojiConfig, service: BuildService, workdir: Path, store
                     await trio.to_thread.run_sync(manager.round)
                     host.rounds += 1
                     host.connected.set()
+                    host._ended_round()
                     await trio.sleep(config.poll_interval_s)
                 except HUB_ERRORS as exc:
                     host.failed_rounds += 1
                     host.last_error = f"{type(exc).__name__}: {exc}"
+                    host._ended_round()
                     if isinstance(exc, koji.AuthError) or manager is None:
                         # The session is gone (the client renews only expired ones): log
                         # in again. A hub that is away keeps our session: just retry.
@@ -432,6 +434,16 @@ class KojiHost:
     failed_rounds: int = 0
     last_error: str = ""
     connected: trio.Event = attrs.field(factory=trio.Event)
+    _round: trio.Event = attrs.field(factory=trio.Event, init=False)
+
+    def _ended_round(self) -> None:
+        self._round.set()
+        self._round = trio.Event()
+
+    async def wait_rounds(self, count: int) -> None:
+        """Return after ``count`` more rounds with the hub, answered or failed."""
+        for _ in range(count):
+            await self._round.wait()
 
     def statistics(self) -> KojiHostStatistics:
         return KojiHostStatistics(self.rounds, self.failed_rounds, self.bridge.taken,

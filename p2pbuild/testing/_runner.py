@@ -21,7 +21,8 @@ class InstantRunner:
     content) as files, then reports ``state``.
 
     If ``gate`` is set, the build waits for it after the first log line, so a test can
-    follow the live log or cancel a running job. ``runs`` lists the jobs run so far.
+    follow the live log or cancel a running job. ``runs`` lists the jobs run so far;
+    :meth:`wait_runs` waits for them.
     """
 
     artifacts: Mapping[str, bytes] = attrs.field(factory=lambda: {"out/hello.txt": b"hello\n"})
@@ -29,9 +30,18 @@ class InstantRunner:
     state: ResultState = ResultState.SUCCEEDED
     gate: trio.Event | None = None
     runs: list[Job] = attrs.field(factory=list)
+    _started: trio.Event = attrs.field(factory=trio.Event, init=False)
+
+    async def wait_runs(self, count: int = 1) -> None:
+        """Return once ``count`` jobs have started (a gated one is then at its gate, or on
+        its way there)."""
+        while len(self.runs) < count:
+            await self._started.wait()
 
     async def run(self, job: Job, workdir: Path, log: LogSink) -> RunReport:
         self.runs.append(job)
+        self._started.set()
+        self._started = trio.Event()
         workdir.mkdir(parents=True)
         full_log = b""
         for i, line in enumerate(self.log_lines):

@@ -12,12 +12,12 @@ from typing import Any
 
 import koji
 import pytest
-import trio
+from koji_farms import open_farms, task_id_of
 
 from p2pbuild import Job
 from p2pbuild.node import BuildrootCache, ExecutorRunner
 from p2pbuild.testing import GREET_HEADER, greet_devel_rpm, hello_srpm, make_trust_list
-from p2pbuild.testing._kojifarm import KojiFarm, start_koji_farm
+from p2pbuild.testing._kojifarm import KojiFarm
 
 pytestmark = pytest.mark.slow
 
@@ -26,24 +26,10 @@ FIXTURE = make_trust_list(nodes=[("n1", "alice"), ("n2", "bob")])
 
 @pytest.fixture
 async def farm(tmp_path: Path) -> AsyncIterator[KojiFarm]:
-    started = None
-    try:
-        async with trio.open_nursery() as nursery:
-            runners = {name: ExecutorRunner(buildroots=BuildrootCache(tmp_path / f"{name}-br"))
-                       for name in ("n1", "n2")}
-            started = await start_koji_farm(nursery, tmp_path, runners, FIXTURE,
-                                            build_types=("rpm", "rpm.dnf"))
-            yield started
-            nursery.cancel_scope.cancel()
-    finally:
-        if started is not None:
-            with trio.CancelScope(shield=True):
-                await started.hub.stop()
-
-
-def task_id_of(out: str) -> int:
-    line = next(x for x in out.splitlines() if x.startswith("Created task:"))
-    return int(line.split(":")[1])
+    runners = {name: ExecutorRunner(buildroots=BuildrootCache(tmp_path / f"{name}-br"))
+               for name in ("n1", "n2")}
+    async with open_farms(tmp_path, FIXTURE) as farms:
+        yield await farms.start(runners, build_types=("rpm", "rpm.dnf"))
 
 
 async def test_a_koji_build_uses_the_build_tags_repo_and_imports_components(

@@ -7,60 +7,28 @@ import hashlib
 import json
 import shutil
 import xmlrpc.client
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import koji
 import pytest
 import trio
+from koji_farms import FIXTURE, Farms, task_id_of, wait_building, wait_stopped
+from waits import wait_until
 
 from p2pbuild import ResultState
 from p2pbuild.koji import read_rpm_header
 from p2pbuild.node._runner import ExecutorRunner
-from p2pbuild.testing import hello_srpm, make_trust_list
-from p2pbuild.testing._kojifarm import KojiFarm, start_koji_farm
+from p2pbuild.testing import hello_srpm
+from p2pbuild.testing._kojifarm import KojiFarm
 from p2pbuild.testing._runner import InstantRunner
 
 pytestmark = pytest.mark.slow
 
-FIXTURE = make_trust_list(nodes=[("n1", "alice"), ("n2", "bob"), ("n3", "carol")])
 needs_rpmbuild = pytest.mark.skipif(
     shutil.which("bwrap") is None or shutil.which("rpmbuild") is None,
     reason="needs bwrap and rpmbuild",
 )
-
-
-def task_id_of(out: str) -> int:
-    line = next(x for x in out.splitlines() if x.startswith("Created task:"))
-    return int(line.split(":")[1])
-
-
-class Farm:
-    """Starts a KojiFarm in its own nursery; at the end stops the dispatcher and nodes,
-    then the hub process."""
-
-    def __init__(self, nursery: trio.Nursery, tmp: Path) -> None:
-        self.nursery, self.tmp = nursery, tmp
-        self.farm: KojiFarm | None = None
-
-    async def start(self, runners: dict[str, Any], **kwargs: Any) -> KojiFarm:
-        self.farm = await start_koji_farm(self.nursery, self.tmp, runners, FIXTURE, **kwargs)
-        return self.farm
-
-
-@pytest.fixture
-async def farms(tmp_path: Path) -> AsyncIterator[Farm]:
-    holder = None
-    try:
-        async with trio.open_nursery() as nursery:
-            holder = Farm(nursery, tmp_path)
-            yield holder
-            nursery.cancel_scope.cancel()
-    finally:
-        if holder is not None and holder.farm is not None:
-            with trio.CancelScope(shield=True):
-                await holder.farm.hub.stop()
 
 
 def validate_import(farm: KojiFarm, build: dict[str, Any]) -> dict[str, Any]:
@@ -88,7 +56,7 @@ def validate_import(farm: KojiFarm, build: dict[str, Any]) -> dict[str, Any]:
 
 @needs_rpmbuild
 async def test_koji_build_is_built_on_two_operators_imported_and_tagged(
-    farms: Farm, tmp_path: Path
+    farms: Farms, tmp_path: Path
 ) -> None:
     farm = await farms.start({"n1": ExecutorRunner(), "n2": ExecutorRunner()})
     srpm = hello_srpm(tmp_path / "src", noarch=True)
@@ -132,7 +100,7 @@ async def test_koji_build_is_built_on_two_operators_imported_and_tagged(
 
 
 async def test_mismatch_fails_the_task_and_refunds_the_reservation(
-    farms: Farm, tmp_path: Path
+    farms: Farms, tmp_path: Path
 ) -> None:
     srpm = hello_srpm(tmp_path / "src", noarch=True)
     name = "hello-noarch-1.0-1.noarch.rpm"
@@ -170,16 +138,15 @@ async def test_mismatch_fails_the_task_and_refunds_the_reservation(
     assert "p2pbuild-mismatch.txt" in await farm.call("listTaskOutput", task_id)
 
 
-async def test_no_capable_node_refuses_the_task_softly(farms: Farm, tmp_path: Path) -> None:
+async def test_no_capable_node_refuses_the_task_softly(farms: Farms, tmp_path: Path) -> None:
     srpm = hello_srpm(tmp_path / "src", noarch=True)
     farm = await farms.start({"n1": InstantRunner(), "n2": InstantRunner()},
                              koji={"arch": "s390x"})
     code, out, err = await farm.koji("build", "--nowait", "f40-p2p", str(srpm.path))
     assert code == 0, out + err
     task_id = task_id_of(out)
-    with trio.fail_after(30):
-        while not (refusals := await farm.call("testhub.taskRefusals", task_id)):
-            await trio.sleep(0.1)
+    refusals = await wait_until(lambda: farm.call("testhub.taskRefusals", task_id), 30,
+                                "the host refused the task")
     assert refusals[0]["soft"] is True
     assert refusals[0]["msg"] == "no capable p2p node: no trusted node has arch=s390x"
     task = await farm.call("getTaskInfo", task_id)
@@ -188,7 +155,7 @@ async def test_no_capable_node_refuses_the_task_softly(farms: Farm, tmp_path: Pa
     assert build["state"] == koji.BUILD_STATES["CANCELED"]
 
 
-async def test_cancel_in_koji_stops_the_nodes(farms: Farm, tmp_path: Path) -> None:
+async def test_cancel_in_koji_stops_the_nodes(farms: Farms, tmp_path: Path) -> None:
     srpm = hello_srpm(tmp_path / "src", noarch=True)
     gate = trio.Event()
     farm = await farms.start({"n1": InstantRunner(gate=gate), "n2": InstantRunner(gate=gate)})
@@ -196,29 +163,25 @@ async def test_cancel_in_koji_stops_the_nodes(farms: Farm, tmp_path: Path) -> No
     assert code == 0, out + err
     task_id = task_id_of(out)
     nodes = list(farm.nodes.values())
-    with trio.fail_after(30):
-        while not all(n.service.running_jobs() for n in nodes):
-            await trio.sleep(0.05)
+    await wait_building(nodes)
     jobs = {n.identity.public_key: n.service.running_jobs()[0] for n in nodes}
     code, out, err = await farm.koji("cancel", str(task_id))
     assert code == 0, out + err
-    with trio.fail_after(30):
-        while any(n.service.running_jobs() for n in nodes):
-            await trio.sleep(0.05)
+    await wait_stopped(nodes)
     for node in nodes:
         status = node.service.status(jobs[node.identity.public_key])
         assert status.state is ResultState.CANCELLED
     assert (await farm.call("getTaskInfo", task_id))["state"] == koji.TASK_STATES["CANCELED"]
-    with trio.fail_after(30):
-        while (await farm.call("getBuild", "hello-noarch-1.0-1"))["state"] != (
-            koji.BUILD_STATES["CANCELED"]
-        ):
-            await trio.sleep(0.1)
+    async def refunded() -> bool:
+        build = await farm.call("getBuild", "hello-noarch-1.0-1")
+        return build["state"] == koji.BUILD_STATES["CANCELED"]
+
+    await wait_until(refunded, 30, "the reservation was cancelled")
 
 
 @needs_rpmbuild
 async def test_expired_session_and_hub_restart_during_import(
-    farms: Farm, tmp_path: Path
+    farms: Farms, tmp_path: Path
 ) -> None:
     farm = await farms.start({"n1": ExecutorRunner(), "n2": ExecutorRunner()},
                              hub_auth="ssl")

@@ -12,19 +12,18 @@ The test hub's policy, package-list and task-freeing behaviour follows the real 
 from __future__ import annotations
 
 import shutil
-import subprocess
 import xmlrpc.client
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import koji
 import pytest
 import trio
+from koji_farms import Farms, task_id_of, wait_building, wait_stopped
+from waits import wait_until
 
 from p2pbuild import ResultState
-from p2pbuild.testing import hello_srpm, make_trust_list
-from p2pbuild.testing._kojifarm import KojiFarm, start_koji_farm
+from p2pbuild.testing._kojifarm import KojiFarm
 from p2pbuild.testing._runner import InstantRunner
 
 pytestmark = [
@@ -32,54 +31,13 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("rpmbuild") is None, reason="needs rpmbuild"),
 ]
 
-FIXTURE = make_trust_list(nodes=[("n1", "alice"), ("n2", "bob"), ("n3", "carol")])
 NVR = "hello-noarch-1.0-1"
 RPM_NAME = f"{NVR}.noarch.rpm"
-
-
-@pytest.fixture(scope="module")
-def packages(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
-    """The SRPM and the noarch RPM it builds (what the nodes return, bit for bit)."""
-    tmp = tmp_path_factory.mktemp("packages")
-    srpm = hello_srpm(tmp / "src", noarch=True)
-    top = tmp / "top"
-    subprocess.run(["rpmbuild", "--rebuild", "--nodeps", "--define", f"_topdir {top}",
-                    str(srpm.path)], check=True, capture_output=True)
-    return srpm.path, next((top / "RPMS").rglob("*.rpm")).read_bytes()
 
 
 def runners(packages: tuple[Path, bytes], **kwargs: Any) -> dict[str, InstantRunner]:
     return {name: InstantRunner(artifacts={RPM_NAME: packages[1]}, **kwargs)
             for name in ("n1", "n2")}
-
-
-def task_id_of(out: str) -> int:
-    line = next(x for x in out.splitlines() if x.startswith("Created task:"))
-    return int(line.split(":")[1])
-
-
-class Farms:
-    def __init__(self, nursery: trio.Nursery, tmp: Path) -> None:
-        self.nursery, self.tmp = nursery, tmp
-        self.farm: KojiFarm | None = None
-
-    async def start(self, runners: dict[str, Any], **kwargs: Any) -> KojiFarm:
-        self.farm = await start_koji_farm(self.nursery, self.tmp, runners, FIXTURE, **kwargs)
-        return self.farm
-
-
-@pytest.fixture
-async def farms(tmp_path: Path) -> AsyncIterator[Farms]:
-    holder = None
-    try:
-        async with trio.open_nursery() as nursery:
-            holder = Farms(nursery, tmp_path)
-            yield holder
-            nursery.cancel_scope.cancel()
-    finally:
-        if holder is not None and holder.farm is not None:
-            with trio.CancelScope(shield=True):
-                await holder.farm.hub.stop()
 
 
 async def task_fault(farm: KojiFarm, task_id: int) -> xmlrpc.client.Fault:
@@ -158,22 +116,20 @@ async def test_free_task_handed_back_to_the_same_host_ends_once_correctly(
     assert code == 0, out + err
     task_id = task_id_of(out)
     nodes = list(farm.nodes.values())
-    with trio.fail_after(30):
-        while not all(n.service.running_jobs() for n in nodes):
-            await trio.sleep(0.05)
+    await wait_building(nodes)
     jobs = {n.identity.public_key: n.service.running_jobs()[0] for n in nodes}
     code, out, err = await farm.koji("free-task", str(task_id), admin=True)
     assert code == 0, out + err
     # The test hub's scheduler hands a free task to the next host asking for work: this
     # one, within a poll interval (0.2 s), as the real hub did within about a second.
-    with trio.fail_after(30):
-        while True:
-            info = await farm.call("getTaskInfo", task_id)
-            if info["state"] == koji.TASK_STATES["OPEN"] and info["host_id"] is not None:
-                break
-            await trio.sleep(0.05)
+    async def open_again() -> bool:
+        info = await farm.call("getTaskInfo", task_id)
+        return info["state"] == koji.TASK_STATES["OPEN"] and info["host_id"] is not None
+
+    await wait_until(open_again, 30, "the hub gave the freed task to a host again")
     # A few host rounds with the task back here: the P2P build was not cancelled.
-    await trio.sleep(1.0)
+    with trio.fail_after(30):
+        await farm.host.wait_rounds(5)
     for node in nodes:
         assert node.service.running_jobs() == [jobs[node.identity.public_key]]
     gate.set()
@@ -202,9 +158,7 @@ async def test_a_task_given_to_another_host_stops_here_quietly_and_is_settled(
     assert code == 0, out + err
     task_id = task_id_of(out)
     nodes = list(farm.nodes.values())
-    with trio.fail_after(30):
-        while not all(n.service.running_jobs() for n in nodes):
-            await trio.sleep(0.05)
+    await wait_building(nodes)
     jobs = {n.identity.public_key: n.service.running_jobs()[0] for n in nodes}
     # An admin hands the running task to another host (scheduler.do_assign with force).
     code, out, err = await farm.koji("assign-task", "--force", str(task_id), "other-gw",
@@ -212,11 +166,11 @@ async def test_a_task_given_to_another_host_stops_here_quietly_and_is_settled(
     assert code == 0, out + err
     # This host's attempt stops without a report; the next round refunds the reservation
     # (so the other host can reserve the NVR) and cancels the P2P build on the nodes.
-    with trio.fail_after(30):
-        while (await farm.call("getBuild", NVR))["state"] == koji.BUILD_STATES["BUILDING"]:
-            await trio.sleep(0.1)
-        while any(n.service.running_jobs() for n in nodes):
-            await trio.sleep(0.05)
+    async def refunded() -> bool:
+        return (await farm.call("getBuild", NVR))["state"] != koji.BUILD_STATES["BUILDING"]
+
+    await wait_until(refunded, 30, "the host refunded the reservation")
+    await wait_stopped(nodes)
     assert (await farm.call("getBuild", NVR))["state"] == koji.BUILD_STATES["FAILED"]
     for node in nodes:
         assert node.service.status(jobs[node.identity.public_key]).state is (

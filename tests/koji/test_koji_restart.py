@@ -31,12 +31,14 @@ import koji
 import pytest
 import tomli_w
 import trio
+from koji_farms import wait_building, wait_stopped
+from waits import wait_until
 
 from p2pbuild import ResultState
 from p2pbuild.https import generate_tls_material
 from p2pbuild.koji._store import TaskEvent, TaskPhase, TaskRow, TaskStore
 from p2pbuild.node._config import PullDispatcher
-from p2pbuild.testing import hello_srpm, make_trust_list
+from p2pbuild.testing import make_trust_list
 from p2pbuild.testing._farm import FarmNode, PullFarmNode, start_pull_node, start_push_node
 from p2pbuild.testing._kojifarm import HOST_NAME, KOJI, P2P_POLICIES, PACKAGES
 from p2pbuild.testing._kojihub import (
@@ -60,17 +62,6 @@ BUILD = koji.BUILD_STATES
 TASK = koji.TASK_STATES
 #: Pull nodes renew their lease (and retry an upload at the latest) this often.
 PULL_HEARTBEAT_S = 2.0
-
-
-@pytest.fixture(scope="module")
-def packages(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
-    """The SRPM and the noarch RPM it builds (what both nodes return, bit for bit)."""
-    tmp = tmp_path_factory.mktemp("packages")
-    srpm = hello_srpm(tmp / "src", noarch=True)
-    top = tmp / "top"
-    subprocess.run(["rpmbuild", "--rebuild", "--nodeps", "--define", f"_topdir {top}",
-                    str(srpm.path)], check=True, capture_output=True)
-    return srpm.path, next((top / "RPMS").rglob("*.rpm")).read_bytes()
 
 
 def _free_port() -> int:
@@ -167,19 +158,23 @@ class RestartFarm:
         return await trio.to_thread.run_sync(blocking)
 
     async def wait_task(self, task_id: int, *states: str, timeout: float = 60) -> dict[str, Any]:
-        wanted = {TASK[s] for s in states}
-        with trio.fail_after(timeout):
-            while True:
-                info: dict[str, Any] = await self.call("getTaskInfo", task_id)
-                if info["state"] in wanted:
-                    return info
-                await trio.sleep(0.1)
+        """The task's info once it is in one of ``states`` (the hub, another process, has
+        no event for it)."""
+
+        async def info() -> dict[str, Any] | None:
+            task: dict[str, Any] = await self.call("getTaskInfo", task_id)
+            return task if task["state"] in {TASK[s] for s in states} else None
+
+        return await wait_until(info, timeout, f"task {task_id} is {' or '.join(states)}")
 
     async def wait_building(self) -> None:
         """Until both nodes run their job (held at the gate)."""
-        with trio.fail_after(60):
-            while not all(n.service.running_jobs() for n in self.nodes.values()):
-                await trio.sleep(0.05)
+        await wait_building(self.nodes.values(), timeout=60)
+
+    async def wait_phase(self, task_id: int, phase: TaskPhase, timeout: float = 10) -> None:
+        """Until the dispatcher (a child process) has stored the task in ``phase``."""
+        await wait_until(lambda: self.row(task_id).phase is phase, timeout,
+                         f"task {task_id} is stored as {phase.value}")
 
     async def hub_calls(self, method: str) -> list[dict[str, Any]]:
         """The calls of ``method`` this hub process answered (since it last started)."""
@@ -324,9 +319,7 @@ async def assert_imported_once(farm: RestartFarm, task_id: int) -> dict[str, Any
     assert sorted(r["arch"] for r in await farm.call("listRPMs", build_id)) == ["noarch", "src"]
     assert [len(r.runs) for r in farm.runners.values()] == [1, 1]
     assert not await farm.hub_calls("host.freeTasks")
-    with trio.fail_after(10):  # marked once closeTask has returned
-        while farm.row(task_id).phase is not TaskPhase.DONE:
-            await trio.sleep(0.05)
+    await farm.wait_phase(task_id, TaskPhase.DONE)  # marked once closeTask has returned
     return build
 
 
@@ -465,16 +458,14 @@ async def test_task_cancelled_while_the_dispatcher_is_down(
     assert code == 0, out + err
     await farm.start_dispatcher()
     # The reservation is refunded as cancelled and the nodes' jobs are cancelled.
-    with trio.fail_after(30):
-        while (await farm.call("getBuild", NVR))["state"] != BUILD["CANCELED"]:
-            await trio.sleep(0.1)
-        while any(n.service.running_jobs() for n in farm.nodes.values()):
-            await trio.sleep(0.05)
+    async def refunded() -> bool:
+        return (await farm.call("getBuild", NVR))["state"] == BUILD["CANCELED"]
+
+    await wait_until(refunded, 30, "the reservation is cancelled")
+    await wait_stopped(farm.nodes.values())
     for name, node in farm.nodes.items():
         assert node.service.status(jobs[name]).state is ResultState.CANCELLED
-    with trio.fail_after(10):
-        while farm.row(task_id).phase is not TaskPhase.DONE:
-            await trio.sleep(0.1)
+    await farm.wait_phase(task_id, TaskPhase.DONE)
     assert not await farm.hub_calls("CGImport")
     assert (await farm.call("getTaskInfo", task_id))["state"] == TASK["CANCELED"]
 
@@ -491,9 +482,8 @@ async def test_task_freed_while_the_dispatcher_is_down(farm: RestartFarm, packag
     await farm.start_dispatcher()
     # The restarted host refunds the reservation (any host may get the task now); the task
     # comes back to it, reserves the NVR anew and follows the P2P build it kept.
-    with trio.fail_after(30):
-        while TaskPhase.RELEASED.value not in farm.events(task_id):
-            await trio.sleep(0.1)
+    await wait_until(lambda: TaskPhase.RELEASED.value in farm.events(task_id), 30,
+                     "the restarted host released the task")
     open_gate(farm)
     build = await assert_imported_once(farm, task_id)
     assert (await farm.call("getBuild", first["id"]))["state"] == BUILD["CANCELED"]
@@ -517,14 +507,10 @@ async def test_build_cancelled_in_koji_while_the_dispatcher_is_down(
     assert task["state"] == TASK["FAILED"]
     with pytest.raises(xmlrpc.client.Fault, match="no longer reserved in Koji"):
         await farm.call("getTaskResult", task_id)
-    with trio.fail_after(30):
-        while any(n.service.running_jobs() for n in farm.nodes.values()):
-            await trio.sleep(0.05)
+    await wait_stopped(farm.nodes.values())
     assert (await farm.call("getBuild", NVR))["state"] == BUILD["CANCELED"]
     assert not await farm.hub_calls("CGImport")
-    with trio.fail_after(10):
-        while farm.row(task_id).phase is not TaskPhase.DONE:
-            await trio.sleep(0.05)
+    await farm.wait_phase(task_id, TaskPhase.DONE)
 
 
 async def test_a_pull_nodes_result_outlives_a_dispatcher_restart(
@@ -538,11 +524,10 @@ async def test_a_pull_nodes_result_outlives_a_dispatcher_restart(
     # tries to deliver it, for longer than the five tries (about 15 s) it once gave up after.
     open_gate(farm)
     nodes = [n for n in farm.nodes.values() if isinstance(n, PullFarmNode)]
-    with trio.fail_after(30):
-        while not all(n.service.statistics().finished for n in nodes):
-            await trio.sleep(0.05)
+    await wait_stopped(nodes)
+    assert all(n.service.statistics().finished == 1 for n in nodes)
     down_since = trio.current_time()
-    await trio.sleep(16)
+    await trio.sleep(16)  # the outage under test, not a wait for something
     for node in nodes:
         assert node.service.statistics().finished == 1  # still held, not collected
         assert node.client.uploaded == 0 and node.client.failures > 5
