@@ -11,7 +11,7 @@ from pathlib import Path
 import attrs
 import pytest
 import trio
-from engine_waits import wait_attempts, wait_build
+from engine_waits import EngineTask, start_engine, wait_attempts, wait_build
 
 from p2pbuild import BuildType, Job, MachineType, Result, ResultState
 from p2pbuild._identity import PublicKey
@@ -45,7 +45,7 @@ class Harness:
     finder: StaticFinder
     nodes: dict[str, FarmNode] = attrs.field(factory=dict)
     engine: Engine | None = None
-    scope: trio.CancelScope | None = None
+    task: EngineTask | None = None
     seed: int = 0
 
     @property
@@ -90,19 +90,12 @@ class Harness:
             config=EngineConfig(**args),  # type: ignore[arg-type]
             rng=random.Random(self.seed),
         )
-        scope = trio.CancelScope()
-
-        async def run(task_status: trio.TaskStatus[None]) -> None:
-            with scope:
-                await engine.run(task_status=task_status)
-
-        await self.nursery.start(run)
-        self.engine, self.scope = engine, scope
+        self.engine, self.task = engine, await start_engine(self.nursery, engine)
         return engine
 
-    def kill_engine(self) -> None:
-        assert self.scope is not None
-        self.scope.cancel()
+    async def kill_engine(self) -> None:
+        assert self.task is not None
+        await self.task.kill()
 
     def submit(self, **kwargs: object) -> BuildRow:
         assert self.engine is not None
@@ -357,8 +350,7 @@ async def test_killed_dispatcher_resumes_in_flight_build(farm: Harness) -> None:
     build = farm.submit()
     queued = farm.submit()  # a second build, also in flight when the dispatcher dies
     await farm.wait_attempts(build.id, running(2))
-    farm.kill_engine()
-    await trio.sleep(0.05)
+    await farm.kill_engine()
     assert engine.db.build(build.id).state is BuildState.RUNNING
     gate.set()  # the nodes finish while no dispatcher is running
     for attempt in engine.db.attempts(build.id):
@@ -379,8 +371,7 @@ async def test_restart_with_pending_attempts_resends_or_reattaches(farm: Harness
     bob = await farm.add_node("bob-1")
     engine = await farm.start_engine()
     build = farm.submit()
-    farm.kill_engine()  # at once: the build is accepted, no job sent yet
-    await trio.sleep(0.01)
+    await farm.kill_engine()  # at once: the build is accepted, no job sent yet
     # A crash in the middle of sending: both jobs signed and recorded as pending; one of
     # them had reached its node before the crash.
     for attempt in engine.db.attempts(build.id):

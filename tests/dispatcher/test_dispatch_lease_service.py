@@ -14,6 +14,7 @@ import pytest
 import tomli_w
 import trio
 from engine_waits import wait_build
+from waits import wait_until
 
 from p2pbuild._cli import main as cli_main
 from p2pbuild.dispatcher import StaticFinder, hash_token, load_config, run_dispatcher
@@ -61,6 +62,7 @@ class Farm:
         self.nodes: dict[str, FarmNode] = {}
         self.config_path: Path | None = None
         self.scope = trio.CancelScope()
+        self.stopped = trio.Event()
 
     async def add_nodes(self, *names: str) -> None:
         for name in names:
@@ -81,9 +83,14 @@ class Farm:
         self.scope = trio.CancelScope()
         scope = self.scope
 
+        stopped = self.stopped = trio.Event()
+
         async def run(task_status: trio.TaskStatus[RunningDispatcher]) -> None:
-            with scope:
-                await run_dispatcher(config, finder=self.finder, task_status=task_status)
+            try:
+                with scope:
+                    await run_dispatcher(config, finder=self.finder, task_status=task_status)
+            finally:
+                stopped.set()
 
         running: RunningDispatcher = await self.nursery.start(run)
         for user, token in USERS.items():
@@ -95,7 +102,7 @@ class Farm:
 
     async def stop(self) -> None:
         self.scope.cancel()
-        await trio.sleep(0.2)
+        await self.stopped.wait()
 
     async def cli(self, user: str, *argv: str) -> tuple[int, str, str]:
         out, err = io.StringIO(), io.StringIO()
@@ -152,9 +159,12 @@ async def test_lease_builds_run_on_its_nodes_and_others_go_elsewhere(farm: Farm)
             return count
 
     by_key = {farm.key(name): name for name in farm.nodes}
-    with trio.fail_after(10):
-        while [await leased_slots(by_key[k]) for k in sorted(leased)] != [1, 1]:
-            await trio.sleep(0.05)
+    leases = farm.running.leases
+    assert leases is not None
+    # The holds go out in the background; each counts once its node accepted it.
+    await wait_until(lambda: leases.holds_sent + leases.holds_failed == 2, 10,
+                     "both leased nodes answered their hold")
+    assert [await leased_slots(by_key[k]) for k in sorted(leased)] == [1, 1]
     assert not any([await leased_slots(n) for n in farm.nodes if farm.key(n) not in leased])
     # Several builds of each user, at the same time.
     mine = [await farm.submit("u1", lease=lease["id"]) for _ in range(3)]
@@ -193,10 +203,11 @@ async def test_lease_builds_run_on_its_nodes_and_others_go_elsewhere(farm: Farm)
     assert json.loads(out)["expires_at"] == lease["expires_at"] + 1800
     status, out, _ = await farm.cli("u1", "lease", "done", lease["id"])
     assert status == 0 and f"lease {lease['id']} returned" in out
-    with trio.fail_after(10):  # returned: the nodes were told it is released
-        while any([await leased_slots(by_key[k]) for k in leased]):
-            await trio.sleep(0.05)
-    assert farm.running.leases is not None and farm.running.leases.holds_sent == 6
+    # Returned: the nodes were told it is released (after the holds of the extension).
+    await wait_until(lambda: leases.holds_sent + leases.holds_failed == 6, 10,
+                     "the leased nodes answered every hold")
+    assert not any([await leased_slots(by_key[k]) for k in leased])
+    assert leases.holds_sent == 6
     events = [e["event"] for e in _lease_events(farm, lease["id"])]
     assert [e for e in events if e.startswith("lease-")] == [
         "lease-granted", "lease-extended", "lease-done"
@@ -216,9 +227,8 @@ async def test_expired_lease_frees_its_slots_and_is_audited(farm: Farm) -> None:
     # Every slot is held: another user's build waits, naming the constraint.
     waiting = await farm.submit("u2")
     db = farm.running.engine.db
-    with trio.fail_after(10):
-        while not any(e.event == "no-node-yet" for e in db.audit_entries(waiting)):
-            await trio.sleep(0.05)
+    await wait_until(lambda: any(e.event == "no-node-yet" for e in db.audit_entries(waiting)),
+                     10, "the build waits for a node")
     (wait_event,) = [e for e in db.audit_entries(waiting) if e.event == "no-node-yet"][:1]
     assert wait_event.detail["constraint"] == "leased"
     assert "a slot not held by another user's lease" in wait_event.detail["reason"]

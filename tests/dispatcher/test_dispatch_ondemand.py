@@ -6,12 +6,13 @@ from __future__ import annotations
 import hashlib
 import random
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 import trio
+from engine_waits import wait_build
+from waits import wait_until
 
 from p2pbuild._codec import encode
 from p2pbuild._wake import WakeRequest
@@ -79,11 +80,6 @@ class Farm:
             **kwargs,  # type: ignore[arg-type]
         ), "user-1", None)
 
-    async def wait_until(self, test: Callable[[], bool], timeout: float = 10) -> None:
-        with trio.fail_after(timeout):
-            while not test():
-                await trio.sleep(0.05)
-
     def standby(self, name: str) -> bool:
         entry = self.finder.entries[self.nodes[name].identity.public_key]
         return entry.status is not None and entry.status.standby
@@ -104,14 +100,16 @@ async def test_standby_node_is_woken_by_a_signed_request_and_builds(
     await farm.add("n1", hook=(str(hook),))
     await farm.add("n2", hook=(str(hook),))
     # Idle: both publish standby (and their owner's hook ran).
-    await farm.wait_until(lambda: farm.standby("n1") and farm.standby("n2"))
-    await farm.wait_until(lambda: hook_log.exists() and hook_log.read_text().count("standby")
-                          == 2)
+    await wait_until(lambda: farm.standby("n1") and farm.standby("n2"), 10,
+                     "both nodes published standby")
+    await wait_until(lambda: hook_log.exists() and hook_log.read_text().count("standby") == 2,
+                     10, "both standby hooks ran")
     capability = farm.finder.entries[farm.nodes["n1"].identity.public_key].capability
     assert capability.wake_s == 5 and capability.wake_url.endswith("/v1/wake")
     engine = await farm.start_engine()
     build = farm.submit()
-    await farm.wait_until(lambda: engine.db.build(build.id).state.terminal, timeout=20)
+    with trio.fail_after(20):
+        await wait_build(engine, build.id, lambda b: b.state.terminal)
     done = engine.db.build(build.id)
     assert done.state is BuildState.VERIFIED, done.reason
     events = [(e.event, e.node) for e in engine.db.audit_entries(build.id)]
@@ -129,10 +127,12 @@ async def test_an_awake_node_is_preferred_and_standby_woken_only_when_needed(
     await farm.add("n1")
     await farm.add("n2")
     await farm.add("n3", idle_s=None)  # always on
-    await farm.wait_until(lambda: farm.standby("n1") and farm.standby("n2"))
+    await wait_until(lambda: farm.standby("n1") and farm.standby("n2"), 10,
+                     "both nodes published standby")
     engine = await farm.start_engine()
     build = farm.submit()
-    await farm.wait_until(lambda: engine.db.build(build.id).state.terminal, timeout=20)
+    with trio.fail_after(20):
+        await wait_build(engine, build.id, lambda b: b.state.terminal)
     assert engine.db.build(build.id).state is BuildState.VERIFIED
     operators = {a.operator for a in engine.db.attempts(build.id)}
     # Two operators are needed: the awake carol and one sleeper, woken.
@@ -145,7 +145,7 @@ async def test_forged_or_replayed_wake_requests_are_refused(farm: Farm) -> None:
     node = await farm.add("n1", idle_s=0.3)
     on_demand = node.on_demand
     assert on_demand is not None
-    await farm.wait_until(lambda: on_demand.standby)
+    await wait_until(lambda: on_demand.standby, 10, "the node is in standby")
     key = node.identity.public_key
 
     async def post(body: bytes) -> httpx.Response:
@@ -177,7 +177,7 @@ async def test_forged_or_replayed_wake_requests_are_refused(farm: Farm) -> None:
     response = await post(genuine.to_bytes())
     assert response.status_code == 202 and response.json() == {"standby": False}
     assert on_demand.wakes == 1
-    await farm.wait_until(lambda: on_demand.standby)
+    await wait_until(lambda: on_demand.standby, 10, "the node is in standby")
     response = await post(genuine.to_bytes())
     assert response.status_code >= 400 and response.json()["error"] == "replayed"
     assert on_demand.standby and on_demand.wakes == 1
@@ -194,7 +194,7 @@ async def test_a_pool_keeping_one_awake_lets_the_other_sleep_and_wakes_it_under_
     def one_asleep() -> bool:
         return sorted([farm.standby("n1"), farm.standby("n2")]) == [False, True]
 
-    await farm.wait_until(one_asleep)
+    await wait_until(one_asleep, 10, "one node of the pool is in standby")
     # It stays so over several idle periods: the kept node's idle time keeps restarting.
     for _ in range(10):
         await trio.sleep(0.3)
@@ -202,7 +202,8 @@ async def test_a_pool_keeping_one_awake_lets_the_other_sleep_and_wakes_it_under_
     asleep = next(n for n in ("n1", "n2") if farm.standby(n))
     engine = await farm.start_engine()
     build = farm.submit(pool="p")
-    await farm.wait_until(lambda: engine.db.build(build.id).state.terminal, timeout=20)
+    with trio.fail_after(20):
+        await wait_build(engine, build.id, lambda b: b.state.terminal)
     assert engine.db.build(build.id).state is BuildState.VERIFIED
     woken = [e.node for e in engine.db.audit_entries(build.id) if e.event == "node-awake"]
     assert woken == [str(farm.nodes[asleep].identity.public_key)]

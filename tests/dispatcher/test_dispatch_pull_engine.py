@@ -23,7 +23,7 @@ import pytest
 import trio
 import trio._path
 import trio.testing
-from engine_waits import wait_attempts, wait_build
+from engine_waits import EngineTask, start_engine, wait_attempts, wait_build
 
 from p2pbuild import Capability, FileDigest, Identity, Job, Result, Status
 from p2pbuild.dispatcher._db import AttemptRow, AttemptState, BuildRow, BuildState, Database
@@ -160,7 +160,7 @@ class Farm:
     finder: StaticFinder = attrs.field(init=False)
     nodes: dict[str, StandIn] = attrs.field(factory=dict)
     engine: Engine | None = None
-    scope: trio.CancelScope | None = None
+    task: EngineTask | None = None
     #: The next node to take a job dies this many seconds later; then that node.
     doomed: float | None = None
     victim: StandIn | None = None
@@ -202,20 +202,13 @@ class Farm:
             clock=clock,
             rng=random.Random(7),
         )
-        scope = trio.CancelScope()
-
-        async def run(task_status: trio.TaskStatus[None]) -> None:
-            with scope:
-                await engine.run(task_status=task_status)
-
-        await self.nursery.start(run)
-        self.engine, self.scope = engine, scope
+        self.engine, self.task = engine, await start_engine(self.nursery, engine)
         return engine
 
-    def kill_dispatcher(self) -> None:
+    async def kill_dispatcher(self) -> None:
         """The dispatcher process dies: its engine stops, its in-memory queue is gone."""
-        assert self.scope is not None
-        self.scope.cancel()
+        assert self.task is not None
+        await self.task.kill()
         self.queue = self.new_queue()
 
     def submit(self) -> BuildRow:
@@ -365,7 +358,7 @@ async def test_after_a_dispatcher_restart_leases_start_afresh(
     dead_name = farm.victim.name
     (alive_name,) = set(names) - {dead_name}
     await trio.sleep(5)
-    farm.kill_dispatcher()
+    await farm.kill_dispatcher()
     await trio.sleep(95)  # down longer than a lease: the old leases are long past
     restart = trio.current_time()
     engine = await farm.start_engine()
@@ -511,7 +504,7 @@ async def test_a_result_released_before_a_restart_is_not_lost(
     (kept,) = [x for x in attempts if x.state is AttemptState.SUCCEEDED]
     # The queue has forgotten it: the database and the work directory are its only copy.
     queue_is_empty(farm, [kept.job_id], others=True)
-    farm.kill_dispatcher()
+    await farm.kill_dispatcher()
     await trio.sleep(30)
     engine = await farm.start_engine()
     # The restarted dispatcher knows pull-b's job again (resumed, taken); then it finishes.

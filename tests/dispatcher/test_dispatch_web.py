@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from p2pbuild._records import Capability, MachineType, Status
 from p2pbuild.dispatcher import (
     ConfigError,
+    RunningDispatcher,
     StaticFinder,
     hash_token,
     load_config,
@@ -80,13 +81,17 @@ async def submit(http: httpx.AsyncClient, name: str = "hello-1.0-1.src.rpm") -> 
     return build_id
 
 
-async def wait_for(http: httpx.AsyncClient, path: str, check: Any) -> Any:
+async def wait_for(running: RunningDispatcher, http: httpx.AsyncClient, path: str,
+                   check: Any) -> Any:
+    """The JSON at ``path`` once ``check`` holds for it, looked at again at each change
+    the engine reports (as the pages' own live updates are)."""
     with trio.fail_after(20):
         while True:
+            changed = running.engine.next_change
             body = (await http.get(path)).json()
             if check(body):
                 return body
-            await trio.sleep(0.05)
+            await changed.wait()
 
 
 @pytest.mark.slow
@@ -99,7 +104,7 @@ async def test_pages_need_no_login_and_show_a_build_from_running_to_verified(
     running, nodes = await start(nursery, tmp_path, runners)
     async with pinned_client(running.tls.sha256, base_url=running.url) as http:
         build_id = await submit(http)
-        body = await wait_for(http, f"/v1/web/builds/{build_id}",
+        body = await wait_for(running, http, f"/v1/web/builds/{build_id}",
                               lambda b: [a["state"] for a in b["attempts"]] == ["running"] * 2)
         assert body["nvr"] == "hello-1.0-1" and body["owner"] == "alice-user"
         assert body["state"] == "running"
@@ -134,7 +139,7 @@ async def test_pages_need_no_login_and_show_a_build_from_running_to_verified(
         assert early.status_code == 404
 
         gate.set()
-        body = await wait_for(http, f"/v1/web/builds/{build_id}",
+        body = await wait_for(running, http, f"/v1/web/builds/{build_id}",
                               lambda b: b["state"] == "verified")
         assert sorted(body["verified_by"]) == ["alice", "bob"]
         assert [a["name"] for a in body["artifacts"]] == ["out/hello.txt"]
@@ -221,7 +226,7 @@ async def test_a_mismatch_page_shows_the_differing_file(
     running, _ = await start(nursery, tmp_path, runners)
     async with pinned_client(running.tls.sha256, base_url=running.url) as http:
         build_id = await submit(http)
-        body = await wait_for(http, f"/v1/web/builds/{build_id}",
+        body = await wait_for(running, http, f"/v1/web/builds/{build_id}",
                               lambda b: b["difference"] is not None)
         difference = body["difference"]
         assert [f["name"] for f in difference["differing"]] == ["out/hello.txt"]
@@ -249,7 +254,8 @@ async def test_metrics_of_the_dispatcher_and_of_a_node_parse(
     running, nodes = await start(nursery, tmp_path, {n: InstantRunner() for n in ("n1", "n2")})
     async with pinned_client(running.tls.sha256, base_url=running.url) as http:
         build_id = await submit(http)
-        await wait_for(http, f"/v1/web/builds/{build_id}", lambda b: b["state"] == "verified")
+        await wait_for(running, http, f"/v1/web/builds/{build_id}",
+                       lambda b: b["state"] == "verified")
         response = await http.get("/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
