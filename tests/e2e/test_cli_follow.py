@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import IO
 
 import pytest
 import trio
@@ -26,12 +27,36 @@ def submit_wait(farm: LocalFarm, source: Path, *extra: str) -> subprocess.Popen[
     )
 
 
-async def finish(process: subprocess.Popen[str], timeout: float) -> tuple[int, str, str]:
+async def finish(process: subprocess.Popen[str], timeout: float,
+                 read: tuple[str, str] = ("", "")) -> tuple[int, str, str]:
+    """Its exit status and output once it exits (``read``: what was read already)."""
+    output = list(read)
+
+    async def drain(index: int, stream: IO[str] | None) -> None:
+        assert stream is not None
+        output[index] += await trio.to_thread.run_sync(stream.read, abandon_on_cancel=True)
+
+    with trio.move_on_after(timeout):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(drain, 0, process.stdout)
+            nursery.start_soon(drain, 1, process.stderr)
+        code = await trio.to_thread.run_sync(process.wait, abandon_on_cancel=True)
+        return code, output[0], output[1]
+    process.kill()
+    raise AssertionError(f"still running after {timeout:g} s: {output[1][-2000:]}")
+
+
+async def read_until(stream: IO[str] | None, text: str, timeout: float = 30) -> str:
+    """The child's lines up to and including one with ``text`` (what it says as it does
+    something: a readiness line, not a guess of how long it takes)."""
+    assert stream is not None
+    read = ""
     with trio.fail_after(timeout):
-        while process.poll() is None:
-            await trio.sleep(0.2)
-    out, err = process.communicate()
-    return process.returncode, out, err
+        while text not in read:
+            line = await trio.to_thread.run_sync(stream.readline, abandon_on_cancel=True)
+            assert line, f"its output ended without {text!r}: {read[-2000:]}"
+            read += line
+    return read
 
 
 async def test_submit_wait_follows_a_build_quiet_for_longer_than_the_old_30s_limit(
@@ -63,9 +88,10 @@ async def test_submit_wait_reconnects_across_a_dispatcher_restart(tmp_path: Path
         )
         farm.kill("dispatcher")
         assert await farm.wait_exit("dispatcher") == -9
-        await trio.sleep(1.0)
+        # Started again once the client noticed (rather than after a guessed pause).
+        noticed = await read_until(process.stderr, "lost the dispatcher")
         await farm.start("dispatcher")
-        status, out, err = await finish(process, 90)
+        status, out, err = await finish(process, 90, (first, noticed))
     assert status == 0, (out, err)
     assert "lost the dispatcher" in err and "reconnecting" in err
     assert f"build {build_id}: verified" in out
@@ -84,12 +110,13 @@ async def test_builds_logs_follow_reconnects_without_repeating_lines(tmp_path: P
              "--follow", "--attempt", str(first), "--client-config", str(farm.client_config)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
-        await trio.sleep(3)  # streaming the live log, the build in its sleep
+        # Streaming the live log, the build in its sleep.
+        streamed = await read_until(process.stdout, "+ sleep 12")
         farm.kill("dispatcher")
         assert await farm.wait_exit("dispatcher") == -9
-        await trio.sleep(1.0)
+        noticed = await read_until(process.stderr, "reconnecting")
         await farm.start("dispatcher")
-        status, out, err = await finish(process, 90)
+        status, out, err = await finish(process, 90, (streamed, noticed))
     assert status == 0, (out[-2000:], err)
     assert "reconnecting" in err, err
     # One build's live log, whole, each line once.

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import trio
-from e2e_farm import farm_of
+from e2e_farm import farm_of, wait_log
 
 from p2pbuild import Job, Result, Role
 from p2pbuild.testing import LocalFarm, NodeSpec
@@ -165,9 +165,9 @@ async def test_node_killed_mid_build_is_replaced(
             submitted["id"],
             lambda b: sum(a["state"] == "running" for a in b["attempts"]) == 2,
         )
-        await trio.sleep(1.5)  # into the 4 s %build
         victim = farm.node_name(running["attempts"][0]["node"])
         survivor = farm.node_name(running["attempts"][1]["node"])
+        await wait_log(farm, running, victim, b"+ sleep 4")  # into the 4 s %build
         farm.kill(victim)
         assert await farm.wait_exit(victim) == -9
         build = await farm.wait_build(submitted["id"], timeout=60)
@@ -197,7 +197,7 @@ async def test_dispatcher_killed_mid_build_and_restarted_finishes_it(
             submitted["id"],
             lambda b: sum(a["state"] == "running" for a in b["attempts"]) == 2,
         )
-        await trio.sleep(1.0)
+        await wait_log(farm, before, "alice-1", b"+ sleep 4")  # into the 4 s %build
         farm.kill("dispatcher")
         assert await farm.wait_exit("dispatcher") == -9
         await farm.start("dispatcher")
