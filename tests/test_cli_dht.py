@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import trio
+from waits import ready_line
 
 from p2pbuild import MachineType, SignedRecord
 from p2pbuild.dht import Directory, node_id_for, open_directory
@@ -48,24 +49,6 @@ def _records(label: str, arch: str, os: str, machine: MachineType, pools: tuple[
     ]
 
 
-class _Lines:
-    """Lines from a child's stdout."""
-
-    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
-        self._stream = stream
-        self._buffer = bytearray()
-
-    async def next(self) -> str:
-        while b"\n" not in self._buffer:
-            chunk = await self._stream.receive_some(65536)
-            if not chunk:
-                raise EOFError("the child closed its stdout")
-            self._buffer += chunk
-        line, _, rest = bytes(self._buffer).partition(b"\n")
-        self._buffer = bytearray(rest)
-        return line.decode()
-
-
 @asynccontextmanager
 async def _serve_child(*extra: str) -> AsyncIterator[tuple[trio.Process, dict[str, Any]]]:
     process = await trio.lowlevel.open_process(
@@ -73,9 +56,7 @@ async def _serve_child(*extra: str) -> AsyncIterator[tuple[trio.Process, dict[st
         stdout=subprocess.PIPE, cwd=REPO,
     )
     try:
-        assert process.stdout is not None
-        with trio.fail_after(20):
-            started = json.loads(await _Lines(process.stdout).next())
+        started = await ready_line(process, "dht serve", timeout=20)
         yield process, started
     finally:
         with trio.CancelScope(shield=True):

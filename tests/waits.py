@@ -11,8 +11,9 @@ waited for."""
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx
 import trio
@@ -66,3 +67,31 @@ async def ended_result(client: httpx.AsyncClient, job: Job, timeout: float = 10)
         response = await client.get(f"/v1/jobs/{job.id_hex}/result")
     assert response.status_code == 200, response.text
     return Result.from_bytes(response.content)
+
+
+class JsonLines:
+    """The JSON lines a child process writes to ``stream`` (its standard output): what it
+    says when it is ready or has done something, the event to wait for."""
+
+    def __init__(self, stream: trio.abc.ReceiveStream | None, who: str) -> None:
+        assert stream is not None
+        self._stream, self._who = stream, who
+        self._buffer = bytearray()
+
+    async def next(self) -> dict[str, Any]:
+        """The next line, parsed. Fails the test if the child closed its output first."""
+        while b"\n" not in self._buffer:
+            chunk = await self._stream.receive_some(65536)
+            assert chunk, f"{self._who} closed its output"
+            self._buffer += chunk
+        line, _, rest = bytes(self._buffer).partition(b"\n")
+        self._buffer = bytearray(rest)
+        message: dict[str, Any] = json.loads(line)
+        return message
+
+
+async def ready_line(process: trio.Process, who: str, timeout: float = 60) -> dict[str, Any]:
+    """The JSON line a child process prints on its standard output once it serves (``node
+    run``, ``dispatcher run``, ``dht serve``), rather than a guessed pause."""
+    with trio.fail_after(timeout):
+        return await JsonLines(process.stdout, who).next()

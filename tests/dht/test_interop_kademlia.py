@@ -27,6 +27,7 @@ from typing import Any
 import msgpack
 import pytest
 import trio
+from waits import JsonLines
 
 from p2pbuild import SignedRecord, encode
 from p2pbuild.dht import (
@@ -67,20 +68,11 @@ class StockPeers:
         assert process.stdin is not None and process.stdout is not None
         self._process = process
         self._stdin = process.stdin
-        self._stdout = process.stdout
-        self._buffer = bytearray()
+        self._lines = JsonLines(process.stdout, "the stock peer process")
         self.addresses: list[tuple[str, int]] = []
 
     async def read(self) -> dict[str, Any]:
-        while b"\n" not in self._buffer:
-            chunk = await self._stdout.receive_some(65536)
-            if not chunk:
-                raise EOFError("the stock peer process exited")
-            self._buffer += chunk
-        line, _, rest = bytes(self._buffer).partition(b"\n")
-        self._buffer = bytearray(rest)
-        message: dict[str, Any] = json.loads(line)
-        return message
+        return await self._lines.next()
 
     async def call(self, op: str, **fields: Any) -> dict[str, Any]:
         """Send one command and return its answer; fails the test if it is not ``ok``."""

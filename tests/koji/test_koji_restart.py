@@ -32,7 +32,7 @@ import pytest
 import tomli_w
 import trio
 from koji_farms import wait_building, wait_stopped
-from waits import wait_until
+from waits import ready_line, wait_until
 
 from p2pbuild import ResultState
 from p2pbuild.https import generate_tls_material
@@ -100,14 +100,7 @@ class RestartFarm:
             stdout=subprocess.PIPE, stderr=log,
         )
         log.close()
-        assert self.process.stdout is not None
-        line = b""
-        with trio.fail_after(60):
-            while not line.endswith(b"\n"):
-                chunk = await self.process.stdout.receive_some(4096)
-                if not chunk:
-                    raise RuntimeError(f"the dispatcher exited; see {log.name}")
-                line += chunk
+        await ready_line(self.process, f"the dispatcher (see {log.name})")
 
     async def kill_dispatcher(self) -> None:
         """SIGKILL: no shutdown, no logout, nothing more reaches the hub."""

@@ -3,7 +3,6 @@ dispatcher per state directory, refused in one line."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 import tomli_w
 import trio
+from waits import ready_line
 
 from p2pbuild._wiring import lock_state_dir
 from p2pbuild.dispatcher import ConfigError
@@ -50,14 +50,7 @@ async def test_a_second_dispatcher_on_the_same_config_stops_with_one_line(
         first = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE,
                                                  stderr=subprocess.DEVNULL)
         try:
-            assert first.stdout is not None
-            line = b""
-            with trio.fail_after(60):
-                while not line.endswith(b"\n"):
-                    chunk = await first.stdout.receive_some(4096)
-                    assert chunk, "the first dispatcher exited"
-                    line += chunk
-            assert json.loads(line)["port"] > 0
+            assert (await ready_line(first, "the first dispatcher"))["port"] > 0
             with trio.fail_after(60):
                 second = await trio.run_process(argv, capture_stdout=True,
                                                 capture_stderr=True, check=False)

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
-from waits import ended_result, follow_log
+from waits import ended_result, follow_log, ready_line
 
 from p2pbuild import (
     BuildType,
@@ -355,14 +355,7 @@ async def test_node_init_and_run_as_a_child_process(tmp_path: Path) -> None:
                     check=False, env=env, task_status=task_status,
                 )
             )  # fmt: skip
-            assert process.stdout is not None
-            line = b""
-            with trio.fail_after(20):
-                while not line.endswith(b"\n"):
-                    chunk = await process.stdout.receive_some(4096)
-                    assert chunk, "node run exited before it was ready"
-                    line += chunk
-            ready = json.loads(line)
+            ready = await ready_line(process, "node run", timeout=20)
             assert ready["node"] == str(public)
             assert ready["endpoint"].startswith("https://127.0.0.1:")
             assert str(public) in await _find(seed, ready["arch"])
