@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 import trio
 
+from p2pbuild import PublicKey
 from p2pbuild.node._service import JobRunner, JobService
 from p2pbuild.testing import TrustFixture, make_trust_list
 from p2pbuild.testing._kojifarm import KojiFarm, start_koji_farm
@@ -74,3 +75,14 @@ async def wait_stopped(nodes: Iterable[_Node], timeout: float = 30) -> None:
     with trio.fail_after(timeout):
         for node in nodes:
             await node.service.wait_idle()
+
+
+async def submit_building(farm: KojiFarm, srpm: Path) -> tuple[int, dict[PublicKey, bytes]]:
+    """``koji build --nowait`` of ``srpm``, once every node builds its job (gated runners
+    wait there): the task id, and each node's job id by its key."""
+    code, out, err = await farm.koji("build", "--nowait", "f40-p2p", str(srpm))
+    assert code == 0, out + err
+    task_id = task_id_of(out)
+    await wait_building(farm.nodes.values())
+    return task_id, {n.identity.public_key: n.service.running_jobs()[0]
+                     for n in farm.nodes.values()}

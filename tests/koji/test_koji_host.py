@@ -13,7 +13,7 @@ from typing import Any
 import koji
 import pytest
 import trio
-from koji_farms import FIXTURE, Farms, task_id_of, wait_building, wait_stopped
+from koji_farms import FIXTURE, Farms, submit_building, task_id_of, wait_stopped
 from waits import wait_until
 
 from p2pbuild import ResultState
@@ -159,12 +159,8 @@ async def test_cancel_in_koji_stops_the_nodes(farms: Farms, tmp_path: Path) -> N
     srpm = hello_srpm(tmp_path / "src", noarch=True)
     gate = trio.Event()
     farm = await farms.start({"n1": InstantRunner(gate=gate), "n2": InstantRunner(gate=gate)})
-    code, out, err = await farm.koji("build", "--nowait", "f40-p2p", str(srpm.path))
-    assert code == 0, out + err
-    task_id = task_id_of(out)
+    task_id, jobs = await submit_building(farm, srpm.path)
     nodes = list(farm.nodes.values())
-    await wait_building(nodes)
-    jobs = {n.identity.public_key: n.service.running_jobs()[0] for n in nodes}
     code, out, err = await farm.koji("cancel", str(task_id))
     assert code == 0, out + err
     await wait_stopped(nodes)

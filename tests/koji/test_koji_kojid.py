@@ -19,7 +19,7 @@ from typing import Any
 import koji
 import pytest
 import trio
-from koji_farms import Farms, task_id_of, wait_building, wait_stopped
+from koji_farms import Farms, submit_building, task_id_of, wait_stopped
 from waits import wait_until
 
 from p2pbuild import ResultState
@@ -46,18 +46,26 @@ async def task_fault(farm: KojiFarm, task_id: int) -> xmlrpc.client.Fault:
     return failure.value
 
 
+async def denied(
+    farms: Farms, packages: tuple[Path, bytes], policies: dict[str, str]
+) -> tuple[KojiFarm, int, xmlrpc.client.Fault]:
+    """``koji build --wait`` on a hub whose ``policies`` deny it: the farm, the failed
+    task and its fault."""
+    farm = await farms.start(runners(packages), policies=policies)
+    code, out, err = await farm.koji("build", "--wait", "f40-p2p", str(packages[0]))
+    assert code == 1, out + err
+    task_id = task_id_of(out)
+    assert (await farm.call("getTaskInfo", task_id))["state"] == koji.TASK_STATES["FAILED"]
+    return farm, task_id, await task_fault(farm, task_id)
+
+
 async def test_hub_policy_deny_fails_the_task_with_the_hubs_message(
     farms: Farms, packages: tuple[Path, bytes]
 ) -> None:
     # hub.conf [policy] build_from_srpm = all :: deny ...: asked like kojid asks it, before
     # anything is reserved or built.
-    farm = await farms.start(runners(packages),
-                             policies={"build_from_srpm": "all :: deny no SRPMs here"})
-    code, out, err = await farm.koji("build", "--wait", "f40-p2p", str(packages[0]))
-    assert code == 1, out + err
-    task_id = task_id_of(out)
-    assert (await farm.call("getTaskInfo", task_id))["state"] == koji.TASK_STATES["FAILED"]
-    fault = await task_fault(farm, task_id)
+    farm, _, fault = await denied(
+        farms, packages, {"build_from_srpm": "all :: deny no SRPMs here"})
     assert fault.faultCode == koji.ActionNotAllowed.faultCode
     assert fault.faultString == "policy violation (build_from_srpm): no SRPMs here"
     calls = await farm.call("testhub.calls")
@@ -72,11 +80,8 @@ async def test_hub_policy_deny_fails_the_task_with_the_hubs_message(
 async def test_build_rpm_policy_is_asked_too(
     farms: Farms, packages: tuple[Path, bytes]
 ) -> None:
-    farm = await farms.start(runners(packages),
-                             policies={"build_rpm": "match target *-p2p :: deny not here"})
-    code, out, err = await farm.koji("build", "--wait", "f40-p2p", str(packages[0]))
-    assert code == 1, out + err
-    fault = await task_fault(farm, task_id_of(out))
+    _, _, fault = await denied(
+        farms, packages, {"build_rpm": "match target *-p2p :: deny not here"})
     assert fault.faultString == "policy violation (build_rpm): not here"
 
 
@@ -112,12 +117,8 @@ async def test_free_task_handed_back_to_the_same_host_ends_once_correctly(
 ) -> None:
     gate = trio.Event()
     farm = await farms.start(runners(packages, gate=gate))
-    code, out, err = await farm.koji("build", "--nowait", "f40-p2p", str(packages[0]))
-    assert code == 0, out + err
-    task_id = task_id_of(out)
+    task_id, jobs = await submit_building(farm, packages[0])
     nodes = list(farm.nodes.values())
-    await wait_building(nodes)
-    jobs = {n.identity.public_key: n.service.running_jobs()[0] for n in nodes}
     code, out, err = await farm.koji("free-task", str(task_id), admin=True)
     assert code == 0, out + err
     # The test hub's scheduler hands a free task to the next host asking for work: this
@@ -154,12 +155,8 @@ async def test_a_task_given_to_another_host_stops_here_quietly_and_is_settled(
 ) -> None:
     gate = trio.Event()
     farm = await farms.start(runners(packages, gate=gate), other_hosts=("other-gw",))
-    code, out, err = await farm.koji("build", "--nowait", "f40-p2p", str(packages[0]))
-    assert code == 0, out + err
-    task_id = task_id_of(out)
+    task_id, jobs = await submit_building(farm, packages[0])
     nodes = list(farm.nodes.values())
-    await wait_building(nodes)
-    jobs = {n.identity.public_key: n.service.running_jobs()[0] for n in nodes}
     # An admin hands the running task to another host (scheduler.do_assign with force).
     code, out, err = await farm.koji("assign-task", "--force", str(task_id), "other-gw",
                                      admin=True)
