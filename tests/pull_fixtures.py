@@ -65,9 +65,16 @@ def pull_overrides(url: str, tls: TlsMaterial, poll: float = 5) -> dict[str, obj
     }
 
 
-def shifted_clock(offset: list[float]) -> Callable[[], float]:
-    """Unix time plus ``offset[0]`` (a test moves the queue's clock by changing it)."""
-    return lambda: time.time() + offset[0]
+async def serve_moved_queue(
+    nursery: trio.Nursery, tmp_path: Path, **kwargs: object
+) -> tuple[PullQueue, str, TlsMaterial, list[float]]:
+    """:func:`serve_queue` on Unix time plus an offset the test moves the queue's clock by
+    (setting ``offset[0]``): the queue, its URL, TLS material and ``offset``."""
+    offset = [0.0]
+    queue, url, tls = await serve_queue(
+        nursery, tmp_path, clock=lambda: time.time() + offset[0], **kwargs
+    )
+    return queue, url, tls, offset
 
 
 def auth(identity: Identity = NODE_1, now: Callable[[], float] = time.time) -> dict[str, str]:

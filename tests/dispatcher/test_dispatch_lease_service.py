@@ -9,21 +9,21 @@ import json
 from pathlib import Path
 from typing import Any
 
+import dispatcher_files
 import httpx
 import pytest
 import tomli_w
 import trio
 from engine_waits import wait_build
+from push_nodes import PushNodes
 from waits import wait_until
 
 from p2pbuild._cli import main as cli_main
-from p2pbuild.dispatcher import StaticFinder, hash_token, load_config, run_dispatcher
+from p2pbuild.dispatcher import hash_token, load_config, run_dispatcher
 from p2pbuild.dispatcher._db import BuildState
 from p2pbuild.dispatcher._service import RunningDispatcher
-from p2pbuild.https import generate_tls_material, pinned_client
+from p2pbuild.https import pinned_client
 from p2pbuild.testing import hello_tarball, make_trust_list
-from p2pbuild.testing._farm import FarmNode, start_push_node
-from p2pbuild.testing._runner import InstantRunner
 
 pytestmark = pytest.mark.slow
 
@@ -35,43 +35,28 @@ USERS = {"u1": "token-u1-not-secret", "u2": "token-u2-not-secret",
 
 
 def write_config(tmp: Path, leases: dict[str, Any] | None = None) -> Path:
-    FIXTURE.dispatchers["dispatcher-1"].save(tmp / "dispatcher.key")
-    (tmp / "trust-list.bin").write_bytes(FIXTURE.trust_list.to_bytes())
-    (tmp / "tls").mkdir()
-    generate_tls_material(tmp / "tls")
-    config: dict[str, Any] = {
-        "dispatcher": {"key": "dispatcher.key", "trust_list": "trust-list.bin"},
-        "api": {"port": 0},
-        "clients": [
+    return dispatcher_files.write_config(
+        tmp, FIXTURE,
+        clients=[
             {"user": user, "team": "team-a", "token_sha256": hash_token(token),
              **({"role": "admin"} if user == "root" else {})}
             for user, token in USERS.items()
         ],
-        "engine": {"follow_interval_s": 2, "backoff_base_s": 0.05, "node_retry_base_s": 0.2},
-        "leases": leases or {},
-    }
-    path = tmp / "dispatcher.toml"
-    path.write_text(tomli_w.dumps(config))
-    return path
+        engine={"follow_interval_s": 2, "backoff_base_s": 0.05, "node_retry_base_s": 0.2},
+        leases=leases or {},
+    )
 
 
-class Farm:
+class Farm(PushNodes):
     def __init__(self, nursery: trio.Nursery, tmp: Path) -> None:
-        self.nursery, self.tmp = nursery, tmp
-        self.finder = StaticFinder(FIXTURE.trust_list)
-        self.nodes: dict[str, FarmNode] = {}
+        super().__init__(nursery, tmp, FIXTURE)
         self.config_path: Path | None = None
         self.scope = trio.CancelScope()
         self.stopped = trio.Event()
 
     async def add_nodes(self, *names: str) -> None:
         for name in names:
-            node = await start_push_node(
-                self.nursery, self.tmp / name, FIXTURE.nodes[name], FIXTURE.trust_list,
-                InstantRunner(), slots=1,
-            )
-            self.nodes[name] = node
-            self.finder.put(node.entry())
+            await self.add_node(name, slots=1)
 
     def key(self, name: str) -> str:
         return str(FIXTURE.nodes[name].public_key)

@@ -12,20 +12,19 @@ import httpx
 import pytest
 import trio
 from engine_waits import wait_build
+from push_nodes import PushNodes
 from waits import wait_until
 
 from p2pbuild._codec import encode
 from p2pbuild._wake import WakeRequest
 from p2pbuild.dispatcher._db import BuildRow, BuildState, Database
 from p2pbuild.dispatcher._engine import BuildRequest, Engine, EngineConfig
-from p2pbuild.dispatcher._nodes import StaticFinder
 from p2pbuild.dispatcher._sink import RepositorySink
 from p2pbuild.dispatcher._waking import KeepAwake
 from p2pbuild.https import pinned_client
 from p2pbuild.node._ondemand import OnDemandConfig
 from p2pbuild.testing import make_trust_list
-from p2pbuild.testing._farm import FarmNode, start_push_node
-from p2pbuild.testing._runner import InstantRunner
+from p2pbuild.testing._farm import FarmNode
 
 pytestmark = pytest.mark.slow
 
@@ -34,24 +33,18 @@ DISPATCHER = FIXTURE.dispatchers["dispatcher-1"]
 SOURCE = b"not really an srpm, the instant runner never reads it\n"
 
 
-class Farm:
+class Farm(PushNodes):
     def __init__(self, nursery: trio.Nursery, tmp: Path) -> None:
-        self.nursery, self.tmp = nursery, tmp
-        self.finder = StaticFinder(FIXTURE.trust_list)
-        self.nodes: dict[str, FarmNode] = {}
+        super().__init__(nursery, tmp, FIXTURE)
         self.engine: Engine | None = None
 
     async def add(self, name: str, *, idle_s: float | None = 0.5, pools: tuple[str, ...] = (),
                   hook: tuple[str, ...] = ()) -> FarmNode:
         on_demand = None if idle_s is None else OnDemandConfig(idle_s, 5, hook=hook)
-        node = await start_push_node(
-            self.nursery, self.tmp / name, FIXTURE.nodes[name], FIXTURE.trust_list,
-            InstantRunner(), slots=1, pools=pools, on_demand=on_demand,
+        return await self.add_node(
+            name, slots=1, pools=pools, on_demand=on_demand,
             on_change=lambda n: self.finder.put(n.entry()),
         )
-        self.nodes[name] = node
-        self.finder.put(node.entry())
-        return node
 
     async def start_engine(self) -> Engine:
         engine = Engine(

@@ -188,6 +188,12 @@ class Farm:
         self.nursery.start_soon(node.run)
         return node
 
+    async def start_with(self, names: tuple[str, ...], **node: object) -> Engine:
+        """Stand-in pull nodes ``names`` (``node``: as for :meth:`add`), then the engine."""
+        for name in names:
+            self.add(name, **node)
+        return await self.start_engine()
+
     async def start_engine(self) -> Engine:
         engine = Engine(
             db=Database.open(self.tmp / "dispatcher.db"),
@@ -272,9 +278,7 @@ def two_running(attempts: list[AttemptRow]) -> bool:
 async def test_pull_node_that_dies_mid_build_is_replaced_after_its_lease(
     autojump_clock: trio.abc.Clock, farm: Farm
 ) -> None:
-    for name in ("pull-a", "pull-b", "pull-c"):
-        farm.add(name, build_s=20.0)
-    engine = await farm.start_engine()
+    engine = await farm.start_with(("pull-a", "pull-b", "pull-c"), build_s=20.0)
     farm.doomed = 10.0  # the first node to take a job dies 10 s into it, unrenewed
     build = farm.submit()
     start = trio.current_time()
@@ -347,9 +351,7 @@ async def test_a_cancelled_build_stops_the_pull_nodes_that_took_it(
 async def test_after_a_dispatcher_restart_leases_start_afresh(
     autojump_clock: trio.abc.Clock, farm: Farm
 ) -> None:
-    for name in ("pull-a", "pull-b", "pull-c"):
-        farm.add(name, build_s=200.0)
-    engine = await farm.start_engine()
+    engine = await farm.start_with(("pull-a", "pull-b", "pull-c"), build_s=200.0)
     build = farm.submit()
     farm.doomed = 10.0  # the first node to take a job dies while the dispatcher is down
     running = await farm.wait_attempts(build.id, two_running)
@@ -454,9 +456,7 @@ async def test_a_verified_pull_build_leaves_nothing_in_the_queue(
 async def test_a_failed_pull_build_leaves_nothing_in_the_queue(
     autojump_clock: trio.abc.Clock, farm: Farm
 ) -> None:
-    for name in ("pull-a", "pull-b"):
-        farm.add(name, outcome="failed")
-    engine = await farm.start_engine()
+    engine = await farm.start_with(("pull-a", "pull-b"), outcome="failed")
     build = farm.submit()
     done = await farm.wait_for(build.id, lambda b: b.state.terminal)
     assert done.state is BuildState.FAILED and "failed on 2 operators" in done.reason

@@ -20,8 +20,7 @@ from pull_fixtures import (
     chunks,
     job_for,
     make_queue,
-    serve_queue,
-    shifted_clock,
+    serve_moved_queue,
     taken,
 )
 
@@ -236,9 +235,8 @@ async def test_after_a_restart_a_resumed_job_gets_a_whole_fresh_lease(
 async def test_lease_route_renews_refuses_and_answers_gone(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
-    offset = [0.0]
-    queue, url, tls = await serve_queue(
-        nursery, tmp_path, clock=shifted_clock(offset), lease_s=20.0, heartbeat_s=5.0
+    queue, url, tls, offset = await serve_moved_queue(
+        nursery, tmp_path, lease_s=20.0, heartbeat_s=5.0
     )
     async with pinned_client(tls.sha256, base_url=url, timeout=10) as c:
         kept, withdrawn, lost = job_for(NODE_1), job_for(NODE_1), job_for(NODE_1)

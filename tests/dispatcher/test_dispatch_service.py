@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import dispatcher_files
 import httpx
 import pytest
 import tomli_w
@@ -15,7 +16,7 @@ from engine_waits import wait_build
 
 from p2pbuild._cli import main as cli_main
 from p2pbuild.dispatcher import StaticFinder, hash_token, load_config, run_dispatcher, sign_request
-from p2pbuild.https import generate_tls_material, pinned_client
+from p2pbuild.https import pinned_client
 from p2pbuild.node._runner import ExecutorRunner
 from p2pbuild.testing import hello_srpm, make_trust_list
 from p2pbuild.testing._farm import start_push_node
@@ -28,21 +29,11 @@ TOKEN = "test-token-not-secret"
 
 
 def write_config(tmp: Path) -> Path:
-    FIXTURE.dispatchers["dispatcher-1"].save(tmp / "dispatcher.key")
-    (tmp / "trust-list.bin").write_bytes(FIXTURE.trust_list.to_bytes())
-    (tmp / "tls").mkdir()
-    generate_tls_material(tmp / "tls")
-    config = {
-        "dispatcher": {"key": "dispatcher.key", "trust_list": "trust-list.bin"},
-        "api": {"port": 0},
-        "clients": [
-            {"user": "alice", "team": "team-a", "token_sha256": hash_token(TOKEN)},
-        ],
-        "engine": {"follow_interval_s": 2, "backoff_base_s": 0.05},
-    }
-    path = tmp / "dispatcher.toml"
-    path.write_text(tomli_w.dumps(config))
-    return path
+    return dispatcher_files.write_config(
+        tmp, FIXTURE,
+        clients=[{"user": "alice", "team": "team-a", "token_sha256": hash_token(TOKEN)}],
+        engine={"follow_interval_s": 2, "backoff_base_s": 0.05},
+    )
 
 
 async def start(nursery: trio.Nursery, tmp: Path, runner_factory: object) -> tuple[object, Path]:

@@ -13,9 +13,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+import dispatcher_files
 import httpx
 import pytest
-import tomli_w
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -32,7 +32,7 @@ from p2pbuild.dispatcher._db import BuildRow, BuildState, Database, ObservationR
 from p2pbuild.dispatcher._plot import rating_history, rating_svg
 from p2pbuild.dispatcher._ratings import DEFAULT_MODEL
 from p2pbuild.dispatcher._views import NodeSightings, WebReader, builds_view
-from p2pbuild.https import generate_tls_material, pinned_client
+from p2pbuild.https import pinned_client
 from p2pbuild.testing import make_trust_list
 from p2pbuild.testing._farm import FarmNode, node_entry, start_push_node
 from p2pbuild.testing._runner import InstantRunner
@@ -42,19 +42,11 @@ TOKEN = "test-token-not-secret"
 
 
 def write_config(tmp: Path, **api: Any) -> Path:
-    FIXTURE.dispatchers["dispatcher-1"].save(tmp / "dispatcher.key")
-    (tmp / "trust-list.bin").write_bytes(FIXTURE.trust_list.to_bytes())
-    (tmp / "tls").mkdir()
-    generate_tls_material(tmp / "tls")
-    config = {
-        "dispatcher": {"key": "dispatcher.key", "trust_list": "trust-list.bin"},
-        "api": {"port": 0, **api},
-        "clients": [{"user": "alice-user", "token_sha256": hash_token(TOKEN)}],
-        "engine": {"follow_interval_s": 2, "backoff_base_s": 0.05},
-    }
-    path = tmp / "dispatcher.toml"
-    path.write_text(tomli_w.dumps(config))
-    return path
+    return dispatcher_files.write_config(
+        tmp, FIXTURE, api={"port": 0, **api},
+        clients=[{"user": "alice-user", "token_sha256": hash_token(TOKEN)}],
+        engine={"follow_interval_s": 2, "backoff_base_s": 0.05},
+    )
 
 
 async def start(

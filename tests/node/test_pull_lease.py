@@ -18,8 +18,7 @@ from pull_fixtures import (
     NODE_1,
     SOURCE,
     pull_overrides,
-    serve_queue,
-    shifted_clock,
+    serve_moved_queue,
 )
 from waits import wait_until
 
@@ -40,10 +39,9 @@ def job_for(arch: str, os_name: str) -> Job:
 async def test_a_gone_answer_stops_the_build_and_nothing_is_uploaded(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
-    offset = [0.0]
     # The dispatcher asks for a renewal every second (the node's own default is 15 s).
-    queue, url, tls = await serve_queue(
-        nursery, tmp_path, clock=shifted_clock(offset), lease_s=3.0, heartbeat_s=1.0
+    queue, url, tls, offset = await serve_moved_queue(
+        nursery, tmp_path, lease_s=3.0, heartbeat_s=1.0
     )
     gate = trio.Event()
     runner = InstantRunner(gate=gate)
@@ -66,7 +64,9 @@ async def test_a_gone_answer_stops_the_build_and_nothing_is_uploaded(
         assert delivery is not None and delivery.progress.phase == "building"
         assert service.statistics().running == 1
         queue.withdraw(cancelled.job_id)
-        await wait_until(lambda: client.stopped == 1, 5, "the node stopped the withdrawn job")
+        with trio.fail_after(5):  # the delivery ends once the job is stopped and forgotten
+            await client.wait_uploads()
+        assert client.stopped == 1
         stats = service.statistics()
         assert (stats.running, stats.finished) == (0, 0)  # stopped, then forgotten
         assert not gate.is_set() and len(runner.runs) == 1
@@ -79,7 +79,9 @@ async def test_a_gone_answer_stops_the_build_and_nothing_is_uploaded(
         await wait_until(lambda: (d := queue.delivery(lost.job_id)) and d.renewals >= 1,
                          10, "the node renewed its lease")
         offset[0] = 10.0
-        await wait_until(lambda: client.stopped == 2, 5, "the node stopped the expired job")
+        with trio.fail_after(5):
+            await client.wait_uploads()
+        assert client.stopped == 2
         assert service.statistics().running == 0
         assert queue.statistics().leases_expired == 1
         assert dict(queue.statistics().rejected) == {"lease-expired": 1, "withdrawn": 1}
