@@ -156,17 +156,26 @@ def _requests(key: bytes, cursor: bytes, pad_to: int) -> dict[str, bytes]:
     }
 
 
-def _amplification(factor: int) -> tuple[float, dict[str, float], SansIONetwork, Address]:
-    """Worst ratio of bytes sent to a victim that never answers over bytes the attacker
-    sent in its name, per request type, on a node that has contacts and many records."""
-    config = DhtConfig(amplification_factor=factor)
+def _stored_facet(
+    config: DhtConfig | None, publishers: int, prefix: str
+) -> tuple[SansIONetwork, bytes, Address]:
+    """30 nodes; the first ``publishers`` each put their records under the x86_64 facet.
+    The network, the facet key, and the node storing most of them."""
     net = build_network(30, config, label=LABEL)
     key = facet_key("arch=x86_64")
     everyone = list(net.nodes.values())
-    for i in range(12):
-        op = everyone[i].put(key, signed_records(f"amp-pub-{i}"), net.now)
+    for i in range(publishers):
+        op = everyone[i].put(key, signed_records(f"{prefix}{i}"), net.now)
         net.run(lambda op=op: op.done)
-    target_address, target = max(net.nodes.items(), key=lambda item: item[1].store.count(key))
+    return net, key, max(net.nodes, key=lambda address: net.nodes[address].store.count(key))
+
+
+def _amplification(factor: int) -> tuple[float, dict[str, float], SansIONetwork, Address]:
+    """Worst ratio of bytes sent to a victim that never answers over bytes the attacker
+    sent in its name, per request type, on a node that has contacts and many records."""
+    net, key, target_address = _stored_facet(DhtConfig(amplification_factor=factor), 12,
+                                             "amp-pub-")
+    target = net.nodes[target_address]
     cursor = make_identity("amp-pub-0").public_key.raw + b"capability"
     target.datagrams_to_send()
     net.deferred_before = target.statistics().replies_deferred  # type: ignore[attr-defined]
@@ -233,13 +242,8 @@ def test_unverified_asker_gets_a_cut_reply_or_a_padded_full_one_without_a_ping()
 
 
 def test_stock_find_value_bundle_waits_for_one_ping() -> None:
-    net = build_network(30, label=LABEL)
-    key = facet_key("arch=x86_64")
-    everyone = list(net.nodes.values())
-    for i in range(3):
-        op = everyone[i].put(key, signed_records(f"fv-pub-{i}"), net.now)
-        net.run(lambda op=op: op.done)
-    target_address, target = max(net.nodes.items(), key=lambda item: item[1].store.count(key))
+    net, key, target_address = _stored_facet(None, 3, "fv-pub-")
+    target = net.nodes[target_address]
     target.datagrams_to_send()
     asker: Address = ("10.77.0.2", 7420)
     request = wire.encode_request(b"q" * 20, wire.FIND_VALUE,

@@ -68,17 +68,11 @@ class FileServer:
             return
         if name in ("big", "big.bin"):
             await self._start(send, 200, len(BIG))
-            for i in range(0, len(BIG), 300_000):
-                await send({"type": "http.response.body", "body": BIG[i:i + 300_000],
-                            "more_body": True})
-            await send({"type": "http.response.body", "body": b""})
+            await _send_in_pieces(send, BIG, 300_000)
             return
         if name == "chunked":
             await self._start(send, 200, None)
-            for i in range(0, len(BIG), 100_000):
-                await send({"type": "http.response.body", "body": BIG[i:i + 100_000],
-                            "more_body": True})
-            await send({"type": "http.response.body", "body": b""})
+            await _send_in_pieces(send, BIG, 100_000)
             return
         if name == "endless":
             await self._start(send, 200, None)
@@ -100,6 +94,13 @@ class FileServer:
         if length is not None:
             headers.append((b"content-length", str(length).encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})
+
+
+async def _send_in_pieces(send: Send, data: bytes, size: int) -> None:
+    """``data`` as a response body in ``size``-byte pieces, then its end."""
+    for i in range(0, len(data), size):
+        await send({"type": "http.response.body", "body": data[i:i + size], "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
 
 
 async def start_server(nursery: trio.Nursery, tmp_path: Path) -> tuple[FileServer, str,
