@@ -11,7 +11,7 @@ from typing import IO
 
 import pytest
 import trio
-from e2e_farm import farm_of
+from e2e_farm import farm_of, wait_log
 
 from p2pbuild.testing import LocalFarm, NodeSpec, hello_srpm
 
@@ -83,9 +83,12 @@ async def test_submit_wait_reconnects_across_a_dispatcher_restart(tmp_path: Path
             first = await trio.to_thread.run_sync(process.stdout.readline)
         assert first.startswith("submitted build "), first
         build_id = first.split()[2].rstrip(";")
-        await farm.wait_build(
+        build = await farm.wait_build(
             build_id, lambda b: sum(a["state"] == "running" for a in b["attempts"]) == 2
         )
+        # Killed while both build (not while they still fetch the source from it).
+        for node in ("alice-1", "bob-1"):
+            await wait_log(farm, build, node, b"+ sleep 6")
         farm.kill("dispatcher")
         assert await farm.wait_exit("dispatcher") == -9
         # Started again once the client noticed (rather than after a guessed pause).
@@ -110,8 +113,9 @@ async def test_builds_logs_follow_reconnects_without_repeating_lines(tmp_path: P
              "--follow", "--attempt", str(first), "--client-config", str(farm.client_config)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
-        # Streaming the live log, the build in its sleep.
+        # Streaming the live log, both builds in their sleep.
         streamed = await read_until(process.stdout, "+ sleep 12")
+        await wait_log(farm, build, farm.node_name(build["attempts"][1]["node"]), b"+ sleep 12")
         farm.kill("dispatcher")
         assert await farm.wait_exit("dispatcher") == -9
         noticed = await read_until(process.stderr, "reconnecting")
