@@ -25,6 +25,7 @@ import httpx
 import pytest
 import tomli_w
 import trio
+from waits import wait_until
 
 from p2pbuild import BuildType, Job, JobSpec, Result, ResultState, SourceArtifact, Target
 from p2pbuild.dispatcher import (
@@ -270,11 +271,13 @@ async def test_one_address_cannot_hold_more_than_its_share_of_connections(
         except OSError:
             closed += 1  # reset so soon that connect() already saw it
     assert running.connections is not None
-    with trio.fail_after(10):
-        while running.connections.statistics().accepted + sum(
-            n for _, n in running.connections.statistics().refused
-        ) < 40:
-            await trio.sleep(0.01)
+    connections = running.connections
+
+    def answered() -> int:
+        stats = connections.statistics()
+        return stats.accepted + sum(n for _, n in stats.refused)
+
+    await wait_until(lambda: answered() >= 40, 10, "the server took or refused all 40")
     stats = running.connections.statistics()
     assert stats.open == 8
     assert dict(stats.refused) == {"max-connections-per-address": 32}
@@ -404,9 +407,11 @@ async def test_parallel_uploads_beyond_the_in_flight_bound_get_503(
                 ))
 
             uploads.start_soon(upload)
-            with trio.fail_after(10):
-                while _in_flight(await http.get("/v1/status", headers=_auth("admin"))) < 900_000:
-                    await trio.sleep(0.01)
+            async def streaming() -> bool:
+                status = await http.get("/v1/status", headers=_auth("admin"))
+                return _in_flight(status) >= 900_000
+
+            await wait_until(streaming, 10, "the first upload is 900 kB in")
             # A second upload with a declared length that would pass the bound: 503 at once,
             # before its body is read (hypercorn says "100 Continue" first, whatever comes).
             refused = await _raw_request(running, (

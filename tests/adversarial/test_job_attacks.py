@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+from engine_waits import wait_attempts, wait_build
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -254,11 +255,10 @@ async def test_hostile_node_is_caught_and_honest_nodes_verify(
                                        source_size=len(SOURCE)), "user-1", None)
     with trio.fail_after(30):
         # alice and mallory are the only two operators listed: both get the job.
-        while not any(a.state is AttemptState.LOST for a in engine.db.attempts(build.id)):
-            await trio.sleep(0.02)
+        await wait_attempts(engine, build.id,
+                            lambda rows: any(a.state is AttemptState.LOST for a in rows))
         finder.put(bob.entry())
-        while not engine.db.build(build.id).state.terminal:
-            await trio.sleep(0.02)
+        await wait_build(engine, build.id, lambda b: b.state.terminal)
     done = engine.db.build(build.id)
     assert done.state is BuildState.VERIFIED, done.reason
     attempts = engine.db.attempts(build.id)
