@@ -37,7 +37,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import tomli_w
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -45,8 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _stats import latency_summary
 
 from p2pbuild.dispatcher import hash_token
-from p2pbuild.https import generate_tls_material, pinned_client
+from p2pbuild.https import pinned_client
 from p2pbuild.testing import make_trust_list
+from p2pbuild.testing._farm import write_dispatcher_config
 
 GOAL_RSS_MB = 200.0
 GOAL_SUBMIT_S = 2.0
@@ -63,20 +63,10 @@ def _rss_mb(pid: int) -> float:
 
 
 def _write_config(directory: Path) -> Path:
-    fixture = make_trust_list()
-    fixture.dispatchers["dispatcher-1"].save(directory / "dispatcher.key")
-    (directory / "trust-list.bin").write_bytes(fixture.trust_list.to_bytes())
-    (directory / "tls").mkdir()
-    generate_tls_material(directory / "tls")
-    config = {
-        "dispatcher": {"key": "dispatcher.key", "trust_list": "trust-list.bin"},
-        "api": {"port": 0},
-        "dht": {"host": "127.0.0.1", "port": 0},
-        "clients": [{"user": "bench", "token_sha256": hash_token(TOKEN)}],
-    }
-    path = directory / "dispatcher.toml"
-    path.write_text(tomli_w.dumps(config))
-    return path
+    return write_dispatcher_config(
+        directory, make_trust_list(), dht={"host": "127.0.0.1", "port": 0},
+        clients=[{"user": "bench", "token_sha256": hash_token(TOKEN)}],
+    )
 
 
 async def _submits(url: str, pin: bytes, count: int) -> list[float]:

@@ -16,8 +16,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import attrs
+import tomli_w
 import trio
 
 from .._identity import Identity
@@ -30,8 +32,16 @@ from ..node._config import PullDispatcher
 from ..node._ondemand import OnDemand, OnDemandConfig
 from ..node._pull import PullClient
 from ..node._service import JobRunner, JobService
+from ._keys import TrustFixture
 
-__all__ = ["FarmNode", "PullFarmNode", "node_entry", "start_pull_node", "start_push_node"]
+__all__ = [
+    "FarmNode",
+    "PullFarmNode",
+    "node_entry",
+    "start_pull_node",
+    "start_push_node",
+    "write_dispatcher_config",
+]
 
 
 def node_entry(
@@ -214,3 +224,22 @@ async def start_pull_node(
     await nursery.start(service.run)
     await nursery.start(client.run)
     return PullFarmNode(identity, service, runner, client)
+
+
+def write_dispatcher_config(directory: Path, fixture: TrustFixture, **sections: Any) -> Path:
+    """A dispatcher's directory: ``fixture``'s dispatcher key and trust list, a new TLS
+    certificate, and ``dispatcher.toml`` with a ``[dispatcher]`` section naming them, an
+    API on any free port, and ``sections`` (``api`` replacing that one). Returns the
+    config's path."""
+    fixture.dispatchers["dispatcher-1"].save(directory / "dispatcher.key")
+    (directory / "trust-list.bin").write_bytes(fixture.trust_list.to_bytes())
+    (directory / "tls").mkdir()
+    generate_tls_material(directory / "tls")
+    config = {
+        "dispatcher": {"key": "dispatcher.key", "trust_list": "trust-list.bin"},
+        "api": {"port": 0},
+        **sections,
+    }
+    path = directory / "dispatcher.toml"
+    path.write_text(tomli_w.dumps(config))
+    return path

@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import dispatcher_files
 import httpx
 import pytest
 import tomli_w
@@ -24,6 +23,7 @@ from p2pbuild.dispatcher._db import BuildState
 from p2pbuild.dispatcher._service import RunningDispatcher
 from p2pbuild.https import pinned_client
 from p2pbuild.testing import hello_tarball, make_trust_list
+from p2pbuild.testing._farm import write_dispatcher_config
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,7 @@ USERS = {"u1": "token-u1-not-secret", "u2": "token-u2-not-secret",
 
 
 def write_config(tmp: Path, leases: dict[str, Any] | None = None) -> Path:
-    return dispatcher_files.write_config(
+    return write_dispatcher_config(
         tmp, FIXTURE,
         clients=[
             {"user": user, "team": "team-a", "token_sha256": hash_token(token),

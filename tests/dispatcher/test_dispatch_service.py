@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import dispatcher_files
 import httpx
 import pytest
 import tomli_w
@@ -19,7 +18,7 @@ from p2pbuild.dispatcher import StaticFinder, hash_token, load_config, run_dispa
 from p2pbuild.https import pinned_client
 from p2pbuild.node._runner import ExecutorRunner
 from p2pbuild.testing import hello_srpm, make_trust_list
-from p2pbuild.testing._farm import start_push_node
+from p2pbuild.testing._farm import start_push_node, write_dispatcher_config
 from p2pbuild.testing._runner import InstantRunner
 
 pytestmark = pytest.mark.slow
@@ -29,7 +28,7 @@ TOKEN = "test-token-not-secret"
 
 
 def write_config(tmp: Path) -> Path:
-    return dispatcher_files.write_config(
+    return write_dispatcher_config(
         tmp, FIXTURE,
         clients=[{"user": "alice", "team": "team-a", "token_sha256": hash_token(TOKEN)}],
         engine={"follow_interval_s": 2, "backoff_base_s": 0.05},

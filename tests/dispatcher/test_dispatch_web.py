@@ -13,7 +13,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import dispatcher_files
 import httpx
 import pytest
 import trio
@@ -34,7 +33,7 @@ from p2pbuild.dispatcher._ratings import DEFAULT_MODEL
 from p2pbuild.dispatcher._views import NodeSightings, WebReader, builds_view
 from p2pbuild.https import pinned_client
 from p2pbuild.testing import make_trust_list
-from p2pbuild.testing._farm import FarmNode, node_entry, start_push_node
+from p2pbuild.testing._farm import FarmNode, node_entry, start_push_node, write_dispatcher_config
 from p2pbuild.testing._runner import InstantRunner
 
 FIXTURE = make_trust_list(nodes=[("n1", "alice"), ("n2", "bob"), ("n3", "carol")])
@@ -42,7 +41,7 @@ TOKEN = "test-token-not-secret"
 
 
 def write_config(tmp: Path, **api: Any) -> Path:
-    return dispatcher_files.write_config(
+    return write_dispatcher_config(
         tmp, FIXTURE, api={"port": 0, **api},
         clients=[{"user": "alice-user", "token_sha256": hash_token(TOKEN)}],
         engine={"follow_interval_s": 2, "backoff_base_s": 0.05},
