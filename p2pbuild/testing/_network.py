@@ -23,6 +23,7 @@ import random
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
+from typing import TypedDict, Unpack
 
 import trio
 
@@ -219,25 +220,23 @@ class MemoryNetwork:
         return self.rng.uniform(self.min_delay, self.max_delay)
 
 
+class NetworkConditions(TypedDict, total=False):
+    """The conditions :func:`open_memory_network` passes on to :class:`MemoryNetwork`."""
+
+    loss: float
+    duplication: float
+    min_delay: float
+    max_delay: float
+    tick: float
+
+
 @asynccontextmanager
 async def open_memory_network(
-    rng: random.Random,
-    *,
-    loss: float = 0.0,
-    duplication: float = 0.0,
-    min_delay: float = 0.0005,
-    max_delay: float = 0.002,
-    tick: float = 0.00025,
+    rng: random.Random, **conditions: Unpack[NetworkConditions]
 ) -> AsyncIterator[MemoryNetwork]:
-    """A :class:`MemoryNetwork` whose delivery task runs for the duration of the block."""
-    network = MemoryNetwork(
-        rng,
-        loss=loss,
-        duplication=duplication,
-        min_delay=min_delay,
-        max_delay=max_delay,
-        tick=tick,
-    )
+    """A :class:`MemoryNetwork` (``conditions`` as it takes them) whose delivery task runs
+    for the duration of the block."""
+    network = MemoryNetwork(rng, **conditions)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(network.run)
         yield network
