@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -37,13 +38,14 @@ class Farm(PushNodes):
     def __init__(self, nursery: trio.Nursery, tmp: Path) -> None:
         super().__init__(nursery, tmp, FIXTURE)
         self.engine: Engine | None = None
+        self._published = trio.Event()
 
     async def add(self, name: str, *, idle_s: float | None = 0.5, pools: tuple[str, ...] = (),
                   hook: tuple[str, ...] = ()) -> FarmNode:
         on_demand = None if idle_s is None else OnDemandConfig(idle_s, 5, hook=hook)
         return await self.add_node(
             name, slots=1, pools=pools, on_demand=on_demand,
-            on_change=lambda n: self.finder.put(n.entry()),
+            on_change=self._publish,
         )
 
     async def start_engine(self) -> Engine:
@@ -73,6 +75,18 @@ class Farm(PushNodes):
             **kwargs,  # type: ignore[arg-type]
         ), "user-1", None)
 
+    def _publish(self, node: FarmNode) -> None:
+        """A node's standby state changed: it republishes its status (here, in the finder)."""
+        self.finder.put(node.entry())
+        self._published.set()
+        self._published = trio.Event()
+
+    async def wait_published(self, test: Callable[[], bool], timeout: float = 10) -> None:
+        """Until ``test()`` holds, looked at again whenever a node republishes its state."""
+        with trio.fail_after(timeout):
+            while not test():
+                await self._published.wait()
+
     def standby(self, name: str) -> bool:
         entry = self.finder.entries[self.nodes[name].identity.public_key]
         return entry.status is not None and entry.status.standby
@@ -93,8 +107,7 @@ async def test_standby_node_is_woken_by_a_signed_request_and_builds(
     await farm.add("n1", hook=(str(hook),))
     await farm.add("n2", hook=(str(hook),))
     # Idle: both publish standby (and their owner's hook ran).
-    await wait_until(lambda: farm.standby("n1") and farm.standby("n2"), 10,
-                     "both nodes published standby")
+    await farm.wait_published(lambda: farm.standby("n1") and farm.standby("n2"))
     await wait_until(lambda: hook_log.exists() and hook_log.read_text().count("standby") == 2,
                      10, "both standby hooks ran")
     capability = farm.finder.entries[farm.nodes["n1"].identity.public_key].capability
@@ -120,8 +133,7 @@ async def test_an_awake_node_is_preferred_and_standby_woken_only_when_needed(
     await farm.add("n1")
     await farm.add("n2")
     await farm.add("n3", idle_s=None)  # always on
-    await wait_until(lambda: farm.standby("n1") and farm.standby("n2"), 10,
-                     "both nodes published standby")
+    await farm.wait_published(lambda: farm.standby("n1") and farm.standby("n2"))
     engine = await farm.start_engine()
     build = farm.submit()
     with trio.fail_after(20):
@@ -138,7 +150,7 @@ async def test_forged_or_replayed_wake_requests_are_refused(farm: Farm) -> None:
     node = await farm.add("n1", idle_s=0.3)
     on_demand = node.on_demand
     assert on_demand is not None
-    await wait_until(lambda: on_demand.standby, 10, "the node is in standby")
+    await farm.wait_published(lambda: on_demand.standby)
     key = node.identity.public_key
 
     async def post(body: bytes) -> httpx.Response:
@@ -170,7 +182,7 @@ async def test_forged_or_replayed_wake_requests_are_refused(farm: Farm) -> None:
     response = await post(genuine.to_bytes())
     assert response.status_code == 202 and response.json() == {"standby": False}
     assert on_demand.wakes == 1
-    await wait_until(lambda: on_demand.standby, 10, "the node is in standby")
+    await farm.wait_published(lambda: on_demand.standby)
     response = await post(genuine.to_bytes())
     assert response.status_code >= 400 and response.json()["error"] == "replayed"
     assert on_demand.standby and on_demand.wakes == 1
@@ -187,7 +199,7 @@ async def test_a_pool_keeping_one_awake_lets_the_other_sleep_and_wakes_it_under_
     def one_asleep() -> bool:
         return sorted([farm.standby("n1"), farm.standby("n2")]) == [False, True]
 
-    await wait_until(one_asleep, 10, "one node of the pool is in standby")
+    await farm.wait_published(one_asleep)
     # It stays so over several idle periods: the kept node's idle time keeps restarting.
     for _ in range(10):
         await trio.sleep(0.3)
