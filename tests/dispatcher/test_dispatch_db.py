@@ -273,3 +273,16 @@ def test_the_key_file_has_the_nodes_name_and_the_older_name_still_reads(tmp_path
     path.write_text('[dispatcher]\nkey="old"\nkey_file="k"\ntrust_list="t"\n')
     with pytest.raises(ConfigError, match="key_file and key name the same file"):
         load_config(path)
+
+
+def test_counting_active_attempts_reads_only_active_ones(tmp_path: Path) -> None:
+    # Every selection asks how many pending or running attempts each node has: the query
+    # plan searches the state index rather than scanning every attempt ever made.
+    db = Database.open(tmp_path / "d.db")
+    statements: list[str] = []
+    db._db.set_trace_callback(statements.append)
+    assert db.active_attempts_by_node() == {}
+    db._db.set_trace_callback(None)
+    [query] = [s for s in statements if "FROM attempts" in s]
+    plan = db._db.execute(f"EXPLAIN QUERY PLAN {query}").fetchall()
+    assert any("USING INDEX attempts_state" in row[-1] for row in plan), plan
