@@ -88,7 +88,7 @@ class DhtConfig:
     max_pages: int = attrs.field(default=512, validator=_positive)
     #: How often a Directory republishes its records (seconds); must be shorter than the
     #: shortest record lifetime to matter.
-    republish_interval: float = attrs.field(default=300.0, validator=_positive)
+    republish_interval: float = attrs.field(default=3600.0, validator=_positive)
     #: Acceptance bounds for records.
     record_policy: RecordPolicy = DEFAULT_POLICY
     #: Anti-amplification: largest reply, as a multiple of its request's size, sent to an
@@ -104,9 +104,13 @@ class DhtConfig:
     #: verified forgotten first). A contact that answered a request of ours is verified
     #: by its measured round trip in the routing table.
     max_verified_addresses: int = attrs.field(default=64, validator=_positive)
-    #: A full bucket's oldest contact is pinged for a newcomer only if it has not been
-    #: heard from for this long (seconds); otherwise the newcomer waits in the cache.
+    #: When a bucket is touched (a contact in it heard from, or a newcomer for it), its
+    #: least-recently-seen contact is pinged if it has not been heard from for this long
+    #: (seconds); a newcomer for a full bucket waits in the cache meanwhile.
     eviction_ping_after: float = attrs.field(default=60.0, validator=_positive)
+    #: Every maintenance tick, each bucket's least-recently-seen contact is pinged if it
+    #: has not been heard from for this long (seconds), even if the bucket is quiet.
+    liveness_interval: float = attrs.field(default=300.0, validator=_positive)
     #: ``p2p_store`` datagrams sent at most to one new contact to hand it the records it
     #: should hold (0: no hand-off).
     handoff_datagrams: int = attrs.field(default=4, validator=_not_negative)

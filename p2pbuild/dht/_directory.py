@@ -509,10 +509,17 @@ class Directory:
             result[text] = op.result
         return result
 
+    def _republish_period(self) -> float:
+        """``republish_interval``, or half the lifetime of the shortest-lived record we
+        publish if that is shorter: each record is republished at least once in its life."""
+        period = self.config.republish_interval
+        for record in self.published():
+            period = min(period, (record.expires_at - record.issued_at) / 2)
+        return max(period, 1.0)
+
     async def _republish_loop(self) -> NoReturn:
-        interval = self.config.republish_interval
         while True:
-            with trio.move_on_after(interval):
+            with trio.move_on_after(self._republish_period()):
                 assert self._republish is not None
                 await self._republish.wait()
                 self._republish = trio.Event()

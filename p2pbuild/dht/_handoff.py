@@ -1,5 +1,6 @@
 """Hand-off of records to nodes that join closer to a key than its holders (Kademlia paper,
-section 2.5), and the welcome every heard-from node gets (routing table, eviction ping).
+section 2.5), and the welcome every heard-from node gets (routing table, liveness ping of
+its bucket's least-recently-seen contact).
 
 A newcomer that only sent us a request (its source address may be spoofed) is pinged first;
 the records follow its answer, so a hand-off is never an amplifier. At most
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from . import _wire as wire
 from ._ids import Address
+from ._routing import Peer
 from ._rpc import STORE_OVERHEAD, Count, Purpose, RpcNode
 from ._wire import HEADER_SIZE
 
@@ -40,17 +42,17 @@ class HandoffNode(RpcNode):
                         Purpose.HANDOFF_PING,
                     )
         if to_ping is not None:
-            sent = self._call(
-                to_ping.address,
-                to_ping.node_id,
-                wire.PING,
-                [self.node_id],
-                now,
-                None,
-                Purpose.EVICTION,
-            )
-            if not sent:
-                self.routing.ping_answered(to_ping.node_id)
+            self._check_alive(to_ping, now)
+
+    def _check_alive(self, peer: Peer, now: float) -> None:
+        """Ping ``peer``, a bucket's least-recently-seen contact that has been silent (the
+        table marked its bucket as pinging). Resent once; unanswered twice, it is replaced
+        from the bucket's cache or removed (``RoutingTable.failed``)."""
+        if not self._call(
+            peer.address, peer.node_id, wire.PING, [self.node_id], now, None, Purpose.LIVENESS,
+            retries=1,
+        ):
+            self.routing.ping_answered(peer.node_id)
 
     def _handoff_keys(self, node_id: int) -> list[bytes]:
         """The keys whose records a new contact should get from this node (paper, section

@@ -355,7 +355,7 @@ class DhtNode(LookupNode):
             wire.parse_p2p_store_reply(value, rpc.sent)
             self._welcome(rpc.peer_id, address, now, rtt)
             return
-        if purpose in (Purpose.BOOTSTRAP, Purpose.EVICTION, Purpose.VERIFY, Purpose.HANDOFF_PING):
+        if purpose in (Purpose.BOOTSTRAP, Purpose.LIVENESS, Purpose.VERIFY, Purpose.HANDOFF_PING):
             node_id = id_from_bytes(wire.parse_ping_reply(value))
             if rpc.peer_id is not None and node_id != rpc.peer_id:
                 raise MalformedError("ping answered with another node id")
@@ -365,7 +365,7 @@ class DhtNode(LookupNode):
                     keys = self._handoff_keys(node_id)
                     if keys:
                         self._handoff(node_id, address, keys, now)
-            elif purpose == Purpose.EVICTION:
+            elif purpose == Purpose.LIVENESS:
                 self.routing.ping_answered(node_id)
             elif purpose == Purpose.BOOTSTRAP:
                 assert isinstance(rpc.op, BootstrapOperation)

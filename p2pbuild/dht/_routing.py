@@ -6,12 +6,18 @@ a network of N others has about ``log2(N / k)`` full buckets and a few sparse on
 table is a small dict, not 160 preallocated lists.
 
 Eviction follows the paper: a full bucket never drops its least-recently-seen contact just
-because a newcomer showed up. The newcomer waits in a small replacement cache; if the oldest
-contact has not been heard from for ``fresh_for`` seconds the core pings it, and only if that
-ping (or any other RPC to it) fails is it replaced. An oldest contact heard from recently is
-kept without a ping (section 4.1 of the paper: probing waits until there is reason to), so a
-busy network whose buckets are full sends no eviction pings at all. A contact that fails
-``max_failures`` RPCs in a row is removed even without a replacement.
+because a newcomer showed up. The newcomer waits in a small replacement cache, and the
+oldest contact is replaced only once a ping (or any other RPC) to it fails. Liveness follows
+BitTorrent's BEP 5: whenever a bucket is touched (a contact in it heard from, a newcomer for
+it), its least-recently-seen contact is handed to the core to ping if it has not been heard
+from for ``fresh_for`` seconds (one ping per bucket at a time); :meth:`RoutingTable.silent`
+lists every contact silent for longer, for the core's periodic check. A contact heard from
+recently is never pinged (section 4.1 of the paper: probing waits until there is reason to).
+A contact that fails ``max_failures`` RPCs in a row, or one failure the core calls
+*confirmed* (a ping or ``find_node`` unanswered twice), is removed even without a
+replacement. A bucket is stale (due for a refresh lookup) only when no lookup went through
+it, no contact was added to it and none answered us for the refresh interval (BEP 5's
+"last changed").
 
 Against bucket poisoning (one machine claiming many ids to fill our buckets, see
 ``docs/threat-model.md``): an address ``(host, port)`` holds at most one id in the table, and
@@ -55,12 +61,7 @@ def _intern(node_id: int, address: Address) -> tuple[int, bytes, Address]:
         if len(_INTERNED) >= _MAX_INTERNED:
             _INTERNED.clear()
         entry = _INTERNED[node_id] = (node_id, node_id.to_bytes(20, "big"))
-    shared = _ADDRESSES.get(address)
-    if shared is None:
-        if len(_ADDRESSES) >= _MAX_INTERNED:
-            _ADDRESSES.clear()
-        shared = _ADDRESSES[address] = address
-    return entry[0], entry[1], shared
+    return entry[0], entry[1], intern_address(address)
 
 
 # The whole second of the last "heard from" time: the contacts heard from within one second
@@ -113,16 +114,18 @@ class Peer:
 
 
 class _Bucket:
-    __slots__ = ("last_lookup", "peers", "pinging", "replacements")
+    __slots__ = ("changed_at", "peers", "pinging", "replacements")
 
     def __init__(self, now: float) -> None:
         #: Least recently seen first.
         self.peers: list[Peer] = []
         #: Newcomers waiting for a place, newest last (created when the bucket fills).
         self.replacements: list[Peer] = _NO_PEERS
-        #: Id of the contact being pinged to decide an eviction, if any.
+        #: Id of the contact being pinged to check it is alive, if any.
         self.pinging: int | None = None
-        self.last_lookup = _second(now)
+        #: When a lookup last went through the bucket, a contact was added to it, or a
+        #: contact in it answered one of our requests (BEP 5's "last changed").
+        self.changed_at = _second(now)
 
 
 #: The shared empty replacement cache of buckets that never filled (never mutated).
@@ -245,16 +248,18 @@ class RoutingTable:
         peers = bucket.peers
         for position, peer in enumerate(peers):
             if peer.node_id == node_id:
-                if peer.address == address:
-                    peer.failures = 0
-                    peer.seen_at = _second(now)
-                    if rtt is not None:
-                        update_rtt(peer, rtt)
-                        update_rtt(self.overall, rtt)
-                    if position != len(peers) - 1:
-                        del peers[position]
-                        peers.append(peer)
-                return None
+                if peer.address != address:
+                    return None
+                peer.failures = 0
+                peer.seen_at = _second(now)
+                if rtt is not None:
+                    update_rtt(peer, rtt)
+                    update_rtt(self.overall, rtt)
+                    bucket.changed_at = peer.seen_at
+                if position != len(peers) - 1:
+                    del peers[position]
+                    peers.append(peer)
+                return self._check_oldest(bucket, now)
         full = len(peers) >= self.k
         # A newcomer for a full bucket only waits in its cache; its address is checked when
         # it is promoted (:meth:`failed`).
@@ -282,7 +287,8 @@ class RoutingTable:
                 update_rtt(peer, rtt)
             peers.append(peer)
             self.added = True
-            return None
+            bucket.changed_at = peer.seen_at
+            return self._check_oldest(bucket, now)
         # Full: cache the newcomer; have the oldest contact pinged (once at a time) only if
         # it has not been heard from lately.
         cache = bucket.replacements
@@ -298,11 +304,19 @@ class RoutingTable:
         cache.append(newcomer)
         if len(cache) > self.replacements:
             del cache[0]
+        return self._check_oldest(bucket, now)
+
+    def _check_oldest(self, bucket: _Bucket, now: float, age: float = 0.0) -> Peer | None:
+        """The bucket's least-recently-seen contact, to be pinged, if it has been silent for
+        ``age`` (default ``fresh_for``) seconds and no ping of the bucket is in flight."""
+        peers = bucket.peers
+        if bucket.pinging is not None or not peers:
+            return None
         oldest = peers[0]
-        if bucket.pinging is None and now - oldest.seen_at >= self.fresh_for:
-            bucket.pinging = oldest.node_id
-            return oldest
-        return None
+        if now - oldest.seen_at < (age or self.fresh_for):
+            return None
+        bucket.pinging = oldest.node_id
+        return oldest
 
     def _owner(self, address: Address) -> int | None:
         """The id of the contact at ``address``, if any (a scan: rare, and no dict kept)."""
@@ -346,11 +360,13 @@ class RoutingTable:
         if bucket is not None and bucket.pinging == node_id:
             bucket.pinging = None
 
-    def failed(self, node_id: int) -> bool:
+    def failed(self, node_id: int, *, confirmed: bool = False) -> bool:
         """An RPC to ``node_id`` timed out. Returns True if the contact was removed.
 
         It is replaced by the newest cached newcomer if there is one (the paper's rule: the
-        old contact failed), or removed after ``max_failures`` consecutive failures.
+        old contact failed), or removed after ``max_failures`` consecutive failures, or at
+        once if the failure is ``confirmed`` (a request every node answers went unanswered
+        twice: sent and resent).
         """
         bucket = self._buckets.get(self.bucket_index(node_id))
         if bucket is None:
@@ -366,7 +382,7 @@ class RoutingTable:
                     if self._owner(newcomer.address) is None:
                         bucket.peers.append(newcomer)
                     return True
-                if peer.failures >= self.max_failures:
+                if confirmed or peer.failures >= self.max_failures:
                     del bucket.peers[position]
                     return True
                 return False
@@ -407,13 +423,26 @@ class RoutingTable:
         """A lookup for ``target`` ran: its bucket needs no refresh for a while."""
         bucket = self._buckets.get(self.bucket_index(target))
         if bucket is not None:
-            bucket.last_lookup = _second(now)
+            bucket.changed_at = _second(now)
 
     def stale_buckets(self, now: float, interval: float) -> list[int]:
-        """Indexes of buckets without a lookup in the last ``interval`` seconds."""
+        """Indexes of buckets unchanged for ``interval`` seconds: no lookup went through
+        them, no contact was added and none answered a request of ours."""
         return [
-            index for index, bucket in self._buckets.items() if bucket.last_lookup + interval <= now
+            index for index, bucket in self._buckets.items() if bucket.changed_at + interval <= now
         ]
+
+    def silent(self, now: float, age: float) -> list[Peer]:
+        """The contacts not heard from for ``age`` seconds, the longest silent first (the
+        caller pings them; one that answers is heard from again)."""
+        quiet = [
+            peer
+            for bucket in self._buckets.values()
+            for peer in bucket.peers
+            if now - peer.seen_at >= age and bucket.pinging != peer.node_id
+        ]
+        quiet.sort(key=lambda peer: peer.seen_at)
+        return quiet
 
     def random_id_in_bucket(self, index: int, bits: int) -> int:
         """An id in bucket ``index``, from ``bits`` random bits supplied by the caller."""

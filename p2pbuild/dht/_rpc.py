@@ -44,7 +44,8 @@ class Purpose(enum.IntEnum):
     PAGE = 1
     STORE = 2
     BOOTSTRAP = 3
-    EVICTION = 4
+    #: A ping of a bucket's least-recently-seen contact, silent for a while: is it alive?
+    LIVENESS = 4
     VERIFY = 5
     HANDOFF = 6
     HANDOFF_PING = 7
@@ -91,6 +92,7 @@ class _Rpc:
         "op",
         "peer_id",
         "purpose",
+        "resent",
         "retries",
         "sent",
         "sent_at",
@@ -119,6 +121,8 @@ class _Rpc:
         #: Arguments and resends left, for RPCs worth repeating once lost (stores).
         self.args: list[Any] | None = None
         self.retries = 0
+        #: Whether this is a resend (the first attempt went unanswered).
+        self.resent = False
 
 
 
@@ -260,12 +264,12 @@ class RpcNode:
         candidate: _Candidate | None = None,
         sent: int = 0,
         retries: int = 0,
-    ) -> bool:
-        """Send a request; returns False if it could not be (pending table full). An RPC
-        with ``retries`` is sent again that many times if it times out."""
+    ) -> _Rpc | None:
+        """Send a request; returns it, or None if it could not be sent (pending table
+        full). An RPC with ``retries`` is sent again that many times if it times out."""
         if len(self._pending) >= self.config.max_pending_rpcs:
             self._dropped["pending-full"] = self._dropped.get("pending-full", 0) + 1
-            return False
+            return None
         msg_id = self.rng.randbytes(wire.MSG_ID_SIZE)
         pad = self._pad_to if method in _PADDED else 0
         self._send(
@@ -291,13 +295,13 @@ class RpcNode:
         heapq.heappush(self._timers, (now + timeout, msg_id, TimerKind.DEADLINE))
         if purpose == Purpose.WALK and stall < timeout:
             heapq.heappush(self._timers, (now + stall, msg_id, TimerKind.STALL))
-        return True
+        return rpc
 
     def _resend(self, rpc: _Rpc, now: float) -> bool:
         """Send a timed-out RPC again (a lost store leaves a hole in a holder's pages; a lost
         bootstrap ping leaves a node alone). Returns False if it could not be sent."""
         assert rpc.args is not None
-        return self._call(
+        again = self._call(
             rpc.address,
             rpc.peer_id,
             rpc.method,
@@ -309,4 +313,8 @@ class RpcNode:
             rpc.sent,
             rpc.retries - 1,
         )
+        if again is None:
+            return False
+        again.resent = True
+        return True
 

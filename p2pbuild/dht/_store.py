@@ -41,6 +41,7 @@ __all__ = [
     "StoreFullError",
     "WrongKeyError",
     "bound_keys",
+    "keep_newest",
     "slot_of",
 ]
 
@@ -373,12 +374,18 @@ class RecordStore:
         return chosen, b""
 
 
+def keep_newest(best: dict[bytes, SignedRecord], record: SignedRecord) -> None:
+    """Put ``record`` in ``best`` (by slot) unless it holds one of a higher or equal
+    ``seq``."""
+    slot = slot_of(record)
+    current = best.get(slot)
+    if current is None or record.seq > current.seq:
+        best[slot] = record
+
+
 def latest(records: Iterable[SignedRecord]) -> dict[bytes, SignedRecord]:
     """The highest-``seq`` record of each slot."""
     best: dict[bytes, SignedRecord] = {}
     for record in records:
-        slot = slot_of(record)
-        current = best.get(slot)
-        if current is None or record.seq > current.seq:
-            best[slot] = record
+        keep_newest(best, record)
     return best

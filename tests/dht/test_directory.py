@@ -90,9 +90,10 @@ async def test_republishing_reaches_nodes_that_join_later(
         publisher = cluster.nodes[0]
         identity = cluster.identities[0]
         now = int(publisher.now())
+        # Living two republish periods: republished once after the interval.
         await publisher.publish([
             SignedRecord.create(identity, example_capability(), seq=1, issued_at=now,
-                                lifetime=3600),
+                                lifetime=2 * int(publisher.config.republish_interval)),
         ])
         key = node_key(identity.public_key)
         # Most of the original holders die; nobody else has the record for long.

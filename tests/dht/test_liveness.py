@@ -1,0 +1,182 @@
+"""Routing-table liveness and maintenance traffic, with explicit time: dead contacts found
+out and dropped, quiet buckets left alone, republishing paced by the records' lifetimes."""
+
+from __future__ import annotations
+
+import random
+
+import trio
+import trio.testing
+
+from p2pbuild import SignedRecord
+from p2pbuild.dht import DhtConfig, DhtNode
+from p2pbuild.dht import _wire as wire
+from p2pbuild.dht._routing import RoutingTable
+from p2pbuild.testing import (
+    SANSIO_EPOCH,
+    build_network,
+    example_capability,
+    example_status,
+    open_cluster,
+)
+
+T0 = SANSIO_EPOCH
+
+
+def _methods(sent: list[tuple[bytes, tuple[str, int], tuple[str, int]]]) -> list[str]:
+    methods = []
+    for data, _, _ in sent:
+        frame = wire.decode_datagram(data, max_size=2048)
+        if isinstance(frame, wire.Request):
+            methods.append(frame.method)
+    return methods
+
+
+def test_a_confirmed_failure_removes_a_contact_at_once() -> None:
+    table = RoutingTable(0, k=4, replacements=2, max_failures=3, now=0.0)
+    table.seen(1 << 100, ("10.0.0.1", 1), 0.0, rtt=0.01)
+    table.seen(2 << 100, ("10.0.0.2", 1), 0.0, rtt=0.01)
+    # An unconfirmed failure (a p2p_find a stock peer would ignore) only counts...
+    assert not table.failed(1 << 100)
+    assert table.get(1 << 100) is not None
+    # ...a confirmed one (a ping or find_node unanswered, resent, unanswered) removes.
+    assert table.failed(2 << 100, confirmed=True)
+    assert table.get(2 << 100) is None
+
+
+def test_a_bucket_is_stale_only_when_nothing_changed_it() -> None:
+    table = RoutingTable(0, k=4, replacements=2, max_failures=3, now=0.0)
+    answered, asked = 1 << 150, 1 << 100
+    table.seen(answered, ("10.0.0.1", 1), 0.0, rtt=0.01)
+    table.seen(asked, ("10.0.0.2", 1), 0.0)
+    # At 3000 s the first contact answers us again, the second only sends requests.
+    table.seen(answered, ("10.0.0.1", 1), 3000.0, rtt=0.01)
+    table.seen(asked, ("10.0.0.2", 1), 3000.0)
+    stale = table.stale_buckets(3600.0, 3600.0)
+    assert stale == [table.bucket_index(asked)]
+    # A lookup through a bucket counts as a change too.
+    table.touch(asked, 3600.0)
+    assert table.stale_buckets(3600.0, 3600.0) == []
+
+
+def test_silent_contacts_are_pinged_and_the_dead_dropped() -> None:
+    config = DhtConfig(liveness_interval=300.0)
+    net = build_network(30, config)
+    everyone = list(net.nodes)
+    dead = set(everyone[5:10])
+    net.dead.update(dead)
+    live = [node for address, node in net.nodes.items() if address not in dead]
+    entries = sum(len(node.routing) for node in live)
+    assert any(c.address in dead for node in live for c in node.routing)
+    live_contacts = {
+        id(node): {c.node_id for c in node.routing if c.address not in dead} for node in live
+    }
+    before = len(net.sent)
+    # One liveness interval and a maintenance tick: every silent contact has been pinged.
+    net.run(limit=config.liveness_interval + 2 * config.maintenance_interval)
+    for node in live:
+        held = {c.node_id for c in node.routing}
+        assert not any(c.address in dead for c in node.routing)
+        assert held >= live_contacts[id(node)]  # nobody alive was dropped
+    # Pings only (no bucket needed a refresh lookup), each contact's at most twice in
+    # these 420 s (a dead one's: sent and resent).
+    methods = _methods(net.sent[before:])
+    assert set(methods) == {wire.PING}
+    assert len(methods) <= 2 * entries
+
+
+def _refreshes(answered_at: float) -> list[str]:
+    """Methods a node sends at its maintenance tick an hour after it met its contacts,
+    which last answered it at ``answered_at``."""
+    config = DhtConfig()
+    node = DhtNode(b"\x00" * 20, now=T0, rng=random.Random(1), config=config)
+    contacts = [(node.own ^ (1 << 159) ^ n, (f"10.1.0.{n}", 1)) for n in range(1, 4)]
+    for node_id, address in contacts:
+        node.routing.seen(node_id, address, T0, rtt=0.05)
+        node.routing.seen(node_id, address, answered_at, rtt=0.05)
+    node.handle_timer(T0 + config.refresh_interval + 1)
+    return [
+        frame.method
+        for data, _ in node.datagrams_to_send()
+        if isinstance(frame := wire.decode_datagram(data, max_size=2048), wire.Request)
+    ]
+
+
+def test_a_bucket_that_answered_lately_is_not_refreshed() -> None:
+    # Contacts that answered 10 minutes ago: silent ones are pinged, no refresh lookup.
+    assert set(_refreshes(T0 + 3000)) == {wire.PING}
+    # Nothing answered for an hour: the bucket is refreshed (a find_node walk) too.
+    assert wire.FIND_NODE in _refreshes(T0)
+
+
+def test_touching_a_bucket_pings_its_silent_oldest_and_drops_it_dead() -> None:
+    config = DhtConfig(k=4)
+    node = DhtNode(b"\x00" * 20, now=T0, rng=random.Random(1), config=config)
+    own = node.own
+    old, other = own ^ (1 << 159) ^ 1, own ^ (1 << 159) ^ 2
+    node.routing.seen(old, ("10.1.0.1", 1), T0, rtt=0.05)
+    node.routing.seen(other, ("10.1.0.2", 1), T0 + 30, rtt=0.05)
+    # A request from the other contact of the bucket, 61 s later: the oldest has been
+    # silent for longer than eviction_ping_after, so it is pinged.
+    now = T0 + 61
+    node.receive_datagram(
+        wire.encode_request(b"q" * 20, wire.PING, [other.to_bytes(20, "big")]),
+        ("10.1.0.2", 1), now,
+    )
+    out = node.datagrams_to_send()
+    pings = [address for data, address in out
+             if isinstance(wire.decode_datagram(data, max_size=2048), wire.Request)]
+    assert pings == [("10.1.0.1", 1)]
+    # It never answers: resent once, then dropped although no replacement waits.
+    while node.routing.get(old) is not None and now < T0 + 120:
+        now = node.get_timer()
+        node.handle_timer(now)
+        pings += [address for data, address in node.datagrams_to_send()
+                  if isinstance(wire.decode_datagram(data, max_size=2048), wire.Request)]
+    assert node.routing.get(old) is None
+    assert pings == [("10.1.0.1", 1)] * 2
+    assert node.routing.get(other) is not None
+
+
+def test_a_fresh_bucket_sends_no_ping_when_touched() -> None:
+    node = DhtNode(b"\x00" * 20, now=T0, rng=random.Random(1), config=DhtConfig(k=4))
+    own = node.own
+    first, second = own ^ (1 << 159) ^ 1, own ^ (1 << 159) ^ 2
+    node.routing.seen(first, ("10.1.0.1", 1), T0, rtt=0.05)
+    node.routing.seen(second, ("10.1.0.2", 1), T0, rtt=0.05)
+    node.receive_datagram(
+        wire.encode_request(b"q" * 20, wire.PING, [second.to_bytes(20, "big")]),
+        ("10.1.0.2", 1), T0 + 59,
+    )
+    out = node.datagrams_to_send()
+    assert [type(wire.decode_datagram(d, max_size=2048)) for d, _ in out] == [wire.Response]
+
+
+async def test_republishing_follows_the_shortest_record_lifetime(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_cluster(8, seed=3) as cluster:
+        directory = cluster.nodes[0]
+        identity = cluster.identities[0]
+        interval = directory.config.republish_interval
+        now = int(directory.now())
+        await directory.publish([
+            SignedRecord.create(identity, example_capability(), seq=1, issued_at=now,
+                                lifetime=4 * int(interval)),
+            SignedRecord.create(identity, example_status(), seq=1, issued_at=now,
+                                lifetime=1800),
+        ])
+        puts = directory.statistics().lookups
+        # The status lives 30 minutes: republished at half its life, not before.
+        await trio.sleep(899)
+        assert directory.statistics().lookups == puts
+        await trio.sleep(2)
+        first = directory.statistics().lookups
+        assert first > puts
+        # Once the status is gone, the capability alone goes hourly.
+        await trio.sleep(1800 - 901 + 1)
+        second = directory.statistics().lookups
+        await trio.sleep(interval - 2)
+        assert directory.statistics().lookups == second
+        await trio.sleep(4)
+        assert directory.statistics().lookups > second
