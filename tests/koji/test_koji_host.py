@@ -192,7 +192,11 @@ async def test_expired_session_and_hub_restart_during_import(
         exit_code = await farm.hub.wait_exit()
     assert exit_code == 17
     await farm.hub.stop()
-    await trio.sleep(1.0)  # the host's client is retrying against a closed port
+    # Down until the host has found the port closed: one of its rounds failed on it.
+    failed = farm.host.failed_rounds
+    with trio.fail_after(30):
+        while farm.host.failed_rounds == failed:
+            await farm.host.wait_rounds(1)
     await farm.hub.start()
     task = await farm.wait_task(task_id, ("CLOSED", "FAILED"), timeout=90)
     assert task["state"] == koji.TASK_STATES["CLOSED"]
