@@ -46,7 +46,7 @@ async def finish(process: subprocess.Popen[str], timeout: float,
     raise AssertionError(f"still running after {timeout:g} s: {output[1][-2000:]}")
 
 
-async def read_until(stream: IO[str] | None, text: str, timeout: float = 30) -> str:
+async def read_until(stream: IO[str] | None, text: str, timeout: float = 60) -> str:
     """The child's lines up to and including one with ``text`` (what it says as it does
     something: a readiness line, not a guess of how long it takes)."""
     assert stream is not None
