@@ -698,9 +698,10 @@ class Engine:
                 scope.cancel()
         async with trio.open_nursery() as nursery:
             for attempt in active:
-                nursery.start_soon(
-                    self._cancel_on_node, attempt, attempt.state is AttemptState.RUNNING
-                )
+                # A pending push job may have reached its node (sent before a restart, or
+                # its answer still on the way): cancel it there too (unknown: 404, fine).
+                started = attempt.state is AttemptState.RUNNING or bool(attempt.endpoint)
+                nursery.start_soon(self._cancel_on_node, attempt, started)
         for attempt in active:
             self.db.set_attempt_state(attempt, AttemptState.CANCELLED, self.clock(), reason=why)
 

@@ -249,6 +249,37 @@ async def test_a_verified_build_asks_the_directory_nothing_more(
     assert engine.db.platform("user-1") == ("x86_64", "fedora-41", "metal")
 
 
+async def test_cancelling_a_build_cancels_its_pending_push_jobs_on_their_nodes(
+    farm: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An attempt still pending may have its job on the node (sent before a restart, or the
+    # node's answer not yet handled): cancelling the build cancels the job there too.
+    gate = trio.Event()
+    for name in ("alice-1", "bob-1"):
+        await farm.add_node(name, InstantRunner(gate=gate))
+    set_attempt_state = Database.set_attempt_state
+
+    def never_running(
+        self: Database, attempt: object, state: AttemptState, now: float, **kwargs: object
+    ) -> None:
+        if state is not AttemptState.RUNNING:
+            set_attempt_state(self, attempt, state, now, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Database, "set_attempt_state", never_running)
+    engine = await farm.start_engine()
+    build = farm.submit()
+    with trio.fail_after(10):
+        for node in farm.nodes.values():
+            await node.runner.wait_runs(1)  # type: ignore[attr-defined]
+    assert {a.state for a in engine.db.attempts(build.id)} == {AttemptState.PENDING}
+    engine.cancel(build.id, "user-1")
+    done = await farm.wait_done(build.id)
+    assert done.state is BuildState.CANCELLED
+    for node in farm.nodes.values():
+        [job] = node.runner.runs  # type: ignore[attr-defined]
+        assert node.service.status(job.job_id).state is ResultState.CANCELLED
+
+
 async def test_no_node_matches_fails_with_the_reason(farm: Harness) -> None:
     await farm.add_node("alice-1")
     await farm.add_node("alice-2")
