@@ -24,6 +24,7 @@ record bundle (:func:`decode_bundle`).
 
 from ._directory import (
     Directory,
+    DirectoryOptions,
     FacetSample,
     FindResult,
     NodeEntry,
@@ -84,6 +85,7 @@ __all__ = [
     "DhtStatistics",
     "Directory",
     "DirectoryClosedError",
+    "DirectoryOptions",
     "FacetSample",
     "FindResult",
     "Driver",

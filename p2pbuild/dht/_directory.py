@@ -23,7 +23,7 @@ import math
 import random
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
-from typing import NoReturn
+from typing import NoReturn, TypedDict, Unpack
 
 import attrs
 import trio
@@ -41,39 +41,54 @@ from .._records import (
     platform_facet,
 )
 from .._trust import TrustEntry, TrustList, trusted_node
-from ._ids import (
-    FACET_SHARDS,
-    Address,
-    Contact,
-    facet_key,
-    facet_shard,
-    facet_shard_key,
-    facet_shard_text_key,
-    facet_text_key,
-    node_text_key,
-    random_node_id,
-    text_key,
-)
+from . import _ids
+from ._ids import Address, Contact
 from ._protocol import DhtConfig, DhtNode, DhtStatistics, GetOperation
 from ._store import SHARED_CACHE, RecordCache, latest, slot_of
 from ._trio import DatagramTransport, Driver, UdpTransport, resolve
 
 __all__ = [
     "Directory",
+    "DirectoryOptions",
     "FacetSample",
     "FindResult",
     "NodeEntry",
-    "Query", "open_directory", "open_directory_on", "serve"]
+    "Query",
+    "open_directory",
+    "open_directory_on",
+    "serve",
+]
 
 #: The default random source of every node in the process: an OS-backed generator has no
 #: state to keep per node, and one instance spares each node its own (about 2.5 KB).
 _SHARED_RNG = random.SystemRandom()
-#: Shards a sampled find reads at first when it knows nothing of the facet, and at most
-#: when it does (besides the facet's root key); and how much more than wanted it asks for
-#: (parts of a random partition vary in size, and the weighting trims the rest).
+#: Shards a sampled find censuses when it knows nothing of the facet, and at most when it
+#: does; how much more than wanted it fetches (parts of a random partition vary in size:
+#: the uniform choice at the end trims the rest); how long a facet's shape (publishers in
+#: its root, mean per shard) is trusted before the root is read again.
 _SAMPLE_SHARDS = 2
-_MAX_SAMPLE_SHARDS = 8
-_OVERFETCH = 1.25
+_MAX_SAMPLE_SHARDS = 16
+_OVERFETCH = 1.2
+_SHAPE_TTL = 300.0
+
+
+@attrs.frozen
+class _Shape:
+    """What the last sampled find of a facet saw: publishers in its root key, the mean per
+    shard, and when the root was read."""
+
+    root: int
+    shard_mean: float
+    seen_at: float
+
+
+def _shards_for(wanted: int, shard_mean: float) -> int:
+    """Shards to read so that ``wanted`` publishers can be fetched with the same chance for
+    every publisher of a sharded facet (``wanted / total``, which ``count / 64`` of the
+    shards can give only if ``count >= 64 * wanted / total``); at least two, so that one
+    shard's publishers are never the whole sample."""
+    needed = math.ceil(wanted / max(shard_mean, 1.0))
+    return min(max(needed, _SAMPLE_SHARDS), _MAX_SAMPLE_SHARDS)
 
 
 def _optional_token(
@@ -196,9 +211,8 @@ class Directory:
         #: (Publisher, facet) pairs whose root key refused the publisher as full: it
         #: publishes under its shard of the facet too.
         self._sharded: set[tuple[PublicKey, str]] = set()
-        #: Per facet, what the last sampled find saw: publishers in the root key, and the
-        #: mean per shard read.
-        self._shapes: dict[str, tuple[int, float]] = {}
+        #: Per facet, what the last sampled find saw (:class:`_Shape`).
+        self._shapes: dict[str, _Shape] = {}
 
     # -- identity ---------------------------------------------------------------------------------
 
@@ -320,7 +334,7 @@ class Directory:
         if not facets:
             raise LocalError("a query needs at least one of arch, os, machine, pool")
         now = self.now()
-        roots = [self._core.get(facet_key(facet), now) for facet in facets]
+        roots = [self._core.get(_ids.facet_key(facet), now) for facet in facets]
         for op in roots:
             await self._driver.wait(op)
         # A facet whose root key is (nearly) full has more publishers in its shards.
@@ -331,8 +345,8 @@ class Directory:
             if (root.publishers or 0) >= full:
                 now = self.now()
                 group += [
-                    self._core.get(facet_shard_key(name, shard), now)
-                    for shard in range(FACET_SHARDS)
+                    self._core.get(_ids.facet_shard_key(name, shard), now)
+                    for shard in range(_ids.FACET_SHARDS)
                 ]
                 for op in group[1:]:
                     await self._driver.wait(op)
@@ -345,11 +359,16 @@ class Directory:
         self, query: Query, want: int = 64, trust_list: TrustList | None = None
     ) -> FacetSample:
         """About ``want`` nodes matching ``query``, chosen uniformly at random among all of
-        them, without reading the whole facet: sampled reads (``DhtNode.get(sample=...)``)
-        of the first facet's root key and of random shards, all at once, weighted so that
-        every publisher is as likely to be chosen; other facets of the query and the trust
-        list filter the sample. Raises :class:`LocalError` for an empty query or ``want``
-        below 1.
+        them, without reading the whole facet (``docs/protocol.md``, *Sampled find*).
+
+        A facet whose root key holds every publisher (fewer than the root has room for) is
+        sampled from its root; a bigger one from a few random shards only (every publisher
+        of a big facet writes its shard), the same share of each, so that every publisher
+        is as likely to be chosen: one wave of census walks (publisher counts and holders,
+        no records), one round trip of random parts, a uniform choice of ``want`` among
+        them. The root is read only while this directory does not know the facet's shape
+        (first find, or after ``_SHAPE_TTL``). Other facets of the query and the trust list
+        filter the sample. Raises :class:`LocalError` for an empty query or ``want`` below 1.
         """
         facets = query.facets()
         if not facets:
@@ -358,57 +377,80 @@ class Directory:
             raise LocalError("want must be at least 1")
         first = facets[0]
         rng = self._core.rng
+        wanted = math.ceil(_OVERFETCH * want)
+        room = self.config.max_records_per_key // 2
         now = self.now()
-        # What the last sample of this facet saw (publishers in its root, per shard) sets
-        # how many shards to read and how many publishers to ask of each; unknown, the
-        # root is assumed to hold most of them.
-        root_seen, shard_mean = self._shapes.get(first, (want, 0.0))
-        total = root_seen + FACET_SHARDS * shard_mean
-        want_root = max(1, math.ceil(_OVERFETCH * want * root_seen / max(total, 1)))
-        if shard_mean:
-            count = math.ceil((want - want_root) / shard_mean)
-            count = min(max(count, 1), _MAX_SAMPLE_SHARDS)
-            want_shard = max(1, math.ceil(_OVERFETCH * (want - want_root) / count))
-        else:
-            count, want_shard = _SAMPLE_SHARDS, max(1, want // 4)
-        root = self._core.get(facet_key(first), now, sample=want_root)
-        shards = rng.sample(range(FACET_SHARDS), count)
-        ops = [root] + [
-            self._core.get(facet_shard_key(first, shard), now, sample=want_shard)
-            for shard in shards
-        ]
-        for op in ops:
+        shape = self._shapes.get(first)
+        if shape is not None and now - shape.seen_at > _SHAPE_TTL:
+            shape = None
+        root: GetOperation | None = None
+        if shape is None or shape.root < room:
+            root = self._core.get(_ids.facet_key(first), now, census=True)
+        count = 0 if shape is not None and shape.root < room else _SAMPLE_SHARDS
+        if shape is not None and shape.root >= room:
+            count = _shards_for(wanted, shape.shard_mean)
+        shards = rng.sample(range(_ids.FACET_SHARDS), count)
+        censuses = [self._census(_ids.facet_shard_key(first, s), now) for s in shards]
+        for op in ([root] if root is not None else []) + censuses:
             await self._driver.wait(op)
-        shard_counts = [op.publishers or 0 for op in ops[1:]]
-        got = sum(len(op.result) for op in ops) // 2
-        if (root.publishers or 0) >= self._full_root() and got < want:
-            # A big facet, fewer records than wanted: read more shards, once.
-            extra = rng.sample(
-                [s for s in range(FACET_SHARDS) if s not in shards],
-                min(FACET_SHARDS - len(shards), 2 * _SAMPLE_SHARDS),
-            )
-            more_each = max(1, math.ceil(_OVERFETCH * (want - got) / len(extra)))
+        if root is None and not any(op.publishers for op in censuses):
+            # Empty shards: the facet shrank since its shape was seen. Read its root.
+            root = self._census(_ids.facet_key(first), self.now())
+            await self._driver.wait(root)
+        if root is not None:
+            root_count = root.publishers or 0
+        else:
+            assert shape is not None  # (the root is read whenever the shape is unknown)
+            root_count = shape.root
+        shard_counts = [op.publishers or 0 for op in censuses]
+        shard_mean = sum(shard_counts) / len(shard_counts) if shard_counts else 0.0
+        seen_at = now if root is not None else (shape.seen_at if shape else now)
+        reads: list[GetOperation] = []
+        if root_count < room or not shard_mean:
+            # The root holds the whole facet (or its shards are not written yet).
+            assert root is not None
+            self._shapes[first] = _Shape(root_count, shard_mean, seen_at)
+            estimated = root_count
+            if root_count:
+                reads = [self._core.sample_from(root, wanted, self.now())]
+        else:
+            needed = _shards_for(wanted, shard_mean)
+            if needed > count:
+                # Thinner shards than assumed (a first find, or a facet that shrank):
+                # census more random shards, once.
+                extra = rng.sample(
+                    [s for s in range(_ids.FACET_SHARDS) if s not in shards], needed - count
+                )
+                now = self.now()
+                more = [self._census(_ids.facet_shard_key(first, s), now) for s in extra]
+                for op in more:
+                    await self._driver.wait(op)
+                censuses += more
+                shard_counts += [op.publishers or 0 for op in more]
+                shard_mean = sum(shard_counts) / len(shard_counts)
+            self._shapes[first] = _Shape(root_count, shard_mean, seen_at)
+            estimated = round(_ids.FACET_SHARDS * shard_mean)
+            # Every publisher is fetched with chance ``target``: its shard is read with
+            # chance len(censuses) / 64, and that share of the shard is asked for.
+            chance = len(censuses) / _ids.FACET_SHARDS
+            target = min(chance, wanted / max(estimated, 1))
             now = self.now()
-            more = [
-                self._core.get(facet_shard_key(first, s), now, sample=more_each) for s in extra
-            ]
-            for op in more:
-                await self._driver.wait(op)
-            ops += more
-            shards += extra
-            shard_counts += [op.publishers or 0 for op in more]
-        self._shapes[first] = (root.publishers or 0, sum(shard_counts) / len(shard_counts))
-        # Each shard read stands for FACET_SHARDS / len(shards) shards: weight its records
-        # so that every publisher of the facet is as likely to be in the sample.
-        weight = FACET_SHARDS / len(shards)
-        estimated = (root.publishers or 0) + round(weight * sum(shard_counts))
+            for census in censuses:
+                held = census.publishers or 0
+                asked = min(held, math.ceil(target / chance * held))
+                if asked:
+                    reads.append(self._core.sample_from(census, asked, now))
+        for op in reads:
+            await self._driver.wait(op)
+        # A part fuller than one reply gives a random subset of itself: weigh each key's
+        # records by the inverse of the share of its publishers that came, so that the
+        # choice of ``want`` below (Efraimidis-Spirakis keys u ** (1 / w)) stays uniform.
         weights: dict[bytes, float] = {}
-        for op, w in zip(ops, [1.0] + [weight] * len(shards), strict=True):
-            for record in op.result:
-                if record.kind is Kind.CAPABILITY:
-                    weights[record.publisher.raw] = w
-        entries = self._entries(query, trust_list, [ops])
-        # Weighted sampling without replacement (Efraimidis-Spirakis keys u ** (1 / w)).
+        for op in reads:
+            got = {r.publisher.raw for r in op.result if r.kind is Kind.CAPABILITY}
+            for publisher in got:
+                weights[publisher] = max(op.publishers or 0, len(got)) / len(got)
+        entries = self._entries(query, trust_list, [reads])
         keyed = sorted(
             entries,
             key=lambda e: rng.random() ** (1.0 / weights.get(e.publisher.raw, 1.0)),
@@ -416,10 +458,16 @@ class Directory:
         )
         sample = FacetSample(keyed[:want])
         sample.complete = (
-            all(op.complete for op in ops) and not sum(shard_counts) and len(entries) <= want
+            root_count < room
+            and not shard_mean
+            and all(op.complete for op in reads)
+            and len(entries) <= want
         )
         sample.estimated_publishers = estimated
         return sample
+
+    def _census(self, key: bytes, now: float) -> GetOperation:
+        return self._core.get(key, now, census=True)
 
     def _full_root(self) -> int:
         """Publishers a facet root key holds when readers should read its shards too (it
@@ -476,33 +524,38 @@ class Directory:
                 continue
             body = capability.body
             assert isinstance(body, Capability)
-            shard = facet_shard(publisher)
-            # Every facet's root key first: a reader reads the shards only when the root
-            # is full, so the root must stay full while it has more publishers than it
-            # holds (a full holder refuses a new publisher but keeps updating one it has).
-            texts: list[tuple[str, str | None]] = [(node_text_key(publisher), None)]
+            shard = _ids.facet_shard(publisher)
+            # Every facet's root key first: a full find reads the shards only when the
+            # root is nearly full, so the root must stay full while it has more publishers
+            # than it holds (a full holder refuses a new publisher but keeps updating one
+            # it has). Its put walk counts the root's publishers: from 3/4 full on, every
+            # publisher of the facet writes its shard too, so that the shards alone hold
+            # the whole facet once the root refuses anyone (what sampled finds read).
+            texts: list[tuple[str, str | None]] = [(_ids.node_text_key(publisher), None)]
             for name in body.facets():
-                texts.append((facet_text_key(name), name))
+                texts.append((_ids.facet_text_key(name), name))
                 if (publisher, name) in self._sharded:
-                    texts.append((facet_shard_text_key(name, shard), None))
+                    texts.append((_ids.facet_shard_text_key(name, shard), None))
             for text, root_of in texts:
-                put = self._core.put(text_key(text), mine, now)
+                put = self._core.put(_ids.text_key(text), mine, now, census=root_of is not None)
                 ops.append((text, root_of, publisher, shard, mine, put))
         result = {}
         overflow = []
         for text, root_of, publisher, shard, mine, op in ops:
             await self._driver.wait(op)
-            if root_of is not None and op.full:
-                # Root holders refused us as full: we publish under our shard too, and
-                # report the shard's acknowledgements for this facet.
-                shard_text = facet_shard_text_key(root_of, shard)
-                if (publisher, root_of) not in self._sharded:
-                    self._sharded.add((publisher, root_of))
-                    put = self._core.put(text_key(shard_text), mine, now)
-                    overflow.append((shard_text, put))
-                continue
             if root_of is not None:
-                self._sharded.discard((publisher, root_of))
+                big = bool(op.full) or (op.publishers or 0) >= self._full_root()
+                if big and (publisher, root_of) not in self._sharded:
+                    self._sharded.add((publisher, root_of))
+                    shard_text = _ids.facet_shard_text_key(root_of, shard)
+                    put = self._core.put(_ids.text_key(shard_text), mine, now)
+                    overflow.append((shard_text, put))
+                elif not big:
+                    # The facet shrank (or never grew): the shard records expire.
+                    self._sharded.discard((publisher, root_of))
+                if op.full:
+                    # Refused as full: the shard's acknowledgements stand for this facet.
+                    continue
             result[text] = op.result
         for text, op in overflow:
             await self._driver.wait(op)
@@ -556,7 +609,7 @@ async def open_directory_on(
     rng = rng if rng is not None else _SHARED_RNG
     offset = clock_offset if clock_offset is not None else Driver.default_offset()
     core = DhtNode(
-        node_id if node_id is not None else random_node_id(rng),
+        node_id if node_id is not None else _ids.random_node_id(rng),
         now=trio.current_time() + offset,
         rng=rng,
         config=config,
@@ -577,17 +630,21 @@ async def open_directory_on(
         transport.close()
 
 
+class DirectoryOptions(TypedDict, total=False):
+    """The keyword arguments :func:`open_directory` and :func:`serve` pass on to
+    :func:`open_directory_on` (documented there)."""
+
+    bootstrap: Iterable[tuple[str, int]]
+    node_id: bytes | None
+    config: DhtConfig | None
+    rng: random.Random | None
+    clock_offset: float | None
+    cache: RecordCache
+
+
 @asynccontextmanager
 async def open_directory(
-    host: str = "127.0.0.1",
-    port: int = 0,
-    *,
-    bootstrap: Iterable[tuple[str, int]] = (),
-    node_id: bytes | None = None,
-    config: DhtConfig | None = None,
-    rng: random.Random | None = None,
-    clock_offset: float | None = None,
-    cache: RecordCache = SHARED_CACHE,
+    host: str = "127.0.0.1", port: int = 0, **options: Unpack[DirectoryOptions]
 ) -> AsyncIterator[Directory]:
     """Run a directory on a UDP socket bound to ``(host, port)`` (port 0: any free port;
     ``Directory.address`` tells which). Other arguments as :func:`open_directory_on`.
@@ -595,17 +652,9 @@ async def open_directory(
     Raises :class:`OSError` if the address cannot be bound or a bootstrap name does not
     resolve.
     """
-    config = config if config is not None else DhtConfig()
+    config = options.get("config") or DhtConfig()
     transport = await UdpTransport.bind(host, port, max_size=config.max_incoming_datagram)
-    async with open_directory_on(
-        transport,
-        bootstrap=bootstrap,
-        node_id=node_id,
-        config=config,
-        rng=rng,
-        clock_offset=clock_offset,
-        cache=cache,
-    ) as directory:
+    async with open_directory_on(transport, **options) as directory:
         yield directory
 
 
@@ -613,26 +662,13 @@ async def serve(
     host: str = "127.0.0.1",
     port: int = 0,
     *,
-    bootstrap: Iterable[tuple[str, int]] = (),
-    node_id: bytes | None = None,
-    config: DhtConfig | None = None,
-    rng: random.Random | None = None,
-    clock_offset: float | None = None,
-    cache: RecordCache = SHARED_CACHE,
     task_status: trio.TaskStatus[Directory] = trio.TASK_STATUS_IGNORED,
+    **options: Unpack[DirectoryOptions],
 ) -> NoReturn:
     """Run a directory on UDP until cancelled; ``task_status.started(directory)`` once it
-    listens (and has bootstrapped). Use with ``await nursery.start(serve, ...)``."""
-    async with open_directory(
-        host,
-        port,
-        bootstrap=bootstrap,
-        node_id=node_id,
-        config=config,
-        rng=rng,
-        clock_offset=clock_offset,
-        cache=cache,
-    ) as directory:
+    listens (and has bootstrapped). Use with ``await nursery.start(serve, ...)``. Other
+    arguments as :func:`open_directory_on`."""
+    async with open_directory(host, port, **options) as directory:
         task_status.started(directory)
         await trio.sleep_forever()
     raise AssertionError("unreachable")  # pragma: no cover

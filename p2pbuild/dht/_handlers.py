@@ -126,6 +126,8 @@ class HandlerNode(HandoffNode):
                 seed, parts, part = sample
                 next_cursor = b""
                 if parts:
+                    # No contacts and an empty cursor: the cursor's room holds records.
+                    budget += wire.MAX_CURSOR
                     records = self.store.sample(key, seed, parts, part, now, budget)
                 else:
                     # A sampling walk's query: the closest contacts and the count only.

@@ -7,6 +7,7 @@ The rules are in ``_protocol.py``'s docstring and ``docs/protocol.md`` (*Lookups
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Sequence
 
 from .._errors import RemoteError
@@ -33,8 +34,9 @@ from ._store import keep_newest, latest
 __all__ = ["LookupNode"]
 
 # Publishers per part of a sampled read: about what one reply holds (a capability and a
-# status are ~370 bytes together).
-_PER_PART = 2
+# status are ~380 bytes together; a sample reply has no contacts and no cursor).
+_PER_PART = 3
+_PART_YIELD = 2.4
 
 # Requests a stock Kademlia node answers too (it ignores p2pbuild's own methods).
 _EVERY_NODE_ANSWERS = frozenset((wire.PING, wire.FIND_NODE))
@@ -225,7 +227,7 @@ class LookupNode(HandlerNode):
     def _found_nothing(self, walk: _Walk) -> bool:
         op = walk.op
         assert isinstance(op, GetOperation)
-        if op._found or op.want:
+        if op._found or op.sampled:
             # (A sampling walk reads no records: an empty answer is the normal one.)
             return False
         return not any(c.cursor for c in walk.shortlist if c.state == CandidateState.OK)
@@ -235,7 +237,10 @@ class LookupNode(HandlerNode):
         if walk.records:
             op = walk.op
             assert isinstance(op, GetOperation)
-            cursor = wire.sample_cursor(op._seed, 0, 0) if op.want else b""
+            cursor = wire.sample_cursor(op._seed, 0, 0) if op.sampled else b""
+            method, args = wire.P2P_FIND, wire.encode_p2p_find_args(self.node_id, target, cursor)
+        elif isinstance(walk.op, PutOperation) and walk.op.census:
+            cursor = wire.sample_cursor(bytes(8), 0, 0)
             method, args = wire.P2P_FIND, wire.encode_p2p_find_args(self.node_id, target, cursor)
         else:
             method, args = wire.FIND_NODE, wire.encode_find_args(self.node_id, target)
@@ -269,8 +274,8 @@ class LookupNode(HandlerNode):
         confirms = False
         if rpc.method == wire.P2P_FIND:
             contacts, raws, cursor, publishers = wire.parse_p2p_find_reply_counted(value)
-            assert isinstance(op, GetOperation)
-            if not op.done:
+            assert isinstance(op, GetOperation | PutOperation)
+            if isinstance(op, GetOperation) and not op.done:
                 confirms = self._collect(op, raws, now)
             candidate.cursor = cursor
             if publishers is not None:
@@ -306,7 +311,8 @@ class LookupNode(HandlerNode):
             op.result = len(self.routing)
             self._finish(op)
         elif isinstance(op, GetOperation):
-            if op.want:
+            if op.sampled:
+                op._holders = [c for c in answered if c.publishers]
                 self._sample_phase(op, now)
             else:
                 self._next_page(op, None, b"", now)
@@ -380,11 +386,11 @@ class LookupNode(HandlerNode):
             op._cursor = cursor
         if holder is None:
             walk = op._walk
-            if walk is not None:
-                for candidate in walk.shortlist:
-                    if candidate.state == CandidateState.OK and candidate.cursor:
-                        holder = candidate
-                        break
+            # (A sampled read of a whole key pages through its census's holders.)
+            for candidate in walk.shortlist if walk is not None else op._holders:
+                if candidate.state == CandidateState.OK and candidate.cursor:
+                    holder = candidate
+                    break
         if holder is None or op._pages >= self.config.max_pages:
             if op._cursor or holder is not None:
                 # More was reported than was read: say so, never truncate silently.
@@ -395,50 +401,52 @@ class LookupNode(HandlerNode):
         start = max(holder.cursor, op._cursor)
         holder.cursor = b""
         op._pages += 1
-        args = wire.encode_p2p_find_args(self.node_id, op.key, start)
-        # Resent once, as walk queries are: under loss a page dropped on the way would
-        # otherwise move the read to another holder, or end it if no other has more.
-        if not self._call(
-            holder.address,
-            holder.node_id,
-            wire.P2P_FIND,
-            args,
-            now,
-            op,
-            Purpose.PAGE,
-            holder,
-            retries=1,
-        ):
+        if not self._read_from(holder, op, start, Purpose.PAGE, now):
             self._finish_get(op, now)
 
+    def _read_from(
+        self, holder: _Candidate, op: GetOperation, cursor: bytes, purpose: Purpose, now: float
+    ) -> bool:
+        """Ask ``holder`` for the records of ``op.key`` from ``cursor`` (a page or a sample
+        part); False if it could not be sent. Resent once, as walk queries are: under loss
+        a page dropped on the way would otherwise move the read to another holder, or end
+        it if no other has more, and a lost part would leave the sample short."""
+        args = wire.encode_p2p_find_args(self.node_id, op.key, cursor)
+        rpc = self._call(
+            holder.address, holder.node_id, wire.P2P_FIND, args, now, op, purpose, holder, retries=1
+        )
+        return rpc is not None
+
     def _sample_phase(self, op: GetOperation, now: float) -> None:
-        """A sampled read after its walk: ask the holders that reported publishers for
-        random parts of the key (``wire.sample_cursor``), all at once, each part from a
-        holder picked at random (the serving load spreads over the holders). Enough parts
-        are asked for about ``op.want`` publishers, all of them if the key holds fewer."""
-        walk = op._walk
-        holders = [] if walk is None else [
-            c for c in walk.shortlist if c.state == CandidateState.OK and c.publishers
-        ]
+        """A sampled read after its walk (or its census's): ask the holders that reported
+        publishers for random parts of the key (``wire.sample_cursor``), all at once, each
+        part from a holder picked at random (the serving load spreads over the holders).
+        Enough parts are asked for about ``op.want`` publishers, all of them if the key
+        holds fewer; a census (``want`` = 0) ends here."""
+        holders = op._holders
         count = op.publishers or 0
-        if not holders or not count:
+        if not holders or not count or not op.want:
+            if count and not op.want:
+                op.complete = False
             self._finish_get(op, now)
             return
-        # About two publishers' records fit in one reply: parts of two on average.
+        if op.want >= count:
+            # All of it: paged from the start (b"\x00") as a full read is, so that none is
+            # left out (a random part may hold more than one reply has room for).
+            for holder in holders:
+                holder.cursor = b"\x00"
+            self._next_page(op, None, b"", now)
+            return
+        # About three publishers' records fit in one reply: parts of three on average. A
+        # part with more gives a random subset of itself, so a part yields a little less
+        # than three (``_PART_YIELD``); every publisher still has the same chance.
         parts = min(max(1, -(-count // _PER_PART)), 255)
-        wanted = min(parts, -(-op.want // _PER_PART) + 1)
-        if wanted < parts or count > parts * _PER_PART * 2:
-            op.complete = False
+        wanted = min(parts, math.ceil(op.want / _PART_YIELD))
+        op.complete = False
         rng = self.rng
         for part in rng.sample(range(parts), wanted):
-            holder = rng.choice(holders)
-            args = wire.encode_p2p_find_args(
-                self.node_id, op.key, wire.sample_cursor(op._seed, parts, part)
-            )
-            if self._call(
-                holder.address, holder.node_id, wire.P2P_FIND, args, now, op, Purpose.SAMPLE,
-                holder, retries=1,
-            ):
+            cursor = wire.sample_cursor(op._seed, parts, part)
+            if self._read_from(rng.choice(holders), op, cursor, Purpose.SAMPLE, now):
                 op._outstanding += 1
         if not op._outstanding:
             self._finish_get(op, now)

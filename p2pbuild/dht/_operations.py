@@ -65,11 +65,16 @@ class GetOperation(Operation):
     ``complete`` is False when the read stopped before every record the holders reported
     was read (``max_pages``, or no holder left to page on), or, for a sampled read
     (``want`` > 0), when only part of the key's publishers were asked for. ``publishers``
-    is the most publishers any holder reported under the key (None: no holder said)."""
+    is the most publishers any holder reported under the key (None: no holder said).
+
+    A *sampled* read (``sampled``) walks for the holders' publisher counts only; with
+    ``want`` > 0 it then reads random parts of the key, with ``want`` = 0 (a census) it
+    ends after the walk, and ``DhtNode.sample_from`` reads parts from its holders later."""
 
     __slots__ = (
         "_cursor",
         "_found",
+        "_holders",
         "_node_key",
         "_outstanding",
         "_pages",
@@ -79,13 +84,19 @@ class GetOperation(Operation):
         "key",
         "publishers",
         "result",
+        "sampled",
         "want",
     )
 
-    def __init__(self, key: bytes, now: float, want: int = 0, seed: bytes = b"") -> None:
+    def __init__(
+        self, key: bytes, now: float, want: int = 0, seed: bytes = b"", sampled: bool = False
+    ) -> None:
         super().__init__(now)
         self.key = key
         self.want = want
+        self.sampled = sampled or want > 0
+        #: A sampled read's holders (answered, reported publishers), once its walk ended.
+        self._holders: list[_Candidate] = []
         self.complete = True
         self.publishers: int | None = None
         self._seed = seed
@@ -102,14 +113,32 @@ class GetOperation(Operation):
 
 class PutOperation(Operation):
     """Result: how many nodes (this one included) hold the records now (acknowledged each
-    record as ``"ok"`` or ``"held"``)."""
+    record as ``"ok"`` or ``"held"``).
 
-    __slots__ = ("_batches", "_holders", "_outstanding", "_refused", "full", "key", "result")
+    A *census* put walks with ``p2p_find`` census queries instead of ``find_node``, so
+    that ``publishers`` tells how many publishers the key's holders had (None: no holder
+    said); a publisher learns that way that a facet root key is nearly full."""
 
-    def __init__(self, key: bytes, batches: list[list[bytes]], now: float) -> None:
+    __slots__ = (
+        "_batches",
+        "_holders",
+        "_outstanding",
+        "_refused",
+        "census",
+        "full",
+        "key",
+        "publishers",
+        "result",
+    )
+
+    def __init__(
+        self, key: bytes, batches: list[list[bytes]], now: float, census: bool = False
+    ) -> None:
         super().__init__(now)
         self.key = key
         self.result = 0
+        self.census = census
+        self.publishers: int | None = None
         self._batches = batches
         self._outstanding = 0
         #: Per holder address: batches still unanswered; and holders that refused any.

@@ -226,17 +226,21 @@ class DhtNode(LookupNode):
         self._start_walk(op, op.target, self.config.k, records=False, now=now)
         return op
 
-    def get(self, key: bytes, now: float, *, sample: int = 0) -> GetOperation:
+    def get(
+        self, key: bytes, now: float, *, sample: int = 0, census: bool = False
+    ) -> GetOperation:
         """Look up the records under ``key`` (20 bytes), including any held here.
 
         With ``sample`` > 0 (a facet key with many publishers), read about ``sample``
         publishers' records chosen uniformly at random instead of all of them: the walk
         asks for the holders' publisher counts only, then random parts of the key are asked
         of random holders at once (``docs/protocol.md``, *Sampled reads*); the result says
-        ``complete`` False when the key holds more than was read.
+        ``complete`` False when the key holds more than was read. With ``census`` (and no
+        ``sample``) the read ends after that walk: no records, ``publishers`` counted, and
+        :meth:`sample_from` reads from the holders it found.
         """
-        if sample:
-            op = GetOperation(key, now, want=sample, seed=self.rng.randbytes(8))
+        if sample or census:
+            op = GetOperation(key, now, want=sample, seed=self.rng.randbytes(8), sampled=True)
             op._node_key = False
         else:
             op = GetOperation(key, now)
@@ -245,9 +249,27 @@ class DhtNode(LookupNode):
         self._start_walk(op, id_from_bytes(key), self.config.value_quorum, records=True, now=now)
         return op
 
-    def put(self, key: bytes, records: Sequence[SignedRecord], now: float) -> PutOperation:
+    def sample_from(self, census: GetOperation, want: int, now: float) -> GetOperation:
+        """Read about ``want`` publishers' records, chosen uniformly at random, from the
+        holders a finished ``census`` read (``get(key, now, census=True)``) found: one
+        round trip, no walk. Raises :class:`LocalError` if ``census`` is not a finished
+        sampled read or ``want`` is below 1."""
+        if not (census.done and census.sampled) or want < 1:
+            raise LocalError("sample_from needs a finished census and want >= 1")
+        op = GetOperation(census.key, now, want=want, seed=self.rng.randbytes(8))
+        op._node_key = False
+        op.publishers = census.publishers
+        op._holders = census._holders
+        self._sample_phase(op, now)
+        return op
+
+    def put(
+        self, key: bytes, records: Sequence[SignedRecord], now: float, *, census: bool = False
+    ) -> PutOperation:
         """Store ``records`` under ``key`` on the ``k`` closest nodes (and here, if this node
-        is among them). Records are checked by every holder, as any store is.
+        is among them). Records are checked by every holder, as any store is. With
+        ``census``, the walk asks the nodes it meets how many publishers they hold under
+        ``key`` (``PutOperation.publishers``).
 
         Raises :class:`LocalError` for an empty ``records``.
         """
@@ -264,7 +286,7 @@ class DhtNode(LookupNode):
                 used = 0
             batches[-1].append(record.raw)
             used += cost
-        op = PutOperation(key, batches, now)
+        op = PutOperation(key, batches, now, census=census)
         self._start_walk(op, id_from_bytes(key), self.config.k, records=False, now=now)
         return op
 

@@ -1,0 +1,169 @@
+"""Sharded facets: a sampled find is bounded and uniform over the whole facet (root key and
+shards alike), its load spreads beyond the root key's holders, and an answer that holds
+less than the facet says so."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import pytest
+import trio
+import trio.testing
+
+from p2pbuild import SignedRecord
+from p2pbuild.dht import DhtConfig, Directory, Query, facet_key
+from p2pbuild.testing import (
+    Cluster,
+    example_capability,
+    example_status,
+    make_identity,
+    open_cluster,
+)
+
+# A root key holds 32 publishers here (64 records), so 200 publishers make a sharded facet
+# (the root and 64 shards of about 2.6) at a small cost; k = 8 keeps the puts cheap.
+CONFIG = DhtConfig(k=8, max_records_per_key=64)
+PUBLISHERS = 200
+FACET = "arch=x86_64"
+STATUS_LIFETIME = 1200
+
+
+async def _publish_all(cluster: Cluster, count: int, *, settle: bool = True) -> set[bytes]:
+    """``count`` publishers, each published by one of the cluster's nodes, one after the
+    other (so the root key's holders agree on which publishers they hold: publishers
+    racing for a root's last places can land on some of its holders and in their shard,
+    with a double chance to be sampled, see docs/protocol.md); their raw keys."""
+    now = int(cluster.nodes[0].now())
+    labels = [f"facet-{i}" for i in range(count)]
+    for index, label in enumerate(labels):
+        identity = make_identity(label)
+        await cluster.nodes[index % len(cluster.nodes)].publish(
+            [
+                SignedRecord.create(
+                    identity, example_capability(), seq=1, issued_at=now, lifetime=3600
+                ),
+                SignedRecord.create(
+                    identity, example_status(), seq=1, issued_at=now, lifetime=STATUS_LIFETIME
+                ),
+            ]
+        )
+    if settle:
+        # The first publishers learn that the facet grew past its root at their next
+        # republish (at half their status's lifetime), and write their shards then.
+        await trio.sleep(STATUS_LIFETIME / 2 + 30)
+    return {make_identity(label).public_key.raw for label in labels}
+
+
+def _closest(cluster: Cluster, key: bytes, count: int) -> list[Directory]:
+    target = int.from_bytes(key, "big")
+    return sorted(cluster.nodes, key=lambda d: int.from_bytes(d.node_id, "big") ^ target)[:count]
+
+
+async def _root_publishers(cluster: Cluster) -> set[bytes]:
+    records = await cluster.nodes[1].get(facet_key(FACET))
+    return {r.publisher.raw for r in records}
+
+
+def _chi_square(counts: Counter[bytes], population: Sequence[bytes]) -> float:
+    expected = sum(counts.values()) / len(population)
+    return sum((counts[p] - expected) ** 2 / expected for p in population)
+
+
+@pytest.mark.slow
+async def test_sampled_find_is_bounded_and_uniform_over_root_and_shards(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_cluster(40, seed=5, config=CONFIG) as cluster:
+        everyone = await _publish_all(cluster, PUBLISHERS)
+        in_root = await _root_publishers(cluster)
+        assert len(in_root) >= 20
+        counts: Counter[bytes] = Counter()
+        readers = cluster.nodes[20:30]
+        finds = 300
+        for index in range(finds):
+            reader = readers[index % len(readers)]
+            sample = await reader.find_sample(Query(arch="x86_64"), 10)
+            chosen = [entry.publisher.raw for entry in sample]
+            assert 1 <= len(chosen) <= 10  # bounded by want
+            assert len(set(chosen)) == len(chosen)
+            assert set(chosen) <= everyone
+            assert not sample.complete
+            assert 50 <= sample.estimated_publishers <= 600
+            counts.update(chosen)
+        total = sum(counts.values())
+        assert total >= 0.95 * 10 * finds  # about want each time
+        population = sorted(everyone)
+        # Every publisher as likely as any other: the chi-square statistic of the counts
+        # against equal frequencies, 199 degrees of freedom (mean 199; whole shards come
+        # together, which widens its spread). A sampler that favoured the root key's
+        # publishers two to one (what reading the root on every find does unweighted)
+        # gives over 400 here.
+        print(
+            "CHI",
+            _chi_square(counts, population),
+            total,
+            min(counts[p] for p in population),
+            max(counts.values()),
+        )
+        per_root = sum(counts[p] for p in in_root) / len(in_root)
+        per_shard = sum(counts[p] for p in everyone - in_root) / len(everyone - in_root)
+        print("RATIO", per_root, per_shard, len(in_root))
+        assert _chi_square(counts, population) < 300
+        per_root = sum(counts[p] for p in in_root) / len(in_root)
+        per_shard = sum(counts[p] for p in everyone - in_root) / len(everyone - in_root)
+        assert 0.8 < per_root / per_shard < 1.25
+        assert min(counts[p] for p in population) > 0
+        # Asked for more than the facet has: a sample of a sharded facet never claims to
+        # be all of it.
+        sample = await readers[0].find_sample(Query(arch="x86_64"), 500)
+        assert len(sample) < len(everyone)
+        assert not sample.complete
+
+
+@pytest.mark.slow
+async def test_sampled_finds_spread_load_beyond_the_root_holders(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_cluster(40, seed=6, config=CONFIG) as cluster:
+        await _publish_all(cluster, PUBLISHERS)
+        readers = cluster.nodes[30:40]
+        for reader in readers:  # each learns the facet's shape once
+            await reader.find_sample(Query(arch="x86_64"), 10)
+        before = [d.statistics().requests_in for d in cluster.nodes]
+        for index in range(100):
+            await readers[index % len(readers)].find_sample(Query(arch="x86_64"), 10)
+        nodes = cluster.nodes
+        served = [d.statistics().requests_in - b for d, b in zip(nodes, before, strict=True)]
+        root_holders = {id(d) for d in _closest(cluster, facet_key(FACET), CONFIG.k)}
+        by_root = sum(s for d, s in zip(nodes, served, strict=True) if id(d) in root_holders)
+        # The root's 8 holders are a fifth of the nodes: they serve no more than their
+        # share (before, every find read the root, and its holders served most requests).
+        assert by_root / sum(served) < 0.3
+        busy = [s for s in served if s > 0]
+        assert len(busy) > 3 * CONFIG.k
+        mean = sum(served) / len(served)
+        assert max(served) < 4 * mean
+
+
+async def test_answers_that_hold_less_than_the_facet_say_so(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_cluster(24, seed=7, config=CONFIG) as cluster:
+        everyone = await _publish_all(cluster, 20, settle=False)
+        reader = cluster.nodes[3]
+        # A small facet (all in its root key): a sample of all of it is complete, a smaller
+        # one is not.
+        whole = await reader.find_sample(Query(arch="x86_64"), 64)
+        assert {e.publisher.raw for e in whole} == everyone
+        assert whole.complete
+        part = await reader.find_sample(Query(arch="x86_64"), 5)
+        assert len(part) == 5 and not part.complete
+        found = await reader.find(Query(arch="x86_64"))
+        assert {e.publisher.raw for e in found} == everyone and found.complete
+    # A full find cut by its page limit says so instead of returning a silent subset.
+    async with open_cluster(24, seed=7, config=DhtConfig(k=8, max_pages=2)) as cluster:
+        everyone = await _publish_all(cluster, 20, settle=False)
+        found = await cluster.nodes[3].find(Query(arch="x86_64"))
+        assert len(found) < len(everyone)
+        assert not found.complete
