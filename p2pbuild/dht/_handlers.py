@@ -130,9 +130,10 @@ class HandlerNode(HandoffNode):
                     budget += wire.MAX_CURSOR
                     records = self.store.sample(key, seed, parts, part, now, budget)
                 else:
-                    # A sampling walk's query: the closest contacts and the count only.
+                    # A census query: the closest contacts and the count only; ``part``,
+                    # if not 0, is how many contacts the asker wants at most.
                     records = []
-                    triples = self._closest(key, sender, budget)
+                    triples = self._closest(key, sender, budget)[: part or None]
             elif cursor:
                 records, next_cursor = self.store.page(key, cursor, now, budget)
             else:

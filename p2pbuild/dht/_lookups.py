@@ -37,6 +37,9 @@ __all__ = ["LookupNode"]
 # status are ~380 bytes together; a sample reply has no contacts and no cursor).
 _PER_PART = 3
 _PART_YIELD = 2.4
+# Contacts a sampled read's census query asks for: its walk needs the few closest to the
+# key from each answer, not k (each contact is ~40 bytes of the reply).
+_CENSUS_CONTACTS = 8
 
 # Requests a stock Kademlia node answers too (it ignores p2pbuild's own methods).
 _EVERY_NODE_ANSWERS = frozenset((wire.PING, wire.FIND_NODE))
@@ -237,7 +240,7 @@ class LookupNode(HandlerNode):
         if walk.records:
             op = walk.op
             assert isinstance(op, GetOperation)
-            cursor = wire.sample_cursor(op._seed, 0, 0) if op.sampled else b""
+            cursor = wire.sample_cursor(op._seed, 0, _CENSUS_CONTACTS) if op.sampled else b""
             method, args = wire.P2P_FIND, wire.encode_p2p_find_args(self.node_id, target, cursor)
         elif isinstance(walk.op, PutOperation) and walk.op.census:
             cursor = wire.sample_cursor(bytes(8), 0, 0)

@@ -12,9 +12,12 @@ import trio
 import trio.testing
 
 from p2pbuild import SignedRecord
-from p2pbuild.dht import DhtConfig, Directory, Query, facet_key
+from p2pbuild.dht import DhtConfig, DhtNode, Directory, Query, facet_key
+from p2pbuild.dht import _wire as wire
 from p2pbuild.testing import (
+    SANSIO_EPOCH,
     Cluster,
+    build_network,
     example_capability,
     example_status,
     make_identity,
@@ -167,3 +170,27 @@ async def test_answers_that_hold_less_than_the_facet_say_so(
         found = await cluster.nodes[3].find(Query(arch="x86_64"))
         assert len(found) < len(everyone)
         assert not found.complete
+
+
+def test_a_census_query_asks_for_a_few_contacts_and_the_count() -> None:
+    net = build_network(40)
+    holder: DhtNode = next(iter(net.nodes.values()))
+    key = facet_key(FACET)
+
+    def contacts_for(part: int) -> int:
+        request = wire.encode_request(
+            b"c" * 20,
+            wire.P2P_FIND,
+            wire.encode_p2p_find_args(b"\x07" * 20, key, wire.sample_cursor(b"s" * 8, 0, part)),
+            pad_to=400,
+        )
+        holder.receive_datagram(request, ("10.0.0.9", 9), SANSIO_EPOCH + 1)
+        (reply, _), *_ = holder.datagrams_to_send()
+        response = wire.decode_datagram(reply, max_size=2048)
+        assert isinstance(response, wire.Response)
+        contacts, records, cursor, publishers = wire.parse_p2p_find_reply_counted(response.value)
+        assert records == [] and cursor == b"" and publishers == 0
+        return len(contacts)
+
+    assert contacts_for(8) == 8  # what a sampled find's census walk asks for
+    assert contacts_for(0) == 20  # k, as find_node (what a put's census walk asks for)
