@@ -195,8 +195,10 @@ class Driver:
             if isinstance(waiter, trio.Event):
                 waiter.set()
         timer = core.get_timer()
-        if timer < self._sleeping_until and self._timer_scope is not None:
-            # Move the sleep's deadline earlier: no task switch per RPC sent.
+        if timer != self._sleeping_until and self._timer_scope is not None:
+            # Move the sleep's deadline to the core's: no task switch per RPC sent (earlier),
+            # and none for a deadline that went away (later: a reply came before its RPC's
+            # timeout), which would only wake the timer task to go back to sleep.
             self._sleeping_until = timer
             self._timer_scope.deadline = timer - self._offset
 

@@ -123,8 +123,13 @@ def _unpack_padded(payload: bytes) -> tuple[Any, bool]:
         raise MalformedError(f"not valid msgpack: {exc.__class__.__name__}") from None
 
 
+# One packer for the process (``packb`` builds one per call); ``pack`` runs without releasing
+# the GIL and resets the packer's buffer after each value.
+_PACKER = msgpack.Packer(use_bin_type=True)
+
+
 def _pack(value: Any) -> bytes:
-    data: bytes = msgpack.packb(value, use_bin_type=True)
+    data: bytes = _PACKER.pack(value)
     return data
 
 
