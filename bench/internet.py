@@ -17,7 +17,8 @@ Phases:
    ``x86_64``, so one facet holds them all) and a status through ``Directory.publish``.
 3. **lookups under churn**: ``--lookups`` node-key lookups (``Directory.get(node_key)``) of
    random live publishers from random live nodes, while ``--churn`` of the nodes are
-   replaced (silent leave, a new node joins); p50/p99 and success (the publisher's
+   replaced (silent leave, a new node joins; before the next lookup, or with
+   ``--overlap-churn`` while the next lookups run); p50/p99 and success (the publisher's
    capability came back).
 4. **routing tables**: the share of all routing-table entries that are live, reachable
    (public) nodes; NAT'd nodes listed anywhere.
@@ -51,6 +52,7 @@ import platform
 import random
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -200,20 +202,25 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
         replaced = 0
         to_replace = round(args.churn * args.n)
         spacing = args.lookups / max(to_replace, 1)
-        for index in range(args.lookups):
-            while replaced < to_replace and index >= replaced * spacing:
-                leaving = rng.choice(swarm.alive()[20:])
-                swarm.leave(leaving)
-                nat = rng.random() < args.nat
-                await swarm.join(nat=nat, config=DhtConfig(reachability="client") if nat else None)
-                replaced += 1
-            live_publishers = [p for p in publishers if p.alive]
-            target = rng.choice(live_publishers)
-            reader = rng.choice(swarm.alive())
-            begun = trio.current_time()
-            got = await reader.directory.get(node_key(target.identity.public_key))
-            latencies.append(trio.current_time() - begun)
-            successes += any(r.publisher == target.identity.public_key for r in got)
+        async with trio.open_nursery() as joining:
+            for index in range(args.lookups):
+                while replaced < to_replace and index >= replaced * spacing:
+                    leaving = rng.choice(swarm.alive()[20:])
+                    swarm.leave(leaving)
+                    nat = rng.random() < args.nat
+                    config = DhtConfig(reachability="client") if nat else None
+                    if args.overlap_churn:
+                        joining.start_soon(partial(swarm.join, nat=nat, config=config))
+                    else:
+                        await swarm.join(nat=nat, config=config)
+                    replaced += 1
+                live_publishers = [p for p in publishers if p.alive]
+                target = rng.choice(live_publishers)
+                reader = rng.choice(swarm.alive())
+                begun = trio.current_time()
+                got = await reader.directory.get(node_key(target.identity.public_key))
+                latencies.append(trio.current_time() - begun)
+                successes += any(r.publisher == target.identity.public_key for r in got)
         out["lookups"] = {
             "lookups": args.lookups,
             "nodes_replaced": replaced,
@@ -374,6 +381,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="share of nodes replaced during the lookups (0.1)")
     parser.add_argument("--publishers", type=int, help="publishers (default N / 2; 300 short)")
     parser.add_argument("--lookups", type=int, help="node-key lookups (1,000; 200 short)")
+    parser.add_argument("--overlap-churn", action="store_true",
+                        help="replacement nodes join while the next lookups run (default: "
+                        "each joins before the next lookup, so the phase lasts as long as "
+                        "all the joins one after another)")
     parser.add_argument("--finds", type=int, help="sampled facet finds (100; 20 short)")
     parser.add_argument("--rate", type=float, default=100.0, help="finds per second (100)")
     parser.add_argument("--load-seconds", type=float, help="load window (20 s; 3 s short)")

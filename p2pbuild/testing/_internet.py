@@ -158,6 +158,8 @@ class Swarm:
     _by_nat: dict[bool, dict[int, SwarmNode]] = attrs.field(
         factory=lambda: {False: {}, True: {}}
     )
+    # The index of the next node to start (calls of join_many may overlap).
+    _next_index: int = 0
 
     def alive(self, *, nat: bool | None = None) -> list[SwarmNode]:
         """Nodes that have not left, in joining order (only those behind NAT, or not, if
@@ -175,11 +177,15 @@ class Swarm:
     ) -> list[SwarmNode]:
         """Start nodes together, each ``(nat, config)`` as :meth:`join` takes them, each
         bootstrapping through up to two random public nodes that were live before the
-        call; returns once all have joined, in the order given (their indexes)."""
+        call; returns once all have joined, in the order given (their indexes). Calls may
+        overlap (each takes its indexes when it starts; :attr:`nodes` lists nodes in the
+        order their calls returned)."""
         public = list(self._by_nat[False].values())
         starts = []
+        first = self._next_index
+        self._next_index += len(nodes)
         for offset, (nat, config) in enumerate(nodes):
-            index = len(self.nodes) + offset
+            index = first + offset
             identity = make_identity(f"{self.label}node-{index}")
             endpoint = self.internet.endpoint(nat=nat)
             seeds = self.rng.sample(public, min(2, len(public)))
