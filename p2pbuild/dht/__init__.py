@@ -34,7 +34,7 @@ from ._directory import (
     serve,
 )
 from ._ids import (
-    FACET_SHARDS,
+    FACET_MAX_LEVEL,
     ID_SIZE,
     Address,
     Contact,
@@ -73,7 +73,7 @@ from ._trio import DatagramTransport, DirectoryClosedError, Driver, PushTranspor
 from ._wire import decode_bundle, encode_bundle
 
 __all__ = [
-    "FACET_SHARDS",
+    "FACET_MAX_LEVEL",
     "ID_SIZE",
     "SHARED_CACHE",
     "Address",

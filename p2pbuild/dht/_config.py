@@ -76,7 +76,7 @@ class DhtConfig:
     maintenance_interval: float = attrs.field(default=60.0, validator=_positive)
     #: Store caps: records per key, per publisher (over all keys), in total.
     #: (A facet key holding ``max_records_per_key`` records refuses new publishers with
-    #: ``store-full``; they publish under the facet's shards instead: ``FACET_SHARDS``.)
+    #: ``store-full``; they publish under the facet's shards too: ``facet_shard_key``.)
     max_records_per_key: int = attrs.field(default=256, validator=_positive)
     max_records_per_publisher: int = attrs.field(default=64, validator=_positive)
     max_records_total: int = attrs.field(default=16384, validator=_positive)

@@ -62,10 +62,10 @@ __all__ = [
 #: The default random source of every node in the process: an OS-backed generator has no
 #: state to keep per node, and one instance spares each node its own (about 2.5 KB).
 _SHARED_RNG = random.SystemRandom()
-#: Shards a sampled find censuses when it knows nothing of the facet, and at most when it
-#: does; how much more than wanted it fetches (parts of a random partition vary in size:
-#: the uniform choice at the end trims the rest); how long a facet's shape (publishers in
-#: its root, mean per shard) is trusted before the root is read again.
+#: Shards a sampled find reads at least and at most; how much more than wanted it fetches
+#: (parts of a random partition vary in size: the uniform choice at the end trims the
+#: rest); how long a facet's size (its root key's census) is trusted before it is read
+#: again.
 _SAMPLE_SHARDS = 2
 _MAX_SAMPLE_SHARDS = 16
 _OVERFETCH = 1.2
@@ -74,21 +74,49 @@ _SHAPE_TTL = 300.0
 
 @attrs.frozen
 class _Shape:
-    """What the last sampled find of a facet saw: publishers in its root key, the mean per
-    shard, and when the root was read."""
+    """What the last sampled find of a facet saw: publishers its root key's census
+    reported (an estimate of the whole facet once the root is full), and when."""
 
     root: int
-    shard_mean: float
     seen_at: float
 
 
-def _shards_for(wanted: int, shard_mean: float) -> int:
+def _shard_target(room: int) -> int:
+    """Publishers a facet's shard should hold, about: a third of what a key has room for
+    (``room`` publishers), so the fuller of the two levels a publisher writes stays below
+    the cap."""
+    return max(1, room // 3)
+
+
+def _scale(estimate: int, room: int) -> float:
+    """``log2(estimate / target)``: the shard level at which shards hold the target."""
+    return math.log2(max(estimate, 1) / _shard_target(room))
+
+
+def levels_written(estimate: int, room: int) -> tuple[int, ...]:
+    """The shard levels a publisher of a facet of about ``estimate`` publishers writes:
+    ``floor(x)`` and ``floor(x) + 1`` with ``x = log2(estimate / target)``, within
+    ``1 .. FACET_MAX_LEVEL``. A reader reads level ``round(x')`` for its own estimate
+    ``x'`` (:func:`level_read`), which is one of the two whenever the estimates differ by
+    less than half a level (a factor of 1.41)."""
+    low = min(max(math.floor(_scale(estimate, room)), 1), _ids.FACET_MAX_LEVEL)
+    return (low,) if low == _ids.FACET_MAX_LEVEL else (low, low + 1)
+
+
+def level_read(estimate: int, room: int) -> int:
+    """The shard level a reader of a facet of about ``estimate`` publishers reads (see
+    :func:`levels_written`): its ``2 ** level`` shards hold ``target / 1.41`` to
+    ``target * 1.41`` publishers each."""
+    return min(max(math.floor(_scale(estimate, room) + 0.5), 1), _ids.FACET_MAX_LEVEL)
+
+
+def _shards_for(wanted: int, shard_mean: float, shards: int) -> int:
     """Shards to read so that ``wanted`` publishers can be fetched with the same chance for
-    every publisher of a sharded facet (``wanted / total``, which ``count / 64`` of the
-    shards can give only if ``count >= 64 * wanted / total``); at least two, so that one
-    shard's publishers are never the whole sample."""
+    every publisher of a sharded facet (``wanted / total``, which ``count / shards`` of
+    them can give only if ``count >= shards * wanted / total``); at least two, so that one
+    shard's publishers are never the whole sample, and at most all of them."""
     needed = math.ceil(wanted / max(shard_mean, 1.0))
-    return min(max(needed, _SAMPLE_SHARDS), _MAX_SAMPLE_SHARDS)
+    return min(max(needed, _SAMPLE_SHARDS), _MAX_SAMPLE_SHARDS, shards)
 
 
 def _optional_token(
@@ -186,6 +214,9 @@ class FacetSample(list[NodeEntry]):
 
     complete: bool = False
     estimated_publishers: int = 0
+    #: Sequential waves of requests the find took: waves of census walks, then one round
+    #: trip of parts (a find that knows the facet: 2).
+    rounds: int = 0
 
 
 class Directory:
@@ -208,9 +239,9 @@ class Directory:
         #: never publish: no task for them).
         self._nursery: trio.Nursery | None = None
         self._republishing = False
-        #: (Publisher, facet) pairs whose root key refused the publisher as full: it
-        #: publishes under its shard of the facet too.
-        self._sharded: set[tuple[PublicKey, str]] = set()
+        #: Per (publisher, facet) whose root key is (nearly) full: the shard levels it
+        #: publishes under too (:func:`levels_written`).
+        self._sharded: dict[tuple[PublicKey, str], tuple[int, ...]] = {}
         #: Per facet, what the last sampled find saw (:class:`_Shape`).
         self._shapes: dict[str, _Shape] = {}
 
@@ -344,9 +375,10 @@ class Directory:
             group = [root]
             if (root.publishers or 0) >= full:
                 now = self.now()
+                level = level_read(root.publishers or 0, self.config.max_records_per_key // 2)
                 group += [
-                    self._core.get(_ids.facet_shard_key(name, shard), now)
-                    for shard in range(_ids.FACET_SHARDS)
+                    self._core.get(_ids.facet_shard_key(name, level, shard), now)
+                    for shard in range(1 << level)
                 ]
                 for op in group[1:]:
                     await self._driver.wait(op)
@@ -379,60 +411,59 @@ class Directory:
         rng = self._core.rng
         wanted = math.ceil(_OVERFETCH * want)
         room = self.config.max_records_per_key // 2
-        now = self.now()
+        rounds = 0
         shape = self._shapes.get(first)
-        if shape is not None and now - shape.seen_at > _SHAPE_TTL:
+        if shape is not None and self.now() - shape.seen_at > _SHAPE_TTL:
             shape = None
         root: GetOperation | None = None
         if shape is None or shape.root < room:
-            root = self._core.get(_ids.facet_key(first), now, census=True)
-        count = 0 if shape is not None and shape.root < room else _SAMPLE_SHARDS
-        if shape is not None and shape.root >= room:
-            count = _shards_for(wanted, shape.shard_mean)
-        shards = rng.sample(range(_ids.FACET_SHARDS), count)
-        censuses = [self._census(_ids.facet_shard_key(first, s), now) for s in shards]
-        for op in ([root] if root is not None else []) + censuses:
-            await self._driver.wait(op)
-        if root is None and not any(op.publishers for op in censuses):
-            # Empty shards: the facet shrank since its shape was seen. Read its root.
-            root = self._census(_ids.facet_key(first), self.now())
-            await self._driver.wait(root)
-        if root is not None:
-            root_count = root.publishers or 0
-        else:
-            assert shape is not None  # (the root is read whenever the shape is unknown)
-            root_count = shape.root
+            # The facet's size is unknown, or it fits in its root: census the root.
+            root = await self._census_all([_ids.facet_key(first)])
+            rounds += 1
+            shape = _Shape(root.publishers or 0, self.now())
+        level = 0
+        censuses: list[GetOperation] = []
+        if shape.root >= room:
+            level = level_read(shape.root, room)
+            censuses = await self._census_shards(first, level, [], shape.root >> level, wanted)
+            rounds += 1
+            if root is None and not any(op.publishers for op in censuses):
+                # Empty shards: the facet shrank since its size was seen. Read its root.
+                root = await self._census_all([_ids.facet_key(first)])
+                rounds += 1
+                shape = _Shape(root.publishers or 0, self.now())
+                level = 0
+                censuses = []
+                if shape.root >= room:
+                    level = level_read(shape.root, room)
+                    censuses = await self._census_shards(
+                        first, level, [], shape.root >> level, wanted
+                    )
+                    rounds += 1
+        self._shapes[first] = shape
         shard_counts = [op.publishers or 0 for op in censuses]
         shard_mean = sum(shard_counts) / len(shard_counts) if shard_counts else 0.0
-        seen_at = now if root is not None else (shape.seen_at if shape else now)
         reads: list[GetOperation] = []
-        if root_count < room or not shard_mean:
+        if not shard_mean:
             # The root holds the whole facet (or its shards are not written yet).
-            assert root is not None
-            self._shapes[first] = _Shape(root_count, shard_mean, seen_at)
-            estimated = root_count
-            if root_count:
+            if root is None:
+                root = await self._census_all([_ids.facet_key(first)])
+                rounds += 1
+            estimated = root.publishers or 0
+            if estimated:
                 reads = [self._core.sample_from(root, wanted, self.now())]
         else:
-            needed = _shards_for(wanted, shard_mean)
-            if needed > count:
-                # Thinner shards than assumed (a first find, or a facet that shrank):
-                # census more random shards, once.
-                extra = rng.sample(
-                    [s for s in range(_ids.FACET_SHARDS) if s not in shards], needed - count
-                )
-                now = self.now()
-                more = [self._census(_ids.facet_shard_key(first, s), now) for s in extra]
-                for op in more:
-                    await self._driver.wait(op)
-                censuses += more
-                shard_counts += [op.publishers or 0 for op in more]
+            shards = 1 << level
+            if _shards_for(wanted, shard_mean, shards) > len(censuses):
+                # Thinner shards than the estimate said: census more random shards, once.
+                censuses = await self._census_shards(first, level, censuses, shard_mean, wanted)
+                rounds += 1
+                shard_counts = [op.publishers or 0 for op in censuses]
                 shard_mean = sum(shard_counts) / len(shard_counts)
-            self._shapes[first] = _Shape(root_count, shard_mean, seen_at)
-            estimated = round(_ids.FACET_SHARDS * shard_mean)
+            estimated = round(shards * shard_mean)
             # Every publisher is fetched with chance ``target``: its shard is read with
-            # chance len(censuses) / 64, and that share of the shard is asked for.
-            chance = len(censuses) / _ids.FACET_SHARDS
+            # chance len(censuses) / shards, and that share of the shard is asked for.
+            chance = len(censuses) / shards
             target = min(chance, wanted / max(estimated, 1))
             now = self.now()
             for census in censuses:
@@ -442,6 +473,7 @@ class Directory:
                     reads.append(self._core.sample_from(census, asked, now))
         for op in reads:
             await self._driver.wait(op)
+        rounds += bool(reads)
         # A part fuller than one reply gives a random subset of itself: weigh each key's
         # records by the inverse of the share of its publishers that came, so that the
         # choice of ``want`` below (Efraimidis-Spirakis keys u ** (1 / w)) stays uniform.
@@ -458,13 +490,44 @@ class Directory:
         )
         sample = FacetSample(keyed[:want])
         sample.complete = (
-            root_count < room
+            shape.root < room
             and not shard_mean
             and all(op.complete for op in reads)
             and len(entries) <= want
         )
         sample.estimated_publishers = estimated
+        sample.rounds = rounds
         return sample
+
+    async def _census_all(self, keys: Sequence[bytes]) -> GetOperation:
+        """Census ``keys`` at once; the first one's operation."""
+        now = self.now()
+        ops = [self._census(key, now) for key in keys]
+        for op in ops:
+            await self._driver.wait(op)
+        return ops[0]
+
+    async def _census_shards(
+        self,
+        facet: str,
+        level: int,
+        done: list[GetOperation],
+        shard_mean: float,
+        wanted: int,
+    ) -> list[GetOperation]:
+        """``done`` and censuses of more random shards of ``facet`` at ``level``, as many
+        as :func:`_shards_for` says for ``shard_mean`` publishers per shard."""
+        shards = 1 << level
+        read = {op.key for op in done}
+        keys = [_ids.facet_shard_key(facet, level, s) for s in range(shards)]
+        left = [key for key in keys if key not in read]
+        count = _shards_for(wanted, shard_mean, shards) - len(done)
+        chosen = self._core.rng.sample(left, max(0, min(count, len(left))))
+        now = self.now()
+        ops = [self._census(key, now) for key in chosen]
+        for op in ops:
+            await self._driver.wait(op)
+        return done + ops
 
     def _census(self, key: bytes, now: float) -> GetOperation:
         return self._core.get(key, now, census=True)
@@ -524,37 +587,47 @@ class Directory:
                 continue
             body = capability.body
             assert isinstance(body, Capability)
-            shard = _ids.facet_shard(publisher)
+            top = _ids.facet_shard(publisher, _ids.FACET_MAX_LEVEL)
             # Every facet's root key first: a full find reads the shards only when the
             # root is nearly full, so the root must stay full while it has more publishers
             # than it holds (a full holder refuses a new publisher but keeps updating one
-            # it has). Its put walk counts the root's publishers: from 3/4 full on, every
-            # publisher of the facet writes its shard too, so that the shards alone hold
-            # the whole facet once the root refuses anyone (what sampled finds read).
+            # it has, and counts who offered). Its put walk's census tells how many
+            # publishers the facet has: from 3/4 of the root's room on, every publisher of
+            # the facet writes its shard at the two levels that size calls for
+            # (:func:`levels_written`), so that the shards at the level readers read hold
+            # the whole facet.
             texts: list[tuple[str, str | None]] = [(_ids.node_text_key(publisher), None)]
             for name in body.facets():
                 texts.append((_ids.facet_text_key(name), name))
-                if (publisher, name) in self._sharded:
-                    texts.append((_ids.facet_shard_text_key(name, shard), None))
+                for level in self._sharded.get((publisher, name), ()):
+                    shard = top >> (_ids.FACET_MAX_LEVEL - level)
+                    texts.append((_ids.facet_shard_text_key(name, level, shard), None))
             for text, root_of in texts:
                 put = self._core.put(_ids.text_key(text), mine, now, census=root_of is not None)
-                ops.append((text, root_of, publisher, shard, mine, put))
+                ops.append((text, root_of, publisher, top, mine, put))
         result = {}
         overflow = []
-        for text, root_of, publisher, shard, mine, op in ops:
+        room = self.config.max_records_per_key // 2
+        for text, root_of, publisher, top, mine, op in ops:
             await self._driver.wait(op)
             if root_of is not None:
-                big = bool(op.full) or (op.publishers or 0) >= self._full_root()
-                if big and (publisher, root_of) not in self._sharded:
-                    self._sharded.add((publisher, root_of))
-                    shard_text = _ids.facet_shard_text_key(root_of, shard)
-                    put = self._core.put(_ids.text_key(shard_text), mine, now)
-                    overflow.append((shard_text, put))
-                elif not big:
-                    # The facet shrank (or never grew): the shard records expire.
-                    self._sharded.discard((publisher, root_of))
+                estimate = op.publishers or 0
+                big = bool(op.full) or estimate >= self._full_root()
+                written = self._sharded.pop((publisher, root_of), ())
+                if big:
+                    levels = levels_written(max(estimate, self._full_root()), room)
+                    self._sharded[(publisher, root_of)] = levels
+                    for level in levels:
+                        if level in written:
+                            continue
+                        # A new level (the facet grew or shrank past a boundary): written
+                        # now; the previous level's records expire.
+                        shard = top >> (_ids.FACET_MAX_LEVEL - level)
+                        shard_text = _ids.facet_shard_text_key(root_of, level, shard)
+                        put = self._core.put(_ids.text_key(shard_text), mine, now)
+                        overflow.append((shard_text, put))
                 if op.full:
-                    # Refused as full: the shard's acknowledgements stand for this facet.
+                    # Refused as full: the shards' acknowledgements stand for this facet.
                     continue
             result[text] = op.result
         for text, op in overflow:

@@ -121,7 +121,7 @@ class HandlerNode(HandoffNode):
             budget = max(limit - HEADER_SIZE - _FIND_REPLY_OVERHEAD, 0)
             triples: list[wire.ContactTriple] = []
             sample = wire.parse_sample_cursor(cursor)
-            publishers = self.store.publishers(key)
+            publishers = self.store.publishers(key, now)
             if sample is not None:
                 seed, parts, part = sample
                 next_cursor = b""

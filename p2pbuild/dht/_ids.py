@@ -9,6 +9,7 @@ Every key p2pbuild uses is the SHA-1 of a text key (what a stock ``kademlia`` cl
 
     p2pbuild/node/<ed25519:... public key>      the records of one publisher
     p2pbuild/facet/<facet>                      e.g. p2pbuild/facet/arch=s390x
+    p2pbuild/facet/<facet>#<s>/<S>              shard s of S (a power of two) of a big facet
 
 SHA-1 here is a placement function, not a security primitive: what a key holds is protected
 by the records' own signatures and by the store's key-binding check (see ``_store.py``).
@@ -25,7 +26,7 @@ from .._errors import MalformedError
 from .._identity import PublicKey
 
 __all__ = [
-    "FACET_SHARDS",
+    "FACET_MAX_LEVEL",
     "facet_shard",
     "facet_shard_key",
     "facet_shard_text_key",
@@ -88,25 +89,30 @@ def facet_key(facet: str) -> bytes:
     return text_key(facet_text_key(facet))
 
 
-#: Shards of a facet beyond its root key: a publisher the root's holders refuse as full
-#: (``store-full``) publishes under shard ``facet_shard(publisher)`` of each facet.
-FACET_SHARDS = 64
+#: The deepest shard level of a facet: ``2 ** level`` shards (4,096 at most, room for
+#: about 170,000 publishers at the default caps; docs/protocol.md, *Facets at scale*).
+FACET_MAX_LEVEL = 12
 
 
-def facet_shard(publisher: PublicKey) -> int:
-    """The shard (``0 .. FACET_SHARDS - 1``) where ``publisher`` writes an overflowing facet:
-    from its node key, so shards fill evenly and a publisher always picks the same one."""
-    return node_key(publisher)[0] % FACET_SHARDS
+def facet_shard(publisher: PublicKey, level: int) -> int:
+    """The shard (``0 .. 2 ** level - 1``) of ``publisher`` among a facet's ``2 ** level``
+    shards: the first ``level`` bits of its node key, so shards fill evenly, a publisher
+    always picks the same one, and shard ``s`` of level ``l`` is the union of shards
+    ``2s`` and ``2s + 1`` of level ``l + 1``."""
+    if not 0 <= level <= FACET_MAX_LEVEL:
+        raise MalformedError(f"shard level must be 0 to {FACET_MAX_LEVEL}, got {level}")
+    return int.from_bytes(node_key(publisher)[:2], "big") >> (16 - level)
 
 
-def facet_shard_text_key(facet: str, shard: int) -> str:
-    """``p2pbuild/facet/<facet>#<shard>``: one shard of a facet with many publishers."""
-    return f"p2pbuild/facet/{facet}#{shard}"
+def facet_shard_text_key(facet: str, level: int, shard: int) -> str:
+    """``p2pbuild/facet/<facet>#<shard>/<2 ** level>``: one shard of a facet with many
+    publishers."""
+    return f"p2pbuild/facet/{facet}#{shard}/{1 << level}"
 
 
-def facet_shard_key(facet: str, shard: int) -> bytes:
-    """The DHT key of shard ``shard`` of ``facet``."""
-    return text_key(facet_shard_text_key(facet, shard))
+def facet_shard_key(facet: str, level: int, shard: int) -> bytes:
+    """The DHT key of shard ``shard`` of the ``2 ** level`` shards of ``facet``."""
+    return text_key(facet_shard_text_key(facet, level, shard))
 
 
 def node_id_for(publisher: PublicKey) -> bytes:

@@ -33,7 +33,7 @@ from collections.abc import Iterable, Sequence
 
 from .._errors import RecordError, RemoteError
 from .._records import DEFAULT_POLICY, Capability, Kind, RecordPolicy, SignedRecord
-from ._ids import facet_key, facet_shard, facet_shard_key, node_key
+from ._ids import FACET_MAX_LEVEL, facet_key, facet_shard, facet_shard_key, node_key
 
 __all__ = [
     "RecordCache",
@@ -81,13 +81,16 @@ def slot_of(record: SignedRecord) -> bytes:
 
 def bound_keys(record: SignedRecord) -> frozenset[bytes]:
     """The keys ``record`` is bound to by itself: its publisher's node key and, for a
-    capability, each of its facet keys."""
+    capability, each of its facet keys and its own shard of each at every level."""
     keys = [node_key(record.publisher)]
     if isinstance(record.body, Capability):
-        shard = facet_shard(record.publisher)
+        top = facet_shard(record.publisher, FACET_MAX_LEVEL)
+        shards = [
+            (level, top >> (FACET_MAX_LEVEL - level)) for level in range(1, FACET_MAX_LEVEL + 1)
+        ]
         for facet in record.body.facets():
             keys.append(facet_key(facet))
-            keys.append(facet_shard_key(facet, shard))
+            keys.extend(facet_shard_key(facet, level, shard) for level, shard in shards)
     return frozenset(keys)
 
 
@@ -160,12 +163,68 @@ class _Key:
         del self.records[position]
 
 
+#: Publishers a full key's sketch keeps per window (the smallest hashes): its estimate of
+#: how many publishers offered records is off by about 1 / sqrt(126), 9%, typically.
+SKETCH_SIZE = 128
+#: A sketch's window: every publisher republishes at least hourly (docs/protocol.md,
+#: *Publishing*), so each window sees every live publisher of a key.
+SKETCH_WINDOW = 3600.0
+
+
+def _kmv(hashes: list[float]) -> int:
+    if len(hashes) < SKETCH_SIZE:
+        return len(hashes)
+    return round((SKETCH_SIZE - 1) / hashes[-1])
+
+
+class _Sketch:
+    """How many distinct publishers offered a capability under a key that has been full:
+    the ``SKETCH_SIZE`` smallest hashes of their keys (a k-minimum-values sketch, Bar-Yossef
+    et al. 2002) in the current window of ``SKETCH_WINDOW`` seconds and in the previous
+    one. A sketch with fewer entries holds all of them; a full one estimates
+    ``(SKETCH_SIZE - 1) / largest hash``. The estimate is the larger of the two windows':
+    a publisher that left stops counting two windows later."""
+
+    __slots__ = ("current", "previous", "start")
+
+    def __init__(self, now: float) -> None:
+        #: Hashes in (0, 1], sorted.
+        self.current: list[float] = []
+        self.previous: list[float] = []
+        self.start = now
+
+    def _roll(self, now: float) -> None:
+        if now >= self.start + SKETCH_WINDOW:
+            self.previous = self.current if now < self.start + 2 * SKETCH_WINDOW else []
+            self.current = []
+            self.start = now
+
+    def note(self, publisher: bytes, now: float) -> None:
+        self._roll(now)
+        digest = hashlib.blake2b(publisher, digest_size=8, person=b"p2pb-kmv").digest()
+        value = (int.from_bytes(digest, "big") + 1) / 2.0**64
+        hashes = self.current
+        position = bisect.bisect_left(hashes, value)
+        if position < len(hashes) and hashes[position] == value:
+            return
+        if len(hashes) >= SKETCH_SIZE:
+            if position >= SKETCH_SIZE:
+                return
+            hashes.pop()
+        hashes.insert(position, value)
+
+    def estimate(self, now: float) -> int:
+        self._roll(now)
+        return max(_kmv(self.current), _kmv(self.previous))
+
+
 class RecordStore:
     """Records held by one node. Every bound is a constructor parameter."""
 
     __slots__ = (
         "_keys",
         "_per_publisher",
+        "_sketches",
         "_total",
         "cache",
         "max_per_key",
@@ -189,6 +248,8 @@ class RecordStore:
         self.policy = policy
         self.cache = cache
         self._keys: dict[bytes, _Key] = {}
+        #: Keys that have refused a publisher as full: who offered (``publishers``).
+        self._sketches: dict[bytes, _Sketch] = {}
         self._per_publisher: dict[bytes, int] = {}
         self._total = 0
 
@@ -213,14 +274,27 @@ class RecordStore:
             if record.kind is not Kind.STATUS or held is None or held.get(capability_slot) is None:
                 raise WrongKeyError("record is not bound to this key")
         previous = held.get(slot) if held is not None else None
+        sketch = self._sketches.get(key) if record.kind is Kind.CAPABILITY else None
         if previous is not None and previous.raw == raw:
+            if sketch is not None:
+                sketch.note(record.publisher.raw, now)
             return HELD
         record.check(
             now, policy=self.policy, held_seq=previous.seq if previous is not None else None
         )
+        if sketch is not None:
+            sketch.note(record.publisher.raw, now)
         if previous is None:
             publisher = record.publisher.raw
             if held is not None and len(held.order) >= self.max_per_key:
+                if record.kind is Kind.CAPABILITY and sketch is None:
+                    # Full: from now on, count who offers (the census of a big facet's
+                    # root tells how big it is, see ``publishers``).
+                    sketch = self._sketches[key] = _Sketch(now)
+                    for other in held.records:
+                        if other.kind is Kind.CAPABILITY and other.expires_at > now:
+                            sketch.note(other.publisher.raw, now)
+                    sketch.note(publisher, now)
                 raise StoreFullError("this key holds as many records as allowed")
             if self._per_publisher.get(publisher, 0) >= self.max_per_publisher:
                 raise StoreFullError("this publisher holds as many records as allowed")
@@ -276,6 +350,7 @@ class RecordStore:
                 dropped += 1
             if not held.order:
                 del self._keys[key]
+                self._sketches.pop(key, None)
         return dropped
 
     def _remove(self, held: _Key, slot: bytes) -> None:
@@ -301,12 +376,18 @@ class RecordStore:
             if record.expires_at > now
         ]
 
-    def publishers(self, key: bytes) -> int:
-        """How many publishers have records under ``key``."""
+    def publishers(self, key: bytes, now: float) -> int:
+        """How many publishers have records under ``key`` or, for a key that has refused a
+        publisher as full, how many offered a capability (held or not) in the last hour or
+        two (``SKETCH_WINDOW``): exact up to ``SKETCH_SIZE``, an estimate beyond."""
         held = self._keys.get(key)
         if held is None:
             return 0
-        return len({slot[:32] for slot in held.order})
+        count = len({slot[:32] for slot in held.order})
+        sketch = self._sketches.get(key)
+        if sketch is not None:
+            count = max(count, sketch.estimate(now))
+        return count
 
     def sample(
         self, key: bytes, seed: bytes, parts: int, part: int, now: float, budget: int

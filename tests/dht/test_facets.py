@@ -12,8 +12,21 @@ import trio
 import trio.testing
 
 from p2pbuild import SignedRecord
-from p2pbuild.dht import DhtConfig, DhtNode, Directory, Query, facet_key
+from p2pbuild.dht import (
+    FACET_MAX_LEVEL,
+    DhtConfig,
+    DhtNode,
+    Directory,
+    Query,
+    RecordCache,
+    RecordStore,
+    StoreFullError,
+    facet_key,
+    facet_shard,
+    facet_shard_key,
+)
 from p2pbuild.dht import _wire as wire
+from p2pbuild.dht._directory import level_read, levels_written
 from p2pbuild.testing import (
     SANSIO_EPOCH,
     Cluster,
@@ -32,13 +45,15 @@ FACET = "arch=x86_64"
 STATUS_LIFETIME = 1200
 
 
-async def _publish_all(cluster: Cluster, count: int, *, settle: bool = True) -> set[bytes]:
+async def _publish_all(
+    cluster: Cluster, count: int, *, settle: bool = True, label: str = "facet"
+) -> set[bytes]:
     """``count`` publishers, each published by one of the cluster's nodes, one after the
     other (so the root key's holders agree on which publishers they hold: publishers
     racing for a root's last places can land on some of its holders and in their shard,
     with a double chance to be sampled, see docs/protocol.md); their raw keys."""
     now = int(cluster.nodes[0].now())
-    labels = [f"facet-{i}" for i in range(count)]
+    labels = [f"{label}-{i}" for i in range(count)]
     for index, label in enumerate(labels):
         identity = make_identity(label)
         await cluster.nodes[index % len(cluster.nodes)].publish(
@@ -102,25 +117,15 @@ async def test_sampled_find_is_bounded_and_uniform_over_root_and_shards(
         # together, which widens its spread). A sampler that favoured the root key's
         # publishers two to one (what reading the root on every find does unweighted)
         # gives over 400 here.
-        print(
-            "CHI",
-            _chi_square(counts, population),
-            total,
-            min(counts[p] for p in population),
-            max(counts.values()),
-        )
-        per_root = sum(counts[p] for p in in_root) / len(in_root)
-        per_shard = sum(counts[p] for p in everyone - in_root) / len(everyone - in_root)
-        print("RATIO", per_root, per_shard, len(in_root))
         assert _chi_square(counts, population) < 300
         per_root = sum(counts[p] for p in in_root) / len(in_root)
         per_shard = sum(counts[p] for p in everyone - in_root) / len(everyone - in_root)
         assert 0.8 < per_root / per_shard < 1.25
         assert min(counts[p] for p in population) > 0
-        # Asked for more than the facet has: a sample of a sharded facet never claims to
-        # be all of it.
+        # Asked for more than the facet has: every shard (16 of about 12) is read, and a
+        # sample of a sharded facet never claims to be all of it.
         sample = await readers[0].find_sample(Query(arch="x86_64"), 500)
-        assert len(sample) < len(everyone)
+        assert 0.9 * len(everyone) <= len(sample) <= len(everyone)
         assert not sample.complete
 
 
@@ -194,3 +199,109 @@ def test_a_census_query_asks_for_a_few_contacts_and_the_count() -> None:
 
     assert contacts_for(8) == 8  # what a sampled find's census walk asks for
     assert contacts_for(0) == 20  # k, as find_node (what a put's census walk asks for)
+
+
+def test_a_full_key_counts_every_publisher_that_offered() -> None:
+    # A key with room for 8 publishers (16 records) is offered 400 publishers' capabilities:
+    # its census count says about 400 (a 128-entry sketch of who offered), not 8, so the
+    # census of a big facet's root key tells readers and publishers how big the facet is.
+    store = RecordStore(
+        max_per_key=16, max_per_publisher=100, max_total=10_000, cache=RecordCache()
+    )
+    key = facet_key(FACET)
+    now = 1_700_000_000
+    def offer(index: int, seq: int, at: int) -> bool:
+        capability = SignedRecord.create(
+            make_identity(f"offer-{index}"), example_capability(), seq=seq, issued_at=at,
+            lifetime=600,
+        )
+        try:
+            store.offer(key, capability.raw, at)
+        except StoreFullError:
+            return False
+        return True
+
+    assert sum(not offer(index, 1, now) for index in range(400)) == 400 - 16
+    assert 320 <= store.publishers(key, now) <= 480
+    # Publishers that stop republishing stop counting within two hours: 100 of them
+    # republish hourly, the other 300 left.
+    for index in range(300, 400):
+        offer(index, 2, now + 3600)
+    assert 320 <= store.publishers(key, now + 3700) <= 480
+    for index in range(300, 400):
+        offer(index, 3, now + 7200)
+    assert store.publishers(key, now + 7300) == 100
+    # A key that never refused anyone counts what it holds.
+    assert store.publishers(facet_key("arch=s390x"), now) == 0
+
+
+def test_shard_levels_grow_with_the_facet_and_readers_find_every_writer() -> None:
+    room = 128  # publishers a key holds by default (256 records)
+    assert levels_written(100, room) == (1, 2)
+    assert level_read(100, room) == 1
+    for size in (300, 1_000, 5_000, 20_000, 100_000, 170_000):
+        level = level_read(size, room)
+        # Readers read shards of about 42 publishers (30 to 60), written by everyone.
+        assert 29 <= size / 2**level <= 60, size
+        assert level in levels_written(size, room)
+        # The fuller level a publisher writes stays below a key's room.
+        assert size / 2 ** min(levels_written(size, room)) < 0.7 * room
+        # Publishers whose estimates of the facet are off by up to 40% either way still
+        # write the level readers read.
+        for off in (0.71, 0.8, 1.25, 1.4):
+            assert level in levels_written(round(size * off), room), (size, off)
+    assert level_read(5_000, room) == 7  # 128 shards of 39, not 64 of 78
+    assert level_read(300, room) == 3  # 8 shards of 38, not 64 of 4.7
+    assert level_read(10**9, room) == FACET_MAX_LEVEL
+    # A publisher's shard at one level is the union of two at the next.
+    publisher = make_identity("facet-0").public_key
+    for level in range(1, FACET_MAX_LEVEL):
+        assert facet_shard(publisher, level + 1) >> 1 == facet_shard(publisher, level)
+    assert len({facet_shard_key(FACET, level, 0) for level in range(1, 13)}) == 12
+
+
+@pytest.mark.slow
+async def test_a_facet_past_sixty_four_full_shards_refuses_nobody(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A root key holds 4 publishers here: 300 publishers are more than 64 shards of 4 held
+    # (what a fixed 64 shards refused). Shards grow with the facet: a full find returns
+    # every publisher and says it is complete, and a sampled find reads a few shards.
+    config = DhtConfig(k=8, max_records_per_key=8)
+    async with open_cluster(40, seed=8, config=config) as cluster:
+        everyone = await _publish_all(cluster, 300, label="many")
+        reader = cluster.nodes[5]
+        found = await reader.find(Query(arch="x86_64"))
+        assert {e.publisher.raw for e in found} == everyone
+        assert found.complete
+        sample = await reader.find_sample(Query(arch="x86_64"), 10)
+        assert len(sample) == 10 and set(e.publisher.raw for e in sample) <= everyone
+        assert 200 <= sample.estimated_publishers <= 450
+        before = reader.statistics().lookups
+        sample = await reader.find_sample(Query(arch="x86_64"), 10)
+        assert len(sample) == 10
+        # 256 shards of about one publisher (a third of a key's room): 12 wanted, 12 read
+        # (16 at most, if they turn out thinner).
+        assert 12 <= reader.statistics().lookups - before <= 16
+        assert sample.rounds == 2
+
+
+@pytest.mark.slow
+async def test_a_known_midsize_facet_is_sampled_from_two_shards_in_two_rounds(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # 200 publishers, roots of 32: 16 shards of about 12 (a third of a key's room), not 64
+    # thin ones. A reader that knows the facet censuses 2 of them (no root) and fetches
+    # parts: two waves in all.
+    async with open_cluster(40, seed=9, config=CONFIG) as cluster:
+        everyone = await _publish_all(cluster, PUBLISHERS)
+        reader = cluster.nodes[31]
+        first = await reader.find_sample(Query(arch="x86_64"), 10)
+        assert first.rounds == 3  # the root's census, two shards' censuses, the parts
+        for _ in range(5):
+            before = reader.statistics().lookups
+            sample = await reader.find_sample(Query(arch="x86_64"), 10)
+            assert reader.statistics().lookups - before == 2
+            assert sample.rounds == 2
+            assert len(sample) == 10 and {e.publisher.raw for e in sample} <= everyone
+            assert 140 <= sample.estimated_publishers <= 280
