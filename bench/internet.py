@@ -30,7 +30,8 @@ Phases:
    for ``Query(arch="aarch64")``: the full mode's 5,000-publisher facet at the short mode's
    cost (the goals then use these).
 6. **load**: ``--rate`` sampled finds per second for ``--load-seconds`` from 20 dispatcher
-   nodes; requests served per node over the window, max over mean.
+   nodes (of the big facet with ``--big-facet``); requests served per node over the
+   window, max over mean.
 7. **placement**: a dispatcher's ``DirectoryFinder`` (sample 64, directory cache refreshed
    every 30 s) and ``select_nodes`` for ``--placements`` builds, one every second;
    p99 of the simulated time (a refresh included when it falls due) and of the wall time.
@@ -316,7 +317,9 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
             _progress(f"big facet finds {out['big_facet_find']}")
 
         phases.end("facet_find")
-        # 6. load under a rate of sampled finds
+        # 6. load under a rate of sampled finds (of the big facet, with --big-facet)
+        if args.big_facet:
+            query = Query(arch="aarch64")
         dispatchers = rng.sample(swarm.alive(nat=False), 20)
         served_before = {id(n): n.directory.statistics().requests_in for n in swarm.alive()}
         total_finds = int(args.rate * args.load_seconds)
@@ -330,6 +333,7 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
         ]
         mean = sum(served) / len(served)
         out["load"] = {
+            "facet": query.arch,
             "finds_per_s": args.rate,
             "seconds": args.load_seconds,
             "requests_served_mean": round(mean, 2),

@@ -70,6 +70,13 @@ _SAMPLE_SHARDS = 2
 _MAX_SAMPLE_SHARDS = 16
 _OVERFETCH = 1.2
 _SHAPE_TTL = 300.0
+#: How soon a directory republishes after a publish that changed the shard levels it
+#: writes (a facet that grew or shrank past a level), and after its first publish if a
+#: facet root it wrote already had publishers (a farm whose nodes start at once: the
+#: counts its first puts saw are soon outdated); at most ``_SETTLE_REPEATS`` times in a
+#: row.
+_SETTLE_DELAY = 120.0
+_SETTLE_REPEATS = 3
 
 
 @attrs.frozen
@@ -239,6 +246,9 @@ class Directory:
         #: never publish: no task for them).
         self._nursery: trio.Nursery | None = None
         self._republishing = False
+        #: Republishes due after ``_SETTLE_DELAY`` rather than the period, in a row.
+        self._settling = 0
+        self._put_before = False
         #: Per (publisher, facet) whose root key is (nearly) full: the shard levels it
         #: publishes under too (:func:`levels_written`).
         self._sharded: dict[tuple[PublicKey, str], tuple[int, ...]] = {}
@@ -608,12 +618,15 @@ class Directory:
         result = {}
         overflow = []
         room = self.config.max_records_per_key // 2
+        changed = crowded = False
         for text, root_of, publisher, top, mine, op in ops:
             await self._driver.wait(op)
             if root_of is not None:
                 estimate = op.publishers or 0
+                crowded = crowded or estimate > 0
                 big = bool(op.full) or estimate >= self._full_root()
                 written = self._sharded.pop((publisher, root_of), ())
+                levels: tuple[int, ...] = ()
                 if big:
                     levels = levels_written(max(estimate, self._full_root()), room)
                     self._sharded[(publisher, root_of)] = levels
@@ -626,6 +639,7 @@ class Directory:
                         shard_text = _ids.facet_shard_text_key(root_of, level, shard)
                         put = self._core.put(_ids.text_key(shard_text), mine, now)
                         overflow.append((shard_text, put))
+                changed = changed or levels != written
                 if op.full:
                     # Refused as full: the shards' acknowledgements stand for this facet.
                     continue
@@ -633,6 +647,15 @@ class Directory:
         for text, op in overflow:
             await self._driver.wait(op)
             result[text] = op.result
+        settle = changed or (crowded and not self._put_before)
+        self._put_before = True
+        if settle and self._settling < _SETTLE_REPEATS:
+            self._settling += 1
+            if self._republish is not None:
+                self._republish.set()  # (the republish loop's wait restarts, shorter)
+        else:
+            # Settled (the levels stayed), or settling too long: back to the period.
+            self._settling = 0
         return result
 
     def _republish_period(self) -> float:
@@ -645,7 +668,10 @@ class Directory:
 
     async def _republish_loop(self) -> NoReturn:
         while True:
-            with trio.move_on_after(self._republish_period()):
+            period = self._republish_period()
+            if self._settling:
+                period = min(period, _SETTLE_DELAY)
+            with trio.move_on_after(period):
                 assert self._republish is not None
                 await self._republish.wait()
                 self._republish = trio.Event()

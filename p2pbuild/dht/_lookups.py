@@ -40,6 +40,11 @@ _PART_YIELD = 2.4
 # Contacts a sampled read's census query asks for: its walk needs the few closest to the
 # key from each answer, not k (each contact is ~40 bytes of the reply).
 _CENSUS_CONTACTS = 8
+# Holders a census walk ends at: the first two that answer with a count, wherever they are
+# among the key's k holders (the walks of readers with different routing tables end at
+# different holders, which then serve the read's parts: the load spreads over the k
+# holders instead of falling on the value_quorum closest).
+_CENSUS_HOLDERS = 2
 
 # Requests a stock Kademlia node answers too (it ignores p2pbuild's own methods).
 _EVERY_NODE_ANSWERS = frozenset((wire.PING, wire.FIND_NODE))
@@ -171,7 +176,10 @@ class LookupNode(HandlerNode):
         if op.done or walk.finished:
             return
         config = self.config
-        if walk.confirmed >= config.node_key_quorum:
+        quorum = config.node_key_quorum
+        if isinstance(op, GetOperation) and op.sampled:
+            quorum = _CENSUS_HOLDERS
+        if walk.confirmed >= quorum:
             if walk.inflight == 0:
                 self._walk_done(walk, now)
             return
@@ -285,6 +293,8 @@ class LookupNode(HandlerNode):
                 candidate.publishers = publishers
                 if op.publishers is None or publishers > op.publishers:
                     op.publishers = publishers
+                if publishers and isinstance(op, GetOperation) and op.sampled:
+                    confirms = True  # a holder (see ``_CENSUS_HOLDERS``)
         else:
             contacts = wire.parse_contacts(value)
         walk = op._walk

@@ -304,4 +304,25 @@ async def test_a_known_midsize_facet_is_sampled_from_two_shards_in_two_rounds(
             assert reader.statistics().lookups - before == 2
             assert sample.rounds == 2
             assert len(sample) == 10 and {e.publisher.raw for e in sample} <= everyone
-            assert 140 <= sample.estimated_publishers <= 280
+            assert 100 <= sample.estimated_publishers <= 320  # 16 x the mean of 2 shards
+
+
+@pytest.mark.slow
+async def test_publishers_that_entered_the_root_early_reach_the_shards_within_minutes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A farm starting at once: the first publishers saw a small root and wrote no shard.
+    # They put again two minutes after their first publish (they saw other publishers),
+    # so readers find them in the shards long before the hourly republish.
+    async with open_cluster(40, seed=10, config=CONFIG) as cluster:
+        everyone = await _publish_all(cluster, PUBLISHERS, settle=False)
+        early = {make_identity(f"facet-{i}").public_key.raw for i in range(1, 24)}
+        await trio.sleep(300)
+        reader = cluster.nodes[33]
+        seen: set[bytes] = set()
+        for _ in range(20):
+            sample = await reader.find_sample(Query(arch="x86_64"), 20)
+            assert {e.publisher.raw for e in sample} <= everyone
+            assert 100 <= sample.estimated_publishers <= 320  # 16 x the mean of 2 shards
+            seen |= {e.publisher.raw for e in sample}
+        assert len(seen & early) >= 10
