@@ -119,7 +119,7 @@ class LookupNode(HandlerNode):
             self._next_page(op, None, b"", now)
         elif purpose == Purpose.SAMPLE:
             assert isinstance(op, GetOperation)
-            self._sample_answered(op, None, now)
+            self._sample_reply(rpc, None, now)
         elif purpose == Purpose.STORE:
             assert isinstance(op, PutOperation)
             op._refused.add(rpc.address)
@@ -325,7 +325,13 @@ class LookupNode(HandlerNode):
             self._finish(op)
         elif isinstance(op, GetOperation):
             if op.sampled:
-                op._holders = [c for c in answered if c.publishers]
+                # The holders that answered, then the closest candidates never asked (the
+                # k closest nodes hold the key): parts are spread over all of them.
+                op._holders = [c for c in answered if c.publishers] + [
+                    c
+                    for c in walk.shortlist[: self.config.k]
+                    if c.state == CandidateState.NEW
+                ]
                 self._sample_phase(op, now)
             else:
                 self._next_page(op, None, b"", now)
@@ -437,8 +443,9 @@ class LookupNode(HandlerNode):
         Enough parts are asked for about ``op.want`` publishers, all of them if the key
         holds fewer; a census (``want`` = 0) ends here."""
         holders = op._holders
+        confirmed = [c for c in holders if c.state == CandidateState.OK]
         count = op.publishers or 0
-        if not holders or not count or not op.want:
+        if not confirmed or not count or not op.want:
             if count and not op.want:
                 op.complete = False
             self._finish_get(op, now)
@@ -446,7 +453,7 @@ class LookupNode(HandlerNode):
         if op.want >= count:
             # All of it: paged from the start (b"\x00") as a full read is, so that none is
             # left out (a random part may hold more than one reply has room for).
-            for holder in holders:
+            for holder in confirmed:
                 holder.cursor = b"\x00"
             self._next_page(op, None, b"", now)
             return
@@ -463,6 +470,22 @@ class LookupNode(HandlerNode):
                 op._outstanding += 1
         if not op._outstanding:
             self._finish_get(op, now)
+
+    def _sample_reply(self, rpc: _Rpc, raws: Sequence[bytes] | None, now: float) -> None:
+        """A part of a sampled read came back (``raws``) or failed (None). A part asked of a
+        candidate the census did not hear from that turns out not to hold the key (no
+        records, no count) or does not answer is asked again of a holder that answered."""
+        op = rpc.op
+        assert isinstance(op, GetOperation)
+        candidate = rpc.candidate
+        if not raws and candidate is not None and candidate.state != CandidateState.OK:
+            confirmed = [c for c in op._holders if c.state == CandidateState.OK]
+            cursor = rpc.args[2] if rpc.args is not None else b""
+            if confirmed and isinstance(cursor, bytes):
+                holder = self.rng.choice(confirmed)
+                if self._read_from(holder, op, cursor, Purpose.SAMPLE, now):
+                    return
+        self._sample_answered(op, raws, now)
 
     def _sample_answered(self, op: GetOperation, raws: Sequence[bytes] | None, now: float) -> None:
         """One part of a sampled read came back (``raws``), or failed (None)."""

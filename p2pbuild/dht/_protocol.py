@@ -400,7 +400,7 @@ class DhtNode(LookupNode):
             assert isinstance(rpc.op, GetOperation)
             _, raws, _ = wire.parse_p2p_find_reply(value)
             if not rpc.op.done:
-                self._sample_answered(rpc.op, raws, now)
+                self._sample_reply(rpc, raws, now)
         elif purpose == Purpose.PAGE:
             assert isinstance(rpc.op, GetOperation)
             _, raws, cursor = wire.parse_p2p_find_reply(value)
