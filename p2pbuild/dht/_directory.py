@@ -404,13 +404,15 @@ class Directory:
         them, without reading the whole facet (``docs/protocol.md``, *Sampled find*).
 
         A facet whose root key holds every publisher (fewer than the root has room for) is
-        sampled from its root; a bigger one from a few random shards only (every publisher
-        of a big facet writes its shard), the same share of each, so that every publisher
-        is as likely to be chosen: one wave of census walks (publisher counts and holders,
-        no records), one round trip of random parts, a uniform choice of ``want`` among
-        them. The root is read only while this directory does not know the facet's shape
-        (first find, or after ``_SHAPE_TTL``). Other facets of the query and the trust list
-        filter the sample. Raises :class:`LocalError` for an empty query or ``want`` below 1.
+        sampled from its root; a bigger one from a few random shards only, of the level its
+        size calls for (every publisher of a big facet writes its shard there), the same
+        share of each, so that every publisher is as likely to be chosen: one wave of
+        census walks (publisher counts and holders, no records), one round trip of random
+        parts, a uniform choice of ``want`` among them. The root's census (which counts the
+        whole facet once the root is full) comes first while this directory does not know
+        the facet's size (first find, or after ``_SHAPE_TTL``). Other facets of the query
+        and the trust list filter the sample. ``FacetSample.rounds`` says how many waves it
+        took. Raises :class:`LocalError` for an empty query or ``want`` below 1.
         """
         facets = query.facets()
         if not facets:
