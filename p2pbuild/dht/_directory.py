@@ -43,7 +43,7 @@ from .._records import (
 from .._trust import TrustEntry, TrustList, trusted_node
 from . import _ids
 from ._ids import Address, Contact
-from ._protocol import DhtConfig, DhtNode, DhtStatistics, GetOperation
+from ._protocol import DhtConfig, DhtNode, DhtStatistics, GetOperation, PutOperation
 from ._store import SHARED_CACHE, RecordCache, latest, slot_of
 from ._trio import DatagramTransport, Driver, UdpTransport, resolve
 
@@ -86,6 +86,20 @@ class _Shape:
 
     root: int
     seen_at: float
+
+
+@attrs.frozen
+class _Put:
+    """One put of a publish: its text key, the facet it serves and its shard level (0: the
+    facet's root; facet None: the node key), whose records, and the operation."""
+
+    text: str
+    facet: str | None
+    level: int
+    publisher: PublicKey
+    top: int
+    records: list[SignedRecord]
+    op: PutOperation
 
 
 def _shard_target(room: int) -> int:
@@ -385,9 +399,12 @@ class Directory:
             group = [root]
             if (root.publishers or 0) >= full:
                 now = self.now()
-                level = level_read(root.publishers or 0, self.config.max_records_per_key // 2)
+                # Every level up to the one readers read: publishers that counted fewer
+                # (the facet grew since their last put) wrote a lower level.
+                top = level_read(root.publishers or 0, self.config.max_records_per_key // 2)
                 group += [
                     self._core.get(_ids.facet_shard_key(name, level, shard), now)
+                    for level in range(1, top + 1)
                     for shard in range(1 << level)
                 ]
                 for op in group[1:]:
@@ -587,7 +604,7 @@ class Directory:
 
     async def _put_all(self, publishers: Iterable[PublicKey]) -> dict[str, int]:
         now = self.now()
-        ops = []
+        ops: list[_Put] = []
         for publisher in publishers:
             mine = [
                 r
@@ -608,47 +625,66 @@ class Directory:
             # the facet writes its shard at the two levels that size calls for
             # (:func:`levels_written`), so that the shards at the level readers read hold
             # the whole facet.
-            texts: list[tuple[str, str | None]] = [(_ids.node_text_key(publisher), None)]
+            texts: list[tuple[str, str | None, int]] = [(_ids.node_text_key(publisher), None, 0)]
             for name in body.facets():
-                texts.append((_ids.facet_text_key(name), name))
+                texts.append((_ids.facet_text_key(name), name, 0))
                 for level in self._sharded.get((publisher, name), ()):
                     shard = top >> (_ids.FACET_MAX_LEVEL - level)
-                    texts.append((_ids.facet_shard_text_key(name, level, shard), None))
-            for text, root_of in texts:
-                put = self._core.put(_ids.text_key(text), mine, now, census=root_of is not None)
-                ops.append((text, root_of, publisher, top, mine, put))
+                    texts.append((_ids.facet_shard_text_key(name, level, shard), name, level))
+            for text, of, level in texts:
+                census = of is not None and not level
+                started = self._core.put(_ids.text_key(text), mine, now, census=census)
+                ops.append(_Put(text, of, level, publisher, top, mine, started))
         result = {}
-        overflow = []
         room = self.config.max_records_per_key // 2
         changed = crowded = False
-        for text, root_of, publisher, top, mine, op in ops:
-            await self._driver.wait(op)
-            if root_of is not None:
-                estimate = op.publishers or 0
-                crowded = crowded or estimate > 0
-                big = bool(op.full) or estimate >= self._full_root()
-                written = self._sharded.pop((publisher, root_of), ())
-                levels: tuple[int, ...] = ()
-                if big:
-                    levels = levels_written(max(estimate, self._full_root()), room)
-                    self._sharded[(publisher, root_of)] = levels
-                    for level in levels:
-                        if level in written:
-                            continue
-                        # A new level (the facet grew or shrank past a boundary): written
-                        # now; the previous level's records expire.
-                        shard = top >> (_ids.FACET_MAX_LEVEL - level)
-                        shard_text = _ids.facet_shard_text_key(root_of, level, shard)
-                        put = self._core.put(_ids.text_key(shard_text), mine, now)
-                        overflow.append((shard_text, put))
-                changed = changed or levels != written
-                if op.full:
-                    # Refused as full: the shards' acknowledgements stand for this facet.
-                    continue
-            result[text] = op.result
-        for text, op in overflow:
-            await self._driver.wait(op)
-            result[text] = op.result
+        # Waves of puts: the first (node key, roots, known shard levels), then the shard
+        # levels the roots' counts call for, then deeper levels for shards that refused the
+        # records as full (a facet that grew fast: each full shard of level l has at least
+        # ``room`` publishers, so the facet has ``room * 2 ** l``), a dozen at most.
+        while ops:
+            deeper: list[_Put] = []
+            for put in ops:
+                op = put.op
+                await self._driver.wait(op)
+                if put.facet is not None:
+                    key = (put.publisher, put.facet)
+                    written = self._sharded.get(key, ())
+                    levels: tuple[int, ...] | None = None
+                    if not put.level:
+                        estimate = op.publishers or 0
+                        crowded = crowded or estimate > 0
+                        levels = ()
+                        if op.full or estimate >= self._full_root():
+                            levels = levels_written(max(estimate, self._full_root()), room)
+                    elif op.full and put.level < _ids.FACET_MAX_LEVEL:
+                        grown = levels_written(room << put.level, room)
+                        if max(grown) > max(written, default=0):
+                            levels = grown
+                    if levels is not None and levels != written:
+                        changed = True
+                        if levels:
+                            self._sharded[key] = levels
+                        else:
+                            # The facet shrank (or never grew): the shard records expire.
+                            self._sharded.pop(key, None)
+                        for level in levels:
+                            if level in written:
+                                continue
+                            # A new level: written now; the previous one's records expire.
+                            shard = put.top >> (_ids.FACET_MAX_LEVEL - level)
+                            text = _ids.facet_shard_text_key(put.facet, level, shard)
+                            new = self._core.put(_ids.text_key(text), put.records, now)
+                            deeper.append(
+                                _Put(
+                                    text, put.facet, level, put.publisher, put.top, put.records, new
+                                )
+                            )
+                    if op.full:
+                        # Refused as full: the other keys' acknowledgements stand for it.
+                        continue
+                result[put.text] = op.result
+            ops = deeper
         settle = changed or (crowded and not self._put_before)
         self._put_before = True
         if settle and self._settling < _SETTLE_REPEATS:

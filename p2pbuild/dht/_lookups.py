@@ -328,9 +328,7 @@ class LookupNode(HandlerNode):
                 # The holders that answered, then the closest candidates never asked (the
                 # k closest nodes hold the key): parts are spread over all of them.
                 op._holders = [c for c in answered if c.publishers] + [
-                    c
-                    for c in walk.shortlist[: self.config.k]
-                    if c.state == CandidateState.NEW
+                    c for c in walk.shortlist[: self.config.k] if c.state == CandidateState.NEW
                 ]
                 self._sample_phase(op, now)
             else:

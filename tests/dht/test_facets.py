@@ -210,9 +210,13 @@ def test_a_full_key_counts_every_publisher_that_offered() -> None:
     )
     key = facet_key(FACET)
     now = 1_700_000_000
+
     def offer(index: int, seq: int, at: int) -> bool:
         capability = SignedRecord.create(
-            make_identity(f"offer-{index}"), example_capability(), seq=seq, issued_at=at,
+            make_identity(f"offer-{index}"),
+            example_capability(),
+            seq=seq,
+            issued_at=at,
             lifetime=600,
         )
         try:
