@@ -9,6 +9,8 @@ the records follow its answer, so a hand-off is never an amplifier. At most
 
 from __future__ import annotations
 
+import math
+
 from . import _wire as wire
 from ._ids import Address
 from ._routing import Peer
@@ -19,6 +21,9 @@ __all__ = ["HandoffNode"]
 
 # A holder hands a key's records to a newcomer only if fewer contacts than this are closer.
 _HANDOFF_SENDERS = 3
+# Liveness pings are remembered for about this long (seconds; an exponential decay) when
+# the probe period is chosen from the share of them that found their contact dead.
+_PROBE_MEMORY = 60.0
 
 
 class HandoffNode(RpcNode):
@@ -45,14 +50,59 @@ class HandoffNode(RpcNode):
             self._check_alive(to_ping, now)
 
     def _check_alive(self, peer: Peer, now: float) -> None:
-        """Ping ``peer``, a bucket's least-recently-seen contact that has been silent (the
-        table marked its bucket as pinging). Resent once; unanswered twice, it is replaced
-        from the bucket's cache or removed (``RoutingTable.failed``)."""
-        if not self._call(
+        """Ping ``peer``, a contact that has been silent (a bucket's least-recently-seen
+        one, its bucket then marked as pinging, or one silent for the probe period). Resent
+        once; unanswered twice, it is replaced from the bucket's cache or removed
+        (``RoutingTable.failed``), and counted as a probe that found its contact dead."""
+        if self._call(
             peer.address, peer.node_id, wire.PING, [self.node_id], now, None, Purpose.LIVENESS,
             retries=1,
         ):
+            self.routing.probe(peer.node_id)
+            self._decay_probes(now)
+            self._probe_silence += max(now - peer.seen_at, 0.0)
+        else:
             self.routing.ping_answered(peer.node_id)
+
+    def _check_liveness(self, now: float) -> None:
+        """Ping every contact silent for the probe period; check again in a fifth of it."""
+        period = self.probe_period(now)
+        for peer in self.routing.silent(now, period):
+            self._check_alive(peer, now)
+        self._next_liveness = now + period / 5
+
+    def _probe_failed(self, now: float) -> None:
+        """A liveness ping went unanswered twice: its contact was dead. The probe period
+        may shorten: the next check comes no later than a fifth of it from now."""
+        self._decay_probes(now)
+        self._probe_failures += 1.0
+        self._next_liveness = min(self._next_liveness, now + self.probe_period(now) / 5)
+
+    def _decay_probes(self, now: float) -> None:
+        elapsed = now - self._probed_at
+        if elapsed > 0:
+            factor = math.exp(-elapsed / _PROBE_MEMORY)
+            self._probe_silence *= factor
+            self._probe_failures *= factor
+            self._probed_at = now
+
+    def probe_period(self, now: float) -> float:
+        """How long a contact may stay silent before it is pinged (seconds).
+
+        MSPastry's self-tuning (Castro, Costa, Rowstron, DSN 2004): a contact pinged after
+        ``s`` seconds of silence is found dead with probability about ``mu * s`` (``mu``:
+        the rate at which a contact dies), so ``mu`` is estimated as the recent liveness
+        pings' failures over their contacts' silence. Checked every ``T / 5`` for contacts
+        silent ``T``, a dead contact stays listed ``T / 2 + T / 10`` on average, a share
+        ``0.6 * mu * T`` of the table. The period keeps that share at
+        ``liveness_dead_share``, between ``liveness_interval_min`` and ``liveness_interval``
+        (no failures: a quiet network)."""
+        config = self.config
+        self._decay_probes(now)
+        if self._probe_failures <= 0.0:
+            return config.liveness_interval
+        period = config.liveness_dead_share * self._probe_silence / (0.6 * self._probe_failures)
+        return min(max(period, config.liveness_interval_min), config.liveness_interval)
 
     def _handoff_keys(self, node_id: int) -> list[bytes]:
         """The keys whose records a new contact should get from this node (paper, section

@@ -99,6 +99,10 @@ class LookupNode(HandlerNode):
             # contact is gone (two datagrams lost in a row under 1% loss: 1 in 2,500).
             confirmed = rpc.resent and rpc.method in _EVERY_NODE_ANSWERS
             self.routing.failed(rpc.peer_id, confirmed=confirmed)
+            if rpc.purpose == Purpose.LIVENESS:
+                self._probe_failed(now)
+        if rpc.purpose == Purpose.LIVENESS and rpc.peer_id is not None:
+            self.routing.ping_answered(rpc.peer_id)  # (answered with garbage: ended too)
         op = rpc.op
         if op is None or op.done:
             return
@@ -559,9 +563,6 @@ class LookupNode(HandlerNode):
     def _maintain(self, now: float) -> None:
         self.store.expire(now)
         config = self.config
-        # Liveness: each bucket's least-recently-seen contact, if silent for a while.
-        for peer in self.routing.silent(now, config.liveness_interval):
-            self._check_alive(peer, now)
         for index in self.routing.stale_buckets(now, config.refresh_interval)[:4]:
             target = self.routing.random_id_in_bucket(index, self.rng.getrandbits(160))
             op = FindNodesOperation(target, now)

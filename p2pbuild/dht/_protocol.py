@@ -160,13 +160,14 @@ class DhtNode(LookupNode):
         timers = self._timers
         while timers and timers[0][1] not in self._pending:
             heapq.heappop(timers)
-        if timers and timers[0][0] < self._next_maintenance:
+        periodic = min(self._next_maintenance, self._next_liveness)
+        if timers and timers[0][0] < periodic:
             return timers[0][0]
-        return self._next_maintenance
+        return periodic
 
     def handle_timer(self, now: float) -> None:
-        """Fire every deadline that is due at ``now``: RPC stalls and timeouts, store expiry
-        and bucket refresh. Calling it early or twice is harmless."""
+        """Fire every deadline that is due at ``now``: RPC stalls and timeouts, liveness
+        pings, store expiry and bucket refresh. Calling it early or twice is harmless."""
         timers = self._timers
         while timers and timers[0][0] <= now:
             _, msg_id, kind = heapq.heappop(timers)
@@ -193,6 +194,8 @@ class DhtNode(LookupNode):
             # a NAT (or a firewall): go on as a client, out of others' routing tables.
             self._sent_to = None
             self.client = True
+        if now >= self._next_liveness:
+            self._check_liveness(now)
         if now >= self._next_maintenance:
             self._next_maintenance = now + self.config.maintenance_interval
             self._maintain(now)

@@ -11,7 +11,9 @@ oldest contact is replaced only once a ping (or any other RPC) to it fails. Live
 BitTorrent's BEP 5: whenever a bucket is touched (a contact in it heard from, a newcomer for
 it), its least-recently-seen contact is handed to the core to ping if it has not been heard
 from for ``fresh_for`` seconds (one ping per bucket at a time); :meth:`RoutingTable.silent`
-lists every contact silent for longer, for the core's periodic check. A contact heard from
+lists every contact silent for longer, for the core's periodic check (whose period the core
+shortens under churn: ``docs/protocol.md``, *Liveness*); a contact with a liveness ping in
+flight (:meth:`RoutingTable.probe`) is handed out by neither. A contact heard from
 recently is never pinged (section 4.1 of the paper: probing waits until there is reason to).
 A contact that fails ``max_failures`` RPCs in a row, or one failure the core calls
 *confirmed* (a ping or ``find_node`` unanswered twice), is removed even without a
@@ -178,6 +180,7 @@ class RoutingTable:
         "max_per_host",
         "overall",
         "own_id",
+        "probing",
         "refused",
         "replacements",
     )
@@ -209,6 +212,9 @@ class RoutingTable:
         self.refused: dict[str, int] = {}
         #: The RTT estimate over all contacts, for contacts never measured.
         self.overall = Peer(own_id, ("", 0))
+        #: Ids of the contacts a liveness ping is in flight to (:meth:`probe`): neither a
+        #: touched bucket nor the periodic check pings them again meanwhile.
+        self.probing: set[int] = set()
 
     def __len__(self) -> int:
         return sum(len(bucket.peers) for bucket in self._buckets.values())
@@ -313,7 +319,7 @@ class RoutingTable:
         if bucket.pinging is not None or not peers:
             return None
         oldest = peers[0]
-        if now - oldest.seen_at < (age or self.fresh_for):
+        if now - oldest.seen_at < (age or self.fresh_for) or oldest.node_id in self.probing:
             return None
         bucket.pinging = oldest.node_id
         return oldest
@@ -352,10 +358,18 @@ class RoutingTable:
                 del bucket.peers[position]
                 if bucket.pinging == node_id:
                     bucket.pinging = None
+                self.probing.discard(node_id)
                 return
 
+    def probe(self, node_id: int) -> None:
+        """A liveness ping to ``node_id`` was sent (until :meth:`ping_answered` or
+        :meth:`failed`, it is not handed out to be pinged again)."""
+        self.probing.add(node_id)
+
     def ping_answered(self, node_id: int) -> None:
-        """The eviction ping to ``node_id`` was answered (it was also :meth:`seen`)."""
+        """The liveness ping to ``node_id`` was answered (it was also :meth:`seen`), or its
+        answer was unusable, or it could not be sent."""
+        self.probing.discard(node_id)
         bucket = self._buckets.get(self.bucket_index(node_id))
         if bucket is not None and bucket.pinging == node_id:
             bucket.pinging = None
@@ -368,6 +382,7 @@ class RoutingTable:
         once if the failure is ``confirmed`` (a request every node answers went unanswered
         twice: sent and resent).
         """
+        self.probing.discard(node_id)
         bucket = self._buckets.get(self.bucket_index(node_id))
         if bucket is None:
             return False
@@ -433,13 +448,16 @@ class RoutingTable:
         ]
 
     def silent(self, now: float, age: float) -> list[Peer]:
-        """The contacts not heard from for ``age`` seconds, the longest silent first (the
-        caller pings them; one that answers is heard from again)."""
+        """The contacts not heard from for ``age`` seconds and not being pinged, the longest
+        silent first (the caller pings them; one that answers is heard from again)."""
+        probing = self.probing
         quiet = [
             peer
             for bucket in self._buckets.values()
             for peer in bucket.peers
-            if now - peer.seen_at >= age and bucket.pinging != peer.node_id
+            if now - peer.seen_at >= age
+            and bucket.pinging != peer.node_id
+            and peer.node_id not in probing
         ]
         quiet.sort(key=lambda peer: peer.seen_at)
         return quiet

@@ -141,10 +141,14 @@ class RpcNode:
         "_deferred_total",
         "_dropped",
         "_finished",
+        "_next_liveness",
         "_next_maintenance",
         "_out",
         "_pad_to",
         "_pending",
+        "_probe_failures",
+        "_probe_silence",
+        "_probed_at",
         "_reachable_by",
         "_rejected",
         "_sent_to",
@@ -193,6 +197,13 @@ class RpcNode:
         self._timers: list[tuple[float, bytes, TimerKind]] = []
         self._finished: list[Operation] = []
         self._next_maintenance = now + config.maintenance_interval
+        #: Liveness: when silent contacts are next checked; and, decayed over
+        #: ``_PROBE_MEMORY`` seconds, the silence (seconds) of the contacts pinged to see
+        #: whether they are alive and how many of them were dead, as of ``_probed_at``.
+        self._next_liveness = now + config.liveness_interval / 5
+        self._probe_silence = 0.0
+        self._probe_failures = 0.0
+        self._probed_at = now
         # Indexed by ``Count`` (an array: no int object per counter).
         self._counters = array.array("q", bytes(8 * len(Count)))
         self._dropped: dict[str, int] = {}

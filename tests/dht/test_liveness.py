@@ -60,7 +60,8 @@ def test_a_bucket_is_stale_only_when_nothing_changed_it() -> None:
 
 
 def test_silent_contacts_are_pinged_and_the_dead_dropped() -> None:
-    config = DhtConfig(liveness_interval=300.0)
+    # (A fixed probe period: the dead found do not shorten it, see the test below.)
+    config = DhtConfig(liveness_interval=300.0, liveness_interval_min=300.0)
     net = build_network(30, config)
     everyone = list(net.nodes)
     dead = set(everyone[5:10])
@@ -180,3 +181,67 @@ async def test_republishing_follows_the_shortest_record_lifetime(
         assert directory.statistics().lookups == second
         await trio.sleep(4)
         assert directory.statistics().lookups > second
+
+
+def _pings_answered(
+    node: DhtNode, alive: dict[tuple[str, int], int], until: float
+) -> list[tuple[float, tuple[str, int]]]:
+    """Fire ``node``'s timers until ``until``, the contacts at ``alive`` (address: id)
+    answering its pings at once and the others never; returns the pings sent, with times."""
+    pings: list[tuple[float, tuple[str, int]]] = []
+    now = node.get_timer()
+    while now <= until:
+        node.handle_timer(now)
+        for data, address in node.datagrams_to_send():
+            frame = wire.decode_datagram(data, max_size=2048)
+            assert isinstance(frame, wire.Request) and frame.method == wire.PING
+            pings.append((now, address))
+            if address in alive:
+                reply = wire.encode_ping_reply(alive[address].to_bytes(20, "big"))
+                node.receive_datagram(wire.encode_response(frame.msg_id, reply), address, now)
+        now = node.get_timer()
+    return pings
+
+
+def _node_with_contacts(count: int) -> tuple[DhtNode, dict[tuple[str, int], int]]:
+    node = DhtNode(b"\x00" * 20, now=T0, rng=random.Random(1), config=DhtConfig())
+    contacts = {(f"10.1.0.{n}", 1): node.own ^ (1 << 159) ^ n for n in range(1, count + 1)}
+    for address, node_id in contacts.items():
+        node.routing.seen(node_id, address, T0, rtt=0.05)
+    return node, contacts
+
+
+def test_a_contact_being_pinged_is_not_pinged_again() -> None:
+    node, contacts = _node_with_contacts(20)
+    # All 20 fall silent together and are pinged at 300 s. The first answer touches the
+    # bucket, whose oldest contact is then one of those being pinged: no second ping.
+    pings = _pings_answered(node, contacts, T0 + 1000)
+    assert [at - T0 for at, _ in pings] == [300.0] * 20 + [600.0] * 20 + [900.0] * 20
+    assert sorted(address for _, address in pings) == sorted([*contacts] * 3)
+
+
+def test_the_probe_period_shortens_when_contacts_die_and_relaxes_when_none_do() -> None:
+    config = DhtConfig()
+    node, contacts = _node_with_contacts(20)
+    # A quiet network: every contact answers, each is pinged once per liveness_interval.
+    pings = _pings_answered(node, contacts, T0 + 1000)
+    assert node.probe_period(T0 + 1000) == config.liveness_interval
+    assert len(pings) == 3 * 20
+    # Then half of them die. The pings of the next round find them dead: a contact dies
+    # at a rate of about 10 per 20 contacts' 300 s of silence, and the period that keeps
+    # 1% of the table dead is 0.01 * 6000 / (0.6 * 10) = 10 s: the floor, 30 s.
+    alive = dict(list(contacts.items())[:10])
+    pings = _pings_answered(node, alive, T0 + 1210)
+    assert node.probe_period(T0 + 1210) == config.liveness_interval_min
+    dead = [address for address in contacts if address not in alive]
+    assert sorted(address for _, address in pings) == sorted([*contacts, *dead])  # resent
+    assert {c.address for c in node.routing} == set(alive)
+    # The survivors, which answered at 1200 s, are checked again after 30 s of silence
+    # (at the first check, a fifth of the period apart, from then on), not at 1500 s.
+    again = _pings_answered(node, alive, T0 + 1240)
+    assert sorted(address for _, address in again) == sorted(alive)
+    assert all(1230 <= at - T0 <= 1237 for at, _ in again)
+    # No contact dies any more: the pings that find them alive lengthen the period again,
+    # back to the quiet network's within half an hour.
+    _pings_answered(node, alive, T0 + 3300)
+    assert node.probe_period(T0 + 3300) == config.liveness_interval
