@@ -303,6 +303,11 @@ class RpcNode:
             rpc.retries = retries
         peer = self.routing.get(peer_id) if peer_id is not None else None
         timeout, stall = self._timeouts(peer)
+        if purpose == Purpose.LIVENESS:
+            # Its verdict removes the contact, and nothing waits on it: it waits as long as
+            # any RPC may (a round trip far above the contact's estimate, or the average's
+            # for a contact never measured, is not death).
+            timeout = self.config.max_rpc_timeout
         heapq.heappush(self._timers, (now + timeout, msg_id, TimerKind.DEADLINE))
         if purpose == Purpose.WALK and stall < timeout:
             heapq.heappush(self._timers, (now + stall, msg_id, TimerKind.STALL))

@@ -245,3 +245,22 @@ def test_the_probe_period_shortens_when_contacts_die_and_relaxes_when_none_do() 
     # back to the quiet network's within half an hour.
     _pings_answered(node, alive, T0 + 3300)
     assert node.probe_period(T0 + 3300) == config.liveness_interval
+
+
+def test_a_liveness_ping_answered_late_keeps_its_contact() -> None:
+    node, contacts = _node_with_contacts(1)
+    (address, node_id), = contacts.items()
+    # Measured at 50 ms: an RPC's timeout is about 150 ms. Pinged at 300 s, it answers
+    # after 500 ms (a slow moment of its link), within max_rpc_timeout.
+    node.handle_timer(T0 + 300)
+    (data, to), = node.datagrams_to_send()
+    assert to == address
+    frame = wire.decode_datagram(data, max_size=2048)
+    assert isinstance(frame, wire.Request)
+    while node.get_timer() < T0 + 300.5:
+        node.handle_timer(node.get_timer())
+    reply = wire.encode_ping_reply(node_id.to_bytes(20, "big"))
+    node.receive_datagram(wire.encode_response(frame.msg_id, reply), address, T0 + 300.5)
+    node.handle_timer(T0 + 310)
+    assert node.routing.get(node_id) is not None
+    assert node.statistics().dropped == {}
