@@ -77,7 +77,9 @@ from ._errors import (
     NodeTimeoutError,
     NodeUnreachableError,
     NodeVanishedError,
+    SinkError,
     SourceUnavailableError,
+    UnknownBuildError,
 )
 from ._leases import LeaseBook, LeaseRefusedError, UnknownLeaseError
 from ._logs import failure_tails, log_dir
@@ -167,6 +169,8 @@ class Engine:
     _no_node_audited: dict[str, tuple[str, float]] = attrs.field(factory=dict, init=False)
     #: Each build task's typed values, parsed once, by build id.
     _parsed: dict[str, ParsedBuild] = attrs.field(factory=dict, init=False)
+    #: Builds verified and stored whose directory name is not yet on disk (:meth:`_settle`).
+    _unsettled: set[str] = attrs.field(factory=set, init=False)
 
     def __attrs_post_init__(self) -> None:
         if self.ratings is None:
@@ -192,6 +196,7 @@ class Engine:
         """
         for sub in ("sources", "work", "reports"):
             (self.config.state_dir / sub).mkdir(parents=True, exist_ok=True)
+        await self._mend_sink()
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -330,6 +335,8 @@ class Engine:
         # In a thread: removing the work files is several file system calls per artifact,
         # each able to block the event loop for milliseconds on a busy disk.
         await trio.to_thread.run_sync(self._cleanup, build_id)
+        if build_id in self._unsettled:
+            await self._settle(build_id)
 
     async def _carry_out(
         self,
@@ -665,6 +672,7 @@ class Engine:
                 proof=[str(r.node) for r in verdict.proof],
                 outliers=[str(r.node) for r in verdict.outliers],
             )
+        self._unsettled.add(build.id)
 
     async def _fail(
         self, build: BuildRow, attempts: list[AttemptRow],
@@ -730,6 +738,38 @@ class Engine:
         # Outside work/, which goes when the build ends: a failed build's logs are what
         # its packager needs (``builds logs``, the failure summary's log tail).
         return log_dir(self.config.state_dir, build_id, attempt_id)
+
+    async def _settle(self, build_id: str) -> None:
+        """The stored build's name on disk, after its verified state (``_sink`` module
+        doc): off the critical path; :meth:`_mend_sink` covers a crash before it."""
+        self._unsettled.discard(build_id)
+        try:
+            await trio.to_thread.run_sync(self.sink.settle)
+        except SinkError as exc:
+            self._errors[exc.code] += 1
+            _log.warning("build %s: %s", build_id, exc)
+
+    async def _mend_sink(self) -> None:
+        """Rename again the stored builds that a power cut took back between their verified
+        state and :meth:`_settle` (``_sink`` module doc)."""
+        staged = await trio.to_thread.run_sync(self.sink.staged)
+        for build_id, staging in staged.items():
+            try:
+                build = self.db.build(build_id)
+            except UnknownBuildError:
+                continue
+            if build.state is not BuildState.VERIFIED or not build.sink_path:
+                continue
+            target = Path(build.sink_path)
+            if await trio.Path(target).exists():
+                continue
+            try:
+                await trio.to_thread.run_sync(self.sink.mend, staging, target)
+            except SinkError as exc:
+                self._errors[exc.code] += 1
+                _log.error("build %s: verified but not in the repository: %s", build_id, exc)
+                continue
+            self.db.audit(self.clock(), "mended", build_id, path=str(target))
 
     def _cleanup(self, build_id: str) -> None:
         shutil.rmtree(self.config.state_dir / "work" / build_id, ignore_errors=True)

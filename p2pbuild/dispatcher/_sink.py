@@ -11,14 +11,21 @@ Layout of one stored build (``<nvr>`` from the source file name, e.g. ``hello-1.
                                          artifacts with SHA-256, nodes and their logs
 
 Atomic: everything is written into a private ``<repo>/.incoming-<build id>-<random>/``, each
-artifact re-hashed against the signed digest, then every file and directory fsynced (all at
-once: concurrent fsyncs share one journal commit), then the directory is renamed into place
-and the repository directory fsynced. A failed store removes its staging directory; a crash
+artifact re-hashed against the signed digest, then every file and directory fsynced, the
+repository directory with them (all at once: concurrent fsyncs share one journal commit), then
+the directory is renamed into place. A failed store removes its staging directory; a crash
 leaves at most an ``.incoming-*`` directory, never a half build under a visible name. If the
 build was already stored (a crash between the rename and the database update, or a store of
 the same build racing in a worker thread of a dispatcher that was stopped),
 :meth:`RepositorySink.store` returns the existing path. Another build of the same NVR goes
 to ``<nvr>+<build id prefix>``.
+
+Two journal commits, not three, before a build is verified: the rename reaches the disk with
+:meth:`RepositorySink.settle`, which the engine calls after the database says "verified",
+off the build's critical path. A power cut in between can undo the rename but not the staging
+directory, whose every byte and whose name were on disk before; :meth:`RepositorySink.mend`,
+at the engine's start, renames it again to the path the database holds (the same order as a
+journaling file system: the data first, then the commit record, the rest replayed).
 """
 
 from __future__ import annotations
@@ -144,7 +151,8 @@ class RepositorySink:
     ) -> Path:
         """Store the artifacts of ``proof[0]`` (identical in every proof item, by
         verification) with every item's signed job and result and a manifest; return the
-        build's directory. Idempotent for the same ``build_id``.
+        build's directory. Idempotent for the same ``build_id``. Every byte is on disk when
+        it returns; the directory's name after :meth:`settle` (module doc).
 
         Blocking file I/O: call through ``trio.to_thread.run_sync``. Raises
         :class:`SinkError` if a file cannot be written or no longer re-hashes.
@@ -211,9 +219,10 @@ class RepositorySink:
                 user=user, arch=arch, os=os_name, build_type=build_type,
             )
             _write(incoming / "manifest.json", manifest.to_bytes())
-            # Every file and directory on disk before the rename makes the build visible:
-            # all in one round (a round is one journal commit; the rename waits for all).
-            _fsync_all([incoming, *sorted(incoming.rglob("*"))])
+            # Every file and directory on disk before the rename makes the build visible,
+            # and the staging directory's own name (the repository's entry), which
+            # :meth:`mend` needs after a power cut: all in one round (one journal commit).
+            _fsync_all([self.root, incoming, *sorted(incoming.rglob("*"))])
         except BaseException:
             shutil.rmtree(incoming, ignore_errors=True)
             raise
@@ -231,8 +240,7 @@ class RepositorySink:
                 continue  # another build of this NVR holds the name: take the alternate
             try:
                 os.rename(incoming, target)
-                _fsync_dir(self.root)
-                return target
+                return target  # on disk with settle(); mend() redoes it after a power cut
             except OSError as exc:
                 # The same build stored concurrently (see above) won the rename: success;
                 # another build of the same NVR won it: try the alternate name.
@@ -243,3 +251,41 @@ class RepositorySink:
                 problem = str(exc)
         shutil.rmtree(incoming, ignore_errors=True)
         raise SinkError(f"cannot move the build into {alternate}: {problem}")
+
+    def settle(self) -> None:
+        """Put the names of the builds stored so far on disk (fsync the repository
+        directory). Blocking: call through ``trio.to_thread.run_sync``. Raises
+        :class:`SinkError`."""
+        try:
+            _fsync_dir(self.root)
+        except OSError as exc:
+            raise SinkError(f"cannot write repository {self.root} to disk: {exc}") from None
+
+    def staged(self) -> dict[str, Path]:
+        """The staging directories whose store finished writing (a readable manifest), by
+        build id: what a crash left behind. Blocking."""
+        found: dict[str, Path] = {}
+        try:
+            candidates = sorted(self.root.glob(".incoming-*"))
+        except OSError:
+            return found
+        for path in candidates:
+            try:
+                found.setdefault(StoredBuild.read(path).build_id, path)
+            except SinkError:
+                continue  # interrupted before its manifest: never verified, left as it is
+        return found
+
+    def mend(self, staging: Path, target: Path) -> None:
+        """Rename ``staging`` to ``target``, a verified build's directory that a power cut
+        took back (see the module doc), and put the name on disk. Blocking. Raises
+        :class:`SinkError` if ``target`` is not a free name in this repository."""
+        if target.parent != self.root or staging.parent != self.root:
+            raise SinkError(f"{target} is not a build directory of {self.root}")
+        if target.exists():
+            raise SinkError(f"{target} exists: nothing to mend")
+        try:
+            os.rename(staging, target)
+            _fsync_dir(self.root)
+        except OSError as exc:
+            raise SinkError(f"cannot restore {target}: {exc}") from None

@@ -15,6 +15,7 @@ from p2pbuild import BuildType, FileDigest, Job, JobSpec, Result, SourceArtifact
 from p2pbuild.dispatcher._db import MIGRATIONS, BuildRow, BuildState, Database
 from p2pbuild.dispatcher._errors import ConfigError, SinkError, UnknownBuildError
 from p2pbuild.dispatcher._sink import ProofItem, RepositorySink, nvr_of
+from p2pbuild.dispatcher._stored import StoredBuild
 from p2pbuild.testing import make_trust_list
 
 FIXTURE = make_trust_list()
@@ -117,8 +118,10 @@ def test_sink_is_atomic_and_idempotent(tmp_path: Path) -> None:
 def test_sink_syncs_every_file_and_directory_before_the_rename(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Crash safety: the build becomes visible (rename) only once all of it is on disk, and
-    # the rename itself is synced before store returns (the database then says verified).
+    # Crash safety: the build becomes visible (rename) only once all of it is on disk, the
+    # staging directory's own name included (the repository directory), so that a power cut
+    # after the database says verified finds it to rename again; the rename reaches the
+    # disk with settle(), which the engine calls once the database says verified.
     from p2pbuild.dispatcher import _sink
 
     synced: list[Path] = []
@@ -130,19 +133,41 @@ def test_sink_syncs_every_file_and_directory_before_the_rename(
         real_fsync(path)
 
     def rename(src: Path, dest: Path) -> None:
-        staged = {Path(src), *Path(src).rglob("*")}
+        staged = {Path(src), Path(src).parent, *Path(src).rglob("*")}
         events.append(("rename", staged - set(synced)))
         real_rename(src, dest)
 
     monkeypatch.setattr(_sink, "_fsync_dir", fsync)
     monkeypatch.setattr(_sink.os, "rename", rename)
     repo = tmp_path / "repo"
-    path = RepositorySink(repo).store("a" * 32, "h-1-1.src.rpm", "0" * 64,
-                                      _proof(tmp_path, b"rpm"), trust_list=FIXTURE.trust_list,
-                                      now=5)
+    sink = RepositorySink(repo)
+    path = sink.store("a" * 32, "h-1-1.src.rpm", "0" * 64, _proof(tmp_path, b"rpm"),
+                      trust_list=FIXTURE.trust_list, now=5)
     assert events == [("rename", set())]  # nothing staged was left unsynced
-    assert synced[-1] == repo  # the rename, synced after it
     assert (path / "manifest.json").is_file()
+    before = len(synced)
+    sink.settle()
+    assert synced[before:] == [repo]  # the rename, synced after it
+
+
+def test_sink_mends_a_verified_build_a_power_cut_took_back(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    sink = RepositorySink(repo)
+    path = sink.store("a" * 32, "h-1-1.src.rpm", "0" * 64, _proof(tmp_path, b"rpm"),
+                      trust_list=FIXTURE.trust_list, now=5)
+    staging = repo / ".incoming-aaaaaaaaaaaaaaaa-k3j"
+    path.rename(staging)
+    (repo / ".incoming-bbbbbbbbbbbbbbbb-x").mkdir()  # interrupted before its manifest
+    assert sink.staged() == {"a" * 32: staging}
+    sink.mend(staging, path)
+    assert StoredBuild.read(path).build_id == "a" * 32
+    assert sink.staged() == {}
+    for staging_dir, target, why in [
+        (repo / ".incoming-bbbbbbbbbbbbbbbb-x", path, "exists"),
+        (repo / ".incoming-bbbbbbbbbbbbbbbb-x", tmp_path / "elsewhere", "not a build directory"),
+    ]:
+        with pytest.raises(SinkError, match=why):
+            sink.mend(staging_dir, target)
 
 
 def test_sink_refuses_files_that_changed(tmp_path: Path) -> None:

@@ -169,6 +169,62 @@ async def test_build_verified_by_two_operators_and_stored(farm: Harness) -> None
     assert engine.db.platform("user-1") == ("x86_64", "fedora-41", "vm")
 
 
+async def test_a_verified_build_whose_rename_a_power_cut_undid_is_renamed_at_start(
+    farm: Harness,
+) -> None:
+    """The repository directory is synced after the verified state (off the critical path):
+    a power cut between the two leaves the build under its staging name, and the next start
+    puts it back where the database says it is."""
+    for name in ("alice-1", "bob-1"):
+        await farm.add_node(name)
+    engine = await farm.start_engine()
+    build = farm.submit()
+    done = await farm.wait_done(build.id)
+    assert done.state is BuildState.VERIFIED, done.reason
+    await farm.kill_engine()
+    stored = Path(done.sink_path)
+    expected = {p.relative_to(stored): p.read_bytes() for p in stored.rglob("*") if p.is_file()}
+    # What a power cut before the repository's fsync may leave: the staging directory.
+    stored.rename(stored.parent / f".incoming-{build.id[:16]}-x1y2z3")
+    # ... and an interrupted store of another build, which is left alone.
+    (stored.parent / ".incoming-0123456789abcdef-q").mkdir()
+    engine = await farm.start_engine()
+    assert {p.relative_to(stored): p.read_bytes() for p in stored.rglob("*")
+            if p.is_file()} == expected
+    assert StoredBuild.read(stored).build_id == build.id
+    assert sorted(p.name for p in stored.parent.glob(".incoming-*")) == [
+        ".incoming-0123456789abcdef-q"
+    ]
+    assert "mended" in [e.event for e in engine.db.audit_entries(build.id)]
+
+
+async def test_the_build_is_verified_before_its_directory_name_is_synced(
+    farm: Harness, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two journal commits on the critical path, not three: the repository directory's
+    fsync after the rename comes once the build is marked verified."""
+    for name in ("alice-1", "bob-1"):
+        await farm.add_node(name)
+    engine = await farm.start_engine()
+    seen: list[BuildState] = []
+    settled = trio.Event()
+    settle = Engine._settle
+
+    async def watch(self: Engine, build_id: str) -> None:
+        seen.append(self.db.build(build_id).state)
+        await settle(self, build_id)
+        settled.set()
+
+    monkeypatch.setattr(Engine, "_settle", watch)
+    build = farm.submit()
+    done = await farm.wait_done(build.id)
+    assert done.state is BuildState.VERIFIED, done.reason
+    with trio.fail_after(10):
+        await settled.wait()
+    assert seen == [BuildState.VERIFIED]
+    assert "sink" not in dict(engine.statistics().node_errors)
+
+
 async def test_engine_parses_each_result_once(
     farm: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
