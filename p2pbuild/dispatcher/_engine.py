@@ -169,8 +169,13 @@ class Engine:
     _no_node_audited: dict[str, tuple[str, float]] = attrs.field(factory=dict, init=False)
     #: Each build task's typed values, parsed once, by build id.
     _parsed: dict[str, ParsedBuild] = attrs.field(factory=dict, init=False)
-    #: Builds verified and stored whose directory name is not yet on disk (:meth:`_settle`).
+    #: Seconds between a build's verified state and the fsync that puts its directory's
+    #: name on disk (:meth:`_settle_stored`): one fsync for every build verified meanwhile,
+    #: and none in the way of the next build's own commits.
+    settle_after_s: float = 1.0
+    #: Builds verified and stored whose directory name may not be on disk yet.
     _unsettled: set[str] = attrs.field(factory=set, init=False)
+    _stored: trio.Event = attrs.field(factory=trio.Event, init=False)
 
     def __attrs_post_init__(self) -> None:
         if self.ratings is None:
@@ -200,6 +205,7 @@ class Engine:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                nursery.start_soon(self._settle_stored, name="settle stored builds")
                 try:
                     resumed = self.db.builds(
                         states=[BuildState.QUEUED, BuildState.RUNNING], limit=1_000_000
@@ -335,8 +341,6 @@ class Engine:
         # In a thread: removing the work files is several file system calls per artifact,
         # each able to block the event loop for milliseconds on a busy disk.
         await trio.to_thread.run_sync(self._cleanup, build_id)
-        if build_id in self._unsettled:
-            await self._settle(build_id)
 
     async def _carry_out(
         self,
@@ -673,6 +677,7 @@ class Engine:
                 outliers=[str(r.node) for r in verdict.outliers],
             )
         self._unsettled.add(build.id)
+        self._stored.set()
 
     async def _fail(
         self, build: BuildRow, attempts: list[AttemptRow],
@@ -739,19 +744,33 @@ class Engine:
         # its packager needs (``builds logs``, the failure summary's log tail).
         return log_dir(self.config.state_dir, build_id, attempt_id)
 
-    async def _settle(self, build_id: str) -> None:
-        """The stored build's name on disk, after its verified state (``_sink`` module
-        doc): off the critical path; :meth:`_mend_sink` covers a crash before it."""
-        self._unsettled.discard(build_id)
+    async def _settle_stored(self) -> None:
+        """Put the names of the builds verified in the last :attr:`settle_after_s` on disk
+        (``_sink`` module doc): after their verified state, off their critical path, and
+        one fsync for all of them. :meth:`_mend_sink` covers a power cut before it."""
+        try:
+            while True:
+                await self._stored.wait()
+                self._stored = trio.Event()
+                await trio.sleep(self.settle_after_s)
+                await self._settle()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._settle()
+
+    async def _settle(self) -> None:
+        if not self._unsettled:
+            return
+        builds, self._unsettled = self._unsettled, set()
         try:
             await trio.to_thread.run_sync(self.sink.settle)
         except SinkError as exc:
             self._errors[exc.code] += 1
-            _log.warning("build %s: %s", build_id, exc)
+            _log.warning("%d stored builds: %s", len(builds), exc)
 
     async def _mend_sink(self) -> None:
         """Rename again the stored builds that a power cut took back between their verified
-        state and :meth:`_settle` (``_sink`` module doc)."""
+        state and :meth:`_settle_stored` (``_sink`` module doc)."""
         staged = await trio.to_thread.run_sync(self.sink.staged)
         for build_id, staging in staged.items():
             try:

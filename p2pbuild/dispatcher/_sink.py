@@ -21,11 +21,12 @@ the same build racing in a worker thread of a dispatcher that was stopped),
 to ``<nvr>+<build id prefix>``.
 
 Two journal commits, not three, before a build is verified: the rename reaches the disk with
-:meth:`RepositorySink.settle`, which the engine calls after the database says "verified",
-off the build's critical path. A power cut in between can undo the rename but not the staging
-directory, whose every byte and whose name were on disk before; :meth:`RepositorySink.mend`,
-at the engine's start, renames it again to the path the database holds (the same order as a
-journaling file system: the data first, then the commit record, the rest replayed).
+:meth:`RepositorySink.settle`, which the engine calls within a second after the database says
+"verified" (one call for every build verified meanwhile), off the build's critical path. A
+power cut in between can undo the rename but not the staging directory, whose every byte and
+whose name were on disk before; :meth:`RepositorySink.mend`, at the engine's start, renames
+it again to the path the database holds (the same order as a journaling file system: the
+data first, then the commit record, the rest replayed).
 """
 
 from __future__ import annotations
