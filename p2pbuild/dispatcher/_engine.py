@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import random
 import shutil
@@ -77,13 +76,12 @@ from ._errors import (
     NodeTimeoutError,
     NodeUnreachableError,
     NodeVanishedError,
-    SinkError,
     SourceUnavailableError,
     UnknownBuildError,
 )
 from ._leases import LeaseBook, LeaseRefusedError, UnknownLeaseError
 from ._logs import failure_tails, log_dir
-from ._nodes import NodeClient, NodeConnector, NodeFinder, download_logs
+from ._nodes import NodeClient, NodeConnector, NodeFinder, SharedDownloads, download_logs
 from ._plan import (
     Action,
     Attempt,
@@ -109,7 +107,7 @@ from ._select import (
     asleep,
     select_nodes,
 )
-from ._sink import ProofItem, RepositorySink
+from ._sink import ProofItem, RepositorySink, Settler
 from ._verify import (
     NeedTieBreak,
     Verified,
@@ -162,22 +160,20 @@ class Engine:
     _attempt_tasks: int = attrs.field(default=0, init=False)
     _changed: trio.Event = attrs.field(factory=trio.Event, init=False)
     _errors: Counter[str] = attrs.field(factory=Counter, init=False)
-    _beats: dict[str, float] = attrs.field(factory=dict, init=False)
     #: Node key -> until when: on-demand nodes that did not wake within their wake time.
     _wake_failed: dict[str, float] = attrs.field(factory=dict, init=False)
     #: build -> (reason, time) of its last "no-node-yet" audit entry.
     _no_node_audited: dict[str, tuple[str, float]] = attrs.field(factory=dict, init=False)
     #: Each build task's typed values, parsed once, by build id.
     _parsed: dict[str, ParsedBuild] = attrs.field(factory=dict, init=False)
-    #: Seconds between a build's verified state and the fsync that puts its directory's
-    #: name on disk (:meth:`_settle_stored`): one fsync for every build verified meanwhile,
-    #: and none in the way of the next build's own commits.
-    settle_after_s: float = 1.0
-    #: Builds verified and stored whose directory name may not be on disk yet.
-    _unsettled: set[str] = attrs.field(factory=set, init=False)
-    _stored: trio.Event = attrs.field(factory=trio.Event, init=False)
+    #: Puts stored builds' directory names on disk after their verified state.
+    settler: Settler = attrs.field(default=None)
+    #: One download per distinct artifact of a build, whichever replica signed it.
+    _downloads: SharedDownloads = attrs.field(factory=SharedDownloads, init=False)
 
     def __attrs_post_init__(self) -> None:
+        if self.settler is None:
+            self.settler = Settler(self.sink)
         if self.ratings is None:
             self.ratings = RatingBook(self.db)
         if self.connector.identity is None:
@@ -205,7 +201,7 @@ class Engine:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._settle_stored, name="settle stored builds")
+                nursery.start_soon(self.settler.run, self._errors, name="settle stored builds")
                 try:
                     resumed = self.db.builds(
                         states=[BuildState.QUEUED, BuildState.RUNNING], limit=1_000_000
@@ -230,8 +226,7 @@ class Engine:
             self._nursery.start_soon(self._drive, build_id, name=f"build {build_id[:12]}")
 
     def _poke(self, build_id: str) -> None:
-        event = self._wake.pop(build_id, None)
-        if event is not None:
+        if (event := self._wake.pop(build_id, None)) is not None:
             event.set()
         self._changed.set()
         self._changed = trio.Event()
@@ -336,6 +331,7 @@ class Engine:
             self._no_node_audited.pop(build_id, None)
             self._wake.pop(build_id, None)
             self._parsed.pop(build_id, None)
+            self._downloads.forget(build_id)
             self._changed.set()
             self._changed = trio.Event()
         # In a thread: removing the work files is several file system calls per artifact,
@@ -464,7 +460,9 @@ class Engine:
                 # selection's reason names the constraint that left none (os, machine,
                 # pool), not the arch.
                 entries = await self.finder.find(Query(arch=build.arch), fresh=fresh)
-            self._heartbeats(entries)
+            self.ratings.status_heartbeats(
+                entries, self.clock(), self.config.heartbeat_interval_s
+            )
             return entries
 
         entries = await find(fresh=False)
@@ -495,26 +493,19 @@ class Engine:
         )
         try:
             try:
-                chosen = select_nodes(self._candidates(entries), requirements, self.rng,
+                chosen = select_nodes(self.candidates(entries), requirements, self.rng,
                                       self.config.selection)
             except NoCapableNodeError:
                 # The directory cache may predate a node that joined since (a replacement
                 # for a lost node, say): before waiting, look again.
                 entries = await find(fresh=True)
-                chosen = select_nodes(self._candidates(entries), requirements, self.rng,
+                chosen = select_nodes(self.candidates(entries), requirements, self.rng,
                                       self.config.selection)
         except NoCapableNodeError as exc:
-            if choose.role == "tiebreak":
-                if not self._other_operators(choose.exclude_operators):
-                    # No waiting can help: the trust list names nobody else.
-                    return Fail("replicas disagree and the trust list names no node of "
-                                "another operator to break the tie; nothing stored")
-                outcome = after_no_node(exc, choose, waiting_since, now, self.config)
-                if isinstance(outcome, Fail):
-                    return Fail(f"replicas disagree and no node could break the tie: {exc}; "
-                                "nothing stored")
-            else:
-                outcome = after_no_node(exc, choose, waiting_since, now, self.config)
+            outcome = after_no_node(
+                exc, choose, waiting_since, now, self.config,
+                other_operators=self._other_operators(choose.exclude_operators),
+            )
             if isinstance(outcome, Wait):
                 # Audited when the reason changes (or once a minute), not at every retry.
                 last = self._no_node_audited.get(build.id)
@@ -552,10 +543,6 @@ class Engine:
         return any(e.role is Role.NODE and e.operator not in exclude
                    for e in self.trust_list.entries)
 
-    def candidates(self, entries: list[NodeEntry]) -> list[Candidate]:
-        """Selection's view of directory entries: trust entry, rating, our jobs on each."""
-        return self._candidates(entries)
-
     def _not_waking(self, now: float) -> frozenset[PublicKey]:
         """Nodes that did not wake in time lately: not chosen again for a while."""
         for key in [k for k, until in self._wake_failed.items() if until <= now]:
@@ -567,7 +554,8 @@ class Engine:
         for build_id in list(self._wake):
             self._poke(build_id)
 
-    def _candidates(self, entries: list[NodeEntry]) -> list[Candidate]:
+    def candidates(self, entries: list[NodeEntry]) -> list[Candidate]:
+        """Selection's view of directory entries: trust entry, rating, our jobs on each."""
         active = self.db.active_attempts_by_node()
         keys = [str(e.publisher) for e in entries]
         ratings = self.ratings.ratings(self.clock(), keys)
@@ -579,19 +567,6 @@ class Engine:
             )
             for e in entries
         ]
-
-    def _heartbeats(self, entries: list[NodeEntry]) -> None:
-        now = self.clock()
-        for entry in entries:
-            key = str(entry.publisher)
-            status = entry.status
-            if status is None or now - self._beats.get(key, -math.inf) < (
-                self.config.heartbeat_interval_s
-            ):
-                continue
-            self._beats[key] = now
-            operator = entry.trust.operator if entry.trust else "?"
-            self.ratings.heartbeat(key, operator, status.uptime_s, now)
 
     def _create_attempt(
         self, build: BuildRow, candidate: Candidate, role: str, considered: int,
@@ -676,8 +651,7 @@ class Engine:
                 proof=[str(r.node) for r in verdict.proof],
                 outliers=[str(r.node) for r in verdict.outliers],
             )
-        self._unsettled.add(build.id)
-        self._stored.set()
+        self.settler.stored(build.id)
 
     async def _fail(
         self, build: BuildRow, attempts: list[AttemptRow],
@@ -744,51 +718,18 @@ class Engine:
         # its packager needs (``builds logs``, the failure summary's log tail).
         return log_dir(self.config.state_dir, build_id, attempt_id)
 
-    async def _settle_stored(self) -> None:
-        """Put the names of the builds verified in the last :attr:`settle_after_s` on disk
-        (``_sink`` module doc): after their verified state, off their critical path, and
-        one fsync for all of them. :meth:`_mend_sink` covers a power cut before it."""
-        try:
-            while True:
-                await self._stored.wait()
-                self._stored = trio.Event()
-                await trio.sleep(self.settle_after_s)
-                await self._settle()
-        finally:
-            with trio.CancelScope(shield=True):
-                await self._settle()
-
-    async def _settle(self) -> None:
-        if not self._unsettled:
-            return
-        builds, self._unsettled = self._unsettled, set()
-        try:
-            await trio.to_thread.run_sync(self.sink.settle)
-        except SinkError as exc:
-            self._errors[exc.code] += 1
-            _log.warning("%d stored builds: %s", len(builds), exc)
-
     async def _mend_sink(self) -> None:
-        """Rename again the stored builds that a power cut took back between their verified
-        state and :meth:`_settle_stored` (``_sink`` module doc)."""
-        staged = await trio.to_thread.run_sync(self.sink.staged)
-        for build_id, staging in staged.items():
-            try:
+        """Rename again the stored builds a power cut took back (``_sink`` module doc)."""
+
+        def verified_path(build_id: str) -> Path | None:
+            with contextlib.suppress(UnknownBuildError):
                 build = self.db.build(build_id)
-            except UnknownBuildError:
-                continue
-            if build.state is not BuildState.VERIFIED or not build.sink_path:
-                continue
-            target = Path(build.sink_path)
-            if await trio.Path(target).exists():
-                continue
-            try:
-                await trio.to_thread.run_sync(self.sink.mend, staging, target)
-            except SinkError as exc:
-                self._errors[exc.code] += 1
-                _log.error("build %s: verified but not in the repository: %s", build_id, exc)
-                continue
-            self.db.audit(self.clock(), "mended", build_id, path=str(target))
+                if build.state is BuildState.VERIFIED and build.sink_path:
+                    return Path(build.sink_path)
+            return None
+
+        for build_id, path in await self.settler.mend(verified_path, self._errors):
+            self.db.audit(self.clock(), "mended", build_id, path=str(path))
 
     def _cleanup(self, build_id: str) -> None:
         shutil.rmtree(self.config.state_dir / "work" / build_id, ignore_errors=True)
@@ -857,7 +798,9 @@ class Engine:
                     work = self._work_dir(attempt.build_id, attempt.id)
                     try:
                         for item in result.artifacts:
-                            await client.download(job.job_id, item, work / item.name)
+                            await self._downloads.fetch(
+                                attempt.build_id, client, job.job_id, item, work / item.name
+                            )
                     except NodeError as exc:  # raised below, not as an exception group
                         failure = exc
                         downloads.cancel_scope.cancel()
@@ -894,8 +837,7 @@ class Engine:
         not arrive as signed is counted and left out: it is not part of the proof."""
         for item, exc in await download_logs(client, job, result, dest):
             self._errors[f"log-{exc.code}"] += 1
-            _log.warning("log %s of job %s left out: %s: %s", item.name, job.id_hex,
-                         exc.code, exc)
+            _log.warning("log %s of job %s left out: %s: %s", item.name, job.id_hex, exc.code, exc)
 
     async def _submit(self, client: NodeClient, job: Job, node: PublicKey) -> None:
         tries = 0
@@ -952,5 +894,7 @@ class Engine:
             entry = await self.finder.lookup(node)
             if entry is None:
                 raise NodeVanishedError("gone from the directory while building")
-            self._heartbeats([entry])
+            self.ratings.status_heartbeats(
+                [entry], self.clock(), self.config.heartbeat_interval_s
+            )
 

@@ -19,6 +19,7 @@ do not parse or are not signed by the node. The engine catches only :class:`Node
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 import urllib.parse
 from collections.abc import Callable, Sequence
@@ -54,6 +55,7 @@ __all__ = [
     "PullNodeClient",
     "PullQueue",
     "PushNodeClient",
+    "SharedDownloads",
     "StaticFinder",
     "download_logs",
     "entry_from_records",
@@ -224,6 +226,54 @@ class NodeClient(Protocol):
     async def aclose(self) -> None:
         ...
 
+
+
+@attrs.define(eq=False)
+class _Download:
+    done: trio.Event = attrs.field(factory=trio.Event)
+    path: Path | None = None
+
+
+def _link(src: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.link(src, dest)
+
+
+@attrs.define(eq=False)
+class SharedDownloads:
+    """One download per distinct artifact of a build: replicas that signed the same digest
+    need not all send the bytes (half the dispatcher's inbound traffic with two replicas).
+    The first attempt to want an artifact fetches it; the others wait for it and link its
+    file (the same bytes, by the digest they signed; the stored build re-hashes them), or
+    fetch it themselves if that failed."""
+
+    _builds: dict[str, dict[tuple[str, int, bytes], _Download]] = attrs.field(factory=dict)
+
+    async def fetch(
+        self, build_id: str, client: NodeClient, job_id: bytes, item: FileDigest, dest: Path
+    ) -> None:
+        """``item`` into ``dest``. Raises :class:`NodeError` as :meth:`NodeClient.download`."""
+        key = (item.name, item.size, item.sha256)
+        downloads = self._builds.setdefault(build_id, {})
+        other = downloads.get(key)
+        if other is not None:
+            await other.done.wait()
+            if other.path is not None:
+                try:
+                    await trio.to_thread.run_sync(_link, other.path, dest)
+                    return
+                except OSError:
+                    pass  # removed meanwhile, or no hard links here: fetch it
+        mine = downloads[key] = _Download()
+        try:
+            await client.download(job_id, item, dest)
+            mine.path = dest
+        finally:
+            mine.done.set()
+
+    def forget(self, build_id: str) -> None:
+        """The build ended (its work files go)."""
+        self._builds.pop(build_id, None)
 
 
 async def download_logs(

@@ -206,11 +206,25 @@ def after_no_node(
     waiting_since: float | None,
     now: float,
     config: EngineConfig,
+    *,
+    other_operators: bool = True,
 ) -> Fail | Wait:
     """What to do when no node satisfies ``choose``: fail at once when the failing
     constraint cannot pass by itself (an arch no trusted node has) or when the build has
     waited ``no_node_wait_s`` since ``waiting_since``; else wait until the first exclusion
-    ends (or ``node_retry_base_s``), at most ``backoff_max_s``."""
+    ends (or ``node_retry_base_s``), at most ``backoff_max_s``. A tie-break fails at once
+    when the trust list names no node of an operator it does not exclude
+    (``other_operators`` False): no waiting can help."""
+    if choose.role == "tiebreak":
+        if not other_operators:
+            return Fail("replicas disagree and the trust list names no node of another "
+                        "operator to break the tie; nothing stored")
+        outcome = after_no_node(error, attrs.evolve(choose, role="replica"), waiting_since,
+                                now, config)
+        if isinstance(outcome, Fail):
+            return Fail(f"replicas disagree and no node could break the tie: {error}; "
+                        "nothing stored")
+        return outcome
     if error.constraint not in TRANSIENT_CONSTRAINTS:
         return Fail(str(error))
     if waiting_since is not None and now - waiting_since > config.no_node_wait_s:

@@ -41,6 +41,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import attrs
 
+from ..dht import NodeEntry
 from ._db import AttemptRow, AttemptState, Database, HeartbeatRow, ObservationRow, RatingRow
 from ._verify import Verified
 
@@ -180,6 +181,9 @@ class RatingBook:
         attrs.field(default=None, init=False)
     )
 
+    #: When each node's status record was last folded in (:meth:`status_heartbeats`).
+    _folded: dict[str, float] = attrs.field(factory=dict, init=False)
+
     def _rows(self) -> tuple[dict[tuple[str, str], RatingRow], dict[str, HeartbeatRow]]:
         cache = self._cache
         if cache is None or cache[0] != self.db.rollbacks:
@@ -249,6 +253,19 @@ class RatingBook:
         self.db.put_heartbeat(row, failure_reason="restarted (uptime went down)" if failed else "")
         beats[node] = row
         return failed
+
+    def status_heartbeats(
+        self, entries: Iterable[NodeEntry], now: float, interval_s: float
+    ) -> None:
+        """Fold in the status records of directory ``entries`` (:meth:`heartbeat`), each
+        node's at most once per ``interval_s``."""
+        for entry in entries:
+            key = str(entry.publisher)
+            if entry.status is None or now - self._folded.get(key, -math.inf) < interval_s:
+                continue
+            self._folded[key] = now
+            operator = entry.trust.operator if entry.trust else "?"
+            self.heartbeat(key, operator, entry.status.uptime_s, now)
 
     def node_failed(self, node: str, operator: str, now: float, reason: str) -> None:
         """Count a failure seen otherwise than by heartbeat (vanished from the DHT)."""

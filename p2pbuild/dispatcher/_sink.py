@@ -32,22 +32,27 @@ data first, then the commit record, the rest replayed).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import attrs
+import trio
 
 from .._jobs import Job, Result
 from .._trust import TrustList
 from ._errors import SinkError
 from ._stored import StoredBuild, StoredFile, StoredProof
 
-__all__ = ["ProofItem", "RepositorySink", "nvr_of"]
+__all__ = ["ProofItem", "RepositorySink", "Settler", "nvr_of"]
+
+_log = logging.getLogger("p2pbuild.dispatcher.sink")
 
 _SUFFIXES = (".src.rpm", ".tar.gz", ".tgz", ".tar.xz", ".tar.bz2", ".tar", ".rpm")
 _SAFE = re.compile(r"[^A-Za-z0-9._+~^-]")
@@ -290,3 +295,64 @@ class RepositorySink:
             _fsync_dir(self.root)
         except OSError as exc:
             raise SinkError(f"cannot restore {target}: {exc}") from None
+
+
+@attrs.define(eq=False)
+class Settler:
+    """Puts the directory names of stored builds on disk (:meth:`RepositorySink.settle`)
+    :attr:`delay_s` after their verified state: off their critical path, one fsync for
+    every build verified meanwhile, none in the way of the next build's own commits."""
+
+    sink: RepositorySink
+    delay_s: float = 1.0
+    #: Builds stored whose directory name may not be on disk yet.
+    pending: set[str] = attrs.field(factory=set)
+    _stored: trio.Event = attrs.field(factory=trio.Event)
+
+    def stored(self, build_id: str) -> None:
+        """``build_id`` is stored and marked verified."""
+        self.pending.add(build_id)
+        self._stored.set()
+
+    async def run(self, errors: Counter[str]) -> None:
+        """Settle until cancelled, and once more then; a failure is counted in ``errors``
+        (a power cut before the next success is what :meth:`RepositorySink.mend` is for)."""
+        try:
+            while True:
+                await self._stored.wait()
+                self._stored = trio.Event()
+                await trio.sleep(self.delay_s)
+                await self.settle(errors)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.settle(errors)
+
+    async def settle(self, errors: Counter[str]) -> None:
+        if not self.pending:
+            return
+        self.pending = set()
+        try:
+            await trio.to_thread.run_sync(self.sink.settle)
+        except SinkError as exc:
+            errors[exc.code] += 1
+            _log.warning("%s", exc)
+
+    async def mend(
+        self, verified_path: Callable[[str], Path | None], errors: Counter[str]
+    ) -> list[tuple[str, Path]]:
+        """Rename again every staging directory of a build that ``verified_path`` says is
+        verified at a path that does not exist (a power cut took the rename back before
+        :meth:`settle`); returns those mended. A failure is logged and counted."""
+        mended = []
+        for build_id, staging in (await trio.to_thread.run_sync(self.sink.staged)).items():
+            target = verified_path(build_id)
+            if target is None or await trio.Path(target).exists():
+                continue
+            try:
+                await trio.to_thread.run_sync(self.sink.mend, staging, target)
+            except SinkError as exc:
+                errors[exc.code] += 1
+                _log.error("build %s: verified but not in the repository: %s", build_id, exc)
+                continue
+            mended.append((build_id, target))
+        return mended

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import random
 import sys
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from p2pbuild.dispatcher._db import AttemptState, BuildRow, BuildState, Database
 from p2pbuild.dispatcher._engine import BuildRequest, Engine, EngineConfig
 from p2pbuild.dispatcher._nodes import StaticFinder
 from p2pbuild.dispatcher._select import Requirements
-from p2pbuild.dispatcher._sink import RepositorySink
+from p2pbuild.dispatcher._sink import RepositorySink, Settler
 from p2pbuild.dispatcher._stored import StoredBuild
 from p2pbuild.testing import make_trust_list
 from p2pbuild.testing._farm import FarmNode, start_push_node
@@ -209,18 +210,18 @@ async def test_the_build_is_verified_before_its_directory_name_is_synced(
     engine = await farm.start_engine()
     seen: list[dict[str, BuildState]] = []
     settled = trio.Event()
-    settle = Engine._settle
+    settle = Settler.settle
 
-    async def watch(self: Engine) -> None:
-        if self._unsettled:
-            seen.append({b: self.db.build(b).state for b in self._unsettled})
-            await settle(self)
+    async def watch(self: Settler, errors: Counter[str]) -> None:
+        if self.pending:
+            seen.append({b: engine.db.build(b).state for b in self.pending})
+            await settle(self, errors)
             settled.set()
         else:
-            await settle(self)
+            await settle(self, errors)
 
-    monkeypatch.setattr(Engine, "_settle", watch)
-    engine.settle_after_s = 0.5
+    monkeypatch.setattr(Settler, "settle", watch)
+    engine.settler.delay_s = 0.5
     builds = [farm.submit(), farm.submit(source_name="hello-1.0-2.src.rpm")]
     for build in builds:
         done = await farm.wait_done(build.id)
@@ -232,6 +233,37 @@ async def test_the_build_is_verified_before_its_directory_name_is_synced(
     # Usually one fsync for both (verified within the half second); never before verified.
     assert all(state is BuildState.VERIFIED for group in seen for state in group.values())
     assert "sink" not in dict(engine.statistics().node_errors)
+
+
+async def test_agreeing_replicas_artifacts_are_downloaded_once(
+    farm: Harness, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Replicas that sign the same digest need not both send the bytes: one download per
+    distinct artifact of a build (half the dispatcher's inbound traffic), each replica's
+    logs still fetched from it."""
+    from p2pbuild.dispatcher._nodes import PushNodeClient
+
+    fetched: list[tuple[str, str, str]] = []
+    download = PushNodeClient.download
+
+    async def count(self: PushNodeClient, job_id: bytes, item: object, dest: Path,
+                    kind: str = "artifacts") -> None:
+        fetched.append((self.endpoint, kind, item.name))  # type: ignore[attr-defined]
+        await download(self, job_id, item, dest, kind)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(PushNodeClient, "download", count)
+    for name in ("alice-1", "bob-1"):
+        await farm.add_node(name)
+    await farm.start_engine()
+    build = farm.submit()
+    done = await farm.wait_done(build.id)
+    assert done.state is BuildState.VERIFIED, done.reason
+    artifacts = [f for f in fetched if f[1] == "artifacts"]
+    assert [name for _, _, name in artifacts] == ["out/hello.txt"]
+    assert len({endpoint for endpoint, kind, _ in fetched if kind == "logs"}) == 2
+    stored = Path(done.sink_path)
+    assert (stored / "artifacts" / "out" / "hello.txt").read_bytes() == b"hello\n"
+    assert len(StoredBuild.read(stored).verified_by) == 2
 
 
 async def test_engine_parses_each_result_once(
@@ -472,7 +504,7 @@ async def test_restart_with_pending_attempts_resends_or_reattaches(farm: Harness
     # them had reached its node before the crash.
     for attempt in engine.db.attempts(build.id):
         engine.db.set_attempt_state(attempt, AttemptState.CANCELLED, engine.clock())
-    candidates = engine._candidates(await farm.finder.find(Query(arch="x86_64")))
+    candidates = engine.candidates(await farm.finder.find(Query(arch="x86_64")))
     requirements = Requirements("x86_64", "fedora-41", BuildType.RPM)
     row = engine.db.build(build.id)
     for candidate in candidates:

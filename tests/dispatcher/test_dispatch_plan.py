@@ -163,3 +163,16 @@ def test_no_node_for_a_passing_reason_waits_until_an_exclusion_ends() -> None:
     assert after_no_node(error, bare, NOW - 10, NOW, CONFIG) == Wait(NOW + 5.0, "all excluded")
     # Waited longer than no_node_wait_s: give up with the selection's reason.
     assert after_no_node(error, bare, NOW - 301, NOW, CONFIG) == Fail("all excluded")
+
+
+def test_a_tie_break_without_another_operator_fails_at_once() -> None:
+    error = NoCapableNodeError("all excluded", "excluded")
+    tiebreak = Choose(1, "tiebreak", frozenset({"alice", "bob"}))
+    assert after_no_node(error, tiebreak, None, NOW, CONFIG, other_operators=False) == Fail(
+        "replicas disagree and the trust list names no node of another operator to break "
+        "the tie; nothing stored"
+    )
+    assert after_no_node(error, tiebreak, None, NOW, CONFIG) == Wait(NOW + 5.0, "all excluded")
+    assert after_no_node(error, tiebreak, NOW - 301, NOW, CONFIG) == Fail(
+        "replicas disagree and no node could break the tie: all excluded; nothing stored"
+    )
