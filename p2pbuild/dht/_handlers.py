@@ -26,6 +26,8 @@ __all__ = ["HandlerNode"]
 _MIN_CONTACTS = 4
 # Bytes around a p2p_find reply's parts: fixarray(3), two array16 headers, a cursor.
 _FIND_REPLY_OVERHEAD = 1 + 3 + 3 + 2 + wire.MAX_CURSOR + 5
+# An address cookie in a p2p_find reply: bin8 header and its bytes.
+_COOKIE_COST = 2 + wire.COOKIE_SIZE
 
 
 class HandlerNode(HandoffNode):
@@ -96,16 +98,18 @@ class HandlerNode(HandoffNode):
         value: Any
         config = self.config
         verified = False
+        # A cookie this node gave the address: the sender receives there (as if verified).
+        cookie_ok = bool(request.cookie) and self._cookie_valid(address, request.cookie, now)
         if method == wire.PING:
             sender = wire.parse_ping_args(request)
             value = self.node_id
         elif method == wire.FIND_NODE:
             sender, key = wire.parse_find_args(request)
-            limit, verified = self._reply_limit(address, sender, request_size)
+            limit, verified = self._reply_limit(address, sender, request_size, cookie_ok)
             value = self._contacts_for(key, sender, limit - HEADER_SIZE)
         elif method == wire.FIND_VALUE:
             sender, key = wire.parse_find_args(request)
-            limit, verified = self._reply_limit(address, sender, request_size)
+            limit, verified = self._reply_limit(address, sender, request_size, cookie_ok)
             held = self.store.records(key, now)
             if held:
                 # A bundle is not cut: a stock reader would take a first page for the whole.
@@ -117,8 +121,11 @@ class HandlerNode(HandoffNode):
                 value = self._contacts_for(key, sender, limit - HEADER_SIZE)
         elif method == wire.P2P_FIND:
             sender, key, cursor = wire.parse_p2p_find_args(request)
-            limit, verified = self._reply_limit(address, sender, request_size)
-            budget = max(limit - HEADER_SIZE - _FIND_REPLY_OVERHEAD, 0)
+            limit, verified = self._reply_limit(address, sender, request_size, cookie_ok)
+            # A requester without a valid cookie gets one, for its next requests here.
+            cookie = b"" if cookie_ok else self._cookie(address, now)
+            overhead = _FIND_REPLY_OVERHEAD + (_COOKIE_COST if cookie else 0)
+            budget = max(limit - HEADER_SIZE - overhead, 0)
             triples: list[wire.ContactTriple] = []
             sample = wire.parse_sample_cursor(cursor)
             publishers = self.store.publishers(key, now)
@@ -145,7 +152,9 @@ class HandlerNode(HandoffNode):
                 records, next_cursor = self.store.page(key, b"", now, budget - reserve)
                 used = sum(wire.record_cost(raw) for raw in records)
                 triples = wire.fit_contacts(closest, budget - used)
-            value = wire.encode_p2p_find_reply(triples, records, next_cursor, publishers)
+            value = wire.encode_p2p_find_reply(
+                triples, records, next_cursor, publishers, cookie
+            )
         elif method == wire.P2P_STORE:
             sender, key, raws = wire.parse_p2p_store_args(request)
             value = self._accept(key, raws, now)
@@ -165,10 +174,13 @@ class HandlerNode(HandoffNode):
         else:
             self._welcome(id_from_bytes(sender), address, now, None)
 
-    def _reply_limit(self, address: Address, sender: bytes, request_size: int) -> tuple[int, bool]:
-        """``(largest reply, verified)`` for a request of ``request_size`` bytes."""
+    def _reply_limit(
+        self, address: Address, sender: bytes, request_size: int, cookie_ok: bool = False
+    ) -> tuple[int, bool]:
+        """``(largest reply, verified)`` for a request of ``request_size`` bytes
+        (``cookie_ok``: it carried a valid address cookie)."""
         config = self.config
-        if self._is_verified(address, sender):
+        if cookie_ok or self._is_verified(address, sender):
             return config.max_datagram, True
         bound = config.amplification_factor * request_size
         if bound >= config.max_datagram:

