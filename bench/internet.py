@@ -21,7 +21,10 @@ Phases:
    ``--overlap-churn`` while the next lookups run); p50/p99 and success (the publisher's
    capability came back).
 4. **routing tables**: the share of all routing-table entries that are live, reachable
-   (public) nodes; NAT'd nodes listed anywhere.
+   (public) nodes; NAT'd nodes listed anywhere. Taken right after the churn (the goal's
+   figure: contacts of nodes that left seconds ago are still listed until a ping finds
+   them out), and again after phase 5 (``after_finds``, with the simulated seconds since
+   the churn ended).
 5. **sampled facet find**: ``Directory.find_sample(Query(arch="x86_64"), 64)`` from random
    public nodes, each done twice (a first find, then a warm one): bytes the reader sent and
    received, time, and waves of requests beyond the first walk (``FacetSample.rounds - 1``:
@@ -283,7 +286,8 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
         _progress(f"lookups {out['lookups']}")
 
         phases.end("lookups")
-        # 4. routing tables
+        # 4. routing tables (right after the churn; again after the finds below)
+        churn_ended = trio.current_time()
         entries, reachable, nat_listed = _routing_share(swarm)
         out["routing_tables"] = {
             "entries": entries,
@@ -321,6 +325,12 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
             _progress(f"big facet finds {out['big_facet_find']}")
 
         phases.end("facet_find")
+        entries, reachable, nat_listed = _routing_share(swarm)
+        out["routing_tables"]["after_finds"] = {
+            "seconds_after_churn": round(trio.current_time() - churn_ended, 1),
+            "reachable_share": round(reachable / entries, 4),
+            "nat_nodes_listed": nat_listed,
+        }
         # 6. load under a rate of sampled finds (of the big facet, with --big-facet)
         if args.big_facet:
             query = Query(arch="aarch64")
