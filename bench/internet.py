@@ -24,7 +24,8 @@ Phases:
    (public) nodes; NAT'd nodes listed anywhere. Taken right after the churn (the goal's
    figure: contacts of nodes that left seconds ago are still listed until a ping finds
    them out), and again after phase 5 (``after_finds``, with the simulated seconds since
-   the churn ended).
+   the churn ended); each also apart for the public nodes' tables (the ones lookups
+   route through) and the DHT clients' tables behind NAT.
 5. **sampled facet find**: ``Directory.find_sample(Query(arch="x86_64"), 64)`` from random
    public nodes, each done twice (a first find, then a warm one): bytes the reader sent and
    received, time, and waves of requests beyond the first walk (``FacetSample.rounds - 1``:
@@ -205,18 +206,37 @@ async def _join(swarm: Swarm, count: int, nat_share: float) -> None:
         await swarm.join_many([(nat, client if nat else None) for nat in nats])
 
 
-def _routing_share(swarm: Swarm) -> tuple[int, int, int]:
-    """Routing-table entries of all live nodes: in all, live public nodes, NAT'd nodes."""
+def _routing_share(swarm: Swarm, *, nat: bool | None = None) -> tuple[int, int, int]:
+    """Routing-table entries of all live nodes (of the public ones only, ``nat`` False, or
+    of those behind NAT, True): in all, live public nodes, NAT'd nodes."""
     public = {n.endpoint.local_address for n in swarm.alive(nat=False)}
     nat_addresses = {n.endpoint.local_address for n in swarm.nodes if n.nat}
     entries = reachable = nat_listed = 0
-    for node in swarm.alive():
+    for node in swarm.alive(nat=nat):
         for contact in node.directory.contacts():
             address = (contact.host, contact.port)
             entries += 1
             reachable += address in public
             nat_listed += address in nat_addresses
     return entries, reachable, nat_listed
+
+
+def _routing_tables(swarm: Swarm) -> dict[str, Any]:
+    """The reachable share of all routing-table entries, and apart for the tables of the
+    public nodes (the ones lookups route through) and of the DHT clients behind NAT."""
+    entries, reachable, nat_listed = _routing_share(swarm)
+    table: dict[str, Any] = {
+        "entries": entries,
+        "reachable_share": round(reachable / entries, 4),
+        "nat_nodes_listed": nat_listed,
+    }
+    for name, nat in (("public_tables", False), ("client_tables", True)):
+        entries, reachable, _ = _routing_share(swarm, nat=nat)
+        table[name] = {
+            "entries": entries,
+            "reachable_share": round(reachable / entries, 4) if entries else None,
+        }
+    return table
 
 
 async def _bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -288,12 +308,7 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
         phases.end("lookups")
         # 4. routing tables (right after the churn; again after the finds below)
         churn_ended = trio.current_time()
-        entries, reachable, nat_listed = _routing_share(swarm)
-        out["routing_tables"] = {
-            "entries": entries,
-            "reachable_share": round(reachable / entries, 4),
-            "nat_nodes_listed": nat_listed,
-        }
+        out["routing_tables"] = _routing_tables(swarm)
 
         phases.end("routing_tables")
         # 5. sampled facet finds (and, with --big-facet, of a facet of that many publishers)
@@ -325,11 +340,9 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
             _progress(f"big facet finds {out['big_facet_find']}")
 
         phases.end("facet_find")
-        entries, reachable, nat_listed = _routing_share(swarm)
         out["routing_tables"]["after_finds"] = {
             "seconds_after_churn": round(trio.current_time() - churn_ended, 1),
-            "reachable_share": round(reachable / entries, 4),
-            "nat_nodes_listed": nat_listed,
+            **_routing_tables(swarm),
         }
         # 6. load under a rate of sampled finds (of the big facet, with --big-facet)
         if args.big_facet:
