@@ -134,9 +134,11 @@ def level_read(estimate: int, room: int) -> int:
 def _shards_for(wanted: int, shard_mean: float, shards: int) -> int:
     """Shards to read so that ``wanted`` publishers can be fetched with the same chance for
     every publisher of a sharded facet (``wanted / total``, which ``count / shards`` of
-    them can give only if ``count >= shards * wanted / total``); at least two, so that one
-    shard's publishers are never the whole sample, and at most all of them."""
-    needed = math.ceil(wanted / max(shard_mean, 1.0))
+    them can give only if ``count >= shards * wanted / total``), with a margin of two
+    standard deviations of their Poisson-like count (``2 * sqrt(wanted)``) so that the
+    shards read seldom turn out too thin for it; at least two, so that one shard's
+    publishers are never the whole sample, and at most all of them."""
+    needed = math.ceil((wanted + 2.0 * math.sqrt(wanted)) / max(shard_mean, 1.0))
     return min(max(needed, _SAMPLE_SHARDS), _MAX_SAMPLE_SHARDS, shards)
 
 
@@ -483,8 +485,9 @@ class Directory:
                 reads = [self._core.sample_from(root, wanted, self.now())]
         else:
             shards = 1 << level
-            if _shards_for(wanted, shard_mean, shards) > len(censuses):
-                # Thinner shards than the estimate said: census more random shards, once.
+            if sum(shard_counts) < wanted and len(censuses) < min(shards, _MAX_SAMPLE_SHARDS):
+                # Far thinner shards than the estimate said (the margin of _shards_for did
+                # not cover it: a facet that shrank): census more random shards, once.
                 censuses = await self._census_shards(first, level, censuses, shard_mean, wanted)
                 rounds += 1
                 shard_counts = [op.publishers or 0 for op in censuses]

@@ -26,7 +26,7 @@ from p2pbuild.dht import (
     facet_shard_key,
 )
 from p2pbuild.dht import _wire as wire
-from p2pbuild.dht._directory import level_read, levels_written
+from p2pbuild.dht._directory import _shards_for, level_read, levels_written
 from p2pbuild.testing import (
     SANSIO_EPOCH,
     Cluster,
@@ -242,6 +242,17 @@ def test_the_parts_of_a_sampled_read_carry_cookies_instead_of_padding() -> None:
     assert all(len(d) >= 400 for d, to in parts if to not in answered)
     assert len({r.publisher for r in op.result}) >= 8
     assert sum(n.statistics().replies_bounded for n in nodes) == 0
+
+
+def test_a_sampled_find_censuses_shards_enough_for_a_margin() -> None:
+    # A 5,000-publisher facet: 128 shards of about 39; 77 publishers wanted (64 x 1.2).
+    # Two shards hold 78 on average, fewer about half of the time: a second census wave
+    # would follow. Three cover 77 with two standard deviations to spare.
+    assert _shards_for(77, 39.0, 128) == 3
+    assert _shards_for(77, 60.0, 128) == 2
+    assert _shards_for(12, 1.0, 256) == 16  # at most 16
+    assert _shards_for(500, 39.0, 8) == 8  # at most all of them
+    assert _shards_for(1, 100.0, 64) == 2  # at least two
 
 
 def test_a_full_key_counts_every_publisher_that_offered() -> None:
