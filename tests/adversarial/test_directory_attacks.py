@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import socket
+from typing import Any
 
 import attrs
 import pytest
@@ -226,15 +227,22 @@ def _answer(net: SansIONetwork, request: bytes, source: Address, target: Address
     return reply
 
 
+def _first_reply(net: SansIONetwork, key: bytes, asker: Address,
+                 target_address: Address) -> tuple[bytes, Any, bytes]:
+    """A padded first request from ``asker``: the reply, its value and its cookie."""
+    first = _answer(net, _census_request(b"a" * 20, key, pad_to=400), asker, target_address)
+    value = wire.decode_datagram(first, max_size=2048).value  # type: ignore[union-attr]
+    cookie = wire.p2p_find_reply_cookie(value)
+    assert len(cookie) == wire.COOKIE_SIZE
+    return first, value, cookie
+
+
 def test_an_address_cookie_replaces_padding_for_its_address_only() -> None:
     net, key, target_address = _stored_facet(None, 12, "cookie-pub-")
     target = net.nodes[target_address]
     asker: Address = ("10.78.0.1", 7420)
     # A padded first request: a full first page, and a cookie for the asker's address.
-    first = _answer(net, _census_request(b"a" * 20, key, pad_to=400), asker, target_address)
-    value = wire.decode_datagram(first, max_size=2048).value  # type: ignore[union-attr]
-    cookie = wire.p2p_find_reply_cookie(value)
-    assert len(cookie) == wire.COOKIE_SIZE
+    first, value, cookie = _first_reply(net, key, asker, target_address)
     _, full, _, _ = wire.parse_p2p_find_reply_counted(value)
     assert len(first) > 3 * 100 and full
     # The next request carries the cookie instead of padding: the same full page, no cut,
@@ -263,10 +271,7 @@ def test_an_address_cookie_lives_one_to_two_key_rotations() -> None:
     net, key, target_address = _stored_facet(None, 12, "cookie-rot-")
     target = net.nodes[target_address]
     asker: Address = ("10.79.0.1", 7420)
-    first = _answer(net, _census_request(b"a" * 20, key, pad_to=400), asker, target_address)
-    cookie = wire.p2p_find_reply_cookie(
-        wire.decode_datagram(first, max_size=2048).value  # type: ignore[union-attr]
-    )
+    _, _, cookie = _first_reply(net, key, asker, target_address)
     bounded = target.statistics().replies_bounded
     # Valid through the next key rotation (the previous key is still accepted) ...
     net.now += COOKIE_ROTATION + 1
