@@ -333,13 +333,15 @@ async def test_a_facet_past_sixty_four_full_shards_refuses_nobody(
         assert {e.publisher.raw for e in found} == everyone
         assert found.complete
         sample = await reader.find_sample(Query(arch="x86_64"), 10)
-        assert len(sample) == 10 and set(e.publisher.raw for e in sample) <= everyone
+        # 16 shards of about one publisher each (the most a find reads) can hold fewer than
+        # 10 now and then (a Poisson count of mean ~19): the sample is then a little short.
+        assert 8 <= len(sample) <= 10 and set(e.publisher.raw for e in sample) <= everyone
         assert 200 <= sample.estimated_publishers <= 450
         before = reader.statistics().lookups
         sample = await reader.find_sample(Query(arch="x86_64"), 10)
-        assert len(sample) == 10
-        # 256 shards of about one publisher (a third of a key's room): 12 wanted, 12 read
-        # (16 at most, if they turn out thinner).
+        assert 8 <= len(sample) <= 10
+        # 256 shards of about one publisher (a third of a key's room): 12 wanted, 16 read
+        # (the census margin asks for 19; 16 at most).
         assert 12 <= reader.statistics().lookups - before <= 16
         assert sample.rounds == 2
 
