@@ -175,7 +175,7 @@ class HandlerNode(HandoffNode):
             self._welcome(id_from_bytes(sender), address, now, None)
 
     def _reply_limit(
-        self, address: Address, sender: bytes, request_size: int, cookie_ok: bool = False
+        self, address: Address, sender: bytes, request_size: int, cookie_ok: bool
     ) -> tuple[int, bool]:
         """``(largest reply, verified)`` for a request of ``request_size`` bytes
         (``cookie_ok``: it carried a valid address cookie)."""
