@@ -110,13 +110,16 @@ class DhtConfig:
     eviction_ping_after: float = attrs.field(default=60.0, validator=_positive)
     #: Contacts not heard from for the *probe period* are pinged, even in quiet buckets
     #: (checked five times per period). The period is ``liveness_interval`` (seconds) in a
-    #: quiet network and shortens, down to ``liveness_interval_min``, as the node finds its
-    #: contacts dying: it is chosen so that about ``liveness_dead_share`` of the contacts
-    #: are dead at any time, from the share of recent pings that found their contact dead
-    #: (MSPastry's self-tuning probe period; ``docs/protocol.md``, *Liveness*).
+    #: quiet network, ``client_liveness_interval`` for a DHT client (no unsolicited request
+    #: reaches it, so only its own requests show it who is alive), and shortens, down to
+    #: ``liveness_interval_min``, as the node finds its contacts dying: it is chosen so
+    #: that about ``liveness_dead_share`` of the contacts are dead at any time, from the
+    #: share of recent pings that found their contact dead (MSPastry's self-tuning probe
+    #: period; ``docs/protocol.md``, *Liveness*).
     liveness_interval: float = attrs.field(default=300.0, validator=_positive)
-    liveness_interval_min: float = attrs.field(default=30.0, validator=_positive)
-    liveness_dead_share: float = attrs.field(default=0.01, validator=_positive)
+    client_liveness_interval: float = attrs.field(default=120.0, validator=_positive)
+    liveness_interval_min: float = attrs.field(default=15.0, validator=_positive)
+    liveness_dead_share: float = attrs.field(default=0.005, validator=_positive)
     #: ``p2p_store`` datagrams sent at most to one new contact to hand it the records it
     #: should hold (0: no hand-off).
     handoff_datagrams: int = attrs.field(default=4, validator=_not_negative)

@@ -95,14 +95,21 @@ class HandoffNode(RpcNode):
         pings' failures over their contacts' silence. Checked every ``T / 5`` for contacts
         silent ``T``, a dead contact stays listed ``T / 2 + T / 10`` on average, a share
         ``0.6 * mu * T`` of the table. The period keeps that share at
-        ``liveness_dead_share``, between ``liveness_interval_min`` and ``liveness_interval``
-        (no failures: a quiet network)."""
+        ``liveness_dead_share``, between ``liveness_interval_min`` and the quiet network's
+        period (no failures): ``liveness_interval``, or ``client_liveness_interval`` for a
+        DHT client. A public node learns who is alive from the requests its contacts send
+        it (each touches a bucket, whose oldest contact is then checked); a client hears
+        only answers to its own requests, and its few probes would find the first deaths
+        of a churn late."""
         config = self.config
+        quiet = config.liveness_interval
+        if self.client:
+            quiet = min(quiet, config.client_liveness_interval)
         self._decay_probes(now)
         if self._probe_failures <= 0.0:
-            return config.liveness_interval
+            return quiet
         period = config.liveness_dead_share * self._probe_silence / (0.6 * self._probe_failures)
-        return min(max(period, config.liveness_interval_min), config.liveness_interval)
+        return min(max(period, config.liveness_interval_min), quiet)
 
     def _handoff_keys(self, node_id: int) -> list[bytes]:
         """The keys whose records a new contact should get from this node (paper, section

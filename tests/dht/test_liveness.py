@@ -203,8 +203,10 @@ def _pings_answered(
     return pings
 
 
-def _node_with_contacts(count: int) -> tuple[DhtNode, dict[tuple[str, int], int]]:
-    node = DhtNode(b"\x00" * 20, now=T0, rng=random.Random(1), config=DhtConfig())
+def _node_with_contacts(
+    count: int, config: DhtConfig | None = None
+) -> tuple[DhtNode, dict[tuple[str, int], int]]:
+    node = DhtNode(b"\x00" * 20, now=T0, rng=random.Random(1), config=config or DhtConfig())
     contacts = {(f"10.1.0.{n}", 1): node.own ^ (1 << 159) ^ n for n in range(1, count + 1)}
     for address, node_id in contacts.items():
         node.routing.seen(node_id, address, T0, rtt=0.05)
@@ -229,18 +231,20 @@ def test_the_probe_period_shortens_when_contacts_die_and_relaxes_when_none_do() 
     assert len(pings) == 3 * 20
     # Then half of them die. The pings of the next round find them dead: a contact dies
     # at a rate of about 10 per 20 contacts' 300 s of silence, and the period that keeps
-    # 1% of the table dead is 0.01 * 6000 / (0.6 * 10) = 10 s: the floor, 30 s.
+    # 0.5% of the table dead is 0.005 * 6000 / (0.6 * 10) = 5 s: the floor, 15 s.
     alive = dict(list(contacts.items())[:10])
     pings = _pings_answered(node, alive, T0 + 1210)
-    assert node.probe_period(T0 + 1210) == config.liveness_interval_min
+    floor = config.liveness_interval_min
+    assert floor == 15.0
+    assert node.probe_period(T0 + 1210) == floor
     dead = [address for address in contacts if address not in alive]
     assert sorted(address for _, address in pings) == sorted([*contacts, *dead])  # resent
     assert {c.address for c in node.routing} == set(alive)
-    # The survivors, which answered at 1200 s, are checked again after 30 s of silence
+    # The survivors, which answered at 1200 s, are checked again after 15 s of silence
     # (at the first check, a fifth of the period apart, from then on), not at 1500 s.
-    again = _pings_answered(node, alive, T0 + 1240)
+    again = _pings_answered(node, alive, T0 + 1200 + 1.5 * floor)
     assert sorted(address for _, address in again) == sorted(alive)
-    assert all(1230 <= at - T0 <= 1237 for at, _ in again)
+    assert all(1200 + floor <= at - T0 <= 1200 + floor + floor / 5 + 1 for at, _ in again)
     # No contact dies any more: the pings that find them alive lengthen the period again,
     # back to the quiet network's within half an hour.
     _pings_answered(node, alive, T0 + 3300)
@@ -264,3 +268,26 @@ def test_a_liveness_ping_answered_late_keeps_its_contact() -> None:
     node.handle_timer(T0 + 310)
     assert node.routing.get(node_id) is not None
     assert node.statistics().dropped == {}
+
+
+def test_a_dht_client_checks_its_quiet_contacts_every_two_minutes() -> None:
+    # No unsolicited request reaches a client: only its own requests show it who is
+    # alive, so in a quiet network it checks each contact after 2 minutes of silence
+    # (a public node, whose contacts' requests touch its buckets, after 5).
+    config = DhtConfig(reachability="client")
+    node, contacts = _node_with_contacts(20, config)
+    pings = _pings_answered(node, contacts, T0 + 1000)
+    assert node.probe_period(T0 + 1000) == config.client_liveness_interval == 120.0
+    # Checked every 24 s (a fifth of the period) from 60 s on: first at 132 s.
+    rounds = [132.0 + 120.0 * n for n in range(8)]
+    assert [at - T0 for at, _ in pings] == [at for at in rounds for _ in range(20)]
+    assert sorted(address for _, address in pings) == sorted([*contacts] * 8)
+
+
+def test_a_node_that_finds_itself_behind_nat_checks_its_contacts_as_a_client() -> None:
+    config = DhtConfig(reachability="auto")
+    node, contacts = _node_with_contacts(20, config)
+    assert node.probe_period(T0) == config.liveness_interval
+    _pings_answered(node, contacts, T0 + config.reachability_timeout + 1)
+    assert node.client
+    assert node.probe_period(T0 + config.reachability_timeout + 1) == 120.0
