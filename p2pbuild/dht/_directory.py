@@ -19,9 +19,10 @@ with :func:`serve`. Many directories can share one trio run (and one
 
 from __future__ import annotations
 
+import functools
 import math
 import random
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import NoReturn, TypedDict, Unpack
 
@@ -70,6 +71,8 @@ _SAMPLE_SHARDS = 2
 _MAX_SAMPLE_SHARDS = 16
 _OVERFETCH = 1.2
 _SHAPE_TTL = 300.0
+#: Facet levels whose shard sizes a directory remembers.
+_SIZED_LEVELS = 64
 #: How soon a directory republishes after a publish that changed the shard levels it
 #: writes (a facet that grew or shrank past a level), and after its first publish if a
 #: facet root it wrote already had publishers (a farm whose nodes start at once: the
@@ -129,6 +132,13 @@ def level_read(estimate: int, room: int) -> int:
     :func:`levels_written`): its ``2 ** level`` shards hold ``target / 1.41`` to
     ``target * 1.41`` publishers each."""
     return min(max(math.floor(_scale(estimate, room) + 0.5), 1), _ids.FACET_MAX_LEVEL)
+
+
+@functools.lru_cache(maxsize=_SIZED_LEVELS)
+def _shard_keys(facet: str, level: int) -> Mapping[bytes, int]:
+    """The DHT keys of the ``2 ** level`` shards of ``facet``, each with its number (one
+    mapping per facet and level, shared: read it only)."""
+    return {_ids.facet_shard_key(facet, level, s): s for s in range(1 << level)}
 
 
 def _shards_for(wanted: int, shard_mean: float, shards: int) -> int:
@@ -270,6 +280,9 @@ class Directory:
         self._sharded: dict[tuple[PublicKey, str], tuple[int, ...]] = {}
         #: Per facet, what the last sampled find saw (:class:`_Shape`).
         self._shapes: dict[str, _Shape] = {}
+        #: Per (facet, level), the publishers each shard's last census counted (at most
+        #: ``_SIZED_LEVELS`` of them, the oldest forgotten first).
+        self._shard_sizes: dict[tuple[str, int], dict[int, int]] = {}
 
     # -- identity ---------------------------------------------------------------------------------
 
@@ -454,9 +467,13 @@ class Directory:
             shape = _Shape(root.publishers or 0, self.now())
         level = 0
         censuses: list[GetOperation] = []
+        chances: list[float] = []
         if shape.root >= room:
             level = level_read(shape.root, room)
-            censuses = await self._census_shards(first, level, [], shape.root >> level, wanted)
+            chances = self._believed_sizes(first, level, shape.root >> level)
+            censuses = await self._census_shards(
+                first, level, [], shape.root >> level, wanted, chances
+            )
             rounds += 1
             if root is None and not any(op.publishers for op in censuses):
                 # Empty shards: the facet shrank since its size was seen. Read its root.
@@ -467,8 +484,9 @@ class Directory:
                 censuses = []
                 if shape.root >= room:
                     level = level_read(shape.root, room)
+                    chances = self._believed_sizes(first, level, shape.root >> level)
                     censuses = await self._census_shards(
-                        first, level, [], shape.root >> level, wanted
+                        first, level, [], shape.root >> level, wanted, chances
                     )
                     rounds += 1
         self._shapes[first] = shape
@@ -487,33 +505,49 @@ class Directory:
             shards = 1 << level
             if sum(shard_counts) < wanted and len(censuses) < min(shards, _MAX_SAMPLE_SHARDS):
                 # Far thinner shards than the estimate said (the margin of _shards_for did
-                # not cover it: a facet that shrank): census more random shards, once.
-                censuses = await self._census_shards(first, level, censuses, shard_mean, wanted)
+                # not cover it: a facet that shrank): census more shards, once.
+                censuses = await self._census_shards(
+                    first, level, censuses, shard_mean, wanted, chances
+                )
                 rounds += 1
-                shard_counts = [op.publishers or 0 for op in censuses]
-                shard_mean = sum(shard_counts) / len(shard_counts)
-            estimated = round(shards * shard_mean)
-            # Every publisher is fetched with chance ``target``: its shard is read with
-            # chance len(censuses) / shards, and that share of the shard is asked for.
-            chance = len(censuses) / shards
-            target = min(chance, wanted / max(estimated, 1))
-            now = self.now()
+            # Each shard read was drawn with the chance ``picked``, about ``m *
+            # chances[s] / sum(chances)`` (in proportion to the size believed then); the
+            # share ``target / picked`` of it is asked for, rounded up or down at random
+            # so that it is that share on average: every publisher is fetched with the
+            # chance ``target`` (Horvitz-Thompson), whatever the size of its shard and of
+            # the shards read beside it, and once the sizes are known the parts are about
+            # equal. While they are little known (a reader's first finds), the shares can
+            # add up to fewer than wanted: then all are raised in proportion (and the
+            # shards read beside a publisher's matter again).
+            known = self._remember_sizes(first, level, censuses)
+            total = sum(self._believed_sizes(first, level, shard_mean, least=0.0))
+            estimated = round(total)
+            target = min(1.0, wanted / max(total, 1.0))
+            weight = sum(chances)
+            every = len(censuses) == shards
+            shares = []
             for census in censuses:
-                held = census.publishers or 0
-                asked = min(held, math.ceil(target / chance * held))
+                picked = 1.0 if every else len(censuses) * chances[known[census.key]] / weight
+                shares.append(target / min(1.0, picked) * (census.publishers or 0))
+            scale = max(1.0, wanted / max(sum(shares), 1e-9))
+            now = self.now()
+            for census, share in zip(censuses, shares, strict=True):
+                asked = min(census.publishers or 0, math.floor(scale * share + rng.random()))
                 if asked:
                     reads.append(self._core.sample_from(census, asked, now))
         for op in reads:
             await self._driver.wait(op)
         rounds += bool(reads)
         # A part fuller than one reply gives a random subset of itself: weigh each key's
-        # records by the inverse of the share of its publishers that came, so that the
-        # choice of ``want`` below (Efraimidis-Spirakis keys u ** (1 / w)) stays uniform.
+        # records by the inverse of the share of the publishers asked for that came, so
+        # that the choice of ``want`` below (Efraimidis-Spirakis keys u ** (1 / w)) stays
+        # uniform. (Weighed by the shard's whole count instead, the publishers of thick
+        # shards, asked for as many as thin ones' once the sizes are known, would win.)
         weights: dict[bytes, float] = {}
         for op in reads:
             got = {r.publisher.raw for r in op.result if r.kind is Kind.CAPABILITY}
             for publisher in got:
-                weights[publisher] = max(op.publishers or 0, len(got)) / len(got)
+                weights[publisher] = max(op.want, len(got)) / len(got)
         entries = self._entries(query, trust_list, [reads])
         keyed = sorted(
             entries,
@@ -546,20 +580,53 @@ class Directory:
         done: list[GetOperation],
         shard_mean: float,
         wanted: int,
+        chances: Sequence[float],
     ) -> list[GetOperation]:
-        """``done`` and censuses of more random shards of ``facet`` at ``level``, as many
-        as :func:`_shards_for` says for ``shard_mean`` publishers per shard."""
-        shards = 1 << level
+        """``done`` and censuses of more shards of ``facet`` at ``level``, as many as
+        :func:`_shards_for` says for ``shard_mean`` publishers per shard, chosen at random
+        with chances in proportion to ``chances`` (one per shard; Efraimidis-Spirakis keys
+        ``u ** (1 / w)``)."""
         read = {op.key for op in done}
-        keys = [_ids.facet_shard_key(facet, level, s) for s in range(shards)]
-        left = [key for key in keys if key not in read]
-        count = _shards_for(wanted, shard_mean, shards) - len(done)
-        chosen = self._core.rng.sample(left, max(0, min(count, len(left))))
+        keys = _shard_keys(facet, level)
+        rng = self._core.rng
+        left = sorted(
+            (key for key in keys if key not in read),
+            key=lambda key: rng.random() ** (1.0 / chances[keys[key]]),
+            reverse=True,
+        )
+        count = _shards_for(wanted, shard_mean, len(keys)) - len(done)
+        chosen = left[: max(0, count)]
         now = self.now()
         ops = [self._census(key, now) for key in chosen]
         for op in ops:
             await self._driver.wait(op)
         return done + ops
+
+    def _believed_sizes(
+        self, facet: str, level: int, default: float, least: float = 0.5
+    ) -> list[float]:
+        """Publishers in each shard of ``facet`` at ``level`` as this directory believes:
+        what the shard's last census counted, else the mean of those counted, else
+        ``default``; at least ``least`` (as a chance to be read: a shard counted empty may
+        have filled since)."""
+        known = self._shard_sizes.get((facet, level), {})
+        if known:
+            default = sum(known.values()) / len(known)
+        return [max(known.get(s, default), least) for s in range(1 << level)]
+
+    def _remember_sizes(
+        self, facet: str, level: int, censuses: Sequence[GetOperation]
+    ) -> Mapping[bytes, int]:
+        """Remember the publishers ``censuses`` (of shards of ``facet`` at ``level``)
+        counted; returns the shard numbers by key."""
+        sizes = self._shard_sizes.pop((facet, level), {})
+        self._shard_sizes[(facet, level)] = sizes  # most recently used last
+        while len(self._shard_sizes) > _SIZED_LEVELS:
+            del self._shard_sizes[next(iter(self._shard_sizes))]
+        keys = _shard_keys(facet, level)
+        for op in censuses:
+            sizes[keys[op.key]] = op.publishers or 0
+        return keys
 
     def _census(self, key: bytes, now: float) -> GetOperation:
         return self._core.get(key, now, census=True)
