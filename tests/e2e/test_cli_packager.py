@@ -137,10 +137,13 @@ async def test_a_packager_gets_reasons_logs_and_files(tmp_path: Path) -> None:
         assert status == 0, err
         assert f"build {build_id}: verified" in out
 
-        # Ctrl-C while following: the build id is there, and how to follow it again.
+        # Ctrl-C while following: the build id is there, and how to follow it again. The
+        # build sleeps 15 s first, so that it cannot end before the signal arrives on a
+        # busy machine (a plain hello can build in the moment between the first line and
+        # the signal, and the follower then exits 0).
         process = await trio.lowlevel.open_process(
             [sys.executable, "-P", "-m", "p2pbuild", "submit",
-             str(hello_srpm(tmp_path / "again", release="2").path), "--wait",
+             str(hello_srpm(tmp_path / "again", release="2", build_seconds=15).path), "--wait",
              "--client-config", str(farm.client_config)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
