@@ -138,14 +138,15 @@ async def test_a_packager_gets_reasons_logs_and_files(tmp_path: Path) -> None:
         assert f"build {build_id}: verified" in out
 
         # Ctrl-C while following: the build id is there, and how to follow it again. The
-        # build sleeps 15 s first, so that it cannot end before the signal arrives on a
-        # busy machine (a plain hello can build in the moment between the first line and
-        # the signal, and the follower then exits 0).
+        # follower gets SIGINT as a terminal's foreground job does: a suite run in the
+        # background of a shell without job control inherits it ignored, and so would
+        # the follower (it then follows to the end and exits 0).
         process = await trio.lowlevel.open_process(
             [sys.executable, "-P", "-m", "p2pbuild", "submit",
-             str(hello_srpm(tmp_path / "again", release="2", build_seconds=15).path), "--wait",
+             str(hello_srpm(tmp_path / "again", release="2").path), "--wait",
              "--client-config", str(farm.client_config)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         assert process.stdout is not None and process.stderr is not None
         first = b""
