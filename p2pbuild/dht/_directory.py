@@ -519,7 +519,8 @@ class Directory:
             # equal. While they are little known (a reader's first finds), the shares can
             # add up to fewer than wanted: then all are raised in proportion (and the
             # shards read beside a publisher's matter again).
-            known = self._remember_sizes(first, level, censuses)
+            self._remember_sizes(first, level, censuses)
+            known = _shard_keys(first, level)
             total = sum(self._believed_sizes(first, level, shard_mean, least=0.0))
             estimated = round(total)
             target = min(1.0, wanted / max(total, 1.0))
@@ -616,9 +617,9 @@ class Directory:
 
     def _remember_sizes(
         self, facet: str, level: int, censuses: Sequence[GetOperation]
-    ) -> Mapping[bytes, int]:
+    ) -> None:
         """Remember the publishers ``censuses`` (of shards of ``facet`` at ``level``)
-        counted; returns the shard numbers by key."""
+        counted."""
         sizes = self._shard_sizes.pop((facet, level), {})
         self._shard_sizes[(facet, level)] = sizes  # most recently used last
         while len(self._shard_sizes) > _SIZED_LEVELS:
@@ -626,7 +627,6 @@ class Directory:
         keys = _shard_keys(facet, level)
         for op in censuses:
             sizes[keys[op.key]] = op.publishers or 0
-        return keys
 
     def _census(self, key: bytes, now: float) -> GetOperation:
         return self._core.get(key, now, census=True)
