@@ -27,8 +27,10 @@ Phases:
    the churn ended); each also apart for the public nodes' tables (the ones lookups
    route through) and the DHT clients' tables behind NAT.
 5. **sampled facet find**: ``Directory.find_sample(Query(arch="x86_64"), 64)`` from random
-   public nodes, each done twice (a first find, then a warm one): bytes the reader sent and
-   received, time, and waves of requests beyond the first walk (``FacetSample.rounds - 1``:
+   public nodes, each done twice (a first find, then a warm one): bytes of the find's own
+   requests and replies (``FacetSample.bytes_in + bytes_out``; ``node_bytes_p99`` is all
+   the reader's node sent and received meanwhile, a republish of its own records that fell
+   then included), time, and waves of requests beyond the first walk (``FacetSample.rounds - 1``:
    a second wave of census walks, or the round trip of parts). With ``--big-facet P``, P
    more publishers (``aarch64``, records hosted by the public nodes) and the same figures
    for ``Query(arch="aarch64")``, 5 simulated minutes after they published: the full
@@ -149,12 +151,15 @@ def _big_records(identity: Identity, now: float) -> list[SignedRecord]:
 
 async def _finds(swarm: Swarm, query: Query, finds: int) -> dict[str, Any]:
     """``finds`` sampled finds of 64 from random public nodes, each followed by a second
-    one from the same node: bytes the reader sent and received for each (``bytes_*``: a
+    one from the same node: bytes of each find's requests and replies (``bytes_*``: a
     reader that does not know the facet yet; ``warm_bytes_*``: one that read it a moment
     ago, as a dispatcher's finds are), time, and waves of requests beyond the first walk
-    (``FacetSample.rounds - 1``: a wave of census walks, or the one round trip of parts)."""
+    (``FacetSample.rounds - 1``: a wave of census walks, or the one round trip of parts).
+    ``node_bytes_p99``: all the reader's node sent and received while its first find ran,
+    its own republish or refresh when one fell then included."""
     sizes: list[int] = []
     warm: list[int] = []
+    node: list[int] = []
     times: list[float] = []
     waves: list[int] = []
     returned: list[int] = []
@@ -165,8 +170,9 @@ async def _finds(swarm: Swarm, query: Query, finds: int) -> dict[str, Any]:
             before_bytes = _bytes(reader)
             begun = trio.current_time()
             sample = await reader.directory.find_sample(query, 64)
-            sizes_of.append(_bytes(reader) - before_bytes)
+            sizes_of.append(sample.bytes_in + sample.bytes_out)
             if sizes_of is sizes:
+                node.append(_bytes(reader) - before_bytes)
                 times.append(trio.current_time() - begun)
             waves.append(sample.rounds - 1)
             returned.append(len(sample))
@@ -180,6 +186,7 @@ async def _finds(swarm: Swarm, query: Query, finds: int) -> dict[str, Any]:
         "bytes_p99": percentile(sizes, 0.99),
         "warm_bytes_p50": percentile(warm, 0.5),
         "warm_bytes_p99": percentile(warm, 0.99),
+        "node_bytes_p99": percentile(node, 0.99),
         **latency_summary(times),
         "round_trips_beyond_walk_max": max(waves),
     }

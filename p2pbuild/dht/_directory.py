@@ -250,6 +250,10 @@ class FacetSample(list[NodeEntry]):
     #: Sequential waves of requests the find took: waves of census walks, then one round
     #: trip of parts (a find that knows the facet: 2).
     rounds: int = 0
+    #: Bytes of the find's own requests and of the replies to them (the node's other
+    #: traffic meanwhile, such as its republish or the requests it serves, not counted).
+    bytes_out: int = 0
+    bytes_in: int = 0
 
 
 class Directory:
@@ -460,9 +464,11 @@ class Directory:
         if shape is not None and self.now() - shape.seen_at > _SHAPE_TTL:
             shape = None
         root: GetOperation | None = None
+        spent: list[GetOperation] = []  # every operation of this find, for its bytes
         if shape is None or shape.root < room:
             # The facet's size is unknown, or it fits in its root: census the root.
             root = await self._census_all([_ids.facet_key(first)])
+            spent.append(root)
             rounds += 1
             shape = _Shape(root.publishers or 0, self.now())
         level = 0
@@ -474,10 +480,12 @@ class Directory:
             censuses = await self._census_shards(
                 first, level, [], shape.root >> level, wanted, chances
             )
+            spent += censuses
             rounds += 1
             if root is None and not any(op.publishers for op in censuses):
                 # Empty shards: the facet shrank since its size was seen. Read its root.
                 root = await self._census_all([_ids.facet_key(first)])
+                spent.append(root)
                 rounds += 1
                 shape = _Shape(root.publishers or 0, self.now())
                 level = 0
@@ -488,6 +496,7 @@ class Directory:
                     censuses = await self._census_shards(
                         first, level, [], shape.root >> level, wanted, chances
                     )
+                    spent += censuses
                     rounds += 1
         self._shapes[first] = shape
         shard_counts = [op.publishers or 0 for op in censuses]
@@ -497,6 +506,7 @@ class Directory:
             # The root holds the whole facet (or its shards are not written yet).
             if root is None:
                 root = await self._census_all([_ids.facet_key(first)])
+                spent.append(root)
                 rounds += 1
             estimated = root.publishers or 0
             if estimated:
@@ -506,9 +516,11 @@ class Directory:
             if sum(shard_counts) < wanted and len(censuses) < min(shards, _MAX_SAMPLE_SHARDS):
                 # Far thinner shards than the estimate said (the margin of _shards_for did
                 # not cover it: a facet that shrank): census more shards, once.
-                censuses = await self._census_shards(
+                more = await self._census_shards(
                     first, level, censuses, shard_mean, wanted, chances
                 )
+                spent += more[len(censuses) :]
+                censuses = more
                 rounds += 1
             # Each shard read was drawn with the chance ``picked``, about ``m *
             # chances[s] / sum(chances)`` (in proportion to the size believed then); the
@@ -564,6 +576,9 @@ class Directory:
         )
         sample.estimated_publishers = estimated
         sample.rounds = rounds
+        spent += reads
+        sample.bytes_out = sum(op.bytes_out for op in spent)
+        sample.bytes_in = sum(op.bytes_in for op in spent)
         return sample
 
     async def _census_all(self, keys: Sequence[bytes]) -> GetOperation:

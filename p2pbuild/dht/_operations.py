@@ -24,7 +24,7 @@ class Operation:
     """A handle on a running operation. ``done`` becomes True once, and then ``result`` is
     final. ``waiter`` is the driver's (the core never reads it)."""
 
-    __slots__ = ("_walk", "done", "rounds", "rpcs", "started_at", "waiter")
+    __slots__ = ("_walk", "bytes_in", "bytes_out", "done", "rounds", "rpcs", "started_at", "waiter")
 
     def __init__(self, now: float) -> None:
         self.done = False
@@ -33,6 +33,11 @@ class Operation:
         #: RPCs sent and lookup depth reached (hops), for statistics.
         self.rpcs = 0
         self.rounds = 0
+        #: Bytes of the requests this operation sent (resends included) and of the replies
+        #: to them that came back: its own traffic, apart from whatever else the node does
+        #: meanwhile (maintenance, serving peers).
+        self.bytes_out = 0
+        self.bytes_in = 0
         self._walk: _Walk | None = None
 
 

@@ -144,7 +144,7 @@ class DhtNode(LookupNode):
                 self._handle_request(frame, address, now, len(data))
             else:
                 counters[Count.RESPONSES_IN] += 1
-                self._handle_response(frame, address, now)
+                self._handle_response(frame, address, now, len(data))
         except RemoteError as exc:
             self._dropped[exc.code] = self._dropped.get(exc.code, 0) + 1
 
@@ -348,12 +348,16 @@ class DhtNode(LookupNode):
 
     # -- responses --------------------------------------------------------------------------------
 
-    def _handle_response(self, response: Response, address: Address, now: float) -> None:
+    def _handle_response(
+        self, response: Response, address: Address, now: float, size: int
+    ) -> None:
         rpc = self._pending.get(response.msg_id)
         if rpc is None:
             raise UnexpectedResponseError("response to no pending request")
         if rpc.address != address:
             raise UnexpectedResponseError("response from another address than asked")
+        if rpc.op is not None:
+            rpc.op.bytes_in += size
         pending = self._pending
         del pending[response.msg_id]
         if not pending:

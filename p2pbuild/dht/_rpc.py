@@ -340,12 +340,10 @@ class RpcNode:
             if held is not None and now - held[1] < _COOKIE_USE_FOR:
                 # The server knows we receive here: no padding needed.
                 cookie, pad = held[0], 0
-        self._send(
-            wire.encode_request(
-                msg_id, method, args, pad_to=pad, client=self.client, cookie=cookie
-            ),
-            address,
+        data = wire.encode_request(
+            msg_id, method, args, pad_to=pad, client=self.client, cookie=cookie
         )
+        self._send(data, address)
         sent_to = self._sent_to
         if sent_to is not None:
             sent_to[address] = None
@@ -355,6 +353,7 @@ class RpcNode:
         self._counters[Count.RPCS_SENT] += 1
         if op is not None:
             op.rpcs += 1
+            op.bytes_out += len(data)
         rpc = self._pending[msg_id] = _Rpc(
             method, address, peer_id, purpose, op, candidate, sent, now
         )

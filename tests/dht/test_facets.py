@@ -380,6 +380,54 @@ async def test_a_known_midsize_facet_is_sampled_from_two_shards_in_two_rounds(
             assert 100 <= sample.estimated_publishers <= 320  # 16 x the mean of 2 shards
 
 
+async def test_a_sampled_find_counts_its_own_bytes_not_its_nodes_other_traffic(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A benchmark that measured a find by its node's byte counters also counted the
+    # node's republish when one fell during the find (a few hundred KB "finds" under
+    # churn). A FacetSample carries the bytes of its own requests and replies.
+    async with open_cluster(40, seed=9, config=CONFIG) as cluster:
+        await _publish_all(cluster, PUBLISHERS)
+        reader = cluster.nodes[31]
+        await reader.find_sample(Query(arch="x86_64"), 10)
+
+        def node_bytes() -> int:
+            statistics = reader.statistics()
+            return statistics.bytes_in + statistics.bytes_out
+
+        before = node_bytes()
+        quiet = await reader.find_sample(Query(arch="x86_64"), 10)
+        quiet_node = node_bytes() - before
+        assert quiet.bytes_out > 0 and quiet.bytes_in > 0
+        # Alone, the find is (nearly) all the node sent and received.
+        assert 0.8 * quiet_node <= quiet.bytes_in + quiet.bytes_out <= quiet_node
+        now = int(reader.now())
+        others = [
+            record
+            for i in range(6)
+            for record in (
+                SignedRecord.create(
+                    make_identity(f"busy-{i}"), example_capability(arch="aarch64"),
+                    seq=1, issued_at=now, lifetime=3600,
+                ),
+                SignedRecord.create(
+                    make_identity(f"busy-{i}"), example_status(), seq=1, issued_at=now,
+                    lifetime=STATUS_LIFETIME,
+                ),
+            )
+        ]
+        before = node_bytes()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader.publish, others)
+            busy = await reader.find_sample(Query(arch="x86_64"), 10)
+        busy_node = node_bytes() - before
+        busy_bytes = busy.bytes_in + busy.bytes_out
+        # The publish beside it is the node's traffic, not the find's.
+        assert busy_node > 3 * busy_bytes
+        assert 0.5 * (quiet.bytes_in + quiet.bytes_out) < busy_bytes
+        assert busy_bytes < 2 * (quiet.bytes_in + quiet.bytes_out)
+
+
 @pytest.mark.slow
 async def test_publishers_that_entered_the_root_early_reach_the_shards_within_minutes(
     autojump_clock: trio.testing.MockClock,
