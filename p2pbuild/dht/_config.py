@@ -172,6 +172,9 @@ class DhtStatistics:
     client: bool = False
     #: Requests from clients answered (their senders were not added as contacts).
     client_requests_in: int = 0
+    #: Parts of sampled reads asked again of another holder: the candidate first asked did
+    #: not hold the key (or did not answer).
+    sample_parts_reasked: int = 0
 
     @property
     def dropped_total(self) -> int:

@@ -50,6 +50,19 @@ _CENSUS_HOLDERS = 2
 _EVERY_NODE_ANSWERS = frozenset((wire.PING, wire.FIND_NODE))
 
 
+def part_holders(shortlist: Sequence[_Candidate], k: int) -> list[_Candidate]:
+    """The holders a sampled read asks for its parts, from its census walk's ``shortlist``
+    (closest first): the candidates that answered with a count, then those never asked
+    that a holder named, closest first, ``k`` in all. Without names (holders that name
+    only the few contacts asked for, as before they named up to k), the closest
+    candidates never asked, among the ``k`` closest."""
+    holders = [c for c in shortlist if c.state == CandidateState.OK and c.publishers]
+    named = [c for c in shortlist if c.state == CandidateState.NEW and c.named]
+    if not named:
+        named = [c for c in shortlist[:k] if c.state == CandidateState.NEW]
+    return holders + named[: max(k - len(holders), 0)]
+
+
 class LookupNode(HandlerNode):
     """:class:`HandlerNode` with lookup walks, paging and stores."""
 
@@ -188,6 +201,19 @@ class LookupNode(HandlerNode):
                 self._walk_done(walk, now)
             return
         alpha = config.alpha
+        if walk.confirmed and isinstance(op, GetOperation) and op.sampled:
+            # A census walk that heard a holder asks the next among the candidates holders
+            # named, at random, not the closest: the walks of all readers would otherwise
+            # end at the key's one or two closest nodes, and serving every census would be
+            # theirs.
+            named = [c for c in walk.shortlist if c.state == CandidateState.NEW and c.named]
+            if named:
+                while walk.inflight < alpha and named:
+                    candidate = named.pop(self.rng.randrange(len(named)))
+                    self._query(walk, candidate, now)
+                    if candidate.state == CandidateState.INFLIGHT:
+                        break
+                return
         single = self._single_answer(walk)
         # ``deepest``: no query to a candidate learned deeper than a query in flight (a
         # round's answers are all in before the next round picks the closest they named).
@@ -287,6 +313,7 @@ class LookupNode(HandlerNode):
         assert op is not None and candidate is not None
         contacts: list[wire.ContactTriple]
         confirms = False
+        named = False  # a holder's answer to a census: its contacts likely hold the key
         if rpc.method == wire.P2P_FIND:
             contacts, raws, cursor, publishers = wire.parse_p2p_find_reply_counted(value)
             assert isinstance(op, GetOperation | PutOperation)
@@ -298,7 +325,7 @@ class LookupNode(HandlerNode):
                 if op.publishers is None or publishers > op.publishers:
                     op.publishers = publishers
                 if publishers and isinstance(op, GetOperation) and op.sampled:
-                    confirms = True  # a holder (see ``_CENSUS_HOLDERS``)
+                    confirms = named = True  # a holder (see ``_CENSUS_HOLDERS``)
         else:
             contacts = wire.parse_contacts(value)
         walk = op._walk
@@ -311,6 +338,11 @@ class LookupNode(HandlerNode):
         depth = candidate.depth + 1
         for raw_id, host, port in contacts:
             self._add_candidate(walk, raw_id, (host, port), depth)
+        if named and contacts:
+            ids = {int.from_bytes(raw_id, "big") for raw_id, _, _ in contacts}
+            for other in walk.shortlist:
+                if other.node_id in ids:
+                    other.named = True
         self._advance(walk, now)
 
     def _walk_done(self, walk: _Walk, now: float) -> None:
@@ -329,11 +361,13 @@ class LookupNode(HandlerNode):
             self._finish(op)
         elif isinstance(op, GetOperation):
             if op.sampled:
-                # The holders that answered, then the closest candidates never asked (the
-                # k closest nodes hold the key): parts are spread over all of them.
-                op._holders = [c for c in answered if c.publishers] + [
-                    c for c in walk.shortlist[: self.config.k] if c.state == CandidateState.NEW
-                ]
+                # The holders that answered, then the candidates never asked that a holder
+                # named (its closest contacts to the key: the key's other holders, as it
+                # knows them), the closest first, k in all: parts are spread over all of
+                # them, so that every holder serves about its share, not only the few
+                # closest that every census walk ends at. (Without names, from holders
+                # that name only what was asked: the closest candidates never asked.)
+                op._holders = part_holders(walk.shortlist, self.config.k)
                 self._sample_phase(op, now)
             else:
                 self._next_page(op, None, b"", now)
@@ -480,12 +514,17 @@ class LookupNode(HandlerNode):
         op = rpc.op
         assert isinstance(op, GetOperation)
         candidate = rpc.candidate
+        if raws and candidate is not None and candidate.state == CandidateState.NEW:
+            # It holds the key: later parts asked again go to it too, not only to the few
+            # holders the census heard from.
+            candidate.state = CandidateState.OK
         if not raws and candidate is not None and candidate.state != CandidateState.OK:
             confirmed = [c for c in op._holders if c.state == CandidateState.OK]
             cursor = rpc.args[2] if rpc.args is not None else b""
             if confirmed and isinstance(cursor, bytes):
                 holder = self.rng.choice(confirmed)
                 if self._read_from(holder, op, cursor, Purpose.SAMPLE, now):
+                    self._counters[Count.SAMPLE_PARTS_REASKED] += 1
                     return
         self._sample_answered(op, raws, now)
 

@@ -175,7 +175,9 @@ _NO_DEPTH = 1 << 30
 
 
 class _Candidate:
-    __slots__ = ("address", "cursor", "depth", "distance", "node_id", "publishers", "state")
+    __slots__ = (
+        "address", "cursor", "depth", "distance", "named", "node_id", "publishers", "state"
+    )
 
     def __init__(self, node_id: int, address: Address, distance: int, depth: int) -> None:
         self.node_id = node_id
@@ -187,6 +189,9 @@ class _Candidate:
         #: publishers it said it holds under the key.
         self.cursor = b""
         self.publishers = 0
+        #: For census walks: a holder of the key named it among its closest contacts to
+        #: the key (so it likely holds the key too).
+        self.named = False
 
 
 def _distance(candidate: _Candidate) -> int:

@@ -343,6 +343,7 @@ class DhtNode(LookupNode):
             handoff_stores=c[Count.HANDOFF_STORES],
             client=self.client,
             client_requests_in=c[Count.CLIENT_REQUESTS_IN],
+            sample_parts_reasked=c[Count.SAMPLE_PARTS_REASKED],
             refused_contacts=dict(self.routing.refused),
         )
 

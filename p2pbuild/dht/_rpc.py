@@ -73,6 +73,7 @@ class Count(enum.IntEnum):
     REPLIES_BOUNDED = 13
     HANDOFF_STORES = 14
     CLIENT_REQUESTS_IN = 15
+    SAMPLE_PARTS_REASKED = 16
 
 
 # Methods whose requests we pad, so that any reply stays within the amplification bound.

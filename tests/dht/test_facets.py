@@ -27,6 +27,8 @@ from p2pbuild.dht import (
 )
 from p2pbuild.dht import _wire as wire
 from p2pbuild.dht._directory import _shards_for, level_read, levels_written
+from p2pbuild.dht._lookups import part_holders
+from p2pbuild.dht._operations import CandidateState, _Candidate
 from p2pbuild.testing import (
     SANSIO_EPOCH,
     Cluster,
@@ -215,6 +217,29 @@ def test_a_census_query_asks_for_a_few_contacts_and_the_count() -> None:
     assert contacts_for(0) == 20  # k, as find_node (what a put's census walk asks for)
 
 
+def test_a_holder_names_the_keys_other_holders_in_its_census_answer() -> None:
+    # A node on the way names the few contacts asked for; a holder of the key names up to
+    # k (the key's other holders, as it knows them): the reader spreads its parts over
+    # them, not over the two or three holders its census walk heard from.
+    net = build_network(40)
+    holder: DhtNode = next(iter(net.nodes.values()))
+    key = facet_key(FACET)
+    holder.store.offer_many(key, [r.raw for r in signed_records("held")], SANSIO_EPOCH)
+    request = wire.encode_request(
+        b"c" * 20,
+        wire.P2P_FIND,
+        wire.encode_p2p_find_args(b"\x07" * 20, key, wire.sample_cursor(b"s" * 8, 0, 8)),
+        pad_to=400,
+    )
+    holder.receive_datagram(request, ("10.0.0.9", 9), SANSIO_EPOCH + 1)
+    (reply, _), *_ = holder.datagrams_to_send()
+    response = wire.decode_datagram(reply, max_size=2048)
+    assert isinstance(response, wire.Response)
+    contacts, records, cursor, publishers = wire.parse_p2p_find_reply_counted(response.value)
+    assert records == [] and cursor == b"" and publishers == 1
+    assert len(contacts) == 20
+
+
 def test_the_parts_of_a_sampled_read_carry_cookies_instead_of_padding() -> None:
     # The census walk's requests go to nodes the reader has not asked before: padded. Its
     # holders' replies hold cookies for the reader's address, so the parts it then asks
@@ -378,6 +403,35 @@ async def test_a_known_midsize_facet_is_sampled_from_two_shards_in_two_rounds(
             assert sample.rounds == 2
             assert len(sample) == 10 and {e.publisher.raw for e in sample} <= everyone
             assert 100 <= sample.estimated_publishers <= 320  # 16 x the mean of 2 shards
+
+
+def test_sampled_parts_go_to_holders_and_the_candidates_holders_named() -> None:
+    # A census walk ends at the first two holders that answer, and its shortlist also
+    # holds candidates from answers on the way, closer than some holders it never heard
+    # of but holding nothing. Parts asked of those came back empty and were asked again
+    # of the two holders (at N=2,000 about 13 parts per find of 64, most of their load);
+    # holders name up to k contacts, and parts go to the ones they named.
+    def candidate(rank: int, state: CandidateState, named: bool = False) -> _Candidate:
+        c = _Candidate(rank, ("10.0.0.1", 1000 + rank), rank, 3)
+        c.state, c.named = state, named
+        c.publishers = 30 if state == CandidateState.OK and rank in (5, 6) else 0
+        return c
+
+    shortlist = (
+        [candidate(r, CandidateState.NEW) for r in range(5)]
+        + [candidate(5, CandidateState.OK), candidate(6, CandidateState.OK)]
+        + [candidate(7, CandidateState.OK)]  # answered, holds nothing
+        + [candidate(r, CandidateState.NEW) for r in range(8, 12)]
+        + [candidate(12, CandidateState.FAILED, named=True)]
+        + [candidate(r, CandidateState.NEW, named=True) for r in range(13, 40)]
+    )
+    chosen = part_holders(shortlist, 20)
+    assert [c.node_id for c in chosen] == [5, 6, *range(13, 31)]
+    # Holders that name only what was asked (an older version): the closest never asked.
+    for c in shortlist:
+        c.named = False
+    chosen = part_holders(shortlist, 20)
+    assert [c.node_id for c in chosen] == [5, 6, 0, 1, 2, 3, 4, 8, 9, 10, 11, *range(13, 20)]
 
 
 async def test_a_sampled_find_counts_its_own_bytes_not_its_nodes_other_traffic(
