@@ -547,7 +547,7 @@ class Directory:
             for census, share in zip(censuses, shares, strict=True):
                 asked = min(census.publishers or 0, math.floor(scale * share + rng.random()))
                 if asked:
-                    reads.append(self._core.sample_from(census, asked, now))
+                    reads.append(self._core.sample_from(census, asked, now, whole=False))
         for op in reads:
             await self._driver.wait(op)
         rounds += bool(reads)

@@ -85,6 +85,7 @@ class GetOperation(Operation):
         "_pages",
         "_seed",
         "_sources",
+        "_whole",
         "complete",
         "key",
         "publishers",
@@ -102,6 +103,10 @@ class GetOperation(Operation):
         self.sampled = sampled or want > 0
         #: A sampled read's holders (answered, reported publishers), once its walk ended.
         self._holders: list[_Candidate] = []
+        #: A sampled read that wants every publisher the key holds pages through it as a
+        #: full read does (complete); else (one shard of a sampled find) it asks all its
+        #: parts once, of random holders.
+        self._whole = True
         self.complete = True
         self.publishers: int | None = None
         self._seed = seed

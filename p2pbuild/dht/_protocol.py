@@ -252,17 +252,24 @@ class DhtNode(LookupNode):
         self._start_walk(op, id_from_bytes(key), self.config.value_quorum, records=True, now=now)
         return op
 
-    def sample_from(self, census: GetOperation, want: int, now: float) -> GetOperation:
+    def sample_from(
+        self, census: GetOperation, want: int, now: float, *, whole: bool = True
+    ) -> GetOperation:
         """Read about ``want`` publishers' records, chosen uniformly at random, from the
         holders a finished ``census`` read (``get(key, now, census=True)``) found: one
-        round trip, no walk. Raises :class:`LocalError` if ``census`` is not a finished
-        sampled read or ``want`` is below 1."""
+        round trip, no walk. If ``want`` covers the census's count, the key is paged
+        through as a full read is (``complete`` unless a page is missing); with ``whole``
+        False every part is asked once instead, of random holders (half the bytes of a
+        full read, which reads two holders to the end; a part fuller than one reply gives a
+        random subset of itself). Raises :class:`LocalError` if ``census`` is not a
+        finished sampled read or ``want`` is below 1."""
         if not (census.done and census.sampled) or want < 1:
             raise LocalError("sample_from needs a finished census and want >= 1")
         op = GetOperation(census.key, now, want=want, seed=self.rng.randbytes(8))
         op._node_key = False
         op.publishers = census.publishers
         op._holders = census._holders
+        op._whole = whole
         self._sample_phase(op, now)
         return op
 

@@ -434,6 +434,26 @@ def test_sampled_parts_go_to_holders_and_the_candidates_holders_named() -> None:
     assert [c.node_id for c in chosen] == [5, 6, 0, 1, 2, 3, 4, 8, 9, 10, 11, *range(13, 20)]
 
 
+async def test_a_sampled_find_that_wants_whole_shards_reads_each_publisher_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Asked for more than the facet holds, a find reads every shard whole. A shard is not
+    # paged through as a full read is (two holders to the end: every record twice) but
+    # asked for all its parts once, of random holders.
+    async with open_cluster(40, seed=9, config=CONFIG) as cluster:
+        everyone = await _publish_all(cluster, PUBLISHERS)
+        reader = cluster.nodes[31]
+        await reader.find_sample(Query(arch="x86_64"), 10)
+        sample = await reader.find_sample(Query(arch="x86_64"), 500)
+        assert 0.9 * len(everyone) <= len(sample) <= len(everyone)
+        records = sum(
+            len(e.capability_record.raw)
+            + (len(e.status_record.raw) if e.status_record is not None else 0)
+            for e in sample
+        )
+        assert sample.bytes_in < 1.5 * records  # 1.37 here; 2.43 paged
+
+
 async def test_a_sampled_find_counts_its_own_bytes_not_its_nodes_other_traffic(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
