@@ -138,13 +138,9 @@ class HandlerNode(HandoffNode):
                     records = self.store.sample(key, seed, parts, part, now, budget)
                 else:
                     # A census query: the closest contacts and the count only; ``part``,
-                    # if not 0, is how many contacts the asker wants at most from a node
-                    # on the way. A holder names up to k (the key's other holders, as far
-                    # as it knows them): the reader spreads its parts over them.
+                    # if not 0, is how many contacts the asker wants at most.
                     records = []
-                    triples = self._closest(key, sender, budget)
-                    if not publishers:
-                        triples = triples[: part or None]
+                    triples = self._closest(key, sender, budget)[: part or None]
             elif cursor:
                 records, next_cursor = self.store.page(key, cursor, now, budget)
             else:

@@ -217,29 +217,6 @@ def test_a_census_query_asks_for_a_few_contacts_and_the_count() -> None:
     assert contacts_for(0) == 20  # k, as find_node (what a put's census walk asks for)
 
 
-def test_a_holder_names_the_keys_other_holders_in_its_census_answer() -> None:
-    # A node on the way names the few contacts asked for; a holder of the key names up to
-    # k (the key's other holders, as it knows them): the reader spreads its parts over
-    # them, not over the two or three holders its census walk heard from.
-    net = build_network(40)
-    holder: DhtNode = next(iter(net.nodes.values()))
-    key = facet_key(FACET)
-    holder.store.offer_many(key, [r.raw for r in signed_records("held")], SANSIO_EPOCH)
-    request = wire.encode_request(
-        b"c" * 20,
-        wire.P2P_FIND,
-        wire.encode_p2p_find_args(b"\x07" * 20, key, wire.sample_cursor(b"s" * 8, 0, 8)),
-        pad_to=400,
-    )
-    holder.receive_datagram(request, ("10.0.0.9", 9), SANSIO_EPOCH + 1)
-    (reply, _), *_ = holder.datagrams_to_send()
-    response = wire.decode_datagram(reply, max_size=2048)
-    assert isinstance(response, wire.Response)
-    contacts, records, cursor, publishers = wire.parse_p2p_find_reply_counted(response.value)
-    assert records == [] and cursor == b"" and publishers == 1
-    assert len(contacts) == 20
-
-
 def test_the_parts_of_a_sampled_read_carry_cookies_instead_of_padding() -> None:
     # The census walk's requests go to nodes the reader has not asked before: padded. Its
     # holders' replies hold cookies for the reader's address, so the parts it then asks
@@ -410,7 +387,7 @@ def test_sampled_parts_go_to_holders_and_the_candidates_holders_named() -> None:
     # holds candidates from answers on the way, closer than some holders it never heard
     # of but holding nothing. Parts asked of those came back empty and were asked again
     # of the two holders (at N=2,000 about 13 parts per find of 64, most of their load);
-    # holders name up to k contacts, and parts go to the ones they named.
+    # parts go to the candidates a holder named (its closest contacts to the key).
     def candidate(rank: int, state: CandidateState, named: bool = False) -> _Candidate:
         c = _Candidate(rank, ("10.0.0.1", 1000 + rank), rank, 3)
         c.state, c.named = state, named
@@ -427,7 +404,8 @@ def test_sampled_parts_go_to_holders_and_the_candidates_holders_named() -> None:
     )
     chosen = part_holders(shortlist, 20)
     assert [c.node_id for c in chosen] == [5, 6, *range(13, 31)]
-    # Holders that name only what was asked (an older version): the closest never asked.
+    # No names (holders whose answers named no candidate left unasked): the closest never
+    # asked.
     for c in shortlist:
         c.named = False
     chosen = part_holders(shortlist, 20)
