@@ -412,6 +412,7 @@ def test_sampled_parts_go_to_holders_and_the_candidates_holders_named() -> None:
     assert [c.node_id for c in chosen] == [5, 6, 0, 1, 2, 3, 4, 8, 9, 10, 11, *range(13, 20)]
 
 
+@pytest.mark.slow
 async def test_a_sampled_find_that_wants_whole_shards_reads_each_publisher_once(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -432,6 +433,7 @@ async def test_a_sampled_find_that_wants_whole_shards_reads_each_publisher_once(
         assert sample.bytes_in < 1.5 * records  # 1.37 here; 2.43 paged
 
 
+@pytest.mark.slow
 async def test_a_sampled_find_counts_its_own_bytes_not_its_nodes_other_traffic(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
