@@ -434,3 +434,21 @@ def test_eviction_ping_answered_keeps_the_old_contact() -> None:
     node.routing.seen(ids[0], ("10.1.0.0", 1), net.now + 5.01, rtt=0.01)  # it answered
     node.routing.ping_answered(ids[0])
     assert sorted(p.node_id for p in node.routing) == sorted(ids[:2])
+
+
+def test_a_part_asked_of_a_node_without_the_key_is_asked_again_of_a_holder() -> None:
+    # Two of the key's closest nodes hold it, the others it names do not (a key whose
+    # other holders left, or a shard written by few): the parts asked of those come back
+    # empty, are asked again of a holder, and counted.
+    net = build_network(40)
+    key = facet_key("arch=x86_64")
+    target = int.from_bytes(key, "big")
+    ordered = sorted(nodes(net), key=lambda n: n.own ^ target)
+    for holder in ordered[:2]:
+        for i in range(30):
+            holder.store.offer_many(key, [r.raw for r in records(f"reask-{i}")], net.now)
+    reader = ordered[-1]
+    op = reader.get(key, net.now, sample=20)
+    net.run(lambda: op.done)
+    assert reader.statistics().sample_parts_reasked > 0
+    assert len({r.publisher.raw for r in op.result}) >= 15
