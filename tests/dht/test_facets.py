@@ -5,7 +5,8 @@ less than the facet says so."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -84,6 +85,15 @@ def _closest(cluster: Cluster, key: bytes, count: int) -> list[Directory]:
 async def _root_publishers(cluster: Cluster) -> set[bytes]:
     records = await cluster.nodes[1].get(facet_key(FACET))
     return {r.publisher.raw for r in records}
+
+
+@asynccontextmanager
+async def _midsize_facet() -> AsyncIterator[tuple[set[bytes], Directory]]:
+    """The 200 publishers of ``_publish_all`` on 40 nodes (16 shards of about 12), and a
+    reader that has not read the facet yet: the publishers' raw keys and the reader."""
+    async with open_cluster(40, seed=9, config=CONFIG) as cluster:
+        everyone = await _publish_all(cluster, PUBLISHERS)
+        yield everyone, cluster.nodes[31]
 
 
 def _chi_square(counts: Counter[bytes], population: Sequence[bytes]) -> float:
@@ -378,9 +388,7 @@ async def test_a_known_midsize_facet_is_sampled_from_two_shards_in_two_rounds(
     # 200 publishers, roots of 32: 16 shards of about 12 (a third of a key's room), not 64
     # thin ones. A reader that knows the facet censuses 2 of them (no root) and fetches
     # parts: two waves in all.
-    async with open_cluster(40, seed=9, config=CONFIG) as cluster:
-        everyone = await _publish_all(cluster, PUBLISHERS)
-        reader = cluster.nodes[31]
+    async with _midsize_facet() as (everyone, reader):
         first = await reader.find_sample(Query(arch="x86_64"), 10)
         assert first.rounds == 3  # the root's census, two shards' censuses, the parts
         for _ in range(5):
@@ -429,9 +437,7 @@ async def test_a_sampled_find_that_wants_whole_shards_reads_each_publisher_once(
     # Asked for more than the facet holds, a find reads every shard whole. A shard is not
     # paged through as a full read is (two holders to the end: every record twice) but
     # asked for all its parts once, of random holders.
-    async with open_cluster(40, seed=9, config=CONFIG) as cluster:
-        everyone = await _publish_all(cluster, PUBLISHERS)
-        reader = cluster.nodes[31]
+    async with _midsize_facet() as (everyone, reader):
         await reader.find_sample(Query(arch="x86_64"), 10)
         sample = await reader.find_sample(Query(arch="x86_64"), 500)
         assert 0.9 * len(everyone) <= len(sample) <= len(everyone)
@@ -450,9 +456,7 @@ async def test_a_sampled_find_counts_its_own_bytes_not_its_nodes_other_traffic(
     # A benchmark that measured a find by its node's byte counters also counted the
     # node's republish when one fell during the find (a few hundred KB "finds" under
     # churn). A FacetSample carries the bytes of its own requests and replies.
-    async with open_cluster(40, seed=9, config=CONFIG) as cluster:
-        await _publish_all(cluster, PUBLISHERS)
-        reader = cluster.nodes[31]
+    async with _midsize_facet() as (_, reader):
         await reader.find_sample(Query(arch="x86_64"), 10)
 
         def node_bytes() -> int:
