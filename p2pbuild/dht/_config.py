@@ -121,8 +121,9 @@ class DhtConfig:
     liveness_interval_min: float = attrs.field(default=15.0, validator=_positive)
     liveness_dead_share: float = attrs.field(default=0.005, validator=_positive)
     #: ``p2p_store`` datagrams sent at most to one new contact to hand it the records it
-    #: should hold (0: no hand-off).
-    handoff_datagrams: int = attrs.field(default=4, validator=_not_negative)
+    #: should hold, each key whole (0: no hand-off). A full key of ``max_records_per_key``
+    #: records takes about 50.
+    handoff_datagrams: int = attrs.field(default=64, validator=_not_negative)
     #: Contacts of one IP host per bucket and per lookup (loopback hosts exempt); 0: no
     #: limit. Bounds what one machine claiming many ids can take (Sybil, eclipse).
     max_contacts_per_host: int = attrs.field(default=2, validator=_not_negative)

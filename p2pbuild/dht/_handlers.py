@@ -156,8 +156,11 @@ class HandlerNode(HandoffNode):
                 triples, records, next_cursor, publishers, cookie
             )
         elif method == wire.P2P_STORE:
-            sender, key, raws = wire.parse_p2p_store_args(request)
+            sender, key, raws, stated = wire.parse_p2p_store_args(request)
             value = self._accept(key, raws, now)
+            if stated is not None and not request.client:
+                # A hand-off: the key's count on its sender (see ``RecordStore.counted``).
+                self.store.counted(key, stated, now)
         elif method == wire.STORE:
             sender, key, offered = wire.parse_store_args(request)
             value = self._accept_stock(key, offered, now)

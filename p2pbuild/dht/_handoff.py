@@ -21,6 +21,8 @@ __all__ = ["HandoffNode"]
 
 # A holder hands a key's records to a newcomer only if fewer contacts than this are closer.
 _HANDOFF_SENDERS = 3
+# Bytes of a hand-off's publisher count (a msgpack uint32 at most).
+_COUNT_SIZE = 5
 # Liveness pings are remembered for about this long (seconds; an exponential decay) when
 # the probe period is chosen from the share of them that found their contact dead.
 _PROBE_MEMORY = 60.0
@@ -113,12 +115,14 @@ class HandoffNode(RpcNode):
 
     def _handoff_keys(self, node_id: int) -> list[bytes]:
         """The keys whose records a new contact should get from this node (paper, section
-        2.5): those it is closer to than this node and among the ``k`` closest this node
-        knows, if at most ``_HANDOFF_SENDERS - 1`` other contacts are closer to the key than
-        this node. The paper (and the stock package) lets only the holder closest to the key
-        send; a few closest send here, so that a first newcomer closer than the old holders
-        that never hears of the next one does not break the chain, while the many other
-        holders stay quiet."""
+        2.5): those it is among the ``k`` closest to, as far as this node knows, if at most
+        ``_HANDOFF_SENDERS - 1`` other contacts are closer to the key than this node. The
+        paper (and the stock package) lets only the holder closest to the key send, and only
+        to a newcomer closer than itself; here a few closest send, to any newcomer among
+        the k closest (a holder like the others: a newcomer farther than the closest few
+        got nothing, and then held a growing part of the key from the owners' republishes,
+        and answered censuses with too small a count), while the many other holders stay
+        quiet."""
         config = self.config
         routing = self.routing
         own = self.own
@@ -127,12 +131,10 @@ class HandoffNode(RpcNode):
         for key in held:
             target = int.from_bytes(key, "big")
             distance = node_id ^ target
-            mine = own ^ target
-            if distance >= mine:
-                continue
             closest = routing.closest(target, config.k, exclude=node_id)
             if len(closest) >= config.k and closest[-1].node_id ^ target < distance:
                 continue  # the newcomer is not among the k closest
+            mine = own ^ target
             closer = 0
             for peer in closest[:_HANDOFF_SENDERS]:
                 closer += peer.node_id ^ target < mine
@@ -142,28 +144,38 @@ class HandoffNode(RpcNode):
 
     def _handoff(self, node_id: int, address: Address, keys: list[bytes], now: float) -> None:
         """Store the records of ``keys`` to a new contact that answered us, paged as a put
-        is, at most ``handoff_datagrams`` datagrams; the rest waits for the owners'
-        republish."""
+        is, each key whole or not at all, at most ``handoff_datagrams`` datagrams in all
+        (keys that do not fit wait for their owners' republish). Each datagram states how
+        many publishers the key holds here (``RecordStore.counted``): a newcomer handed a
+        part of a key, or a full key's room without the count of those it refused, would
+        answer censuses with too small a count, and a census that ends at two such
+        newcomers would take a sharded facet for a small one."""
         config = self.config
         left = config.handoff_datagrams
         if len(self._pending) * 2 > config.max_pending_rpcs:
             return
-        budget = config.max_datagram - HEADER_SIZE - STORE_OVERHEAD
+        budget = config.max_datagram - HEADER_SIZE - STORE_OVERHEAD - _COUNT_SIZE
+        store = self.store
         for key in keys:
+            batches: list[list[bytes]] = []
             cursor = b""
-            while left:
-                raws, cursor = self.store.page(key, cursor, now, budget)
+            while len(batches) <= left:
+                raws, cursor = store.page(key, cursor, now, budget)
                 if raws:
-                    args = wire.encode_p2p_store_args(self.node_id, key, raws)
-                    if not self._call(
-                        address, node_id, wire.P2P_STORE, args, now, None, Purpose.HANDOFF,
-                        sent=len(raws),
-                    ):
-                        return
-                    left -= 1
-                    self._counters[Count.HANDOFF_STORES] += 1
+                    batches.append(raws)
                 if not cursor:
                     break
+            if not batches or len(batches) > left:
+                continue
+            publishers = store.publishers(key, now)
+            for raws in batches:
+                args = wire.encode_p2p_store_args(self.node_id, key, raws, publishers)
+                if not self._call(
+                    address, node_id, wire.P2P_STORE, args, now, None, Purpose.HANDOFF,
+                    sent=len(raws),
+                ):
+                    return
+                left -= 1
+                self._counters[Count.HANDOFF_STORES] += 1
             if not left:
                 return
-

@@ -222,6 +222,7 @@ class RecordStore:
     """Records held by one node. Every bound is a constructor parameter."""
 
     __slots__ = (
+        "_counted",
         "_keys",
         "_per_publisher",
         "_sketches",
@@ -250,6 +251,9 @@ class RecordStore:
         self._keys: dict[bytes, _Key] = {}
         #: Keys that have refused a publisher as full: who offered (``publishers``).
         self._sketches: dict[bytes, _Sketch] = {}
+        #: Publisher counts of held keys as a hand-off's sender stated them, and until when
+        #: they count (``counted``).
+        self._counted: dict[bytes, tuple[int, float]] = {}
         self._per_publisher: dict[bytes, int] = {}
         self._total = 0
 
@@ -351,7 +355,20 @@ class RecordStore:
             if not held.order:
                 del self._keys[key]
                 self._sketches.pop(key, None)
+        for key, (_, until) in list(self._counted.items()):
+            if until <= now or key not in self._keys:
+                del self._counted[key]
         return dropped
+
+    def counted(self, key: bytes, publishers: int, now: float) -> None:
+        """A hand-off of ``key`` stated that its sender holds ``publishers`` publishers
+        under it (a full key: those that offered, held or not). If this store holds the key,
+        :meth:`publishers` says at least that for a ``SKETCH_WINDOW``, by which time its own
+        sketch has seen every live publisher offer. A newcomer handed a full key holds the
+        room's worth of publishers only, not the count its census answers should give."""
+        if key in self._keys:
+            current, _ = self._counted.get(key, (0, now))
+            self._counted[key] = (max(current, publishers), now + SKETCH_WINDOW)
 
     def _remove(self, held: _Key, slot: bytes) -> None:
         held.remove(slot)
@@ -379,7 +396,8 @@ class RecordStore:
     def publishers(self, key: bytes, now: float) -> int:
         """How many publishers have records under ``key`` or, for a key that has refused a
         publisher as full, how many offered a capability (held or not) in the last hour or
-        two (``SKETCH_WINDOW``): exact up to ``SKETCH_SIZE``, an estimate beyond."""
+        two (``SKETCH_WINDOW``): exact up to ``SKETCH_SIZE``, an estimate beyond; at least
+        what a recent hand-off of the key stated (:meth:`counted`)."""
         held = self._keys.get(key)
         if held is None:
             return 0
@@ -387,6 +405,9 @@ class RecordStore:
         sketch = self._sketches.get(key)
         if sketch is not None:
             count = max(count, sketch.estimate(now))
+        stated = self._counted.get(key)
+        if stated is not None and stated[1] > now:
+            count = max(count, stated[0])
         return count
 
     def sample(

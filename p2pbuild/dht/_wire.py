@@ -86,6 +86,8 @@ BUNDLE_VERSION = 1
 MAX_CONTACTS_IN = 64
 #: Bound on records in one request or reply (a datagram cannot hold more anyway).
 MAX_RECORDS_IN = 64
+#: Largest publisher count a reply or a hand-off may state.
+MAX_PUBLISHER_COUNT = 1 << 20
 
 
 def _refuse_ext(code: int, data: bytes) -> Any:
@@ -442,18 +444,33 @@ def record_cost(raw: bytes) -> int:
     return len(raw) + (2 if len(raw) < 256 else 3)
 
 
-def encode_p2p_store_args(sender_id: bytes, key: bytes, records: Sequence[bytes]) -> list[Any]:
-    return [sender_id, key, list(records)]
+def encode_p2p_store_args(
+    sender_id: bytes, key: bytes, records: Sequence[bytes], publishers: int | None = None
+) -> list[Any]:
+    """A put's store, or with ``publishers`` a hand-off's: how many publishers the key
+    holds on its sender (a full key's count includes those it refused)."""
+    args: list[Any] = [sender_id, key, list(records)]
+    if publishers is not None:
+        args.append(publishers)
+    return args
 
 
-def parse_p2p_store_args(request: Request) -> tuple[bytes, bytes, list[bytes]]:
-    sender, key, records = _args(request, 3)
+def parse_p2p_store_args(request: Request) -> tuple[bytes, bytes, list[bytes], int | None]:
+    """Sender id, key, records, and the hand-off's publisher count (None in a put's)."""
+    if len(request.args) not in (3, 4):
+        raise MalformedError("p2p_store takes 3 or 4 arguments")
+    sender, key, records = request.args[:3]
     if type(records) is not list or len(records) > MAX_RECORDS_IN:
         raise MalformedError(f"p2p_store carries an array of at most {MAX_RECORDS_IN} records")
     for raw in records:
         if type(raw) is not bytes:
             raise MalformedError("records are bytes")
-    return _id(sender, "sender id"), _id(key, "key"), records
+    publishers = None
+    if len(request.args) == 4:
+        publishers = request.args[3]
+        if type(publishers) is not int or not 0 <= publishers <= MAX_PUBLISHER_COUNT:
+            raise MalformedError(f"a publisher count is 0 to {MAX_PUBLISHER_COUNT}")
+    return _id(sender, "sender id"), _id(key, "key"), records, publishers
 
 
 def encode_p2p_store_reply(codes: Sequence[str]) -> list[str]:
@@ -537,7 +554,7 @@ def parse_p2p_find_reply_counted(
     if len(value) >= 4:
         publishers = value[3]
         if publishers is not None and (
-            type(publishers) is not int or not 0 <= publishers <= 1 << 20
+            type(publishers) is not int or not 0 <= publishers <= MAX_PUBLISHER_COUNT
         ):
             raise MalformedError("a p2p_find publisher count is an integer")
     contacts = parse_contacts(value[0])

@@ -35,6 +35,11 @@ class Cluster:
     identities: list[Identity]
     endpoints: list[MemoryEndpoint]
     _scopes: list[trio.CancelScope] = attrs.field(factory=list)
+    _nursery: trio.Nursery | None = None
+    _rng: random.Random = attrs.field(factory=random.Random)
+    _config: DhtConfig | None = None
+    _cache: RecordCache = attrs.field(factory=RecordCache)
+    _label: str = ""
 
     @property
     def epoch(self) -> float:
@@ -48,6 +53,36 @@ class Cluster:
     def alive(self) -> list[int]:
         """Indexes of nodes not stopped."""
         return [i for i, endpoint in enumerate(self.endpoints) if not endpoint.closed]
+
+    async def join(self, node_id: bytes | None = None) -> Directory:
+        """Start one more node, node ``len(nodes)`` (its id ``node_id`` if given, to place
+        it next to a key), joining through node 0 and one random earlier node as the first
+        ones did; its directory once it has joined."""
+        assert self._nursery is not None, "the cluster has stopped"
+        index = len(self.nodes)
+        identity = make_identity(f"{self._label}node-{index}")
+        endpoint = self.network.endpoint()
+        bootstrap: list[tuple[str, int]] = []
+        if index:
+            bootstrap.append(self.endpoints[0].local_address)
+            other = self._rng.randrange(index)
+            if other:
+                bootstrap.append(self.endpoints[other].local_address)
+        started: tuple[Directory, trio.CancelScope] = await self._nursery.start(
+            run_node,
+            endpoint,
+            bootstrap,
+            node_id or node_id_for(identity.public_key),
+            self._config,
+            random.Random(self._rng.getrandbits(64)),
+            self._cache,
+        )
+        directory, scope = started
+        self.identities.append(identity)
+        self.nodes.append(directory)
+        self.endpoints.append(endpoint)
+        self._scopes.append(scope)
+        return directory
 
 
 async def run_node(
@@ -103,29 +138,11 @@ async def open_cluster(
 async def _start(
     size: int, rng: random.Random, network: MemoryNetwork, config: DhtConfig | None, label: str
 ) -> AsyncIterator[Cluster]:
-    cache = RecordCache()
-    identities = [make_identity(f"{label}node-{i}") for i in range(size)]
-    cluster = Cluster(network, [], identities, [])
+    cluster = Cluster(network, [], [], [], rng=rng, config=config, label=label)
     async with trio.open_nursery() as nursery:
-        for index, identity in enumerate(identities):
-            endpoint = network.endpoint()
-            bootstrap: list[tuple[str, int]] = []
-            if index:
-                bootstrap.append(cluster.endpoints[0].local_address)
-                other = rng.randrange(index)
-                if other:
-                    bootstrap.append(cluster.endpoints[other].local_address)
-            directory, scope = await nursery.start(
-                run_node,
-                endpoint,
-                bootstrap,
-                node_id_for(identity.public_key),
-                config,
-                random.Random(rng.getrandbits(64)),
-                cache,
-            )
-            cluster.nodes.append(directory)
-            cluster.endpoints.append(endpoint)
-            cluster._scopes.append(scope)
+        cluster._nursery = nursery
+        for _ in range(size):
+            await cluster.join()
         yield cluster
+        cluster._nursery = None
         nursery.cancel_scope.cancel()

@@ -327,8 +327,11 @@ def test_records_are_handed_to_nodes_that_join_later() -> None:
     assert _late_misses(net, keys, published) == 0
     everyone = nodes(net)
     handed = sum(node.statistics().handoff_stores for node in everyone)
-    # Bounded: a few holders each send a few datagrams per new contact and key.
-    assert 0 < handed <= 40 * 3 * 3
+    # Bounded: the few holders closest to a key (as far as each knows) send it to each new
+    # contact among its k closest. In this network grown from 4 nodes, holders that do not
+    # know the closer ones yet send too: 602 datagrams, 2 to 12 per newcomer and key (3
+    # keys of one datagram each; 3 per newcomer and key once the tables are full).
+    assert 0 < handed <= 40 * 3 * 6
     # The closest nodes of each key got its records, though they joined after the put.
     for key in keys:
         target = int.from_bytes(key, "big")
@@ -366,16 +369,23 @@ def test_without_hand_off_late_joiners_hide_records() -> None:
         DhtNode._found_nothing = original  # type: ignore[method-assign]
 
 
-def test_hand_off_pages_a_big_key_within_its_datagram_budget() -> None:
-    config = DhtConfig(handoff_datagrams=2)
+_HOLDERS_COUNT = 40
+
+
+def _handed_big_key(config: DhtConfig) -> tuple[DhtNode, bytes, list[wire.Request], float]:
+    """3 holders of a facet key of 24 records (about 6 datagrams of ``p2p_store``) that
+    count ``_HOLDERS_COUNT`` publishers, and a newcomer right next to the key, which every
+    holder should hand the key to: the newcomer, the key, the hand-off stores it was sent,
+    and the time."""
     net = build_network(3, config)
     first = next(iter(net.nodes))
     key = facet_key("arch=x86_64")
     for holder in nodes(net):
-        for i in range(12):  # 24 records of ~260 bytes: about 6 datagrams of p2p_store
+        for i in range(12):  # 24 records of ~260 bytes
             holder.store.offer_many(key, [r.raw for r in records(f"big-{i}")], net.now)
+        # A full key counts the publishers that offered, held or not: more than it holds.
+        holder.store.counted(key, _HOLDERS_COUNT, net.now)
     before = len(net.sent)
-    # A newcomer right next to the key: every holder should hand it the key.
     address = ("10.0.9.9", 7420)
     joiner = net.nodes[address] = DhtNode(
         (int.from_bytes(key, "big") ^ 1).to_bytes(20, "big"), now=net.now,
@@ -384,12 +394,32 @@ def test_hand_off_pages_a_big_key_within_its_datagram_budget() -> None:
     op = joiner.bootstrap([first], net.now)
     net.run(lambda: op.done)
     net.run(limit=1.0)
-    stores = [d for d, _, to in net.sent[before:] if to == address and d[0] == wire.REQUEST
-              and wire.decode_datagram(d, max_size=2048).method == wire.P2P_STORE]  # type: ignore[union-attr]
-    assert all(len(d) <= 1200 for d in stores)
-    # Each of the 3 holders sends at most 2 datagrams to the newcomer.
-    assert 0 < len(stores) <= 2 * 3
-    assert 0 < joiner.store.count(key) < 24
+    stores = []
+    for datagram, _, to in net.sent[before:]:
+        if to == address and datagram[0] == wire.REQUEST:
+            request = wire.decode_datagram(datagram, max_size=2048)
+            assert isinstance(request, wire.Request)
+            if request.method == wire.P2P_STORE:
+                assert len(datagram) <= 1200
+                stores.append(request)
+    return joiner, key, stores, net.now
+
+
+def test_hand_off_sends_a_key_whole_with_its_count() -> None:
+    joiner, key, stores, now = _handed_big_key(DhtConfig())
+    # Each of the 3 holders sends the whole key, paged, each page stating the count.
+    assert 3 * 5 <= len(stores) <= 3 * 8
+    assert all(wire.parse_p2p_store_args(r)[3] == _HOLDERS_COUNT for r in stores)
+    assert joiner.store.count(key) == 24
+    # The newcomer's census answers give the holders' count, not the 12 it holds.
+    assert joiner.store.publishers(key, now) == _HOLDERS_COUNT
+
+
+def test_hand_off_leaves_out_a_key_that_does_not_fit_its_budget() -> None:
+    # A part of a key would make the newcomer answer censuses with a part's count.
+    joiner, key, stores, _ = _handed_big_key(DhtConfig(handoff_datagrams=4))
+    assert not stores
+    assert joiner.store.count(key) == 0
 
 
 def test_full_bucket_pings_its_oldest_only_if_not_heard_from_lately() -> None:

@@ -88,12 +88,13 @@ async def _root_publishers(cluster: Cluster) -> set[bytes]:
 
 
 @asynccontextmanager
-async def _midsize_facet() -> AsyncIterator[tuple[set[bytes], Directory]]:
+async def _midsize_facet() -> AsyncIterator[tuple[set[bytes], Directory, Cluster]]:
     """The 200 publishers of ``_publish_all`` on 40 nodes (16 shards of about 12), and a
-    reader that has not read the facet yet: the publishers' raw keys and the reader."""
+    reader that has not read the facet yet: the publishers' raw keys, the reader and the
+    cluster."""
     async with open_cluster(40, seed=9, config=CONFIG) as cluster:
         everyone = await _publish_all(cluster, PUBLISHERS)
-        yield everyone, cluster.nodes[31]
+        yield everyone, cluster.nodes[31], cluster
 
 
 def _chi_square(counts: Counter[bytes], population: Sequence[bytes]) -> float:
@@ -388,7 +389,7 @@ async def test_a_known_midsize_facet_is_sampled_from_two_shards_in_two_rounds(
     # 200 publishers, roots of 32: 16 shards of about 12 (a third of a key's room), not 64
     # thin ones. A reader that knows the facet censuses 2 of them (no root) and fetches
     # parts: two waves in all.
-    async with _midsize_facet() as (everyone, reader):
+    async with _midsize_facet() as (everyone, reader, _):
         first = await reader.find_sample(Query(arch="x86_64"), 10)
         assert first.rounds == 3  # the root's census, two shards' censuses, the parts
         for _ in range(5):
@@ -437,7 +438,7 @@ async def test_a_sampled_find_that_wants_whole_shards_reads_each_publisher_once(
     # Asked for more than the facet holds, a find reads every shard whole. A shard is not
     # paged through as a full read is (two holders to the end: every record twice) but
     # asked for all its parts once, of random holders.
-    async with _midsize_facet() as (everyone, reader):
+    async with _midsize_facet() as (everyone, reader, _):
         await reader.find_sample(Query(arch="x86_64"), 10)
         sample = await reader.find_sample(Query(arch="x86_64"), 500)
         assert 0.9 * len(everyone) <= len(sample) <= len(everyone)
@@ -456,7 +457,7 @@ async def test_a_sampled_find_counts_its_own_bytes_not_its_nodes_other_traffic(
     # A benchmark that measured a find by its node's byte counters also counted the
     # node's republish when one fell during the find (a few hundred KB "finds" under
     # churn). A FacetSample carries the bytes of its own requests and replies.
-    async with _midsize_facet() as (_, reader):
+    async with _midsize_facet() as (_, reader, _):
         await reader.find_sample(Query(arch="x86_64"), 10)
 
         def node_bytes() -> int:
@@ -515,3 +516,29 @@ async def test_publishers_that_entered_the_root_early_reach_the_shards_within_mi
             assert 100 <= sample.estimated_publishers <= 320  # 16 x the mean of 2 shards
             seen |= {e.publisher.raw for e in sample}
         assert len(seen & early) >= 10
+
+
+async def test_nodes_that_join_closest_to_a_full_root_do_not_shrink_the_facet(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Six nodes join closer to the facet's full root key than any holder. A reader next to
+    # the key asks them first, and its census ends at two of them: they must answer with
+    # the full root's count. Before, the first three got a part of the key (the hand-off
+    # stopped at 4 datagrams) and the others nothing (only a newcomer closer than the
+    # sender was handed a key), so they counted 10 publishers of 206, and every find took
+    # the facet for those 10 (``complete``; seen once in bench/internet.py after its
+    # churn: 7 of 64 returned).
+    async with _midsize_facet() as (everyone, _, cluster):
+        key = facet_key(FACET)
+        root = int.from_bytes(key, "big")
+        newcomers = [await cluster.join((root ^ n).to_bytes(20, "big")) for n in range(1, 7)]
+        await trio.sleep(10)  # hand-offs land
+        counts = [d._core.store.publishers(key, d.now()) for d in cluster.nodes[:40]]
+        assert max(counts) >= 150  # a full root counts who offered, held or not
+        for newcomer in newcomers:
+            assert newcomer._core.store.publishers(key, newcomer.now()) == max(counts)
+        for reader in _closest(cluster, key, 46)[6:12]:
+            sample = await reader.find_sample(Query(arch="x86_64"), 10)
+            assert len(sample) == 10 and {e.publisher.raw for e in sample} <= everyone
+            assert not sample.complete
+            assert 100 <= sample.estimated_publishers <= 320

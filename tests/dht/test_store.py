@@ -103,3 +103,21 @@ def test_expiry() -> None:
     assert s.expire(T + 61) == 1
     assert s.expire(T + 200) == 1
     assert len(s) == 0 and s.keys() == []
+
+
+def test_a_hand_off_count_raises_a_held_keys_count_for_one_sketch_window() -> None:
+    from p2pbuild.dht._store import SKETCH_WINDOW
+
+    s = store()
+    key, other = facet_key("arch=x86_64"), facet_key("arch=s390x")
+    for label in ("a", "b"):
+        s.offer(key, make(label, lifetime=3 * 3600).raw, T)
+    s.counted(other, 50, T)  # not held here: ignored (nobody can inflate unheld keys)
+    assert s.publishers(other, T) == 0
+    s.counted(key, 50, T)
+    s.counted(key, 40, T)  # the largest stated counts
+    assert s.publishers(key, T) == 50
+    assert s.publishers(key, T + SKETCH_WINDOW - 1) == 50
+    assert s.publishers(key, T + SKETCH_WINDOW) == 2  # its own count again
+    s.expire(T + SKETCH_WINDOW)
+    assert not s._counted  # forgotten

@@ -23,13 +23,29 @@ def record(label: str) -> SignedRecord:
                                issued_at=1_700_000_000, lifetime=3600)
 
 
+def test_a_put_store_has_no_count_and_a_hand_off_count_is_bounded() -> None:
+    def parse(args: list[object]) -> object:
+        data = wire.encode_request(b"m" * 20, wire.P2P_STORE, args)
+        frame = wire.decode_datagram(data, max_size=1200)
+        assert isinstance(frame, wire.Request)
+        return wire.parse_p2p_store_args(frame)
+
+    assert parse(wire.encode_p2p_store_args(ID, KEY, [b"r"])) == (ID, KEY, [b"r"], None)
+    assert parse([ID, KEY, [b"r"], wire.MAX_PUBLISHER_COUNT])[3] == wire.MAX_PUBLISHER_COUNT
+    for count in (-1, wire.MAX_PUBLISHER_COUNT + 1, "7", None, 1.5, True):
+        with pytest.raises(MalformedError, match="publisher count"):
+            parse([ID, KEY, [b"r"], count])
+    with pytest.raises(MalformedError, match="3 or 4 arguments"):
+        parse([ID, KEY, [b"r"], 1, 2])
+
+
 @pytest.mark.parametrize(
     ("method", "args", "parse"),
     [
         (wire.PING, wire.encode_ping_args(ID), wire.parse_ping_args),
         (wire.FIND_NODE, wire.encode_find_args(ID, KEY), wire.parse_find_args),
         (wire.STORE, wire.encode_store_args(ID, KEY, b"v"), wire.parse_store_args),
-        (wire.P2P_STORE, wire.encode_p2p_store_args(ID, KEY, [b"r1", b"r2"]),
+        (wire.P2P_STORE, wire.encode_p2p_store_args(ID, KEY, [b"r1", b"r2"], 7),
          wire.parse_p2p_store_args),
         (wire.P2P_FIND, wire.encode_p2p_find_args(ID, KEY, b"c"), wire.parse_p2p_find_args),
     ],
