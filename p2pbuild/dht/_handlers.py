@@ -121,7 +121,10 @@ class HandlerNode(HandoffNode):
                 value = self._contacts_for(key, sender, limit - HEADER_SIZE)
         elif method == wire.P2P_FIND:
             sender, key, cursor = wire.parse_p2p_find_args(request)
-            limit, verified = self._reply_limit(address, sender, request_size, cookie_ok)
+            largest = wire.CENSUS_REPLY_MAX if wire.is_census_cursor(cursor) else None
+            limit, verified = self._reply_limit(
+                address, sender, request_size, cookie_ok, largest
+            )
             # A requester without a valid cookie gets one, for its next requests here.
             cookie = b"" if cookie_ok else self._cookie(address, now)
             overhead = _FIND_REPLY_OVERHEAD + (_COOKIE_COST if cookie else 0)
@@ -178,17 +181,25 @@ class HandlerNode(HandoffNode):
             self._welcome(id_from_bytes(sender), address, now, None)
 
     def _reply_limit(
-        self, address: Address, sender: bytes, request_size: int, cookie_ok: bool
+        self,
+        address: Address,
+        sender: bytes,
+        request_size: int,
+        cookie_ok: bool,
+        largest: int | None = None,
     ) -> tuple[int, bool]:
         """``(largest reply, verified)`` for a request of ``request_size`` bytes
-        (``cookie_ok``: it carried a valid address cookie)."""
+        (``cookie_ok``: it carried a valid address cookie). ``largest``: the size the reply
+        cannot exceed, if known (a census's); a bound at or above it cuts nothing and is
+        not counted in ``replies_bounded``."""
         config = self.config
         if cookie_ok or self._is_verified(address, sender):
             return config.max_datagram, True
         bound = config.amplification_factor * request_size
         if bound >= config.max_datagram:
             return config.max_datagram, False
-        self._counters[Count.REPLIES_BOUNDED] += 1
+        if largest is None or bound < largest:
+            self._counters[Count.REPLIES_BOUNDED] += 1
         return bound, False
 
     def _closest(self, key: bytes, sender: bytes, budget: int) -> list[wire.ContactTriple]:

@@ -40,9 +40,6 @@ _PART_YIELD = 2.4
 # Publishers per part of a read of every publisher of a key by parts (Poisson-like counts:
 # a part of more than three loses the rest, about 3.5% of all at 1.2).
 _ALL_PER_PART = 1.2
-# Contacts a sampled read's census query asks for: its walk needs the few closest to the
-# key from each answer, not k (each contact is ~40 bytes of the reply).
-_CENSUS_CONTACTS = 8
 # Holders a census walk ends at: the first two that answer with a count, wherever they are
 # among the key's k holders (the walks of readers with different routing tables end at
 # different holders, which then serve the read's parts: the load spreads over the k
@@ -269,7 +266,7 @@ class LookupNode(HandlerNode):
         if walk.records:
             op = walk.op
             assert isinstance(op, GetOperation)
-            cursor = wire.sample_cursor(op._seed, 0, _CENSUS_CONTACTS) if op.sampled else b""
+            cursor = wire.sample_cursor(op._seed, 0, wire.CENSUS_CONTACTS) if op.sampled else b""
             method, args = wire.P2P_FIND, wire.encode_p2p_find_args(self.node_id, target, cursor)
         elif isinstance(walk.op, PutOperation) and walk.op.census:
             cursor = wire.sample_cursor(bytes(8), 0, 0)

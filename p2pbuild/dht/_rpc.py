@@ -146,6 +146,7 @@ class RpcNode:
     """
 
     __slots__ = (
+        "_census_pad",
         "_cookie_keys",
         "_cookie_rotate_at",
         "_cookies",
@@ -225,6 +226,10 @@ class RpcNode:
         self._verified: OrderedDict[Address, None] | None = None
         #: Size requests are padded to (see ``amplification_factor``).
         self._pad_to = -(-config.max_datagram // config.amplification_factor)
+        #: Size census queries are padded to (their answers are small, ``CENSUS_REPLY_MAX``).
+        self._census_pad = min(
+            -(-wire.CENSUS_REPLY_MAX // config.amplification_factor), self._pad_to
+        )
         #: Address cookies: the keys this node makes them with (current, previous) and when
         #: the current one retires; the cookies servers gave us, with when, LRU order
         #: (created on first use).
@@ -329,12 +334,18 @@ class RpcNode:
         retries: int = 0,
     ) -> _Rpc | None:
         """Send a request; returns it, or None if it could not be sent (pending table
-        full). An RPC with ``retries`` is sent again that many times if it times out."""
+        full). An RPC with ``retries`` is sent again that many times if it times out.
+        Requests whose answers may be big are padded unless the address gave us a cookie:
+        to a third of a datagram, a census query to a third of a census answer."""
         if len(self._pending) >= self.config.max_pending_rpcs:
             self._dropped["pending-full"] = self._dropped.get("pending-full", 0) + 1
             return None
         msg_id = self.rng.randbytes(wire.MSG_ID_SIZE)
-        pad = self._pad_to if method in _PADDED else 0
+        pad = 0
+        if method in _PADDED:
+            pad = self._pad_to
+            if method == wire.P2P_FIND and wire.is_census_cursor(args[2]):
+                pad = self._census_pad
         cookie = b""
         if pad and self._cookies is not None:
             held = self._cookies.get(address)

@@ -524,6 +524,31 @@ def sample_cursor(seed: bytes, parts: int, part: int) -> bytes:
     return bytes([SAMPLE_CURSOR]) + seed + bytes([parts, part])
 
 
+#: Contacts a sampled read's census query asks for: its walk needs the few closest to the
+#: key from each answer, not k (each contact is ~40 bytes of the reply).
+CENSUS_CONTACTS = 8
+
+
+def _census_reply_max() -> int:
+    contact = (bytes(ID_SIZE), "ffff:" * 7 + "ffff", 65535)  # the longest: IPv6
+    value = encode_p2p_find_reply(
+        [contact] * CENSUS_CONTACTS, [], b"", MAX_PUBLISHER_COUNT, bytes(COOKIE_SIZE)
+    )
+    return len(encode_response(bytes(MSG_ID_SIZE), value))
+
+
+def is_census_cursor(cursor: object) -> bool:
+    """Whether ``cursor`` asks for a census of at most ``CENSUS_CONTACTS`` contacts (whose
+    answer is small: ``CENSUS_REPLY_MAX``)."""
+    return (
+        type(cursor) is bytes
+        and len(cursor) == SAMPLE_CURSOR_SIZE
+        and cursor[0] == SAMPLE_CURSOR
+        and cursor[9] == 0
+        and 0 < cursor[10] <= CENSUS_CONTACTS
+    )
+
+
 def parse_sample_cursor(cursor: bytes) -> tuple[bytes, int, int] | None:
     """``(seed, parts, part)`` of a sample cursor, None for a page cursor. Raises
     :class:`MalformedError` for a part out of range."""
@@ -578,3 +603,9 @@ def p2p_find_reply_cookie(value: object) -> bytes:
     if type(cookie) is not bytes or len(cookie) != COOKIE_SIZE:
         raise MalformedError("an address cookie is 8 bytes")
     return cookie
+
+
+#: The largest answer to a census query (``CENSUS_CONTACTS`` contacts, a count, a cookie):
+#: a census query padded to ``1 / amplification_factor`` of it gets it whole from a node
+#: that does not know the asker yet.
+CENSUS_REPLY_MAX = _census_reply_max()

@@ -263,11 +263,43 @@ def test_a_census_query_asks_for_a_few_contacts_and_the_count() -> None:
     assert contacts_for(0) == 20  # k, as find_node (what a put's census walk asks for)
 
 
+def test_census_queries_are_padded_to_a_third_of_a_census_reply_only() -> None:
+    # A census answer holds 8 contacts and a count: a request of a third of its largest
+    # size (IPv6 hosts) gets it whole from a node that never heard of the asker, so the
+    # census walk's queries need not be padded to a third of a datagram (400 bytes).
+    net = build_network(40)
+    reader: DhtNode = list(net.nodes.values())[7]
+    address = next(a for a, n in net.nodes.items() if n is reader)
+    before = len(net.sent)
+    op = reader.get(facet_key(FACET), net.now, census=True)
+    net.run(lambda: op.done)
+    asked: dict[bytes, int] = {}
+    answered: dict[bytes, int] = {}
+    for datagram, source, _ in net.sent[before:]:
+        frame = wire.decode_datagram(datagram, max_size=2048)
+        if isinstance(frame, wire.Request) and source == address:
+            if frame.method == wire.P2P_FIND and not frame.cookie:
+                asked[frame.msg_id] = len(datagram)
+        elif isinstance(frame, wire.Response) and frame.msg_id in asked:
+            answered[frame.msg_id] = len(wire.parse_p2p_find_reply_counted(frame.value)[0])
+    assert len(asked) >= 3
+    padded = -(-wire.CENSUS_REPLY_MAX // 3)
+    assert set(asked.values()) == {padded}
+    assert padded < 250
+    assert answered and set(answered.values()) == {8}
+    # The largest census reply, 8 contacts with IPv6 hosts, fits three such requests.
+    contact = (bytes(20), "ffff:" * 7 + "ffff", 65535)
+    value = wire.encode_p2p_find_reply(
+        [contact] * 8, [], b"", wire.MAX_PUBLISHER_COUNT, bytes(wire.COOKIE_SIZE)
+    )
+    assert len(wire.encode_response(bytes(20), value)) <= 3 * padded
+
+
 def test_the_parts_of_a_sampled_read_carry_cookies_instead_of_padding() -> None:
-    # The census walk's requests go to nodes the reader has not asked before: padded. Its
-    # holders' replies hold cookies for the reader's address, so the parts it then asks
-    # them for are small requests that still get full replies (docs/protocol.md,
-    # *Address cookies*).
+    # The census walk's requests go to nodes the reader has not asked before: padded (to a
+    # third of a census answer). Its holders' replies hold cookies for the reader's
+    # address, so the parts it then asks them for are small requests that still get full
+    # replies (docs/protocol.md, *Address cookies*).
     net = build_network(40, CONFIG)
     key = facet_key(FACET)
     nodes = list(net.nodes.values())
@@ -283,7 +315,7 @@ def test_the_parts_of_a_sampled_read_carry_cookies_instead_of_padding() -> None:
     answered = {source for d, source, to in net.sent
                 if to == reader_address and d[0] == wire.RESPONSE}
     assert census.publishers == 24 and census_requests
-    assert all(len(d) >= 400 for d, _ in census_requests)
+    assert all(len(d) == -(-wire.CENSUS_REPLY_MAX // 3) for d, _ in census_requests)
     net.sent.clear()
     op = reader.sample_from(census, 12, net.now)
     net.run(lambda: op.done)
