@@ -176,6 +176,14 @@ async def _finds(swarm: Swarm, query: Query, finds: int) -> dict[str, Any]:
                 times.append(trio.current_time() - begun)
             waves.append(sample.rounds - 1)
             returned.append(len(sample))
+            if len(sample) < 64:
+                _progress(
+                    f"a find returned {len(sample)} of 64: estimated "
+                    f"{sample.estimated_publishers} publishers, {sample.rounds} waves, "
+                    f"complete {sample.complete}, "
+                    f"{sample.bytes_in + sample.bytes_out} bytes, "
+                    f"{'first' if sizes_of is sizes else 'warm'} find"
+                )
             estimates.append(sample.estimated_publishers)
     return {
         "finds": finds,

@@ -143,7 +143,7 @@ class HandlerNode(HandoffNode):
                     # A census query: the closest contacts and the count only; ``part``,
                     # if not 0, is how many contacts the asker wants at most.
                     records = []
-                    triples = self._closest(key, sender, budget)[: part or None]
+                    triples = self._census_contacts(key, sender, part, publishers, budget)
             elif cursor:
                 records, next_cursor = self.store.page(key, cursor, now, budget)
             else:
@@ -207,6 +207,24 @@ class HandlerNode(HandoffNode):
         peers = self.routing.closest(
             id_from_bytes(key), self.config.k, exclude=id_from_bytes(sender)
         )
+        triples = [(p.raw_id, p.address[0], p.address[1]) for p in peers]
+        return wire.fit_contacts(triples, budget)
+
+    def _census_contacts(
+        self, key: bytes, sender: bytes, wanted: int, publishers: int, budget: int
+    ) -> list[wire.ContactTriple]:
+        """The contacts of a census answer: the ``wanted`` closest to ``key`` (all that fit
+        if 0), or if this node holds the key and knows more of its k closest, ``wanted`` of
+        them at random, closest first. A sampled read asks its parts of the holders its
+        census heard and of the contacts they named (likely holders too): holders that
+        named their closest few sent every reader's parts to the same few of the key's k
+        holders."""
+        if not (wanted and publishers):
+            return self._closest(key, sender, budget)[: wanted or None]
+        target = id_from_bytes(key)
+        peers = self.routing.closest(target, self.config.k, exclude=id_from_bytes(sender))
+        if len(peers) > wanted:
+            peers = sorted(self.rng.sample(peers, wanted), key=lambda p: p.node_id ^ target)
         triples = [(p.raw_id, p.address[0], p.address[1]) for p in peers]
         return wire.fit_contacts(triples, budget)
 

@@ -263,6 +263,40 @@ def test_a_census_query_asks_for_a_few_contacts_and_the_count() -> None:
     assert contacts_for(0) == 20  # k, as find_node (what a put's census walk asks for)
 
 
+def test_a_holder_names_random_contacts_among_the_keys_closest_in_census_answers() -> None:
+    # Parts of a sampled read go to the holders its census heard and to the contacts they
+    # named: a holder that named its 8 closest sent every reader's parts to the same 8 of
+    # the key's 20 holders. A node that does not hold the key names the 8 closest (the
+    # walk's way on).
+    net = build_network(40)
+    node: DhtNode = next(iter(net.nodes.values()))
+    key = facet_key(FACET)
+    target = int.from_bytes(key, "big")
+    closest = {p.raw_id for p in node.routing.closest(target, 20)}
+
+    def named(asker: int) -> list[bytes]:
+        cursor = wire.sample_cursor(b"s" * 8, 0, 8)
+        request = wire.encode_request(
+            bytes([asker]) * 20, wire.P2P_FIND,
+            wire.encode_p2p_find_args(bytes([asker]) * 20, key, cursor), pad_to=400,
+        )
+        node.receive_datagram(request, (f"10.0.1.{asker}", 9), SANSIO_EPOCH + 1)
+        (reply, _), *_ = node.datagrams_to_send()
+        response = wire.decode_datagram(reply, max_size=2048)
+        assert isinstance(response, wire.Response)
+        contacts = wire.parse_p2p_find_reply_counted(response.value)[0]
+        distances = [int.from_bytes(raw, "big") ^ target for raw, _, _ in contacts]
+        assert distances == sorted(distances)
+        return [raw for raw, _, _ in contacts]
+
+    eight = sorted(closest, key=lambda raw: int.from_bytes(raw, "big") ^ target)[:8]
+    assert named(1) == eight and named(2) == eight
+    node.store.offer_many(key, [r.raw for r in signed_records("census-holder")], net.now)
+    answers = [named(asker) for asker in range(3, 23)]
+    assert all(len(a) == 8 and set(a) <= closest for a in answers)
+    assert len({raw for a in answers for raw in a}) >= 16
+
+
 def test_census_queries_are_padded_to_a_third_of_a_census_reply_only() -> None:
     # A census answer holds 8 contacts and a count: a request of a third of its largest
     # size (IPv6 hosts) gets it whole from a node that never heard of the asker, so the
