@@ -35,7 +35,7 @@ from .._identity import Identity, PublicKey
 from .._jobs import FileDigest, Job, Result
 from .._records import Capability, Kind, SignedRecord
 from .._trust import TrustList
-from ..dht import Directory, NodeEntry, Query, latest, node_key
+from ..dht import Directory, DirectoryClosedError, NodeEntry, Query, latest, node_key
 from ..https import BodyTooLongError, fetch_pinned_file, pinned_client
 from ..node._api import control_header
 from ._errors import (
@@ -92,20 +92,39 @@ class DirectoryFinder:
     every time (a node's status in the answer may be that old; the node itself refuses a job
     it has no slot for). With ``sample``, a
     query reads a uniformly random sample of about that many matching nodes
-    (:meth:`~p2pbuild.dht.Directory.find_sample`) instead of the whole facet."""
+    (:meth:`~p2pbuild.dht.Directory.find_sample`) instead of the whole facet.
+
+    With a ``nursery``, an answer due for a refresh is still returned at once while it is
+    read again in the background (stale-while-revalidate, as HTTP caches do), up to
+    ``max_stale`` seconds old; placing a build then never waits for the DHT but on the
+    first find of a query, a ``fresh`` one, or after a long pause. Without, a due
+    refresh is awaited."""
 
     directory: Directory
     trust_list: TrustList
     refresh_interval: float = 30.0
     sample: int | None = None
+    nursery: trio.Nursery | None = None
+    max_stale: float = 300.0
     _cache: dict[Query, tuple[float, list[NodeEntry]]] = attrs.field(factory=dict)
+    _refreshing: set[Query] = attrs.field(factory=set)
 
     async def find(self, query: Query, *, fresh: bool = False) -> list[NodeEntry]:
-        now = trio.current_time()
         cached = self._cache.get(query)
-        if not fresh and cached is not None and now - cached[0] < self.refresh_interval:
-            await trio.lowlevel.checkpoint()
-            return list(cached[1])
+        if not fresh and cached is not None:
+            age = trio.current_time() - cached[0]
+            stale_ok = self.nursery is not None and age < self.max_stale
+            if age < self.refresh_interval or stale_ok:
+                if age >= self.refresh_interval and query not in self._refreshing:
+                    assert self.nursery is not None
+                    self._refreshing.add(query)
+                    self.nursery.start_soon(self._refresh, query)
+                await trio.lowlevel.checkpoint()
+                return list(cached[1])
+        return await self._read(query)
+
+    async def _read(self, query: Query) -> list[NodeEntry]:
+        now = trio.current_time()
         entries: list[NodeEntry]
         if self.sample is not None:
             entries = await self.directory.find_sample(query, self.sample, self.trust_list)
@@ -116,6 +135,14 @@ class DirectoryFinder:
         if entries:
             self._cache[query] = (now, list(entries))
         return list(entries)
+
+    async def _refresh(self, query: Query) -> None:
+        try:
+            await self._read(query)
+        except DirectoryClosedError:
+            pass  # the node stopped: the service is ending
+        finally:
+            self._refreshing.discard(query)
 
     async def lookup(self, key: PublicKey) -> NodeEntry | None:
         records = await self.directory.get(node_key(key))

@@ -100,7 +100,7 @@ async def run_dispatcher(
         if finder is None:
             directory = await nursery.start(_directory, config)
             dht_port = directory.address[1]
-            finder = DirectoryFinder(directory, trust_list)
+            finder = DirectoryFinder(directory, trust_list, nursery=nursery)
         engine_options: dict[str, Any] = dict(config.engine)  # typed as its fields
         engine = Engine(
             db=db,

@@ -44,3 +44,39 @@ async def test_placing_builds_reads_the_directory_once_per_refresh_interval(
         refreshed = await finder.find(query)
         assert {e.publisher for e in refreshed} == {first.public_key, second.public_key}
         assert dispatcher.statistics().lookups > lookups
+
+
+async def test_a_due_refresh_runs_in_the_background_while_the_cached_answer_is_returned(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    trust = make_trust_list()
+    first, second = trust.nodes["node-1"], trust.nodes["node-2"]
+    async with open_cluster(12, seed=4) as cluster, trio.open_nursery() as nursery:
+        dispatcher = cluster.nodes[3]
+        finder = DirectoryFinder(
+            dispatcher, trust.trust_list, refresh_interval=30.0, nursery=nursery,
+            max_stale=120.0,
+        )
+        await cluster.nodes[5].publish(_records(first, cluster.nodes[5].now()))
+        query = Query(arch="x86_64")
+        assert [e.publisher for e in await finder.find(query)] == [first.public_key]
+        await cluster.nodes[6].publish(_records(second, cluster.nodes[6].now()))
+        await trio.sleep(31.0)
+        lookups = dispatcher.statistics().lookups
+        # Due: the cached answer at once (no simulated time passes), a refresh begun.
+        begun = trio.current_time()
+        assert [e.publisher for e in await finder.find(query)] == [first.public_key]
+        assert [e.publisher for e in await finder.find(query)] == [first.public_key]
+        assert trio.current_time() == begun
+        assert finder._refreshing == {query}  # one refresh, not one per find
+        await trio.sleep(5.0)
+        assert not finder._refreshing
+        assert dispatcher.statistics().lookups > lookups
+        refreshed = await finder.find(query)
+        assert {e.publisher for e in refreshed} == {first.public_key, second.public_key}
+        # Too old to serve (a long pause): read again before answering.
+        await trio.sleep(121.0)
+        begun = trio.current_time()
+        await finder.find(query)
+        assert trio.current_time() > begun
+        nursery.cancel_scope.cancel()
