@@ -132,6 +132,7 @@ class HandlerNode(HandoffNode):
             triples: list[wire.ContactTriple] = []
             sample = wire.parse_sample_cursor(cursor)
             publishers = self.store.publishers(key, now)
+            count: int | None = publishers
             if sample is not None:
                 seed, parts, part = sample
                 next_cursor = b""
@@ -144,6 +145,12 @@ class HandlerNode(HandoffNode):
                     # if not 0, is how many contacts the asker wants at most.
                     records = []
                     triples = self._census_contacts(key, sender, part, publishers, budget)
+                    if publishers and not self._among_closest(key):
+                        # Records that reached a node beyond the key's k closest (a put
+                        # whose walk ended elsewhere) are a part of the key, and a census
+                        # that ends at two such nodes takes the count of a part for the
+                        # key's (docs/protocol.md, *Sampled find*): no count from here.
+                        count = None
             elif cursor:
                 records, next_cursor = self.store.page(key, cursor, now, budget)
             else:
@@ -155,9 +162,7 @@ class HandlerNode(HandoffNode):
                 records, next_cursor = self.store.page(key, b"", now, budget - reserve)
                 used = sum(wire.record_cost(raw) for raw in records)
                 triples = wire.fit_contacts(closest, budget - used)
-            value = wire.encode_p2p_find_reply(
-                triples, records, next_cursor, publishers, cookie
-            )
+            value = wire.encode_p2p_find_reply(triples, records, next_cursor, count, cookie)
         elif method == wire.P2P_STORE:
             sender, key, raws, stated = wire.parse_p2p_store_args(request)
             value = self._accept(key, raws, now)
@@ -209,6 +214,13 @@ class HandlerNode(HandoffNode):
         )
         triples = [(p.raw_id, p.address[0], p.address[1]) for p in peers]
         return wire.fit_contacts(triples, budget)
+
+    def _among_closest(self, key: bytes) -> bool:
+        """Whether this node is among the k closest to ``key`` of the nodes it knows: a
+        holder of the key, not a node that a put reached from a walk that ended elsewhere."""
+        target = id_from_bytes(key)
+        closest = self.routing.closest(target, self.config.k)
+        return len(closest) < self.config.k or (self.own ^ target) < (closest[-1].node_id ^ target)
 
     def _census_contacts(
         self, key: bytes, sender: bytes, wanted: int, publishers: int, budget: int
