@@ -144,8 +144,8 @@ class HandlerNode(HandoffNode):
                     # A census query: the closest contacts and the count only; ``part``,
                     # if not 0, is how many contacts the asker wants at most.
                     records = []
-                    triples = self._census_contacts(key, sender, part, publishers, budget)
-                    if publishers and not self._among_closest(key):
+                    triples, among = self._census_contacts(key, sender, part, publishers, budget)
+                    if not among:
                         # Records that reached a node beyond the key's k closest (a put
                         # whose walk ended elsewhere) are a part of the key, and a census
                         # that ends at two such nodes takes the count of a part for the
@@ -215,30 +215,28 @@ class HandlerNode(HandoffNode):
         triples = [(p.raw_id, p.address[0], p.address[1]) for p in peers]
         return wire.fit_contacts(triples, budget)
 
-    def _among_closest(self, key: bytes) -> bool:
-        """Whether this node is among the k closest to ``key`` of the nodes it knows: a
-        holder of the key, not a node that a put reached from a walk that ended elsewhere."""
-        target = id_from_bytes(key)
-        closest = self.routing.closest(target, self.config.k)
-        return len(closest) < self.config.k or (self.own ^ target) < (closest[-1].node_id ^ target)
-
     def _census_contacts(
         self, key: bytes, sender: bytes, wanted: int, publishers: int, budget: int
-    ) -> list[wire.ContactTriple]:
-        """The contacts of a census answer: the ``wanted`` closest to ``key`` (all that fit
-        if 0), or if this node holds the key and knows more of its k closest, ``wanted`` of
-        them at random, closest first. A sampled read asks its parts of the holders its
-        census heard and of the contacts they named (likely holders too): holders that
-        named their closest few sent every reader's parts to the same few of the key's k
-        holders."""
-        if not (wanted and publishers):
-            return self._closest(key, sender, budget)[: wanted or None]
+    ) -> tuple[list[wire.ContactTriple], bool]:
+        """The contacts of a census answer, and whether this node, holding records of the
+        key, is among its k closest as far as it knows (else they reached it from a put
+        whose walk ended elsewhere: a part of the key). The contacts: the ``wanted``
+        closest to ``key`` (all that fit if 0), or if this node holds the key, knows more
+        of its k closest and ``wanted`` is not 0, ``wanted`` of them at random, closest
+        first. A sampled read
+        asks its parts of the holders its census heard and of the contacts they named
+        (likely holders too): holders that named their closest few sent every reader's
+        parts to the same few of the key's k holders."""
+        if not publishers:
+            return self._closest(key, sender, budget)[: wanted or None], True
         target = id_from_bytes(key)
-        peers = self.routing.closest(target, self.config.k, exclude=id_from_bytes(sender))
-        if len(peers) > wanted:
+        k = self.config.k
+        peers = self.routing.closest(target, k, exclude=id_from_bytes(sender))
+        among = len(peers) < k or (self.own ^ target) < (peers[-1].node_id ^ target)
+        if wanted and len(peers) > wanted:
             peers = sorted(self.rng.sample(peers, wanted), key=lambda p: p.node_id ^ target)
         triples = [(p.raw_id, p.address[0], p.address[1]) for p in peers]
-        return wire.fit_contacts(triples, budget)
+        return wire.fit_contacts(triples, budget), among
 
     def _contacts_for(self, key: bytes, sender: bytes, budget: int) -> list[list[Any]]:
         return wire.encode_contacts(self._closest(key, sender, budget))

@@ -642,6 +642,7 @@ async def test_publishers_that_entered_the_root_early_reach_the_shards_within_mi
         assert len(seen & early) >= 10
 
 
+@pytest.mark.slow
 async def test_nodes_that_join_closest_to_a_full_root_do_not_shrink_the_facet(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
