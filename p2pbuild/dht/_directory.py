@@ -71,6 +71,11 @@ _SAMPLE_SHARDS = 2
 _MAX_SAMPLE_SHARDS = 16
 _OVERFETCH = 1.2
 _SHAPE_TTL = 300.0
+#: How long a census (a key's publisher count and the holders it found) serves this
+#: directory's later sampled finds of the key, which ask its holders for parts with no walk
+#: of their own; how many keys' censuses it keeps.
+_CENSUS_TTL = 60.0
+_CENSUSES_KEPT = 256
 #: Facet levels whose shard sizes a directory remembers.
 _SIZED_LEVELS = 64
 #: How soon a directory republishes after a publish that changed the shard levels it
@@ -89,6 +94,26 @@ class _Shape:
 
     root: int
     seen_at: float
+
+
+@attrs.define(eq=False)
+class _Census:
+    """A census of one key this directory runs or ran at ``started``; ``ready`` is set
+    once the task that started it stops waiting for it. The finds of the key within
+    ``_CENSUS_TTL`` share it (one walk, not one per find: the walks of a dispatcher's
+    finds ended at the same few holders)."""
+
+    op: GetOperation
+    started: float
+    ready: trio.Event = attrs.Factory(trio.Event)
+
+
+def _shareable(entry: _Census, now: float) -> bool:
+    """Whether a find may share ``entry`` (see :meth:`Directory._census_keys`)."""
+    if now - entry.started > _CENSUS_TTL:
+        return False
+    op = entry.op
+    return not entry.ready.is_set() or (op.done and (not op.publishers or op.holders_left() > 0))
 
 
 @attrs.frozen
@@ -287,6 +312,9 @@ class Directory:
         #: Per (facet, level), the publishers each shard's last census counted (at most
         #: ``_SIZED_LEVELS`` of them, the oldest forgotten first).
         self._shard_sizes: dict[tuple[str, int], dict[int, int]] = {}
+        #: Per key, its latest census (at most ``_CENSUSES_KEPT``, the oldest forgotten
+        #: first).
+        self._censuses: dict[bytes, _Census] = {}
 
     # -- identity ---------------------------------------------------------------------------------
 
@@ -446,9 +474,12 @@ class Directory:
         census walks (publisher counts and holders, no records), one round trip of random
         parts, a uniform choice of ``want`` among them. The root's census (which counts the
         whole facet once the root is full) comes first while this directory does not know
-        the facet's size (first find, or after ``_SHAPE_TTL``). Other facets of the query
-        and the trust list filter the sample. ``FacetSample.rounds`` says how many waves it
-        took. Raises :class:`LocalError` for an empty query or ``want`` below 1.
+        the facet's size (first find, or after ``_SHAPE_TTL``). A census this directory
+        made less than ``_CENSUS_TTL`` ago is shared: no walk, its holders are asked for
+        parts (and if one of them no longer answers, the key is censused and read again).
+        Other facets of the query and the trust list filter the sample.
+        ``FacetSample.rounds`` says how many waves it took. Raises :class:`LocalError` for
+        an empty query or ``want`` below 1.
         """
         facets = query.facets()
         if not facets:
@@ -467,9 +498,8 @@ class Directory:
         spent: list[GetOperation] = []  # every operation of this find, for its bytes
         if shape is None or shape.root < room:
             # The facet's size is unknown, or it fits in its root: census the root.
-            root = await self._census_all([_ids.facet_key(first)])
-            spent.append(root)
-            rounds += 1
+            (root,), waited = await self._census_keys([_ids.facet_key(first)], spent)
+            rounds += waited
             shape = _Shape(root.publishers or 0, self.now())
         level = 0
         censuses: list[GetOperation] = []
@@ -477,27 +507,24 @@ class Directory:
         if shape.root >= room:
             level = level_read(shape.root, room)
             chances = self._believed_sizes(first, level, shape.root >> level)
-            censuses = await self._census_shards(
-                first, level, [], shape.root >> level, wanted, chances
+            censuses, waited = await self._census_shards(
+                first, level, [], shape.root >> level, wanted, chances, spent
             )
-            spent += censuses
-            rounds += 1
+            rounds += waited
             if root is None and not any(op.publishers for op in censuses):
                 # Empty shards: the facet shrank since its size was seen. Read its root.
-                root = await self._census_all([_ids.facet_key(first)])
-                spent.append(root)
-                rounds += 1
+                (root,), waited = await self._census_keys([_ids.facet_key(first)], spent)
+                rounds += waited
                 shape = _Shape(root.publishers or 0, self.now())
                 level = 0
                 censuses = []
                 if shape.root >= room:
                     level = level_read(shape.root, room)
                     chances = self._believed_sizes(first, level, shape.root >> level)
-                    censuses = await self._census_shards(
-                        first, level, [], shape.root >> level, wanted, chances
+                    censuses, waited = await self._census_shards(
+                        first, level, [], shape.root >> level, wanted, chances, spent
                     )
-                    spent += censuses
-                    rounds += 1
+                    rounds += waited
         self._shapes[first] = shape
         shard_counts = [op.publishers or 0 for op in censuses]
         shard_mean = sum(shard_counts) / len(shard_counts) if shard_counts else 0.0
@@ -505,9 +532,8 @@ class Directory:
         if not shard_mean:
             # The root holds the whole facet (or its shards are not written yet).
             if root is None:
-                root = await self._census_all([_ids.facet_key(first)])
-                spent.append(root)
-                rounds += 1
+                (root,), waited = await self._census_keys([_ids.facet_key(first)], spent)
+                rounds += waited
             estimated = root.publishers or 0
             if estimated:
                 reads = [self._core.sample_from(root, wanted, self.now())]
@@ -516,12 +542,10 @@ class Directory:
             if sum(shard_counts) < wanted and len(censuses) < min(shards, _MAX_SAMPLE_SHARDS):
                 # Far thinner shards than the estimate said (the margin of _shards_for did
                 # not cover it: a facet that shrank): census more shards, once.
-                more = await self._census_shards(
-                    first, level, censuses, shard_mean, wanted, chances
+                censuses, waited = await self._census_shards(
+                    first, level, censuses, shard_mean, wanted, chances, spent
                 )
-                spent += more[len(censuses) :]
-                censuses = more
-                rounds += 1
+                rounds += waited
             # Each shard read was drawn with the chance ``picked``, about ``m *
             # chances[s] / sum(chances)`` (in proportion to the size believed then); the
             # share ``target / picked`` of it is asked for, rounded up or down at random
@@ -551,6 +575,26 @@ class Directory:
         for op in reads:
             await self._driver.wait(op)
         rounds += bool(reads)
+        # A read from a census that an earlier find ran, whose holders did not all answer:
+        # they are leaving, and the census is out of date. Census the key again and read
+        # it again, once (two more waves, only then).
+        stale = [
+            index for index, op in enumerate(reads)
+            if op.failed and all(op.key != mine.key for mine in spent)
+        ]
+        if stale:
+            spent += [reads[index] for index in stale]
+            for index in stale:
+                self._censuses.pop(reads[index].key, None)
+            fresh, _ = await self._census_keys([reads[index].key for index in stale], spent)
+            now = self.now()
+            for index, census in zip(stale, fresh, strict=True):
+                reads[index] = self._core.sample_from(
+                    census, reads[index].want, now, whole=not shard_mean
+                )
+            for index in stale:
+                await self._driver.wait(reads[index])
+            rounds += 2
         # A part fuller than one reply gives a random subset of itself: weigh each key's
         # records by the inverse of the share of the publishers asked for that came, so
         # that the choice of ``want`` below (Efraimidis-Spirakis keys u ** (1 / w)) stays
@@ -581,13 +625,47 @@ class Directory:
         sample.bytes_in = sum(op.bytes_in for op in spent)
         return sample
 
-    async def _census_all(self, keys: Sequence[bytes]) -> GetOperation:
-        """Census ``keys`` at once; the first one's operation."""
+    async def _census_keys(
+        self, keys: Sequence[bytes], spent: list[GetOperation]
+    ) -> tuple[list[GetOperation], bool]:
+        """Censuses of ``keys``, run at once, and whether they took a wave of requests (or
+        of waiting for another find's). A census of a key that this directory started
+        less than ``_CENSUS_TTL`` ago is shared, while it runs and after, if it counted
+        nobody or a holder it found still answers; the others start here and go to
+        ``spent``."""
         now = self.now()
-        ops = [self._census(key, now) for key in keys]
-        for op in ops:
-            await self._driver.wait(op)
-        return ops[0]
+        kept = self._censuses
+        entries: list[_Census] = []
+        mine: list[_Census] = []
+        for key in keys:
+            entry = kept.get(key)
+            if entry is None or not _shareable(entry, now):
+                entry = _Census(self._census(key, now), now)
+                mine.append(entry)
+                kept.pop(key, None)
+                kept[key] = entry
+                while len(kept) > _CENSUSES_KEPT:
+                    del kept[next(iter(kept))]
+            entries.append(entry)
+        waited = any(not entry.ready.is_set() for entry in entries)
+        spent += [entry.op for entry in mine]
+        try:
+            for entry in mine:
+                await self._driver.wait(entry.op)
+        finally:
+            for entry in mine:
+                entry.ready.set()
+        ops = []
+        for entry in entries:
+            await entry.ready.wait()
+            op = entry.op
+            if not op.done:
+                # The find that started it was cancelled first: a census of its own.
+                op = self._census(op.key, self.now())
+                spent.append(op)
+                await self._driver.wait(op)
+            ops.append(op)
+        return ops, waited
 
     async def _census_shards(
         self,
@@ -597,11 +675,12 @@ class Directory:
         shard_mean: float,
         wanted: int,
         chances: Sequence[float],
-    ) -> list[GetOperation]:
+        spent: list[GetOperation],
+    ) -> tuple[list[GetOperation], bool]:
         """``done`` and censuses of more shards of ``facet`` at ``level``, as many as
         :func:`_shards_for` says for ``shard_mean`` publishers per shard, chosen at random
         with chances in proportion to ``chances`` (one per shard; Efraimidis-Spirakis keys
-        ``u ** (1 / w)``)."""
+        ``u ** (1 / w)``); and whether they took a wave (see :meth:`_census_keys`)."""
         read = {op.key for op in done}
         keys = _shard_keys(facet, level)
         rng = self._core.rng
@@ -611,12 +690,8 @@ class Directory:
             reverse=True,
         )
         count = _shards_for(wanted, shard_mean, len(keys)) - len(done)
-        chosen = left[: max(0, count)]
-        now = self.now()
-        ops = [self._census(key, now) for key in chosen]
-        for op in ops:
-            await self._driver.wait(op)
-        return done + ops
+        ops, waited = await self._census_keys(left[: max(0, count)], spent)
+        return done + ops, waited
 
     def _believed_sizes(
         self, facet: str, level: int, default: float, least: float = 0.5

@@ -133,10 +133,16 @@ class LookupNode(HandlerNode):
             self._advance(op._walk, now)
         elif purpose == Purpose.PAGE:
             assert isinstance(op, GetOperation)
+            op.failed += 1  # (pages are asked of holders that answered only)
+            if rpc.candidate is not None and rpc.candidate.origin is not None:
+                # A census's holder: the reads sharing the census do not ask it again.
+                rpc.candidate.origin.state = CandidateState.FAILED
             # Continue from the same cursor on the next closest holder that has more.
             self._next_page(op, None, b"", now)
         elif purpose == Purpose.SAMPLE:
             assert isinstance(op, GetOperation)
+            if rpc.candidate is not None and rpc.candidate.state == CandidateState.OK:
+                op.failed += 1  # a holder that answered before (see ``failed``)
             self._sample_reply(rpc, None, now)
         elif purpose == Purpose.STORE:
             assert isinstance(op, PutOperation)
@@ -473,9 +479,17 @@ class LookupNode(HandlerNode):
             return
         if op.want >= count and op._whole:
             # All of it: paged from the start (b"\x00") as a full read is, so that none is
-            # left out (a random part may hold more than one reply has room for).
+            # left out (a random part may hold more than one reply has room for). Through
+            # copies of the holders: their cursors are this read's, and the census may
+            # serve other reads too.
+            op._holders = []
             for holder in confirmed:
-                holder.cursor = b"\x00"
+                copy = _Candidate(holder.node_id, holder.address, holder.distance, holder.depth)
+                copy.state = CandidateState.OK
+                copy.publishers = holder.publishers
+                copy.cursor = b"\x00"
+                copy.origin = holder
+                op._holders.append(copy)
             self._next_page(op, None, b"", now)
             return
         # About three publishers' records fit in one reply: parts of three on average. A
@@ -490,6 +504,8 @@ class LookupNode(HandlerNode):
             parts = wanted = min(max(1, math.ceil(count / _ALL_PER_PART)), 255)
         op.complete = False
         rng = self.rng
+        # Not the holders that failed a part of an earlier read sharing this census.
+        holders = [c for c in holders if c.state != CandidateState.FAILED]
         for part in rng.sample(range(parts), wanted):
             cursor = wire.sample_cursor(op._seed, parts, part)
             if self._read_from(rng.choice(holders), op, cursor, Purpose.SAMPLE, now):
@@ -500,10 +516,15 @@ class LookupNode(HandlerNode):
     def _sample_reply(self, rpc: _Rpc, raws: Sequence[bytes] | None, now: float) -> None:
         """A part of a sampled read came back (``raws``) or failed (None). A part asked of a
         candidate the census did not hear from that turns out not to hold the key (no
-        records, no count) or does not answer is asked again of a holder that answered."""
+        records, no count) or does not answer, or of a holder that answered before but
+        not now (gone since: a census is shared by a directory's finds for a while), is
+        asked again of a holder that answered. One that does not answer is not asked
+        again by the reads sharing its census."""
         op = rpc.op
         assert isinstance(op, GetOperation)
         candidate = rpc.candidate
+        if raws is None and candidate is not None:
+            candidate.state = CandidateState.FAILED
         if raws and candidate is not None and candidate.state == CandidateState.NEW:
             # It holds the key: later parts asked again go to it too, not only to the few
             # holders the census heard from.

@@ -87,6 +87,7 @@ class GetOperation(Operation):
         "_sources",
         "_whole",
         "complete",
+        "failed",
         "key",
         "publishers",
         "result",
@@ -108,6 +109,9 @@ class GetOperation(Operation):
         #: parts once, of random holders.
         self._whole = True
         self.complete = True
+        #: Pages and parts that holders which had answered (its census, or an earlier
+        #: part) did not answer: asked again of another, or lost.
+        self.failed = 0
         self.publishers: int | None = None
         self._seed = seed
         self._outstanding = 0
@@ -119,6 +123,11 @@ class GetOperation(Operation):
         self._cursor = b""
         self._pages = 0
         self._sources = 0
+
+    def holders_left(self) -> int:
+        """Holders of a finished census (or sampled read) that answered and have not failed
+        a part since: the ones ``DhtNode.sample_from`` can still ask."""
+        return sum(c.state == CandidateState.OK for c in self._holders)
 
 
 class PutOperation(Operation):
@@ -181,7 +190,15 @@ _NO_DEPTH = 1 << 30
 
 class _Candidate:
     __slots__ = (
-        "address", "cursor", "depth", "distance", "named", "node_id", "publishers", "state"
+        "address",
+        "cursor",
+        "depth",
+        "distance",
+        "named",
+        "node_id",
+        "origin",
+        "publishers",
+        "state",
     )
 
     def __init__(self, node_id: int, address: Address, distance: int, depth: int) -> None:
@@ -197,6 +214,9 @@ class _Candidate:
         #: For census walks: a holder of the key named it among its closest contacts to
         #: the key (so it likely holds the key too).
         self.named = False
+        #: For a census's holder copied for one read that pages through it: the holder
+        #: in the census (shared by later reads), told when the copy fails.
+        self.origin: _Candidate | None = None
 
 
 def _distance(candidate: _Candidate) -> int:
