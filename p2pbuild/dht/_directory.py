@@ -118,8 +118,9 @@ def _shareable(entry: _Census, now: float) -> bool:
 
 @attrs.frozen
 class _Put:
-    """One put of a publish: its text key, the facet it serves and its shard level (0: the
-    facet's root; facet None: the node key), whose records, and the operation."""
+    """One put of a publish: its key's name (the text key, or a shard's name), the facet it
+    serves and its shard level (0: the facet's root; facet None: the node key), whose
+    records, and the operation."""
 
     text: str
     facet: str | None
@@ -785,15 +786,22 @@ class Directory:
             # the facet writes its shard at the two levels that size calls for
             # (:func:`levels_written`), so that the shards at the level readers read hold
             # the whole facet.
-            texts: list[tuple[str, str | None, int]] = [(_ids.node_text_key(publisher), None, 0)]
+            puts: list[tuple[str, bytes, str | None, int]] = [
+                (_ids.node_text_key(publisher), _ids.node_key(publisher), None, 0)
+            ]
             for name in body.facets():
-                texts.append((_ids.facet_text_key(name), name, 0))
+                puts.append((_ids.facet_text_key(name), _ids.facet_key(name), name, 0))
                 for level in self._sharded.get((publisher, name), ()):
                     shard = top >> (_ids.FACET_MAX_LEVEL - level)
-                    texts.append((_ids.facet_shard_text_key(name, level, shard), name, level))
-            for text, of, level in texts:
+                    puts.append((
+                        _ids.facet_shard_text_key(name, level, shard),
+                        _ids.facet_shard_key(name, level, shard),
+                        name,
+                        level,
+                    ))
+            for text, dht_key, of, level in puts:
                 census = of is not None and not level
-                started = self._core.put(_ids.text_key(text), mine, now, census=census)
+                started = self._core.put(dht_key, mine, now, census=census)
                 ops.append(_Put(text, of, level, publisher, top, mine, started))
         result = {}
         room = self.config.max_records_per_key // 2
@@ -834,7 +842,9 @@ class Directory:
                             # A new level: written now; the previous one's records expire.
                             shard = put.top >> (_ids.FACET_MAX_LEVEL - level)
                             text = _ids.facet_shard_text_key(put.facet, level, shard)
-                            new = self._core.put(_ids.text_key(text), put.records, now)
+                            new = self._core.put(
+                                _ids.facet_shard_key(put.facet, level, shard), put.records, now
+                            )
                             deeper.append(
                                 _Put(
                                     text, put.facet, level, put.publisher, put.top, put.records, new

@@ -105,14 +105,23 @@ def facet_shard(publisher: PublicKey, level: int) -> int:
 
 
 def facet_shard_text_key(facet: str, level: int, shard: int) -> str:
-    """``p2pbuild/facet/<facet>#<shard>/<2 ** level>``: one shard of a facet with many
-    publishers."""
+    """``p2pbuild/facet/<facet>#<shard>/<2 ** level>``: the name of one shard of a facet
+    with many publishers (its key is :func:`facet_shard_key`, not this text's hash)."""
     return f"p2pbuild/facet/{facet}#{shard}/{1 << level}"
 
 
 def facet_shard_key(facet: str, level: int, shard: int) -> bytes:
-    """The DHT key of shard ``shard`` of the ``2 ** level`` shards of ``facet``."""
-    return text_key(facet_shard_text_key(facet, level, shard))
+    """The DHT key of shard ``shard`` of the ``2 ** level`` shards of ``facet``: the key of
+    the level, ``SHA-1("p2pbuild/facet/<facet>#/<2 ** level>")``, with its first ``level``
+    bits XORed with ``shard``. The shards of a level lie in ``2 ** level`` different
+    subtrees of the id space, so that no node is among the k closest nodes of two of them
+    while a subtree holds k nodes or more (random keys put two shards' holders on the same
+    nodes when the keys happen to lie close: such nodes served the most in
+    ``bench/internet.py``'s load phase)."""
+    if not 1 <= level <= FACET_MAX_LEVEL or not 0 <= shard < 1 << level:
+        raise MalformedError(f"no shard {shard} at level {level}")
+    base = int.from_bytes(text_key(f"p2pbuild/facet/{facet}#/{1 << level}"), "big")
+    return id_to_bytes(base ^ (shard << (ID_BITS - level)))
 
 
 def node_id_for(publisher: PublicKey) -> bytes:

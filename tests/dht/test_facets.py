@@ -4,6 +4,7 @@ less than the facet says so."""
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -12,7 +13,7 @@ import pytest
 import trio
 import trio.testing
 
-from p2pbuild import PublicKey, SignedRecord
+from p2pbuild import MalformedError, PublicKey, SignedRecord
 from p2pbuild.dht import (
     FACET_MAX_LEVEL,
     DhtConfig,
@@ -471,6 +472,32 @@ def test_shard_levels_grow_with_the_facet_and_readers_find_every_writer() -> Non
     for level in range(1, FACET_MAX_LEVEL):
         assert facet_shard(publisher, level + 1) >> 1 == facet_shard(publisher, level)
     assert len({facet_shard_key(FACET, level, 0) for level in range(1, 13)}) == 12
+
+
+def test_the_shards_of_a_level_have_no_holder_in_common() -> None:
+    # The shard keys of a level lie in as many different subtrees of the id space: at
+    # least 2 ** (160 - level) apart, so the k closest nodes of one are not the k closest
+    # of another while each subtree holds k nodes. (With each key a hash of its own text,
+    # two of a level's keys lay close often: nodes among the k closest of both served
+    # both shards' reads, the most of any node in bench/internet.py's load phase.)
+    for facet in ("arch=x86_64", "arch=aarch64", "os=fedora-41", "pool=kernel"):
+        for level in range(1, 9):
+            keys = [facet_shard_key(facet, level, s) for s in range(1 << level)]
+            prefixes = {int.from_bytes(key, "big") >> (160 - level) for key in keys}
+            assert len(prefixes) == 1 << level
+            # The other bits are the level's own: levels do not share keys.
+            assert len(set(keys) & {facet_shard_key(facet, level + 1, s) for s in range(4)}) == 0
+    # In a network of 2,000 random node ids, no node is among the 20 closest of two of
+    # the 8 shards of level 3.
+    rng = random.Random(3)
+    nodes = [rng.getrandbits(160) for _ in range(2000)]
+    held: Counter[int] = Counter()
+    for key in (facet_shard_key(FACET, 3, s) for s in range(8)):
+        target = int.from_bytes(key, "big")
+        held.update(sorted(nodes, key=lambda n: n ^ target)[:20])
+    assert max(held.values()) == 1
+    with pytest.raises(MalformedError):
+        facet_shard_key(FACET, 3, 8)
 
 
 @pytest.mark.slow
