@@ -30,7 +30,7 @@ from p2pbuild.dht import (
 from p2pbuild.dht import _wire as wire
 from p2pbuild.dht._directory import _shards_for, level_read, levels_written
 from p2pbuild.dht._lookups import part_holders
-from p2pbuild.dht._operations import CandidateState, _Candidate
+from p2pbuild.dht._operations import CandidateState, GetOperation, _Candidate
 from p2pbuild.testing import (
     SANSIO_EPOCH,
     Cluster,
@@ -638,6 +638,39 @@ def test_sampled_parts_go_to_holders_and_the_candidates_holders_named() -> None:
         c.named = False
     chosen = part_holders(shortlist, 20)
     assert [c.node_id for c in chosen] == [5, 6, 0, 1, 2, 3, 4, 8, 9, 10, 11, *range(13, 20)]
+
+
+def test_parts_go_to_the_candidates_the_census_holders_named() -> None:
+    # Every reader's census walk ends at nearly the same few holders closest to the key;
+    # asked for parts as often as the holders they named, those few served about 1.4
+    # times their share of a hot shard's parts in bench/internet.py's load phase. Parts
+    # go to the named candidates (a confirmed holder too if the other named it), and to
+    # all when too few were named.
+    net = build_network(8)
+    node: DhtNode = next(iter(net.nodes.values()))
+
+    def census(named: set[int]) -> GetOperation:
+        op = GetOperation(facet_key(FACET), net.now, sampled=True)
+        op.done = True
+        op.publishers = 60
+        for rank in range(12):
+            c = _Candidate(rank + 1, ("10.0.0.1", 2000 + rank), rank, 3)
+            c.state = CandidateState.OK if rank < 2 else CandidateState.NEW
+            c.publishers = 60 if rank < 2 else 0
+            c.named = rank in named
+            op._holders.append(c)
+        return op
+
+    def asked(op: GetOperation) -> Counter[int]:
+        node.datagrams_to_send()
+        for _ in range(40):
+            node.sample_from(op, 12, net.now, whole=False)
+        return Counter(port - 2000 for _, (_, port) in node.datagrams_to_send())
+
+    spread = asked(census({1, *range(2, 12)}))
+    assert set(spread) == set(range(1, 12))  # holder 0 was not named: no parts
+    few = asked(census({5, 6, 7}))
+    assert set(few) == set(range(12))
 
 
 @pytest.mark.slow
