@@ -76,6 +76,9 @@ _SHAPE_TTL = 300.0
 #: of their own; how many keys' censuses it keeps.
 _CENSUS_TTL = 60.0
 _CENSUSES_KEPT = 256
+#: Waves of requests a sampled find takes at most when it can choose: a walk and two more
+#: (a census read again after holders left is not read again past it).
+_MAX_ROUNDS = 3
 #: Facet levels whose shard sizes a directory remembers.
 _SIZED_LEVELS = 64
 #: How soon a directory republishes after a publish that changed the shard levels it
@@ -577,16 +580,18 @@ class Directory:
             await self._driver.wait(op)
         rounds += bool(reads)
         # A read from a census that an earlier find ran, whose holders did not all answer:
-        # they are leaving, and the census is out of date. Census the key again and read
-        # it again, once (two more waves, only then).
+        # they are leaving, and the census is out of date. It is dropped; if this find took
+        # no wave before its parts, the key is censused and read again (two more waves,
+        # only then). A find that walked keeps what the key's other holders gave: two more
+        # waves would take it past ``_MAX_ROUNDS``.
         stale = [
             index for index, op in enumerate(reads)
             if op.failed and all(op.key != mine.key for mine in spent)
         ]
-        if stale:
+        for index in stale:
+            self._forget_census(reads[index])
+        if stale and rounds + 2 <= _MAX_ROUNDS:
             spent += [reads[index] for index in stale]
-            for index in stale:
-                self._censuses.pop(reads[index].key, None)
             fresh, _ = await self._census_keys([reads[index].key for index in stale], spent)
             now = self.now()
             for index, census in zip(stale, fresh, strict=True):
@@ -625,6 +630,13 @@ class Directory:
         sample.bytes_out = sum(op.bytes_out for op in spent)
         sample.bytes_in = sum(op.bytes_in for op in spent)
         return sample
+
+    def _forget_census(self, read: GetOperation) -> None:
+        """Drop the kept census that ``read`` was read from (not a newer one of its key,
+        which another find may have started since)."""
+        entry = self._censuses.get(read.key)
+        if entry is not None and entry.op._holders is read._holders:
+            del self._censuses[read.key]
 
     async def _census_keys(
         self, keys: Sequence[bytes], spent: list[GetOperation]

@@ -610,6 +610,43 @@ async def test_finds_within_a_minute_share_a_census_and_skip_holders_gone_since(
         assert counters() == before  # nobody that left is asked again
 
 
+async def test_a_find_that_walks_and_reads_a_census_gone_stale_stays_within_two_waves(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A find that censuses one shard itself (a wave) and shares another's census whose
+    # holders have left since: censusing and reading that shard again would take two more
+    # waves, three beyond the walk (bench/internet.py saw it once in 20 warm finds). It
+    # keeps what the shard's other holders gave; the stale census is dropped, so the next
+    # find of that shard censuses it again.
+    async with _midsize_facet() as (everyone, reader, cluster):
+        first = await reader.find_sample(Query(arch="x86_64"), 10)
+        stale = [key for key in reader._censuses if key != facet_key(FACET)]
+        assert first.rounds == 3 and len(stale) == 2
+        reader_index = cluster.nodes.index(reader)
+        for key in stale:
+            for holder in _closest(cluster, key, 8)[2:]:
+                index = cluster.nodes.index(holder)
+                if index != reader_index and index in cluster.alive():
+                    cluster.stop(index)
+        stopped = trio.current_time()
+        mixed = 0
+        for _ in range(20):
+            before = reader.statistics()
+            sample = await reader.find_sample(Query(arch="x86_64"), 10)
+            after = reader.statistics()
+            assert sample.rounds <= 3, sample.rounds  # at most two beyond the first wave
+            assert {e.publisher.raw for e in sample} <= everyone
+            walked = after.lookups > before.lookups
+            if walked and after.rpcs_timed_out > before.rpcs_timed_out:
+                mixed += 1
+            await trio.sleep(1)
+        assert mixed  # a find walked and met holders gone from a shared census
+        # Each stale census was dropped when read, and its shard censused again since.
+        for key in stale:
+            entry = reader._censuses.get(key)
+            assert entry is None or entry.started > stopped
+
+
 def test_sampled_parts_go_to_holders_and_the_candidates_holders_named() -> None:
     # A census walk ends at the first two holders that answer, and its shortlist also
     # holds candidates from answers on the way, closer than some holders it never heard
