@@ -86,7 +86,7 @@ _SIZED_LEVELS = 64
 #: facet root it wrote already had publishers (a farm whose nodes start at once: the
 #: counts its first puts saw are soon outdated); at most ``_SETTLE_REPEATS`` times in a
 #: row.
-_SETTLE_DELAY = 120.0
+_SETTLE_DELAY = 30.0
 _SETTLE_REPEATS = 3
 
 
