@@ -347,7 +347,7 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
             _progress(f"published {args.big_facet} aarch64 publishers in "
                       f"{time.monotonic() - begun_wall:.1f} s")
             # As in the full mode, where the lookups phase lies between: the publishers'
-            # settle republish (2 minutes after a first publish to a crowded facet) writes
+            # settle republish (30 s after a first publish to a crowded facet) writes
             # the shard level the final count calls for.
             await trio.sleep(300)
             out["big_facet_find"] = {

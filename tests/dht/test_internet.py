@@ -64,7 +64,7 @@ async def test_1000_publisher_facet_find_is_complete_or_a_stated_sample_in_bound
         assert {entry.publisher for entry in found} == expected
         assert found.complete
         # Publishers that counted a smaller facet at their first put (all published at
-        # once) write the shard level readers read at their republish two minutes later.
+        # once) write the shard level readers read at their republishes 30 s apart.
         await trio.sleep(150)
         started = trio.current_time()
         sample = await reader.find_sample(Query(arch="x86_64"), 64)
