@@ -633,9 +633,15 @@ class Directory:
 
     def _forget_census(self, read: GetOperation) -> None:
         """Drop the kept census that ``read`` was read from (not a newer one of its key,
-        which another find may have started since)."""
+        which another find may have started since). A read shares its census's holders,
+        or pages through copies of them (a whole key)."""
         entry = self._censuses.get(read.key)
-        if entry is not None and entry.op._holders is read._holders:
+        if entry is None:
+            return
+        holders = entry.op._holders
+        if read._holders is holders or any(
+            copy.origin is holder for copy in read._holders for holder in holders
+        ):
             del self._censuses[read.key]
 
     async def _census_keys(

@@ -610,6 +610,31 @@ async def test_finds_within_a_minute_share_a_census_and_skip_holders_gone_since(
         assert counters() == before  # nobody that left is asked again
 
 
+async def test_a_whole_facet_read_from_a_census_gone_stale_censuses_it_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A find for more than a small facet holds reads its root whole, paging through copies
+    # of the shared census's holders. One of them gone since: the census is dropped and
+    # the key censused (walked) again, not shared again from the stale census (which
+    # still has a holder that answers, so it would be shareable).
+    async with open_cluster(40, seed=11, config=CONFIG) as cluster:
+        everyone = await _publish_all(cluster, 30, settle=False)  # all in the root key
+        reader = cluster.nodes[31]
+        first = await reader.find_sample(Query(arch="x86_64"), 40)
+        assert first.rounds == 2 and len(first) == 30
+        census = reader._censuses[facet_key(FACET)].op
+        answered = [c.address for c in census._holders if c.state == CandidateState.OK]
+        assert len(answered) >= 2  # one leaves, one stays: the census still has a holder
+        for index, endpoint in enumerate(cluster.endpoints):
+            if endpoint.local_address == answered[0] and index != 31:
+                cluster.stop(index)
+        before = reader.statistics().lookups
+        second = await reader.find_sample(Query(arch="x86_64"), 40)
+        assert reader.statistics().lookups == before + 1  # censused again: a walk
+        assert second.rounds == 3 and {e.publisher.raw for e in second} <= everyone
+        assert len(second) >= 28
+
+
 async def test_a_find_that_walks_and_reads_a_census_gone_stale_stays_within_two_waves(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
