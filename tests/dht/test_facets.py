@@ -98,6 +98,16 @@ async def _midsize_facet() -> AsyncIterator[tuple[set[bytes], Directory, Cluster
         yield everyone, cluster.nodes[31], cluster
 
 
+@asynccontextmanager
+async def _root_facet() -> AsyncIterator[tuple[set[bytes], Directory, Cluster]]:
+    """30 publishers of ``_publish_all`` on 40 nodes, all in the facet's root key (no
+    shard), and a reader that has not read the facet yet (node 31): the publishers' raw
+    keys, the reader and the cluster."""
+    async with open_cluster(40, seed=11, config=CONFIG) as cluster:
+        everyone = await _publish_all(cluster, 30, settle=False)
+        yield everyone, cluster.nodes[31], cluster
+
+
 def _within_shards(counts: Counter[bytes], groups: Sequence[Sequence[bytes]]) -> float:
     """The chi-square statistic of each publisher's count against the mean of its shard's
     publishers: whether publishers of one shard are equally likely (publishers minus
@@ -574,9 +584,7 @@ async def test_finds_within_a_minute_share_a_census_and_skip_holders_gone_since(
     # census, the key's count and the holders its walk found, and ask those holders for
     # parts at once, with no walk. Holders that left since cost one find a census and a
     # read again (three waves), and the finds after it share the new census.
-    async with open_cluster(40, seed=11, config=CONFIG) as cluster:
-        everyone = await _publish_all(cluster, 30, settle=False)  # all in the root key
-        reader = cluster.nodes[31]
+    async with _root_facet() as (everyone, reader, cluster):
         first = await reader.find_sample(Query(arch="x86_64"), 10)
         assert first.rounds == 2 and len(first) == 10
 
@@ -617,9 +625,7 @@ async def test_a_whole_facet_read_from_a_census_gone_stale_censuses_it_again(
     # of the shared census's holders. One of them gone since: the census is dropped and
     # the key censused (walked) again, not shared again from the stale census (which
     # still has a holder that answers, so it would be shareable).
-    async with open_cluster(40, seed=11, config=CONFIG) as cluster:
-        everyone = await _publish_all(cluster, 30, settle=False)  # all in the root key
-        reader = cluster.nodes[31]
+    async with _root_facet() as (everyone, reader, cluster):
         first = await reader.find_sample(Query(arch="x86_64"), 40)
         assert first.rounds == 2 and len(first) == 30
         census = reader._censuses[facet_key(FACET)].op
