@@ -781,7 +781,14 @@ class Directory:
     def _capability_of(self, publisher: PublicKey) -> SignedRecord | None:
         return self._published.get(publisher.raw + Kind.CAPABILITY.value.encode())
 
-    async def _put_all(self, publishers: Iterable[PublicKey]) -> dict[str, int]:
+    async def _put_all(
+        self, publishers: Iterable[PublicKey], *, settling: bool = False
+    ) -> dict[str, int]:
+        """Put our records of ``publishers`` under every key they belong to; per text key,
+        how many nodes acknowledged. A *settling* republish (``_SETTLE_DELAY`` after a
+        publish to a crowded facet) puts them to the facets' roots only, whose censuses
+        say whether other shard levels are due now (those then written as in any put): the
+        node key and the levels already written got the same records moments ago."""
         now = self.now()
         ops: list[_Put] = []
         for publisher in publishers:
@@ -804,12 +811,12 @@ class Directory:
             # the facet writes its shard at the two levels that size calls for
             # (:func:`levels_written`), so that the shards at the level readers read hold
             # the whole facet.
-            puts: list[tuple[str, bytes, str | None, int]] = [
-                (_ids.node_text_key(publisher), _ids.node_key(publisher), None, 0)
-            ]
+            puts: list[tuple[str, bytes, str | None, int]] = []
+            if not settling:
+                puts.append((_ids.node_text_key(publisher), _ids.node_key(publisher), None, 0))
             for name in body.facets():
                 puts.append((_ids.facet_text_key(name), _ids.facet_key(name), name, 0))
-                for level in self._sharded.get((publisher, name), ()):
+                for level in () if settling else self._sharded.get((publisher, name), ()):
                     shard = top >> (_ids.FACET_MAX_LEVEL - level)
                     puts.append((
                         _ids.facet_shard_text_key(name, level, shard),
@@ -895,8 +902,9 @@ class Directory:
     async def _republish_loop(self) -> NoReturn:
         while True:
             period = self._republish_period()
-            if self._settling:
-                period = min(period, _SETTLE_DELAY)
+            settling = bool(self._settling) and period > _SETTLE_DELAY
+            if settling:
+                period = _SETTLE_DELAY
             with trio.move_on_after(period):
                 assert self._republish is not None
                 await self._republish.wait()
@@ -907,7 +915,9 @@ class Directory:
             for slot in expired:
                 del self._published[slot]
             if self._published:
-                await self._put_all({r.publisher for r in self._published.values()})
+                await self._put_all(
+                    {r.publisher for r in self._published.values()}, settling=settling
+                )
 
 
 @asynccontextmanager

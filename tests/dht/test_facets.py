@@ -26,6 +26,7 @@ from p2pbuild.dht import (
     facet_key,
     facet_shard,
     facet_shard_key,
+    node_key,
 )
 from p2pbuild.dht import _wire as wire
 from p2pbuild.dht._directory import _shards_for, level_read, levels_written
@@ -893,3 +894,38 @@ async def test_nodes_that_join_closest_to_a_full_root_do_not_shrink_the_facet(
             assert 9 <= len(sample) <= 10 and {e.publisher.raw for e in sample} <= everyone
             assert not sample.complete
             assert 100 <= sample.estimated_publishers <= 320
+
+
+async def test_a_settle_republish_puts_only_the_roots_again(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A publisher's first publish to a crowded facet is followed, _SETTLE_DELAY later, by
+    # a settle republish: its roots' censuses may now call for other shard levels. Its
+    # node key and the shard levels it wrote hold the same records as half a minute ago;
+    # putting them again (as every republish did) made a farm that starts at once send
+    # about 1.5 times the datagrams of its first puts.
+    async with _midsize_facet() as (_, _, cluster):
+        newcomer = await cluster.join()
+        identity = make_identity("settler")
+        capability = example_capability()
+        put: list[bytes] = []
+        original = DhtNode.put
+
+        def recording(
+            core: DhtNode, key: bytes, records: Sequence[SignedRecord], now: float,
+            *, census: bool = False,
+        ) -> object:
+            if core is newcomer._core:
+                put.append(key)
+            return original(core, key, records, now, census=census)
+
+        monkeypatch.setattr(DhtNode, "put", recording)
+        now = int(newcomer.now())
+        await newcomer.publish(signed_records("settler", issued=now))
+        roots = {facet_key(name) for name in capability.facets()}
+        first = set(put)
+        assert roots < first and node_key(identity.public_key) in first
+        assert len(first - roots) > 2  # the node key and shards of two levels per facet
+        put.clear()
+        await trio.sleep(35)
+        assert sorted(put) == sorted(roots)

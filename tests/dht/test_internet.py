@@ -4,6 +4,7 @@ churn, and a simulation that is the same for the same seed."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import pytest
@@ -11,7 +12,7 @@ import trio
 import trio.testing
 
 from p2pbuild import SignedRecord
-from p2pbuild.dht import DhtConfig, Directory, Query, node_key
+from p2pbuild.dht import DhtConfig, Directory, DirectoryClosedError, Query, node_key
 from p2pbuild.testing import (
     Swarm,
     SwarmNode,
@@ -162,8 +163,10 @@ async def test_sampled_find_under_churn_returns_only_live_matching_signed_record
             while True:
                 await trio.sleep(100.0)
                 for node in swarm.alive():
-                    if node.alive:  # (it may have left meanwhile)
-                        await publish(node)
+                    # (It may have left meanwhile, or leave while it publishes.)
+                    with contextlib.suppress(DirectoryClosedError):
+                        if node.alive:
+                            await publish(node)
 
         async def join_and_publish(nat: bool) -> SwarmNode:
             node = await swarm.join(nat=nat, config=nat_config if nat else config)
