@@ -118,8 +118,9 @@ class MemoryNetwork:
         self.max_datagram = max_datagram
         self._endpoints: dict[Address, MemoryEndpoint] = {}
         self._groups: dict[str, int] | None = None
-        # (deliver_at, sequence, data, source, destination)
-        self._queue: list[tuple[float, int, bytes, Address, Address]] = []
+        # (deliver_at, order, data, source, destination); ``order`` (:meth:`_order`) breaks
+        # ties between datagrams due at the same tick.
+        self._queue: list[tuple[float, tuple[str | int, ...], bytes, Address, Address]] = []
         self._sequence = 0
         self._next_host = 1
         self._wake = trio.Event()
@@ -189,7 +190,7 @@ class MemoryNetwork:
         if dropped:
             counters[dropped] += 1
             return
-        rng = self.rng
+        rng = self._rng_of(source)
         if self.loss and rng.random() < self.loss:
             counters["lost"] += 1
             return
@@ -198,11 +199,10 @@ class MemoryNetwork:
             counters["duplicated"] += 1
         tick = self.tick
         for _ in range(copies):
-            self._sequence += 1
-            at = now + self._delay(source, destination)
+            at = now + self._delay(source, destination, rng)
             if tick > 0:
                 at = math.ceil(at / tick) * tick
-            heapq.heappush(self._queue, (at, self._sequence, data, source, destination))
+            heapq.heappush(self._queue, (at, self._order(source), data, source, destination))
             counters["delivered"] += 1
             if at < self._sleeping_until:
                 self._wake.set()
@@ -215,9 +215,20 @@ class MemoryNetwork:
             return "partitioned"
         return ""
 
-    def _delay(self, source: Address, destination: Address) -> float:
+    def _rng_of(self, source: Address) -> random.Random:
+        """The random source of the fate (loss, duplication, delay) of what ``source``
+        sends: here the network's own, one stream in the order datagrams are sent."""
+        return self.rng
+
+    def _order(self, source: Address) -> tuple[str | int, ...]:
+        """The tie-break of a datagram sent now by ``source`` among those due at the same
+        tick: here the order of sending."""
+        self._sequence += 1
+        return (self._sequence,)
+
+    def _delay(self, source: Address, destination: Address, rng: random.Random) -> float:
         """The one-way delay of one copy of a datagram (before rounding to the tick)."""
-        return self.rng.uniform(self.min_delay, self.max_delay)
+        return rng.uniform(self.min_delay, self.max_delay)
 
 
 class NetworkConditions(TypedDict, total=False):
