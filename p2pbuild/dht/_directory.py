@@ -84,10 +84,11 @@ _SIZED_LEVELS = 64
 #: How soon a directory republishes after a publish that changed the shard levels it
 #: writes (a facet that grew or shrank past a level), and after its first publish if a
 #: facet root it wrote already had publishers (a farm whose nodes start at once: the
-#: counts its first puts saw are soon outdated); at most ``_SETTLE_REPEATS`` times in a
-#: row.
+#: counts its first puts saw are soon outdated). While a root it writes has publishers,
+#: each such *settling* republish is followed by the next after twice the delay (30, 60,
+#: 120 s, ...), until that reaches the republish period: a facet that keeps growing for
+#: minutes is followed, at a few roots-only puts per publish.
 _SETTLE_DELAY = 30.0
-_SETTLE_REPEATS = 3
 
 
 @attrs.frozen
@@ -305,7 +306,7 @@ class Directory:
         #: never publish: no task for them).
         self._nursery: trio.Nursery | None = None
         self._republishing = False
-        #: Republishes due after ``_SETTLE_DELAY`` rather than the period, in a row.
+        #: Settling republishes due, in a row (0: none; ``_settle_delay``).
         self._settling = 0
         self._put_before = False
         #: Per (publisher, facet) whose root key is (nearly) full: the shard levels it
@@ -880,16 +881,21 @@ class Directory:
                         continue
                 result[put.text] = op.result
             ops = deeper
-        settle = changed or (crowded and not self._put_before)
+        begin = changed or (crowded and not self._put_before)
         self._put_before = True
-        if settle and self._settling < _SETTLE_REPEATS:
-            self._settling += 1
-            if self._republish is not None:
-                self._republish.set()  # (the republish loop's wait restarts, shorter)
-        else:
-            # Settled (the levels stayed), or settling too long: back to the period.
-            self._settling = 0
+        if settling:
+            # The next after twice the delay, while a root has publishers, up to the period.
+            go_on = crowded and self._settle_delay(1) < self._republish_period()
+            self._settling = self._settling + 1 if go_on else 0
+        elif begin and not self._settling:
+            self._settling = 1
+        if self._settling and self._republish is not None:
+            self._republish.set()  # (the republish loop's wait restarts, shorter)
         return result
+
+    def _settle_delay(self, ahead: int = 0) -> float:
+        """The delay before the next settling republish (``ahead``: that many later)."""
+        return _SETTLE_DELAY * 2.0 ** (self._settling - 1 + ahead)
 
     def _republish_period(self) -> float:
         """``republish_interval``, or half the lifetime of the shortest-lived record we
@@ -902,9 +908,11 @@ class Directory:
     async def _republish_loop(self) -> NoReturn:
         while True:
             period = self._republish_period()
-            settling = bool(self._settling) and period > _SETTLE_DELAY
+            settling = bool(self._settling) and period > self._settle_delay()
             if settling:
-                period = _SETTLE_DELAY
+                period = self._settle_delay()
+            else:
+                self._settling = 0
             with trio.move_on_after(period):
                 assert self._republish is not None
                 await self._republish.wait()

@@ -929,3 +929,35 @@ async def test_a_settle_republish_puts_only_the_roots_again(
         put.clear()
         await trio.sleep(35)
         assert sorted(put) == sorted(roots)
+
+
+async def test_publishers_follow_a_facet_that_grows_for_minutes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The 40 nodes start one every 7.5 s, each publishing 5 publishers. The early ones saw
+    # a small facet and wrote low shard levels; their settle republishes stopped while
+    # the facet still grew (at N=10,000, 5,000 publishers published over 14 minutes, and
+    # readers, reading the level 4,500 publishers call for, took the facet for 3,541).
+    # Settle republishes follow the facet at growing intervals (30, 60, 120 s, ...) up to
+    # the republish period, so 90 s after the last publish the read level holds nearly all.
+    async with open_cluster(40, seed=12, config=CONFIG) as cluster:
+        labels = [f"grow-{i}" for i in range(PUBLISHERS)]
+        per_node = PUBLISHERS // len(cluster.nodes)
+        for index, node in enumerate(cluster.nodes):
+            now = int(node.now())
+            await node.publish([
+                record
+                for label in labels[index * per_node : (index + 1) * per_node]
+                for record in signed_records(
+                    label, issued=now, status_lifetime=STATUS_LIFETIME
+                )
+            ])
+            await trio.sleep(7.5)
+        await trio.sleep(90)
+        everyone = {make_identity(label).public_key.raw for label in labels}
+        estimates = []
+        for index in (33, 34, 35, 36):
+            sample = await cluster.nodes[index].find_sample(Query(arch="x86_64"), 20)
+            assert {e.publisher.raw for e in sample} <= everyone and len(sample) >= 18
+            estimates.append(sample.estimated_publishers)
+        assert sorted(estimates)[1] >= 165, estimates
