@@ -309,6 +309,8 @@ class Directory:
         #: Settling republishes due, in a row (0: none; ``_settle_delay``).
         self._settling = 0
         self._put_before = False
+        #: When our records were last put under every key (``now``), not a settling put.
+        self._put_whole_at = -math.inf
         #: Per (publisher, facet) whose root key is (nearly) full: the shard levels it
         #: publishes under too (:func:`levels_written`).
         self._sharded: dict[tuple[PublicKey, str], tuple[int, ...]] = {}
@@ -791,6 +793,8 @@ class Directory:
         say whether other shard levels are due now (those then written as in any put): the
         node key and the levels already written got the same records moments ago."""
         now = self.now()
+        if not settling:
+            self._put_whole_at = now
         ops: list[_Put] = []
         for publisher in publishers:
             mine = [
@@ -907,13 +911,14 @@ class Directory:
 
     async def _republish_loop(self) -> NoReturn:
         while True:
-            period = self._republish_period()
+            # The whole put is due a period after the last one; settling puts in between.
+            period = self._put_whole_at + self._republish_period() - self.now()
             settling = bool(self._settling) and period > self._settle_delay()
             if settling:
                 period = self._settle_delay()
             else:
                 self._settling = 0
-            with trio.move_on_after(period):
+            with trio.move_on_after(max(period, 0.0)):
                 assert self._republish is not None
                 await self._republish.wait()
                 self._republish = trio.Event()

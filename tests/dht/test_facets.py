@@ -929,6 +929,12 @@ async def test_a_settle_republish_puts_only_the_roots_again(
         put.clear()
         await trio.sleep(35)
         assert sorted(put) == sorted(roots)
+        # Settling goes on (the roots have publishers), but the whole put is due a
+        # republish period after the last whole one all the same: each record is put
+        # again within its life.
+        put.clear()
+        await trio.sleep(newcomer._republish_period() - 35)
+        assert node_key(identity.public_key) in put
 
 
 async def test_publishers_follow_a_facet_that_grows_for_minutes(
