@@ -829,6 +829,18 @@ async def test_publishers_that_entered_the_root_early_reach_the_shards_within_mi
         assert len(seen & early) >= 10
 
 
+async def _estimates(cluster: Cluster, labels: Sequence[str]) -> list[int]:
+    """What four readers that have not read the facet take its size for, each from a
+    sampled find of 20 (checked: 18 or more, all of ``labels``' publishers)."""
+    everyone = {make_identity(label).public_key.raw for label in labels}
+    estimates = []
+    for index in (33, 34, 35, 36):
+        sample = await cluster.nodes[index].find_sample(Query(arch="x86_64"), 20)
+        assert {e.publisher.raw for e in sample} <= everyone and len(sample) >= 18
+        estimates.append(sample.estimated_publishers)
+    return estimates
+
+
 async def test_a_farm_that_starts_at_once_is_in_its_shards_a_minute_later(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -860,12 +872,7 @@ async def test_a_farm_that_starts_at_once_is_in_its_shards_a_minute_later(
             for index in range(PUBLISHERS):
                 nursery.start_soon(publish, index)
         await trio.sleep(60)
-        everyone = {make_identity(label).public_key.raw for label in labels}
-        estimates = []
-        for index in (33, 34, 35, 36):
-            sample = await cluster.nodes[index].find_sample(Query(arch="x86_64"), 20)
-            assert {e.publisher.raw for e in sample} <= everyone and len(sample) >= 18
-            estimates.append(sample.estimated_publishers)
+        estimates = await _estimates(cluster, labels)
         assert sorted(estimates)[1] >= 150, estimates
 
 
@@ -960,10 +967,5 @@ async def test_publishers_follow_a_facet_that_grows_for_minutes(
             ])
             await trio.sleep(7.5)
         await trio.sleep(90)
-        everyone = {make_identity(label).public_key.raw for label in labels}
-        estimates = []
-        for index in (33, 34, 35, 36):
-            sample = await cluster.nodes[index].find_sample(Query(arch="x86_64"), 20)
-            assert {e.publisher.raw for e in sample} <= everyone and len(sample) >= 18
-            estimates.append(sample.estimated_publishers)
+        estimates = await _estimates(cluster, labels)
         assert sorted(estimates)[1] >= 165, estimates
