@@ -952,7 +952,8 @@ async def test_publishers_follow_a_facet_that_grows_for_minutes(
     # the facet still grew (at N=10,000, 5,000 publishers published over 14 minutes, and
     # readers, reading the level 4,500 publishers call for, took the facet for 3,541).
     # Settle republishes follow the facet at growing intervals (30, 60, 120 s, ...) up to
-    # the republish period, so 90 s after the last publish the read level holds nearly all.
+    # the republish period, so 90 s after the last publish the read level holds nearly all
+    # (counted on its shards' holders: readers' estimates vary too much between runs).
     async with open_cluster(40, seed=12, config=CONFIG) as cluster:
         labels = [f"grow-{i}" for i in range(PUBLISHERS)]
         per_node = PUBLISHERS // len(cluster.nodes)
@@ -967,5 +968,11 @@ async def test_publishers_follow_a_facet_that_grows_for_minutes(
             ])
             await trio.sleep(7.5)
         await trio.sleep(90)
-        estimates = await _estimates(cluster, labels)
-        assert sorted(estimates)[1] >= 165, estimates
+        level = level_read(PUBLISHERS, CONFIG.max_records_per_key // 2)
+        now = cluster.nodes[0].now()
+        held = [
+            max(d._core.store.publishers(facet_shard_key(FACET, level, shard), now)
+                for d in cluster.nodes)
+            for shard in range(2**level)
+        ]
+        assert sum(held) >= 190, held
