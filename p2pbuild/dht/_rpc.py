@@ -128,8 +128,7 @@ class _Rpc:
         #: Records carried (stores), to check the reply's length.
         self.sent = sent
         self.sent_at = now
-        #: Arguments and resends left, for RPCs worth repeating once lost (stores); a resend
-        #: keeps its arguments with none left.
+        #: Arguments and resends left, for RPCs worth repeating once lost (stores).
         self.args: list[Any] | None = None
         self.retries = 0
         #: Whether this is a resend (the first attempt went unanswered).
@@ -404,6 +403,5 @@ class RpcNode:
         if again is None:
             return False
         again.resent = True
-        again.args = rpc.args  # (what was asked, for its failure: a part asked again)
         return True
 
