@@ -543,7 +543,7 @@ class LookupNode(HandlerNode):
             candidate.state = CandidateState.OK
         if not raws and candidate is not None and candidate.state != CandidateState.OK:
             confirmed = [c for c in op._holders if c.state == CandidateState.OK]
-            cursor = rpc.args[2] if rpc.args is not None else b""
+            cursor = rpc.args[2] if rpc.args is not None else None
             if confirmed and isinstance(cursor, bytes):
                 holder = self.rng.choice(confirmed)
                 if self._read_from(holder, op, cursor, Purpose.SAMPLE, now):

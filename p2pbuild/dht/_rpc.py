@@ -128,7 +128,8 @@ class _Rpc:
         #: Records carried (stores), to check the reply's length.
         self.sent = sent
         self.sent_at = now
-        #: Arguments and resends left, for RPCs worth repeating once lost (stores).
+        #: Arguments and resends left, for RPCs worth repeating once lost (stores); a resend
+        #: keeps its arguments with none left.
         self.args: list[Any] | None = None
         self.retries = 0
         #: Whether this is a resend (the first attempt went unanswered).
@@ -403,5 +404,6 @@ class RpcNode:
         if again is None:
             return False
         again.resent = True
+        again.args = rpc.args  # (what was asked, for its failure: a part asked again)
         return True
 

@@ -482,3 +482,25 @@ def test_a_part_asked_of_a_node_without_the_key_is_asked_again_of_a_holder() -> 
     net.run(lambda: op.done)
     assert reader.statistics().sample_parts_reasked > 0
     assert len({r.publisher.raw for r in op.result}) >= 15
+
+
+def test_a_part_asked_of_a_holder_gone_is_asked_again_for_the_same_part() -> None:
+    # A census found the key's eight closest nodes holding it; six of them leave before
+    # its parts are read (a directory shares a census for a minute). A part asked of one
+    # of those is sent, resent, unanswered: it is asked again of a holder, for that part.
+    # (It was asked for the first page instead: the same few publishers each time.)
+    net = build_network(40)
+    key = facet_key("arch=x86_64")
+    target = int.from_bytes(key, "big")
+    ordered = sorted(net.nodes.items(), key=lambda item: item[1].own ^ target)
+    for _, holder in ordered[:8]:
+        for i in range(30):
+            holder.store.offer_many(key, [r.raw for r in records(f"gone-{i}")], net.now)
+    reader = ordered[-1][1]
+    census = reader.get(key, net.now, census=True)
+    net.run(lambda: census.done)
+    net.dead.update(address for address, _ in ordered[2:8])
+    op = reader.sample_from(census, 20, net.now, whole=False)
+    net.run(lambda: op.done)
+    assert reader.statistics().sample_parts_reasked >= 3
+    assert len({r.publisher.raw for r in op.result}) >= 15
