@@ -912,7 +912,10 @@ class Directory:
     async def _republish_loop(self) -> NoReturn:
         while True:
             # The whole put is due a period after the last one; settling puts in between.
+            # With nothing left to put (every record expired), none is due until a publish.
             period = self._put_whole_at + self._republish_period() - self.now()
+            if not self._published:
+                period, self._settling = math.inf, 0
             settling = bool(self._settling) and period > self._settle_delay()
             if settling:
                 period = self._settle_delay()

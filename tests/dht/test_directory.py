@@ -83,6 +83,45 @@ async def test_publish_rules(autojump_clock: trio.testing.MockClock) -> None:
         assert {r.seq for r in directory.published()} == {1, 2}
 
 
+async def test_a_directory_whose_records_all_expired_waits_for_the_next_publish(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with open_cluster(4, seed=6) as cluster:
+        directory = cluster.nodes[0]
+        identity = cluster.identities[0]
+        interval = directory.config.republish_interval
+        # The republish loop asks its period once a wake; spinning (a period that never
+        # comes back positive) would hold trio's virtual clock still: fail instead.
+        asked = 0
+        period = directory._republish_period
+
+        def counted() -> float:
+            nonlocal asked
+            asked += 1
+            assert asked < 100, "the republish loop spins"
+            return period()
+
+        monkeypatch.setattr(directory, "_republish_period", counted)
+        now = int(directory.now())
+        await directory.publish([
+            SignedRecord.create(identity, example_capability(), seq=1, issued_at=now,
+                                lifetime=120),
+        ])
+        # Republished at 60 s, expired at 120 s; nothing left to put from then on.
+        await trio.sleep(3 * interval)
+        assert directory.published() == []
+        lookups = directory.statistics().lookups
+        now = int(directory.now())
+        await directory.publish([
+            SignedRecord.create(identity, example_capability(), seq=2, issued_at=now,
+                                lifetime=120),
+        ])
+        assert directory.statistics().lookups > lookups
+        await trio.sleep(61)
+        assert directory.statistics().lookups > lookups + 1  # republished again
+        assert asked < 20
+
+
 async def test_republishing_reaches_nodes_that_join_later(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
