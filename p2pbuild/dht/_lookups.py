@@ -21,6 +21,7 @@ from ._operations import (
     CandidateState,
     FindNodesOperation,
     GetOperation,
+    JoinRefreshOperation,
     Operation,
     PutOperation,
     _Candidate,
@@ -357,9 +358,10 @@ class LookupNode(HandlerNode):
                 for c in answered[: self.config.k]
             ]
             self._finish(op)
+            if isinstance(op, JoinRefreshOperation):
+                self._join_refreshed(op.join)
         elif isinstance(op, BootstrapOperation):
-            op.result = len(self.routing)
-            self._finish(op)
+            self._refresh_far_buckets(op, answered[0].node_id if answered else None, now)
         elif isinstance(op, GetOperation):
             if op.sampled:
                 # The holders that answered, then the candidates never asked that a holder
@@ -383,6 +385,34 @@ class LookupNode(HandlerNode):
         op._waiting -= 1
         if op._waiting == 0:
             self._start_walk(op, self.own, self.config.k, records=False, now=now)
+
+    def _refresh_far_buckets(
+        self, op: BootstrapOperation, closest: int | None, now: float
+    ) -> None:
+        """The join's last step (section 2.3 of the paper): refresh every bucket farther
+        away than our closest neighbour, here the ones not full, with a lookup of a random
+        id in it, all at once. The lookup of our own id met nodes near us; without this a
+        joiner's far buckets hold the few nodes met on the way and fill later with whoever
+        it talks to, for every node the holders of the keys everyone walks to (which then
+        sit in most routing tables and take most liveness pings). A DHT client skips it: it
+        routes its own requests only, and pings every contact it lists."""
+        routing = self.routing
+        op._refreshing = 1  # held while the walks start (one may end at once)
+        if closest is not None and not self.client:
+            for index in range(routing.bucket_index(closest) + 1, 160):
+                if routing.bucket_size(index) >= routing.k:
+                    continue
+                target = routing.random_id_in_bucket(index, self.rng.getrandbits(160))
+                op._refreshing += 1
+                refresh = JoinRefreshOperation(target, now, op)
+                self._start_walk(refresh, target, self.config.k, records=False, now=now)
+        self._join_refreshed(op)
+
+    def _join_refreshed(self, op: BootstrapOperation) -> None:
+        op._refreshing -= 1
+        if op._refreshing == 0:
+            op.result = len(self.routing)
+            self._finish(op)
 
     # -- record lookups ---------------------------------------------------------------------------
 

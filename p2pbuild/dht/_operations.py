@@ -15,6 +15,7 @@ __all__ = [
     "CandidateState",
     "FindNodesOperation",
     "GetOperation",
+    "JoinRefreshOperation",
     "Operation",
     "PutOperation",
 ]
@@ -53,14 +54,27 @@ class FindNodesOperation(Operation):
 
 
 class BootstrapOperation(Operation):
-    """Result: how many contacts the routing table holds afterwards."""
+    """Result: how many contacts the routing table holds afterwards (after the lookup of
+    our own id and the refresh of the buckets farther away than our closest neighbour)."""
 
-    __slots__ = ("_waiting", "result")
+    __slots__ = ("_refreshing", "_waiting", "result")
 
     def __init__(self, now: float) -> None:
         super().__init__(now)
         self._waiting = 0
+        #: Bucket refresh lookups of the join still running.
+        self._refreshing = 0
         self.result = 0
+
+
+class JoinRefreshOperation(FindNodesOperation):
+    """A lookup of a random id in one of our far buckets that a join runs (``join``)."""
+
+    __slots__ = ("join",)
+
+    def __init__(self, target: int, now: float, join: BootstrapOperation) -> None:
+        super().__init__(target, now)
+        self.join = join
 
 
 class GetOperation(Operation):

@@ -95,6 +95,7 @@ from ._operations import (
     BootstrapOperation,
     FindNodesOperation,
     GetOperation,
+    JoinRefreshOperation,
     Operation,
     PutOperation,
 )
@@ -308,6 +309,9 @@ class DhtNode(LookupNode):
         """Forget every pending RPC and return the operations left unfinished (the driver
         is stopping). Their ``done`` stays False."""
         ops = {id(rpc.op): rpc.op for rpc in self._pending.values() if rpc.op is not None}
+        for op in list(ops.values()):
+            if isinstance(op, JoinRefreshOperation):
+                ops[id(op.join)] = op.join
         self._pending.clear()
         self._timers.clear()
         self._deferred.clear()

@@ -226,6 +226,11 @@ class RoutingTable:
     def bucket_index(self, node_id: int) -> int:
         return (node_id ^ self.own_id).bit_length() - 1
 
+    def bucket_size(self, index: int) -> int:
+        """How many contacts bucket ``index`` holds (its replacement cache apart)."""
+        bucket = self._buckets.get(index)
+        return 0 if bucket is None else len(bucket.peers)
+
     def get(self, node_id: int) -> Peer | None:
         bucket = self._buckets.get(self.bucket_index(node_id))
         if bucket is not None:

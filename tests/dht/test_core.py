@@ -53,6 +53,44 @@ def test_bootstrap_fills_routing_tables() -> None:
         assert len(op.result) == 20
 
 
+def _far_buckets(joiner: DhtNode, others: list[int]) -> list[tuple[int, int, int]]:
+    """``(index, held, in range)`` for each of ``joiner``'s buckets farther away than its
+    closest neighbour among ``others``."""
+    routing = joiner.routing
+    closest = min(others, key=lambda other: other ^ routing.own_id)
+    held = [routing.bucket_index(peer.node_id) for peer in routing]
+    in_range = [routing.bucket_index(other) for other in others]
+    far = range(routing.bucket_index(closest) + 1, 160)
+    return [(index, held.count(index), in_range.count(index)) for index in far]
+
+
+def test_a_join_fills_every_bucket_farther_than_its_closest_neighbour() -> None:
+    # Section 2.3 of the paper: a joiner looks up its own id, then refreshes its far buckets.
+    # The own-id lookup alone leaves them with the few nodes met on the way (in this
+    # network a bucket of 22 nodes in range held 3), to be filled later by whoever the node
+    # talks to: the holders of the keys everyone walks to.
+    net = build_network(300)
+    seed = next(iter(net.nodes))
+    for index in (1000, 1001, 1002):
+        _, joiner = net.add(index)
+        op = joiner.bootstrap([seed], net.now)
+        net.run(lambda op=op: op.done)
+        others = [n.routing.own_id for n in nodes(net) if n is not joiner]
+        far = _far_buckets(joiner, others)
+        assert len(far) >= 5
+        for index_, held, in_range in far:
+            assert held == min(joiner.routing.k, in_range), (index_, held, in_range)
+        assert op.result >= sum(held for _, held, _ in far)
+    # A DHT client does not: it routes its own requests only and pings every contact it
+    # lists every 2 minutes, so its table stays what its lookups fill.
+    _, client = net.add(1003, DhtConfig(reachability="client"))
+    op = client.bootstrap([seed], net.now)
+    net.run(lambda: op.done)
+    others = [n.routing.own_id for n in nodes(net) if n is not client]
+    _, held, in_range = _far_buckets(client, others)[-1]
+    assert in_range > client.routing.k and held < client.routing.k
+
+
 def test_bootstrap_with_nobody_answering_finishes_empty() -> None:
     net = SansIONetwork()
     _, node = net.add(1)

@@ -63,6 +63,7 @@ def test_silent_contacts_are_pinged_and_the_dead_dropped() -> None:
     # (A fixed probe period: the dead found do not shorten it, see the test below.)
     config = DhtConfig(liveness_interval=300.0, liveness_interval_min=300.0)
     net = build_network(30, config)
+    net.run(limit=1.0)  # the last joiner's last lookup queries, sent as its join ended
     everyone = list(net.nodes)
     dead = set(everyone[5:10])
     net.dead.update(dead)
