@@ -176,6 +176,8 @@ class DhtStatistics:
     #: Parts of sampled reads asked again of another holder: the candidate first asked did
     #: not hold the key (or did not answer).
     sample_parts_reasked: int = 0
+    #: Puts stored straight to the holders of an earlier put of their key (no walk).
+    direct_puts: int = 0
 
     @property
     def dropped_total(self) -> int:

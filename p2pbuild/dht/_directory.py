@@ -89,6 +89,22 @@ _SIZED_LEVELS = 64
 #: 120 s, ...), until that reaches the republish period: a facet that keeps growing for
 #: minutes is followed, at a few roots-only puts per publish.
 _SETTLE_DELAY = 30.0
+#: A put of a key that is not a facet's root (the node key, shards) goes straight to the
+#: holders its last walk stored to while that walk is younger than ``refresh_interval``
+#: (an hour, as buckets are refreshed): the nodes that joined closer since got the records
+#: from those holders (the paper's hand-off). It walks again if fewer than this share of
+#: the walk's holders acknowledge.
+_DIRECT_QUORUM = 0.75
+
+
+@attrs.frozen
+class _Holders:
+    """Where a walked put of a key stored: when, how many nodes acknowledged then, and
+    those still acknowledging (node id, address), nearest first."""
+
+    walked_at: float
+    walked: int
+    holders: list[tuple[int, Address]]
 
 
 @attrs.frozen
@@ -322,6 +338,8 @@ class Directory:
         #: Per key, its latest census (at most ``_CENSUSES_KEPT``, the oldest forgotten
         #: first).
         self._censuses: dict[bytes, _Census] = {}
+        #: Per key we put that is not a facet's root: where its last walk stored.
+        self._holders: dict[bytes, _Holders] = {}
 
     # -- identity ---------------------------------------------------------------------------------
 
@@ -795,6 +813,10 @@ class Directory:
         now = self.now()
         if not settling:
             self._put_whole_at = now
+            age = self.config.refresh_interval
+            self._holders = {
+                key: kept for key, kept in self._holders.items() if now - kept.walked_at < age
+            }
         ops: list[_Put] = []
         for publisher in publishers:
             mine = [
@@ -831,7 +853,8 @@ class Directory:
                     ))
             for text, dht_key, of, level in puts:
                 census = of is not None and not level
-                started = self._core.put(dht_key, mine, now, census=census)
+                direct = None if census else self._direct_holders(dht_key, now)
+                started = self._core.put(dht_key, mine, now, census=census, holders=direct)
                 ops.append(_Put(text, of, level, publisher, top, mine, started))
         result = {}
         room = self.config.max_records_per_key // 2
@@ -845,6 +868,11 @@ class Directory:
             for put in ops:
                 op = put.op
                 await self._driver.wait(op)
+                if not op.census and not self._stored(op, now):
+                    # Too few of the last walk's holders acknowledged: walk again.
+                    again = self._core.put(op.key, put.records, now)
+                    deeper.append(attrs.evolve(put, op=again))
+                    continue
                 if put.facet is not None:
                     key = (put.publisher, put.facet)
                     written = self._sharded.get(key, ())
@@ -896,6 +924,29 @@ class Directory:
         if self._settling and self._republish is not None:
             self._republish.set()  # (the republish loop's wait restarts, shorter)
         return result
+
+    def _direct_holders(self, key: bytes, now: float) -> list[tuple[int, Address]] | None:
+        """The holders a put of ``key`` goes straight to (None: it walks)."""
+        kept = self._holders.get(key)
+        if kept is None or not kept.holders:
+            return None
+        if now - kept.walked_at >= self.config.refresh_interval:
+            del self._holders[key]
+            return None
+        return kept.holders
+
+    def _stored(self, op: PutOperation, now: float) -> bool:
+        """Note where a put that is not a census stored; whether it is done (a direct put
+        that too few holders acknowledged is not: it walks again)."""
+        if not op.direct:
+            self._holders[op.key] = _Holders(now, len(op.stored), op.stored)
+            return True
+        kept = self._holders.get(op.key)
+        if kept is None or len(op.stored) < _DIRECT_QUORUM * kept.walked:
+            self._holders.pop(op.key, None)
+            return False
+        self._holders[op.key] = attrs.evolve(kept, holders=op.stored)
+        return True
 
     def _settle_delay(self, ahead: int = 0) -> float:
         """The delay before the next settling republish (``ahead``: that many later)."""

@@ -638,6 +638,7 @@ class LookupNode(HandlerNode):
                 ):
                     op._outstanding += 1
                     op._holders[holder.address] = op._holders.get(holder.address, 0) + 1
+                    op._ids[holder.address] = holder.node_id
         if op._outstanding == 0:
             self._finish(op)
 
@@ -647,7 +648,10 @@ class LookupNode(HandlerNode):
         op._holders[address] = left
         if left == 0 and address not in op._refused:
             op.result += 1
+            op.stored.append((op._ids[address], address))
         if op._outstanding == 0:
+            target = id_from_bytes(op.key)
+            op.stored.sort(key=lambda holder: holder[0] ^ target)
             self._finish(op)
 
     # -- maintenance ------------------------------------------------------------------------------

@@ -150,18 +150,25 @@ class PutOperation(Operation):
 
     A *census* put walks with ``p2p_find`` census queries instead of ``find_node``, so
     that ``publishers`` tells how many publishers the key's holders had (None: no holder
-    said); a publisher learns that way that a facet root key is nearly full."""
+    said); a publisher learns that way that a facet root key is nearly full.
+
+    A *direct* put (``holders`` given) stores to those nodes with no walk (a republish to
+    the holders an earlier put found); ``stored`` names the nodes that acknowledged every
+    batch, for the next."""
 
     __slots__ = (
         "_batches",
         "_holders",
+        "_ids",
         "_outstanding",
         "_refused",
         "census",
+        "direct",
         "full",
         "key",
         "publishers",
         "result",
+        "stored",
     )
 
     def __init__(
@@ -171,11 +178,15 @@ class PutOperation(Operation):
         self.key = key
         self.result = 0
         self.census = census
+        self.direct = False
         self.publishers: int | None = None
         self._batches = batches
         self._outstanding = 0
-        #: Per holder address: batches still unanswered; and holders that refused any.
+        #: Per holder address: batches still unanswered, its node id; holders that refused.
         self._holders: dict[Address, int] = {}
+        self._ids: dict[Address, int] = {}
+        #: The holders that acknowledged every batch (node id, address), nearest first.
+        self.stored: list[tuple[int, Address]] = []
         self._refused: set[Address] = set()
         #: Holders that refused a record as ``store-full`` (a full facet key).
         self.full: set[Address] = set()

@@ -98,6 +98,7 @@ from ._operations import (
     JoinRefreshOperation,
     Operation,
     PutOperation,
+    _Candidate,
 )
 from ._rpc import STORE_OVERHEAD, Count, Purpose, TimerKind, _Rpc
 from ._store import slot_of
@@ -275,17 +276,27 @@ class DhtNode(LookupNode):
         return op
 
     def put(
-        self, key: bytes, records: Sequence[SignedRecord], now: float, *, census: bool = False
+        self,
+        key: bytes,
+        records: Sequence[SignedRecord],
+        now: float,
+        *,
+        census: bool = False,
+        holders: Sequence[tuple[int, Address]] | None = None,
     ) -> PutOperation:
         """Store ``records`` under ``key`` on the ``k`` closest nodes (and here, if this node
         is among them). Records are checked by every holder, as any store is. With
         ``census``, the walk asks the nodes it meets how many publishers they hold under
-        ``key`` (``PutOperation.publishers``).
+        ``key`` (``PutOperation.publishers``). With ``holders`` (node id, address: the
+        ``stored`` of an earlier put of ``key``), no walk: the records go to those nodes.
 
-        Raises :class:`LocalError` for an empty ``records``.
+        Raises :class:`LocalError` for an empty ``records``, or ``holders`` with ``census``
+        or more than ``k`` of them.
         """
         if not records:
             raise LocalError("put needs at least one record")
+        if holders is not None and (census or not 0 < len(holders) <= self.config.k):
+            raise LocalError("a direct put needs 1 to k holders and no census")
         budget = self.config.max_datagram - HEADER_SIZE - STORE_OVERHEAD
         batches: list[list[bytes]] = [[]]
         used = 0
@@ -298,7 +309,20 @@ class DhtNode(LookupNode):
             batches[-1].append(record.raw)
             used += cost
         op = PutOperation(key, batches, now, census=census)
-        self._start_walk(op, id_from_bytes(key), self.config.k, records=False, now=now)
+        if holders is None:
+            self._start_walk(op, id_from_bytes(key), self.config.k, records=False, now=now)
+            return op
+        op.direct = True
+        self._counters[Count.DIRECT_PUTS] += 1
+        target = id_from_bytes(key)
+        self._store_phase(
+            op,
+            sorted(
+                (_Candidate(node_id, address, node_id ^ target, 1) for node_id, address in holders),
+                key=lambda candidate: candidate.distance,
+            ),
+            now,
+        )
         return op
 
     def note_transport_error(self, code: str) -> None:
@@ -355,6 +379,7 @@ class DhtNode(LookupNode):
             client=self.client,
             client_requests_in=c[Count.CLIENT_REQUESTS_IN],
             sample_parts_reasked=c[Count.SAMPLE_PARTS_REASKED],
+            direct_puts=c[Count.DIRECT_PUTS],
             refused_contacts=dict(self.routing.refused),
         )
 

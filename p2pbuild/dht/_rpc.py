@@ -74,6 +74,7 @@ class Count(enum.IntEnum):
     HANDOFF_STORES = 14
     CLIENT_REQUESTS_IN = 15
     SAMPLE_PARTS_REASKED = 16
+    DIRECT_PUTS = 17
 
 
 # Methods whose requests we pad, so that any reply stays within the amplification bound.

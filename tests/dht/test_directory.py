@@ -6,7 +6,7 @@ import pytest
 import trio
 
 from p2pbuild import LocalError, MachineType, MalformedError, SignedRecord
-from p2pbuild.dht import Query, node_key
+from p2pbuild.dht import DhtConfig, Query, node_key
 from p2pbuild.testing import (
     example_capability,
     example_status,
@@ -120,6 +120,49 @@ async def test_a_directory_whose_records_all_expired_waits_for_the_next_publish(
         await trio.sleep(61)
         assert directory.statistics().lookups > lookups + 1  # republished again
         assert asked < 20
+
+
+async def test_a_republish_stores_straight_to_the_holders_its_walk_found(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    config = DhtConfig(republish_interval=900.0)
+    async with open_cluster(40, seed=4, config=config) as cluster:
+        directory = cluster.nodes[0]
+        identity = cluster.identities[0]
+        now = int(directory.now())
+        capability = example_capability()
+        await directory.publish([
+            SignedRecord.create(identity, capability, seq=1, issued_at=now, lifetime=4 * 3600),
+        ])
+        roots = len(capability.facets())
+        key = node_key(identity.public_key)
+        before = directory.statistics()
+        assert before.direct_puts == 0
+        # The republish: the node key straight to the holders its walk stored to, no
+        # walk; the facets' roots with a census walk each (they count publishers).
+        await trio.sleep(901)
+        after = directory.statistics()
+        assert after.direct_puts == 1 and after.lookups == before.lookups + roots
+        # Most of those holders leave: too few acknowledge, so the put walks again and
+        # stores to the nodes closest now.
+        target = int.from_bytes(key, "big")
+        closest = sorted(
+            cluster.alive()[1:], key=lambda i: int.from_bytes(cluster.nodes[i].node_id, "big")
+            ^ target,
+        )
+        for index in closest[:12]:
+            cluster.stop(index)
+        await trio.sleep(900)
+        again = directory.statistics()
+        assert again.direct_puts == 2 and again.lookups == after.lookups + roots + 1
+        held = [cluster.nodes[i].statistics().records_held for i in closest[12:32]]
+        assert sum(count > 0 for count in held) >= 15
+        assert len(await cluster.nodes[closest[-1]].get(key)) == 1
+        # Straight to those while that walk is younger than an hour, then a walk again.
+        await trio.sleep(3 * 900)
+        assert directory.statistics().direct_puts == 5
+        await trio.sleep(900)
+        assert directory.statistics().direct_puts == 5
 
 
 async def test_republishing_reaches_nodes_that_join_later(
