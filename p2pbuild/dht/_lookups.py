@@ -616,7 +616,8 @@ class LookupNode(HandlerNode):
         key = op.key
         farthest = holders[-1].distance if holders else 0
         if not self.client and (
-            len(holders) < self.config.k or (self.own ^ id_from_bytes(key)) < farthest
+            (len(holders) < self.config.k and not op.direct)
+            or (self.own ^ id_from_bytes(key)) < farthest
         ):
             codes = self._accept(key, [raw for batch in op._batches for raw in batch], now)
             if all(code in ("ok", "held") for code in codes):

@@ -30,6 +30,7 @@ from p2pbuild.dht import (
 )
 from p2pbuild.dht import _wire as wire
 from p2pbuild.dht._directory import _shards_for, level_read, levels_written
+from p2pbuild.dht._ids import Address
 from p2pbuild.dht._lookups import part_holders
 from p2pbuild.dht._operations import CandidateState, GetOperation, _Candidate
 from p2pbuild.testing import (
@@ -936,11 +937,11 @@ async def test_a_settle_republish_puts_only_the_roots_again(
 
         def recording(
             core: DhtNode, key: bytes, records: Sequence[SignedRecord], now: float,
-            *, census: bool = False,
+            *, census: bool = False, holders: Sequence[tuple[int, Address]] | None = None,
         ) -> object:
             if core is newcomer._core:
                 put.append(key)
-            return original(core, key, records, now, census=census)
+            return original(core, key, records, now, census=census, holders=holders)
 
         monkeypatch.setattr(DhtNode, "put", recording)
         now = int(newcomer.now())
