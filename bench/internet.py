@@ -37,7 +37,9 @@ Phases:
    mode's 5,000-publisher facet at less cost (the goals then use these).
 6. **load**: ``--rate`` sampled finds per second for ``--load-seconds`` from 20 dispatcher
    nodes (of the big facet with ``--big-facet``); requests served per node over the
-   window, max over mean.
+   window, max over mean. Beside it, what the busiest node was asked (by method) and in
+   how many routing tables it is (liveness pings come from those), and the same ratio
+   without pings (the finds' own requests, and whatever republish fell then).
 7. **placement**: a dispatcher's ``DirectoryFinder`` (sample 64, directory cache refreshed
    every 30 s in the background, as the dispatcher service runs it) and ``select_nodes``
    for ``--placements`` builds, one every second; p99 of the simulated time and of the
@@ -65,6 +67,7 @@ import platform
 import random
 import sys
 import time
+from collections import Counter
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -75,9 +78,10 @@ import trio.testing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _stats import latency_summary, percentile
 
-from p2pbuild import Identity, SignedRecord
+from p2pbuild import Identity, MalformedError, SignedRecord
 from p2pbuild._jobs import BuildType
 from p2pbuild.dht import DhtConfig, Query, node_key
+from p2pbuild.dht import _wire as wire
 from p2pbuild.dispatcher._nodes import DirectoryFinder
 from p2pbuild.dispatcher._select import Candidate, Requirements, select_nodes
 from p2pbuild.testing import (
@@ -238,6 +242,59 @@ def _routing_share(swarm: Swarm, *, nat: bool | None = None) -> tuple[int, int, 
     return entries, reachable, nat_listed
 
 
+def _count_request(
+    methods: Counter[tuple[tuple[str, int], str]],
+    source: tuple[str, int],
+    data: bytes,
+    destination: tuple[str, int],
+) -> None:
+    """Count a request datagram by destination and method (a ``SimulatedInternet.tap``)."""
+    try:
+        message = wire.decode_datagram(data, max_size=len(data))
+    except MalformedError:
+        return
+    if isinstance(message, wire.Request):
+        methods[(destination, message.method)] += 1
+
+
+def _load_breakdown(
+    swarm: Swarm,
+    public: list[SwarmNode],
+    served: list[int],
+    methods: Counter[tuple[tuple[str, int], str]],
+) -> dict[str, Any]:
+    """What the busiest public node was asked over the load window (requests sent to it,
+    by method; some were lost on the way), in how many public nodes' routing tables it
+    is against the mean (liveness pings come from those tables), and the load without
+    pings (the finds' own requests, republishes, refreshes), max over mean."""
+    busiest = public[served.index(max(served))]
+    address = busiest.endpoint.local_address
+    by_method = {m: c for (d, m), c in sorted(methods.items()) if d == address}
+    listed = sum(len(n.directory.contacts()) for n in public)
+    node_id = int.from_bytes(busiest.directory.node_id, "big")
+    in_tables = sum(
+        n.directory._core.routing.get(node_id) is not None for n in public if n is not busiest
+    )
+    others: Counter[tuple[str, int]] = Counter()
+    for (destination, method), count in methods.items():
+        if method != wire.PING:
+            others[destination] += count
+    without = [others[n.endpoint.local_address] for n in public]
+    mean = sum(without) / len(without)
+    return {
+        "busiest": {
+            "requests_by_method": by_method,
+            "in_public_tables": in_tables,
+            "public_tables_mean_size": round(listed / len(public), 1),
+        },
+        "without_pings": {
+            "requests_mean": round(mean, 2),
+            "requests_max": max(without),
+            "max_over_mean": round(max(without) / mean, 2) if mean else None,
+        },
+    }
+
+
 def _routing_tables(swarm: Swarm) -> dict[str, Any]:
     """The reachable share of all routing-table entries, and apart for the tables of the
     public nodes (the ones lookups route through) and of the DHT clients behind NAT."""
@@ -367,14 +424,15 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
         dispatchers = rng.sample(swarm.alive(nat=False), 20)
         served_before = {id(n): n.directory.statistics().requests_in for n in swarm.alive()}
         total_finds = int(args.rate * args.load_seconds)
+        methods: Counter[tuple[tuple[str, int], str]] = Counter()
+        swarm.internet.tap = partial(_count_request, methods)
         async with trio.open_nursery() as nursery:
             for index in range(total_finds):
                 nursery.start_soon(dispatchers[index % 20].directory.find_sample, query, 64)
                 await trio.sleep(1.0 / args.rate)
-        served = [
-            n.directory.statistics().requests_in - served_before[id(n)]
-            for n in swarm.alive() if id(n) in served_before and not n.nat
-        ]
+        swarm.internet.tap = None
+        public = [n for n in swarm.alive() if id(n) in served_before and not n.nat]
+        served = [n.directory.statistics().requests_in - served_before[id(n)] for n in public]
         mean = sum(served) / len(served)
         out["load"] = {
             "facet": query.arch,
@@ -384,6 +442,7 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
             "requests_served_max": max(served),
             "max_over_mean": round(max(served) / mean, 2),
             "what": "requests received per public node over the window, all kinds",
+            **_load_breakdown(swarm, public, served, methods),
         }
         _progress(f"load {out['load']}")
 

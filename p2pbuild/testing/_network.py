@@ -129,6 +129,9 @@ class MemoryNetwork:
         #: ``unreachable``, ``partitioned``, ``oversize``, and ``largest`` (the largest
         #: datagram sent).
         self.counters: Counter[str] = Counter()
+        #: Called with (source, data, destination) for every datagram sent, before loss
+        #: and delay (a benchmark's or test's view of the traffic); None: nobody looks.
+        self.tap: Callable[[Address, bytes, Address], None] | None = None
 
     def endpoint(self, address: Address | None = None) -> MemoryEndpoint:
         """Bind an endpoint; by default on a fresh host ``10.x.y.z`` and port 7420.
@@ -174,6 +177,8 @@ class MemoryNetwork:
                 endpoint._deliver(data, source)
 
     def _route(self, source: Address, data: bytes, destination: Address) -> None:
+        if self.tap is not None:
+            self.tap(source, data, destination)
         counters = self.counters
         counters["sent"] += 1
         counters["bytes"] += len(data)
