@@ -43,8 +43,9 @@ class HandlerNode(HandoffNode):
         request_size: int,
         verified: bool,
         now: float,
+        probe_factor: int = 1,
     ) -> None:
-        data = wire.encode_response(msg_id, value)
+        data = wire.encode_response(msg_id, value, probe_factor=probe_factor)
         config = self.config
         if verified or len(data) <= config.amplification_factor * request_size:
             self._send(data, address)
@@ -100,9 +101,11 @@ class HandlerNode(HandoffNode):
         verified = False
         # A cookie this node gave the address: the sender receives there (as if verified).
         cookie_ok = bool(request.cookie) and self._cookie_valid(address, request.cookie, now)
+        probe_factor = 1
         if method == wire.PING:
             sender = wire.parse_ping_args(request)
             value = self.node_id
+            probe_factor = self._probe_factor(address, now)
         elif method == wire.FIND_NODE:
             sender, key = wire.parse_find_args(request)
             limit, verified = self._reply_limit(address, sender, request_size, cookie_ok)
@@ -174,7 +177,7 @@ class HandlerNode(HandoffNode):
             value = self._accept_stock(key, offered, now)
         else:
             raise UnknownMethodError(f"no method {method[:40]!r}")
-        self._reply(request.msg_id, value, address, request_size, verified, now)
+        self._reply(request.msg_id, value, address, request_size, verified, now, probe_factor)
         sent_to = self._sent_to
         if sent_to is not None and address not in sent_to and not request.client:
             # Unsolicited: nobody behind a NAT receives this. The node is reachable.

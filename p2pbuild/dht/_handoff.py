@@ -23,6 +23,13 @@ __all__ = ["HandoffNode"]
 _HANDOFF_SENDERS = 3
 # Bytes of a hand-off's publisher count (a msgpack uint32 at most).
 _COUNT_SIZE = 5
+# A node pinged by more than this many times as many nodes as its routing table lists (or
+# k) asks its pingers for a probe factor: the mean public node of a farm with a third of
+# its nodes behind NAT is pinged by about 1.4 times its table.
+_PROBE_SHARE = 2.0
+# Pingers a node remembers at most (each costs a dict entry; spoofed pings from many
+# addresses only make it ask for a larger factor, bounded by ``liveness_interval_max``).
+_PINGERS_REMEMBERED = 65536
 # Liveness pings are remembered for about this long (seconds; an exponential decay) when
 # the probe period is chosen from the share of them that found their contact dead.
 _PROBE_MEMORY = 60.0
@@ -67,11 +74,35 @@ class HandoffNode(RpcNode):
             self.routing.ping_answered(peer.node_id)
 
     def _check_liveness(self, now: float) -> None:
-        """Ping every contact silent for the probe period; check again in a fifth of it."""
+        """Ping every contact silent for the probe period (times the probe factor it asked
+        for, up to ``liveness_interval_max``); check again in a fifth of the period."""
         period = self.probe_period(now)
-        for peer in self.routing.silent(now, period):
+        for peer in self.routing.silent(now, period, self.config.liveness_interval_max):
             self._check_alive(peer, now)
         self._next_liveness = now + period / 5
+
+    def _probe_factor(self, address: Address, now: float) -> int:
+        """Note a ping from ``address``; the probe factor to answer it with. Kademlia keeps
+        the oldest contacts, so the nodes that joined first end up in many more routing
+        tables than the mean, and each table pings its silent contacts: such a node
+        counts the nodes that pinged it within ``liveness_interval_max`` and, when they
+        are more than ``_PROBE_SHARE`` times the contacts a table holds (its own), asks
+        them to wait that many times longer (the ratio, rounded), as a BOINC scheduler's
+        reply asks its clients to wait before the next request."""
+        pingers = self._pingers
+        window = self.config.liveness_interval_max
+        if pingers is None:
+            pingers = self._pingers = {}
+        elif now - self._pingers_pruned_at >= window / 4:
+            oldest = now - window
+            pingers = self._pingers = {a: at for a, at in pingers.items() if at >= oldest}
+            self._pingers_pruned_at = now
+        if len(pingers) < _PINGERS_REMEMBERED or address in pingers:
+            pingers[address] = int(now)
+        fair = _PROBE_SHARE * max(len(self.routing), self.config.k)
+        if len(pingers) < 1.5 * fair:
+            return 1
+        return min(round(len(pingers) / fair), wire.MAX_PROBE_FACTOR)
 
     def _probe_failed(self, now: float) -> None:
         """A liveness ping went unanswered twice: its contact was dead. The probe period

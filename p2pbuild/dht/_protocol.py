@@ -411,6 +411,11 @@ class DhtNode(LookupNode):
                 if cookie:
                     self._keep_cookie(address, cookie, now)
             self._on_reply(rpc, response.value, address, now)
+            if rpc.method == wire.PING:
+                # (The answer checked above: the node id it gives is that of the contact.)
+                peer = self.routing.get(id_from_bytes(wire.parse_ping_reply(response.value)))
+                if peer is not None and peer.address == address:
+                    peer.probe_factor = response.probe_factor
         except RemoteError:
             # The peer answered with garbage: as good as no answer for the operation. The
             # error itself propagates to the boundary in receive_datagram, to be counted.

@@ -92,7 +92,7 @@ def intern_address(address: Address) -> Address:
 class Peer:
     """One contact in the table. Mutable, slotted: a table holds a few hundred of these."""
 
-    __slots__ = ("address", "failures", "node_id", "rttvar", "seen_at", "srtt")
+    __slots__ = ("address", "failures", "node_id", "probe_factor", "rttvar", "seen_at", "srtt")
 
     def __init__(self, node_id: int, address: Address, now: float = 0.0) -> None:
         self.node_id, _, self.address = _intern(node_id, address)
@@ -104,6 +104,9 @@ class Peer:
         self.failures = 0
         #: When it was last heard from (whole seconds).
         self.seen_at = _second(now)
+        #: How many times the probe period it asked to stay silent before a liveness ping
+        #: (its last ping answer's ``probe_factor``).
+        self.probe_factor = 1
 
     @property
     def raw_id(self) -> bytes:
@@ -319,12 +322,16 @@ class RoutingTable:
 
     def _check_oldest(self, bucket: _Bucket, now: float, age: float = 0.0) -> Peer | None:
         """The bucket's least-recently-seen contact, to be pinged, if it has been silent for
-        ``age`` (default ``fresh_for``) seconds and no ping of the bucket is in flight."""
+        ``age`` (default ``fresh_for``) seconds times its ``probe_factor`` and no ping of
+        the bucket is in flight."""
         peers = bucket.peers
         if bucket.pinging is not None or not peers:
             return None
         oldest = peers[0]
-        if now - oldest.seen_at < (age or self.fresh_for) or oldest.node_id in self.probing:
+        if (
+            now - oldest.seen_at < (age or self.fresh_for) * oldest.probe_factor
+            or oldest.node_id in self.probing
+        ):
             return None
         bucket.pinging = oldest.node_id
         return oldest
@@ -452,15 +459,18 @@ class RoutingTable:
             index for index, bucket in self._buckets.items() if bucket.changed_at + interval <= now
         ]
 
-    def silent(self, now: float, age: float) -> list[Peer]:
-        """The contacts not heard from for ``age`` seconds and not being pinged, the longest
-        silent first (the caller pings them; one that answers is heard from again)."""
+    def silent(self, now: float, age: float, longest: float | None = None) -> list[Peer]:
+        """The contacts not heard from for ``age`` seconds (times their ``probe_factor``,
+        up to ``longest`` if that is longer than ``age``) and not being pinged, the
+        longest silent first (the caller pings them; one that answers is heard from
+        again)."""
         probing = self.probing
+        cap = max(age, longest if longest is not None else age)
         quiet = [
             peer
             for bucket in self._buckets.values()
             for peer in bucket.peers
-            if now - peer.seen_at >= age
+            if now - peer.seen_at >= min(age * peer.probe_factor, cap)
             and bucket.pinging != peer.node_id
             and peer.node_id not in probing
         ]

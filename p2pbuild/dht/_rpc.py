@@ -162,6 +162,8 @@ class RpcNode:
         "_out",
         "_pad_to",
         "_pending",
+        "_pingers",
+        "_pingers_pruned_at",
         "_probe_failures",
         "_probe_silence",
         "_probed_at",
@@ -220,6 +222,10 @@ class RpcNode:
         self._probe_silence = 0.0
         self._probe_failures = 0.0
         self._probed_at = now
+        #: Who pinged us lately (address: when, whole seconds), within
+        #: ``liveness_interval_max`` as of the last prune (created on first use).
+        self._pingers: dict[Address, int] | None = None
+        self._pingers_pruned_at = now
         # Indexed by ``Count`` (an array: no int object per counter).
         self._counters = array.array("q", bytes(8 * len(Count)))
         self._dropped: dict[str, int] = {}

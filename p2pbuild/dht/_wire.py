@@ -74,6 +74,13 @@ CLIENT_FLAG = b"\x01"
 #: address, which proves the sender receives there, so the request needs no padding.
 COOKIE_FLAG = b"\x02"
 COOKIE_SIZE = 8
+#: The byte after a response's payload that says one more byte follows, a *probe factor*
+#: ``f`` (2 to 255): the responder is pinged by many more nodes than a routing table lists
+#: and asks the requester to let it stay silent ``f`` times longer before a liveness ping
+#: (``docs/protocol.md``, *Liveness*). A stock requester ignores it (``umsgpack`` reads one
+#: object and stops).
+PROBE_FLAG = b"\x03"
+MAX_PROBE_FACTOR = 255
 #: First byte of a *sample cursor*: ``SAMPLE_CURSOR || seed (8) || parts (1) || part (1)``.
 SAMPLE_CURSOR = 0x01
 SAMPLE_CURSOR_SIZE = 11
@@ -94,21 +101,8 @@ def _refuse_ext(code: int, data: bytes) -> Any:
     raise MalformedError(f"msgpack extension type {code} is not allowed")
 
 
-def _unpack(payload: bytes) -> Any:
-    try:
-        return msgpack.unpackb(
-            payload, raw=False, strict_map_key=True, use_list=True, ext_hook=_refuse_ext
-        )
-    except MalformedError:
-        raise
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        # Truncation, trailing bytes, bad UTF-8, non-text keys, deep nesting: all the
-        # library's own errors; translated here, at the wire boundary, into ours.
-        raise MalformedError(f"not valid msgpack: {exc.__class__.__name__}") from None
-
-
 def _unpack_padded(payload: bytes) -> tuple[Any, bool, bytes]:
-    """:func:`_unpack` for a request, which may be followed by the client flag (one byte
+    """A request's payload, which may be followed by the client flag (one byte
     ``CLIENT_FLAG``), an address cookie (``COOKIE_FLAG`` and ``COOKIE_SIZE`` bytes) and zero
     bytes of padding (see :func:`encode_request`); other trailing bytes are refused.
     Returns ``(value, client, cookie)``."""
@@ -136,6 +130,29 @@ def _unpack_padded(payload: bytes) -> tuple[Any, bool, bytes]:
     except MalformedError:
         raise
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise MalformedError(f"not valid msgpack: {exc.__class__.__name__}") from None
+
+
+def _unpack_response(msg_id: bytes, payload: bytes) -> Response:
+    """A response, whose payload may be followed by ``PROBE_FLAG`` and a probe factor;
+    other trailing bytes are refused."""
+    try:
+        return Response(
+            msg_id,
+            msgpack.unpackb(
+                payload, raw=False, strict_map_key=True, use_list=True, ext_hook=_refuse_ext
+            ),
+        )
+    except msgpack.ExtraData as extra:
+        rest = extra.extra
+        if len(rest) == 2 and rest[:1] == PROBE_FLAG and rest[1] >= 2:
+            return Response(msg_id, extra.unpacked, rest[1])
+        raise MalformedError("not valid msgpack: ExtraData") from None
+    except MalformedError:
+        raise
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        # Truncation, bad UTF-8, non-text keys, deep nesting: all the library's own errors;
+        # translated here, at the wire boundary, into ours.
         raise MalformedError(f"not valid msgpack: {exc.__class__.__name__}") from None
 
 
@@ -171,6 +188,8 @@ class Response:
 
     msg_id: bytes
     value: Any
+    #: The responder's probe factor (``PROBE_FLAG``), 1 if it sent none.
+    probe_factor: int = 1
 
 
 def decode_datagram(data: bytes, *, max_size: int) -> Request | Response:
@@ -187,7 +206,7 @@ def decode_datagram(data: bytes, *, max_size: int) -> Request | Response:
     marker = data[0]
     msg_id = data[1:HEADER_SIZE]
     if marker == RESPONSE:
-        return Response(msg_id, _unpack(data[HEADER_SIZE:]))
+        return _unpack_response(msg_id, data[HEADER_SIZE:])
     if marker != REQUEST:
         raise MalformedError(f"unknown rpcudp marker {marker:#04x}")
     value, client, cookie = _unpack_padded(data[HEADER_SIZE:])
@@ -226,9 +245,13 @@ def encode_request(
     return data
 
 
-def encode_response(msg_id: bytes, value: Any) -> bytes:
-    """Frame a response (``value`` already in wire form)."""
-    return bytes([RESPONSE]) + msg_id + _pack(value)
+def encode_response(msg_id: bytes, value: Any, *, probe_factor: int = 1) -> bytes:
+    """Frame a response (``value`` already in wire form), followed by ``PROBE_FLAG`` and
+    ``probe_factor`` if that is above 1 (at most ``MAX_PROBE_FACTOR``)."""
+    data = bytes([RESPONSE]) + msg_id + _pack(value)
+    if probe_factor > 1:
+        data += PROBE_FLAG + bytes([min(probe_factor, MAX_PROBE_FACTOR)])
+    return data
 
 
 # -- field checks -------------------------------------------------------------------------------

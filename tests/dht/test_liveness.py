@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import trio
 import trio.testing
 
-from p2pbuild import SignedRecord
+from p2pbuild import MalformedError, SignedRecord
 from p2pbuild.dht import DhtConfig, DhtNode
 from p2pbuild.dht import _wire as wire
 from p2pbuild.dht._routing import RoutingTable
@@ -292,3 +293,116 @@ def test_a_node_that_finds_itself_behind_nat_checks_its_contacts_as_a_client() -
     _pings_answered(node, contacts, T0 + config.reachability_timeout + 1)
     assert node.client
     assert node.probe_period(T0 + config.reachability_timeout + 1) == 120.0
+
+
+def test_a_probe_factor_rides_after_a_response_and_nothing_else_does() -> None:
+    msg_id = b"m" * 20
+    reply = wire.encode_ping_reply(b"\x07" * 20)
+    plain = wire.encode_response(msg_id, reply)
+    assert wire.encode_response(msg_id, reply, probe_factor=1) == plain
+    framed = wire.encode_response(msg_id, reply, probe_factor=3)
+    assert framed == plain + wire.PROBE_FLAG + b"\x03"
+    decoded = wire.decode_datagram(framed, max_size=2048)
+    assert isinstance(decoded, wire.Response)
+    assert decoded.value == reply and decoded.probe_factor == 3
+    assert wire.decode_datagram(plain, max_size=2048) == wire.Response(msg_id, reply, 1)
+    assert wire.encode_response(msg_id, reply, probe_factor=1000)[-1] == wire.MAX_PROBE_FACTOR
+    for tail in (wire.PROBE_FLAG, wire.PROBE_FLAG + b"\x01", wire.PROBE_FLAG + b"\x03\x00",
+                 b"\x00", b"\x04\x03", wire.COOKIE_FLAG + b"\x03"):
+        with pytest.raises(MalformedError):
+            wire.decode_datagram(plain + tail, max_size=2048)
+
+
+def _pinged_by(
+    node: DhtNode, pingers: int, every: float, until: float, start: float = 0.0
+) -> list[int]:
+    """``pingers`` nodes ping ``node`` every ``every`` seconds (spread over the period) for
+    ``until`` seconds from ``start`` seconds after T0; the probe factors of its answers,
+    in order."""
+    factors = []
+    steps = int(until / every)
+    for step in range(steps):
+        for n in range(pingers):
+            now = T0 + start + step * every + every * n / pingers
+            address = (f"10.2.{n // 250}.{n % 250 + 1}", 1)
+            sender = (0xAB << 152) ^ (n + 1)
+            request = wire.encode_request(
+                bytes([n % 256]) * 20, wire.PING, [sender.to_bytes(20, "big")]
+            )
+            node.receive_datagram(request, address, now)
+            for data, _ in node.datagrams_to_send():
+                frame = wire.decode_datagram(data, max_size=2048)
+                if isinstance(frame, wire.Response):
+                    factors.append(frame.probe_factor)
+    return factors
+
+
+def test_a_node_pinged_by_far_more_nodes_than_a_table_holds_asks_them_to_back_off() -> None:
+    # A node with 20 contacts (its probe period the quiet 300 s), pinged every 300 s by
+    # 40 nodes (twice its table: the mean a node of a NAT'd farm sees) answers plainly;
+    # by 200 (a node listed in ten times as many tables as the mean, where early joiners
+    # end up) it asks them to wait 5 times longer, and keeps asking as they do.
+    config = DhtConfig()
+    quiet, longest = config.liveness_interval, config.liveness_interval_max
+    node, _ = _node_with_contacts(20)
+    assert set(_pinged_by(node, 40, quiet, 4 * quiet)) == {1}
+    node, _ = _node_with_contacts(20)
+    factors = _pinged_by(node, 200, quiet, 4 * quiet)
+    assert factors[0] == 1 and factors[-1] == 5
+    # Its pingers now ping it at most every 900 s, the window it counts them over: it
+    # still counts 200 of them, and keeps asking.
+    assert set(_pinged_by(node, 200, longest, 2 * longest, start=4 * quiet)) == {5}
+
+
+def test_a_contact_that_asked_for_a_probe_factor_is_pinged_that_much_less_often() -> None:
+    config = DhtConfig()
+    node = DhtNode(b"\x00" * 20, now=T0, rng=random.Random(1), config=config)
+    # One contact per bucket (the liveness check alone pings them; see the next test).
+    contacts = {(f"10.1.0.{n}", 1): node.own ^ (1 << (160 - n)) for n in range(1, 4)}
+    for address, node_id in contacts.items():
+        node.routing.seen(node_id, address, T0, rtt=0.05)
+    factors = dict(zip(contacts, (1, 2, 10), strict=True))
+    pings: dict[tuple[str, int], list[float]] = {address: [] for address in contacts}
+    now = node.get_timer()
+    while now <= T0 + 3000:
+        node.handle_timer(now)
+        for data, address in node.datagrams_to_send():
+            frame = wire.decode_datagram(data, max_size=2048)
+            assert isinstance(frame, wire.Request) and frame.method == wire.PING
+            pings[address].append(now - T0)
+            reply = wire.encode_ping_reply(contacts[address].to_bytes(20, "big"))
+            node.receive_datagram(
+                wire.encode_response(frame.msg_id, reply, probe_factor=factors[address]),
+                address, now,
+            )
+        now = node.get_timer()
+    quiet, longest = config.liveness_interval, config.liveness_interval_max
+    assert (quiet, longest) == (300.0, 900.0)
+    calm, busy, busiest = pings.values()
+    assert calm == [300.0, 600.0, 900.0, 1200.0, 1500.0, 1800.0, 2100.0, 2400.0, 2700.0,
+                    3000.0]
+    # Pinged once after the period (it had said nothing), then after twice the period.
+    assert busy == [300.0, 900.0, 1500.0, 2100.0, 2700.0]
+    # Ten times the period is more than the longest a contact goes unchecked (BEP 5's 15
+    # minutes): that, then.
+    assert busiest == [300.0, 1200.0, 2100.0, 3000.0]
+
+
+def test_a_bucket_pings_its_oldest_contact_when_touched_no_sooner_than_it_asked() -> None:
+    table = RoutingTable(0, k=4, replacements=2, max_failures=3, now=0.0, fresh_for=60.0)
+    oldest, chatty = (1 << 150, ("10.0.0.1", 1)), ((1 << 150) + 1, ("10.0.0.2", 1))
+    table.seen(*oldest, 0.0, rtt=0.01)
+    table.seen(*chatty, 0.0, rtt=0.01)
+    # A contact heard from: its bucket's least recently seen one is checked once silent
+    # for fresh_for, here 60 s...
+    peer = table.seen(*chatty, 61.0, rtt=0.01)
+    assert peer is not None and peer.node_id == oldest[0]
+    table.ping_answered(oldest[0])
+    table.seen(*oldest, 61.0, rtt=0.01)
+    # ...or that times the probe factor it asked for.
+    peer = table.get(oldest[0])
+    assert peer is not None
+    peer.probe_factor = 4
+    assert table.seen(*chatty, 61.0 + 239.0, rtt=0.01) is None
+    peer = table.seen(*chatty, 61.0 + 241.0, rtt=0.01)
+    assert peer is not None and peer.node_id == oldest[0]
