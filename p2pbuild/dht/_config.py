@@ -119,11 +119,6 @@ class DhtConfig:
     liveness_interval: float = attrs.field(default=300.0, validator=_positive)
     client_liveness_interval: float = attrs.field(default=120.0, validator=_positive)
     liveness_interval_min: float = attrs.field(default=15.0, validator=_positive)
-    #: The longest a contact goes unpinged while silent when it asked for a *probe factor*
-    #: (a node pinged by far more nodes than a routing table lists asks its pingers to
-    #: wait that many times their probe period; BEP 5's 15 minutes): also the window over
-    #: which a node counts who pings it.
-    liveness_interval_max: float = attrs.field(default=900.0, validator=_positive)
     liveness_dead_share: float = attrs.field(default=0.005, validator=_positive)
     #: ``p2p_store`` datagrams sent at most to one new contact to hand it the records it
     #: should hold, each key whole (0: no hand-off). A full key of ``max_records_per_key``

@@ -28,7 +28,8 @@ _COUNT_SIZE = 5
 # its nodes behind NAT is pinged by about 1.4 times its table.
 _PROBE_SHARE = 2.0
 # Pingers a node remembers at most (each costs a dict entry; spoofed pings from many
-# addresses only make it ask for a larger factor, bounded by ``liveness_interval_max``).
+# addresses only make it ask for a larger factor, whose effect is bounded: see
+# ``_check_liveness``).
 _PINGERS_REMEMBERED = 65536
 # Liveness pings are remembered for about this long (seconds; an exponential decay) when
 # the probe period is chosen from the share of them that found their contact dead.
@@ -75,22 +76,30 @@ class HandoffNode(RpcNode):
 
     def _check_liveness(self, now: float) -> None:
         """Ping every contact silent for the probe period (times the probe factor it asked
-        for, up to ``liveness_interval_max``); check again in a fifth of the period."""
+        for, up to the quiet network's period: no contact waits longer for a check than in
+        a network where nobody dies); check again in a fifth of the period."""
         period = self.probe_period(now)
-        for peer in self.routing.silent(now, period, self.config.liveness_interval_max):
+        for peer in self.routing.silent(now, period, self._quiet_period()):
             self._check_alive(peer, now)
         self._next_liveness = now + period / 5
+
+    def _quiet_period(self) -> float:
+        """The probe period when no contact dies (``probe_period``)."""
+        quiet = self.config.liveness_interval
+        if self.client:
+            quiet = min(quiet, self.config.client_liveness_interval)
+        return quiet
 
     def _probe_factor(self, address: Address, now: float) -> int:
         """Note a ping from ``address``; the probe factor to answer it with. Kademlia keeps
         the oldest contacts, so the nodes that joined first end up in many more routing
         tables than the mean, and each table pings its silent contacts: such a node
-        counts the nodes that pinged it within ``liveness_interval_max`` and, when they
+        counts the nodes that pinged it within ``liveness_interval`` and, when they
         are more than ``_PROBE_SHARE`` times the contacts a table holds (its own), asks
         them to wait that many times longer (the ratio, rounded), as a BOINC scheduler's
         reply asks its clients to wait before the next request."""
         pingers = self._pingers
-        window = self.config.liveness_interval_max
+        window = self.config.liveness_interval
         if pingers is None:
             pingers = self._pingers = {}
         elif now - self._pingers_pruned_at >= window / 4:
@@ -135,9 +144,7 @@ class HandoffNode(RpcNode):
         only answers to its own requests, and its few probes would find the first deaths
         of a churn late."""
         config = self.config
-        quiet = config.liveness_interval
-        if self.client:
-            quiet = min(quiet, config.client_liveness_interval)
+        quiet = self._quiet_period()
         self._decay_probes(now)
         if self._probe_failures <= 0.0:
             return quiet

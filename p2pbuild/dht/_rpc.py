@@ -223,7 +223,7 @@ class RpcNode:
         self._probe_failures = 0.0
         self._probed_at = now
         #: Who pinged us lately (address: when, whole seconds), within
-        #: ``liveness_interval_max`` as of the last prune (created on first use).
+        #: ``liveness_interval`` as of the last prune (created on first use).
         self._pingers: dict[Address, int] | None = None
         self._pingers_pruned_at = now
         # Indexed by ``Count`` (an array: no int object per counter).
