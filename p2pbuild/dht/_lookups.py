@@ -457,12 +457,14 @@ class LookupNode(HandlerNode):
         means that holder has been read to the end (one *source* done). None means "start,
         or the previous holder failed": continue with the closest holder that reported more.
         Ends after ``page_sources`` holders were read to the end (so one holder that missed
-        a store does not hide a record), when no holder has more, or after ``max_pages``."""
+        a store does not hide a record), when no holder has more, or after ``max_pages``;
+        but while the holders read gave fewer publishers than one that answered the walk
+        counted, more holders are read, up to twice ``page_sources``."""
         if holder is not None and not cursor:
             op._sources += 1
             op._cursor = b""
             holder = None
-            if op._sources >= self.config.page_sources:
+            if op._sources >= self.config.page_sources and not self._short_of_count(op):
                 self._finish_get(op, now)
                 return
         elif cursor > op._cursor:
@@ -486,6 +488,24 @@ class LookupNode(HandlerNode):
         op._pages += 1
         if not self._read_from(holder, op, start, Purpose.PAGE, now):
             self._finish_get(op, now)
+
+    def _short_of_count(self, op: GetOperation) -> bool:
+        """Whether a full read should read one more holder: the ones read so far gave
+        fewer publishers than a holder that answered counted (a put that missed both under
+        loss, or a put whose walk ended elsewhere), and fewer than twice ``page_sources``
+        were read (a holder that counts records nobody can verify costs that at most)."""
+        if op._sources >= 2 * self.config.page_sources:
+            return False
+        walk = op._walk
+        counted = max(
+            (
+                c.publishers or 0
+                for c in (walk.shortlist if walk is not None else op._holders)
+                if c.state == CandidateState.OK
+            ),
+            default=0,
+        )
+        return len({record.publisher.raw for record in op._found.values()}) < counted
 
     def _read_from(
         self, holder: _Candidate, op: GetOperation, cursor: bytes, purpose: Purpose, now: float

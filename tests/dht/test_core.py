@@ -522,6 +522,28 @@ def test_a_part_asked_of_a_node_without_the_key_is_asked_again_of_a_holder() -> 
     assert len({r.publisher.raw for r in op.result}) >= 15
 
 
+def test_a_full_read_reads_on_while_its_holders_gave_fewer_than_one_counted() -> None:
+    # Twelve publishers under a key; the publisher whose records sort last reached every
+    # holder but the two closest (its put missed them under loss). The walk's replies
+    # carry first pages only, so the two closest holders, read to the end, give eleven,
+    # while a holder the walk heard counted twelve: the read goes on to that one.
+    net = build_network(40)
+    key = facet_key("arch=s390x")
+    target = int.from_bytes(key, "big")
+    ordered = sorted(net.nodes.items(), key=lambda item: item[1].own ^ target)
+    labels = sorted(
+        (f"counted-{i}" for i in range(12)), key=lambda x: make_identity(x).public_key.raw
+    )
+    for rank, (_, holder) in enumerate(ordered[:20]):
+        for label in labels if rank >= 2 else labels[:-1]:
+            holder.store.offer_many(key, [r.raw for r in records(label, arch="s390x")], net.now)
+    reader = ordered[-1][1]
+    op = reader.get(key, net.now)
+    net.run(lambda: op.done)
+    assert {r.publisher for r in op.result} == {make_identity(x).public_key for x in labels}
+    assert op.complete
+
+
 def test_a_part_asked_of_a_holder_gone_is_asked_again_for_the_same_part() -> None:
     # A census found the key's eight closest nodes holding it; six of them leave before
     # its parts are read (a directory shares a census for a minute). A part asked of one
