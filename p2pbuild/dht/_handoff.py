@@ -76,10 +76,12 @@ class HandoffNode(RpcNode):
 
     def _check_liveness(self, now: float) -> None:
         """Ping every contact silent for the probe period (times the probe factor it asked
-        for, up to the quiet network's period: no contact waits longer for a check than in
-        a network where nobody dies); check again in a fifth of the period."""
+        for, up to ``eviction_ping_after`` if that is longer: under churn, when the period
+        is near its floor and dead contacts cost lookups their timeouts, a node listed
+        everywhere is found dead within a minute); check again in a fifth of the period."""
         period = self.probe_period(now)
-        for peer in self.routing.silent(now, period, self._quiet_period()):
+        longest = max(period, self.config.eviction_ping_after)
+        for peer in self.routing.silent(now, period, longest):
             self._check_alive(peer, now)
         self._next_liveness = now + period / 5
 
