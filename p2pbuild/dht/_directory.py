@@ -140,7 +140,7 @@ def _shareable(entry: _Census, now: float) -> bool:
 class _Put:
     """One put of a publish: its key's name (the text key, or a shard's name), the facet it
     serves and its shard level (0: the facet's root; facet None: the node key), whose
-    records, and the operation."""
+    records, and the operation (a settling republish's root: a census, no store)."""
 
     text: str
     facet: str | None
@@ -148,7 +148,7 @@ class _Put:
     publisher: PublicKey
     top: int
     records: list[SignedRecord]
-    op: PutOperation
+    op: PutOperation | GetOperation
 
 
 def _shard_target(room: int) -> int:
@@ -807,9 +807,11 @@ class Directory:
     ) -> dict[str, int]:
         """Put our records of ``publishers`` under every key they belong to; per text key,
         how many nodes acknowledged. A *settling* republish (``_SETTLE_DELAY`` after a
-        publish to a crowded facet) puts them to the facets' roots only, whose censuses
-        say whether other shard levels are due now (those then written as in any put): the
-        node key and the levels already written got the same records moments ago."""
+        publish to a crowded facet) censuses the facets' roots only, to learn whether
+        other shard levels are due now (those then written as in any put): every key got
+        the same records at the last whole put, less than a republish period ago (a full
+        root counted their offer), and a put would send them to all ``k`` holders of
+        every root again."""
         now = self.now()
         if not settling:
             self._put_whole_at = now
@@ -853,8 +855,12 @@ class Directory:
                     ))
             for text, dht_key, of, level in puts:
                 census = of is not None and not level
-                direct = None if census else self._direct_holders(dht_key, now)
-                started = self._core.put(dht_key, mine, now, census=census, holders=direct)
+                started: PutOperation | GetOperation
+                if settling:
+                    started = self._census(dht_key, now)
+                else:
+                    direct = None if census else self._direct_holders(dht_key, now)
+                    started = self._core.put(dht_key, mine, now, census=census, holders=direct)
                 ops.append(_Put(text, of, level, publisher, top, mine, started))
         result = {}
         room = self.config.max_records_per_key // 2
@@ -868,11 +874,14 @@ class Directory:
             for put in ops:
                 op = put.op
                 await self._driver.wait(op)
-                if not op.census and not self._stored(op, now):
-                    # Too few of the last walk's holders acknowledged: walk again.
-                    again = self._core.put(op.key, put.records, now)
-                    deeper.append(attrs.evolve(put, op=again))
-                    continue
+                full = False
+                if isinstance(op, PutOperation):
+                    full = bool(op.full)
+                    if not op.census and not self._stored(op, now):
+                        # Too few of the last walk's holders acknowledged: walk again.
+                        again = self._core.put(op.key, put.records, now)
+                        deeper.append(attrs.evolve(put, op=again))
+                        continue
                 if put.facet is not None:
                     key = (put.publisher, put.facet)
                     written = self._sharded.get(key, ())
@@ -881,9 +890,9 @@ class Directory:
                         estimate = op.publishers or 0
                         crowded = crowded or estimate > 0
                         levels = ()
-                        if op.full or estimate >= self._full_root():
+                        if full or estimate >= self._full_root():
                             levels = levels_written(max(estimate, self._full_root()), room)
-                    elif op.full and put.level < _ids.FACET_MAX_LEVEL:
+                    elif full and put.level < _ids.FACET_MAX_LEVEL:
                         grown = levels_written(room << put.level, room)
                         if max(grown) > max(written, default=0):
                             levels = grown
@@ -908,10 +917,11 @@ class Directory:
                                     text, put.facet, level, put.publisher, put.top, put.records, new
                                 )
                             )
-                    if op.full:
+                    if full:
                         # Refused as full: the other keys' acknowledgements stand for it.
                         continue
-                result[put.text] = op.result
+                if isinstance(op, PutOperation):
+                    result[put.text] = op.result
             ops = deeper
         begin = changed or (crowded and not self._put_before)
         self._put_before = True
