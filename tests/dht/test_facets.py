@@ -848,12 +848,17 @@ async def test_publishers_that_entered_the_root_early_reach_the_shards_within_mi
 
 async def _estimates(cluster: Cluster, labels: Sequence[str]) -> list[int]:
     """What four readers that have not read the facet take its size for, each from a
-    sampled find of 20 (checked: 18 or more, all of ``labels``' publishers)."""
+    sampled find of 20 (checked: 16 or more, all of ``labels``' publishers).
+
+    A find of 20 asks for 24 publishers in whole parts (about 28 come, 1.17 times the
+    asked, in 32 such finds), a count that varies about as a Poisson count does: fewer
+    than 20 came in 1 of those 32 finds, and one of the readers here got 17. 16 is
+    about 2.4 standard deviations below the mean."""
     everyone = {make_identity(label).public_key.raw for label in labels}
     estimates = []
     for index in (33, 34, 35, 36):
         sample = await cluster.nodes[index].find_sample(Query(arch="x86_64"), 20)
-        assert {e.publisher.raw for e in sample} <= everyone and len(sample) >= 18
+        assert {e.publisher.raw for e in sample} <= everyone and len(sample) >= 16
         estimates.append(sample.estimated_publishers)
     return estimates
 
