@@ -178,6 +178,8 @@ class DhtStatistics:
     sample_parts_reasked: int = 0
     #: Puts stored straight to the holders of an earlier put of their key (no walk).
     direct_puts: int = 0
+    #: Sampled reads asked for more of their key's parts: a find's parts came short.
+    sample_more: int = 0
 
     @property
     def dropped_total(self) -> int:

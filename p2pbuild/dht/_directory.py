@@ -622,17 +622,31 @@ class Directory:
             for index in stale:
                 await self._driver.wait(reads[index])
             rounds += 2
+        more: list[GetOperation] = []
+        if shard_mean and rounds < _MAX_ROUNDS:
+            more = await self._sample_more(reads, want, wanted)
+            rounds += bool(more)
         # A part fuller than one reply gives a random subset of itself: weigh each key's
         # records by the inverse of the share of the publishers asked for that came, so
         # that the choice of ``want`` below (Efraimidis-Spirakis keys u ** (1 / w)) stays
         # uniform. (Weighed by the shard's whole count instead, the publishers of thick
         # shards, asked for as many as thin ones' once the sizes are known, would win.)
+        asked_of: dict[bytes, float] = {}
+        came: dict[bytes, set[bytes]] = {}
+        for op in reads + more:
+            # (A read of more parts wants parts: as many publishers as they hold, about.)
+            publishers: float = op.want
+            if op in more:
+                publishers = op.want * (op.publishers or 0) / max(sum(op.parts_asked()), 1)
+            asked_of[op.key] = asked_of.get(op.key, 0.0) + publishers
+            came.setdefault(op.key, set()).update(
+                r.publisher.raw for r in op.result if r.kind is Kind.CAPABILITY
+            )
         weights: dict[bytes, float] = {}
-        for op in reads:
-            got = {r.publisher.raw for r in op.result if r.kind is Kind.CAPABILITY}
+        for key, got in came.items():
             for publisher in got:
-                weights[publisher] = max(op.want, len(got)) / len(got)
-        entries = self._entries(query, trust_list, [reads])
+                weights[publisher] = max(asked_of[key], len(got)) / len(got)
+        entries = self._entries(query, trust_list, [reads + more])
         keyed = sorted(
             entries,
             key=lambda e: rng.random() ** (1.0 / weights.get(e.publisher.raw, 1.0)),
@@ -647,10 +661,38 @@ class Directory:
         )
         sample.estimated_publishers = estimated
         sample.rounds = rounds
-        spent += reads
+        spent += reads + more
         sample.bytes_out = sum(op.bytes_out for op in spent)
         sample.bytes_in = sum(op.bytes_in for op in spent)
         return sample
+
+    async def _sample_more(
+        self, reads: list[GetOperation], want: int, wanted: int
+    ) -> list[GetOperation]:
+        """If the parts of ``reads`` (a sharded facet's) brought fewer than ``want``
+        publishers, ask the same keys for more of their parts, once: enough for
+        ``wanted`` at the yield their parts had, spread over the keys in proportion to
+        the parts each was asked for (every publisher's chance of coming grows by the
+        same factor). The new reads (none: no wave)."""
+        got = {r.publisher.raw for op in reads for r in op.result if r.kind is Kind.CAPABILITY}
+        if len(got) >= want:
+            return []
+        counted = [(op, *op.parts_asked()) for op in reads if op.done and op.sampled]
+        parts_asked = sum(asked for _, asked, _ in counted)
+        if not parts_asked or not any(left for _, _, left in counted):
+            return []
+        per_part = max(len(got), 1) / parts_asked
+        need = (wanted - len(got)) / per_part
+        rng = self._core.rng
+        now = self.now()
+        more = []
+        for op, asked, left in counted:
+            parts = min(left, math.floor(need * asked / parts_asked + rng.random()))
+            if parts:
+                more.append(self._core.sample_more(op, parts, now))
+        for op in more:
+            await self._driver.wait(op)
+        return more
 
     def _forget_census(self, read: GetOperation) -> None:
         """Drop the kept census that ``read`` was read from (not a newer one of its key,

@@ -549,16 +549,23 @@ class LookupNode(HandlerNode):
                 op._holders.append(copy)
             self._next_page(op, None, b"", now)
             return
-        # About three publishers' records fit in one reply: parts of three on average. A
-        # part with more gives a random subset of itself, so a part yields a little less
-        # than three (``_PART_YIELD``); every publisher still has the same chance.
-        parts = min(max(1, -(-count // _PER_PART)), 255)
-        wanted = min(parts, math.ceil(op.want / _PART_YIELD))
-        if op.want >= count:
-            # Every publisher, not paged (a shard of a sampled find): every part once, of
-            # ``_ALL_PER_PART`` publishers on average so that few are fuller than a reply
-            # (about 3.5% of the publishers left out, at random).
-            parts = wanted = min(max(1, math.ceil(count / _ALL_PER_PART)), 255)
+        if op._parts:
+            # More parts of an earlier read's partition (``DhtNode.sample_more``): ``want``
+            # counts parts here.
+            parts = op._parts
+            wanted = min(op.want, parts - len(op._asked))
+        else:
+            # About three publishers' records fit in one reply: parts of three on average.
+            # A part with more gives a random subset of itself, so a part yields a little
+            # less than three (``_PART_YIELD``); every publisher still has the same chance.
+            parts = min(max(1, -(-count // _PER_PART)), 255)
+            wanted = min(parts, math.ceil(op.want / _PART_YIELD))
+            if op.want >= count:
+                # Every publisher, not paged (a shard of a sampled find): every part once,
+                # of ``_ALL_PER_PART`` publishers on average so that few are fuller than a
+                # reply (about 3.5% of the publishers left out, at random).
+                parts = wanted = min(max(1, math.ceil(count / _ALL_PER_PART)), 255)
+            op._parts = parts
         op.complete = False
         rng = self.rng
         # Not the holders that failed a part of an earlier read sharing this census; only
@@ -568,7 +575,9 @@ class LookupNode(HandlerNode):
         named = [c for c in holders if c.named]
         if len(named) >= _PART_NAMED:
             holders = named
-        for part in rng.sample(range(parts), wanted):
+        left = [part for part in range(parts) if part not in op._asked]
+        for part in rng.sample(left, wanted):
+            op._asked.add(part)
             cursor = wire.sample_cursor(op._seed, parts, part)
             if self._read_from(rng.choice(holders), op, cursor, Purpose.SAMPLE, now):
                 op._outstanding += 1

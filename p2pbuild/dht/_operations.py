@@ -91,12 +91,14 @@ class GetOperation(Operation):
     ends after the walk, and ``DhtNode.sample_from`` reads parts from its holders later."""
 
     __slots__ = (
+        "_asked",
         "_cursor",
         "_found",
         "_holders",
         "_node_key",
         "_outstanding",
         "_pages",
+        "_parts",
         "_seed",
         "_sources",
         "_whole",
@@ -128,6 +130,10 @@ class GetOperation(Operation):
         self.failed = 0
         self.publishers: int | None = None
         self._seed = seed
+        #: A sampled read's random partition of the key's publishers (``wire.sample_cursor``
+        #: with ``_seed``): how many parts, and the parts asked so far.
+        self._parts = 0
+        self._asked: set[int] = set()
         self._outstanding = 0
         self.result: list[SignedRecord] = []
         self._found: dict[bytes, SignedRecord] = {}
@@ -137,6 +143,11 @@ class GetOperation(Operation):
         self._cursor = b""
         self._pages = 0
         self._sources = 0
+
+    def parts_asked(self) -> tuple[int, int]:
+        """A sampled read's parts: how many it asked for, and how many it left unasked
+        (:meth:`DhtNode.sample_more` asks for those)."""
+        return len(self._asked), self._parts - len(self._asked)
 
     def holders_left(self) -> int:
         """Holders of a finished census (or sampled read) that answered and have not failed

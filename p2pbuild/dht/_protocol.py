@@ -275,6 +275,26 @@ class DhtNode(LookupNode):
         self._sample_phase(op, now)
         return op
 
+    def sample_more(self, read: GetOperation, parts: int, now: float) -> GetOperation:
+        """Ask for ``parts`` more parts of the key a finished sampled ``read`` (of
+        :meth:`sample_from`) read: parts of the same random partition that it did not ask
+        for (fewer if fewer are left), from the holders of its census, in one round trip.
+        The new operation's ``result`` holds what they brought only. Raises
+        :class:`LocalError` if ``read`` is not a finished read by parts or ``parts`` is
+        below 1."""
+        if not (read.done and read.sampled and read._parts) or parts < 1:
+            raise LocalError("sample_more needs a finished read by parts and parts >= 1")
+        op = GetOperation(read.key, now, want=parts, seed=read._seed)
+        op._node_key = False
+        op.publishers = read.publishers
+        op._holders = read._holders
+        op._whole = False
+        op._parts = read._parts
+        op._asked = read._asked
+        self._counters[Count.SAMPLE_MORE] += 1
+        self._sample_phase(op, now)
+        return op
+
     def put(
         self,
         key: bytes,
@@ -380,6 +400,7 @@ class DhtNode(LookupNode):
             client_requests_in=c[Count.CLIENT_REQUESTS_IN],
             sample_parts_reasked=c[Count.SAMPLE_PARTS_REASKED],
             direct_puts=c[Count.DIRECT_PUTS],
+            sample_more=c[Count.SAMPLE_MORE],
             refused_contacts=dict(self.routing.refused),
         )
 

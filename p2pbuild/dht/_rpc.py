@@ -75,6 +75,7 @@ class Count(enum.IntEnum):
     CLIENT_REQUESTS_IN = 15
     SAMPLE_PARTS_REASKED = 16
     DIRECT_PUTS = 17
+    SAMPLE_MORE = 18
 
 
 # Methods whose requests we pad, so that any reply stays within the amplification bound.

@@ -23,13 +23,14 @@ from p2pbuild.dht import (
     RecordCache,
     RecordStore,
     StoreFullError,
+    _lookups,
     facet_key,
     facet_shard,
     facet_shard_key,
     node_key,
 )
 from p2pbuild.dht import _wire as wire
-from p2pbuild.dht._directory import _shards_for, level_read, levels_written
+from p2pbuild.dht._directory import _CENSUS_TTL, _shards_for, level_read, levels_written
 from p2pbuild.dht._ids import Address
 from p2pbuild.dht._lookups import part_holders
 from p2pbuild.dht._operations import CandidateState, GetOperation, _Candidate
@@ -560,11 +561,11 @@ async def test_a_known_midsize_facet_is_sampled_from_two_shards_in_two_rounds(
             before = reader.statistics().lookups
             sample = await reader.find_sample(Query(arch="x86_64"), 10)
             walks.append(reader.statistics().lookups - before)
-            assert sample.rounds == (2 if walks[-1] else 1)
-            # About want: 12 publishers fetched, parts that came back short can leave 9 or
-            # 8 (a few finds in a hundred).
+            # (A wave more if the parts came short: more parts asked for.)
+            assert sample.rounds - (2 if walks[-1] else 1) in (0, 1)
+            # About want: 12 publishers fetched; parts that came back short are topped up.
             sizes.append(len(sample))
-            assert 7 <= len(sample) <= 10 and {e.publisher.raw for e in sample} <= everyone
+            assert 9 <= len(sample) <= 10 and {e.publisher.raw for e in sample} <= everyone
             assert 100 <= sample.estimated_publishers <= 320  # 16 x the mean of 2 shards
             await trio.sleep(2)
         # 16 finds of 2 of the 16 shards within 34 s: each shard is censused once at most
@@ -576,6 +577,25 @@ async def test_a_known_midsize_facet_is_sampled_from_two_shards_in_two_rounds(
         before = reader.statistics().lookups
         sample = await reader.find_sample(Query(arch="x86_64"), 10)
         assert reader.statistics().lookups - before == 2 and sample.rounds == 2
+
+
+async def test_a_warm_find_whose_parts_came_short_asks_for_more_once(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The publishers in the parts a find asks for vary as a Poisson count does: a find of
+    # 64 that asks for 77 gets fewer than 64 in a few finds in a hundred (62 of 64 in
+    # bench/internet.py). A find with a wave to spare asks the keys it read for more of
+    # their parts, as many as the shortfall needs at the yield its parts had. Here every
+    # part is counted on for 8 publishers (a reply holds about 3): the first wave brings
+    # about a third of what is wanted.
+    async with _midsize_facet() as (everyone, reader, _):
+        await reader.find_sample(Query(arch="x86_64"), 10)  # the facet's size is known
+        monkeypatch.setattr(_lookups, "_PART_YIELD", 8.0)
+        await trio.sleep(_CENSUS_TTL + 1)  # no census to share: the shards are walked
+        sample = await reader.find_sample(Query(arch="x86_64"), 10)
+        assert len(sample) == 10 and {e.publisher.raw for e in sample} <= everyone
+        assert sample.rounds == 3  # shard censuses, parts, more parts
+        assert reader.statistics().sample_more >= 1
 
 
 async def test_finds_within_a_minute_share_a_census_and_skip_holders_gone_since(
