@@ -161,6 +161,8 @@ async def _finds(swarm: Swarm, query: Query, finds: int) -> dict[str, Any]:
     reader that does not know the facet yet; ``warm_bytes_*``: one that read it a moment
     ago, as a dispatcher's finds are), time, and waves of requests beyond the first walk
     (``FacetSample.rounds - 1``: a wave of census walks, or the one round trip of parts).
+    ``returned_short``: finds that returned fewer than 64; ``topped_up``: finds whose parts
+    came short and that asked for more parts.
     ``node_bytes_p99``: all the reader's node sent and received while its first find ran,
     its own republish or refresh when one fell then included."""
     sizes: list[int] = []
@@ -170,12 +172,15 @@ async def _finds(swarm: Swarm, query: Query, finds: int) -> dict[str, Any]:
     waves: list[int] = []
     returned: list[int] = []
     estimates: list[int] = []
+    topped_up = 0
     for _ in range(finds):
         reader = swarm.rng.choice(swarm.alive(nat=False))
         for sizes_of in (sizes, warm):
             before_bytes = _bytes(reader)
+            before_more = reader.directory.statistics().sample_more
             begun = trio.current_time()
             sample = await reader.directory.find_sample(query, 64)
+            topped_up += reader.directory.statistics().sample_more > before_more
             sizes_of.append(sample.bytes_in + sample.bytes_out)
             if sizes_of is sizes:
                 node.append(_bytes(reader) - before_bytes)
@@ -195,6 +200,8 @@ async def _finds(swarm: Swarm, query: Query, finds: int) -> dict[str, Any]:
         "finds": finds,
         "want": 64,
         "returned_min": min(returned),
+        "returned_short": sum(count < 64 for count in returned),
+        "topped_up": topped_up,
         "estimated_publishers_median": sorted(estimates)[len(estimates) // 2],
         "bytes_p50": percentile(sizes, 0.5),
         "bytes_p99": percentile(sizes, 0.99),
