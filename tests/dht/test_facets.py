@@ -13,7 +13,7 @@ import pytest
 import trio
 import trio.testing
 
-from p2pbuild import MalformedError, PublicKey, SignedRecord
+from p2pbuild import LocalError, MalformedError, PublicKey, SignedRecord
 from p2pbuild.dht import (
     FACET_MAX_LEVEL,
     DhtConfig,
@@ -777,6 +777,50 @@ def test_parts_go_to_the_candidates_the_census_holders_named() -> None:
     assert set(spread) == set(range(1, 12))  # holder 0 was not named: no parts
     few = asked(census({5, 6, 7}))
     assert set(few) == set(range(12))
+
+
+def test_more_parts_of_a_read_are_parts_it_did_not_ask_for() -> None:
+    # A find whose parts came short asks for more parts of the same random partitions
+    # (the same seed): parts it has not asked for, so no publisher comes twice and each
+    # one's chance of coming grows alike.
+    net = build_network(8)
+    node: DhtNode = next(iter(net.nodes.values()))
+    census = GetOperation(facet_key(FACET), net.now, sampled=True)
+    census.done = True
+    census.publishers = 60
+    for rank in range(4):
+        c = _Candidate(rank + 1, ("10.0.0.1", 2000 + rank), rank, 3)
+        c.state, c.publishers = CandidateState.OK, 60
+        census._holders.append(c)
+
+    def parts_sent() -> list[tuple[bytes, int, int]]:
+        cursors = []
+        for data, _ in node.datagrams_to_send():
+            request = wire.decode_datagram(data, max_size=4096)
+            assert not isinstance(request, wire.Response)
+            parsed = wire.parse_sample_cursor(wire.parse_p2p_find_args(request)[2])
+            assert parsed is not None
+            cursors.append(parsed)
+        return cursors
+
+    with pytest.raises(LocalError):
+        node.sample_more(census, 3, net.now)  # a census, not a read by parts
+    node.datagrams_to_send()
+    read = node.sample_from(census, 12, net.now, whole=False)
+    first = parts_sent()
+    assert len(first) == 5 and read.parts_asked() == (5, 15)  # 20 parts of 3: 12 / 2.4
+    read.done = True  # (its parts never come back here)
+    more = node.sample_more(read, 6, net.now)
+    second = parts_sent()
+    assert len(second) == 6 and read.parts_asked() == (11, 9)
+    assert {seed for seed, _, _ in first + second} == {read._seed}
+    assert {parts for _, parts, _ in first + second} == {20}
+    assert len({part for _, _, part in first + second}) == 11
+    more.done = True
+    node.sample_more(read, 50, net.now)
+    assert len(parts_sent()) == 9 and read.parts_asked() == (20, 0)  # what was left
+    with pytest.raises(LocalError):
+        node.sample_more(read, 0, net.now)
 
 
 @pytest.mark.slow
