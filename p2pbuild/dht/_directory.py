@@ -901,7 +901,7 @@ class Directory:
                 if settling:
                     started = self._census(dht_key, now)
                 else:
-                    direct = None if census else self._direct_holders(dht_key, now)
+                    direct = None if census else self._direct_holders(dht_key)
                     started = self._core.put(dht_key, mine, now, census=census, holders=direct)
                 ops.append(_Put(text, of, level, publisher, top, mine, started))
         result = {}
@@ -977,15 +977,11 @@ class Directory:
             self._republish.set()  # (the republish loop's wait restarts, shorter)
         return result
 
-    def _direct_holders(self, key: bytes, now: float) -> list[tuple[int, Address]] | None:
-        """The holders a put of ``key`` goes straight to (None: it walks)."""
+    def _direct_holders(self, key: bytes) -> list[tuple[int, Address]] | None:
+        """The holders a put of ``key`` goes straight to (None: it walks). The whole put
+        that asks dropped the walks ``refresh_interval`` old when it began."""
         kept = self._holders.get(key)
-        if kept is None or not kept.holders:
-            return None
-        if now - kept.walked_at >= self.config.refresh_interval:
-            del self._holders[key]
-            return None
-        return kept.holders
+        return kept.holders if kept is not None and kept.holders else None
 
     def _stored(self, op: PutOperation, now: float) -> bool:
         """Note where a put that is not a census stored; whether it is done (a direct put
