@@ -264,6 +264,39 @@ def _count_request(
         methods[(destination, message.method)] += 1
 
 
+class _BytesByMethod:
+    """Bytes sent per method (a request and its reply count as its method's), by public
+    nodes and by DHT clients apart (a ``SimulatedInternet.tap``)."""
+
+    def __init__(self, swarm: Swarm) -> None:
+        self._internet = swarm.internet
+        self.sent: Counter[tuple[str, str]] = Counter()
+        self._asked: dict[bytes, str] = {}
+
+    def __call__(self, source: tuple[str, int], data: bytes, destination: tuple[str, int]) -> None:
+        sender = "clients" if self._internet.behind_nat(source) else "public"
+        msg_id = data[1:1 + wire.MSG_ID_SIZE]
+        if data[:1] == b"\x01":
+            self.sent[(sender, self._asked.pop(msg_id, "unknown"))] += len(data)
+            return
+        try:
+            message = wire.decode_datagram(data, max_size=len(data))
+        except MalformedError:
+            return
+        if isinstance(message, wire.Request):
+            if len(self._asked) > 1_000_000:  # (unanswered requests)
+                self._asked.clear()
+            self._asked[msg_id] = message.method
+            self.sent[(sender, message.method)] += len(data)
+
+    def per_node_hour(self, nodes: int, seconds: float) -> dict[str, dict[str, int]]:
+        """``{sender: {method: bytes per node per hour}}`` (over all ``nodes``)."""
+        table: dict[str, dict[str, int]] = {}
+        for (sender, method), sent in sorted(self.sent.items()):
+            table.setdefault(sender, {})[method] = round(sent / nodes / (seconds / 3600))
+        return table
+
+
 def _load_breakdown(
     swarm: Swarm,
     public: list[SwarmNode],
@@ -497,13 +530,16 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
         phases.end("placement")
         # 8. maintenance (last: the longest phase)
         before = sum(n.directory.statistics().bytes_out for n in swarm.nodes)
+        swarm.internet.tap = by_method = _BytesByMethod(swarm)
         await trio.sleep(args.idle)
+        swarm.internet.tap = None
         sent = sum(n.directory.statistics().bytes_out for n in swarm.nodes) - before
         listed, live, _ = _routing_share(swarm)
         out["maintenance"] = {
             "idle_simulated_s": args.idle,
             "bytes_per_node_hour": round(sent / args.n / (args.idle / 3600)),
             "routing_reachable_share_after": round(live / listed, 4),
+            "by_method": by_method.per_node_hour(args.n, args.idle),
             "what": "republish of every directory's records (hourly, or at half the "
                     "shortest lifetime of its records), bucket refresh, liveness pings of "
                     "silent contacts; a node daemon's own status republish (every 60 s) is "

@@ -89,18 +89,19 @@ _SIZED_LEVELS = 64
 #: 120 s, ...), until that reaches the republish period: a facet that keeps growing for
 #: minutes is followed, at a few roots-only puts per publish.
 _SETTLE_DELAY = 30.0
-#: A put of a key that is not a facet's root (the node key, shards) goes straight to the
-#: holders its last walk stored to while that walk is younger than ``refresh_interval``
-#: (an hour, as buckets are refreshed): the nodes that joined closer since got the records
-#: from those holders (the paper's hand-off). It walks again if fewer than this share of
-#: the walk's holders acknowledge.
+#: A put goes straight to the holders its key's last walk reached (stored, or refused as
+#: full) while that walk is younger than ``refresh_interval`` (an hour, as buckets are
+#: refreshed): the nodes that joined closer since got the records from those holders (the
+#: paper's hand-off). A facet root's put asks the two closest of them for the count its
+#: census walk would have gathered. It walks again if fewer than this share of the walk's
+#: holders answer, or no count came.
 _DIRECT_QUORUM = 0.75
 
 
 @attrs.frozen
 class _Holders:
-    """Where a walked put of a key stored: when, how many nodes acknowledged then, and
-    those still acknowledging (node id, address), nearest first."""
+    """Where a walked put of a key reached: when, how many nodes answered then, and those
+    still answering (node id, address), nearest first."""
 
     walked_at: float
     walked: int
@@ -633,10 +634,10 @@ class Directory:
         # shards, asked for as many as thin ones' once the sizes are known, would win.)
         asked_of: dict[bytes, float] = {}
         came: dict[bytes, set[bytes]] = {}
-        for op in reads + more:
+        for op, topped_up in [(op, False) for op in reads] + [(op, True) for op in more]:
             # (A read of more parts wants parts: as many publishers as they hold, about.)
             publishers: float = op.want
-            if op in more:
+            if topped_up:
                 publishers = op.want * (op.publishers or 0) / max(sum(op.parts_asked()), 1)
             asked_of[op.key] = asked_of.get(op.key, 0.0) + publishers
             came.setdefault(op.key, set()).update(
@@ -901,7 +902,7 @@ class Directory:
                 if settling:
                     started = self._census(dht_key, now)
                 else:
-                    direct = None if census else self._direct_holders(dht_key)
+                    direct = self._direct_holders(dht_key)
                     started = self._core.put(dht_key, mine, now, census=census, holders=direct)
                 ops.append(_Put(text, of, level, publisher, top, mine, started))
         result = {}
@@ -919,9 +920,9 @@ class Directory:
                 full = False
                 if isinstance(op, PutOperation):
                     full = bool(op.full)
-                    if not op.census and not self._stored(op, now):
-                        # Too few of the last walk's holders acknowledged: walk again.
-                        again = self._core.put(op.key, put.records, now)
+                    if not self._stored(op, now):
+                        # Too few of the last walk's holders answered: walk again.
+                        again = self._core.put(op.key, put.records, now, census=op.census)
                         deeper.append(attrs.evolve(put, op=again))
                         continue
                 if put.facet is not None:
@@ -984,16 +985,24 @@ class Directory:
         return kept.holders if kept is not None and kept.holders else None
 
     def _stored(self, op: PutOperation, now: float) -> bool:
-        """Note where a put that is not a census stored; whether it is done (a direct put
-        that too few holders acknowledged is not: it walks again)."""
+        """Note the holders a put reached: those that stored, and those that refused the
+        records as full (a crowded facet root, which counted the offer); whether it is done
+        (a direct put that too few holders answered is not, nor a direct census that got
+        no count: it walks again)."""
+        target = int.from_bytes(op.key, "big")
+        answered = sorted(op.stored + op.full, key=lambda holder: holder[0] ^ target)
         if not op.direct:
-            self._holders[op.key] = _Holders(now, len(op.stored), op.stored)
+            self._holders[op.key] = _Holders(now, len(answered), answered)
             return True
         kept = self._holders.get(op.key)
-        if kept is None or len(op.stored) < _DIRECT_QUORUM * kept.walked:
+        if (
+            kept is None
+            or len(answered) < _DIRECT_QUORUM * kept.walked
+            or (op.census and op.publishers is None)
+        ):
             self._holders.pop(op.key, None)
             return False
-        self._holders[op.key] = attrs.evolve(kept, holders=op.stored)
+        self._holders[op.key] = attrs.evolve(kept, holders=answered)
         return True
 
     def _settle_delay(self, ahead: int = 0) -> float:

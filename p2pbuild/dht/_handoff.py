@@ -85,13 +85,6 @@ class HandoffNode(RpcNode):
             self._check_alive(peer, now)
         self._next_liveness = now + period / 5
 
-    def _quiet_period(self) -> float:
-        """The probe period when no contact dies (``probe_period``)."""
-        quiet = self.config.liveness_interval
-        if self.client:
-            quiet = min(quiet, self.config.client_liveness_interval)
-        return quiet
-
     def _probe_factor(self, address: Address, now: float) -> int:
         """Note a ping from ``address``; the probe factor to answer it with. Kademlia keeps
         the oldest contacts, so the nodes that joined first end up in many more routing
@@ -146,7 +139,9 @@ class HandoffNode(RpcNode):
         only answers to its own requests, and its few probes would find the first deaths
         of a churn late."""
         config = self.config
-        quiet = self._quiet_period()
+        quiet = config.liveness_interval
+        if self.client:
+            quiet = min(quiet, config.client_liveness_interval)
         self._decay_probes(now)
         if self._probe_failures <= 0.0:
             return quiet

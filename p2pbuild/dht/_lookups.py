@@ -156,6 +156,9 @@ class LookupNode(HandlerNode):
             assert isinstance(op, PutOperation)
             op._refused.add(rpc.address)
             self._store_answered(op, rpc.address, now)
+        elif purpose == Purpose.CENSUS:
+            assert isinstance(op, PutOperation)
+            self._census_answered(op, None)
 
     # -- walks ------------------------------------------------------------------------------------
 
@@ -680,9 +683,21 @@ class LookupNode(HandlerNode):
             op.result += 1
             op.stored.append((op._ids[address], address))
         if op._outstanding == 0:
-            target = id_from_bytes(op.key)
-            op.stored.sort(key=lambda holder: holder[0] ^ target)
-            self._finish(op)
+            self._put_done(op)
+
+    def _census_answered(self, op: PutOperation, publishers: int | None) -> None:
+        """A census query of a direct census put was answered with ``publishers`` (None:
+        not answered, or the holder did not say)."""
+        op._outstanding -= 1
+        if publishers is not None and (op.publishers is None or publishers > op.publishers):
+            op.publishers = publishers
+        if op._outstanding == 0:
+            self._put_done(op)
+
+    def _put_done(self, op: PutOperation) -> None:
+        target = id_from_bytes(op.key)
+        op.stored.sort(key=lambda holder: holder[0] ^ target)
+        self._finish(op)
 
     # -- maintenance ------------------------------------------------------------------------------
 

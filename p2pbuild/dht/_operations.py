@@ -199,8 +199,9 @@ class PutOperation(Operation):
         #: The holders that acknowledged every batch (node id, address), nearest first.
         self.stored: list[tuple[int, Address]] = []
         self._refused: set[Address] = set()
-        #: Holders that refused a record as ``store-full`` (a full facet key).
-        self.full: set[Address] = set()
+        #: Holders that refused a record as ``store-full`` (a full facet key, which counts
+        #: the offer), as ``stored``.
+        self.full: list[tuple[int, Address]] = []
 
 
 # -- walks ----------------------------------------------------------------------------------------

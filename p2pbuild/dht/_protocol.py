@@ -90,7 +90,7 @@ from .._records import Kind, SignedRecord
 from . import _wire as wire
 from ._config import DhtConfig, DhtStatistics, UnexpectedResponseError, UnknownMethodError
 from ._ids import Address, Contact, id_from_bytes, id_to_bytes
-from ._lookups import LookupNode
+from ._lookups import _CENSUS_HOLDERS, LookupNode
 from ._operations import (
     BootstrapOperation,
     FindNodesOperation,
@@ -308,15 +308,17 @@ class DhtNode(LookupNode):
         is among them). Records are checked by every holder, as any store is. With
         ``census``, the walk asks the nodes it meets how many publishers they hold under
         ``key`` (``PutOperation.publishers``). With ``holders`` (node id, address: the
-        ``stored`` of an earlier put of ``key``), no walk: the records go to those nodes.
+        holders an earlier put of ``key`` found), no walk: the records go to those nodes,
+        and with ``census`` a census query to the ``_CENSUS_HOLDERS`` closest of them
+        (``publishers``: the larger count).
 
-        Raises :class:`LocalError` for an empty ``records``, or ``holders`` with ``census``
-        or more than ``k`` of them.
+        Raises :class:`LocalError` for an empty ``records``, or ``holders`` empty or more
+        than ``k`` of them.
         """
         if not records:
             raise LocalError("put needs at least one record")
-        if holders is not None and (census or not 0 < len(holders) <= self.config.k):
-            raise LocalError("a direct put needs 1 to k holders and no census")
+        if holders is not None and not 0 < len(holders) <= self.config.k:
+            raise LocalError("a direct put needs 1 to k holders")
         budget = self.config.max_datagram - HEADER_SIZE - STORE_OVERHEAD
         batches: list[list[bytes]] = [[]]
         used = 0
@@ -335,14 +337,26 @@ class DhtNode(LookupNode):
         op.direct = True
         self._counters[Count.DIRECT_PUTS] += 1
         target = id_from_bytes(key)
-        self._store_phase(
-            op,
-            sorted(
-                (_Candidate(node_id, address, node_id ^ target, 1) for node_id, address in holders),
-                key=lambda candidate: candidate.distance,
-            ),
-            now,
+        candidates = sorted(
+            (_Candidate(node_id, address, node_id ^ target, 1) for node_id, address in holders),
+            key=lambda candidate: candidate.distance,
         )
+        if census:
+            cursor = wire.sample_cursor(bytes(8), 0, 1)
+            for holder in candidates[:_CENSUS_HOLDERS]:
+                if self._call(
+                    holder.address,
+                    holder.node_id,
+                    wire.P2P_FIND,
+                    wire.encode_p2p_find_args(self.node_id, key, cursor),
+                    now,
+                    op,
+                    Purpose.CENSUS,
+                    holder,
+                    retries=1,
+                ):
+                    op._outstanding += 1
+        self._store_phase(op, candidates, now)
         return op
 
     def note_transport_error(self, code: str) -> None:
@@ -481,14 +495,18 @@ class DhtNode(LookupNode):
             self._collect(rpc.op, raws, now)
             if not rpc.op.done:
                 self._next_page(rpc.op, rpc.candidate, cursor, now)
+        elif purpose == Purpose.CENSUS:
+            assert isinstance(rpc.op, PutOperation)
+            _, _, _, publishers = wire.parse_p2p_find_reply_counted(value)
+            self._census_answered(rpc.op, publishers)
         else:
             assert isinstance(rpc.op, PutOperation)
             codes = wire.parse_p2p_store_reply(value, rpc.sent)
             op = rpc.op
             if any(code not in ("ok", "held") for code in codes):
                 op._refused.add(rpc.address)
-                if "store-full" in codes:
-                    op.full.add(rpc.address)
+                if "store-full" in codes and all(a != address for _, a in op.full):
+                    op.full.append((rpc.peer_id, address))
             self._store_answered(op, rpc.address, now)
         self._welcome(rpc.peer_id, address, now, rtt)
 

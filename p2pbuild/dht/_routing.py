@@ -176,6 +176,7 @@ class RoutingTable:
 
     __slots__ = (
         "_buckets",
+        "_size",
         "added",
         "fresh_for",
         "k",
@@ -209,6 +210,8 @@ class RoutingTable:
         #: room for a newcomer.
         self.fresh_for = fresh_for
         self._buckets: dict[int, _Bucket] = {}
+        #: How many contacts the buckets hold (their replacement caches apart).
+        self._size = 0
         #: Set by :meth:`seen`: whether its call added a new contact to the table.
         self.added = False
         #: Newcomers refused, by reason: ``address-in-use``, ``host-limit``.
@@ -220,7 +223,7 @@ class RoutingTable:
         self.probing: set[int] = set()
 
     def __len__(self) -> int:
-        return sum(len(bucket.peers) for bucket in self._buckets.values())
+        return self._size
 
     def __iter__(self) -> Iterator[Peer]:
         for index in sorted(self._buckets):
@@ -300,6 +303,7 @@ class RoutingTable:
             if rtt is not None:
                 update_rtt(peer, rtt)
             peers.append(peer)
+            self._size += 1
             self.added = True
             bucket.changed_at = peer.seen_at
             return self._check_oldest(bucket, now)
@@ -368,6 +372,7 @@ class RoutingTable:
         for position, peer in enumerate(bucket.peers):
             if peer.node_id == node_id:
                 del bucket.peers[position]
+                self._size -= 1
                 if bucket.pinging == node_id:
                     bucket.pinging = None
                 self.probing.discard(node_id)
@@ -408,9 +413,12 @@ class RoutingTable:
                     newcomer = bucket.replacements.pop()
                     if self._owner(newcomer.address) is None:
                         bucket.peers.append(newcomer)
+                    else:
+                        self._size -= 1
                     return True
                 if confirmed or peer.failures >= self.max_failures:
                     del bucket.peers[position]
+                    self._size -= 1
                     return True
                 return False
         for position, waiting in enumerate(bucket.replacements):

@@ -52,6 +52,8 @@ class Purpose(enum.IntEnum):
     HANDOFF = 6
     HANDOFF_PING = 7
     SAMPLE = 8
+    #: A census query of a direct census put (``DhtNode.put``): how many publishers?
+    CENSUS = 9
 
 
 class Count(enum.IntEnum):

@@ -17,6 +17,7 @@ from p2pbuild.dht import (
     node_key,
 )
 from p2pbuild.dht import _wire as wire
+from p2pbuild.dht._ids import Address
 from p2pbuild.testing import (
     SANSIO_EPOCH,
     SansIONetwork,
@@ -564,3 +565,33 @@ def test_a_part_asked_of_a_holder_gone_is_asked_again_for_the_same_part() -> Non
     net.run(lambda: op.done)
     assert reader.statistics().sample_parts_reasked >= 3
     assert len({r.publisher.raw for r in op.result}) >= 15
+
+
+def test_a_direct_census_put_asks_two_holders_for_the_count_and_walks_nowhere() -> None:
+    # A republish of a facet root: the records straight to the holders the last walk
+    # found, and a census query to the two closest of them (readers' census walks end at
+    # two holders too); the count is the larger answer. No find_node, no walk.
+    net = build_network(30)
+    everyone = nodes(net)
+    key = facet_key("arch=x86_64")
+    first = everyone[3].put(key, records("walker"), net.now, census=True)
+    net.run(lambda: first.done)
+    holders = list(first.stored)
+    assert len(holders) == 20
+    target = int.from_bytes(key, "big")
+    closest = sorted(holders, key=lambda holder: holder[0] ^ target)[:2]
+    for index, (_, address) in enumerate(closest):
+        net.nodes[address].store.counted(key, 40 + index, net.now)
+    before = len(net.sent)
+    op = everyone[3].put(key, records("walker"), net.now, census=True, holders=holders)
+    net.run(lambda: op.done)
+    assert op.direct and op.result == 20 and op.publishers == 41
+    asked: dict[str, list[Address]] = {}
+    for datagram, _, to in net.sent[before:]:
+        if datagram[0] == wire.REQUEST:
+            request = wire.decode_datagram(datagram, max_size=2048)
+            assert isinstance(request, wire.Request)
+            asked.setdefault(request.method, []).append(to)
+    assert sorted(asked) == [wire.P2P_FIND, wire.P2P_STORE]
+    assert sorted(asked[wire.P2P_FIND]) == sorted(address for _, address in closest)
+    assert sorted(asked[wire.P2P_STORE]) == sorted(address for _, address in holders)

@@ -1048,6 +1048,44 @@ async def test_a_settle_republish_only_censuses_the_roots(
         assert node_key(identity.public_key) in put and roots <= set(put)
 
 
+async def test_a_whole_republish_censuses_the_roots_at_the_holders_its_walk_found(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every whole republish walked each facet root again with a census walk, to count the
+    # facet's publishers: at N=400 in bench/internet.py about 30 p2p_find per root, four
+    # roots a publisher, the largest share of its maintenance bytes after pings and
+    # stores. The holders the last walk found (those that stored, and those that refused
+    # the records as full: a crowded root counts the offer) get them straight, and the
+    # two closest a census query; the shard levels follow the count as before.
+    async with _midsize_facet() as (_, _, cluster):
+        newcomer = await cluster.join()
+        capability = example_capability()
+        calls: list[tuple[bytes, bool, bool]] = []
+        original_put = DhtNode.put
+
+        def recording_put(
+            core: DhtNode, key: bytes, records: Sequence[SignedRecord], now: float,
+            *, census: bool = False, holders: Sequence[tuple[int, Address]] | None = None,
+        ) -> object:
+            if core is newcomer._core:
+                calls.append((key, census, holders is not None))
+            return original_put(core, key, records, now, census=census, holders=holders)
+
+        monkeypatch.setattr(DhtNode, "put", recording_put)
+        now = int(newcomer.now())
+        await newcomer.publish(signed_records("republisher", issued=now))
+        roots = {facet_key(name) for name in capability.facets()}
+        assert sorted(k for k, _, _ in calls if k in roots) == sorted(roots)
+        assert all(census and not direct for k, census, direct in calls if k in roots)
+        assert newcomer._sharded
+        levels = dict(newcomer._sharded)
+        calls.clear()
+        await trio.sleep(newcomer._republish_period() + 1)
+        at_roots = [(census, direct) for k, census, direct in calls if k in roots]
+        assert len(at_roots) == len(roots) and all(c and d for c, d in at_roots)
+        assert newcomer._sharded == levels
+
+
 async def test_publishers_follow_a_facet_that_grows_for_minutes(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -49,3 +49,32 @@ def test_rtt_estimate_and_failures() -> None:
     table.seen(5, ("10.6.6.6", 6), 0.0)
     moved = table.get(5)
     assert moved is not None and moved.address == ("10.0.0.5", 5)
+
+
+# One step on a table of few buckets (ids 1..63 against own id 0, k=2): a contact heard
+# from (a request, or an answer with an RTT) at one of few addresses, or a failed RPC.
+steps = st.lists(
+    st.tuples(
+        st.sampled_from(["request", "answer", "failed", "confirmed"]),
+        st.integers(1, 63),
+        st.integers(1, 6),
+    ),
+    max_size=80,
+)
+
+
+@given(steps=steps)
+def test_the_contact_count_follows_every_change(steps: list[tuple[str, int, int]]) -> None:
+    """``len`` (a count kept as contacts come and go) equals the contacts listed, whatever
+    adds, moves, replaces or removes them: newcomers, replacements promoted when a contact
+    fails (or not, when their address is taken), removals after failures, an address
+    taken over by the id that answered there."""
+    table = RoutingTable(0, k=2, replacements=2, max_failures=2, now=0.0)
+    for kind, node_id, port in steps:
+        if kind == "request":
+            table.seen(node_id, ("10.0.0.1", port), 1.0)
+        elif kind == "answer":
+            table.seen(node_id, ("10.0.0.1", port), 1.0, rtt=0.05)
+        else:
+            table.failed(node_id, confirmed=kind == "confirmed")
+        assert len(table) == len(list(table))
