@@ -45,7 +45,7 @@ from .._trust import TrustEntry, TrustList, trusted_node
 from . import _ids
 from ._ids import Address, Contact
 from ._protocol import DhtConfig, DhtNode, DhtStatistics, GetOperation, PutOperation
-from ._store import SHARED_CACHE, RecordCache, latest, slot_of
+from ._store import SHARED_CACHE, SKETCH_WINDOW, RecordCache, latest, slot_of
 from ._trio import DatagramTransport, Driver, UdpTransport, resolve
 
 __all__ = [
@@ -150,6 +150,9 @@ class _Put:
     top: int
     records: list[SignedRecord]
     op: PutOperation | GetOperation
+    #: A facet root's put that left out the holders that refused the records as full:
+    #: how many holders it sent them to.
+    subset: int | None = None
 
 
 def _shard_target(room: int) -> int:
@@ -339,8 +342,14 @@ class Directory:
         #: Per key, its latest census (at most ``_CENSUSES_KEPT``, the oldest forgotten
         #: first).
         self._censuses: dict[bytes, _Census] = {}
-        #: Per key we put that is not a facet's root: where its last walk stored.
+        #: Per key we put: the holders its last walk reached.
         self._holders: dict[bytes, _Holders] = {}
+        #: Per (facet root, publisher) whose records some holders refused as full: when
+        #: they were offered to every holder, and the ids of those that refused. A full root
+        #: counts the publishers that offered within ``SKETCH_WINDOW``: for half of that,
+        #: a republish sends the records only to the other holders (none: it only asks for
+        #: the count).
+        self._refused: dict[tuple[bytes, PublicKey], tuple[float, frozenset[int]]] = {}
 
     # -- identity ---------------------------------------------------------------------------------
 
@@ -862,6 +871,11 @@ class Directory:
             self._holders = {
                 key: kept for key, kept in self._holders.items() if now - kept.walked_at < age
             }
+            self._refused = {
+                put: offered
+                for put, offered in self._refused.items()
+                if now - offered[0] < SKETCH_WINDOW / 2
+            }
         ops: list[_Put] = []
         for publisher in publishers:
             mine = [
@@ -899,12 +913,21 @@ class Directory:
             for text, dht_key, of, level in puts:
                 census = of is not None and not level
                 started: PutOperation | GetOperation
+                subset = None
                 if settling:
                     started = self._census(dht_key, now)
                 else:
-                    direct = self._direct_holders(dht_key)
-                    started = self._core.put(dht_key, mine, now, census=census, holders=direct)
-                ops.append(_Put(text, of, level, publisher, top, mine, started))
+                    kept = self._holders.get(dht_key)
+                    direct = kept.holders if kept is not None and kept.holders else None
+                    refused = self._refused.get((dht_key, publisher))
+                    leave_out = frozenset[int]()
+                    if direct is not None and refused is not None:
+                        leave_out = refused[1]
+                        subset = sum(node_id not in leave_out for node_id, _ in direct)
+                    started = self._core.put(
+                        dht_key, mine, now, census=census, holders=direct, leave_out=leave_out
+                    )
+                ops.append(_Put(text, of, level, publisher, top, mine, started, subset))
         result = {}
         room = self.config.max_records_per_key // 2
         changed = crowded = False
@@ -919,12 +942,19 @@ class Directory:
                 await self._driver.wait(op)
                 full = False
                 if isinstance(op, PutOperation):
-                    full = bool(op.full)
-                    if not self._stored(op, now):
+                    full = bool(op.full) or put.subset is not None
+                    if not self._stored(op, now, put.subset):
                         # Too few of the last walk's holders answered: walk again.
+                        self._refused.pop((op.key, put.publisher), None)
                         again = self._core.put(op.key, put.records, now, census=op.census)
-                        deeper.append(attrs.evolve(put, op=again))
+                        deeper.append(attrs.evolve(put, op=again, subset=None))
                         continue
+                    if op.census and put.subset is None:
+                        if op.full:
+                            refusers = frozenset(node_id for node_id, _ in op.full)
+                            self._refused[(op.key, put.publisher)] = (now, refusers)
+                        else:
+                            self._refused.pop((op.key, put.publisher), None)
                 if put.facet is not None:
                     key = (put.publisher, put.facet)
                     written = self._sharded.get(key, ())
@@ -978,23 +1008,26 @@ class Directory:
             self._republish.set()  # (the republish loop's wait restarts, shorter)
         return result
 
-    def _direct_holders(self, key: bytes) -> list[tuple[int, Address]] | None:
-        """The holders a put of ``key`` goes straight to (None: it walks). The whole put
-        that asks dropped the walks ``refresh_interval`` old when it began."""
-        kept = self._holders.get(key)
-        return kept.holders if kept is not None and kept.holders else None
-
-    def _stored(self, op: PutOperation, now: float) -> bool:
+    def _stored(self, op: PutOperation, now: float, subset: int | None = None) -> bool:
         """Note the holders a put reached: those that stored, and those that refused the
         records as full (a crowded facet root, which counted the offer); whether it is done
         (a direct put that too few holders answered is not, nor a direct census that got
-        no count: it walks again)."""
+        no count: it walks again). A put that left out the holders that refused the
+        records as full (``subset``: it went to that many) leaves them as they were, and
+        walks again only if no count came: those few holders may have left, but the root
+        got the offer half an hour ago at most, and gets it again, from a walk if need be,
+        half an hour after."""
+        kept = self._holders.get(op.key)
+        if subset is not None:
+            if op.publishers is None:
+                self._holders.pop(op.key, None)
+                return False
+            return True
         target = int.from_bytes(op.key, "big")
         answered = sorted(op.stored + op.full, key=lambda holder: holder[0] ^ target)
         if not op.direct:
             self._holders[op.key] = _Holders(now, len(answered), answered)
             return True
-        kept = self._holders.get(op.key)
         if (
             kept is None
             or len(answered) < _DIRECT_QUORUM * kept.walked

@@ -177,6 +177,7 @@ class PutOperation(Operation):
         "direct",
         "full",
         "key",
+        "offered",
         "publishers",
         "result",
         "stored",
@@ -190,6 +191,8 @@ class PutOperation(Operation):
         self.result = 0
         self.census = census
         self.direct = False
+        #: Whether the records were sent (not, for a direct census that only counts).
+        self.offered = True
         self.publishers: int | None = None
         self._batches = batches
         self._outstanding = 0

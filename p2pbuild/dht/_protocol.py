@@ -83,7 +83,7 @@ Defences against hostile peers (``docs/threat-model.md``), all bounded by ``DhtC
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 from .._errors import LocalError, MalformedError, RemoteError
 from .._records import Kind, SignedRecord
@@ -303,6 +303,7 @@ class DhtNode(LookupNode):
         *,
         census: bool = False,
         holders: Sequence[tuple[int, Address]] | None = None,
+        leave_out: Collection[int] = (),
     ) -> PutOperation:
         """Store ``records`` under ``key`` on the ``k`` closest nodes (and here, if this node
         is among them). Records are checked by every holder, as any store is. With
@@ -310,15 +311,19 @@ class DhtNode(LookupNode):
         ``key`` (``PutOperation.publishers``). With ``holders`` (node id, address: the
         holders an earlier put of ``key`` found), no walk: the records go to those nodes,
         and with ``census`` a census query to the ``_CENSUS_HOLDERS`` closest of them
-        (``publishers``: the larger count).
+        (``publishers``: the larger count). The holders in ``leave_out`` (node ids) get no
+        records (holders of a full facet root that refused them within the hour: they
+        counted the offer; ``PutOperation.offered`` tells whether any holder got them).
 
-        Raises :class:`LocalError` for an empty ``records``, or ``holders`` empty or more
-        than ``k`` of them.
+        Raises :class:`LocalError` for an empty ``records``, ``holders`` empty or more
+        than ``k`` of them, or ``leave_out`` but for a direct census.
         """
         if not records:
             raise LocalError("put needs at least one record")
         if holders is not None and not 0 < len(holders) <= self.config.k:
             raise LocalError("a direct put needs 1 to k holders")
+        if leave_out and (holders is None or not census):
+            raise LocalError("only a direct census may leave holders out")
         budget = self.config.max_datagram - HEADER_SIZE - STORE_OVERHEAD
         batches: list[list[bytes]] = [[]]
         used = 0
@@ -356,7 +361,13 @@ class DhtNode(LookupNode):
                     retries=1,
                 ):
                     op._outstanding += 1
-        self._store_phase(op, candidates, now)
+        if leave_out:
+            candidates = [c for c in candidates if c.node_id not in leave_out]
+        op.offered = bool(candidates)
+        if candidates:
+            self._store_phase(op, candidates, now)
+        elif not op._outstanding:
+            self._finish(op)
         return op
 
     def note_transport_error(self, code: str) -> None:

@@ -6,10 +6,11 @@ from __future__ import annotations
 import random
 
 import attrs
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2pbuild import SignedRecord
+from p2pbuild import LocalError, SignedRecord
 from p2pbuild.dht import (
     DhtConfig,
     DhtNode,
@@ -595,3 +596,28 @@ def test_a_direct_census_put_asks_two_holders_for_the_count_and_walks_nowhere() 
     assert sorted(asked) == [wire.P2P_FIND, wire.P2P_STORE]
     assert sorted(asked[wire.P2P_FIND]) == sorted(address for _, address in closest)
     assert sorted(asked[wire.P2P_STORE]) == sorted(address for _, address in holders)
+    # Leaving every holder out (a full root counted the offer within the hour): the
+    # census queries only.
+    before = len(net.sent)
+    only = everyone[3].put(key, records("walker"), net.now, census=True, holders=holders,
+                           leave_out={node_id for node_id, _ in holders})
+    net.run(lambda: only.done)
+    assert only.publishers == 41 and only.result == 0 and not only.offered
+    sent = [wire.decode_datagram(d, max_size=2048) for d, _, _ in net.sent[before:]]
+    requests = [r for r in sent if isinstance(r, wire.Request)]
+    assert [r.method for r in requests] == [wire.P2P_FIND] * 2
+    # Leaving some out: the census queries to the closest all the same, records to the rest.
+    before = len(net.sent)
+    some = everyone[3].put(key, records("walker"), net.now, census=True, holders=holders,
+                           leave_out={node_id for node_id, _ in closest})
+    net.run(lambda: some.done)
+    assert some.publishers == 41 and some.result == 18 and some.offered
+    sent_to: dict[str, list[Address]] = {}
+    for datagram, _, to in net.sent[before:]:
+        request = wire.decode_datagram(datagram, max_size=2048)
+        if isinstance(request, wire.Request):
+            sent_to.setdefault(request.method, []).append(to)
+    assert sorted(sent_to[wire.P2P_FIND]) == sorted(address for _, address in closest)
+    assert set(sent_to[wire.P2P_STORE]) == {a for _, a in holders} - {a for _, a in closest}
+    with pytest.raises(LocalError):
+        everyone[3].put(key, records("walker"), net.now, census=True, leave_out={1})

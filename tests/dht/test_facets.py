@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 
 import pytest
@@ -34,6 +34,7 @@ from p2pbuild.dht._directory import _CENSUS_TTL, _shards_for, level_read, levels
 from p2pbuild.dht._ids import Address
 from p2pbuild.dht._lookups import part_holders
 from p2pbuild.dht._operations import CandidateState, GetOperation, _Candidate
+from p2pbuild.dht._store import SKETCH_WINDOW
 from p2pbuild.testing import (
     SANSIO_EPOCH,
     Cluster,
@@ -1016,10 +1017,13 @@ async def test_a_settle_republish_only_censuses_the_roots(
         def recording_put(
             core: DhtNode, key: bytes, records: Sequence[SignedRecord], now: float,
             *, census: bool = False, holders: Sequence[tuple[int, Address]] | None = None,
+            leave_out: Collection[int] = (),
         ) -> object:
             if core is newcomer._core:
                 put.append(key)
-            return original_put(core, key, records, now, census=census, holders=holders)
+            return original_put(
+                core, key, records, now, census=census, holders=holders, leave_out=leave_out
+            )
 
         def recording_get(
             core: DhtNode, key: bytes, now: float, *, sample: int = 0, census: bool = False
@@ -1056,34 +1060,50 @@ async def test_a_whole_republish_censuses_the_roots_at_the_holders_its_walk_foun
     # roots a publisher, the largest share of its maintenance bytes after pings and
     # stores. The holders the last walk found (those that stored, and those that refused
     # the records as full: a crowded root counts the offer) get them straight, and the
-    # two closest a census query; the shard levels follow the count as before.
+    # two closest a census query; the shard levels follow the count as before. A root
+    # that refused them as full (every holder that answered) counts the publishers that
+    # offered within the hour (SKETCH_WINDOW): for half of that after an offer, the census
+    # queries alone.
     async with _midsize_facet() as (_, _, cluster):
         newcomer = await cluster.join()
         capability = example_capability()
-        calls: list[tuple[bytes, bool, bool]] = []
+        calls: list[tuple[bytes, bool, bool, bool]] = []
         original_put = DhtNode.put
 
         def recording_put(
             core: DhtNode, key: bytes, records: Sequence[SignedRecord], now: float,
             *, census: bool = False, holders: Sequence[tuple[int, Address]] | None = None,
+            leave_out: Collection[int] = (),
         ) -> object:
             if core is newcomer._core:
-                calls.append((key, census, holders is not None))
-            return original_put(core, key, records, now, census=census, holders=holders)
+                # (offered: to some holder)
+                offer = holders is None or any(h not in leave_out for h, _ in holders)
+                calls.append((key, census, holders is not None, offer))
+            return original_put(
+                core, key, records, now, census=census, holders=holders, leave_out=leave_out
+            )
 
         monkeypatch.setattr(DhtNode, "put", recording_put)
         now = int(newcomer.now())
         await newcomer.publish(signed_records("republisher", issued=now))
         roots = {facet_key(name) for name in capability.facets()}
-        assert sorted(k for k, _, _ in calls if k in roots) == sorted(roots)
-        assert all(census and not direct for k, census, direct in calls if k in roots)
+        at_roots = [(census, direct, offer) for k, census, direct, offer in calls if k in roots]
+        assert len(at_roots) == len(roots) and at_roots == [(True, False, True)] * len(roots)
+        identity = make_identity("republisher")
+        assert all((root, identity.public_key) in newcomer._refused for root in roots)
         assert newcomer._sharded
         levels = dict(newcomer._sharded)
         calls.clear()
         await trio.sleep(newcomer._republish_period() + 1)
-        at_roots = [(census, direct) for k, census, direct in calls if k in roots]
-        assert len(at_roots) == len(roots) and all(c and d for c, d in at_roots)
+        at_roots = [(census, direct, offer) for k, census, direct, offer in calls if k in roots]
+        assert at_roots == [(True, True, False)] * len(roots)
+        assert all(direct and offer for k, _, direct, offer in calls if k not in roots)
         assert newcomer._sharded == levels
+        # Half an hour after the offer, offered again (straight to the same holders).
+        calls.clear()
+        await trio.sleep(SKETCH_WINDOW - newcomer._republish_period())
+        at_roots = [(census, direct, offer) for k, census, direct, offer in calls if k in roots]
+        assert (True, True, True) in at_roots and len(at_roots) >= len(roots)
 
 
 async def test_publishers_follow_a_facet_that_grows_for_minutes(
