@@ -80,7 +80,7 @@ from _stats import latency_summary, percentile
 
 from p2pbuild import Identity, MalformedError, SignedRecord
 from p2pbuild._jobs import BuildType
-from p2pbuild.dht import DhtConfig, Query, node_key
+from p2pbuild.dht import DhtConfig, Query, facet_key, node_key
 from p2pbuild.dht import _wire as wire
 from p2pbuild.dispatcher._nodes import DirectoryFinder
 from p2pbuild.dispatcher._select import Candidate, Requirements, select_nodes
@@ -315,6 +315,16 @@ def _load_breakdown(
     in_tables = sum(
         n.directory._core.routing.get(node_id) is not None for n in public if n is not busiest
     )
+    # Where it stands to the publishers' facet roots (their republishes and settling
+    # censuses end at each root's closest holders): its rank by distance to each root
+    # among the live public nodes (0: the closest).
+    ranks = {}
+    for name in example_capability().facets():
+        root = int.from_bytes(facet_key(name), "big")
+        mine = node_id ^ root
+        ranks[name] = sum(
+            (int.from_bytes(n.directory.node_id, "big") ^ root) < mine for n in public
+        )
     others: Counter[tuple[str, int]] = Counter()
     for (destination, method), count in methods.items():
         if method != wire.PING:
@@ -326,6 +336,7 @@ def _load_breakdown(
             "requests_by_method": by_method,
             "in_public_tables": in_tables,
             "public_tables_mean_size": round(listed / len(public), 1),
+            "rank_to_facet_roots": ranks,
         },
         "without_pings": {
             "requests_mean": round(mean, 2),
