@@ -177,7 +177,6 @@ class PutOperation(Operation):
         "direct",
         "full",
         "key",
-        "offered",
         "publishers",
         "result",
         "stored",
@@ -191,8 +190,6 @@ class PutOperation(Operation):
         self.result = 0
         self.census = census
         self.direct = False
-        #: Whether the records were sent (not, for a direct census that only counts).
-        self.offered = True
         self.publishers: int | None = None
         self._batches = batches
         self._outstanding = 0

@@ -313,7 +313,7 @@ class DhtNode(LookupNode):
         and with ``census`` a census query to the ``_CENSUS_HOLDERS`` closest of them
         (``publishers``: the larger count). The holders in ``leave_out`` (node ids) get no
         records (holders of a full facet root that refused them within the hour: they
-        counted the offer; ``PutOperation.offered`` tells whether any holder got them).
+        counted the offer).
 
         Raises :class:`LocalError` for an empty ``records``, ``holders`` empty or more
         than ``k`` of them, or ``leave_out`` but for a direct census.
@@ -363,7 +363,6 @@ class DhtNode(LookupNode):
                     op._outstanding += 1
         if leave_out:
             candidates = [c for c in candidates if c.node_id not in leave_out]
-        op.offered = bool(candidates)
         if candidates:
             self._store_phase(op, candidates, now)
         elif not op._outstanding:
