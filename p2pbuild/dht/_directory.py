@@ -439,10 +439,11 @@ class Directory:
             if previous is not None and previous.raw == record.raw:
                 previous = None  # the same record again: fine
             record.check(now, policy=policy, held_seq=None if previous is None else previous.seq)
-        publishers = set()
+        # (In the records' order, not a set's: the order of the puts must not follow
+        # the process's hash seed, or a seeded simulation would not repeat itself.)
+        publishers = dict.fromkeys(record.publisher for record in records)
         for record in records:
             self._published[slot_of(record)] = record
-            publishers.add(record.publisher)
         for publisher in publishers:
             if self._capability_of(publisher) is None:
                 raise LocalError(f"publish a capability of {publisher.fingerprint} first")
@@ -1073,7 +1074,8 @@ class Directory:
                 del self._published[slot]
             if self._published:
                 await self._put_all(
-                    {r.publisher for r in self._published.values()}, settling=settling
+                    dict.fromkeys(r.publisher for r in self._published.values()),
+                    settling=settling,
                 )
 
 
