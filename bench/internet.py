@@ -251,17 +251,35 @@ def _routing_share(swarm: Swarm, *, nat: bool | None = None) -> tuple[int, int, 
 
 def _count_request(
     methods: Counter[tuple[tuple[str, int], str]],
+    finds: Counter[tuple[tuple[str, int], str]],
+    roots: frozenset[bytes],
     source: tuple[str, int],
     data: bytes,
     destination: tuple[str, int],
 ) -> None:
-    """Count a request datagram by destination and method (a ``SimulatedInternet.tap``)."""
+    """Count a request datagram by destination and method (a ``SimulatedInternet.tap``),
+    and each ``p2p_find`` by what it asks (:func:`_find_kind`) in ``finds``."""
     try:
         message = wire.decode_datagram(data, max_size=len(data))
     except MalformedError:
         return
     if isinstance(message, wire.Request):
         methods[(destination, message.method)] += 1
+        if message.method == wire.P2P_FIND:
+            finds[(destination, _find_kind(message, roots))] += 1
+
+
+def _find_kind(request: wire.Request, roots: frozenset[bytes]) -> str:
+    """What a ``p2p_find`` asks: ``census`` (a count and contacts: a census walk's step
+    or a direct census query), ``part`` (a part of a sampled read) or ``page`` (a full
+    read's page), of a facet's ``root`` key or another (a shard or a node key)."""
+    try:
+        _, key, cursor = wire.parse_p2p_find_args(request)
+        sample = wire.parse_sample_cursor(cursor)
+    except MalformedError:
+        return "malformed"
+    kind = "page" if sample is None else "census" if sample[1] == 0 else "part"
+    return f"{kind} {'root' if key in roots else 'other'}"
 
 
 class _BytesByMethod:
@@ -302,14 +320,17 @@ def _load_breakdown(
     public: list[SwarmNode],
     served: list[int],
     methods: Counter[tuple[tuple[str, int], str]],
+    finds: Counter[tuple[tuple[str, int], str]],
 ) -> dict[str, Any]:
     """What the busiest public node was asked over the load window (requests sent to it,
-    by method; some were lost on the way), in how many public nodes' routing tables it
-    is against the mean (liveness pings come from those tables), and the load without
-    pings (the finds' own requests, republishes, refreshes), max over mean."""
+    by method, and its ``p2p_find`` by kind; some were lost on the way), in how many
+    public nodes' routing tables it is against the mean (liveness pings come from those
+    tables), and the load without pings (the finds' own requests, republishes,
+    refreshes), max over mean."""
     busiest = public[served.index(max(served))]
     address = busiest.endpoint.local_address
     by_method = {m: c for (d, m), c in sorted(methods.items()) if d == address}
+    finds_by_kind = {k: c for (d, k), c in sorted(finds.items()) if d == address}
     listed = sum(len(n.directory.contacts()) for n in public)
     node_id = int.from_bytes(busiest.directory.node_id, "big")
     in_tables = sum(
@@ -334,6 +355,7 @@ def _load_breakdown(
     return {
         "busiest": {
             "requests_by_method": by_method,
+            "p2p_find_by_kind": finds_by_kind,
             "in_public_tables": in_tables,
             "public_tables_mean_size": round(listed / len(public), 1),
             "rank_to_facet_roots": ranks,
@@ -476,7 +498,13 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
         served_before = {id(n): n.directory.statistics().requests_in for n in swarm.alive()}
         total_finds = int(args.rate * args.load_seconds)
         methods: Counter[tuple[tuple[str, int], str]] = Counter()
-        swarm.internet.tap = partial(_count_request, methods)
+        finds: Counter[tuple[tuple[str, int], str]] = Counter()
+        roots = frozenset(
+            facet_key(name)
+            for arch in ("x86_64", "aarch64")
+            for name in example_capability(arch=arch).facets()
+        )
+        swarm.internet.tap = partial(_count_request, methods, finds, roots)
         async with trio.open_nursery() as nursery:
             for index in range(total_finds):
                 nursery.start_soon(dispatchers[index % 20].directory.find_sample, query, 64)
@@ -493,7 +521,7 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
             "requests_served_max": max(served),
             "max_over_mean": round(max(served) / mean, 2),
             "what": "requests received per public node over the window, all kinds",
-            **_load_breakdown(swarm, public, served, methods),
+            **_load_breakdown(swarm, public, served, methods, finds),
         }
         _progress(f"load {out['load']}")
 

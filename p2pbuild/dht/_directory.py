@@ -814,6 +814,22 @@ class Directory:
     def _census(self, key: bytes, now: float) -> GetOperation:
         return self._core.get(key, now, census=True)
 
+    def _settle_census(
+        self, key: bytes, records: list[SignedRecord], now: float
+    ) -> PutOperation | GetOperation:
+        """A settling republish's census of a facet root: asked of two of the holders the
+        last whole put reached (a direct census put that leaves every holder out: no
+        records, no walk), or by a census walk if none is known. Every publisher of a
+        crowded facet settles at the same delays after its publish, so a walk's census
+        would end, for all of them, at the root's few closest holders."""
+        kept = self._holders.get(key)
+        if kept is None or not kept.holders:
+            return self._census(key, now)
+        everyone = frozenset(node_id for node_id, _ in kept.holders)
+        return self._core.put(
+            key, records, now, census=True, holders=kept.holders, leave_out=everyone
+        )
+
     def _full_root(self) -> int:
         """Publishers a facet root key holds when readers should read its shards too (it
         refuses new ones at ``max_records_per_key``, a capability and a status each)."""
@@ -916,7 +932,7 @@ class Directory:
                 started: PutOperation | GetOperation
                 subset = None
                 if settling:
-                    started = self._census(dht_key, now)
+                    started = self._settle_census(dht_key, mine, now)
                 else:
                     kept = self._holders.get(dht_key)
                     direct = kept.holders if kept is not None and kept.holders else None
@@ -942,7 +958,13 @@ class Directory:
                 op = put.op
                 await self._driver.wait(op)
                 full = False
-                if isinstance(op, PutOperation):
+                if settling and isinstance(op, PutOperation):
+                    if op.publishers is None:
+                        # None of the two holders asked answered with a count: walk.
+                        self._holders.pop(op.key, None)
+                        deeper.append(attrs.evolve(put, op=self._census(op.key, now)))
+                        continue
+                elif isinstance(op, PutOperation):
                     full = bool(op.full) or put.subset is not None
                     if not self._stored(op, now, put.subset):
                         # Too few of the last walk's holders answered: walk again.
@@ -994,7 +1016,7 @@ class Directory:
                     if full:
                         # Refused as full: the other keys' acknowledgements stand for it.
                         continue
-                if isinstance(op, PutOperation):
+                if isinstance(op, PutOperation) and not settling:
                     result[put.text] = op.result
             ops = deeper
         begin = changed or (crowded and not self._put_before)

@@ -310,7 +310,7 @@ class DhtNode(LookupNode):
         ``census``, the walk asks the nodes it meets how many publishers they hold under
         ``key`` (``PutOperation.publishers``). With ``holders`` (node id, address: the
         holders an earlier put of ``key`` found), no walk: the records go to those nodes,
-        and with ``census`` a census query to the ``_CENSUS_HOLDERS`` closest of them
+        and with ``census`` a census query to ``_CENSUS_HOLDERS`` of them at random
         (``publishers``: the larger count). The holders in ``leave_out`` (node ids) get no
         records (holders of a full facet root that refused them within the hour: they
         counted the offer).
@@ -347,8 +347,12 @@ class DhtNode(LookupNode):
             key=lambda candidate: candidate.distance,
         )
         if census:
+            # Two holders at random, not the closest: every publisher of a crowded facet
+            # censuses its root at each republish, and the count of any holder will do
+            # (each counts every publisher that offered within the hour).
             cursor = wire.sample_cursor(bytes(8), 0, 1)
-            for holder in candidates[:_CENSUS_HOLDERS]:
+            asked = self.rng.sample(candidates, min(_CENSUS_HOLDERS, len(candidates)))
+            for holder in asked:
                 if self._call(
                     holder.address,
                     holder.node_id,

@@ -4,6 +4,7 @@ hostile input."""
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import attrs
 import pytest
@@ -570,8 +571,9 @@ def test_a_part_asked_of_a_holder_gone_is_asked_again_for_the_same_part() -> Non
 
 def test_a_direct_census_put_asks_two_holders_for_the_count_and_walks_nowhere() -> None:
     # A republish of a facet root: the records straight to the holders the last walk
-    # found, and a census query to the two closest of them (readers' census walks end at
-    # two holders too); the count is the larger answer. No find_node, no walk.
+    # found, and a census query to two of them at random (every publisher of a crowded
+    # facet censuses its roots at each republish: asked of the two closest, those two
+    # served them all); the count is the larger answer. No find_node, no walk.
     net = build_network(30)
     everyone = nodes(net)
     key = facet_key("arch=x86_64")
@@ -579,45 +581,52 @@ def test_a_direct_census_put_asks_two_holders_for_the_count_and_walks_nowhere() 
     net.run(lambda: first.done)
     holders = list(first.stored)
     assert len(holders) == 20
-    target = int.from_bytes(key, "big")
-    closest = sorted(holders, key=lambda holder: holder[0] ^ target)[:2]
-    for index, (_, address) in enumerate(closest):
-        net.nodes[address].store.counted(key, 40 + index, net.now)
-    before = len(net.sent)
-    op = everyone[3].put(key, records("walker"), net.now, census=True, holders=holders)
-    net.run(lambda: op.done)
-    assert op.direct and op.result == 20 and op.publishers == 41
-    asked: dict[str, list[Address]] = {}
-    for datagram, _, to in net.sent[before:]:
-        if datagram[0] == wire.REQUEST:
-            request = wire.decode_datagram(datagram, max_size=2048)
-            assert isinstance(request, wire.Request)
-            asked.setdefault(request.method, []).append(to)
-    assert sorted(asked) == [wire.P2P_FIND, wire.P2P_STORE]
-    assert sorted(asked[wire.P2P_FIND]) == sorted(address for _, address in closest)
-    assert sorted(asked[wire.P2P_STORE]) == sorted(address for _, address in holders)
+    counts = {address: 40 + index for index, (_, address) in enumerate(holders)}
+    for address, count in counts.items():
+        net.nodes[address].store.counted(key, count, net.now)
+
+    def requests_since(before: int) -> dict[str, list[Address]]:
+        asked: dict[str, list[Address]] = {}
+        for datagram, _, to in net.sent[before:]:
+            if datagram[0] == wire.REQUEST:
+                request = wire.decode_datagram(datagram, max_size=2048)
+                assert isinstance(request, wire.Request)
+                asked.setdefault(request.method, []).append(to)
+        return asked
+
+    censused: Counter[Address] = Counter()
+    for _ in range(10):
+        before = len(net.sent)
+        op = everyone[3].put(key, records("walker"), net.now, census=True, holders=holders)
+        net.run(lambda op=op: op.done)
+        asked = requests_since(before)
+        assert op.direct and op.result == 20
+        assert sorted(asked) == [wire.P2P_FIND, wire.P2P_STORE]
+        assert len(set(asked[wire.P2P_FIND])) == len(asked[wire.P2P_FIND]) == 2
+        assert op.publishers == max(counts[address] for address in asked[wire.P2P_FIND])
+        assert sorted(asked[wire.P2P_STORE]) == sorted(address for _, address in holders)
+        censused.update(asked[wire.P2P_FIND])
+    # Spread over the holders: 20 queries reach far more than the same two.
+    assert len(censused) >= 8 and max(censused.values()) <= 6
     # Leaving every holder out (a full root counted the offer within the hour): the
     # census queries only.
     before = len(net.sent)
     only = everyone[3].put(key, records("walker"), net.now, census=True, holders=holders,
                            leave_out={node_id for node_id, _ in holders})
     net.run(lambda: only.done)
-    assert only.publishers == 41 and only.result == 0
+    assert only.result == 0 and only.publishers is not None and only.publishers >= 40
     sent = [wire.decode_datagram(d, max_size=2048) for d, _, _ in net.sent[before:]]
     requests = [r for r in sent if isinstance(r, wire.Request)]
     assert [r.method for r in requests] == [wire.P2P_FIND] * 2
-    # Leaving some out: the census queries to the closest all the same, records to the rest.
+    # Leaving some out: the census queries all the same, records to the rest.
+    left_out = holders[:2]
     before = len(net.sent)
     some = everyone[3].put(key, records("walker"), net.now, census=True, holders=holders,
-                           leave_out={node_id for node_id, _ in closest})
+                           leave_out={node_id for node_id, _ in left_out})
     net.run(lambda: some.done)
-    assert some.publishers == 41 and some.result == 18
-    sent_to: dict[str, list[Address]] = {}
-    for datagram, _, to in net.sent[before:]:
-        request = wire.decode_datagram(datagram, max_size=2048)
-        if isinstance(request, wire.Request):
-            sent_to.setdefault(request.method, []).append(to)
-    assert sorted(sent_to[wire.P2P_FIND]) == sorted(address for _, address in closest)
-    assert set(sent_to[wire.P2P_STORE]) == {a for _, a in holders} - {a for _, a in closest}
+    assert some.result == 18
+    sent_to = requests_since(before)
+    assert len(set(sent_to[wire.P2P_FIND])) == 2
+    assert set(sent_to[wire.P2P_STORE]) == {a for _, a in holders} - {a for _, a in left_out}
     with pytest.raises(LocalError):
         everyone[3].put(key, records("walker"), net.now, census=True, leave_out={1})

@@ -1007,12 +1007,15 @@ async def test_a_settle_republish_only_censuses_the_roots(
     # it holds them, or (full) counted their offer, within the hour. Put to a root, they
     # went to all k of its holders at every settle republish of every publisher: at
     # N=4,000 the busiest node in bench/internet.py's load phase was such a holder (128
-    # stores in 3 s). A census walk asks a few of them.
+    # stores in 3 s). Nor a census walk: every publisher of a crowded facet settles at the
+    # same delays after its publish, and their walks all ended at the root's closest
+    # holders. A census query to two of the holders the whole put reached, at random.
     async with _midsize_facet() as (_, _, cluster):
         newcomer = await cluster.join()
         identity = make_identity("settler")
         capability = example_capability()
         put: list[bytes] = []
+        census_only: list[bytes] = []
         censused: list[bytes] = []
         original_put, original_get = DhtNode.put, DhtNode.get
 
@@ -1022,7 +1025,10 @@ async def test_a_settle_republish_only_censuses_the_roots(
             leave_out: Collection[int] = (),
         ) -> object:
             if core is newcomer._core:
-                put.append(key)
+                if holders is not None and {i for i, _ in holders} <= set(leave_out):
+                    census_only.append(key)
+                else:
+                    put.append(key)
             return original_put(
                 core, key, records, now, census=census, holders=holders, leave_out=leave_out
             )
@@ -1044,14 +1050,16 @@ async def test_a_settle_republish_only_censuses_the_roots(
         assert len(first - roots) > 2  # the node key and shards of two levels per facet
         put.clear()
         censused.clear()
+        census_only.clear()
         await trio.sleep(35)
-        assert put == []
-        assert sorted(censused) == sorted(roots)
+        assert put == [] and censused == []
+        assert sorted(census_only) == sorted(roots)
         # Settling goes on (the roots have publishers), but the whole put is due a
         # republish period after the last whole one all the same: each record is put
         # again within its life.
         await trio.sleep(newcomer._republish_period() - 35)
-        assert node_key(identity.public_key) in put and roots <= set(put)
+        # (A root that refused the records as full within the hour: its census only.)
+        assert node_key(identity.public_key) in put and roots <= set(put + census_only)
 
 
 async def test_a_whole_republish_censuses_the_roots_at_the_holders_its_walk_found(
@@ -1098,7 +1106,8 @@ async def test_a_whole_republish_censuses_the_roots_at_the_holders_its_walk_foun
         calls.clear()
         await trio.sleep(newcomer._republish_period() + 1)
         at_roots = [(census, direct, offer) for k, census, direct, offer in calls if k in roots]
-        assert at_roots == [(True, True, False)] * len(roots)
+        # (The settling republishes' censuses in between are census queries alike.)
+        assert set(at_roots) == {(True, True, False)} and len(at_roots) >= len(roots)
         assert all(direct and offer for k, _, direct, offer in calls if k not in roots)
         assert newcomer._sharded == levels
         # Half an hour after the offer, offered again (straight to the same holders).
