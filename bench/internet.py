@@ -80,7 +80,7 @@ from _stats import latency_summary, percentile
 
 from p2pbuild import Identity, MalformedError, SignedRecord
 from p2pbuild._jobs import BuildType
-from p2pbuild.dht import DhtConfig, Query, facet_key, node_key
+from p2pbuild.dht import DhtConfig, DirectoryClosedError, Query, facet_key, node_key
 from p2pbuild.dht import _wire as wire
 from p2pbuild.dispatcher._nodes import DirectoryFinder
 from p2pbuild.dispatcher._select import Candidate, Requirements, select_nodes
@@ -153,6 +153,25 @@ def _big_records(identity: Identity, now: float) -> list[SignedRecord]:
         SignedRecord.create(identity, example_status(), seq=1,
                             issued_at=int(now), lifetime=1800),
     ]
+
+
+async def _status_loop(node: SwarmNode, interval: float, phase: float) -> None:
+    """Publish a new status of ``node`` every ``interval`` seconds (from ``phase`` of an
+    interval on) with a 5-minute lifetime, as a node daemon does (``status_interval_s``,
+    ``status_lifetime_s``), while it lives."""
+    await trio.sleep(phase * interval)
+    seq = 2
+    while node.alive:
+        now = node.directory.now()
+        status = SignedRecord.create(
+            node.identity, example_status(), seq=seq, issued_at=int(now), lifetime=300
+        )
+        try:
+            await node.directory.publish([status])
+        except DirectoryClosedError:
+            return  # (it left meanwhile)
+        seq += 1
+        await trio.sleep(interval)
 
 
 async def _finds(swarm: Swarm, query: Query, finds: int) -> dict[str, Any]:
@@ -570,7 +589,14 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
         # 8. maintenance (last: the longest phase)
         before = sum(n.directory.statistics().bytes_out for n in swarm.nodes)
         swarm.internet.tap = by_method = _BytesByMethod(swarm)
-        await trio.sleep(args.idle)
+        async with trio.open_nursery() as statuses:
+            if args.status_interval:
+                for publisher in publishers:
+                    statuses.start_soon(
+                        _status_loop, publisher, args.status_interval, rng.random()
+                    )
+            await trio.sleep(args.idle)
+            statuses.cancel_scope.cancel()
         swarm.internet.tap = None
         sent = sum(n.directory.statistics().bytes_out for n in swarm.nodes) - before
         listed, live, _ = _routing_share(swarm)
@@ -579,10 +605,11 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
             "bytes_per_node_hour": round(sent / args.n / (args.idle / 3600)),
             "routing_reachable_share_after": round(live / listed, 4),
             "by_method": by_method.per_node_hour(args.n, args.idle),
+            "status_interval_s": args.status_interval or None,
             "what": "republish of every directory's records (hourly, or at half the "
                     "shortest lifetime of its records), bucket refresh, liveness pings of "
-                    "silent contacts; a node daemon's own status republish (every 60 s) is "
-                    "not in it",
+                    "silent contacts; with status_interval_s, each publisher's new status "
+                    "as a node daemon publishes it (by default every 60 s, living 300 s)",
         }
         _progress(f"maintenance {out['maintenance']['bytes_per_node_hour']} B/node/h")
 
@@ -642,10 +669,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="also publish this many aarch64 publishers (records only, "
                         "hosted by the public nodes) and measure finds of that facet, "
                         "e.g. 5000 for the full mode's facet size at --short's cost (0)")
+    parser.add_argument("--status-interval", type=float, default=0.0,
+                        help="in the maintenance window, each publisher also publishes a "
+                        "new status (5-minute lifetime) this often, as a node daemon does "
+                        "(its status_interval_s: 60); 0: off (0)")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
     if args.publish_batch < 1:
         parser.error("--publish-batch must be at least 1")
+    if args.status_interval < 0:
+        parser.error("--status-interval must be 0 (off) or more")
     short = args.short
     args.n = args.n or (2000 if short else 10_000)
     # --short keeps CI cheap: 2,000 nodes, but a 300-publisher facet (still sharded).

@@ -958,7 +958,8 @@ class Directory:
                 op = put.op
                 await self._driver.wait(op)
                 full = False
-                if settling and isinstance(op, PutOperation):
+                if settling and not put.level and isinstance(op, PutOperation):
+                    # A root's census query (the new levels it calls for are put below).
                     if op.publishers is None:
                         # None of the two holders asked answered with a count: walk.
                         self._holders.pop(op.key, None)
