@@ -1149,3 +1149,54 @@ async def test_publishers_follow_a_facet_that_grows_for_minutes(
             for shard in range(2**level)
         ]
         assert sum(held) >= 190, held
+
+
+async def test_a_whole_republish_goes_straight_to_the_shard_levels_settles_wrote(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A facet that grows for minutes: the settling republishes write new shard levels.
+    # The holders their puts reached are kept like a whole put's, so the next whole
+    # republish goes straight to them. (A settling republish once took those puts for a
+    # root's census query and walked again: at N=400 in bench/internet.py, find_node went
+    # from 2 to 247 KB per node per hour.) No directory walks to a key it put to before.
+    async with open_cluster(40, seed=12, config=CONFIG) as cluster:
+        put_before: dict[tuple[int, PublicKey], set[bytes]] = {}
+        walked_again: list[bytes] = []
+        settle_levels = 0
+        original_put = DhtNode.put
+
+        def recording_put(
+            core: DhtNode, key: bytes, records: Sequence[SignedRecord], now: float,
+            *, census: bool = False, holders: Sequence[tuple[int, Address]] | None = None,
+            leave_out: Collection[int] = (),
+        ) -> object:
+            nonlocal settle_levels
+            # (A node's publishers share keys and put at once: by publisher.)
+            mine = put_before.setdefault((id(core), records[0].publisher), set())
+            if holders is None and key in mine:
+                walked_again.append(key)
+            if holders is None and not census and key not in mine:
+                settle_levels += any(d._settling for d in cluster.nodes if d._core is core)
+            mine.add(key)
+            return original_put(
+                core, key, records, now, census=census, holders=holders, leave_out=leave_out
+            )
+
+        monkeypatch.setattr(DhtNode, "put", recording_put)
+        labels = [f"grow-{i}" for i in range(PUBLISHERS)]
+        per_node = PUBLISHERS // len(cluster.nodes)
+        for index, node in enumerate(cluster.nodes):
+            now = int(node.now())
+            await node.publish([
+                record
+                for label in labels[index * per_node : (index + 1) * per_node]
+                for record in signed_records(label, issued=now, status_lifetime=STATUS_LIFETIME)
+            ])
+            await trio.sleep(7.5)
+        assert settle_levels > 0  # settles wrote new shard levels
+        before = sum(d.statistics().direct_puts for d in cluster.nodes)
+        # Past every directory's whole republish (half the status lifetime after its
+        # publish).
+        await trio.sleep(STATUS_LIFETIME / 2 + 30)
+        assert sum(d.statistics().direct_puts for d in cluster.nodes) - before > 1000
+        assert walked_again == []
