@@ -92,10 +92,17 @@ _SETTLE_DELAY = 30.0
 #: A put goes straight to the holders its key's last walk reached (stored, or refused as
 #: full) while that walk is younger than ``refresh_interval`` (an hour, as buckets are
 #: refreshed): the nodes that joined closer since got the records from those holders (the
-#: paper's hand-off). A facet root's put asks the two closest of them for the count its
+#: paper's hand-off). A facet root's put asks two of them at random for the count its
 #: census walk would have gathered. It walks again if fewer than this share of the walk's
 #: holders answer, or no count came.
 _DIRECT_QUORUM = 0.75
+#: A root's count decides the shard levels a publisher writes as the largest its censuses
+#: gave within this long (seconds). Two holders at random answer a census; one that
+#: became a holder lately has counted the offers of a part of the sketch's hour only, and
+#: a low count moved the levels down and up again near a level boundary (each move a walk
+#: to a new shard level, and settling anew). A facet that shrinks is followed this much
+#: later, as its full roots count the offers of an hour anyway.
+_COUNT_MEMORY = SKETCH_WINDOW / 4
 
 
 @attrs.frozen
@@ -350,6 +357,9 @@ class Directory:
         #: a republish sends the records only to the other holders (none: it only asks for
         #: the count).
         self._refused: dict[tuple[bytes, PublicKey], tuple[float, frozenset[int]]] = {}
+        #: Per facet root we put to: the largest count its censuses gave within
+        #: ``_COUNT_MEMORY``, and when (``_root_count``).
+        self._root_counts: dict[bytes, tuple[int, float]] = {}
 
     # -- identity ---------------------------------------------------------------------------------
 
@@ -893,6 +903,11 @@ class Directory:
                 for put, offered in self._refused.items()
                 if now - offered[0] < SKETCH_WINDOW / 2
             }
+            self._root_counts = {
+                key: held
+                for key, held in self._root_counts.items()
+                if now - held[1] < _COUNT_MEMORY
+            }
         ops: list[_Put] = []
         for publisher in publishers:
             mine = [
@@ -984,7 +999,7 @@ class Directory:
                     written = self._sharded.get(key, ())
                     levels: tuple[int, ...] | None = None
                     if not put.level:
-                        estimate = op.publishers or 0
+                        estimate = self._root_count(op.key, op.publishers or 0, now)
                         crowded = crowded or estimate > 0
                         levels = ()
                         if full or estimate >= self._full_root():
@@ -1031,6 +1046,16 @@ class Directory:
         if self._settling and self._republish is not None:
             self._republish.set()  # (the republish loop's wait restarts, shorter)
         return result
+
+    def _root_count(self, key: bytes, count: int, now: float) -> int:
+        """The count of facet root ``key`` that decides the shard levels, given a census's
+        ``count``: the largest within ``_COUNT_MEMORY`` (a lower one is noted only once
+        the larger is that old)."""
+        held = self._root_counts.get(key)
+        if held is not None and held[0] > count and now - held[1] < _COUNT_MEMORY:
+            return held[0]
+        self._root_counts[key] = (count, now)
+        return count
 
     def _stored(self, op: PutOperation, now: float, subset: int | None = None) -> bool:
         """Note the holders a put reached: those that stored, and those that refused the
