@@ -30,7 +30,14 @@ from p2pbuild.dht import (
     node_key,
 )
 from p2pbuild.dht import _wire as wire
-from p2pbuild.dht._directory import _CENSUS_TTL, _shards_for, level_read, levels_written
+from p2pbuild.dht._directory import (
+    _CENSUS_TTL,
+    _COUNT_MEMORY,
+    _SETTLE_DELAY,
+    _shards_for,
+    level_read,
+    levels_written,
+)
 from p2pbuild.dht._ids import Address
 from p2pbuild.dht._lookups import part_holders
 from p2pbuild.dht._operations import CandidateState, GetOperation, _Candidate
@@ -1149,6 +1156,38 @@ async def test_publishers_follow_a_facet_that_grows_for_minutes(
             for shard in range(2**level)
         ]
         assert sum(held) >= 190, held
+
+
+async def test_a_low_count_moves_the_written_levels_only_once_the_larger_is_old(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two holders at random answer a root's census; one that became a holder lately has
+    # counted part of the hour's offers. A low count within _COUNT_MEMORY of a larger one
+    # leaves the levels a publisher writes as they are (each move is a walk to a new
+    # level, and settling anew); a facet that shrank is followed once the larger is old.
+    async with _midsize_facet() as (_, _, cluster):
+        newcomer = await cluster.join()
+        now = int(newcomer.now())
+        await newcomer.publish(signed_records("counted", issued=now))
+        levels = dict(newcomer._sharded)
+        assert levels and all(min(written) >= 3 for written in levels.values())
+        roots = {facet_key(name) for name in example_capability().facets()}
+        original = RecordStore.publishers
+
+        def a_quarter_at_roots(store: RecordStore, key: bytes, now: float) -> int:
+            count = original(store, key, now)
+            return count // 4 if key in roots else count
+
+        monkeypatch.setattr(RecordStore, "publishers", a_quarter_at_roots)
+        await trio.sleep(_SETTLE_DELAY + 5)  # a settling republish's census
+        assert newcomer._sharded == levels
+        await trio.sleep(_COUNT_MEMORY - _SETTLE_DELAY - 60)  # more settles, a whole put
+        assert newcomer._sharded == levels
+        await trio.sleep(newcomer._republish_period() + 60)
+        assert newcomer._sharded and newcomer._sharded != levels
+        assert all(
+            max(newcomer._sharded[key]) < max(written) for key, written in levels.items()
+        )
 
 
 async def test_a_whole_republish_goes_straight_to_the_shard_levels_settles_wrote(
