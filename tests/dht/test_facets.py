@@ -1124,6 +1124,21 @@ async def test_a_whole_republish_censuses_the_roots_at_the_holders_its_walk_foun
         assert (True, True, True) in at_roots and len(at_roots) >= len(roots)
 
 
+async def _publish_growing(cluster: Cluster) -> None:
+    """A facet that grows for minutes: the cluster's nodes publish one after another,
+    7.5 s apart, ``PUBLISHERS / len(cluster.nodes)`` publishers each."""
+    labels = [f"grow-{i}" for i in range(PUBLISHERS)]
+    per_node = PUBLISHERS // len(cluster.nodes)
+    for index, node in enumerate(cluster.nodes):
+        now = int(node.now())
+        await node.publish([
+            record
+            for label in labels[index * per_node : (index + 1) * per_node]
+            for record in signed_records(label, issued=now, status_lifetime=STATUS_LIFETIME)
+        ])
+        await trio.sleep(7.5)
+
+
 async def test_publishers_follow_a_facet_that_grows_for_minutes(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -1135,18 +1150,7 @@ async def test_publishers_follow_a_facet_that_grows_for_minutes(
     # the republish period, so 90 s after the last publish the read level holds nearly all
     # (counted on its shards' holders: readers' estimates vary too much between runs).
     async with open_cluster(40, seed=12, config=CONFIG) as cluster:
-        labels = [f"grow-{i}" for i in range(PUBLISHERS)]
-        per_node = PUBLISHERS // len(cluster.nodes)
-        for index, node in enumerate(cluster.nodes):
-            now = int(node.now())
-            await node.publish([
-                record
-                for label in labels[index * per_node : (index + 1) * per_node]
-                for record in signed_records(
-                    label, issued=now, status_lifetime=STATUS_LIFETIME
-                )
-            ])
-            await trio.sleep(7.5)
+        await _publish_growing(cluster)
         await trio.sleep(90)
         level = level_read(PUBLISHERS, CONFIG.max_records_per_key // 2)
         now = cluster.nodes[0].now()
@@ -1222,16 +1226,7 @@ async def test_a_whole_republish_goes_straight_to_the_shard_levels_settles_wrote
             )
 
         monkeypatch.setattr(DhtNode, "put", recording_put)
-        labels = [f"grow-{i}" for i in range(PUBLISHERS)]
-        per_node = PUBLISHERS // len(cluster.nodes)
-        for index, node in enumerate(cluster.nodes):
-            now = int(node.now())
-            await node.publish([
-                record
-                for label in labels[index * per_node : (index + 1) * per_node]
-                for record in signed_records(label, issued=now, status_lifetime=STATUS_LIFETIME)
-            ])
-            await trio.sleep(7.5)
+        await _publish_growing(cluster)
         assert settle_levels > 0  # settles wrote new shard levels
         before = sum(d.statistics().direct_puts for d in cluster.nodes)
         # Past every directory's whole republish (half the status lifetime after its
