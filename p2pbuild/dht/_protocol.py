@@ -348,8 +348,9 @@ class DhtNode(LookupNode):
         )
         if census:
             # Two holders at random, not the closest: every publisher of a crowded facet
-            # censuses its root at each republish, and the count of any holder will do
-            # (each counts every publisher that offered within the hour).
+            # censuses its root at each republish, and the closest served them all. Any
+            # holder of a full root counts the publishers that offered within the hour (a
+            # recent holder fewer: the directory keeps the larger counts for a while).
             cursor = wire.sample_cursor(bytes(8), 0, 1)
             asked = self.rng.sample(candidates, min(_CENSUS_HOLDERS, len(candidates)))
             for holder in asked:
