@@ -338,6 +338,9 @@ class Directory:
         self._put_before = False
         #: When our records were last put under every key (``now``), not a settling put.
         self._put_whole_at = -math.inf
+        #: Per slot we publish: when its record was last put (a whole put, or a status
+        #: update, see ``publish``).
+        self._put_at: dict[bytes, float] = {}
         #: Per (publisher, facet) whose root key is (nearly) full: the shard levels it
         #: publishes under too (:func:`levels_written`).
         self._sharded: dict[tuple[PublicKey, str], tuple[int, ...]] = {}
@@ -452,8 +455,14 @@ class Directory:
         # (In the records' order, not a set's: the order of the puts must not follow
         # the process's hash seed, or a seeded simulation would not repeat itself.)
         publishers = dict.fromkeys(record.publisher for record in records)
+        # New statuses of publishers whose capability a whole put sent: an update.
+        update = all(record.kind is Kind.STATUS for record in records) and all(
+            self._capability_slot(publisher) in self._put_at for publisher in publishers
+        )
         for record in records:
-            self._published[slot_of(record)] = record
+            slot = slot_of(record)
+            self._published[slot] = record
+            self._put_at[slot] = now  # (put now: the republish loop counts from here)
         for publisher in publishers:
             if self._capability_of(publisher) is None:
                 raise LocalError(f"publish a capability of {publisher.fingerprint} first")
@@ -463,6 +472,8 @@ class Directory:
             self._nursery.start_soon(self._republish_loop)
         elif self._republish is not None:
             self._republish.set()
+        if update:
+            return await self._update_all(publishers, records)
         return await self._put_all(publishers)
 
     def published(self) -> list[SignedRecord]:
@@ -879,7 +890,81 @@ class Directory:
     # -- internals --------------------------------------------------------------------------------
 
     def _capability_of(self, publisher: PublicKey) -> SignedRecord | None:
-        return self._published.get(publisher.raw + Kind.CAPABILITY.value.encode())
+        return self._published.get(self._capability_slot(publisher))
+
+    @staticmethod
+    def _capability_slot(publisher: PublicKey) -> bytes:
+        return publisher.raw + Kind.CAPABILITY.value.encode()
+
+    def _keys_of(
+        self, publisher: PublicKey, body: Capability, *, settling: bool = False
+    ) -> list[tuple[str, bytes, str | None, int]]:
+        """The keys ``publisher``'s records go under (text key, DHT key, facet, shard
+        level): its node key (not for a settling put), each facet's root, and the shard
+        levels it writes (:func:`levels_written`; not for a settling put)."""
+        top = _ids.facet_shard(publisher, _ids.FACET_MAX_LEVEL)
+        puts: list[tuple[str, bytes, str | None, int]] = []
+        if not settling:
+            puts.append((_ids.node_text_key(publisher), _ids.node_key(publisher), None, 0))
+        for name in body.facets():
+            puts.append((_ids.facet_text_key(name), _ids.facet_key(name), name, 0))
+            for level in () if settling else self._sharded.get((publisher, name), ()):
+                shard = top >> (_ids.FACET_MAX_LEVEL - level)
+                puts.append((
+                    _ids.facet_shard_text_key(name, level, shard),
+                    _ids.facet_shard_key(name, level, shard),
+                    name,
+                    level,
+                ))
+        return puts
+
+    async def _update_all(
+        self, publishers: Iterable[PublicKey], records: Sequence[SignedRecord]
+    ) -> dict[str, int]:
+        """Put new statuses (``records``) of ``publishers``, whose current capability a
+        whole put sent under every key, to the holders that put reached: the statuses
+        alone, no walk, no census (a node daemon publishes one a minute: a whole put each
+        time sent the capability, twice the bytes, and censused every root). A root whose
+        holders all refused the records as full holds none of them: nothing goes there.
+        A publisher with a key whose holders are not known (or older than
+        ``refresh_interval``), or whose update fewer than ``_DIRECT_QUORUM`` of the
+        holders took (gone, or missing the capability a status needs under a facet key),
+        gets a whole put instead. Per text key, how many nodes acknowledged."""
+        now = self.now()
+        age = self.config.refresh_interval
+        result: dict[str, int] = {}
+        whole: list[PublicKey] = []
+        updates: list[tuple[PublicKey, str, PutOperation, int]] = []
+        for publisher in publishers:
+            capability = self._capability_of(publisher)
+            assert capability is not None
+            body = capability.body
+            assert isinstance(body, Capability)
+            fresh = [r for r in records if r.publisher == publisher]
+            targets: list[tuple[str, bytes, list[tuple[int, Address]]]] = []
+            for text, key, of, level in self._keys_of(publisher, body):
+                kept = self._holders.get(key)
+                if kept is None or not kept.holders or now - kept.walked_at >= age:
+                    whole.append(publisher)
+                    break
+                holders = kept.holders
+                refused = self._refused.get((key, publisher)) if of and not level else None
+                if refused is not None:
+                    holders = [h for h in holders if h[0] not in refused[1]]
+                if holders:
+                    targets.append((text, key, holders))
+            else:
+                for text, key, holders in targets:
+                    op = self._core.put(key, fresh, now, holders=holders)
+                    updates.append((publisher, text, op, len(holders)))
+        for publisher, text, op, sent in updates:
+            await self._driver.wait(op)
+            result[text] = op.result
+            if len(op.stored) < _DIRECT_QUORUM * sent and publisher not in whole:
+                whole.append(publisher)
+        if whole:
+            result.update(await self._put_all(whole))
+        return result
 
     async def _put_all(
         self, publishers: Iterable[PublicKey], *, settling: bool = False
@@ -921,6 +1006,9 @@ class Directory:
             body = capability.body
             assert isinstance(body, Capability)
             top = _ids.facet_shard(publisher, _ids.FACET_MAX_LEVEL)
+            if not settling:
+                for record in mine:
+                    self._put_at[slot_of(record)] = now
             # Every facet's root key first: a full find reads the shards only when the
             # root is nearly full, so the root must stay full while it has more publishers
             # than it holds (a full holder refuses a new publisher but keeps updating one
@@ -929,20 +1017,7 @@ class Directory:
             # the facet writes its shard at the two levels that size calls for
             # (:func:`levels_written`), so that the shards at the level readers read hold
             # the whole facet.
-            puts: list[tuple[str, bytes, str | None, int]] = []
-            if not settling:
-                puts.append((_ids.node_text_key(publisher), _ids.node_key(publisher), None, 0))
-            for name in body.facets():
-                puts.append((_ids.facet_text_key(name), _ids.facet_key(name), name, 0))
-                for level in () if settling else self._sharded.get((publisher, name), ()):
-                    shard = top >> (_ids.FACET_MAX_LEVEL - level)
-                    puts.append((
-                        _ids.facet_shard_text_key(name, level, shard),
-                        _ids.facet_shard_key(name, level, shard),
-                        name,
-                        level,
-                    ))
-            for text, dht_key, of, level in puts:
+            for text, dht_key, of, level in self._keys_of(publisher, body, settling=settling):
                 census = of is not None and not level
                 started: PutOperation | GetOperation
                 subset = None
@@ -1099,11 +1174,23 @@ class Directory:
             period = min(period, (record.expires_at - record.issued_at) / 2)
         return max(period, 1.0)
 
+    def _whole_due(self) -> float:
+        """When the next whole put is due: when a record we publish has gone
+        ``republish_interval``, or half its lifetime if that is shorter, since it was last
+        put (a status update puts the status alone, see ``publish``)."""
+        interval = self.config.republish_interval
+        due = math.inf
+        for slot, record in self._published.items():
+            put_at = self._put_at.get(slot, self._put_whole_at)
+            lifetime = record.expires_at - record.issued_at
+            due = min(due, put_at + max(min(interval, lifetime / 2), 1.0))
+        return due
+
     async def _republish_loop(self) -> NoReturn:
         while True:
             # The whole put is due a period after the last one; settling puts in between.
             # With nothing left to put (every record expired), none is due until a publish.
-            period = self._put_whole_at + self._republish_period() - self.now()
+            period = self._whole_due() - self.now()
             if not self._published:
                 period, self._settling = math.inf, 0
             settling = bool(self._settling) and period > self._settle_delay()

@@ -200,3 +200,95 @@ async def test_republishing_reaches_nodes_that_join_later(
         assert len(await cluster.nodes[22].get(key)) == 1
         stats = publisher.statistics()
         assert stats.lookups > 0 and stats.rpcs_sent > 0 and stats.datagrams_out > 0
+
+
+def _recording_puts(
+    monkeypatch: pytest.MonkeyPatch, core: DhtNode
+) -> list[tuple[bytes, bool, bool, list[str]]]:
+    """Record ``core``'s puts: key, whether it walked (no holders), whether it censused,
+    and the kinds of the records it sent."""
+    puts: list[tuple[bytes, bool, bool, list[str]]] = []
+    original = DhtNode.put
+
+    def put(node: DhtNode, key: bytes, records: Any, *args: Any, **kwargs: Any) -> Any:
+        if node is core:
+            puts.append((
+                key, kwargs.get("holders") is None, bool(kwargs.get("census")),
+                [r.kind.value for r in records],
+            ))
+        return original(node, key, records, *args, **kwargs)
+
+    monkeypatch.setattr(DhtNode, "put", put)
+    return puts
+
+
+async def test_a_status_update_sends_the_status_alone_to_the_holders_the_put_reached(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A node daemon publishes a new status every minute (living 5 minutes). Each was a
+    # whole put: the capability again (243 bytes beside the status's 130), a census of
+    # every facet root, and the republish period restarted. At N=400 in
+    # bench/internet.py (--status-interval 60) that was 3.26 MB per node per hour. Now
+    # the status alone goes to the holders the last whole put reached, and the whole put
+    # comes when a record has gone half its life (or the republish interval) since it
+    # was last put: the capability hourly, a status no longer updated after 150 s.
+    async with open_cluster(30, seed=6) as cluster:
+        directory, identity = cluster.nodes[0], cluster.identities[0]
+        reader = cluster.nodes[17]
+        capability = example_capability()
+        now = int(directory.now())
+        await directory.publish([
+            SignedRecord.create(identity, capability, seq=1, issued_at=now, lifetime=6 * 3600),
+            SignedRecord.create(identity, example_status(), seq=1, issued_at=now, lifetime=300),
+        ])
+        puts = _recording_puts(monkeypatch, directory._core)
+        for seq in range(2, 12):  # ten minutes, a status a minute
+            await trio.sleep(60)
+            status = SignedRecord.create(
+                identity, example_status(slots_free=seq % 3), seq=seq,
+                issued_at=int(directory.now()), lifetime=300,
+            )
+            acks = await directory.publish([status])
+            assert acks and all(count >= 15 for count in acks.values())
+        # (Beside the census queries of the settling republishes after the first publish.)
+        updates = [(walked, kinds) for _, walked, census, kinds in puts if not census]
+        assert len(updates) == 10 * (1 + len(capability.facets()))  # node key and roots
+        assert set(map(str, updates)) == {str((False, ["status"]))}
+        entries = await reader.find(Query(arch=capability.arch))
+        assert [e.status_record.seq for e in entries if e.status_record] == [11]
+        held = await reader.get(node_key(identity.public_key))
+        assert sorted(r.seq for r in held) == [1, 11]
+        # No more updates: the whole put comes half the last status's life after it.
+        puts.clear()
+        await trio.sleep(140)
+        assert puts == []
+        await trio.sleep(20)
+        assert puts and all(kinds == ["capability", "status"] for *_, kinds in puts)
+
+
+async def test_a_status_update_that_holders_refuse_becomes_a_whole_put(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Holders that lost the capability (a restart) refuse a status under a facet key
+    # (it is bound to its node key only, and to the facets through the capability they
+    # hold): an update that fewer than 3/4 of the holders took is put whole instead.
+    async with open_cluster(30, seed=6) as cluster:
+        directory, identity = cluster.nodes[0], cluster.identities[0]
+        capability = example_capability()
+        now = int(directory.now())
+        await directory.publish([
+            SignedRecord.create(identity, capability, seq=1, issued_at=now, lifetime=6 * 3600),
+            SignedRecord.create(identity, example_status(), seq=1, issued_at=now, lifetime=300),
+        ])
+        for node in cluster.nodes[1:]:
+            node._core.store.expire(node.now() + 10**6)  # every record gone
+        puts = _recording_puts(monkeypatch, directory._core)
+        await trio.sleep(60)
+        status = SignedRecord.create(
+            identity, example_status(), seq=2, issued_at=int(directory.now()), lifetime=300
+        )
+        await directory.publish([status])
+        assert ["status"] in [kinds for *_, kinds in puts]  # the update first
+        assert ["capability", "status"] in [kinds for *_, kinds in puts]  # then whole
+        entries = await cluster.nodes[17].find(Query(arch=capability.arch))
+        assert [e.status_record.seq for e in entries if e.status_record] == [2]
