@@ -1207,6 +1207,7 @@ class Directory:
             expired = [slot for slot, r in self._published.items() if r.expires_at <= now]
             for slot in expired:
                 del self._published[slot]
+                self._put_at.pop(slot, None)
             if self._published:
                 await self._put_all(
                     dict.fromkeys(r.publisher for r in self._published.values()),
