@@ -336,10 +336,8 @@ class Directory:
         #: Settling republishes due, in a row (0: none; ``_settle_delay``).
         self._settling = 0
         self._put_before = False
-        #: When our records were last put under every key (``now``), not a settling put.
-        self._put_whole_at = -math.inf
-        #: Per slot we publish: when its record was last put (a whole put, or a status
-        #: update, see ``publish``).
+        #: Per slot we publish (the keys of ``_published``): when its record was last put
+        #: (a whole put, or a status update, see ``publish``).
         self._put_at: dict[bytes, float] = {}
         #: Per (publisher, facet) whose root key is (nearly) full: the shard levels it
         #: publishes under too (:func:`levels_written`).
@@ -843,13 +841,20 @@ class Directory:
         records, no walk), or by a census walk if none is known. Every publisher of a
         crowded facet settles at the same delays after its publish, so a walk's census
         would end, for all of them, at the root's few closest holders."""
-        kept = self._holders.get(key)
-        if kept is None or not kept.holders:
+        holders = self._direct_holders(key, now)
+        if holders is None:
             return self._census(key, now)
-        everyone = frozenset(node_id for node_id, _ in kept.holders)
-        return self._core.put(
-            key, records, now, census=True, holders=kept.holders, leave_out=everyone
-        )
+        everyone = frozenset(node_id for node_id, _ in holders)
+        return self._core.put(key, records, now, census=True, holders=holders, leave_out=everyone)
+
+    def _direct_holders(self, key: bytes, now: float) -> list[tuple[int, Address]] | None:
+        """The holders a put of ``key`` goes straight to: those its last walk reached, if
+        that walk is younger than ``refresh_interval`` (``_DIRECT_QUORUM``); None: walk."""
+        kept = self._holders.get(key)
+        age = self.config.refresh_interval
+        if kept is None or not kept.holders or now - kept.walked_at >= age:
+            return None
+        return kept.holders
 
     def _full_root(self) -> int:
         """Publishers a facet root key holds when readers should read its shards too (it
@@ -931,7 +936,6 @@ class Directory:
         holders took (gone, or missing the capability a status needs under a facet key),
         gets a whole put instead. Per text key, how many nodes acknowledged."""
         now = self.now()
-        age = self.config.refresh_interval
         result: dict[str, int] = {}
         whole: list[PublicKey] = []
         updates: list[tuple[PublicKey, str, PutOperation, int]] = []
@@ -943,11 +947,10 @@ class Directory:
             fresh = [r for r in records if r.publisher == publisher]
             targets: list[tuple[str, bytes, list[tuple[int, Address]]]] = []
             for text, key, of, level in self._keys_of(publisher, body):
-                kept = self._holders.get(key)
-                if kept is None or not kept.holders or now - kept.walked_at >= age:
+                holders = self._direct_holders(key, now)
+                if holders is None:
                     whole.append(publisher)
                     break
-                holders = kept.holders
                 refused = self._refused.get((key, publisher)) if of and not level else None
                 if refused is not None:
                     holders = [h for h in holders if h[0] not in refused[1]]
@@ -978,8 +981,7 @@ class Directory:
         every root again."""
         now = self.now()
         if not settling:
-            self._put_whole_at = now
-            age = self.config.refresh_interval
+            age = self.config.refresh_interval  # (no put goes straight to older ones)
             self._holders = {
                 key: kept for key, kept in self._holders.items() if now - kept.walked_at < age
             }
@@ -1024,8 +1026,7 @@ class Directory:
                 if settling:
                     started = self._settle_census(dht_key, mine, now)
                 else:
-                    kept = self._holders.get(dht_key)
-                    direct = kept.holders if kept is not None and kept.holders else None
+                    direct = self._direct_holders(dht_key, now)
                     refused = self._refused.get((dht_key, publisher))
                     leave_out = frozenset[int]()
                     if direct is not None and refused is not None:
@@ -1181,7 +1182,7 @@ class Directory:
         interval = self.config.republish_interval
         due = math.inf
         for slot, record in self._published.items():
-            put_at = self._put_at.get(slot, self._put_whole_at)
+            put_at = self._put_at[slot]  # (every record we publish has one: publish)
             lifetime = record.expires_at - record.issued_at
             due = min(due, put_at + max(min(interval, lifetime / 2), 1.0))
         return due
