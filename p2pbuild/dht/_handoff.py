@@ -34,6 +34,12 @@ _PINGERS_REMEMBERED = 65536
 # Liveness pings are remembered for about this long (seconds; an exponential decay) when
 # the probe period is chosen from the share of them that found their contact dead.
 _PROBE_MEMORY = 60.0
+# ... and, apart, over the pings since the last this many deaths they found (a window as
+# long as the node's own rate of deaths needs: it holds through the gaps between rare
+# deaths), of those within this many seconds (after a churn ends, the period returns to
+# the quiet network's within that time).
+_DEATHS_REMEMBERED = 4
+_DEATHS_MEMORY = 600.0
 
 
 class HandoffNode(RpcNode):
@@ -70,7 +76,9 @@ class HandoffNode(RpcNode):
         ):
             self.routing.probe(peer.node_id)
             self._decay_probes(now)
-            self._probe_silence += max(now - peer.seen_at, 0.0)
+            silence = max(now - peer.seen_at, 0.0)
+            self._probe_silence += silence
+            self._silence_total += silence
         else:
             self.routing.ping_answered(peer.node_id)
 
@@ -113,6 +121,10 @@ class HandoffNode(RpcNode):
         may shorten: the next check comes no later than a fifth of it from now."""
         self._decay_probes(now)
         self._probe_failures += 1.0
+        deaths = self._deaths
+        deaths.append((now, self._silence_total))
+        if len(deaths) > _DEATHS_REMEMBERED + 1:
+            del deaths[0]
         self._next_liveness = min(self._next_liveness, now + self.probe_period(now) / 5)
 
     def _decay_probes(self, now: float) -> None:
@@ -128,10 +140,14 @@ class HandoffNode(RpcNode):
 
         MSPastry's self-tuning (Castro, Costa, Rowstron, DSN 2004): a contact pinged after
         ``s`` seconds of silence is found dead with probability about ``mu * s`` (``mu``:
-        the rate at which a contact dies), so ``mu`` is estimated as the recent liveness
-        pings' failures over their contacts' silence. Checked every ``T / 5`` for contacts
-        silent ``T``, a dead contact stays listed ``T / 2 + T / 10`` on average, a share
-        ``0.6 * mu * T`` of the table. The period keeps that share at
+        the rate at which a contact dies), so ``mu`` is estimated as the liveness pings'
+        failures over their contacts' silence: over the last minute (an exponential decay:
+        quick to see churn begin), or over the pings since the last ``_DEATHS_REMEMBERED``
+        deaths (a window as long as the node's own rate of deaths needs: a small table,
+        a DHT client's, sees a death only now and then, and the minute's estimate falls
+        to nothing in every longer gap between two), whichever is higher. Checked every
+        ``T / 5`` for contacts silent ``T``, a dead contact stays listed ``T / 2 + T / 10``
+        on average, a share ``0.6 * mu * T`` of the table. The period keeps that share at
         ``liveness_dead_share``, between ``liveness_interval_min`` and the quiet network's
         period (no failures): ``liveness_interval``, or ``client_liveness_interval`` for a
         DHT client. A public node learns who is alive from the requests its contacts send
@@ -143,9 +159,16 @@ class HandoffNode(RpcNode):
         if self.client:
             quiet = min(quiet, config.client_liveness_interval)
         self._decay_probes(now)
-        if self._probe_failures <= 0.0:
+        rate = self._probe_failures / self._probe_silence if self._probe_failures else 0.0
+        deaths = self._deaths
+        while deaths and deaths[0][0] < now - _DEATHS_MEMORY:
+            del deaths[0]
+        window = self._silence_total - deaths[0][1] if len(deaths) > 2 else 0.0
+        if window > 0.0:  # two deaths at least since the window's first, and pings since
+            rate = max(rate, (len(deaths) - 1) / window)
+        if rate <= 0.0:
             return quiet
-        period = config.liveness_dead_share * self._probe_silence / (0.6 * self._probe_failures)
+        period = config.liveness_dead_share / (0.6 * rate)
         return min(max(period, config.liveness_interval_min), quiet)
 
     def _handoff_keys(self, node_id: int) -> list[bytes]:

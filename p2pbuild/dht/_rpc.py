@@ -156,6 +156,7 @@ class RpcNode:
         "_cookie_rotate_at",
         "_cookies",
         "_counters",
+        "_deaths",
         "_deferred",
         "_deferred_total",
         "_dropped",
@@ -173,6 +174,7 @@ class RpcNode:
         "_reachable_by",
         "_rejected",
         "_sent_to",
+        "_silence_total",
         "_timers",
         "_verified",
         "client",
@@ -225,6 +227,11 @@ class RpcNode:
         self._probe_silence = 0.0
         self._probe_failures = 0.0
         self._probed_at = now
+        #: The same, not decayed: all liveness pings' silence; and when each of the last
+        #: ``_DEATHS_REMEMBERED + 1`` pings that found their contact dead did, with the
+        #: silence's sum then.
+        self._silence_total = 0.0
+        self._deaths: list[tuple[float, float]] = []
         #: Who pinged us lately (address: when, whole seconds), within
         #: ``liveness_interval`` as of the last prune (created on first use).
         self._pingers: dict[Address, int] | None = None

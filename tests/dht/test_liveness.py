@@ -422,3 +422,38 @@ def test_a_bucket_pings_its_oldest_contact_when_touched_no_sooner_than_it_asked(
     assert table.seen(*chatty, 61.0 + 239.0, rtt=0.01) is None
     peer = table.seen(*chatty, 61.0 + 241.0, rtt=0.01)
     assert peer is not None and peer.node_id == oldest[0]
+
+
+def test_a_client_that_sees_contacts_die_now_and_then_keeps_probing_often() -> None:
+    # A DHT client's table is small: under steady churn it sees a death only every minute
+    # or so, irregularly. Its probe period must not relax back to the quiet network's in
+    # every longer gap between deaths, or the next death stays listed for minutes.
+    config = DhtConfig(reachability="client")
+    node, contacts = _node_with_contacts(20, config)
+    alive = dict(contacts)
+    _pings_answered(node, alive, T0 + 600)
+    assert node.probe_period(T0 + 600) == config.client_liveness_interval
+    # Then one contact dies after gaps of 40, 40 and 160 s, over and over (a contact's
+    # death rate about 1 / (20 * 80 s): a period of 0.005 * 1600 / 0.6 = 13 s, the
+    # floor), each replaced by a newcomer that answers.
+    victims = iter(list(contacts))
+    gaps = itertools.cycle([40, 40, 160])
+    deaths = list(itertools.accumulate(next(gaps) for _ in range(12)))
+    died: dict[tuple[str, int], float] = {}
+    gone: dict[tuple[str, int], float] = {}
+    for second in range(601, 601 + deaths[-1] + 200):
+        now = T0 + second
+        if second - 600 in deaths:
+            victim = next(victims)
+            del alive[victim]
+            died[victim] = now
+            newcomer = (f"10.2.0.{len(died)}", 1)
+            alive[newcomer] = node.own ^ (1 << 158) ^ len(died)
+            node.routing.seen(alive[newcomer], newcomer, now, rtt=0.05)
+        _pings_answered(node, alive, now)
+        listed = {c.address for c in node.routing}
+        gone.update((v, now) for v in died if v not in listed and v not in gone)
+    delays = [gone[v] - died[v] for v in died]
+    # The first deaths are found late (the node had seen none die); from the fifth on,
+    # each is found within 30 s: the period stayed near its floor (15 s) through the gaps.
+    assert all(delay <= 30.0 for delay in delays[4:]), delays
