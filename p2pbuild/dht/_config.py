@@ -117,7 +117,7 @@ class DhtConfig:
     #: share of recent pings that found their contact dead (MSPastry's self-tuning probe
     #: period; ``docs/protocol.md``, *Liveness*).
     liveness_interval: float = attrs.field(default=300.0, validator=_positive)
-    client_liveness_interval: float = attrs.field(default=120.0, validator=_positive)
+    client_liveness_interval: float = attrs.field(default=60.0, validator=_positive)
     liveness_interval_min: float = attrs.field(default=15.0, validator=_positive)
     liveness_dead_share: float = attrs.field(default=0.005, validator=_positive)
     #: ``p2p_store`` datagrams sent at most to one new contact to hand it the records it
