@@ -36,10 +36,11 @@ _PINGERS_REMEMBERED = 65536
 _PROBE_MEMORY = 60.0
 # ... and, apart, over the pings since the last this many deaths they found (a window as
 # long as the node's own rate of deaths needs: it holds through the gaps between rare
-# deaths), of those within this many seconds (after a churn ends, the period returns to
-# the quiet network's within that time).
+# deaths), until the node has gone this many times the window's mean gap between two
+# deaths without one (a gap that long comes once in 20 while the rate holds: the churn
+# has ended, or slowed).
 _DEATHS_REMEMBERED = 4
-_DEATHS_MEMORY = 600.0
+_DEATHS_GAPS = 3.0
 
 
 class HandoffNode(RpcNode):
@@ -161,11 +162,12 @@ class HandoffNode(RpcNode):
         self._decay_probes(now)
         rate = self._probe_failures / self._probe_silence if self._probe_failures else 0.0
         deaths = self._deaths
-        while deaths and deaths[0][0] < now - _DEATHS_MEMORY:
-            del deaths[0]
-        window = self._silence_total - deaths[0][1] if len(deaths) > 2 else 0.0
-        if window > 0.0:  # two deaths at least since the window's first, and pings since
-            rate = max(rate, (len(deaths) - 1) / window)
+        if len(deaths) > 2:  # two deaths at least since the window's first
+            (first, silence), (last, _) = deaths[0], deaths[-1]
+            gap = (last - first) / (len(deaths) - 1)
+            window = self._silence_total - silence
+            if window > 0.0 and now - last <= _DEATHS_GAPS * gap:
+                rate = max(rate, (len(deaths) - 1) / window)
         if rate <= 0.0:
             return quiet
         period = config.liveness_dead_share / (0.6 * rate)

@@ -457,3 +457,8 @@ def test_a_client_that_sees_contacts_die_now_and_then_keeps_probing_often() -> N
     # The first deaths are found late (the node had seen none die); from the fifth on,
     # each is found within 30 s: the period stayed near its floor (15 s) through the gaps.
     assert all(delay <= 30.0 for delay in delays[4:]), delays
+    # Once no contact has died for a few of those gaps, the churn is over: the quiet
+    # network's period again (not a long memory's pings for ten minutes more).
+    last = T0 + 600 + deaths[-1]
+    _pings_answered(node, alive, last + 300)
+    assert node.probe_period(last + 300) == config.client_liveness_interval
