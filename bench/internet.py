@@ -49,7 +49,9 @@ Phases:
    republish (hourly, or at half the lifetime of their shortest-lived record: every 900 s
    here while the 30-minute status lives), buckets refresh and silent contacts are pinged;
    bytes sent by all nodes, per node per hour; and the routing tables' reachable share
-   again at the end of it (the churn's dead contacts found out by then).
+   again at the end of it (the churn's dead contacts found out by then). With
+   ``--status-interval S``, each publisher's status lives 5 minutes and a new one follows
+   every ``S`` seconds from its publish on, as a node daemon's statuses do.
 
 Each phase's figures are also printed to stderr as it ends.
 
@@ -60,6 +62,7 @@ Usage: ``python bench/internet.py [--short] [--n N] [--seed S]``; ``--short`` is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -93,6 +96,9 @@ from p2pbuild.testing import (
     open_swarm,
 )
 from p2pbuild.testing._internet import RTT_SCALE, RTT_SHAPE, Swarm
+
+# A node daemon's status lifetime (``status_lifetime_s``).
+_STATUS_LIFETIME = 300
 
 GOALS = {
     "lookup_p50_ms": ("<=", 300.0),
@@ -137,12 +143,14 @@ class _Phases:
         self._start()
 
 
-def _records(node: SwarmNode, now: float, seq: int = 1) -> list[SignedRecord]:
+def _records(
+    node: SwarmNode, now: float, seq: int = 1, status_lifetime: int = 1800
+) -> list[SignedRecord]:
     return [
         SignedRecord.create(node.identity, example_capability(), seq=seq,
                             issued_at=int(now), lifetime=4 * 3600),
         SignedRecord.create(node.identity, example_status(), seq=seq,
-                            issued_at=int(now), lifetime=1800),
+                            issued_at=int(now), lifetime=status_lifetime),
     ]
 
 
@@ -164,7 +172,8 @@ async def _status_loop(node: SwarmNode, interval: float, phase: float) -> None:
     while node.alive:
         now = node.directory.now()
         status = SignedRecord.create(
-            node.identity, example_status(), seq=seq, issued_at=int(now), lifetime=300
+            node.identity, example_status(), seq=seq, issued_at=int(now),
+            lifetime=_STATUS_LIFETIME,
         )
         try:
             await node.directory.publish([status])
@@ -423,13 +432,21 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
 
         phases.end("join")
         gc.freeze()  # the nodes and records so far live on: no more cycle scans of them
-        # 2. publish
+        # 2. publish (with --status-interval, each publisher's statuses follow from then
+        # on, living 5 minutes, as a node daemon's do; else one status living 30 minutes)
         started = time.monotonic()
         publishers = rng.sample(swarm.nodes, args.publishers)
+        stack = contextlib.AsyncExitStack()
+        statuses = await stack.enter_async_context(trio.open_nursery())
+        lifetime = _STATUS_LIFETIME if args.status_interval else 1800
         for chunk in range(0, len(publishers), args.publish_batch):
             async with trio.open_nursery() as batch:
                 for node in publishers[chunk:chunk + args.publish_batch]:
-                    batch.start_soon(node.directory.publish, _records(node, node.directory.now()))
+                    records = _records(node, node.directory.now(), status_lifetime=lifetime)
+                    batch.start_soon(node.directory.publish, records)
+            if args.status_interval:
+                for node in publishers[chunk:chunk + args.publish_batch]:
+                    statuses.start_soon(_status_loop, node, args.status_interval, rng.random())
         out["publish"] = {
             "publishers": len(publishers),
             "wall_s": round(time.monotonic() - started, 1),
@@ -589,14 +606,9 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
         # 8. maintenance (last: the longest phase)
         before = sum(n.directory.statistics().bytes_out for n in swarm.nodes)
         swarm.internet.tap = by_method = _BytesByMethod(swarm)
-        async with trio.open_nursery() as statuses:
-            if args.status_interval:
-                for publisher in publishers:
-                    statuses.start_soon(
-                        _status_loop, publisher, args.status_interval, rng.random()
-                    )
-            await trio.sleep(args.idle)
-            statuses.cancel_scope.cancel()
+        await trio.sleep(args.idle)
+        statuses.cancel_scope.cancel()
+        await stack.aclose()
         swarm.internet.tap = None
         sent = sum(n.directory.statistics().bytes_out for n in swarm.nodes) - before
         listed, live, _ = _routing_share(swarm)
@@ -670,9 +682,10 @@ def main(argv: list[str] | None = None) -> int:
                         "hosted by the public nodes) and measure finds of that facet, "
                         "e.g. 5000 for the full mode's facet size at --short's cost (0)")
     parser.add_argument("--status-interval", type=float, default=0.0,
-                        help="in the maintenance window, each publisher also publishes a "
-                        "new status (5-minute lifetime) this often, as a node daemon does "
-                        "(its status_interval_s: 60); 0: off (0)")
+                        help="each publisher's status lives 5 minutes and a new one "
+                        "follows this often from its publish on (through every phase), as "
+                        "a node daemon's does (its status_interval_s: 60); 0: one status "
+                        "living 30 minutes (0)")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
     if args.publish_batch < 1:
