@@ -162,6 +162,20 @@ class _Put:
     subset: int | None = None
 
 
+# A facet key gets a status whose state holds once the one it holds would expire within
+# this many of its publisher's intervals: a daemon's, a minute apart and living 5 minutes,
+# every fourth minute (the next one, a minute later, would still come in time).
+_FACET_STATUS_MARGIN = 1.5
+
+
+def _same_state(a: SignedRecord, b: SignedRecord) -> bool:
+    """Whether two statuses tell the same state: slots, running builds, draining, standby
+    (not the load or the uptime, which change every minute)."""
+    x, y = a.body, b.body
+    assert isinstance(x, Status) and isinstance(y, Status)
+    return attrs.evolve(x, load_milli=0, uptime_s=0) == attrs.evolve(y, load_milli=0, uptime_s=0)
+
+
 def _shard_target(room: int) -> int:
     """Publishers a facet's shard should hold, about: a third of what a key has room for
     (``room`` publishers), so the fuller of the two levels a publisher writes stays below
@@ -339,6 +353,11 @@ class Directory:
         #: Per slot we publish (the keys of ``_published``): when its record was last put
         #: (a whole put, or a status update, see ``publish``).
         self._put_at: dict[bytes, float] = {}
+        #: Per publisher: the status its facet keys got last (by a whole put or an
+        #: update), and the gap between its latest two statuses' issue times (its
+        #: interval; see ``_update_all``).
+        self._at_facets: dict[PublicKey, SignedRecord] = {}
+        self._status_gap: dict[PublicKey, int] = {}
         #: Per (publisher, facet) whose root key is (nearly) full: the shard levels it
         #: publishes under too (:func:`levels_written`).
         self._sharded: dict[tuple[PublicKey, str], tuple[int, ...]] = {}
@@ -459,6 +478,9 @@ class Directory:
         )
         for record in records:
             slot = slot_of(record)
+            before = self._published.get(slot)
+            if record.kind is Kind.STATUS and before is not None:
+                self._status_gap[record.publisher] = record.issued_at - before.issued_at
             self._published[slot] = record
             self._put_at[slot] = now  # (put now: the republish loop counts from here)
         for publisher in publishers:
@@ -931,6 +953,12 @@ class Directory:
         alone, no walk, no census (a node daemon publishes one a minute: a whole put each
         time sent the capability, twice the bytes, and censused every root). A root whose
         holders all refused the records as full holds none of them: nothing goes there.
+        The node key gets every status; the facet keys only one that tells a new state
+        (:func:`_same_state`), or when the status they hold would expire within
+        ``_FACET_STATUS_MARGIN`` of the publisher's intervals (the gap between its last two
+        statuses): a facet's status
+        tells a finder that the node lives and its state, and most of a daemon's traffic
+        was its minute's status to a dozen facet keys.
         A publisher with a key whose holders are not known (or older than
         ``refresh_interval``), or whose update fewer than ``_DIRECT_QUORUM`` of the
         holders took (gone, or missing the capability a status needs under a facet key),
@@ -945,8 +973,11 @@ class Directory:
             body = capability.body
             assert isinstance(body, Capability)
             fresh = [r for r in records if r.publisher == publisher]
+            facets = self._facets_due(publisher, fresh[-1], now)
             targets: list[tuple[str, bytes, list[tuple[int, Address]]]] = []
             for text, key, of, level in self._keys_of(publisher, body):
+                if of is not None and not facets:
+                    continue
                 holders = self._direct_holders(key, now)
                 if holders is None:
                     whole.append(publisher)
@@ -957,6 +988,8 @@ class Directory:
                 if holders:
                     targets.append((text, key, holders))
             else:
+                if facets:
+                    self._at_facets[publisher] = fresh[-1]
                 for text, key, holders in targets:
                     op = self._core.put(key, fresh, now, holders=holders)
                     updates.append((publisher, text, op, len(holders)))
@@ -968,6 +1001,14 @@ class Directory:
         if whole:
             result.update(await self._put_all(whole))
         return result
+
+    def _facets_due(self, publisher: PublicKey, status: SignedRecord, now: float) -> bool:
+        """Whether ``publisher``'s new ``status`` goes to its facet keys (``_update_all``)."""
+        held = self._at_facets.get(publisher)
+        gap = self._status_gap.get(publisher, 0)
+        if held is None or gap <= 0 or held.expires_at - now < _FACET_STATUS_MARGIN * gap:
+            return True
+        return not _same_state(held, status)
 
     async def _put_all(
         self, publishers: Iterable[PublicKey], *, settling: bool = False
@@ -1011,6 +1052,9 @@ class Directory:
             if not settling:
                 for record in mine:
                     self._put_at[slot_of(record)] = now
+                status = [r for r in mine if r.kind is Kind.STATUS]
+                if status:
+                    self._at_facets[publisher] = status[0]
             # Every facet's root key first: a full find reads the shards only when the
             # root is nearly full, so the root must stay full while it has more publishers
             # than it holds (a full holder refuses a new publisher but keeps updating one

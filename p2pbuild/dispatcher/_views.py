@@ -16,7 +16,10 @@ Node liveness (:class:`NodeSightings`): a node republishes its status every
 ``status_interval_s``; the interval is learnt from the issue times of the status records
 seen (median of the latest gaps), and a node whose newest status is older than two
 intervals (plus a second) is *offline*. A node that is draining with nothing running is
-leaving (its last record, sent as it stops) and is offline at once.
+leaving (its last record, sent as it stops) and is offline at once. (The facet keys the
+node list reads get a node's status less often while its state holds, every fourth
+interval: ``docs/protocol.md``, *Status updates*. The interval learnt from them is
+longer, and *offline* comes when the status expires.)
 """
 
 from __future__ import annotations

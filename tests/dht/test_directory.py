@@ -245,7 +245,7 @@ async def test_a_status_update_sends_the_status_alone_to_the_holders_the_put_rea
         for seq in range(2, 12):  # ten minutes, a status a minute
             await trio.sleep(60)
             status = SignedRecord.create(
-                identity, example_status(slots_free=seq % 3), seq=seq,
+                identity, example_status(slots_free=(seq + 1) % 3), seq=seq,
                 issued_at=int(directory.now()), lifetime=300,
             )
             acks = await directory.publish([status])
@@ -284,11 +284,64 @@ async def test_a_status_update_that_holders_refuse_becomes_a_whole_put(
             node._core.store.expire(node.now() + 10**6)  # every record gone
         puts = _recording_puts(monkeypatch, directory._core)
         await trio.sleep(60)
+        # (A new state: the facet keys get it too, see the next test.)
         status = SignedRecord.create(
-            identity, example_status(), seq=2, issued_at=int(directory.now()), lifetime=300
+            identity, example_status(slots_free=1), seq=2, issued_at=int(directory.now()),
+            lifetime=300,
         )
         await directory.publish([status])
         assert ["status"] in [kinds for *_, kinds in puts]  # the update first
         assert ["capability", "status"] in [kinds for *_, kinds in puts]  # then whole
         entries = await cluster.nodes[17].find(Query(arch=capability.arch))
         assert [e.status_record.seq for e in entries if e.status_record] == [2]
+
+
+async def test_a_status_whose_state_holds_reaches_the_facet_keys_only_before_theirs_expires(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A node daemon's status a minute to every key was most of a node's traffic (2.30 MB
+    # per node per hour at N=400, bench/internet.py --status-interval 60). A facet key's
+    # status only tells a finder that the node lives and what state it is in: while the
+    # state (slots, running, draining, standby) holds, the facet keys get a new status
+    # only when the one they hold would expire within 1.5 of the publisher's intervals;
+    # the node key gets every one.
+    async with open_cluster(30, seed=6) as cluster:
+        directory, identity = cluster.nodes[0], cluster.identities[0]
+        reader = cluster.nodes[17]
+        capability = example_capability()
+        now = int(directory.now())
+        await directory.publish([
+            SignedRecord.create(identity, capability, seq=1, issued_at=now, lifetime=6 * 3600),
+            SignedRecord.create(identity, example_status(), seq=1, issued_at=now, lifetime=300),
+        ])
+        puts = _recording_puts(monkeypatch, directory._core)
+        own = node_key(identity.public_key)
+        for seq in range(2, 12):  # ten minutes, a status a minute, the same state
+            await trio.sleep(60)
+            status = SignedRecord.create(
+                identity, example_status(), seq=seq, issued_at=int(directory.now()),
+                lifetime=300,
+            )
+            acks = await directory.publish([status])
+            assert acks and all(count >= 15 for count in acks.values())
+        updates = [(key, kinds) for key, _, census, kinds in puts if not census]
+        assert {str(kinds) for _, kinds in updates} == {str(["status"])}
+        assert sum(key == own for key, _ in updates) == 10
+        # The status of minute 0 expires at 300 s: the facet roots get minute 4's (less
+        # than 90 s left then), which lives until about 540 s, then minute 8's.
+        assert len(updates) == 10 + 2 * len(capability.facets())
+        entries = await reader.find(Query(arch=capability.arch))
+        assert [e.status_record.seq for e in entries if e.status_record] == [9]
+        held = await reader.get(own)
+        assert sorted(r.seq for r in held) == [1, 11]
+        # A new state (a build started: a slot fewer free) goes to every key at once.
+        puts.clear()
+        await trio.sleep(60)
+        status = SignedRecord.create(
+            identity, example_status(slots_free=1), seq=12, issued_at=int(directory.now()),
+            lifetime=300,
+        )
+        await directory.publish([status])
+        assert len([p for p in puts if not p[2]]) == 1 + len(capability.facets())
+        entries = await reader.find(Query(arch=capability.arch))
+        assert [e.status_record.seq for e in entries if e.status_record] == [12]
