@@ -38,7 +38,7 @@ typecheck: setup
 	$(BIN)/mypy
 
 # Every benchmark prints one JSON object; BENCH_ARGS=--short is the CI mode.
-BENCHMARKS := records dht internet node dispatch soak leases web wake
+BENCHMARKS := records dht internet churn node dispatch soak leases web wake
 bench: setup
 	@for b in $(BENCHMARKS); do \
 		echo "== bench/$$b.py $(BENCH_ARGS)"; \
