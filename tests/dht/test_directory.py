@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 import trio
 
-from p2pbuild import LocalError, MachineType, MalformedError, SignedRecord
-from p2pbuild.dht import DhtConfig, DhtNode, Query, node_key
+from p2pbuild import Capability, Identity, LocalError, MachineType, MalformedError, SignedRecord
+from p2pbuild.dht import DhtConfig, DhtNode, Directory, Query, node_key
 from p2pbuild.testing import (
     example_capability,
     example_status,
@@ -222,6 +222,28 @@ def _recording_puts(
     return puts
 
 
+async def _published(cluster: Any) -> tuple[Directory, Identity, Capability]:
+    """Node 0 of ``cluster`` publishes a capability (6 hours) and a status living 5
+    minutes, as a node daemon does; its directory, identity and capability."""
+    directory, identity = cluster.nodes[0], cluster.identities[0]
+    capability = example_capability()
+    now = int(directory.now())
+    await directory.publish([
+        SignedRecord.create(identity, capability, seq=1, issued_at=now, lifetime=6 * 3600),
+        SignedRecord.create(identity, example_status(), seq=1, issued_at=now, lifetime=300),
+    ])
+    return directory, identity, capability
+
+
+def _status(directory: Directory, identity: Identity, seq: int, **state: Any) -> SignedRecord:
+    """A new status of ``identity`` (``example_status(**state)``) issued now, living 5
+    minutes."""
+    return SignedRecord.create(
+        identity, example_status(**state), seq=seq, issued_at=int(directory.now()),
+        lifetime=300,
+    )
+
+
 async def test_a_status_update_sends_the_status_alone_to_the_holders_the_put_reached(
     autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -233,21 +255,12 @@ async def test_a_status_update_sends_the_status_alone_to_the_holders_the_put_rea
     # comes when a record has gone half its life (or the republish interval) since it
     # was last put: the capability hourly, a status no longer updated after 150 s.
     async with open_cluster(30, seed=6) as cluster:
-        directory, identity = cluster.nodes[0], cluster.identities[0]
+        directory, identity, capability = await _published(cluster)
         reader = cluster.nodes[17]
-        capability = example_capability()
-        now = int(directory.now())
-        await directory.publish([
-            SignedRecord.create(identity, capability, seq=1, issued_at=now, lifetime=6 * 3600),
-            SignedRecord.create(identity, example_status(), seq=1, issued_at=now, lifetime=300),
-        ])
         puts = _recording_puts(monkeypatch, directory._core)
         for seq in range(2, 12):  # ten minutes, a status a minute
             await trio.sleep(60)
-            status = SignedRecord.create(
-                identity, example_status(slots_free=(seq + 1) % 3), seq=seq,
-                issued_at=int(directory.now()), lifetime=300,
-            )
+            status = _status(directory, identity, seq, slots_free=(seq + 1) % 3)
             acks = await directory.publish([status])
             assert acks and all(count >= 15 for count in acks.values())
         # (Beside the census queries of the settling republishes after the first publish.)
@@ -273,23 +286,13 @@ async def test_a_status_update_that_holders_refuse_becomes_a_whole_put(
     # (it is bound to its node key only, and to the facets through the capability they
     # hold): an update that fewer than 3/4 of the holders took is put whole instead.
     async with open_cluster(30, seed=6) as cluster:
-        directory, identity = cluster.nodes[0], cluster.identities[0]
-        capability = example_capability()
-        now = int(directory.now())
-        await directory.publish([
-            SignedRecord.create(identity, capability, seq=1, issued_at=now, lifetime=6 * 3600),
-            SignedRecord.create(identity, example_status(), seq=1, issued_at=now, lifetime=300),
-        ])
+        directory, identity, capability = await _published(cluster)
         for node in cluster.nodes[1:]:
             node._core.store.expire(node.now() + 10**6)  # every record gone
         puts = _recording_puts(monkeypatch, directory._core)
         await trio.sleep(60)
         # (A new state: the facet keys get it too, see the next test.)
-        status = SignedRecord.create(
-            identity, example_status(slots_free=1), seq=2, issued_at=int(directory.now()),
-            lifetime=300,
-        )
-        await directory.publish([status])
+        await directory.publish([_status(directory, identity, 2, slots_free=1)])
         assert ["status"] in [kinds for *_, kinds in puts]  # the update first
         assert ["capability", "status"] in [kinds for *_, kinds in puts]  # then whole
         entries = await cluster.nodes[17].find(Query(arch=capability.arch))
@@ -306,23 +309,13 @@ async def test_a_status_whose_state_holds_reaches_the_facet_keys_only_before_the
     # only when the one they hold would expire within 1.5 of the publisher's intervals;
     # the node key gets every one.
     async with open_cluster(30, seed=6) as cluster:
-        directory, identity = cluster.nodes[0], cluster.identities[0]
+        directory, identity, capability = await _published(cluster)
         reader = cluster.nodes[17]
-        capability = example_capability()
-        now = int(directory.now())
-        await directory.publish([
-            SignedRecord.create(identity, capability, seq=1, issued_at=now, lifetime=6 * 3600),
-            SignedRecord.create(identity, example_status(), seq=1, issued_at=now, lifetime=300),
-        ])
         puts = _recording_puts(monkeypatch, directory._core)
         own = node_key(identity.public_key)
         for seq in range(2, 12):  # ten minutes, a status a minute, the same state
             await trio.sleep(60)
-            status = SignedRecord.create(
-                identity, example_status(), seq=seq, issued_at=int(directory.now()),
-                lifetime=300,
-            )
-            acks = await directory.publish([status])
+            acks = await directory.publish([_status(directory, identity, seq)])
             assert acks and all(count >= 15 for count in acks.values())
         updates = [(key, kinds) for key, _, census, kinds in puts if not census]
         assert {str(kinds) for _, kinds in updates} == {str(["status"])}
@@ -337,11 +330,7 @@ async def test_a_status_whose_state_holds_reaches_the_facet_keys_only_before_the
         # A new state (a build started: a slot fewer free) goes to every key at once.
         puts.clear()
         await trio.sleep(60)
-        status = SignedRecord.create(
-            identity, example_status(slots_free=1), seq=12, issued_at=int(directory.now()),
-            lifetime=300,
-        )
-        await directory.publish([status])
+        await directory.publish([_status(directory, identity, 12, slots_free=1)])
         assert len([p for p in puts if not p[2]]) == 1 + len(capability.facets())
         entries = await reader.find(Query(arch=capability.arch))
         assert [e.status_record.seq for e in entries if e.status_record] == [12]
